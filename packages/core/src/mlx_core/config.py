@@ -1,0 +1,155 @@
+"""``ModelConfig``: the one description of a decoder that every backend builds from.
+
+It round-trips through JSON (our own form) and through HF ``config.json`` for the families the
+zoo covers: Llama (2/3), Mistral, Qwen2, SmolLM2 (a Llama), GPT-2 and Mixtral.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MLP_KINDS = ("swiglu", "gelu")  # gated SiLU (Llama) | GELU-tanh up/down (GPT-2)
+NORM_KINDS = ("rms", "layer")
+POSITION_KINDS = ("rope", "learned")
+ROPE_TYPES = ("default", "linear", "llama3")
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2", "mixtral")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer. ``model_type`` is the HF family it maps to on disk."""
+
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int | None = None  # None: same as num_heads (no GQA)
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    intermediate_size: int = 11008
+    mlp_kind: str = "swiglu"
+    norm_kind: str = "rms"
+    norm_eps: float = 1e-5
+    position_kind: str = "rope"
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "llama3"|"linear", "factor": ...}
+    max_position_embeddings: int = 4096
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2, GPT-2)
+    attention_out_bias: bool = False  # bias on the output projection (GPT-2)
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None  # Mistral: each token sees at most this many keys
+    num_experts: int = 0  # > 0: Mixtral-style MoE feed-forward
+    num_experts_per_tok: int = 2
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # HF fields we keep but do not interpret
+
+    def __post_init__(self):
+        checks = [
+            (self.model_type in HF_MODEL_TYPES, f"model_type must be one of {HF_MODEL_TYPES}"),
+            (self.mlp_kind in MLP_KINDS, f"mlp_kind must be one of {MLP_KINDS}"),
+            (self.norm_kind in NORM_KINDS, f"norm_kind must be one of {NORM_KINDS}"),
+            (self.position_kind in POSITION_KINDS, f"position_kind must be one of {POSITION_KINDS}"),
+            (self.num_heads % self.kv_heads == 0, "num_heads must be a multiple of num_kv_heads"),
+            (self.num_experts == 0 or 0 < self.num_experts_per_tok <= self.num_experts,
+             "num_experts_per_tok must be between 1 and num_experts"),
+            (self.head_dim is not None or self.hidden_size % self.num_heads == 0,
+             "hidden_size must be divisible by num_heads (or set head_dim)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"invalid ModelConfig: {message} (got {self!r})")
+        if self.rope_scaling is not None:
+            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if rope_type not in ROPE_TYPES:
+                raise ValueError(
+                    f"invalid ModelConfig: rope_scaling type {rope_type!r} is not supported; "
+                    f"supported: {ROPE_TYPES}"
+                )
+
+    # Derived sizes, so no caller recomputes them differently.
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def num_parameters(self) -> int:
+        """Parameter count of the torch ``Transformer`` built from this config."""
+        h, d, layers = self.hidden_size, self.dim_per_head, self.num_layers
+        q, kv = self.num_heads * d, self.kv_heads * d
+        attn = h * (q + 2 * kv) + q * h
+        if self.attention_bias:
+            attn += q + 2 * kv
+        if self.attention_out_bias:
+            attn += h
+        n_mats = 3 if self.mlp_kind == "swiglu" else 2
+        mlp = n_mats * h * self.intermediate_size
+        if self.mlp_bias:
+            mlp += (n_mats - 1) * self.intermediate_size + h
+        if self.is_moe:
+            mlp = self.num_experts * mlp + h * self.num_experts
+        norm = h if self.norm_kind == "rms" else 2 * h
+        total = layers * (attn + mlp + 2 * norm) + norm + self.vocab_size * h
+        if not self.tie_word_embeddings:
+            total += self.vocab_size * h
+        if self.position_kind == "learned":
+            total += self.max_position_embeddings * h
+        return total
+
+    # Our own JSON form: the dataclass fields, nothing else.
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        return cls.from_dict(json.loads(text))
+
+    # HF config.json
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
+        from mlx_core.hf_config import config_from_hf
+
+        return config_from_hf(hf)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        from mlx_core.hf_config import config_to_hf
+
+        return config_to_hf(self)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> ModelConfig:
+        path = Path(directory) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no config.json in {directory}: not an HF-format model directory")
+        try:
+            hf = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_hf_config(hf)

@@ -1,0 +1,142 @@
+"""HF ``config.json`` <-> ``ModelConfig``, one small function per direction.
+
+Reads both the transformers 4.x form (``rope_theta`` + ``rope_scaling``) and the 5.x form
+(``rope_parameters``); writes the 4.x form, which both versions read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mlx_core.config import HF_MODEL_TYPES, ModelConfig
+
+_HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+    "mixtral": "MixtralForCausalLM",
+}
+_SUPPORTED_ACTS = {"silu", "swish"}
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    params = dict(hf.get("rope_parameters") or {})
+    legacy = dict(hf.get("rope_scaling") or {})
+    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = params or legacy
+    rope_type = scaling.pop("rope_type", scaling.pop("type", "default")) if scaling else "default"
+    if rope_type == "default":
+        return float(theta), None
+    return float(theta), {"rope_type": rope_type, **scaling}
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    model_type = hf.get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(
+            f"config.json has model_type {model_type!r}, which mlx does not support yet; "
+            f"supported: {', '.join(HF_MODEL_TYPES)}"
+        )
+    tokens = {k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if model_type == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"GPT-2 activation_function {act!r} is not supported (gelu_new only)")
+        return ModelConfig(
+            model_type="gpt2",
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["n_embd"],
+            num_layers=hf["n_layer"],
+            num_heads=hf["n_head"],
+            intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"],
+            mlp_kind="gelu",
+            norm_kind="layer",
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            position_kind="learned",
+            max_position_embeddings=hf["n_positions"],
+            attention_bias=True,
+            attention_out_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=hf.get("tie_word_embeddings", True),
+            **tokens,
+        )
+    act = hf.get("hidden_act", "silu")
+    if act not in _SUPPORTED_ACTS:
+        raise ValueError(f"hidden_act {act!r} is not supported for {model_type} (silu only)")
+    theta, scaling = _rope_from_hf(hf)
+    sliding = hf.get("sliding_window")
+    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+        sliding = None
+    if model_type == "llama":
+        sliding = None
+    return ModelConfig(
+        model_type=model_type,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf.get("num_key_value_heads"),
+        head_dim=hf.get("head_dim"),
+        intermediate_size=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        attention_bias=True if model_type == "qwen2" else hf.get("attention_bias", False),
+        attention_out_bias=(model_type == "llama" and hf.get("attention_bias", False)),
+        mlp_bias=hf.get("mlp_bias", False),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        sliding_window=sliding,
+        num_experts=hf.get("num_local_experts", 0) if model_type == "mixtral" else 0,
+        num_experts_per_tok=hf.get("num_experts_per_tok", 2),
+        **tokens,
+    )
+
+
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    c = config
+    common = {
+        "architectures": [_HF_ARCHITECTURES[c.model_type]],
+        "model_type": c.model_type,
+        "vocab_size": c.vocab_size,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": c.eos_token_id,
+        "pad_token_id": c.pad_token_id,
+        **c.extra,
+    }
+    if c.model_type == "gpt2":
+        return {
+            **common,
+            "n_embd": c.hidden_size,
+            "n_layer": c.num_layers,
+            "n_head": c.num_heads,
+            "n_inner": c.intermediate_size,
+            "n_positions": c.max_position_embeddings,
+            "layer_norm_epsilon": c.norm_eps,
+            "activation_function": "gelu_new",
+        }
+    hf = {
+        **common,
+        "hidden_size": c.hidden_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.kv_heads,
+        "head_dim": c.dim_per_head,
+        "intermediate_size": c.intermediate_size,
+        "hidden_act": "silu",
+        "rms_norm_eps": c.norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": dict(c.rope_scaling) if c.rope_scaling else None,
+        "max_position_embeddings": c.max_position_embeddings,
+    }
+    if c.model_type == "llama":
+        hf.update(attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
+    if c.model_type in ("mistral", "mixtral"):
+        hf["sliding_window"] = c.sliding_window
+    if c.model_type == "qwen2":
+        hf.update(use_sliding_window=c.sliding_window is not None, sliding_window=c.sliding_window)
+    if c.model_type == "mixtral":
+        hf.update(num_local_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok)
+    return hf

@@ -1,0 +1,1 @@
+"""The torch model zoo: one config-driven ``Transformer`` for every family (needs torch)."""

@@ -1,0 +1,95 @@
+"""The attention seam: every use (training, generation, later serving) calls ``attend``.
+
+``AttentionMetadata`` says how keys and values are stored for this forward pass: nowhere
+(training: causal over the batch), or in a contiguous ``KVCache`` (generation). The paged layout
+of the serving engine plugs in here as one more kind of metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mlx_core.config import ModelConfig
+
+
+class KVCache:
+    """A static contiguous cache: keys/values ``[layers, B, kv_heads, max_length, head_dim]``.
+
+    Rows share one write position (``length``); which cached slots hold real tokens (not left
+    padding) is kept in ``key_valid [B, max_length]``.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_length: int, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (config.num_layers, batch_size, config.kv_heads, max_length, config.dim_per_head)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
+        self.max_length = max_length
+        self.length = 0
+
+    def append_mask(self, valid: torch.Tensor) -> None:
+        """Record which of the next ``valid.shape[1]`` tokens are real (``valid [B, T]`` bool)."""
+        end = self.length + valid.shape[1]
+        if end > self.max_length:
+            raise ValueError(
+                f"KV cache full: {end} tokens do not fit in max_length={self.max_length}; "
+                "create the cache with a larger max_length"
+            )
+        self.key_valid[:, self.length:end] = valid
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write this step's ``k, v [B, kv_heads, T, D]``; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
+@dataclass
+class AttentionMetadata:
+    """``mask`` is bool ``[B, 1, T, S]`` (True: may attend) or None for plain causal attention."""
+
+    mask: torch.Tensor | None
+    cache: KVCache | None = None
+
+
+def build_mask(
+    key_valid: torch.Tensor | None, q_len: int, past: int, window: int | None, device
+) -> torch.Tensor | None:
+    """Causal (+ sliding window) (+ key padding) mask for queries at ``past .. past+q_len``.
+
+    Returns None when plain causal attention is exact (no padding, no window, no past), so SDPA
+    takes its fused causal path.
+    """
+    if key_valid is None and window is None and past == 0:
+        return None
+    q_pos = torch.arange(past, past + q_len, device=device)[:, None]
+    k_pos = torch.arange(past + q_len, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed = allowed & (q_pos - k_pos < window)
+    mask = allowed[None, None]
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, None, :]
+    # A query that sees no key (a left-padding row) attends to itself, so no row is all -inf:
+    # such rows would be NaN and NaN leaks through the zero attention weights of later layers.
+    return mask | (k_pos == q_pos)[None, None]
+
+
+def attend(q, k, v, meta: AttentionMetadata, layer: int) -> torch.Tensor:
+    """``q [B, Hq, T, D]``, ``k, v [B, Hkv, T, D]`` -> ``[B, Hq, T, D]``."""
+    if meta.cache is not None:
+        k, v = meta.cache.update(layer, k, v)
+    return F.scaled_dot_product_attention(
+        q, k, v,
+        attn_mask=meta.mask,
+        is_causal=meta.mask is None and q.shape[2] > 1,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )

@@ -1,0 +1,143 @@
+"""HF checkpoint tensors <-> our parameter names, and safetensors IO with clear errors.
+
+The Llama family (Llama, Mistral, Qwen2, SmolLM2) and Mixtral use our names as they are; GPT-2
+maps through one table. Nothing here unpickles: weights are read from safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+# Derived tensors some HF versions save; they are recomputed, never loaded.
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|(^|\.)attn\.(bias|masked_bias))$")
+
+# GPT-2: HF name (``{}`` = layer) -> (our name, transpose). Conv1D stores weights as [in, out].
+_GPT2_TABLE = {
+    "transformer.wte.weight": ("model.embed_tokens.weight", False),
+    "transformer.wpe.weight": ("model.embed_positions.weight", False),
+    "transformer.ln_f.weight": ("model.norm.weight", False),
+    "transformer.ln_f.bias": ("model.norm.bias", False),
+    "transformer.h.{}.ln_1.weight": ("model.layers.{}.input_layernorm.weight", False),
+    "transformer.h.{}.ln_1.bias": ("model.layers.{}.input_layernorm.bias", False),
+    "transformer.h.{}.ln_2.weight": ("model.layers.{}.post_attention_layernorm.weight", False),
+    "transformer.h.{}.ln_2.bias": ("model.layers.{}.post_attention_layernorm.bias", False),
+    "transformer.h.{}.attn.c_proj.weight": ("model.layers.{}.self_attn.o_proj.weight", True),
+    "transformer.h.{}.attn.c_proj.bias": ("model.layers.{}.self_attn.o_proj.bias", False),
+    "transformer.h.{}.mlp.c_fc.weight": ("model.layers.{}.mlp.up_proj.weight", True),
+    "transformer.h.{}.mlp.c_fc.bias": ("model.layers.{}.mlp.up_proj.bias", False),
+    "transformer.h.{}.mlp.c_proj.weight": ("model.layers.{}.mlp.down_proj.weight", True),
+    "transformer.h.{}.mlp.c_proj.bias": ("model.layers.{}.mlp.down_proj.bias", False),
+    "lm_head.weight": ("lm_head.weight", False),
+}
+# GPT-2 packs q, k, v into one Conv1D: split on load, concatenate on save.
+_GPT2_QKV = "transformer.h.{}.attn.c_attn.{}"
+_OUR_QKV = "model.layers.{}.self_attn.{}_proj.{}"
+
+
+def _template(name: str) -> tuple[str, str | None]:
+    """``transformer.h.3.ln_1.weight`` -> (``transformer.h.{}.ln_1.weight``, ``"3"``)."""
+    m = re.search(r"\.(\d+)\.", name)
+    if not m:
+        return name, None
+    return name[: m.start()] + ".{}." + name[m.end():], m.group(1)
+
+
+def hf_to_ours(model_type: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    tensors = {k: v for k, v in tensors.items() if not _IGNORED.search(k)}
+    if model_type != "gpt2":
+        return tensors
+    out = {}
+    for name, t in tensors.items():
+        if not name.startswith(("transformer.", "lm_head.")):
+            name = "transformer." + name  # GPT2Model saves without the prefix
+        template, layer = _template(name)
+        if template.startswith("transformer.h.{}.attn.c_attn."):
+            kind = template.rsplit(".", 1)[1]
+            parts = (t.t() if kind == "weight" else t).chunk(3, dim=0)
+            for proj, part in zip("qkv", parts, strict=True):
+                out[_OUR_QKV.format(layer, proj, kind)] = part.contiguous()
+        elif template in _GPT2_TABLE:
+            ours, transpose = _GPT2_TABLE[template]
+            out[ours.format(layer)] = t.t().contiguous() if transpose else t
+        else:
+            out[name] = t  # reported as unexpected by the loader, with its name
+    return out
+
+
+def ours_to_hf(model_type: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if model_type != "gpt2":
+        return dict(tensors)
+    reverse = {ours: (hf, transpose) for hf, (ours, transpose) in _GPT2_TABLE.items()}
+    out, qkv = {}, {}
+    for name, t in tensors.items():
+        template, layer = _template(name)
+        m = re.fullmatch(r"model\.layers\.\{\}\.self_attn\.([qkv])_proj\.(weight|bias)", template)
+        if m:
+            qkv.setdefault((layer, m.group(2)), {})[m.group(1)] = t
+            continue
+        hf, transpose = reverse[template]
+        out[hf.format(layer)] = t.t().contiguous() if transpose else t
+    for (layer, kind), parts in qkv.items():
+        packed = torch.cat([parts[p] for p in "qkv"], dim=0)
+        out[_GPT2_QKV.format(layer, kind)] = packed.t().contiguous() if kind == "weight" else packed
+    return out
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [directory / f for f in sorted(set(weight_map.values()))]
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        found = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
+        raise FileNotFoundError(
+            f"no *.safetensors weights in {directory} (found: {found}). mlx reads safetensors "
+            "only and never unpickles .bin checkpoints; convert them with transformers' "
+            "save_pretrained(dir, safe_serialization=True)"
+        )
+    return files
+
+
+def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in safetensors_files(directory):
+        if not f.is_file():
+            raise FileNotFoundError(f"weights file {f} is listed in the index but missing")
+        try:
+            tensors.update(load_file(f, device="cpu"))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"cannot read weights file {f}: it is corrupt or truncated ({e})") from None
+    return tensors
+
+
+def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor],
+                      max_shard_bytes: int | None = None) -> None:
+    """Write ``model.safetensors``, or shards plus ``model.safetensors.index.json``."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if max_shard_bytes is None or total <= max_shard_bytes:
+        save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / fname, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

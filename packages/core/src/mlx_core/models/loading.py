@@ -1,0 +1,105 @@
+"""``load_model`` / ``save_model``: HF-format directories in and out, validated tensor by tensor."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mlx_core import registry
+from mlx_core.config import ModelConfig
+from mlx_core.models.checkpoint import hf_to_ours, ours_to_hf, read_safetensors, write_safetensors
+from mlx_core.paths import atomic_directory
+from mlx_core.plugins import load_plugins
+from mlx_core.sources import resolve_model_dir
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt",
+                    "tokenizer.model")
+
+
+def build_model(config: ModelConfig, *, dtype=torch.float32, device="cpu", init: bool = True) -> nn.Module:
+    """A randomly initialised model for ``config`` from the architecture registry."""
+    load_plugins()
+    builder = registry.architectures.get(config.model_type)
+    if "torch" not in builder:
+        raise ValueError(f"architecture {config.model_type!r} has no torch implementation")
+    with torch.device(device):
+        model = builder["torch"](config)
+    if init:
+        model.reset_parameters()
+    return model.to(dtype)
+
+
+def load_model(source: str | Path, *, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> nn.Module:
+    """Load a registered model name, an HF-format directory or a ``.gguf`` file.
+
+    Returns the zoo ``Transformer`` in eval mode with ``model.source_dir`` set to the HF
+    directory the weights came from.
+    """
+    load_plugins()
+    directory = resolve_model_dir(source)
+    config = ModelConfig.from_pretrained(directory)
+    with torch.device("meta"):
+        model = registry.architectures.get(config.model_type)["torch"](config)
+    state = hf_to_ours(config.model_type, read_safetensors(directory))
+    _check_state(model, state, directory)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    model.source_dir = directory
+    return model.eval()
+
+
+def _check_state(model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+        state.pop("lm_head.weight", None)  # some writers save the tied copy too
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[:5]}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensor(s), e.g. {unexpected[:5]}")
+        raise ValueError(
+            f"weights in {directory} do not match its config.json ({model.config.model_type}): "
+            + "; ".join(parts)
+        )
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise ValueError(
+                f"tensor {name} in {directory} has shape {tuple(state[name].shape)}, but the "
+                f"config expects {shape}: the weights and config.json disagree"
+            )
+
+
+def save_model(model: nn.Module, directory: str | Path, *, tokenizer=None, overwrite: bool = False,
+               max_shard_size: int | None = None) -> Path:
+    """Write ``model`` as an HF-format directory that transformers loads as it is.
+
+    Tokenizer files come from ``tokenizer`` (an ``mlx_core.Tokenizer`` or HF tokenizer) or, if
+    None, are copied from the directory the model was loaded from. The write is atomic: on any
+    failure ``directory`` is left as it was.
+    """
+    config: ModelConfig = model.config
+    state = dict(model.state_dict())
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    directory = Path(directory)
+    with atomic_directory(directory, overwrite=overwrite) as out:
+        (out / "config.json").write_text(json.dumps(config.to_hf_config(), indent=2))
+        write_safetensors(out, ours_to_hf(config.model_type, state), max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        elif (src := getattr(model, "source_dir", None)) is not None:
+            for name in _TOKENIZER_FILES:
+                if (Path(src) / name).is_file():
+                    shutil.copy2(Path(src) / name, out / name)
+    return directory

@@ -1,0 +1,237 @@
+"""ONE config-driven decoder for every family: Llama 2/3, Mistral, Qwen2, SmolLM2, GPT-2, Mixtral.
+
+Module and parameter names follow HF's Llama layout (``model.layers.0.self_attn.q_proj.weight``)
+so Llama-family checkpoints and PEFT adapters map with no renaming; MoE layers use Mixtral's
+checkpoint names (``block_sparse_moe.experts.0.w1``); GPT-2 maps through ``checkpoint.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlx_core.config import ModelConfig
+from mlx_core.models.attention import AttentionMetadata, KVCache, attend, build_mask
+from mlx_core.models.moe import SparseMoE
+from mlx_core.models.rope import rope_cos_sin, rope_inverse_frequencies
+from mlx_kernels import fused_linear_cross_entropy, rms_norm, rope, swiglu
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm_kind == "rms":
+        return RMSNorm(config.hidden_size, config.norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads = config.num_heads, config.kv_heads
+        self.head_dim = config.dim_per_head
+        h, q, kv = config.hidden_size, config.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(h, q, bias=config.attention_bias)
+        self.k_proj = nn.Linear(h, kv, bias=config.attention_bias)
+        self.v_proj = nn.Linear(h, kv, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q, h, bias=config.attention_out_bias)
+
+    def forward(self, x, cos_sin, meta: AttentionMetadata) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if cos_sin is not None:
+            q, k = rope(q, *cos_sin), rope(k, *cos_sin)
+        out = attend(q, k, v, meta, self.layer)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+class GatedMLP(nn.Module):
+    """Llama's ``down(silu(gate x) * up x)``."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class GeluMLP(nn.Module):
+    """GPT-2's ``down(gelu_tanh(up x))``."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = make_norm(config)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = make_norm(config)
+        if config.is_moe:
+            self.block_sparse_moe = SparseMoE(config)
+        else:
+            self.mlp = GatedMLP(config) if config.mlp_kind == "swiglu" else GeluMLP(config)
+
+    def forward(self, x, cos_sin, meta):
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta)
+        ff = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+        return x + ff(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embeddings, decoder layers and the final norm (HF's ``model.`` prefix)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.position_kind == "learned":
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = make_norm(config)
+        # A plain attribute, not a buffer: it is derived from the config, never saved or loaded.
+        self.rope_inv_freq = (
+            rope_inverse_frequencies(config) if config.position_kind == "rope" else None
+        )
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+        b, t = input_ids.shape
+        past = cache.length if cache is not None else 0
+        key_valid = _key_valid(attention_mask, b, t, past, cache, input_ids.device)
+        if position_ids is None:
+            position_ids = _default_positions(key_valid, b, t, past, input_ids.device)
+        meta = AttentionMetadata(
+            build_mask(key_valid, t, past, self.config.sliding_window, input_ids.device), cache
+        )
+        x = self.embed_tokens(input_ids)
+        cos_sin = None
+        if self.rope_inv_freq is not None:
+            self.rope_inv_freq = self.rope_inv_freq.to(input_ids.device)
+            cos_sin = rope_cos_sin(self.rope_inv_freq, position_ids, x.dtype)
+        else:
+            if int(position_ids.max()) >= self.config.max_position_embeddings:
+                raise ValueError(
+                    f"position {int(position_ids.max())} is past max_position_embeddings="
+                    f"{self.config.max_position_embeddings} of this model (learned positions)"
+                )
+            x = x + self.embed_positions(position_ids)
+        for layer in self.layers:
+            x = layer(x, cos_sin, meta)
+        if cache is not None:
+            cache.advance(t)
+        return self.norm(x)
+
+
+def _key_valid(attention_mask, b, t, past, cache, device) -> torch.Tensor | None:
+    """bool ``[B, past + T]``: which keys are real tokens, or None when all are."""
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device=device, dtype=torch.bool)
+        if attention_mask.shape not in ((b, t), (b, past + t)):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({b}, {t}) "
+                f"or ({b}, {past + t}) for input_ids ({b}, {t}) after {past} cached tokens"
+            )
+        attention_mask = attention_mask[:, -t:]
+    if cache is None:
+        return None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+    new = attention_mask if attention_mask is not None else torch.ones(b, t, dtype=torch.bool, device=device)
+    cache.append_mask(new)
+    valid = cache.key_valid[:, : past + t]
+    return None if bool(valid.all()) else valid
+
+
+def _default_positions(key_valid, b, t, past, device) -> torch.Tensor:
+    """Positions count real tokens only, so left-padded rows start at 0 (as HF generate does)."""
+    if key_valid is None:
+        return torch.arange(past, past + t, device=device).expand(b, t)
+    return (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
+
+
+class Transformer(nn.Module):
+    """A decoder-only language model built from a ``ModelConfig``.
+
+    ``forward(input_ids, attention_mask=None, labels=None)`` returns logits ``[B, T, vocab]``, or,
+    given ``labels``, the mean next-token loss (labels shifted inside, -100 ignored) computed
+    with the fused linear cross-entropy, so the full logits are never built.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """HF-style init: normal(0, std) weights, zero biases, unit norms."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        self.tie_weights()
+
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_length, dtype=p.dtype, device=p.device)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, *, position_ids=None,
+                kv_cache: KVCache | None = None, logits_to_keep: int = 0):
+        """``logits_to_keep > 0`` computes logits for only the last that many positions."""
+        hidden = self.model(input_ids, attention_mask, position_ids, kv_cache)
+        if labels is not None:
+            return self.loss(hidden, labels)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.lm_head(hidden)
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if labels.shape != hidden.shape[:2]:
+            raise ValueError(
+                f"labels have shape {tuple(labels.shape)}; expected {tuple(hidden.shape[:2])} "
+                "(the same as input_ids)"
+            )
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        y = labels[:, 1:].reshape(-1).to(h.device)
+        return fused_linear_cross_entropy(h, self.lm_head.weight, y, bias=self.lm_head.bias)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+def build_transformer(config: ModelConfig) -> Transformer:
+    return Transformer(config)
+
+
+__all__ = ["Transformer", "KVCache", "build_transformer"]

@@ -1,0 +1,63 @@
+"""Named ``ModelConfig``s: tiny configs for tests and the real sizes of the families we cover."""
+
+from __future__ import annotations
+
+from mlx_core import registry
+from mlx_core.config import ModelConfig
+
+_TINY = dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+             intermediate_size=96, max_position_embeddings=256)
+
+PRESETS: dict[str, ModelConfig] = {
+    # Tiny random models for tests: every family, every code path, milliseconds per forward.
+    "tiny-llama": ModelConfig(model_type="llama", **_TINY),
+    "tiny-llama3": ModelConfig(
+        model_type="llama", rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        **_TINY),
+    "tiny-mistral": ModelConfig(model_type="mistral", sliding_window=8, **_TINY),
+    "tiny-qwen2": ModelConfig(model_type="qwen2", attention_bias=True, tie_word_embeddings=True,
+                              norm_eps=1e-6, **_TINY),
+    "tiny-mixtral": ModelConfig(model_type="mixtral", num_experts=4, num_experts_per_tok=2, **_TINY),
+    "tiny-gpt2": ModelConfig(
+        model_type="gpt2", vocab_size=128, hidden_size=64, num_layers=2, num_heads=4,
+        intermediate_size=256, mlp_kind="gelu", norm_kind="layer", position_kind="learned",
+        max_position_embeddings=256, attention_bias=True, attention_out_bias=True, mlp_bias=True,
+        tie_word_embeddings=True, bos_token_id=127, eos_token_id=127),
+    # Real sizes.
+    "smollm2-135m": ModelConfig(
+        model_type="llama", vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9,
+        num_kv_heads=3, intermediate_size=1536, norm_eps=1e-5, rope_theta=100000.0,
+        max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+        pad_token_id=2),
+    "gpt2": ModelConfig(
+        model_type="gpt2", vocab_size=50257, hidden_size=768, num_layers=12, num_heads=12,
+        intermediate_size=3072, mlp_kind="gelu", norm_kind="layer", position_kind="learned",
+        max_position_embeddings=1024, attention_bias=True, attention_out_bias=True, mlp_bias=True,
+        tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256),
+    "llama3-8b": ModelConfig(
+        model_type="llama", vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32,
+        num_kv_heads=8, intermediate_size=14336, rope_theta=500000.0,
+        max_position_embeddings=8192, bos_token_id=128000, eos_token_id=128001),
+    "mistral-7b": ModelConfig(
+        model_type="mistral", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
+        num_kv_heads=8, intermediate_size=14336, max_position_embeddings=32768,
+        sliding_window=4096),
+    "qwen2-0.5b": ModelConfig(
+        model_type="qwen2", vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14,
+        num_kv_heads=2, intermediate_size=4864, norm_eps=1e-6, rope_theta=1000000.0,
+        max_position_embeddings=32768, attention_bias=True, tie_word_embeddings=True,
+        bos_token_id=151643, eos_token_id=151643),
+    "mixtral-8x7b": ModelConfig(
+        model_type="mixtral", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
+        num_kv_heads=8, intermediate_size=14336, rope_theta=1000000.0,
+        max_position_embeddings=32768, num_experts=8, num_experts_per_tok=2),
+}
+
+for _name, _config in PRESETS.items():
+    registry.presets.register(_name, _config)
+
+
+def get_preset(name: str) -> ModelConfig:
+    return registry.presets.get(name)

@@ -1,0 +1,101 @@
+"""One small generic registry, and the named registries every mlx package fills.
+
+Packages register into these through the ``mlx.plugins`` entry-point group (see ``plugins.py``);
+no package imports a sibling just to register itself.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class UnknownNameError(KeyError):
+    """A name that is not registered; the message lists the close matches."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message and add quotes
+        return str(self.args[0])
+
+
+def close_matches(name: str, candidates: list[str], n: int = 3) -> list[str]:
+    """Names from ``candidates`` that look like ``name`` (typos, missing suffixes)."""
+    lowered = {c.lower(): c for c in candidates}
+    found = difflib.get_close_matches(name.lower(), list(lowered), n=n, cutoff=0.5)
+    # A prefix or substring is a strong hint too ("smollm2" -> "smollm2-135m-instruct").
+    for c in candidates:
+        if len(found) >= n:
+            break
+        if name.lower() in c.lower() and c.lower() not in found:
+            found.append(c.lower())
+    return [lowered[f] for f in found]
+
+
+class Registry(Generic[T]):
+    """Name -> object, with helpful errors. ``kind`` names what is stored, for messages."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str, item: T | None = None, *, overwrite: bool = False):
+        """``registry.register("x", obj)``, or ``@registry.register("x")`` as a decorator."""
+        if item is None:
+
+            def decorator(obj: T) -> T:
+                self.register(name, obj, overwrite=overwrite)
+                return obj
+
+            return decorator
+        if name in self._items and not overwrite and self._items[name] is not item:
+            raise ValueError(
+                f"{self.kind} {name!r} is already registered; pass overwrite=True to replace it"
+            )
+        self._items[name] = item
+        return item
+
+    def get(self, name: str) -> T:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise UnknownNameError(self.unknown_message(name)) from None
+
+    def unknown_message(self, name: str) -> str:
+        names = sorted(self._items)
+        matches = close_matches(name, names)
+        hint = f" Did you mean: {', '.join(matches)}?" if matches else ""
+        known = ", ".join(names) if names else "(none registered)"
+        return f"unknown {self.kind} {name!r}.{hint} Known {self.kind}s: {known}."
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def items(self) -> list[tuple[str, T]]:
+        return sorted(self._items.items())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+# The registries named in ARCHITECTURE.md. Each is filled by the package that owns its things.
+architectures: Registry[dict[str, Callable]] = Registry("architecture")  # name -> {backend: builder}
+presets: Registry = Registry("preset")  # name -> ModelConfig
+model_sources: Registry = Registry("model")  # name -> ModelSource
+recipes: Registry = Registry("recipe")  # from mlx_train
+adapter_methods: Registry = Registry("adapter method")  # from mlx_adapters
+cli_commands: Registry = Registry("command group")  # name -> typer.Typer or a command function
+
+
+def register_architecture(name: str, backend: str, builder: Callable) -> None:
+    """Add one backend's implementation (``torch``, ``flax``) of an architecture."""
+    if name not in architectures:
+        architectures.register(name, {})
+    architectures.get(name)[backend] = builder
