@@ -16,7 +16,6 @@ _TORCH_API = {
     "Transformer": "mlx_core.models.transformer",
     "generate": "mlx_core.models.generation",
     "stream_generate": "mlx_core.models.generation",
-    "GenerationConfig": "mlx_core.models.generation",
 }
 _LAZY = {
     "load_tokenizer": "mlx_core.tokenizer",

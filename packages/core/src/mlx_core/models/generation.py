@@ -1,0 +1,117 @@
+"""Simple generation with a contiguous KV cache: greedy or sampled, batched, streaming.
+
+This is the in-process path for scripts and ``mlx generate``; the serving engine (mlx-serve)
+is the throughput path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 0,
+                top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids ``[B]`` from ``logits [B, V]``: greedy when ``temperature <= 0``,
+    otherwise temperature, then top-k, then top-p (nucleus) filtering, then sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= 1 - top_p
+        remove[:, -1] = False  # always keep the most likely token
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(remove, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _check_options(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    problems = []
+    if max_new_tokens < 1:
+        problems.append(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
+    if temperature < 0:
+        problems.append(f"temperature must be >= 0 (got {temperature}); 0 means greedy")
+    if top_k < 0:
+        problems.append(f"top_k must be >= 0 (got {top_k}); 0 disables it")
+    if not 0 < top_p <= 1:
+        problems.append(f"top_p must be in (0, 1] (got {top_p}); 1 disables it")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _stop_ids(model: nn.Module, stop_token_ids) -> set[int]:
+    if stop_token_ids is None:
+        stop_token_ids = model.config.eos_token_id
+    if stop_token_ids is None:
+        return set()
+    return {stop_token_ids} if isinstance(stop_token_ids, int) else set(stop_token_ids)
+
+
+@torch.inference_mode()
+def generate_steps(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
+                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                   seed: int | None = None, stop_token_ids=None) -> Iterator[torch.Tensor]:
+    """Yield each step's new tokens ``[B]`` (-1 for rows that already stopped).
+
+    Prompts are left-padded into one batch; positions count real tokens only.
+    """
+    _check_options(max_new_tokens, temperature, top_k, top_p)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = model.lm_head.weight.device
+    longest = max(len(p) for p in prompts)
+    total = longest + max_new_tokens
+    limit = model.config.max_position_embeddings
+    if model.config.position_kind == "learned" and total > limit:
+        raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds this "
+                         f"model's {limit} learned positions")
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[row, longest - len(prompt):] = 1
+    stops = torch.tensor(sorted(_stop_ids(model, stop_token_ids)), dtype=torch.long, device=device)
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    cache = model.new_cache(len(prompts), total)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    logits = model(ids, attention_mask=mask, kv_cache=cache, logits_to_keep=1)[:, -1]
+    for _ in range(max_new_tokens):
+        token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                            generator=generator)
+        yield token.masked_fill(finished, -1)
+        finished |= torch.isin(token, stops)
+        if bool(finished.all()):
+            return
+        logits = model(token[:, None], kv_cache=cache)[:, -1]
+
+
+def stream_generate(model: nn.Module, prompt_ids: Sequence[int], **options) -> Iterator[int]:
+    """Yield new token ids one at a time; the stop token, if reached, is the last one yielded.
+
+    Options: ``max_new_tokens=128, temperature=0.0 (greedy), top_k=0, top_p=1.0, seed=None,
+    stop_token_ids=None`` (None: the model's eos ids).
+    """
+    for step in generate_steps(model, [prompt_ids], **options):
+        yield int(step[0])
+
+
+def generate(model: nn.Module, prompts: Sequence[int] | Sequence[Sequence[int]], **options):
+    """New token ids for one prompt (``list[int]`` -> ``list[int]``) or a batch of prompts.
+
+    Options as for ``stream_generate``. Greedy decoding matches HF ``generate(do_sample=False)``.
+    """
+    single = len(prompts) > 0 and isinstance(prompts[0], int)
+    batch = [prompts] if single else prompts
+    out: list[list[int]] = [[] for _ in batch]
+    for step in generate_steps(model, batch, **options):
+        for row, token in enumerate(step.tolist()):
+            if token >= 0:
+                out[row].append(token)
+    return out[0] if single else out
