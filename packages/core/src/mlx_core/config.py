@@ -51,6 +51,12 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # HF fields we keep but do not interpret
 
     def __post_init__(self):
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError("invalid ModelConfig: hidden_size must be divisible by num_heads "
+                             f"(or set head_dim) (got {self!r})")
+        # Canonical form: head counts and sizes explicit, so equal models compare equal.
+        object.__setattr__(self, "num_kv_heads", self.num_kv_heads or self.num_heads)
+        object.__setattr__(self, "head_dim", self.head_dim or self.hidden_size // self.num_heads)
         checks = [
             (self.model_type in HF_MODEL_TYPES, f"model_type must be one of {HF_MODEL_TYPES}"),
             (self.mlp_kind in MLP_KINDS, f"mlp_kind must be one of {MLP_KINDS}"),
@@ -59,8 +65,6 @@ class ModelConfig:
             (self.num_heads % self.kv_heads == 0, "num_heads must be a multiple of num_kv_heads"),
             (self.num_experts == 0 or 0 < self.num_experts_per_tok <= self.num_experts,
              "num_experts_per_tok must be between 1 and num_experts"),
-            (self.head_dim is not None or self.hidden_size % self.num_heads == 0,
-             "hidden_size must be divisible by num_heads (or set head_dim)"),
         ]
         for ok, message in checks:
             if not ok:
