@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCS = sorted([*ROOT.glob("docs/*.md"), *ROOT.glob("packages/*/README.md"),
+DOCS = sorted([ROOT / "README.md", *ROOT.glob("docs/*.md"), *ROOT.glob("packages/*/README.md"),
                ROOT / "kernels" / "README.md"])
 _BLOCK = re.compile(r"^```(python|console)\n(.*?)^```", re.S | re.M)
 

@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 # name -> module that defines it; loaded lazily because they need torch
 _TORCH_API = {
     "load_model": "mlx_core.models.loading",
+    "build_model": "mlx_core.models.loading",
     "save_model": "mlx_core.models.loading",
     "Transformer": "mlx_core.models.transformer",
     "generate": "mlx_core.models.generation",
