@@ -8,6 +8,7 @@ HF-format directory: ``config.json`` + ``*.safetensors`` + tokenizer files.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -129,8 +130,6 @@ _HF_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja")
 
 
 def _copy_hf_dir(src: Path, dst: Path) -> None:
-    import shutil
-
     dst.mkdir(parents=True, exist_ok=True)
     for pattern in _HF_FILES:
         for f in src.glob(pattern):

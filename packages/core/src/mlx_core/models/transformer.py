@@ -90,6 +90,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = make_norm(config)
         self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = make_norm(config)
+        self.is_moe = config.is_moe
         if config.is_moe:
             self.block_sparse_moe = SparseMoE(config)
         else:
@@ -97,7 +98,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos_sin, meta):
         x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta)
-        ff = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+        ff = self.block_sparse_moe if self.is_moe else self.mlp
         return x + ff(self.post_attention_layernorm(x))
 
 
