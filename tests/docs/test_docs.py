@@ -34,17 +34,22 @@ def _marks(path: Path):
     "path", [pytest.param(p, id=str(p.relative_to(ROOT)), marks=_marks(p)) for p in DOCS]
 )
 def test_doc_examples_run(path, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # examples write their files into a scratch directory
+    monkeypatch.chdir(tmp_path)  # python examples write their files into a scratch directory
+    saved_environ = dict(os.environ)  # examples may set variables such as MLX_KERNELS
     namespace: dict = {"__name__": "__docs__"}
-    for kind, body in _blocks(path):
-        if kind == "python":
-            exec(compile(body, f"{path.name}:python-block", "exec"), namespace)
-            continue
-        for line in body.splitlines():
-            if line.startswith("$ "):
-                done = subprocess.run(line[2:], shell=True, capture_output=True, text=True,
-                                      timeout=600, env=os.environ.copy())
-                assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}"
+    try:
+        for kind, body in _blocks(path):
+            if kind == "python":
+                exec(compile(body, f"{path.name}:python-block", "exec"), namespace)
+                continue
+            for line in body.splitlines():
+                if line.startswith("$ "):  # shell examples run from the repository root
+                    done = subprocess.run(line[2:], shell=True, capture_output=True, text=True,
+                                          timeout=600, cwd=ROOT)
+                    assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}"
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_environ)
 
 
 def test_every_doc_has_an_example():

@@ -1,0 +1,14 @@
+"""mlx-kernels: the hot ops of training and serving, each a Triton kernel with an exact torch
+reference, dispatched by device (``MLX_KERNELS=auto|torch|triton``; see ``dispatch``).
+
+``import mlx_kernels`` does not import triton: kernels are loaded on first use.
+"""
+
+from mlx_kernels.dispatch import backend_for, describe
+from mlx_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from mlx_kernels.rms_norm import rms_norm
+from mlx_kernels.rope import rope
+from mlx_kernels.swiglu import swiglu
+
+__version__ = "0.1.0"
+__all__ = ["backend_for", "describe", "fused_linear_cross_entropy", "rms_norm", "rope", "swiglu"]

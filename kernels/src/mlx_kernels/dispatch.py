@@ -1,0 +1,72 @@
+"""Which implementation runs: Triton kernels for CUDA tensors, torch references on CPU.
+
+``MLX_KERNELS=auto|torch|triton`` (read at each call) overrides: ``torch`` always uses the
+references; ``triton`` forces the kernels, on CPU too when ``TRITON_INTERPRET=1`` is set (that is
+how the kernels are tested on machines without a GPU).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+CHOICES = ("auto", "torch", "triton")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def setting() -> str:
+    choice = os.environ.get("MLX_KERNELS", "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise ValueError(f"MLX_KERNELS={choice!r} is not valid; use one of {', '.join(CHOICES)}")
+    return choice
+
+
+def backend_for(device: torch.device | str) -> str:
+    """``"triton"`` or ``"torch"`` for tensors on ``device``."""
+    device = torch.device(device)
+    choice = setting()
+    if choice == "torch":
+        return "torch"
+    if choice == "triton":
+        if not triton_available():
+            raise RuntimeError("MLX_KERNELS=triton but triton is not installed: pip install triton")
+        if device.type != "cuda" and not interpreter_on():
+            raise RuntimeError(
+                f"MLX_KERNELS=triton with {device.type} tensors needs the Triton interpreter: "
+                "set TRITON_INTERPRET=1, or use MLX_KERNELS=auto to run the torch reference"
+            )
+        return "triton"
+    return "triton" if device.type == "cuda" and triton_available() else "torch"
+
+
+def describe() -> dict:
+    """What ``mlx doctor`` shows about kernels."""
+    version = None
+    if triton_available():
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as dist_version
+
+        try:
+            version = dist_version("triton")
+        except PackageNotFoundError:
+            version = "unknown"
+    info = {
+        "triton": version or "not installed",
+        "TRITON_INTERPRET": interpreter_on(),
+        "MLX_KERNELS": os.environ.get("MLX_KERNELS", "auto"),
+    }
+    for device in ("cpu", "cuda"):
+        try:
+            info[f"backend on {device}"] = backend_for(device)
+        except (RuntimeError, ValueError) as e:
+            info[f"backend on {device}"] = f"error: {e}"
+    return info

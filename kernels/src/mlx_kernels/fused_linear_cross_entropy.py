@@ -1,0 +1,101 @@
+"""Linear layer + cross-entropy in chunks of tokens: the ``[tokens, vocab]`` logits never exist.
+
+The gradients for the hidden states, the weight and the bias are computed in the forward pass,
+chunk by chunk (as Liger-Kernel does), so only one chunk's logits are alive at a time; the
+backward pass only scales them by the incoming gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+REDUCTIONS = ("mean", "sum")
+
+
+def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
+    """Tokens per chunk so one chunk's logits cost about as much memory as all hidden states."""
+    chunks = math.ceil(vocab / hidden)
+    size = 1 << max(math.ceil(n_tokens / chunks) - 1, 0).bit_length()
+    return min(max(size, 64), 4096)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, label_smoothing, reduction,
+                chunk_size, needs_grad):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        valid = labels != ignore_index
+        divisor = valid.sum().float() if reduction == "mean" else torch.ones((), device=hidden.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if needs_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
+        grad_bias = (torch.zeros(vocab, dtype=torch.float32, device=weight.device)
+                     if needs_grad and bias is not None else None)
+        with torch.no_grad():
+            for start in range(0, n, chunk_size):
+                h = hidden[start:start + chunk_size]
+                y = labels[start:start + chunk_size]
+                keep = valid[start:start + chunk_size]
+                logits = torch.nn.functional.linear(h, weight, bias).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                target = logits.gather(1, y.clamp(0, vocab - 1)[:, None]).squeeze(1)
+                loss = lse - target
+                if label_smoothing:
+                    loss = (1 - label_smoothing) * loss + label_smoothing * (lse - logits.mean(-1))
+                total += loss.masked_fill(~keep, 0).sum()
+                if not needs_grad:
+                    continue
+                # d loss / d logits = softmax - (1 - eps) * onehot - eps / V, zero on ignored rows
+                grad = torch.exp(logits - lse[:, None])
+                grad.scatter_add_(1, y.clamp(0, vocab - 1)[:, None],
+                                  torch.full_like(lse[:, None], -(1 - label_smoothing)))
+                if label_smoothing:
+                    grad -= label_smoothing / vocab
+                grad *= (keep.float() / divisor)[:, None]
+                grad_hidden[start:start + chunk_size] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_weight += grad.t() @ h.float()
+                if grad_bias is not None:
+                    grad_bias += grad.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total / divisor
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        dh = grad_hidden * grad_output if ctx.needs_input_grad[0] else None
+        dw = (grad_weight * grad_output).to(weight_dtype) if ctx.needs_input_grad[1] else None
+        db = (grad_bias * grad_output).to(bias_dtype) if grad_bias is not None and ctx.needs_input_grad[2] else None
+        return dh, dw, db, None, None, None, None, None, None
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                               bias: torch.Tensor | None = None, ignore_index: int = -100,
+                               label_smoothing: float = 0.0, reduction: str = "mean",
+                               chunk_size: int | None = None) -> torch.Tensor:
+    """``cross_entropy(hidden @ weight.T + bias, labels)`` without building the full logits.
+
+    ``hidden [N, H]``, ``weight [V, H]``, ``bias [V]`` or None, ``labels [N]`` (int64;
+    ``ignore_index`` rows count for nothing). ``reduction``: ``"mean"`` over non-ignored tokens
+    (as ``F.cross_entropy``) or ``"sum"``. Logits are computed in fp32. Returns a scalar fp32
+    loss, differentiable in hidden, weight and bias. This is the chunked torch reference; it
+    runs on every device until the Triton kernel lands.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if hidden.dim() != 2 or labels.shape != hidden.shape[:1] or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"fused_linear_cross_entropy expects hidden [N, H], weight [V, H], labels [N]; got "
+            f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}"
+        )
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    chunk = chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0])
+    # Decided here: inside Function.forward grad mode is always off.
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index,
+                                            label_smoothing, reduction, chunk, needs_grad)

@@ -1,0 +1,64 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlx_kernels import fused_linear_cross_entropy
+from mlx_kernels.fused_linear_cross_entropy import default_chunk_size
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("chunk_size", [None, 64, 1000])
+def test_matches_cross_entropy_on_full_logits(reduction, label_smoothing, with_bias, chunk_size):
+    torch.manual_seed(0)
+    h = torch.randn(431, 24, dtype=torch.float32)
+    w = torch.randn(123, 24, dtype=torch.float32)
+    b = torch.randn(123, dtype=torch.float32) if with_bias else None
+    y = torch.randint(0, 123, (431,))
+    y[::7] = -100
+    leaves = [t.clone().requires_grad_() for t in (h, w, b) if t is not None]
+    ours = fused_linear_cross_entropy(*leaves[:2], y, bias=leaves[2] if with_bias else None,
+                                      label_smoothing=label_smoothing, reduction=reduction,
+                                      chunk_size=chunk_size)
+    ours.backward()
+    refs = [t.clone().requires_grad_() for t in (h, w, b) if t is not None]
+    want = F.cross_entropy(F.linear(refs[0], refs[1], refs[2] if with_bias else None).float(), y,
+                           label_smoothing=label_smoothing, reduction=reduction)
+    want.backward()
+    # fp32 logits on both sides; the sum over 431 tokens accumulates rounding in a different order
+    assert abs(ours.item() - want.item()) <= 1e-5 * max(1.0, abs(want.item()))
+    for a, r in zip(leaves, refs, strict=True):
+        torch.testing.assert_close(a.grad, r.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_grads_scale_with_the_incoming_gradient():
+    torch.manual_seed(0)
+    h = torch.randn(50, 8, requires_grad=True)
+    w = torch.randn(30, 8)
+    y = torch.randint(0, 30, (50,))
+    (3.0 * fused_linear_cross_entropy(h, w, y)).backward()
+    ref = h.detach().clone().requires_grad_()
+    (3.0 * F.cross_entropy(ref @ w.t(), y)).backward()
+    torch.testing.assert_close(h.grad, ref.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_no_grad_skips_gradients():
+    h = torch.randn(10, 8, requires_grad=True)
+    with torch.no_grad():
+        loss = fused_linear_cross_entropy(h, torch.randn(30, 8), torch.randint(0, 30, (10,)))
+    assert not loss.requires_grad
+
+
+def test_default_chunk_keeps_chunk_logits_near_hidden_size():
+    n, hidden, vocab = 8192, 576, 49152
+    chunk = default_chunk_size(n, hidden, vocab)
+    assert chunk * vocab <= 2 * n * hidden
+
+
+def test_bad_arguments_are_named():
+    h, w, y = torch.randn(4, 8), torch.randn(30, 8), torch.randint(0, 30, (4,))
+    with pytest.raises(ValueError, match="reduction"):
+        fused_linear_cross_entropy(h, w, y, reduction="none")
+    with pytest.raises(ValueError, match=r"hidden \[N, H\]"):
+        fused_linear_cross_entropy(h, w, y[:3])
