@@ -1,0 +1,150 @@
+"""GGUF file -> HF-format directory (``config.json``, ``model.safetensors``, tokenizer files).
+
+Torch-free: tensors are read and de-quantized to fp32 with the ``gguf`` package's own numpy
+code, written with ``safetensors.numpy``; the tokenizer is rebuilt with ``tokenizers`` from the
+vocabulary, merges and special-token ids that the GGUF metadata carries.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from mlx_core.config import ModelConfig
+
+SUPPORTED_ARCHS = ("llama",)  # llama.cpp's "llama" covers Llama 2/3, Mistral and SmolLM2
+
+# GGUF name (``{}`` = layer) -> HF Llama name.
+_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
+    "blk.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "blk.{}.attn_q.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "blk.{}.attn_k.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "blk.{}.attn_v.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "blk.{}.attn_output.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
+    "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
+}
+_IGNORED = ("rope_freqs.weight",)  # llama.cpp's precomputed RoPE factors; we derive them
+
+
+def _open(path: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, struct.error, IndexError on bad files
+        raise ValueError(f"cannot read {path} as GGUF: {type(e).__name__}: {e}. "
+                         "Is it a complete .gguf file?") from None
+
+
+def _metadata(reader) -> dict[str, Any]:
+    out = {}
+    for name, field in reader.fields.items():
+        try:
+            out[name] = field.contents()
+        except Exception:  # a value type this gguf version cannot decode: not one we use
+            continue
+    return out
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (its RoPE pairs adjacent dims; HF pairs halves)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _hf_config(meta: dict[str, Any], vocab_size: int, tied: bool) -> dict[str, Any]:
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported yet; supported: {SUPPORTED_ARCHS}")
+
+    def get(key, default=None):
+        return meta.get(f"{arch}.{key}", default)
+
+    heads = get("attention.head_count")
+    hidden = get("embedding_length")
+    hf = {
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": get("feed_forward_length"),
+        "num_hidden_layers": get("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": get("attention.head_count_kv", heads),
+        "head_dim": get("attention.key_length", hidden // heads),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "max_position_embeddings": get("context_length", 4096),
+        "tie_word_embeddings": tied,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+    }
+    scaling_type = get("rope.scaling.type")
+    if scaling_type == "linear":
+        hf["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    elif scaling_type not in (None, "none"):
+        raise ValueError(f"GGUF rope scaling {scaling_type!r} is not supported yet")
+    # Validate and normalise through our config, so the file says what our config writes.
+    return ModelConfig.from_hf_config(hf).to_hf_config()
+
+
+class GGUFModel(NamedTuple):
+    hf_config: dict[str, Any]  # what config.json holds
+    tensors: dict[str, np.ndarray]  # fp32, under HF Llama names
+    metadata: dict[str, Any]  # the GGUF key/value metadata (tokenizer included)
+
+
+def read_gguf(path: str | Path) -> GGUFModel:
+    """Read, de-quantize and rename every tensor of a GGUF file."""
+    import gguf
+
+    path = Path(path)
+    reader = _open(path)
+    meta = _metadata(reader)
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise ValueError(f"{path.name}: GGUF architecture {arch!r} is not supported yet; "
+                         f"supported: {', '.join(SUPPORTED_ARCHS)}")
+    heads = meta[f"{arch}.attention.head_count"]
+    kv_heads = meta.get(f"{arch}.attention.head_count_kv", heads)
+    tensors: dict[str, np.ndarray] = {}
+    for t in reader.tensors:
+        if t.name in _IGNORED:
+            continue
+        m = re.fullmatch(r"blk\.(\d+)\.(.+)", t.name)
+        template, layer = (f"blk.{{}}.{m.group(2)}", m.group(1)) if m else (t.name, None)
+        if template not in _NAMES:
+            raise ValueError(f"{path.name}: unexpected GGUF tensor {t.name!r} for architecture {arch!r}")
+        w = np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        if template.endswith("attn_q.weight"):
+            w = _unpermute(w, heads)
+        elif template.endswith("attn_k.weight"):
+            w = _unpermute(w, kv_heads)
+        tensors[_NAMES[template].format(layer)] = w
+    vocab_size = tensors["model.embed_tokens.weight"].shape[0]
+    config = _hf_config(meta, vocab_size, tied="lm_head.weight" not in tensors)
+    return GGUFModel(config, tensors, meta)
+
+
+def convert_gguf_to_hf_dir(gguf_path: str | Path, out_dir: str | Path) -> None:
+    """Write an HF-format directory into ``out_dir`` (an existing, empty directory)."""
+    from safetensors.numpy import save_file
+
+    from mlx_core.gguf_tokenizer import write_tokenizer_files
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    config, tensors, meta = read_gguf(gguf_path)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    write_tokenizer_files(meta, out_dir)
