@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_core import registry
+from mlx_core.config import ModelConfig
 from mlx_core.paths import atomic_directory, atomic_file, downloads_dir, models_dir
 from mlx_core.registry import UnknownNameError
 
@@ -121,6 +122,7 @@ def convert_to_hf_dir(src: Path, dst: Path) -> None:
     if src.is_file() and src.suffix == ".gguf":
         convert_gguf_to_hf_dir(src, dst)
     elif (src / "config.json").is_file():
+        ModelConfig.from_pretrained(src)  # refuse what mlx cannot load, before copying
         _copy_hf_dir(src, dst)
     else:
         raise ValueError(f"{src} is neither a .gguf file nor an HF-format directory with config.json")

@@ -1,0 +1,106 @@
+"""``mlx models list|pull|info|convert``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mlx_core import registry
+from mlx_core.cli.errors import clean_errors
+from mlx_core.config import ModelConfig
+from mlx_core.registry import UnknownNameError
+
+app = typer.Typer(help="List, pull, inspect and convert models.", no_args_is_help=True)
+console = Console()
+
+
+def human_count(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+@app.command("list")
+@clean_errors
+def list_models(presets: bool = typer.Option(False, "--presets", help="List the config presets instead.")):
+    """The registered models (or presets) with their size and whether they are cached."""
+    if presets:
+        table = Table("preset", "arch", "layers", "hidden", "heads/kv", "parameters")
+        for name, c in registry.presets.items():
+            table.add_row(name, c.model_type, str(c.num_layers), str(c.hidden_size),
+                          f"{c.num_heads}/{c.kv_heads}", human_count(c.num_parameters()))
+    else:
+        table = Table("name", "arch", "parameters", "source", "cached")
+        for name, source in registry.model_sources.items():
+            config = registry.presets.get(source.preset)
+            table.add_row(name, config.model_type, human_count(config.num_parameters()),
+                          source.origin, "yes" if source.is_cached else "no")
+    console.print(table)
+
+
+@app.command()
+@clean_errors
+def pull(name: str, force: bool = typer.Option(False, "--force", help="Fetch and convert again.")):
+    """Fetch a registered model and cache it as an HF-format directory."""
+    from mlx_core.sources import pull as pull_model
+
+    typer.echo(pull_model(name, force=force))
+
+
+def _describe(name: str) -> tuple[ModelConfig, dict[str, str]]:
+    facts: dict[str, str] = {}
+    if name in registry.model_sources:
+        source = registry.model_sources.get(name)
+        facts["origin"] = source.origin
+        facts["description"] = source.description
+        if source.is_cached:
+            facts["cache"] = f"{source.cache_dir} ({_dir_size(source.cache_dir) / 1e6:.0f} MB)"
+            return ModelConfig.from_pretrained(source.cache_dir), facts
+        facts["cache"] = f"not cached (mlx models pull {name})"
+        return registry.presets.get(source.preset), facts
+    if name in registry.presets:
+        return registry.presets.get(name), {"origin": "preset (config only, no weights)"}
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return ModelConfig.from_pretrained(path), {"origin": f"directory {path}"}
+    if path.exists() or "/" in name:
+        raise FileNotFoundError(f"{name} is not an HF-format model directory")
+    raise UnknownNameError(registry.model_sources.unknown_message(name))
+
+
+@app.command()
+@clean_errors
+def info(name: str = typer.Argument(..., help="A registered model, a preset or an HF directory.")):
+    """Config, size and cache state of a model."""
+    config, facts = _describe(name)
+    table = Table("field", "value", title=name)
+    table.add_row("parameters", f"{human_count(config.num_parameters())} ({config.num_parameters():,})")
+    for key, value in facts.items():
+        table.add_row(key, value)
+    for key, value in config.to_dict().items():
+        if value not in (None, {}, []):
+            table.add_row(key, str(value))
+    console.print(table)
+
+
+@app.command()
+@clean_errors
+def convert(src: str = typer.Argument(..., help="A .gguf file, an HF directory or a registered model."),
+            dst: Path = typer.Argument(..., help="The HF-format directory to write."),
+            overwrite: bool = typer.Option(False, "--overwrite", help="Replace DST if it exists.")):
+    """Write SRC as an HF-format directory (config.json, safetensors, tokenizer)."""
+    from mlx_core.paths import atomic_directory
+    from mlx_core.sources import convert_to_hf_dir, resolve_model_dir
+
+    src_path = resolve_model_dir(src) if src in registry.model_sources else Path(src).expanduser()
+    if not src_path.exists():
+        raise FileNotFoundError(f"{src} does not exist: expected a .gguf file, an HF directory or "
+                                f"a registered model ({', '.join(registry.model_sources.names())})")
+    with atomic_directory(dst, overwrite=overwrite) as out:
+        convert_to_hf_dir(src_path, out)
+    typer.echo(dst)
