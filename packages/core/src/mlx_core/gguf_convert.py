@@ -46,6 +46,14 @@ def _open(path: Path):
                          "Is it a complete .gguf file?") from None
 
 
+def _progress(items, description: str):
+    """A progress bar on stderr (plain when stderr is not a terminal)."""
+    from rich.console import Console
+    from rich.progress import track
+
+    return track(items, description=description, console=Console(stderr=True), transient=True)
+
+
 def _metadata(reader) -> dict[str, Any]:
     out = {}
     for name, field in reader.fields.items():
@@ -117,7 +125,7 @@ def read_gguf(path: str | Path) -> GGUFModel:
     heads = meta[f"{arch}.attention.head_count"]
     kv_heads = meta.get(f"{arch}.attention.head_count_kv", heads)
     tensors: dict[str, np.ndarray] = {}
-    for t in reader.tensors:
+    for t in _progress(reader.tensors, f"de-quantizing {path.name}"):
         if t.name in _IGNORED:
             continue
         m = re.fullmatch(r"blk\.(\d+)\.(.+)", t.name)

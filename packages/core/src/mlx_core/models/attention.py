@@ -65,10 +65,10 @@ def build_mask(
 ) -> torch.Tensor | None:
     """Causal (+ sliding window) (+ key padding) mask for queries at ``past .. past+q_len``.
 
-    Returns None when plain causal attention is exact (no padding, no window, no past), so SDPA
-    takes its fused causal path.
+    Returns None when no mask is needed: plain causal attention over a fresh batch (SDPA's fused
+    causal path), or one new query per row that may see every cached key (decoding).
     """
-    if key_valid is None and window is None and past == 0:
+    if key_valid is None and window is None and (past == 0 or q_len == 1):
         return None
     q_pos = torch.arange(past, past + q_len, device=device)[:, None]
     k_pos = torch.arange(past + q_len, device=device)[None, :]
