@@ -6,9 +6,15 @@ reference, dispatched by device (``MLX_KERNELS=auto|torch|triton``; see ``dispat
 
 from mlx_kernels.dispatch import backend_for, describe
 from mlx_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from mlx_kernels.geglu import geglu, gelu_tanh
+from mlx_kernels.kv_cache import write_kv_cache
+from mlx_kernels.paged_attention import paged_attention_decode
 from mlx_kernels.rms_norm import rms_norm
 from mlx_kernels.rope import rope
 from mlx_kernels.swiglu import swiglu
+from mlx_kernels.varlen_attention import varlen_attention
 
 __version__ = "0.1.0"
-__all__ = ["backend_for", "describe", "fused_linear_cross_entropy", "rms_norm", "rope", "swiglu"]
+__all__ = ["backend_for", "describe", "fused_linear_cross_entropy", "geglu", "gelu_tanh",
+           "paged_attention_decode", "rms_norm", "rope", "swiglu", "varlen_attention",
+           "write_kv_cache"]

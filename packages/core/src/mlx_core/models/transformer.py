@@ -8,14 +8,13 @@ checkpoint names (``block_sparse_moe.experts.0.w1``); GPT-2 maps through ``check
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mlx_core.config import ModelConfig
 from mlx_core.models.attention import AttentionMetadata, KVCache, attend, build_mask
 from mlx_core.models.moe import SparseMoE
 from mlx_core.models.rope import rope_cos_sin, rope_inverse_frequencies
-from mlx_kernels import fused_linear_cross_entropy, rms_norm, rope, swiglu
+from mlx_kernels import fused_linear_cross_entropy, gelu_tanh, rms_norm, rope, swiglu
 
 
 class RMSNorm(nn.Module):
@@ -81,7 +80,7 @@ class GeluMLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+        return self.down_proj(gelu_tanh(self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -1,0 +1,45 @@
+"""Scatter new keys/values into a paged KV cache (vLLM's layout).
+
+Cache layout: ``[num_blocks, block_size, kv_heads, head_dim]``; a token's slot is
+``block * block_size + offset``; slot ``-1`` means "do not write" (padding).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mlx_kernels.dispatch import backend_for
+
+
+def _check(key, value, key_cache, value_cache, slot_mapping):
+    if key.shape != value.shape or key.dim() != 3:
+        raise ValueError(f"key and value must both be [N, kv_heads, head_dim]; got "
+                         f"{tuple(key.shape)} and {tuple(value.shape)}")
+    if key_cache.shape != value_cache.shape or key_cache.shape[2:] != key.shape[1:]:
+        raise ValueError(f"caches must be [num_blocks, block_size, {key.shape[1]}, {key.shape[2]}]; "
+                         f"got {tuple(key_cache.shape)} and {tuple(value_cache.shape)}")
+    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        raise ValueError("key_cache and value_cache must be contiguous tensors")
+    if slot_mapping.shape != key.shape[:1]:
+        raise ValueError(f"slot_mapping must be [N={key.shape[0]}], got {tuple(slot_mapping.shape)}")
+
+
+def write_kv_cache_reference(key, value, key_cache, value_cache, slot_mapping) -> None:
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    key_cache.view(-1, *key_cache.shape[2:])[slots] = key[keep].to(key_cache.dtype)
+    value_cache.view(-1, *value_cache.shape[2:])[slots] = value[keep].to(value_cache.dtype)
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                   value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write ``key, value [N, kv_heads, head_dim]`` into ``key_cache, value_cache
+    [num_blocks, block_size, kv_heads, head_dim]`` at ``slot_mapping [N]`` (int; -1 skips).
+    In place; no gradient."""
+    _check(key, value, key_cache, value_cache, slot_mapping)
+    if backend_for(key.device) == "triton":
+        from mlx_kernels import _kv_cache_triton
+
+        _kv_cache_triton.write(key, value, key_cache, value_cache, slot_mapping)
+    else:
+        write_kv_cache_reference(key, value, key_cache, value_cache, slot_mapping)

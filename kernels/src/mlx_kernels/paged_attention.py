@@ -1,0 +1,77 @@
+"""Attention of one new query token per sequence over keys/values held in paged blocks.
+
+Cache layout ``[num_blocks, block_size, kv_heads, head_dim]`` (as ``write_kv_cache`` fills it);
+``block_tables [B, max_blocks]`` lists each sequence's physical blocks in order;
+``context_lens [B]`` is each sequence's number of cached tokens (the new one included, >= 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from mlx_kernels.dispatch import backend_for
+
+
+def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` tokens of one sequence: ``[length, kv_heads, head_dim]``."""
+    blocks = block_table[: -(-length // cache.shape[1])].long()
+    return cache[blocks].reshape(-1, *cache.shape[2:])[:length]
+
+
+def paged_attention_decode_reference(query, key_cache, value_cache, block_tables, context_lens, *,
+                                     scale=None, sliding_window=None):
+    b, heads, dim = query.shape
+    max_len = block_tables.shape[1] * key_cache.shape[1]
+    tables = block_tables.clamp(min=0).long()  # unused entries may hold -1
+    keys = key_cache[tables].reshape(b, max_len, *key_cache.shape[2:]).transpose(1, 2)
+    values = value_cache[tables].reshape(b, max_len, *value_cache.shape[2:]).transpose(1, 2)
+    pos = torch.arange(max_len, device=query.device)[None, :]
+    lens = context_lens.to(query.device).long()[:, None]
+    mask = pos < lens
+    if sliding_window is not None:
+        mask &= pos >= lens - sliding_window
+    out = F.scaled_dot_product_attention(
+        query[:, :, None].to(keys.dtype), keys, values, attn_mask=mask[:, None, None, :],
+        scale=scale, enable_gqa=heads != keys.shape[1])
+    return out[:, :, 0].to(query.dtype)
+
+
+def _check(query, key_cache, value_cache, block_tables, context_lens):
+    if query.dim() != 3 or key_cache.dim() != 4 or key_cache.shape != value_cache.shape:
+        raise ValueError("paged_attention_decode expects query [B, heads, head_dim] and caches "
+                         f"[num_blocks, block_size, kv_heads, head_dim]; got {tuple(query.shape)}, "
+                         f"{tuple(key_cache.shape)}, {tuple(value_cache.shape)}")
+    if query.shape[1] % key_cache.shape[2] or query.shape[2] != key_cache.shape[3]:
+        raise ValueError(f"query heads {query.shape[1]} must be a multiple of kv_heads "
+                         f"{key_cache.shape[2]} and head_dim must match ({query.shape[2]} vs "
+                         f"{key_cache.shape[3]})")
+    block_size = key_cache.shape[1]
+    if block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    if block_tables.shape[0] != query.shape[0] or context_lens.shape != query.shape[:1]:
+        raise ValueError(f"block_tables [B, max_blocks] and context_lens [B] must have B="
+                         f"{query.shape[0]}; got {tuple(block_tables.shape)}, {tuple(context_lens.shape)}")
+
+
+def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, *,
+                           scale: float | None = None,
+                           sliding_window: int | None = None) -> torch.Tensor:
+    """``query [B, heads, head_dim]`` attends to its sequence's ``context_lens[b]`` cached tokens.
+
+    GQA when ``heads`` is a multiple of the caches' ``kv_heads``; ``sliding_window`` keeps only
+    the last that many keys. ``scale`` defaults to ``1/sqrt(head_dim)``. fp32/bf16/fp16; returns
+    ``[B, heads, head_dim]`` in the query's dtype. Inference only (no gradient).
+    """
+    _check(query, key_cache, value_cache, block_tables, context_lens)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    if backend_for(query.device) == "triton":
+        from mlx_kernels import _paged_attention_triton
+
+        return _paged_attention_triton.decode(query, key_cache, value_cache, block_tables,
+                                              context_lens, scale, sliding_window)
+    return paged_attention_decode_reference(query, key_cache, value_cache, block_tables,
+                                            context_lens, scale=scale, sliding_window=sliding_window)

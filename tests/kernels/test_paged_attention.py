@@ -1,0 +1,86 @@
+"""KV-cache write and paged-attention decode; references checked against plain softmax attention
+on the gathered cache."""
+
+import pytest
+import torch
+
+from mlx_kernels import paged_attention_decode, write_kv_cache
+from mlx_kernels.kv_cache import write_kv_cache_reference
+from mlx_kernels.paged_attention import gather_paged, paged_attention_decode_reference
+
+from .conftest import DTYPES, assert_close
+
+HQ, HKV, D, BLOCK, NUM_BLOCKS = 6, 2, 24, 4, 24
+LENGTHS = [5, 11, 1, 16]
+
+
+def _filled_cache(dtype):
+    """A cache holding LENGTHS tokens per sequence in shuffled blocks, and its block tables."""
+    torch.manual_seed(0)
+    kc = torch.zeros(NUM_BLOCKS, BLOCK, HKV, D, dtype=dtype)
+    vc = torch.zeros_like(kc)
+    tables = torch.full((len(LENGTHS), 5), -1, dtype=torch.int32)
+    free = torch.randperm(NUM_BLOCKS).tolist()
+    keys, values, slots = [], [], []
+    for i, n in enumerate(LENGTHS):
+        blocks = [free.pop() for _ in range(-(-n // BLOCK))]
+        tables[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        slots += [blocks[t // BLOCK] * BLOCK + t % BLOCK for t in range(n)]
+        keys.append(torch.randn(n, HKV, D, dtype=dtype))
+        values.append(torch.randn(n, HKV, D, dtype=dtype))
+    return kc, vc, tables, torch.cat(keys), torch.cat(values), torch.tensor(slots)
+
+
+@pytest.mark.triton
+def test_triton_kv_write_matches_reference(triton_backend):
+    kc, vc, _, k, v, slots = _filled_cache(torch.float32)
+    slots[3] = -1  # padding: not written
+    ref_k, ref_v = kc.clone(), vc.clone()
+    write_kv_cache_reference(k, v, ref_k, ref_v, slots)
+    write_kv_cache(k, v, kc, vc, slots)
+    assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v)
+    assert kc.view(-1, HKV, D)[slots[2]].equal(k[2])
+
+
+def _plain_attention(q, keys, values):
+    rep = q.shape[0] // keys.shape[1]
+    keys, values = keys.repeat_interleave(rep, 1).float(), values.repeat_interleave(rep, 1).float()
+    weights = torch.softmax(torch.einsum("hd,lhd->hl", q.float(), keys) / D**0.5, dim=-1)
+    return torch.einsum("hl,lhd->hd", weights, values)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_reference_equals_plain_attention_on_gathered_cache(window):
+    kc, vc, tables, k, v, slots = _filled_cache(torch.float32)
+    write_kv_cache_reference(k, v, kc, vc, slots)
+    q = torch.randn(len(LENGTHS), HQ, D)
+    lens = torch.tensor(LENGTHS)
+    got = paged_attention_decode_reference(q, kc, vc, tables, lens, sliding_window=window)
+    for i, n in enumerate(LENGTHS):
+        start = 0 if window is None else max(n - window, 0)
+        keys, values = gather_paged(kc, tables[i], n)[start:], gather_paged(vc, tables[i], n)[start:]
+        torch.testing.assert_close(got[i], _plain_attention(q[i], keys, values), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("dtype_tol", DTYPES)
+def test_triton_decode_matches_reference(window, dtype_tol, triton_backend):
+    dtype, atol, rtol = dtype_tol
+    kc, vc, tables, k, v, slots = _filled_cache(dtype)
+    write_kv_cache_reference(k, v, kc, vc, slots)
+    q = torch.randn(len(LENGTHS), HQ, D, dtype=dtype)
+    lens = torch.tensor(LENGTHS, dtype=torch.int32)
+    got = paged_attention_decode(q, kc, vc, tables, lens, sliding_window=window)
+    want = paged_attention_decode_reference(q, kc, vc, tables, lens, scale=D**-0.5,
+                                            sliding_window=window)
+    assert_close(got, want, atol, rtol)
+
+
+def test_bad_layouts_are_named():
+    kc = torch.zeros(4, 3, HKV, D)
+    with pytest.raises(ValueError, match="power of two"):
+        paged_attention_decode(torch.zeros(1, HQ, D), kc, kc, torch.zeros(1, 2, dtype=torch.int32),
+                               torch.ones(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="slot_mapping"):
+        write_kv_cache(torch.zeros(2, HKV, D), torch.zeros(2, HKV, D), kc, kc, torch.zeros(3))
