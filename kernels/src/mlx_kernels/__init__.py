@@ -8,6 +8,9 @@ from mlx_kernels.dispatch import backend_for, describe
 from mlx_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from mlx_kernels.geglu import geglu, gelu_tanh
 from mlx_kernels.kv_cache import write_kv_cache
+from mlx_kernels.lora import lora_linear, lora_linear_multi
+from mlx_kernels.moe import moe_grouped_matmul, moe_route
+from mlx_kernels.nf4 import NF4Weight, nf4_dequantize, nf4_matmul, nf4_quantize
 from mlx_kernels.paged_attention import paged_attention_decode
 from mlx_kernels.rms_norm import rms_norm
 from mlx_kernels.rope import rope
@@ -15,6 +18,7 @@ from mlx_kernels.swiglu import swiglu
 from mlx_kernels.varlen_attention import varlen_attention
 
 __version__ = "0.1.0"
-__all__ = ["backend_for", "describe", "fused_linear_cross_entropy", "geglu", "gelu_tanh",
-           "paged_attention_decode", "rms_norm", "rope", "swiglu", "varlen_attention",
-           "write_kv_cache"]
+__all__ = ["NF4Weight", "backend_for", "describe", "fused_linear_cross_entropy", "geglu",
+           "gelu_tanh", "lora_linear", "lora_linear_multi", "moe_grouped_matmul", "moe_route",
+           "nf4_dequantize", "nf4_matmul", "nf4_quantize", "paged_attention_decode", "rms_norm",
+           "rope", "swiglu", "varlen_attention", "write_kv_cache"]

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from mlx_core.config import ModelConfig
-from mlx_kernels import swiglu
+from mlx_kernels import moe_route, swiglu
 
 
 class Expert(nn.Module):
@@ -37,9 +37,7 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        probs = torch.softmax(self.gate(flat).float(), dim=-1)
-        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights, chosen = moe_route(self.gate(flat), self.top_k)
         out = torch.zeros_like(flat)
         for expert_id in chosen.unique().tolist():
             token_idx, slot = torch.where(chosen == expert_id)

@@ -1,0 +1,95 @@
+"""LoRA linear: ``y = x Wᵀ + b + s · (x Aᵀ) Bᵀ``, and its multi-adapter form for serving.
+
+Shapes: ``x [..., in]``, ``weight [out, in]``, ``lora_a [r, in]``, ``lora_b [out, r]``.
+The multi-adapter form takes stacks ``lora_a [n, r, in]``, ``lora_b [n, out, r]``,
+``scalings [n]`` and one adapter index per token row (``-1``: the base model only), so requests
+for different adapters run in one batch (Punica's shrink/expand, "BGMV").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mlx_kernels.dispatch import backend_for
+
+
+def lora_linear_reference(x, weight, lora_a, lora_b, scaling: float, bias=None):
+    return F.linear(x, weight, bias) + scaling * F.linear(F.linear(x, lora_a), lora_b)
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """Triton forward (base and low-rank product in one pass over x); the backward is three
+    small GEMMs: dx = dy W + s (dy B) A, dA = s (dy B)ᵀ x, dB = s dyᵀ (x Aᵀ)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, scaling, bias):
+        from mlx_kernels import _lora_triton
+
+        x2d = x.reshape(-1, x.shape[-1]).contiguous()
+        y, xa = _lora_triton.forward(x2d, weight.contiguous(), lora_a.contiguous(),
+                                     lora_b.contiguous(), scaling, bias)
+        ctx.save_for_backward(x2d, weight, lora_a, lora_b, xa)
+        ctx.scaling, ctx.has_bias, ctx.x_shape = scaling, bias is not None, x.shape
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        s = ctx.scaling
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        dy_b = dy2d @ lora_b  # [N, r]
+        dx = dw = da = db = dbias = None
+        if ctx.needs_input_grad[0]:
+            dx = (dy2d @ weight + s * (dy_b @ lora_a)).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            dw = dy2d.t() @ x2d
+        if ctx.needs_input_grad[2]:
+            da = s * dy_b.t() @ x2d
+        if ctx.needs_input_grad[3]:
+            db = s * dy2d.t() @ xa.to(dy2d.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[5]:
+            dbias = dy2d.sum(0)
+        return dx, dw, da, db, None, dbias
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                scaling: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x Wᵀ + b + scaling · (x Aᵀ) Bᵀ``; differentiable in x, W, A, B and b."""
+    if lora_a.shape[1] != weight.shape[1] or lora_b.shape != (weight.shape[0], lora_a.shape[0]):
+        raise ValueError(f"lora_linear: weight [out, in] = {tuple(weight.shape)} needs lora_a "
+                         f"[r, in] and lora_b [out, r]; got {tuple(lora_a.shape)}, {tuple(lora_b.shape)}")
+    if backend_for(x.device) == "triton":
+        return LoRALinearFunction.apply(x, weight, lora_a, lora_b, float(scaling), bias)
+    return lora_linear_reference(x, weight, lora_a, lora_b, scaling, bias)
+
+
+def lora_linear_multi_reference(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=None):
+    y = F.linear(x, weight, bias)
+    for adapter in adapter_ids.unique().tolist():
+        if adapter < 0:
+            continue
+        rows = adapter_ids == adapter
+        delta = F.linear(F.linear(x[rows], lora_a[adapter]), lora_b[adapter])
+        y[rows] += scalings[adapter].to(y.dtype) * delta
+    return y
+
+
+def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                      lora_b: torch.Tensor, adapter_ids: torch.Tensor, scalings: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row adapters: ``x [N, in]``, stacks ``lora_a [n, r, in]``, ``lora_b [n, out, r]``,
+    ``adapter_ids [N]`` (int, -1 = none), ``scalings [n]``. Returns ``[N, out]``. Inference only."""
+    if lora_a.dim() != 3 or lora_b.shape != (lora_a.shape[0], weight.shape[0], lora_a.shape[1]):
+        raise ValueError(f"lora_linear_multi: stacks must be lora_a [n, r, in] and lora_b "
+                         f"[n, out, r]; got {tuple(lora_a.shape)}, {tuple(lora_b.shape)}")
+    if adapter_ids.shape != x.shape[:1] or scalings.shape != lora_a.shape[:1]:
+        raise ValueError("adapter_ids must be [N] and scalings [n_adapters]")
+    if backend_for(x.device) == "triton":
+        from mlx_kernels import _lora_triton
+
+        y = F.linear(x, weight, bias)
+        _lora_triton.add_multi(x.contiguous(), lora_a.contiguous(), lora_b.contiguous(),
+                               adapter_ids.contiguous(), scalings.float().contiguous(), y)
+        return y
+    return lora_linear_multi_reference(x, weight, lora_a, lora_b, adapter_ids, scalings, bias)
