@@ -62,3 +62,67 @@ def test_bad_arguments_are_named():
         fused_linear_cross_entropy(h, w, y, reduction="none")
     with pytest.raises(ValueError, match=r"hidden \[N, H\]"):
         fused_linear_cross_entropy(h, w, y[:3])
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_triton_chunks_match_reference(label_smoothing, reduction, triton_backend):
+    torch.manual_seed(0)
+    h, w, b = torch.randn(131, 24), torch.randn(1500, 24), torch.randn(1500)
+    y = torch.randint(0, 1500, (131,))
+    y[::7] = -100
+    results = {}
+    for backend in ("triton", "torch"):
+        import os
+
+        os.environ["MLX_KERNELS"] = backend
+        leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+        loss = fused_linear_cross_entropy(leaves[0], leaves[1], y, bias=leaves[2], chunk_size=64,
+                                          label_smoothing=label_smoothing, reduction=reduction)
+        loss.backward()
+        results[backend] = [loss.detach(), *(t.grad for t in leaves)]
+    for got, want in zip(results["triton"], results["torch"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+_PEAK_MEMORY = """
+import resource, sys, torch
+from mlx_kernels import fused_linear_cross_entropy
+n, hidden, vocab, chunk = 8192, 64, 16384, int(sys.argv[1])
+h = torch.randn(n, hidden, requires_grad=True)
+w = torch.randn(vocab, hidden, requires_grad=True)
+y = torch.randint(0, vocab, (n,))
+# warm up on small sizes so library pages and allocator pools are not counted
+fused_linear_cross_entropy(h[:64], w[:128], y[:64] % 128).backward()
+torch.nn.functional.cross_entropy(h[:64] @ w[:128].T, y[:64] % 128).backward()
+h.grad = w.grad = None
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if chunk:
+    loss = fused_linear_cross_entropy(h, w, y, chunk_size=chunk)
+else:  # plain torch: the full [n, vocab] logits (512 MiB in fp32)
+    loss = torch.nn.functional.cross_entropy(h @ w.T, y)
+loss.backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)  # MiB
+"""
+
+
+def _peak_mib(chunk: int) -> int:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _PEAK_MEMORY, str(chunk)], capture_output=True,
+                          text=True, timeout=300, env={"MLX_KERNELS": "torch", "PATH": ""})
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout)
+
+
+@pytest.mark.slow
+def test_peak_memory_grows_with_chunk_size_not_tokens_times_vocab():
+    # one chunk's logits: 16 MiB for 256 tokens, 128 MiB for 2048 (a few temporaries of that
+    # size are alive at once); the full logits are 512 MiB, and their gradient as much again.
+    # Measured here: about 110, 520 and 1530 MiB.
+    small, large, full = _peak_mib(256), _peak_mib(2048), _peak_mib(0)
+    assert full >= 1000, full
+    assert small < 200, small
+    assert small + 250 < large < full / 2, (small, large, full)

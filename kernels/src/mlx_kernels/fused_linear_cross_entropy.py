@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from mlx_kernels.dispatch import backend_for
+
 REDUCTIONS = ("mean", "sum")
 
 
@@ -19,6 +21,26 @@ def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
     chunks = math.ceil(vocab / hidden)
     size = 1 << max(math.ceil(n_tokens / chunks) - 1, 0).bit_length()
     return min(max(size, 64), 4096)
+
+
+def chunk_loss_and_grad_reference(logits, labels, keep, label_smoothing, grad_scale, needs_grad):
+    """Per-row losses of an fp32 logits chunk, and (optionally) d loss / d logits scaled by
+    ``grad_scale``: softmax - (1 - eps) * onehot - eps / V, zero on ignored rows."""
+    vocab = logits.shape[1]
+    target_ids = labels.clamp(0, vocab - 1)[:, None]
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = lse - logits.gather(1, target_ids).squeeze(1)
+    if label_smoothing:
+        loss = (1 - label_smoothing) * loss + label_smoothing * (lse - logits.mean(-1))
+    loss = loss.masked_fill(~keep, 0)
+    if not needs_grad:
+        return loss, None
+    grad = torch.exp(logits - lse[:, None])
+    grad.scatter_add_(1, target_ids, torch.full_like(lse[:, None], -(1 - label_smoothing)))
+    if label_smoothing:
+        grad -= label_smoothing / vocab
+    grad *= (keep.float() * grad_scale)[:, None]
+    return loss, grad
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -33,27 +55,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
         grad_bias = (torch.zeros(vocab, dtype=torch.float32, device=weight.device)
                      if needs_grad and bias is not None else None)
+        if backend_for(hidden.device) == "triton":
+            from mlx_kernels._cross_entropy_triton import chunk_loss_and_grad
+        else:
+            chunk_loss_and_grad = chunk_loss_and_grad_reference
+        grad_scale = 1.0 / divisor
         with torch.no_grad():
             for start in range(0, n, chunk_size):
                 h = hidden[start:start + chunk_size]
-                y = labels[start:start + chunk_size]
-                keep = valid[start:start + chunk_size]
                 logits = torch.nn.functional.linear(h, weight, bias).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                target = logits.gather(1, y.clamp(0, vocab - 1)[:, None]).squeeze(1)
-                loss = lse - target
-                if label_smoothing:
-                    loss = (1 - label_smoothing) * loss + label_smoothing * (lse - logits.mean(-1))
-                total += loss.masked_fill(~keep, 0).sum()
+                loss, grad = chunk_loss_and_grad(logits, labels[start:start + chunk_size],
+                                                 valid[start:start + chunk_size], label_smoothing,
+                                                 grad_scale, needs_grad)
+                total += loss.sum()
                 if not needs_grad:
                     continue
-                # d loss / d logits = softmax - (1 - eps) * onehot - eps / V, zero on ignored rows
-                grad = torch.exp(logits - lse[:, None])
-                grad.scatter_add_(1, y.clamp(0, vocab - 1)[:, None],
-                                  torch.full_like(lse[:, None], -(1 - label_smoothing)))
-                if label_smoothing:
-                    grad -= label_smoothing / vocab
-                grad *= (keep.float() / divisor)[:, None]
                 grad_hidden[start:start + chunk_size] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
                 grad_weight += grad.t() @ h.float()
                 if grad_bias is not None:
@@ -80,9 +96,10 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
 
     ``hidden [N, H]``, ``weight [V, H]``, ``bias [V]`` or None, ``labels [N]`` (int64;
     ``ignore_index`` rows count for nothing). ``reduction``: ``"mean"`` over non-ignored tokens
-    (as ``F.cross_entropy``) or ``"sum"``. Logits are computed in fp32. Returns a scalar fp32
-    loss, differentiable in hidden, weight and bias. This is the chunked torch reference; it
-    runs on every device until the Triton kernel lands.
+    (as ``F.cross_entropy``) or ``"sum"``. Logits are computed in fp32, one chunk of tokens at
+    a time (``chunk_size``, default: see ``default_chunk_size``); each chunk's loss and logit
+    gradient come from a Triton kernel (overwriting the chunk's logits in place) or from the
+    torch reference. Returns a scalar fp32 loss, differentiable in hidden, weight and bias.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
