@@ -16,11 +16,17 @@ from mlx_kernels.dispatch import backend_for
 REDUCTIONS = ("mean", "sum")
 
 
+MIN_CHUNK, MAX_CHUNK = 256, 4096
+
+
 def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
-    """Tokens per chunk so one chunk's logits cost about as much memory as all hidden states."""
+    """Tokens per chunk: enough that one chunk's logits cost about as much memory as all hidden
+    states (Liger's rule), but at least 256 — each chunk re-reads the whole head weight and adds
+    into its gradient, so tiny chunks are slow (measured on CPU, 2048 tokens x 49k vocab: 64-token
+    chunks 4.1 s, 256-token chunks 2.8 s, same peak memory)."""
     chunks = math.ceil(vocab / hidden)
     size = 1 << max(math.ceil(n_tokens / chunks) - 1, 0).bit_length()
-    return min(max(size, 64), 4096)
+    return min(max(size, MIN_CHUNK), MAX_CHUNK)
 
 
 def chunk_loss_and_grad_reference(logits, labels, keep, label_smoothing, grad_scale, needs_grad):

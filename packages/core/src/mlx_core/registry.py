@@ -92,6 +92,7 @@ model_sources: Registry = Registry("model")  # name -> ModelSource
 recipes: Registry = Registry("recipe")  # from mlx_train
 adapter_methods: Registry = Registry("adapter method")  # from mlx_adapters
 cli_commands: Registry = Registry("command group")  # name -> typer.Typer or a command function
+benchmarks: Registry = Registry("benchmark")  # name -> command function, run as `mlx bench NAME`
 
 
 def register_architecture(name: str, backend: str, builder: Callable) -> None:

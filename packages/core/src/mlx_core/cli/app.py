@@ -29,6 +29,12 @@ def build_app() -> typer.Typer:
             app.add_typer(item, name=name)
         else:
             app.command(name)(item)
+    if len(registry.benchmarks):
+        bench = typer.Typer(help="Benchmarks of the installed packages against their baselines.",
+                            no_args_is_help=True)
+        for name, command in registry.benchmarks.items():
+            bench.command(name)(command)
+        app.add_typer(bench, name="bench")
     return app
 
 
