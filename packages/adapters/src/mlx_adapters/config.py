@@ -1,0 +1,115 @@
+"""Adapter configs in PEFT's shape: one dataclass per method, saved as PEFT's
+``adapter_config.json`` (same field names and values, so either library reads the other's)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_NAME = "adapter_config.json"
+
+
+@dataclass
+class PeftConfig:
+    """Fields every method shares."""
+
+    peft_type: str = ""
+    task_type: str | None = "CAUSAL_LM"
+    target_modules: list[str] | str | None = None  # names, one regex, or "all-linear"
+    exclude_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self):
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, directory: str | Path) -> None:
+        (Path(directory) / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PeftConfig:
+        # PEFT writes many fields for features we do not have; those must be at their
+        # defaults, or the adapter would load as something other than what was trained.
+        known = {f.name for f in dataclasses.fields(cls)}
+        config = cls(**{k: v for k, v in data.items() if k in known})
+        unsupported = {k: v for k, v in data.items()
+                       if k not in known and v not in (None, False, {}, [], "none")
+                       and k not in _IGNORED_PEFT_FIELDS}
+        if unsupported:
+            raise ValueError(f"this {cls.__name__} uses PEFT features mlx_adapters does not "
+                             f"support yet: {unsupported}")
+        return config
+
+
+# Fields PEFT writes that carry no meaning for the adapter weights.
+_IGNORED_PEFT_FIELDS = {"peft_version", "auto_mapping", "megatron_core", "qalora_group_size",
+                        "loftq_config", "ensure_weight_tying"}
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    """LoRA (Hu et al. 2021): ``W x + (alpha / r) B A x``; rsLoRA scales by ``alpha / sqrt(r)``."""
+
+    peft_type: str = "LORA"
+    r: int = 8
+    lora_alpha: int = 8
+    lora_dropout: float = 0.0
+    bias: str = "none"  # "none" | "all" | "lora_only"
+    fan_in_fan_out: bool = False
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: bool | str = True  # True (B = 0) | "gaussian" | False (random, for tests)
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, int] = field(default_factory=dict)
+    lora_bias: bool = False
+
+    def __post_init__(self):
+        problems = []
+        if self.r <= 0:
+            problems.append(f"r must be positive, got {self.r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            problems.append(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            problems.append(f"init_lora_weights must be True, False or 'gaussian', got "
+                            f"{self.init_lora_weights!r}")
+        if self.use_dora:
+            problems.append("use_dora=True is not supported yet (DoRA is on the adapters issue)")
+        if self.fan_in_fan_out:
+            problems.append("fan_in_fan_out=True (GPT-2 Conv1D layers) is not supported: the zoo's "
+                            "GPT-2 uses nn.Linear, target it directly")
+        if self.bias != "none" or self.lora_bias:
+            problems.append("bias training modes other than 'none' are not supported yet")
+        if problems:
+            raise ValueError("invalid LoraConfig: " + "; ".join(problems))
+
+    def rank_and_alpha(self, module_name: str) -> tuple[int, int]:
+        """Per-module overrides from ``rank_pattern`` / ``alpha_pattern`` (PEFT's suffix match)."""
+        r, alpha = self.r, self.lora_alpha
+        for pattern, value in self.rank_pattern.items():
+            if module_name == pattern or module_name.endswith("." + pattern):
+                r = value
+        for pattern, value in self.alpha_pattern.items():
+            if module_name == pattern or module_name.endswith("." + pattern):
+                alpha = value
+        return r, alpha
+
+
+def load_config(directory: str | Path) -> PeftConfig:
+    from mlx_core import registry
+
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a PEFT adapter directory")
+    data = json.loads(path.read_text())
+    method = str(data.get("peft_type", "")).lower()
+    return registry.adapter_methods.get(method).config_class.from_dict(data)

@@ -1,0 +1,110 @@
+"""LoRA: the layer that wraps an ``nn.Linear`` and the tuner that injects, merges and unmerges.
+
+Names follow PEFT (``q_proj.base_layer``, ``q_proj.lora_A.<adapter>``, ``q_proj.lora_B.<adapter>``)
+so state dicts and saved adapters map one to one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mlx_adapters.config import LoraConfig
+from mlx_kernels import lora_linear
+
+
+class LoraLinear(nn.Module):
+    """``base_layer(x) + sum over active adapters of scaling * B(A(dropout(x)))``."""
+
+    def __init__(self, base_layer: nn.Linear):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def add(self, name: str, r: int, alpha: float, config: LoraConfig) -> None:
+        w = self.base_layer.weight
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
+        self.scaling[name] = alpha / (math.sqrt(r) if config.use_rslora else r)
+        self._init(name, config.init_lora_weights)
+
+    def _init(self, name: str, how) -> None:
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if how == "gaussian":
+            nn.init.normal_(a, std=1 / self.lora_A[name].out_features)
+        else:  # PEFT's default: A like nn.Linear's kaiming-uniform
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if how is False:  # random B too (PEFT's "not recommended, for tests")
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(b)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        return self.scaling[name] * (self.lora_B[name].weight @ self.lora_A[name].weight)
+
+    def merge(self, names: list[str]) -> None:
+        with torch.no_grad():
+            for name in names:
+                if name not in self.merged_adapters:
+                    self.base_layer.weight += self.delta_weight(name).to(self.base_layer.weight.dtype)
+                    self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        with torch.no_grad():
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                self.base_layer.weight -= self.delta_weight(name).to(self.base_layer.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            if self.merged_adapters:
+                self.unmerge()
+            return self.base_layer(x)
+        pending = [n for n in self.active_adapters if n not in self.merged_adapters and n in self.lora_A]
+        if len(pending) == 1 and isinstance(self.lora_dropout[pending[0]], nn.Identity):
+            name = pending[0]  # the common case: one fused base + low-rank op
+            return lora_linear(x, self.base_layer.weight, self.lora_A[name].weight,
+                               self.lora_B[name].weight, self.scaling[name], self.base_layer.bias)
+        y = self.base_layer(x)
+        for name in pending:
+            y = y + self.scaling[name] * self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)))
+        return y
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.lora_A)}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+class LoraTuner:
+    """The LoRA method for the registry: how to inject it, and its config class."""
+
+    config_class = LoraConfig
+    layer_class = LoraLinear
+
+    @staticmethod
+    def inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[str]) -> None:
+        for name in targets:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            module = getattr(parent, child)
+            if not isinstance(module, LoraLinear):
+                module = LoraLinear(module)
+                setattr(parent, child, module)
+            r, alpha = config.rank_and_alpha(name)
+            module.add(adapter_name, r, alpha, config)

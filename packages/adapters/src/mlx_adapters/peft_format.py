@@ -1,0 +1,61 @@
+"""PEFT's adapter files: ``adapter_config.json`` + ``adapter_model.safetensors`` whose keys are
+the model's parameter names with the adapter name removed
+(``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mlx_core.paths import atomic_directory
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def adapter_state(model: nn.Module, adapter_name: str) -> dict:
+    """This adapter's tensors under PEFT's saved names."""
+    marker = f".{adapter_name}."
+    out = {}
+    for name, tensor in model.state_dict().items():
+        for kind in (".lora_A", ".lora_B"):
+            if kind + marker in name:
+                out[name.replace(kind + marker, kind + ".")] = tensor.detach().contiguous().cpu()
+    return out
+
+
+def save_adapter_weights(model: nn.Module, adapter_name: str, directory: Path) -> None:
+    with atomic_directory(directory, overwrite=True) as out:
+        model.peft_config[adapter_name].save(out)
+        config = json.loads((out / "adapter_config.json").read_text())
+        config["inference_mode"] = True  # PEFT saves adapters in inference mode
+        (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        save_file(adapter_state(model, adapter_name), out / WEIGHTS_NAME, metadata={"format": "pt"})
+
+
+def load_adapter_weights(model: nn.Module, adapter_name: str, directory: Path) -> None:
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+    try:
+        saved = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read {path}: it is corrupt or truncated ({e})") from None
+    expected = adapter_state(model, adapter_name)
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"adapter in {directory} does not fit this model: missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]} (different target modules or base model?)")
+    params = dict(model.named_parameters())
+    for key, tensor in saved.items():
+        kind = ".lora_A." if ".lora_A." in key else ".lora_B."
+        target = params[key.replace(kind, f"{kind}{adapter_name}.")]
+        if tensor.shape != target.shape:
+            raise ValueError(f"adapter tensor {key} in {path} has shape {tuple(tensor.shape)}, but "
+                             f"this model expects {tuple(target.shape)} (a different base model "
+                             "or rank?)")
+        target.data.copy_(tensor)

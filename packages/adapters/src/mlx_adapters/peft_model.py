@@ -1,0 +1,190 @@
+"""``PeftModel``: a base model with named adapters, in PEFT's shape and on-disk format.
+
+The wrapped model lives at ``peft_model.base_model.model`` (as in PEFT), so parameter names are
+``base_model.model.<the base model's names>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from torch import nn
+
+from mlx_adapters.config import PeftConfig, load_config
+from mlx_adapters.lora import LoraLinear
+from mlx_adapters.peft_format import load_adapter_weights, save_adapter_weights
+from mlx_adapters.targets import find_targets
+
+
+def _method(config: PeftConfig):
+    from mlx_core import registry
+    from mlx_core.plugins import load_plugins
+
+    load_plugins()
+    return registry.adapter_methods.get(config.peft_type.lower())
+
+
+class AdapterModel(nn.Module):
+    """PEFT's ``LoraModel`` level: holds ``.model`` (the base) so names gain ``model.``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+class PeftModel(nn.Module):
+    def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default"):
+        super().__init__()
+        self.base_model = AdapterModel(model)
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.active_adapter = adapter_name
+        self.add_adapter(adapter_name, config)
+
+    # --- adapters --------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config: PeftConfig) -> None:
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first")
+        method = _method(config)
+        targets = find_targets(self.base_model.model, config)
+        method.inject(self.base_model.model, config, adapter_name, targets)
+        self.peft_config[adapter_name] = config
+        self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
+        self._freeze_base()
+
+    def _layers(self):
+        return [m for m in self.modules() if isinstance(m, LoraLinear)]
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
+        self.active_adapter = names[0] if len(names) == 1 else names
+        for layer in self._layers():
+            layer.active_adapters = [n for n in names if n in layer.lora_A]
+        self._freeze_base()
+
+    def _freeze_base(self) -> None:
+        """Only the active adapters train (PEFT's rule); inference-mode configs train nothing."""
+        active = set(self.active_adapters)
+        for name, param in self.named_parameters():
+            parts = name.split(".")
+            is_adapter = "lora_A" in parts or "lora_B" in parts
+            adapter = parts[parts.index("lora_A" if "lora_A" in parts else "lora_B") + 1] if is_adapter else None
+            param.requires_grad = bool(is_adapter and adapter in active
+                                       and not self.peft_config[adapter].inference_mode)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; this model has {list(self.peft_config)}")
+        for layer in self._layers():
+            if adapter_name in layer.merged_adapters:
+                layer.unmerge()
+            for table in (layer.lora_A, layer.lora_B, layer.lora_dropout):
+                if adapter_name in table:
+                    del table[adapter_name]
+            layer.scaling.pop(adapter_name, None)
+            layer.active_adapters = [n for n in layer.active_adapters if n != adapter_name]
+        del self.peft_config[adapter_name]
+        if adapter_name in self.active_adapters:
+            remaining = list(self.peft_config)
+            self.active_adapter = remaining[0] if remaining else None
+            if remaining:
+                self.set_adapter(remaining[0])
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Run the base model alone inside the ``with`` block."""
+        layers = self._layers()
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.disabled = False
+
+    # --- merging ---------------------------------------------------------------------------
+    def merge_adapter(self) -> None:
+        for layer in self._layers():
+            layer.merge(layer.active_adapters)
+
+    def unmerge_adapter(self) -> None:
+        for layer in self._layers():
+            layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold the active adapters into the base weights; return the plain base model."""
+        model = self.base_model.model
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LoraLinear):
+                module.merge(module.active_adapters)
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, child,
+                        module.base_layer)
+        return model
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging; return the plain base model."""
+        self.unmerge_adapter()
+        model = self.base_model.model
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LoraLinear):
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, child,
+                        module.base_layer)
+        return model
+
+    # --- parameters ------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        params = {id(p): p for p in self.parameters()}.values()
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    # --- PEFT's on-disk format -------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, selected_adapters: list[str] | None = None) -> None:
+        """One sub-directory per non-default adapter, as PEFT does; ``default`` at the top."""
+        for name in selected_adapters or list(self.peft_config):
+            out = Path(directory) if name == "default" else Path(directory) / name
+            save_adapter_weights(self, name, out)
+
+    def load_adapter(self, directory: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
+        config = load_config(directory)
+        config.inference_mode = not is_trainable
+        self.add_adapter(adapter_name, config)
+        load_adapter_weights(self, adapter_name, Path(directory))
+        self._freeze_base()
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str | Path, adapter_name: str = "default",
+                        is_trainable: bool = False) -> PeftModel:
+        config = load_config(directory)
+        config.inference_mode = not is_trainable
+        peft_model = cls(model, config, adapter_name)
+        load_adapter_weights(peft_model, adapter_name, Path(directory))
+        peft_model._freeze_base()
+        return peft_model
+
+
+def get_peft_model(model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> PeftModel:
+    """Wrap ``model`` (a zoo model or any ``nn.Module`` with ``nn.Linear`` layers, HF models
+    included) with a new, trainable adapter."""
+    return PeftModel(model, config, adapter_name)
+
+
+__all__ = ["PeftModel", "get_peft_model"]

@@ -1,0 +1,133 @@
+"""LoRA against HF PEFT: adapters cross-load in both directions with the same logits (1e-5,
+fp32), on HF transformers models and on zoo models; merge/unmerge/disable invariants."""
+
+import pytest
+import torch
+import transformers
+from peft import LoraConfig as HFLoraConfig
+from peft import PeftModel as HFPeftModel
+from peft import get_peft_model as hf_get_peft_model
+
+from mlx_adapters import LoraConfig, PeftModel, get_peft_model
+from mlx_core import load_model
+
+pytestmark = pytest.mark.hf_parity
+
+_TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2)
+IDS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**_TINY)).save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def _hf(directory):
+    return transformers.LlamaForCausalLM.from_pretrained(directory).eval()
+
+
+def _logits(model):
+    with torch.no_grad():
+        out = model(IDS)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear", r".*\.mlp\.(up|down)_proj"])
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_hf_peft_adapter_loads_into_ours(hf_dir, tmp_path, targets, use_rslora):
+    torch.manual_seed(1)
+    theirs = hf_get_peft_model(_hf(hf_dir), HFLoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, use_rslora=use_rslora))
+    theirs.save_pretrained(tmp_path / "adapter")
+    for base in (_hf(hf_dir), load_model(hf_dir)):  # an HF model and the zoo model
+        ours = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        assert (_logits(ours) - _logits(theirs)).abs().max() < 1e-5
+
+
+def test_our_adapter_loads_into_hf_peft(hf_dir, tmp_path):
+    torch.manual_seed(2)
+    ours = get_peft_model(load_model(hf_dir), LoraConfig(
+        r=4, lora_alpha=16, target_modules=["k_proj", "o_proj", "gate_proj"], init_lora_weights=False))
+    ours.save_pretrained(tmp_path / "adapter")
+    theirs = HFPeftModel.from_pretrained(_hf(hf_dir), tmp_path / "adapter").eval()
+    assert (_logits(ours.eval()) - _logits(theirs)).abs().max() < 1e-5
+
+
+def test_parameter_names_match_peft(hf_dir):
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    theirs = hf_get_peft_model(_hf(hf_dir), HFLoraConfig(**config))
+    ours = get_peft_model(_hf(hf_dir), LoraConfig(**config))
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == \
+        {n for n, p in theirs.named_parameters() if p.requires_grad}
+
+
+def test_merge_unmerge_disable_invariants(hf_dir):
+    base = load_model(hf_dir)
+    reference = _logits(base).clone()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    torch.manual_seed(3)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                            init_lora_weights=False)).eval()
+    adapted = _logits(model)
+    assert (adapted - reference).abs().max() > 1e-3  # the adapter does something
+    with model.disable_adapter():
+        assert torch.equal(_logits(model), reference)
+    model.merge_adapter()
+    assert (_logits(model) - adapted).abs().max() < 1e-5
+    model.unmerge_adapter()
+    restored = model.base_model.model.state_dict()
+    for name, tensor in before.items():
+        key = name.replace(".weight", ".base_layer.weight") if name not in restored else name
+        # unmerge subtracts the same delta it added: equal to fp32 rounding of one add/sub
+        assert (restored[key] - tensor).abs().max() < 1e-6, name
+    merged = model.merge_and_unload()
+    assert (_logits(merged) - adapted).abs().max() < 1e-5
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_several_adapters_switch_and_delete(hf_dir):
+    torch.manual_seed(4)
+    model = get_peft_model(load_model(hf_dir), LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)).eval()
+    first = _logits(model)
+    model.add_adapter("other", LoraConfig(r=3, lora_alpha=3, target_modules=["v_proj"],
+                                          init_lora_weights=False))
+    assert torch.equal(_logits(model), first)  # adding does not activate
+    model.set_adapter("other")
+    second = _logits(model)
+    assert (second - first).abs().max() > 1e-3
+    assert all("other" in n for n, p in model.named_parameters() if p.requires_grad)
+    model.delete_adapter("other")
+    assert model.active_adapter == "default" and torch.equal(_logits(model), first)
+
+
+def test_only_adapters_train_and_the_loss_goes_down(hf_dir):
+    model = get_peft_model(load_model(hf_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    trainable, total = model.get_nb_trainable_parameters()
+    assert 0 < trainable < total
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(10):
+        loss = model(IDS, labels=IDS)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+
+
+def test_bad_input_names_the_problem(hf_dir, tmp_path):
+    with pytest.raises(ValueError, match="q_proj.*v_proj|k_proj"):
+        get_peft_model(load_model(hf_dir), LoraConfig(target_modules=["query"]))
+    torch.manual_seed(5)
+    get_peft_model(load_model(hf_dir), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "r4")
+    other = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**_TINY, "hidden_size": 32}))
+    with pytest.raises(ValueError, match=r"lora_A\.weight .* \(4, 64\).*\(4, 32\)"):
+        PeftModel.from_pretrained(other, tmp_path / "r4")
+    with pytest.raises(ValueError, match="use_dora"):
+        LoraConfig(use_dora=True)
