@@ -131,3 +131,23 @@ def test_bad_input_names_the_problem(hf_dir, tmp_path):
         PeftModel.from_pretrained(other, tmp_path / "r4")
     with pytest.raises(ValueError, match="use_dora"):
         LoraConfig(use_dora=True)
+
+
+def test_cli_methods_inspect_and_merge(hf_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from mlx_core.cli.app import build_app
+
+    torch.manual_seed(6)
+    model = get_peft_model(load_model(hf_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                          init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    runner = CliRunner()
+    assert "lora" in runner.invoke(build_app(), ["adapters", "methods"]).output
+    inspected = runner.invoke(build_app(), ["adapters", "inspect", str(tmp_path / "adapter")])
+    assert inspected.exit_code == 0, inspected.output
+    assert "LORA" in inspected.output and "1,024" in inspected.output  # 2 layers x (4x64 + 64x4)
+    merged = runner.invoke(build_app(), ["adapters", "merge", str(hf_dir), str(tmp_path / "adapter"),
+                                         str(tmp_path / "merged")])
+    assert merged.exit_code == 0, merged.output
+    assert (_logits(load_model(tmp_path / "merged")) - _logits(model.eval())).abs().max() < 1e-5

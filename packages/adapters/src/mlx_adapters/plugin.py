@@ -7,3 +7,7 @@ def register() -> None:
 
     if "lora" not in registry.adapter_methods:
         registry.adapter_methods.register("lora", LoraTuner)
+    if "adapters" not in registry.cli_commands:
+        from mlx_adapters.cli import app
+
+        registry.cli_commands.register("adapters", app)
