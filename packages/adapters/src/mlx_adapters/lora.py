@@ -12,13 +12,18 @@ import torch
 from torch import nn
 
 from mlx_adapters.config import LoraConfig
+from mlx_adapters.nf4_linear import NF4Linear
 from mlx_kernels import lora_linear
 
 
 class LoraLinear(nn.Module):
-    """``base_layer(x) + sum over active adapters of scaling * B(A(dropout(x)))``."""
+    """``base_layer(x) + sum over active adapters of scaling * B(A(dropout(x)))``.
 
-    def __init__(self, base_layer: nn.Linear):
+    The base is an ``nn.Linear`` or, for QLoRA, an ``NF4Linear``; merging into a 4-bit base
+    first replaces it by its de-quantized ``nn.Linear`` (merging into 4 bits would be lossy).
+    """
+
+    def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.lora_A = nn.ModuleDict()
@@ -38,9 +43,10 @@ class LoraLinear(nn.Module):
         return self.base_layer.out_features
 
     def add(self, name: str, r: int, alpha: float, config: LoraConfig) -> None:
-        w = self.base_layer.weight
-        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=w.dtype)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=w.dtype)
+        w = self.base_layer.weight if isinstance(self.base_layer, nn.Linear) else self.base_layer.absmax_scale
+        dtype = getattr(self.base_layer, "compute_dtype", w.dtype)
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=dtype)
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
         self.scaling[name] = alpha / (math.sqrt(r) if config.use_rslora else r)
         self._init(name, config.init_lora_weights)
@@ -60,6 +66,8 @@ class LoraLinear(nn.Module):
         return self.scaling[name] * (self.lora_B[name].weight @ self.lora_A[name].weight)
 
     def merge(self, names: list[str]) -> None:
+        if isinstance(self.base_layer, NF4Linear) and names:
+            self.base_layer = self.base_layer.dequantized()
         with torch.no_grad():
             for name in names:
                 if name not in self.merged_adapters:
@@ -78,7 +86,8 @@ class LoraLinear(nn.Module):
                 self.unmerge()
             return self.base_layer(x)
         pending = [n for n in self.active_adapters if n not in self.merged_adapters and n in self.lora_A]
-        if len(pending) == 1 and isinstance(self.lora_dropout[pending[0]], nn.Identity):
+        fusable = isinstance(self.base_layer, nn.Linear)
+        if fusable and len(pending) == 1 and isinstance(self.lora_dropout[pending[0]], nn.Identity):
             name = pending[0]  # the common case: one fused base + low-rank op
             return lora_linear(x, self.base_layer.weight, self.lora_A[name].weight,
                                self.lora_B[name].weight, self.scaling[name], self.base_layer.bias)

@@ -7,6 +7,7 @@ import re
 from torch import nn
 
 from mlx_adapters.config import PeftConfig
+from mlx_adapters.nf4_linear import NF4Linear
 
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 _OUTPUT_HEADS = {"lm_head", "score", "classifier"}
@@ -22,7 +23,7 @@ def _matches(name: str, patterns) -> bool:
 
 def find_targets(model: nn.Module, config: PeftConfig) -> list[str]:
     """Names of the ``nn.Linear`` modules to wrap; an error names the candidates if none match."""
-    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear))]
     wanted = config.target_modules
     if wanted is None:
         raise ValueError("target_modules is required (names, a regex or 'all-linear'); linear "
