@@ -129,8 +129,8 @@ def test_bad_input_names_the_problem(hf_dir, tmp_path):
     other = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**_TINY, "hidden_size": 32}))
     with pytest.raises(ValueError, match=r"lora_A\.weight .* \(4, 64\).*\(4, 32\)"):
         PeftModel.from_pretrained(other, tmp_path / "r4")
-    with pytest.raises(ValueError, match="use_dora"):
-        LoraConfig(use_dora=True)
+    with pytest.raises(ValueError, match="bias"):
+        LoraConfig(bias="all")
 
 
 def test_cli_methods_inspect_and_merge(hf_dir, tmp_path):
@@ -151,3 +151,48 @@ def test_cli_methods_inspect_and_merge(hf_dir, tmp_path):
                                          str(tmp_path / "merged")])
     assert merged.exit_code == 0, merged.output
     assert (_logits(load_model(tmp_path / "merged")) - _logits(model.eval())).abs().max() < 1e-5
+
+
+def _perturb(model, seed):
+    """Move every adapter parameter (B starts at zero, m at ||W||) as training would."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn_like(p))
+
+
+def test_dora_cross_loads_with_hf_peft(hf_dir, tmp_path):
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], use_dora=True)
+    theirs = hf_get_peft_model(_hf(hf_dir), HFLoraConfig(**config))
+    _perturb(theirs, 7)
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = PeftModel.from_pretrained(load_model(hf_dir), tmp_path / "theirs").eval()
+    assert (_logits(ours) - _logits(theirs.eval())).abs().max() < 1e-5
+
+    mine = get_peft_model(load_model(hf_dir), LoraConfig(**config))
+    # at init DoRA is the identity, as in PEFT: m = ||W|| and B = 0
+    with torch.no_grad():
+        assert torch.allclose(_logits(mine.eval()), _logits(load_model(hf_dir)), atol=1e-6)
+    _perturb(mine, 8)
+    mine.save_pretrained(tmp_path / "mine")
+    loaded = HFPeftModel.from_pretrained(_hf(hf_dir), tmp_path / "mine").eval()
+    assert (_logits(loaded) - _logits(mine)).abs().max() < 1e-5
+
+
+def test_dora_merge_and_unmerge(hf_dir):
+    base = load_model(hf_dir)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                            use_dora=True))
+    _perturb(model, 9)
+    model.eval()
+    adapted = _logits(model)
+    model.merge_adapter()
+    assert (_logits(model) - adapted).abs().max() < 1e-5
+    model.unmerge_adapter()
+    restored = model.base_model.model.state_dict()
+    for name, tensor in before.items():
+        key = name.replace(".weight", ".base_layer.weight") if name not in restored else name
+        assert (restored[key] - tensor).abs().max() < 1e-5, name  # a divide, then a subtract
+    assert (_logits(model.merge_and_unload()) - adapted).abs().max() < 1e-5

@@ -58,7 +58,8 @@ _IGNORED_PEFT_FIELDS = {"peft_version", "auto_mapping", "megatron_core", "qalora
 
 @dataclass
 class LoraConfig(PeftConfig):
-    """LoRA (Hu et al. 2021): ``W x + (alpha / r) B A x``; rsLoRA scales by ``alpha / sqrt(r)``."""
+    """LoRA (Hu et al. 2021): ``W x + (alpha / r) B A x``; rsLoRA scales by ``alpha / sqrt(r)``;
+    ``use_dora``: DoRA (Liu et al. 2024), a learned magnitude per output row on top."""
 
     peft_type: str = "LORA"
     r: int = 8
@@ -82,8 +83,6 @@ class LoraConfig(PeftConfig):
         if self.init_lora_weights not in (True, False, "gaussian"):
             problems.append(f"init_lora_weights must be True, False or 'gaussian', got "
                             f"{self.init_lora_weights!r}")
-        if self.use_dora:
-            problems.append("use_dora=True is not supported yet (DoRA is on the adapters issue)")
         if self.fan_in_fan_out:
             problems.append("fan_in_fan_out=True (GPT-2 Conv1D layers) is not supported: the zoo's "
                             "GPT-2 uses nn.Linear, target it directly")

@@ -16,14 +16,23 @@ from mlx_core.paths import atomic_directory
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
+def saved_name(name: str, adapter_name: str) -> str | None:
+    """PEFT's saved key for one of our parameter names, or None if not this adapter's."""
+    for kind in (".lora_A", ".lora_B"):
+        if f"{kind}.{adapter_name}." in name:
+            return name.replace(f"{kind}.{adapter_name}.", f"{kind}.")
+    magnitude = f".lora_magnitude_vector.{adapter_name}.weight"
+    if name.endswith(magnitude):
+        return name[: -len(magnitude)] + ".lora_magnitude_vector"
+    return None
+
+
 def adapter_state(model: nn.Module, adapter_name: str) -> dict:
     """This adapter's tensors under PEFT's saved names."""
-    marker = f".{adapter_name}."
     out = {}
     for name, tensor in model.state_dict().items():
-        for kind in (".lora_A", ".lora_B"):
-            if kind + marker in name:
-                out[name.replace(kind + marker, kind + ".")] = tensor.detach().contiguous().cpu()
+        if (key := saved_name(name, adapter_name)) is not None:
+            out[key] = tensor.detach().contiguous().cpu()
     return out
 
 
@@ -50,10 +59,9 @@ def load_adapter_weights(model: nn.Module, adapter_name: str, directory: Path) -
     if missing or unexpected:
         raise ValueError(f"adapter in {directory} does not fit this model: missing {missing[:4]}, "
                          f"unexpected {unexpected[:4]} (different target modules or base model?)")
-    params = dict(model.named_parameters())
+    params = {saved_name(n, adapter_name): p for n, p in model.named_parameters()}
     for key, tensor in saved.items():
-        kind = ".lora_A." if ".lora_A." in key else ".lora_B."
-        target = params[key.replace(kind, f"{kind}{adapter_name}.")]
+        target = params[key]
         if tensor.shape != target.shape:
             raise ValueError(f"adapter tensor {key} in {path} has shape {tuple(tensor.shape)}, but "
                              f"this model expects {tuple(target.shape)} (a different base model "

@@ -71,11 +71,12 @@ class PeftModel(nn.Module):
     def _freeze_base(self) -> None:
         """Only the active adapters train (PEFT's rule); inference-mode configs train nothing."""
         active = set(self.active_adapters)
+        tables = ("lora_A", "lora_B", "lora_magnitude_vector")
         for name, param in self.named_parameters():
             parts = name.split(".")
-            is_adapter = "lora_A" in parts or "lora_B" in parts
-            adapter = parts[parts.index("lora_A" if "lora_A" in parts else "lora_B") + 1] if is_adapter else None
-            param.requires_grad = bool(is_adapter and adapter in active
+            table = next((t for t in tables if t in parts), None)
+            adapter = parts[parts.index(table) + 1] if table else None
+            param.requires_grad = bool(adapter in active
                                        and not self.peft_config[adapter].inference_mode)
 
     @property
@@ -88,7 +89,7 @@ class PeftModel(nn.Module):
         for layer in self._layers():
             if adapter_name in layer.merged_adapters:
                 layer.unmerge()
-            for table in (layer.lora_A, layer.lora_B, layer.lora_dropout):
+            for table in (layer.lora_A, layer.lora_B, layer.lora_dropout, layer.lora_magnitude_vector):
                 if adapter_name in table:
                     del table[adapter_name]
             layer.scaling.pop(adapter_name, None)
