@@ -11,6 +11,8 @@ from peft import get_peft_model as hf_get_peft_model
 from mlx_adapters import LoraConfig, PeftModel, get_peft_model
 from mlx_core import load_model
 
+from .helpers import assert_base_restored, train_losses
+
 pytestmark = pytest.mark.hf_parity
 
 _TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -79,11 +81,7 @@ def test_merge_unmerge_disable_invariants(hf_dir):
     model.merge_adapter()
     assert (_logits(model) - adapted).abs().max() < 1e-5
     model.unmerge_adapter()
-    restored = model.base_model.model.state_dict()
-    for name, tensor in before.items():
-        key = name.replace(".weight", ".base_layer.weight") if name not in restored else name
-        # unmerge subtracts the same delta it added: equal to fp32 rounding of one add/sub
-        assert (restored[key] - tensor).abs().max() < 1e-6, name
+    assert_base_restored(model, before, atol=1e-6)  # one add, one subtract of the same delta
     merged = model.merge_and_unload()
     assert (_logits(merged) - adapted).abs().max() < 1e-5
     assert not any("lora" in n for n, _ in merged.named_parameters())
@@ -109,14 +107,7 @@ def test_only_adapters_train_and_the_loss_goes_down(hf_dir):
     model = get_peft_model(load_model(hf_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     trainable, total = model.get_nb_trainable_parameters()
     assert 0 < trainable < total
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(10):
-        loss = model(IDS, labels=IDS)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, IDS, steps=10)
     assert losses[-1] < losses[0] - 0.1
 
 
@@ -191,8 +182,5 @@ def test_dora_merge_and_unmerge(hf_dir):
     model.merge_adapter()
     assert (_logits(model) - adapted).abs().max() < 1e-5
     model.unmerge_adapter()
-    restored = model.base_model.model.state_dict()
-    for name, tensor in before.items():
-        key = name.replace(".weight", ".base_layer.weight") if name not in restored else name
-        assert (restored[key] - tensor).abs().max() < 1e-5, name  # a divide, then a subtract
+    assert_base_restored(model, before, atol=1e-5)  # a multiply and add, undone by divide, subtract
     assert (_logits(model.merge_and_unload()) - adapted).abs().max() < 1e-5

@@ -6,6 +6,8 @@ from mlx_adapters import LoraConfig, NF4Linear, PeftModel, get_peft_model, quant
 from mlx_core import build_model, get_preset
 from mlx_kernels.nf4 import ABSMAX_BLOCK, BLOCK_SIZE
 
+from .helpers import train_losses
+
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
@@ -39,14 +41,7 @@ def test_quantized_model_stays_close_to_the_original():
 def test_qlora_trains_only_the_adapter_and_merges_exactly(tmp_path):
     model = get_peft_model(quantize_nf4(_model()), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     codes_before = {n: b.clone() for n, b in model.named_buffers() if n.endswith("codes")}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(8):
-        loss = model(IDS, labels=IDS)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, IDS, steps=8)
     assert losses[-1] < losses[0] - 0.1
     assert all(torch.equal(b, codes_before[n]) for n, b in model.named_buffers() if n in codes_before)
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
