@@ -20,5 +20,6 @@ def assert_base_restored(peft_model, before: dict, atol: float) -> None:
     """After unmerging, every base weight is back to ``before`` (names without the wrapper)."""
     restored = peft_model.base_model.model.state_dict()
     for name, tensor in before.items():
-        key = name if name in restored else name.replace(".weight", ".base_layer.weight")
+        module, _, leaf = name.rpartition(".")
+        key = name if name in restored else f"{module}.base_layer.{leaf}"
         assert (restored[key] - tensor).abs().max() <= atol, name

@@ -1,15 +1,16 @@
 """mlx-adapters: PEFT methods on any torch model, in PEFT's API and on-disk format.
 
 Implemented so far: LoRA (incl. rsLoRA, rank/alpha patterns, several named adapters, merge and
-unmerge) and QLoRA (LoRA over NF4 base layers, ``quantize_nf4``). DoRA, AdaLoRA, IA3, prefix and
-prompt tuning are still to come.
+unmerge), DoRA, QLoRA (LoRA over NF4 base layers, ``quantize_nf4``) and (IA)³. AdaLoRA, prefix
+and prompt tuning are still to come.
 """
 
 from mlx_adapters.config import LoraConfig, PeftConfig
+from mlx_adapters.ia3 import IA3Config, IA3Linear
 from mlx_adapters.lora import LoraLinear
 from mlx_adapters.nf4_linear import NF4Linear, quantize_nf4
 from mlx_adapters.peft_model import PeftModel, get_peft_model
 
 __version__ = "0.1.0"
-__all__ = ["LoraConfig", "LoraLinear", "NF4Linear", "PeftConfig", "PeftModel", "get_peft_model",
+__all__ = ["IA3Config", "IA3Linear", "LoraConfig", "LoraLinear", "NF4Linear", "PeftConfig", "PeftModel", "get_peft_model",
            "quantize_nf4"]

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlx_adapters.config import LoraConfig
-from mlx_adapters.nf4_linear import NF4Linear
-from mlx_kernels import lora_linear, nf4_dequantize
+from mlx_adapters.layer import AdapterLayer
+from mlx_kernels import lora_linear
 
 
 class DoraMagnitude(nn.Module):
@@ -26,50 +26,34 @@ class DoraMagnitude(nn.Module):
         self.weight = nn.Parameter(magnitude)
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(AdapterLayer):
     """``base_layer(x) + sum over active adapters of scaling * B(A(dropout(x)))``.
 
     The base is an ``nn.Linear`` or, for QLoRA, an ``NF4Linear``; merging into a 4-bit base
-    first replaces it by its de-quantized ``nn.Linear`` (merging into 4 bits would be lossy).
+    first replaces it by its de-quantized ``nn.Linear``.
     """
 
+    tables = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
+
     def __init__(self, base_layer: nn.Module):
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
         self.dora_factors: dict[str, torch.Tensor] = {}  # m / ||W + dW|| of merged DoRA adapters
         self.scaling: dict[str, float] = {}
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disabled = False
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     def add(self, name: str, r: int, alpha: float, config: LoraConfig) -> None:
-        w = self.base_layer.weight if isinstance(self.base_layer, nn.Linear) else self.base_layer.absmax_scale
-        dtype = getattr(self.base_layer, "compute_dtype", w.dtype)
-        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=dtype)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=dtype)
+        device, dtype = self._device_dtype()
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
         self.scaling[name] = alpha / (math.sqrt(r) if config.use_rslora else r)
         self._init(name, config.init_lora_weights)
         if config.use_dora:
             with torch.no_grad():
                 self.lora_magnitude_vector[name] = DoraMagnitude(self._dora_norm(name))
-
-    def base_weight(self) -> torch.Tensor:
-        if isinstance(self.base_layer, NF4Linear):
-            return nf4_dequantize(self.base_layer.nf4)
-        return self.base_layer.weight
 
     def _dora_norm(self, name: str) -> torch.Tensor:
         """Row norms of ``W + s B A``, detached (DoRA section 4.3)."""
@@ -90,38 +74,32 @@ class LoraLinear(nn.Module):
     def delta_weight(self, name: str) -> torch.Tensor:
         return self.scaling[name] * (self.lora_B[name].weight @ self.lora_A[name].weight)
 
-    def merge(self, names: list[str]) -> None:
-        if isinstance(self.base_layer, NF4Linear) and names:
-            self.base_layer = self.base_layer.dequantized()
-        with torch.no_grad():
-            for name in names:
-                if name in self.merged_adapters:
-                    continue
-                weight = self.base_layer.weight
-                delta = self.delta_weight(name).to(weight.dtype)
-                if name in self.lora_magnitude_vector:  # W' = m / ||W + dW|| * (W + dW)
-                    factor = self.lora_magnitude_vector[name].weight / self._dora_norm(name)
-                    self.dora_factors[name] = factor
-                    weight.add_(delta).mul_(factor[:, None])
-                else:
-                    weight.add_(delta)
-                self.merged_adapters.append(name)
+    def _merge_one(self, name: str) -> None:
+        weight = self.base_layer.weight
+        delta = self.delta_weight(name).to(weight.dtype)
+        if name in self.lora_magnitude_vector:  # W' = m / ||W + dW|| * (W + dW)
+            factor = self.lora_magnitude_vector[name].weight / self._dora_norm(name)
+            self.dora_factors[name] = factor
+            weight.add_(delta).mul_(factor[:, None])
+        else:
+            weight.add_(delta)
 
-    def unmerge(self) -> None:
-        with torch.no_grad():
-            while self.merged_adapters:
-                name = self.merged_adapters.pop()
-                weight = self.base_layer.weight
-                if name in self.dora_factors:
-                    weight.div_(self.dora_factors.pop(name)[:, None])
-                weight.sub_(self.delta_weight(name).to(weight.dtype))
+    def _unmerge_one(self, name: str) -> None:
+        weight = self.base_layer.weight
+        if name in self.dora_factors:
+            weight.div_(self.dora_factors.pop(name)[:, None])
+        weight.sub_(self.delta_weight(name).to(weight.dtype))
+
+    def delete(self, name: str) -> None:
+        super().delete(name)
+        self.scaling.pop(name, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:
             if self.merged_adapters:
                 self.unmerge()
             return self.base_layer(x)
-        pending = [n for n in self.active_adapters if n not in self.merged_adapters and n in self.lora_A]
+        pending = self.pending()
         fusable = isinstance(self.base_layer, nn.Linear) and not self.lora_magnitude_vector
         if fusable and len(pending) == 1 and isinstance(self.lora_dropout[pending[0]], nn.Identity):
             name = pending[0]  # the common case: one fused base + low-rank op
@@ -147,9 +125,6 @@ class LoraLinear(nn.Module):
         else:
             base = F.linear(dropped, self.base_weight().to(x.dtype))
         return (scale - 1) * base + scale * lora_result * self.scaling[name]
-
-    def extra_repr(self) -> str:
-        return f"adapters={list(self.lora_A)}, active={self.active_adapters}, merged={self.merged_adapters}"
 
 
 class LoraTuner:

@@ -16,14 +16,20 @@ from mlx_core.paths import atomic_directory
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
+# table -> whether PEFT keeps the ``.weight`` of its entries in saved keys
+_SAVED_TABLES = {"lora_A": True, "lora_B": True, "lora_magnitude_vector": False, "ia3_l": False}
+
+
 def saved_name(name: str, adapter_name: str) -> str | None:
-    """PEFT's saved key for one of our parameter names, or None if not this adapter's."""
-    for kind in (".lora_A", ".lora_B"):
-        if f"{kind}.{adapter_name}." in name:
-            return name.replace(f"{kind}.{adapter_name}.", f"{kind}.")
-    magnitude = f".lora_magnitude_vector.{adapter_name}.weight"
-    if name.endswith(magnitude):
-        return name[: -len(magnitude)] + ".lora_magnitude_vector"
+    """PEFT's saved key for one of our parameter names (the adapter's name dropped), or None
+    if the parameter is not this adapter's."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in _SAVED_TABLES and parts[i + 1] == adapter_name:
+            rest = parts[i + 2:]
+            if not _SAVED_TABLES[part] and rest == ["weight"]:
+                rest = []
+            return ".".join(parts[:i + 1] + rest)
     return None
 
 

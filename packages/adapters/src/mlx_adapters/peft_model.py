@@ -12,7 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from mlx_adapters.config import PeftConfig, load_config
-from mlx_adapters.lora import LoraLinear
+from mlx_adapters.layer import AdapterLayer
 from mlx_adapters.peft_format import load_adapter_weights, save_adapter_weights
 from mlx_adapters.targets import find_targets
 
@@ -56,7 +56,7 @@ class PeftModel(nn.Module):
         self._freeze_base()
 
     def _layers(self):
-        return [m for m in self.modules() if isinstance(m, LoraLinear)]
+        return [m for m in self.modules() if isinstance(m, AdapterLayer)]
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
@@ -65,13 +65,13 @@ class PeftModel(nn.Module):
             raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
         self.active_adapter = names[0] if len(names) == 1 else names
         for layer in self._layers():
-            layer.active_adapters = [n for n in names if n in layer.lora_A]
+            layer.active_adapters = [n for n in names if n in layer.adapter_names()]
         self._freeze_base()
 
     def _freeze_base(self) -> None:
         """Only the active adapters train (PEFT's rule); inference-mode configs train nothing."""
         active = set(self.active_adapters)
-        tables = ("lora_A", "lora_B", "lora_magnitude_vector")
+        tables = {t for layer in self._layers() for t in layer.tables}
         for name, param in self.named_parameters():
             parts = name.split(".")
             table = next((t for t in tables if t in parts), None)
@@ -87,13 +87,7 @@ class PeftModel(nn.Module):
         if adapter_name not in self.peft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; this model has {list(self.peft_config)}")
         for layer in self._layers():
-            if adapter_name in layer.merged_adapters:
-                layer.unmerge()
-            for table in (layer.lora_A, layer.lora_B, layer.lora_dropout, layer.lora_magnitude_vector):
-                if adapter_name in table:
-                    del table[adapter_name]
-            layer.scaling.pop(adapter_name, None)
-            layer.active_adapters = [n for n in layer.active_adapters if n != adapter_name]
+            layer.delete(adapter_name)
         del self.peft_config[adapter_name]
         if adapter_name in self.active_adapters:
             remaining = list(self.peft_config)
@@ -126,7 +120,7 @@ class PeftModel(nn.Module):
         """Fold the active adapters into the base weights; return the plain base model."""
         model = self.base_model.model
         for name, module in list(model.named_modules()):
-            if isinstance(module, LoraLinear):
+            if isinstance(module, AdapterLayer):
                 module.merge(module.active_adapters)
                 parent_name, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent_name) if parent_name else model, child,
@@ -138,7 +132,7 @@ class PeftModel(nn.Module):
         self.unmerge_adapter()
         model = self.base_model.model
         for name, module in list(model.named_modules()):
-            if isinstance(module, LoraLinear):
+            if isinstance(module, AdapterLayer):
                 parent_name, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent_name) if parent_name else model, child,
                         module.base_layer)

@@ -2,11 +2,13 @@
 
 
 def register() -> None:
+    from mlx_adapters.ia3 import IA3Tuner
     from mlx_adapters.lora import LoraTuner
     from mlx_core import registry
 
-    if "lora" not in registry.adapter_methods:
-        registry.adapter_methods.register("lora", LoraTuner)
+    for name, tuner in (("lora", LoraTuner), ("ia3", IA3Tuner)):
+        if name not in registry.adapter_methods:
+            registry.adapter_methods.register(name, tuner)
     if "adapters" not in registry.cli_commands:
         from mlx_adapters.cli import app
 

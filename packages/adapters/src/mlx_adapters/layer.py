@@ -1,0 +1,84 @@
+"""What every adapter layer shares: the wrapped base layer, which adapters are active, merged
+or disabled, and the per-adapter tables whose entries carry the adapter's name (PEFT's layout:
+``<module>.<table>.<adapter>``)."""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+from torch import nn
+
+from mlx_adapters.nf4_linear import NF4Linear
+from mlx_kernels import nf4_dequantize
+
+
+class AdapterLayer(nn.Module, abc.ABC):
+    tables: tuple[str, ...] = ()  # attributes (ModuleDict / ParameterDict) keyed by adapter name
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def _device_dtype(self):
+        """Where new adapter weights go: the base's device, in its compute dtype."""
+        ref = self.base_layer.weight if isinstance(self.base_layer, nn.Linear) else self.base_layer.absmax_scale
+        return ref.device, getattr(self.base_layer, "compute_dtype", ref.dtype)
+
+    def base_weight(self) -> torch.Tensor:
+        if isinstance(self.base_layer, NF4Linear):
+            return nf4_dequantize(self.base_layer.nf4)
+        return self.base_layer.weight
+
+    def adapter_names(self) -> list[str]:
+        return list(getattr(self, self.tables[0]))
+
+    def pending(self) -> list[str]:
+        """Active adapters not merged into the base weight: these run in forward."""
+        names = self.adapter_names()
+        return [n for n in self.active_adapters if n not in self.merged_adapters and n in names]
+
+    def merge(self, names: list[str]) -> None:
+        names = [n for n in names if n not in self.merged_adapters]
+        if isinstance(self.base_layer, NF4Linear) and names:  # merging into 4 bits would be lossy
+            self.base_layer = self.base_layer.dequantized()
+        with torch.no_grad():
+            for name in names:
+                self._merge_one(name)
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        with torch.no_grad():
+            while self.merged_adapters:
+                self._unmerge_one(self.merged_adapters.pop())
+
+    def delete(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge()
+        for table in self.tables:
+            entries = getattr(self, table)
+            if name in entries:
+                del entries[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    @abc.abstractmethod
+    def _merge_one(self, name: str) -> None:
+        """Fold adapter ``name`` into the base weight (in place, under no_grad)."""
+
+    @abc.abstractmethod
+    def _unmerge_one(self, name: str) -> None:
+        """Undo ``_merge_one``."""
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names()}, active={self.active_adapters}, merged={self.merged_adapters}"

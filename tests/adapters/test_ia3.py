@@ -1,0 +1,66 @@
+"""(IA)³ against HF PEFT: cross-loading both ways (1e-5, fp32), merge, disable."""
+
+import pytest
+import torch
+import transformers
+from peft import IA3Config as HFIA3Config
+from peft import PeftModel as HFPeftModel
+from peft import get_peft_model as hf_get_peft_model
+
+from mlx_adapters import IA3Config, PeftModel, get_peft_model
+from mlx_core import load_model
+
+from .helpers import assert_base_restored
+
+pytestmark = pytest.mark.hf_parity
+
+IDS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(0))
+CONFIG = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, attention_bias=True)).save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def _logits(model):
+    with torch.no_grad():
+        out = model(IDS)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def test_cross_loads_with_hf_peft_both_ways(hf_dir, tmp_path):
+    theirs = hf_get_peft_model(transformers.LlamaForCausalLM.from_pretrained(hf_dir),
+                               HFIA3Config(init_ia3_weights=False, **CONFIG)).eval()
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = PeftModel.from_pretrained(load_model(hf_dir), tmp_path / "theirs").eval()
+    assert (_logits(ours) - _logits(theirs)).abs().max() < 1e-5
+
+    torch.manual_seed(1)
+    mine = get_peft_model(load_model(hf_dir), IA3Config(init_ia3_weights=False, **CONFIG)).eval()
+    mine.save_pretrained(tmp_path / "mine")
+    loaded = HFPeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(hf_dir),
+                                         tmp_path / "mine").eval()
+    assert (_logits(loaded) - _logits(mine)).abs().max() < 1e-5
+
+
+def test_identity_at_init_merge_and_disable(hf_dir):
+    base = load_model(hf_dir)
+    reference = _logits(base).clone()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    assert torch.equal(_logits(get_peft_model(load_model(hf_dir), IA3Config(**CONFIG)).eval()), reference)
+    torch.manual_seed(2)
+    model = get_peft_model(base, IA3Config(init_ia3_weights=False, **CONFIG)).eval()
+    adapted = _logits(model)
+    with model.disable_adapter():
+        assert torch.equal(_logits(model), reference)
+    model.merge_adapter()
+    assert (_logits(model) - adapted).abs().max() < 1e-5
+    model.unmerge_adapter()
+    assert_base_restored(model, before, atol=1e-6)  # a multiply undone by a divide
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".ia3_l." in n for n in trainable)
