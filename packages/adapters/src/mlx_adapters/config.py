@@ -105,7 +105,9 @@ class LoraConfig(PeftConfig):
 
 def load_config(directory: str | Path) -> PeftConfig:
     from mlx_core import registry
+    from mlx_core.plugins import load_plugins
 
+    load_plugins()
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a PEFT adapter directory")

@@ -16,8 +16,10 @@ from mlx_core.paths import atomic_directory
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-# table -> whether PEFT keeps the ``.weight`` of its entries in saved keys
-_SAVED_TABLES = {"lora_A": True, "lora_B": True, "lora_magnitude_vector": False, "ia3_l": False}
+# How PEFT names each table's entries when saving: "<table>.<adapter>.weight" becomes
+# "<table>.weight" (keep), "<table>" (no_weight) or, for whole modules, "weight" (no_table).
+_SAVED_TABLES = {"lora_A": "keep", "lora_B": "keep", "lora_magnitude_vector": "no_weight",
+                 "ia3_l": "no_weight", "modules_to_save": "no_table"}
 
 
 def saved_name(name: str, adapter_name: str) -> str | None:
@@ -26,10 +28,12 @@ def saved_name(name: str, adapter_name: str) -> str | None:
     parts = name.split(".")
     for i, part in enumerate(parts[:-1]):
         if part in _SAVED_TABLES and parts[i + 1] == adapter_name:
-            rest = parts[i + 2:]
-            if not _SAVED_TABLES[part] and rest == ["weight"]:
+            head, rest = parts[:i + 1], parts[i + 2:]
+            if _SAVED_TABLES[part] == "no_weight" and rest == ["weight"]:
                 rest = []
-            return ".".join(parts[:i + 1] + rest)
+            if _SAVED_TABLES[part] == "no_table":
+                head = parts[:i]
+            return ".".join(head + rest)
     return None
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from mlx_adapters.config import PeftConfig, load_config
 from mlx_adapters.layer import AdapterLayer
+from mlx_adapters.modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
 from mlx_adapters.peft_format import load_adapter_weights, save_adapter_weights
 from mlx_adapters.targets import find_targets
 
@@ -51,6 +52,8 @@ class PeftModel(nn.Module):
         method = _method(config)
         targets = find_targets(self.base_model.model, config)
         method.inject(self.base_model.model, config, adapter_name, targets)
+        if config.modules_to_save:
+            wrap_modules_to_save(self.base_model.model, list(config.modules_to_save), adapter_name)
         self.peft_config[adapter_name] = config
         self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
         self._freeze_base()
@@ -58,20 +61,25 @@ class PeftModel(nn.Module):
     def _layers(self):
         return [m for m in self.modules() if isinstance(m, AdapterLayer)]
 
+    def _switchable(self):
+        """Adapter layers and modules_to_save wrappers: what set/disable/delete act on."""
+        return [m for m in self.modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))]
+
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
         self.active_adapter = names[0] if len(names) == 1 else names
-        for layer in self._layers():
-            layer.active_adapters = [n for n in names if n in layer.adapter_names()]
+        for layer in self._switchable():
+            owned = layer.modules_to_save if isinstance(layer, ModulesToSaveWrapper) else layer.adapter_names()
+            layer.active_adapters = [n for n in names if n in owned]
         self._freeze_base()
 
     def _freeze_base(self) -> None:
         """Only the active adapters train (PEFT's rule); inference-mode configs train nothing."""
         active = set(self.active_adapters)
-        tables = {t for layer in self._layers() for t in layer.tables}
+        tables = {t for layer in self._switchable() for t in layer.tables}
         for name, param in self.named_parameters():
             parts = name.split(".")
             table = next((t for t in tables if t in parts), None)
@@ -86,7 +94,7 @@ class PeftModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; this model has {list(self.peft_config)}")
-        for layer in self._layers():
+        for layer in self._switchable():
             layer.delete(adapter_name)
         del self.peft_config[adapter_name]
         if adapter_name in self.active_adapters:
@@ -98,7 +106,7 @@ class PeftModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self):
         """Run the base model alone inside the ``with`` block."""
-        layers = self._layers()
+        layers = self._switchable()
         for layer in layers:
             layer.disabled = True
         try:
@@ -122,9 +130,9 @@ class PeftModel(nn.Module):
         for name, module in list(model.named_modules()):
             if isinstance(module, AdapterLayer):
                 module.merge(module.active_adapters)
-                parent_name, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent_name) if parent_name else model, child,
-                        module.base_layer)
+                _replace(model, name, module.base_layer)
+            elif isinstance(module, ModulesToSaveWrapper):
+                _replace(model, name, module.active_module())
         return model
 
     def unload(self) -> nn.Module:
@@ -133,9 +141,9 @@ class PeftModel(nn.Module):
         model = self.base_model.model
         for name, module in list(model.named_modules()):
             if isinstance(module, AdapterLayer):
-                parent_name, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent_name) if parent_name else model, child,
-                        module.base_layer)
+                _replace(model, name, module.base_layer)
+            elif isinstance(module, ModulesToSaveWrapper):
+                _replace(model, name, module.original_module)
         return model
 
     # --- parameters ------------------------------------------------------------------------
@@ -174,6 +182,11 @@ class PeftModel(nn.Module):
         load_adapter_weights(peft_model, adapter_name, Path(directory))
         peft_model._freeze_base()
         return peft_model
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def get_peft_model(model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> PeftModel:
