@@ -92,3 +92,11 @@ def test_bad_options_name_the_problem(tiny):
         generate(tiny, [1, 2], top_p=0.0)
     with pytest.raises(ValueError, match="at least one token"):
         generate(tiny, [[1], []])
+
+
+def test_inputs_embeds_equal_input_ids(tiny):
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(tiny(inputs_embeds=tiny.model.embed_tokens(ids)), tiny(ids))
+    with pytest.raises(ValueError, match="exactly one"):
+        tiny()

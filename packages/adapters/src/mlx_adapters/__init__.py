@@ -10,7 +10,8 @@ from mlx_adapters.ia3 import IA3Config, IA3Linear
 from mlx_adapters.lora import LoraLinear
 from mlx_adapters.nf4_linear import NF4Linear, quantize_nf4
 from mlx_adapters.peft_model import PeftModel, get_peft_model
+from mlx_adapters.prompt_tuning import PromptTuningConfig
 
 __version__ = "0.1.0"
-__all__ = ["IA3Config", "IA3Linear", "LoraConfig", "LoraLinear", "NF4Linear", "PeftConfig", "PeftModel", "get_peft_model",
+__all__ = ["IA3Config", "IA3Linear", "LoraConfig", "LoraLinear", "NF4Linear", "PeftConfig", "PeftModel", "PromptTuningConfig", "get_peft_model",
            "quantize_nf4"]

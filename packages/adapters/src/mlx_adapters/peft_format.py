@@ -20,11 +20,14 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 # "<table>.weight" (keep), "<table>" (no_weight) or, for whole modules, "weight" (no_table).
 _SAVED_TABLES = {"lora_A": "keep", "lora_B": "keep", "lora_magnitude_vector": "no_weight",
                  "ia3_l": "no_weight", "modules_to_save": "no_table"}
+_PROMPT = "prompt_encoder.{}.embedding.weight"  # saved whole, as "prompt_embeddings"
 
 
 def saved_name(name: str, adapter_name: str) -> str | None:
     """PEFT's saved key for one of our parameter names (the adapter's name dropped), or None
     if the parameter is not this adapter's."""
+    if name == _PROMPT.format(adapter_name):
+        return "prompt_embeddings"
     parts = name.split(".")
     for i, part in enumerate(parts[:-1]):
         if part in _SAVED_TABLES and parts[i + 1] == adapter_name:

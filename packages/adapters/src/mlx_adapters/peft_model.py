@@ -15,6 +15,7 @@ from mlx_adapters.config import PeftConfig, load_config
 from mlx_adapters.layer import AdapterLayer
 from mlx_adapters.modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
 from mlx_adapters.peft_format import load_adapter_weights, save_adapter_weights
+from mlx_adapters.prompt_tuning import PromptEmbedding, input_embeddings, prepend_prompt
 from mlx_adapters.targets import find_targets
 
 
@@ -41,6 +42,7 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default"):
         super().__init__()
         self.base_model = AdapterModel(model)
+        self.prompt_encoder = nn.ModuleDict()  # prompt-learning adapters
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter = adapter_name
         self.add_adapter(adapter_name, config)
@@ -50,8 +52,18 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first")
         method = _method(config)
-        targets = find_targets(self.base_model.model, config)
-        method.inject(self.base_model.model, config, adapter_name, targets)
+        prompt_learning = getattr(config, "is_prompt_learning", False)
+        if self.peft_config and any(getattr(c, "is_prompt_learning", False) != prompt_learning
+                                    for c in self.peft_config.values()):
+            raise ValueError("prompt tuning and layer adapters (LoRA, IA3) cannot share one model; "
+                             "wrap a fresh base model instead")
+        if prompt_learning:
+            embed = input_embeddings(self.base_model.model)
+            config.token_dim = embed.weight.shape[1]
+            self.prompt_encoder[adapter_name] = PromptEmbedding(config, embed)
+        else:
+            targets = find_targets(self.base_model.model, config)
+            method.inject(self.base_model.model, config, adapter_name, targets)
         if config.modules_to_save:
             wrap_modules_to_save(self.base_model.model, list(config.modules_to_save), adapter_name)
         self.peft_config[adapter_name] = config
@@ -79,7 +91,7 @@ class PeftModel(nn.Module):
     def _freeze_base(self) -> None:
         """Only the active adapters train (PEFT's rule); inference-mode configs train nothing."""
         active = set(self.active_adapters)
-        tables = {t for layer in self._switchable() for t in layer.tables}
+        tables = {t for layer in self._switchable() for t in layer.tables} | {"prompt_encoder"}
         for name, param in self.named_parameters():
             parts = name.split(".")
             table = next((t for t in tables if t in parts), None)
@@ -96,6 +108,8 @@ class PeftModel(nn.Module):
             raise ValueError(f"unknown adapter {adapter_name!r}; this model has {list(self.peft_config)}")
         for layer in self._switchable():
             layer.delete(adapter_name)
+        if adapter_name in self.prompt_encoder:
+            del self.prompt_encoder[adapter_name]
         del self.peft_config[adapter_name]
         if adapter_name in self.active_adapters:
             remaining = list(self.peft_config)
@@ -109,11 +123,13 @@ class PeftModel(nn.Module):
         layers = self._switchable()
         for layer in layers:
             layer.disabled = True
+        self._prompt_disabled = True
         try:
             yield
         finally:
             for layer in layers:
                 layer.disabled = False
+            self._prompt_disabled = False
 
     # --- merging ---------------------------------------------------------------------------
     def merge_adapter(self) -> None:
@@ -156,8 +172,20 @@ class PeftModel(nn.Module):
         print(f"trainable params: {trainable:,} || all params: {total:,} || "
               f"trainable%: {100 * trainable / total:.4f}")
 
-    def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+    _prompt_disabled = False
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        active = self.active_adapter if isinstance(self.active_adapter, str) else None
+        if active in self.prompt_encoder and not self._prompt_disabled:
+            embed = input_embeddings(self.base_model.model)
+            prompt = self.prompt_encoder[active](input_ids.shape[0])
+            inputs_embeds, attention_mask, labels = prepend_prompt(prompt, embed, input_ids,
+                                                                   attention_mask, labels)
+            return self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                   labels=labels, **kwargs)
+        if labels is not None:
+            kwargs["labels"] = labels
+        return self.base_model(input_ids, attention_mask, **kwargs)
 
     # --- PEFT's on-disk format -------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, selected_adapters: list[str] | None = None) -> None:

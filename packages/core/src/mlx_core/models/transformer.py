@@ -117,19 +117,20 @@ class Backbone(nn.Module):
             rope_inverse_frequencies(config) if config.position_kind == "rope" else None
         )
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
-        b, t = input_ids.shape
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                cache: KVCache | None = None, inputs_embeds=None):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids [B, T] and inputs_embeds [B, T, H]")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        b, t, device = x.shape[0], x.shape[1], x.device
         past = cache.length if cache is not None else 0
-        key_valid = _key_valid(attention_mask, b, t, past, cache, input_ids.device)
+        key_valid = _key_valid(attention_mask, b, t, past, cache, device)
         if position_ids is None:
-            position_ids = _default_positions(key_valid, b, t, past, input_ids.device)
-        meta = AttentionMetadata(
-            build_mask(key_valid, t, past, self.config.sliding_window, input_ids.device), cache
-        )
-        x = self.embed_tokens(input_ids)
+            position_ids = _default_positions(key_valid, b, t, past, device)
+        meta = AttentionMetadata(build_mask(key_valid, t, past, self.config.sliding_window, device), cache)
         cos_sin = None
         if self.rope_inv_freq is not None:
-            self.rope_inv_freq = self.rope_inv_freq.to(input_ids.device)
+            self.rope_inv_freq = self.rope_inv_freq.to(device)
             cos_sin = rope_cos_sin(self.rope_inv_freq, position_ids, x.dtype)
         else:
             if int(position_ids.max()) >= self.config.max_position_embeddings:
@@ -206,10 +207,11 @@ class Transformer(nn.Module):
         p = self.lm_head.weight
         return KVCache(self.config, batch_size, max_length, dtype=p.dtype, device=p.device)
 
-    def forward(self, input_ids, attention_mask=None, labels=None, *, position_ids=None,
-                kv_cache: KVCache | None = None, logits_to_keep: int = 0):
-        """``logits_to_keep > 0`` computes logits for only the last that many positions."""
-        hidden = self.model(input_ids, attention_mask, position_ids, kv_cache)
+    def forward(self, input_ids=None, attention_mask=None, labels=None, *, inputs_embeds=None,
+                position_ids=None, kv_cache: KVCache | None = None, logits_to_keep: int = 0):
+        """``inputs_embeds [B, T, H]`` replaces ``input_ids`` (e.g. for prompt tuning);
+        ``logits_to_keep > 0`` computes logits for only the last that many positions."""
+        hidden = self.model(input_ids, attention_mask, position_ids, kv_cache, inputs_embeds)
         if labels is not None:
             return self.loss(hidden, labels)
         if logits_to_keep:

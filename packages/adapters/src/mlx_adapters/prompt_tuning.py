@@ -1,0 +1,88 @@
+"""Prompt tuning (Lester et al. 2021): ``num_virtual_tokens`` learned embeddings prepended to
+every input; the model itself is frozen and unchanged. PEFT's names: the embeddings live at
+``prompt_encoder.<adapter>.embedding.weight`` and are saved as ``prompt_embeddings``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mlx_adapters.config import PeftConfig
+
+
+@dataclass
+class PromptTuningConfig(PeftConfig):
+    peft_type: str = "PROMPT_TUNING"
+    num_virtual_tokens: int = 8
+    token_dim: int | None = None  # filled from the model's embedding size
+    num_transformer_submodules: int | None = 1
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+    prompt_tuning_init: str = "RANDOM"  # "RANDOM" | "TEXT"
+    prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: str | None = None
+    tokenizer_kwargs: dict[str, Any] | None = field(default=None)
+
+    is_prompt_learning = True
+
+    def __post_init__(self):
+        if self.num_virtual_tokens <= 0:
+            raise ValueError(f"invalid PromptTuningConfig: num_virtual_tokens must be positive, got "
+                             f"{self.num_virtual_tokens}")
+        if self.prompt_tuning_init not in ("RANDOM", "TEXT"):
+            raise ValueError("invalid PromptTuningConfig: prompt_tuning_init must be 'RANDOM' or 'TEXT'")
+        if self.prompt_tuning_init == "TEXT" and not (self.prompt_tuning_init_text and self.tokenizer_name_or_path):
+            raise ValueError("invalid PromptTuningConfig: TEXT init needs prompt_tuning_init_text and "
+                             "tokenizer_name_or_path (a model name, directory or .gguf mlx can load)")
+        if self.num_transformer_submodules not in (None, 1):
+            raise ValueError("invalid PromptTuningConfig: only decoder-only models "
+                             "(num_transformer_submodules=1) are supported")
+
+
+class PromptEmbedding(nn.Module):
+    def __init__(self, config: PromptTuningConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        weight = word_embeddings.weight
+        self.embedding = nn.Embedding(config.num_virtual_tokens, weight.shape[1],
+                                      device=weight.device, dtype=weight.dtype)
+        if config.prompt_tuning_init == "TEXT":
+            from mlx_core import load_tokenizer
+
+            ids = load_tokenizer(config.tokenizer_name_or_path).encode(
+                config.prompt_tuning_init_text, add_special_tokens=False)
+            n = config.num_virtual_tokens
+            ids = (ids * (n // len(ids) + 1))[:n]  # repeat the text's tokens to fill, as PEFT does
+            with torch.no_grad():
+                self.embedding.weight.copy_(weight[torch.tensor(ids, device=weight.device)])
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        tokens = torch.arange(self.embedding.num_embeddings, device=self.embedding.weight.device)
+        return self.embedding(tokens).unsqueeze(0).expand(batch_size, -1, -1)
+
+
+def input_embeddings(model: nn.Module) -> nn.Embedding:
+    """The token embedding of a zoo model or an HF model."""
+    if hasattr(model, "get_input_embeddings"):
+        return model.get_input_embeddings()
+    return model.model.embed_tokens
+
+
+def prepend_prompt(prompt: torch.Tensor, embed: nn.Embedding, input_ids, attention_mask, labels):
+    """``inputs_embeds``, mask and labels with the virtual tokens in front (-100 labels)."""
+    b, n = input_ids.shape[0], prompt.shape[1]
+    inputs_embeds = torch.cat((prompt.to(embed.weight.dtype), embed(input_ids)), dim=1)
+    if attention_mask is not None:
+        ones = torch.ones(b, n, dtype=attention_mask.dtype, device=attention_mask.device)
+        attention_mask = torch.cat((ones, attention_mask), dim=1)
+    if labels is not None:
+        ignored = torch.full((b, n), -100, dtype=labels.dtype, device=labels.device)
+        labels = torch.cat((ignored, labels), dim=1)
+    return inputs_embeds, attention_mask, labels
+
+
+class PromptTuningTuner:
+    config_class = PromptTuningConfig
+    layer_class = None
