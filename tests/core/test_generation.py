@@ -100,3 +100,17 @@ def test_inputs_embeds_equal_input_ids(tiny):
         assert torch.equal(tiny(inputs_embeds=tiny.model.embed_tokens(ids)), tiny(ids))
     with pytest.raises(ValueError, match="exactly one"):
         tiny()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny-llama"))
+    ids = torch.randint(0, 128, (2, 9))
+    grads = []
+    for enable in (False, True):
+        model.gradient_checkpointing_enable(enable)
+        model.zero_grad()
+        model(ids, labels=ids).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

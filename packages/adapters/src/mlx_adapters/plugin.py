@@ -10,7 +10,45 @@ def register() -> None:
     for name, tuner in (("lora", LoraTuner), ("ia3", IA3Tuner), ("prompt_tuning", PromptTuningTuner)):
         if name not in registry.adapter_methods:
             registry.adapter_methods.register(name, tuner)
+    if "lora" not in registry.benchmarks:
+        registry.benchmarks.register("lora", _make_bench_command())
     if "adapters" not in registry.cli_commands:
         from mlx_adapters.cli import app
 
         registry.cli_commands.register("adapters", app)
+
+
+def _make_bench_command():
+    import typer
+
+    from mlx_core.cli.errors import clean_errors
+
+    @clean_errors
+    def lora(model: str = typer.Option("smollm2-135m-instruct", "--model"),
+             batch: int = typer.Option(4, "--batch"), seq: int = typer.Option(512, "--seq"),
+             steps: int = typer.Option(3, "--steps", help="Training steps per side."),
+             checkpointing: bool = typer.Option(False, "--checkpointing/--no-checkpointing",
+                                                help="Gradient checkpointing on both sides."),
+             json_path: str = typer.Option("", "--json", help="Also write the result here.")):
+        """LoRA training steps: ours vs HF transformers + PEFT (time, peak memory, losses)."""
+        import json
+
+        from rich.console import Console
+        from rich.table import Table
+
+        from mlx_adapters import bench
+
+        result = bench.run(model, batch, seq, steps, checkpointing)
+        table = Table("side", "median step (s)", "peak RSS (MiB)", "losses",
+                      title=f"mlx bench lora: {model}, {batch}x{seq}, checkpointing={checkpointing}")
+        for name, key in (("mlx", "mlx"), ("HF + PEFT", "hf_peft")):
+            side = result[key]
+            table.add_row(name, f"{side['median_step_s']:.2f}", f"{side['peak_rss_mib']:.0f}",
+                          ", ".join(f"{x:.4f}" for x in side["losses"]))
+        Console().print(table)
+        print(f"time ratio (mlx / PEFT): {result['time_ratio']}, memory ratio: "
+              f"{result['memory_ratio']}, max loss difference: {result['max_loss_difference']:.2e}")
+        if json_path:
+            open(json_path, "w").write(json.dumps(result, indent=2))
+
+    return lora

@@ -8,6 +8,7 @@ checkpoint names (``block_sparse_moe.experts.0.w1``); GPT-2 maps through ``check
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from mlx_core.config import ModelConfig
@@ -112,6 +113,7 @@ class Backbone(nn.Module):
             self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = make_norm(config)
+        self.gradient_checkpointing = False  # recompute each layer in backward (training only)
         # A plain attribute, not a buffer: it is derived from the config, never saved or loaded.
         self.rope_inv_freq = (
             rope_inverse_frequencies(config) if config.position_kind == "rope" else None
@@ -139,8 +141,12 @@ class Backbone(nn.Module):
                     f"{self.config.max_position_embeddings} of this model (learned positions)"
                 )
             x = x + self.embed_positions(position_ids)
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, cos_sin, meta)
+            if checkpointed:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos_sin, meta, use_reentrant=False)
+            else:
+                x = layer(x, cos_sin, meta)
         if cache is not None:
             cache.advance(t)
         return self.norm(x)
@@ -202,6 +208,10 @@ class Transformer(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
         self.tie_weights()
+
+    def gradient_checkpointing_enable(self, enable: bool = True) -> None:
+        """Keep only each layer's input in training and recompute the layer in backward."""
+        self.model.gradient_checkpointing = enable
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         p = self.lm_head.weight
