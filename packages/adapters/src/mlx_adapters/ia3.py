@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mlx_adapters.config import PeftConfig
-from mlx_adapters.layer import AdapterLayer
+from mlx_adapters.layer import AdapterLayer, wrapped_targets
 from mlx_adapters.targets import _matches
 
 
@@ -77,11 +77,8 @@ class IA3Tuner:
 
     @staticmethod
     def inject(model: nn.Module, config: IA3Config, adapter_name: str, targets: list[str]) -> None:
-        for name in targets:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            module = getattr(parent, child)
-            if not isinstance(module, IA3Linear):
-                module = IA3Linear(module, _matches(name, config.feedforward_modules))
-                setattr(parent, child, module)
-            module.add(adapter_name, config)
+        def make(name, module):
+            return IA3Linear(module, _matches(name, config.feedforward_modules))
+
+        for _, layer in wrapped_targets(model, targets, IA3Linear, make):
+            layer.add(adapter_name, config)

@@ -82,3 +82,20 @@ class AdapterLayer(nn.Module, abc.ABC):
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names()}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule called ``name`` was."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def wrapped_targets(model: nn.Module, targets: list[str], layer_class: type, make):
+    """Yield ``(name, layer)`` for each target, wrapping it in ``layer_class`` (built by
+    ``make(name, module)``) unless an earlier adapter already did."""
+    for name in targets:
+        module = model.get_submodule(name)
+        if not isinstance(module, layer_class):
+            module = make(name, module)
+            replace_module(model, name, module)
+        yield name, module

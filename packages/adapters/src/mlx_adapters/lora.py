@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlx_adapters.config import LoraConfig
-from mlx_adapters.layer import AdapterLayer
+from mlx_adapters.layer import AdapterLayer, wrapped_targets
 from mlx_kernels import lora_linear
 
 
@@ -135,12 +135,6 @@ class LoraTuner:
 
     @staticmethod
     def inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[str]) -> None:
-        for name in targets:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            module = getattr(parent, child)
-            if not isinstance(module, LoraLinear):
-                module = LoraLinear(module)
-                setattr(parent, child, module)
+        for name, layer in wrapped_targets(model, targets, LoraLinear, lambda _, m: LoraLinear(m)):
             r, alpha = config.rank_and_alpha(name)
-            module.add(adapter_name, r, alpha, config)
+            layer.add(adapter_name, r, alpha, config)

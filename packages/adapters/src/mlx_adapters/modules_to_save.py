@@ -8,6 +8,7 @@ import copy
 
 from torch import nn
 
+from mlx_adapters.layer import wrapped_targets
 from mlx_adapters.targets import _matches
 
 
@@ -51,10 +52,6 @@ def wrap_modules_to_save(model: nn.Module, patterns: list[str], adapter_name: st
         names = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n})
         raise ValueError(f"modules_to_save={patterns} matches no module; module names include: "
                          f"{', '.join(names[:40])}")
-    for name in targets:
-        module = model.get_submodule(name)
-        if not isinstance(module, ModulesToSaveWrapper):
-            parent_name, _, child = name.rpartition(".")
-            module = ModulesToSaveWrapper(module)
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-        module.add(adapter_name)
+    for _, wrapper in wrapped_targets(model, targets, ModulesToSaveWrapper,
+                                      lambda _, m: ModulesToSaveWrapper(m)):
+        wrapper.add(adapter_name)

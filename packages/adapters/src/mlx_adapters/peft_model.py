@@ -12,7 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from mlx_adapters.config import PeftConfig, load_config
-from mlx_adapters.layer import AdapterLayer
+from mlx_adapters.layer import AdapterLayer, replace_module
 from mlx_adapters.modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
 from mlx_adapters.peft_format import load_adapter_weights, save_adapter_weights
 from mlx_adapters.prompt_tuning import PromptEmbedding, input_embeddings, prepend_prompt
@@ -146,9 +146,9 @@ class PeftModel(nn.Module):
         for name, module in list(model.named_modules()):
             if isinstance(module, AdapterLayer):
                 module.merge(module.active_adapters)
-                _replace(model, name, module.base_layer)
+                replace_module(model, name, module.base_layer)
             elif isinstance(module, ModulesToSaveWrapper):
-                _replace(model, name, module.active_module())
+                replace_module(model, name, module.active_module())
         return model
 
     def unload(self) -> nn.Module:
@@ -157,9 +157,9 @@ class PeftModel(nn.Module):
         model = self.base_model.model
         for name, module in list(model.named_modules()):
             if isinstance(module, AdapterLayer):
-                _replace(model, name, module.base_layer)
+                replace_module(model, name, module.base_layer)
             elif isinstance(module, ModulesToSaveWrapper):
-                _replace(model, name, module.original_module)
+                replace_module(model, name, module.original_module)
         return model
 
     # --- parameters ------------------------------------------------------------------------
@@ -210,11 +210,6 @@ class PeftModel(nn.Module):
         load_adapter_weights(peft_model, adapter_name, Path(directory))
         peft_model._freeze_base()
         return peft_model
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def get_peft_model(model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> PeftModel:
