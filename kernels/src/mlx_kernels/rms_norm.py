@@ -13,6 +13,27 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6)
     return weight * h.to(x.dtype)
 
 
+class RMSNormTorchFunction(torch.autograd.Function):
+    """The reference's math with a lean backward: saves x and the per-row rstd only (autograd
+    on the reference would keep the fp32 copy and the normalised tensor too)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        h = x.float()
+        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (h * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.float() * rstd
+        dw = (dy * normed.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        d_normed = (dy * weight).float()
+        dx = rstd * (d_normed - normed * (d_normed * normed).mean(-1, keepdim=True))
+        return dx.to(x.dtype), None if dw is None else dw.to(weight.dtype), None
+
+
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -40,4 +61,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     """
     if backend_for(x.device) == "triton":
         return RMSNormFunction.apply(x, weight, eps)
-    return rms_norm_reference(x, weight, eps)
+    return RMSNormTorchFunction.apply(x, weight, eps)

@@ -17,6 +17,23 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     return x * cos + rotate_half(x) * sin
 
 
+class RoPETorchFunction(torch.autograd.Function):
+    """The reference's math saving only cos and sin (autograd would keep the rotated halves);
+    the backward applies the transposed rotation: ``dy * cos + R^T(dy * sin)``."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return rope_reference(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        rotated = dy * sin.unsqueeze(1)
+        r1, r2 = rotated.chunk(2, dim=-1)
+        return dy * cos.unsqueeze(1) + torch.cat((r2, -r1), dim=-1), None, None
+
+
 class RoPEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
@@ -46,4 +63,4 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         )
     if backend_for(x.device) == "triton":
         return RoPEFunction.apply(x, cos, sin)
-    return rope_reference(x, cos, sin)
+    return RoPETorchFunction.apply(x, cos, sin)

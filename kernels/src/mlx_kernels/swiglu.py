@@ -12,6 +12,24 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+class SwiGLUTorchFunction(torch.autograd.Function):
+    """The reference's math saving only gate and up (autograd would keep silu(gate) too);
+    the backward recomputes the sigmoid."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        g, sig = gate.float(), torch.sigmoid(gate.float())
+        silu = g * sig
+        d_gate = dy.float() * up.float() * sig * (1 + g * (1 - sig))
+        return d_gate.to(gate.dtype), (dy.float() * silu).to(up.dtype)
+
+
 class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
@@ -35,4 +53,4 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
     if backend_for(gate.device) == "triton":
         return SwiGLUFunction.apply(gate, up)
-    return swiglu_reference(gate, up)
+    return SwiGLUTorchFunction.apply(gate, up)
