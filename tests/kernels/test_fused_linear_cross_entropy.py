@@ -128,3 +128,15 @@ def test_peak_memory_grows_with_chunk_size_not_tokens_times_vocab():
     assert full >= 1000, full
     assert small < 200, small
     assert small + 250 < large < full / 2, (small, large, full)
+
+
+def test_frozen_weight_gets_no_gradient_and_hidden_still_does():
+    torch.manual_seed(0)
+    h = torch.randn(40, 8, requires_grad=True)
+    w = torch.randn(30, 8)  # frozen, as an LM head under LoRA
+    y = torch.randint(0, 30, (40,))
+    fused_linear_cross_entropy(h, w, y).backward()
+    ref = h.detach().clone().requires_grad_()
+    F.cross_entropy(ref @ w.t(), y).backward()
+    torch.testing.assert_close(h.grad, ref.grad, atol=1e-6, rtol=1e-5)
+    assert w.grad is None

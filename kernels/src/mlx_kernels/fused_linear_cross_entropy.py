@@ -52,15 +52,16 @@ def chunk_loss_and_grad_reference(logits, labels, keep, label_smoothing, grad_sc
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, label_smoothing, reduction,
-                chunk_size, needs_grad):
+                chunk_size, wants):
         n, vocab = hidden.shape[0], weight.shape[0]
+        want_hidden, want_weight, want_bias = wants  # only what requires grad is computed
+        needs_grad = any(wants)
         valid = labels != ignore_index
         divisor = valid.sum().float() if reduction == "mean" else torch.ones((), device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if needs_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
-        grad_bias = (torch.zeros(vocab, dtype=torch.float32, device=weight.device)
-                     if needs_grad and bias is not None else None)
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if want_bias else None
         if backend_for(hidden.device) == "triton":
             from mlx_kernels._cross_entropy_triton import chunk_loss_and_grad
         else:
@@ -76,8 +77,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 total += loss.sum()
                 if not needs_grad:
                     continue
-                grad_hidden[start:start + chunk_size] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
-                grad_weight += grad.t() @ h.float()
+                if grad_hidden is not None:
+                    grad_hidden[start:start + chunk_size] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight += grad.t() @ h.float()
                 if grad_bias is not None:
                     grad_bias += grad.sum(0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
@@ -88,9 +91,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         weight_dtype, bias_dtype = ctx.dtypes
-        dh = grad_hidden * grad_output if ctx.needs_input_grad[0] else None
-        dw = (grad_weight * grad_output).to(weight_dtype) if ctx.needs_input_grad[1] else None
-        db = (grad_bias * grad_output).to(bias_dtype) if grad_bias is not None and ctx.needs_input_grad[2] else None
+        dh = grad_hidden * grad_output if grad_hidden is not None else None
+        dw = (grad_weight * grad_output).to(weight_dtype) if grad_weight is not None else None
+        db = (grad_bias * grad_output).to(bias_dtype) if grad_bias is not None else None
         return dh, dw, db, None, None, None, None, None, None
 
 
@@ -117,8 +120,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     chunk = chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0])
-    # Decided here: inside Function.forward grad mode is always off.
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    # Decided here: inside Function.forward grad mode is always off. A frozen head (LoRA) costs
+    # no weight gradient: that GEMM is as large as the logits' own.
+    grad_on = torch.is_grad_enabled()
+    wants = tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias))
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index,
-                                            label_smoothing, reduction, chunk, needs_grad)
+                                            label_smoothing, reduction, chunk, wants)
