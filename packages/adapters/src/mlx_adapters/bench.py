@@ -50,7 +50,9 @@ def _run_side(side: str, model: str, adapter_dir: str, batch: int, seq: int, ste
         peft_model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
     else:
         from mlx_adapters import PeftModel
+        from mlx_core.memory import release_large_blocks_eagerly
 
+        release_large_blocks_eagerly()  # our side's allocator setting (see mlx_core.memory)
         base = load_model(model)
         base.gradient_checkpointing_enable(checkpointing)
         peft_model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
