@@ -131,6 +131,15 @@ class PeftModel(nn.Module):
                 layer.disabled = False
             self._prompt_disabled = False
 
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None) -> None:
+        """A new LoRA adapter combining existing ones, with PEFT's semantics: ``cat`` (exact:
+        ranks concatenated), ``linear`` (A and B averaged with sqrt weights; equal ranks) or
+        ``svd`` (the weighted sum of the deltas, truncated to ``svd_rank``)."""
+        from mlx_adapters.weighted import combine_lora
+
+        combine_lora(self, adapters, weights, adapter_name, combination_type, svd_rank)
+
     # --- merging ---------------------------------------------------------------------------
     def merge_adapter(self) -> None:
         for layer in self._layers():

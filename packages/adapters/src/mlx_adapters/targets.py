@@ -7,6 +7,7 @@ import re
 from torch import nn
 
 from mlx_adapters.config import PeftConfig
+from mlx_adapters.layer import AdapterLayer
 from mlx_adapters.nf4_linear import NF4Linear
 
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
@@ -23,7 +24,7 @@ def _matches(name: str, patterns) -> bool:
 
 def find_targets(model: nn.Module, config: PeftConfig) -> list[str]:
     """Names of the ``nn.Linear`` modules to wrap; an error names the candidates if none match."""
-    linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear))]
+    linear = _linear_modules(model)
     wanted = config.target_modules
     if wanted is None:
         raise ValueError("target_modules is required (names, a regex or 'all-linear'); linear "
@@ -41,6 +42,21 @@ def find_targets(model: nn.Module, config: PeftConfig) -> list[str]:
         raise ValueError(f"target_modules={wanted!r} matches no linear module of this model; "
                          f"its linear modules are: {_short_names(linear)}")
     return chosen
+
+
+def _linear_modules(model: nn.Module) -> list[str]:
+    """Linear layers, counting one already wrapped by an adapter as the layer itself (so a
+    second adapter can target it) and never looking inside such wrappers."""
+    names, wrapped = [], []
+    for name, module in model.named_modules():
+        if any(name.startswith(w + ".") for w in wrapped):
+            continue
+        if isinstance(module, AdapterLayer):
+            wrapped.append(name)
+            names.append(name)
+        elif isinstance(module, (nn.Linear, NF4Linear)):
+            names.append(name)
+    return names
 
 
 def _short_names(names: list[str]) -> str:
