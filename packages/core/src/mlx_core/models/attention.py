@@ -83,8 +83,13 @@ def build_mask(
     return mask | (k_pos == q_pos)[None, None]
 
 
-def attend(q, k, v, meta: AttentionMetadata, layer: int) -> torch.Tensor:
-    """``q [B, Hq, T, D]``, ``k, v [B, Hkv, T, D]`` -> ``[B, Hq, T, D]``."""
+def attend(q, k, v, meta, layer: int) -> torch.Tensor:
+    """``q [B, Hq, T, D]``, ``k, v [B, Hkv, T, D]`` -> ``[B, Hq, T, D]``; ``meta`` is an
+    ``AttentionMetadata`` or a ``paged.PagedAttentionMetadata``."""
+    if not isinstance(meta, AttentionMetadata):
+        from mlx_core.models.paged import paged_attend
+
+        return paged_attend(q, k, v, meta, layer)
     if meta.cache is not None:
         k, v = meta.cache.update(layer, k, v)
     return F.scaled_dot_product_attention(

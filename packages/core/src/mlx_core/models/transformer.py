@@ -120,16 +120,21 @@ class Backbone(nn.Module):
         )
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                cache: KVCache | None = None, inputs_embeds=None):
+                cache: KVCache | None = None, inputs_embeds=None, paged=None):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids [B, T] and inputs_embeds [B, T, H]")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, t, device = x.shape[0], x.shape[1], x.device
-        past = cache.length if cache is not None else 0
-        key_valid = _key_valid(attention_mask, b, t, past, cache, device)
-        if position_ids is None:
-            position_ids = _default_positions(key_valid, b, t, past, device)
-        meta = AttentionMetadata(build_mask(key_valid, t, past, self.config.sliding_window, device), cache)
+        if paged is not None:  # the serving layout: packed row, positions given by the runner
+            if position_ids is None or b != 1:
+                raise ValueError("paged attention takes one packed row [1, T] and its position_ids")
+            meta = paged
+        else:
+            past = cache.length if cache is not None else 0
+            key_valid = _key_valid(attention_mask, b, t, past, cache, device)
+            if position_ids is None:
+                position_ids = _default_positions(key_valid, b, t, past, device)
+            meta = AttentionMetadata(build_mask(key_valid, t, past, self.config.sliding_window, device), cache)
         cos_sin = None
         if self.rope_inv_freq is not None:
             self.rope_inv_freq = self.rope_inv_freq.to(device)
@@ -218,10 +223,12 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch_size, max_length, dtype=p.dtype, device=p.device)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, *, inputs_embeds=None,
-                position_ids=None, kv_cache: KVCache | None = None, logits_to_keep: int = 0):
+                position_ids=None, kv_cache: KVCache | None = None, logits_to_keep: int = 0,
+                paged=None):
         """``inputs_embeds [B, T, H]`` replaces ``input_ids`` (e.g. for prompt tuning);
-        ``logits_to_keep > 0`` computes logits for only the last that many positions."""
-        hidden = self.model(input_ids, attention_mask, position_ids, kv_cache, inputs_embeds)
+        ``logits_to_keep > 0`` computes logits for only the last that many positions;
+        ``paged`` (a ``PagedAttentionMetadata``) runs packed sequences over a paged cache."""
+        hidden = self.model(input_ids, attention_mask, position_ids, kv_cache, inputs_embeds, paged)
         if labels is not None:
             return self.loss(hidden, labels)
         if logits_to_keep:

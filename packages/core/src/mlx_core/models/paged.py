@@ -1,0 +1,64 @@
+"""The paged layout of the attention seam, for serving: keys/values live in fixed-size blocks of
+one preallocated cache, and a forward pass runs several sequences packed into one row.
+
+The caller (a serving engine's model runner) decides block tables and slots; the model only
+writes each token's key/value to its slot and attends through ``mlx_kernels`` (varlen attention
+for prefill, which also reads a cached prefix; paged decode for one token per sequence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mlx_core.config import ModelConfig
+from mlx_kernels import paged_attention_decode, varlen_attention, write_kv_cache
+
+
+class PagedKVCache:
+    """``[layers, num_blocks, block_size, kv_heads, head_dim]`` for keys and for values."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = 16, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        if block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {block_size}")
+        shape = (config.num_layers, num_blocks, block_size, config.kv_heads, config.dim_per_head)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+
+
+@dataclass
+class PagedAttentionMetadata:
+    """One packed forward pass over ``S`` sequences (``T`` tokens in all, input row ``[1, T]``).
+
+    ``slot_mapping [T]``: where each new token's key/value goes (block * block_size + offset).
+    ``block_tables [S, max_blocks]``: each sequence's blocks. Prefill: ``cu_seqlens_q [S+1]``
+    (new tokens per sequence) and ``cu_seqlens_k [S+1]`` (cached prefix + new tokens). Decode
+    (``decode=True``, one new token per sequence): ``context_lens [S]``.
+    """
+
+    cache: PagedKVCache
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    decode: bool = False
+    cu_seqlens_q: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
+    sliding_window: int | None = None
+
+
+def paged_attend(q, k, v, meta: PagedAttentionMetadata, layer: int) -> torch.Tensor:
+    """``q [1, Hq, T, D]``, ``k, v [1, Hkv, T, D]`` (packed) -> ``[1, Hq, T, D]``."""
+    q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # -> [T, heads, D]
+    key_cache, value_cache = meta.cache.keys[layer], meta.cache.values[layer]
+    write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+    if meta.decode:
+        out = paged_attention_decode(q, key_cache, value_cache, meta.block_tables,
+                                     meta.context_lens, sliding_window=meta.sliding_window)
+    else:
+        out = varlen_attention(q, key_cache, value_cache, meta.cu_seqlens_q, meta.cu_seqlens_k,
+                               sliding_window=meta.sliding_window, block_tables=meta.block_tables)
+    return out.transpose(0, 1)[None]
