@@ -56,23 +56,105 @@ def test_models_info_preset_and_unknown_name():
     assert "Traceback" not in bad.output
 
 
+# Word-level vocabulary of the tiny models: specials first, so tests can name token ids.
+_WORDS = ["<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system", "hi", "hello",
+          "there", "be", "brief"]
+_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>"
+             "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = _WORDS + [f"w{i}" for i in range(get_preset("tiny-llama").vocab_size - len(_WORDS))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>",
+                                 eos_token="<|im_end|>")
+    hf.chat_template = _TEMPLATE
+    return hf
+
+
 @pytest.fixture
 def tiny_dir(tmp_path):
+    """A random tiny-llama with a word-level tokenizer and a chat template."""
     torch.manual_seed(0)
-    return save_model(build_model(get_preset("tiny-llama")), tmp_path / "tiny")
+    return save_model(build_model(get_preset("tiny-llama")), tmp_path / "tiny",
+                      tokenizer=_tiny_tokenizer())
+
+
+def test_models_info_directory_and_missing_path(tiny_dir, tmp_path):
+    done = invoke("models", "info", str(tiny_dir))
+    assert done.exit_code == 0 and "directory" in done.output and "78K" in done.output
+    missing = invoke("models", "info", str(tmp_path / "nope"))
+    assert missing.exit_code == 1 and "nope does not exist" in missing.output
 
 
 def test_convert_hf_dir_and_refuse_to_overwrite(tiny_dir, tmp_path):
     done = invoke("models", "convert", str(tiny_dir), str(tmp_path / "out"))
     assert done.exit_code == 0, done.output
     assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
     before = (tmp_path / "out" / "model.safetensors").read_bytes()
     again = invoke("models", "convert", str(tiny_dir), str(tmp_path / "out"))
-    assert again.exit_code == 1 and "--overwrite" in again.output.replace("overwrite=True", "--overwrite")
+    assert again.exit_code == 1 and "pass --overwrite" in again.output
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
+    forced = invoke("models", "convert", str(tiny_dir), str(tmp_path / "out"), "--overwrite")
+    assert forced.exit_code == 0, forced.output
     missing = invoke("models", "convert", str(tmp_path / "nope"), str(tmp_path / "x"))
     assert missing.exit_code == 1 and "nope" in missing.output
     assert not (tmp_path / "x").exists()
+    not_a_model = invoke("models", "convert", str(tmp_path), str(tmp_path / "x"))
+    assert not_a_model.exit_code == 1 and "neither a .gguf file" in not_a_model.output
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp-*"))
+
+
+@pytest.mark.parametrize("chat", ["--chat", "--no-chat"])
+def test_generate_streams_what_generate_returns(tiny_dir, chat):
+    from mlx_core import generate, load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_dir)
+    prompt = (tokenizer.apply_chat_template([{"role": "user", "content": "hello there"}])
+              if chat == "--chat" else tokenizer.encode("hello there"))
+    ids = generate(load_model(tiny_dir), prompt, max_new_tokens=6,
+                   stop_token_ids=tokenizer.eos_token_ids)
+    done = invoke("generate", "-m", str(tiny_dir), "-p", "hello there", "-n", "6", chat)
+    assert done.exit_code == 0, done.output
+    assert done.output == tokenizer.decode(ids) + "\n"
+
+
+def test_generate_unknown_model_and_missing_path(tmp_path):
+    bad = invoke("generate", "-m", "smollm2", "-p", "hi")
+    assert bad.exit_code == 1 and "Did you mean: smollm2-135m-instruct" in bad.output
+    missing = invoke("generate", "-m", str(tmp_path / "gone.gguf"), "-p", "hi")
+    assert missing.exit_code == 1 and "gone.gguf" in missing.output
+
+
+def test_chat_keeps_history_resets_and_survives_ctrl_c(tiny_dir, monkeypatch):
+    from mlx_core.models import generation
+
+    real, prompts = generation.stream_generate, []
+
+    def spy(model, prompt_ids, **options):
+        prompts.append(list(prompt_ids))
+        if len(prompts) == 2:
+            raise KeyboardInterrupt
+        yield from real(model, prompt_ids, **options)
+
+    monkeypatch.setattr(generation, "stream_generate", spy)
+    done = invoke("chat", "-m", str(tiny_dir), "--system", "be brief", "-n", "4",
+                  input="hi\nhi hi\nhello there\n/reset\nhi\n/exit\nhello\n")
+    assert done.exit_code == 0, done.output
+    assert "(interrupted)" in done.output and "(conversation cleared)" in done.output
+    assert len(prompts) == 4  # nothing after /exit
+    first, interrupted, third, after_reset = prompts
+    assert first == [1, 5, 9, 10, 2, 1, 3, 6, 2, 1, 4]  # system turn, user turn, assistant cue
+    assert third[:len(first)] == first and len(third) > len(first) + 7  # the first turn is kept
+    assert interrupted[-7:] == [1, 3, 6, 6, 2, 1, 4] and third[-7:] == [1, 3, 7, 8, 2, 1, 4]
+    assert interrupted[:-7] == third[:-7]  # the interrupted turn is forgotten
+    assert after_reset == first
 
 
 def test_doctor_reports_versions_and_kernels():
@@ -89,10 +171,17 @@ def _mlx_without_torch(*args):
                           text=True, timeout=120)
 
 
-@pytest.mark.parametrize("args", [["--help"], ["models", "list"], ["doctor"]])
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["models", "list"],
+                                  ["models", "info", "smollm2-135m-instruct"], ["doctor"]])
 def test_torch_free_commands_work_without_torch(args):
     done = _mlx_without_torch(*args)
     assert done.returncode == 0, done.stderr
+
+
+def test_convert_works_without_torch(tiny_dir, tmp_path):
+    done = _mlx_without_torch("models", "convert", str(tiny_dir), str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "config.json").is_file()
 
 
 def test_generate_without_torch_says_what_to_install():

@@ -87,5 +87,10 @@ def chat(model: str = MODEL, system: str | None = typer.Option(None, "--system",
         if not text:
             continue
         messages.append({"role": "user", "content": text})
-        reply = _stream(lm, tokenizer, tokenizer.apply_chat_template(messages), options)
+        try:
+            reply = _stream(lm, tokenizer, tokenizer.apply_chat_template(messages), options)
+        except KeyboardInterrupt:  # Ctrl-C stops this reply and forgets the turn, not the chat
+            typer.echo("\n(interrupted)")
+            messages.pop()
+            continue
         messages.append({"role": "assistant", "content": reply})

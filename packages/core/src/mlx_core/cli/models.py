@@ -52,6 +52,16 @@ def pull(name: str, force: bool = typer.Option(False, "--force", help="Fetch and
     typer.echo(pull_model(name, force=force))
 
 
+def _existing_path(text: str) -> Path:
+    """The local path ``text`` names; a missing path or an unknown model name is an error."""
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    if "/" in text or text.endswith(".gguf"):
+        raise FileNotFoundError(f"{text} does not exist")
+    raise UnknownNameError(registry.model_sources.unknown_message(text))
+
+
 def _describe(name: str) -> tuple[ModelConfig, dict[str, str]]:
     facts: dict[str, str] = {}
     if name in registry.model_sources:
@@ -65,12 +75,13 @@ def _describe(name: str) -> tuple[ModelConfig, dict[str, str]]:
         return registry.presets.get(source.preset), facts
     if name in registry.presets:
         return registry.presets.get(name), {"origin": "preset (config only, no weights)"}
-    path = Path(name).expanduser()
+    path = _existing_path(name)
     if path.is_dir():
         return ModelConfig.from_pretrained(path), {"origin": f"directory {path}"}
-    if path.exists() or "/" in name:
-        raise FileNotFoundError(f"{name} is not an HF-format model directory")
-    raise UnknownNameError(registry.model_sources.unknown_message(name))
+    if path.suffix == ".gguf":
+        raise ValueError(f"{name} is a GGUF file: run  mlx models convert {name} DIR  and then "
+                         "mlx models info DIR")
+    raise ValueError(f"{name} is not a model: expected an HF-format directory with config.json")
 
 
 @app.command()
@@ -97,10 +108,9 @@ def convert(src: str = typer.Argument(..., help="A .gguf file, an HF directory o
     from mlx_core.paths import atomic_directory
     from mlx_core.sources import convert_to_hf_dir, resolve_model_dir
 
-    src_path = resolve_model_dir(src) if src in registry.model_sources else Path(src).expanduser()
-    if not src_path.exists():
-        raise FileNotFoundError(f"{src} does not exist: expected a .gguf file, an HF directory or "
-                                f"a registered model ({', '.join(registry.model_sources.names())})")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
+    src_path = resolve_model_dir(src) if src in registry.model_sources else _existing_path(src)
     with atomic_directory(dst, overwrite=overwrite) as out:
         convert_to_hf_dir(src_path, out)
     typer.echo(dst)
