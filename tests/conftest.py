@@ -27,3 +27,40 @@ def builtin_model_dir():
     from mlx_core.sources import BUILTIN_MODEL, resolve_model_dir
 
     return resolve_model_dir(BUILTIN_MODEL)
+
+
+# Word-level vocabulary of the tiny models: specials first, so tests can name token ids.
+_WORDS = ["<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system", "hi", "hello",
+          "there", "be", "brief"]
+_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>"
+             "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A word-level HF tokenizer over tiny-llama's vocabulary, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from mlx_core.presets import get_preset
+
+    words = _WORDS + [f"w{i}" for i in range(get_preset("tiny-llama").vocab_size - len(_WORDS))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>",
+                                 eos_token="<|im_end|>")
+    hf.chat_template = _TEMPLATE
+    return hf
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_tokenizer):
+    """A random tiny-llama with a word-level tokenizer and a chat template."""
+    import torch
+
+    from mlx_core import build_model, get_preset, save_model
+
+    torch.manual_seed(0)
+    return save_model(build_model(get_preset("tiny-llama")), tmp_path / "tiny",
+                      tokenizer=tiny_tokenizer)

@@ -4,11 +4,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import typer
 from typer.testing import CliRunner
 
-from mlx_core import build_model, get_preset, registry, save_model
+from mlx_core import registry
 from mlx_core.cli.app import build_app
 
 runner = CliRunner()
@@ -56,52 +55,23 @@ def test_models_info_preset_and_unknown_name():
     assert "Traceback" not in bad.output
 
 
-# Word-level vocabulary of the tiny models: specials first, so tests can name token ids.
-_WORDS = ["<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system", "hi", "hello",
-          "there", "be", "brief"]
-_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>"
-             "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
-
-
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = _WORDS + [f"w{i}" for i in range(get_preset("tiny-llama").vocab_size - len(_WORDS))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece()
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>",
-                                 eos_token="<|im_end|>")
-    hf.chat_template = _TEMPLATE
-    return hf
-
-
-@pytest.fixture
-def tiny_dir(tmp_path):
-    """A random tiny-llama with a word-level tokenizer and a chat template."""
-    torch.manual_seed(0)
-    return save_model(build_model(get_preset("tiny-llama")), tmp_path / "tiny",
-                      tokenizer=_tiny_tokenizer())
-
-
-def test_models_info_directory_and_missing_path(tiny_dir, tmp_path):
-    done = invoke("models", "info", str(tiny_dir))
+def test_models_info_directory_and_missing_path(tiny_model_dir, tmp_path):
+    done = invoke("models", "info", str(tiny_model_dir))
     assert done.exit_code == 0 and "directory" in done.output and "78K" in done.output
     missing = invoke("models", "info", str(tmp_path / "nope"))
     assert missing.exit_code == 1 and "nope does not exist" in missing.output
 
 
-def test_convert_hf_dir_and_refuse_to_overwrite(tiny_dir, tmp_path):
-    done = invoke("models", "convert", str(tiny_dir), str(tmp_path / "out"))
+def test_convert_hf_dir_and_refuse_to_overwrite(tiny_model_dir, tmp_path):
+    done = invoke("models", "convert", str(tiny_model_dir), str(tmp_path / "out"))
     assert done.exit_code == 0, done.output
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert (tmp_path / "out" / "tokenizer.json").is_file()
     before = (tmp_path / "out" / "model.safetensors").read_bytes()
-    again = invoke("models", "convert", str(tiny_dir), str(tmp_path / "out"))
+    again = invoke("models", "convert", str(tiny_model_dir), str(tmp_path / "out"))
     assert again.exit_code == 1 and "pass --overwrite" in again.output
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
-    forced = invoke("models", "convert", str(tiny_dir), str(tmp_path / "out"), "--overwrite")
+    forced = invoke("models", "convert", str(tiny_model_dir), str(tmp_path / "out"), "--overwrite")
     assert forced.exit_code == 0, forced.output
     missing = invoke("models", "convert", str(tmp_path / "nope"), str(tmp_path / "x"))
     assert missing.exit_code == 1 and "nope" in missing.output
@@ -112,15 +82,15 @@ def test_convert_hf_dir_and_refuse_to_overwrite(tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("chat", ["--chat", "--no-chat"])
-def test_generate_streams_what_generate_returns(tiny_dir, chat):
+def test_generate_streams_what_generate_returns(tiny_model_dir, chat):
     from mlx_core import generate, load_model, load_tokenizer
 
-    tokenizer = load_tokenizer(tiny_dir)
+    tokenizer = load_tokenizer(tiny_model_dir)
     prompt = (tokenizer.apply_chat_template([{"role": "user", "content": "hello there"}])
               if chat == "--chat" else tokenizer.encode("hello there"))
-    ids = generate(load_model(tiny_dir), prompt, max_new_tokens=6,
+    ids = generate(load_model(tiny_model_dir), prompt, max_new_tokens=6,
                    stop_token_ids=tokenizer.eos_token_ids)
-    done = invoke("generate", "-m", str(tiny_dir), "-p", "hello there", "-n", "6", chat)
+    done = invoke("generate", "-m", str(tiny_model_dir), "-p", "hello there", "-n", "6", chat)
     assert done.exit_code == 0, done.output
     assert done.output == tokenizer.decode(ids) + "\n"
 
@@ -132,7 +102,7 @@ def test_generate_unknown_model_and_missing_path(tmp_path):
     assert missing.exit_code == 1 and "gone.gguf" in missing.output
 
 
-def test_chat_keeps_history_resets_and_survives_ctrl_c(tiny_dir, monkeypatch):
+def test_chat_keeps_history_resets_and_survives_ctrl_c(tiny_model_dir, monkeypatch):
     from mlx_core.models import generation
 
     real, prompts = generation.stream_generate, []
@@ -144,7 +114,7 @@ def test_chat_keeps_history_resets_and_survives_ctrl_c(tiny_dir, monkeypatch):
         yield from real(model, prompt_ids, **options)
 
     monkeypatch.setattr(generation, "stream_generate", spy)
-    done = invoke("chat", "-m", str(tiny_dir), "--system", "be brief", "-n", "4",
+    done = invoke("chat", "-m", str(tiny_model_dir), "--system", "be brief", "-n", "4",
                   input="hi\nhi hi\nhello there\n/reset\nhi\n/exit\nhello\n")
     assert done.exit_code == 0, done.output
     assert "(interrupted)" in done.output and "(conversation cleared)" in done.output
@@ -178,8 +148,8 @@ def test_torch_free_commands_work_without_torch(args):
     assert done.returncode == 0, done.stderr
 
 
-def test_convert_works_without_torch(tiny_dir, tmp_path):
-    done = _mlx_without_torch("models", "convert", str(tiny_dir), str(tmp_path / "out"))
+def test_convert_works_without_torch(tiny_model_dir, tmp_path):
+    done = _mlx_without_torch("models", "convert", str(tiny_model_dir), str(tmp_path / "out"))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "config.json").is_file()
 

@@ -43,7 +43,7 @@ def test_packed_prefill_and_decode_equal_the_plain_forward(preset):
         nxt = [int(model(torch.tensor([s]))[0, -1].argmax()) for s in sequences]
         lengths = [len(s) for s in sequences]
         meta = PagedAttentionMetadata(cache, torch.tensor([_slots(i, [n])[0] for i, n in enumerate(lengths)]),
-                                      TABLES, decode=True, sliding_window=window,
+                                      TABLES, sliding_window=window,
                                       context_lens=torch.tensor([n + 1 for n in lengths], dtype=torch.int32))
         logits = model(torch.tensor([nxt]), position_ids=torch.tensor([lengths]), paged=meta)[0]
         for i, token in enumerate(nxt):
@@ -73,3 +73,25 @@ def test_prefill_reads_a_cached_prefix():
 def test_paged_path_through_the_triton_kernels(monkeypatch):
     monkeypatch.setenv("MLX_KERNELS", "triton")
     test_prefill_reads_a_cached_prefix()
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-mistral"])
+@torch.no_grad()
+def test_one_forward_mixes_decodes_and_prefills(preset):
+    """Sequence 0 decodes its 6th token while sequence 1 prefills 11 tokens, in one packed row."""
+    torch.manual_seed(0)
+    model = build_model(get_preset(preset)).eval()
+    window = model.config.sliding_window
+    first, second = torch.randint(0, 128, (6,)), torch.randint(0, 128, (11,))
+    cache = PagedKVCache(model.config, num_blocks=12, block_size=BLOCK)
+    warm = PagedAttentionMetadata(cache, torch.tensor(_slots(0, range(5))), TABLES[:1],
+                                  cu_seqlens_q=_cu([5]), cu_seqlens_k=_cu([5]), sliding_window=window)
+    model(first[None, :5], position_ids=torch.arange(5)[None], paged=warm)
+    meta = PagedAttentionMetadata(cache, torch.tensor(_slots(0, [5]) + _slots(1, range(11))), TABLES,
+                                  context_lens=torch.tensor([6], dtype=torch.int32),
+                                  cu_seqlens_q=_cu([11]), cu_seqlens_k=_cu([11]), sliding_window=window)
+    ids = torch.cat([first[5:], second])[None]
+    positions = torch.cat([torch.tensor([5]), torch.arange(11)])[None]
+    logits = model(ids, position_ids=positions, paged=meta)[0]
+    torch.testing.assert_close(logits[0], model(first[None])[0, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[1:], model(second[None])[0], atol=1e-5, rtol=1e-5)

@@ -34,20 +34,32 @@ class PagedKVCache:
 class PagedAttentionMetadata:
     """One packed forward pass over ``S`` sequences (``T`` tokens in all, input row ``[1, T]``).
 
-    ``slot_mapping [T]``: where each new token's key/value goes (block * block_size + offset).
-    ``block_tables [S, max_blocks]``: each sequence's blocks. Prefill: ``cu_seqlens_q [S+1]``
-    (new tokens per sequence) and ``cu_seqlens_k [S+1]`` (cached prefix + new tokens). Decode
-    (``decode=True``, one new token per sequence): ``context_lens [S]``.
+    Decodes come first, then prefills (vLLM's order), so one forward can mix both and each part
+    runs its own kernel. ``slot_mapping [T]``: where each new token's key/value goes
+    (block * block_size + offset). ``block_tables [S, max_blocks]``: each sequence's blocks, in
+    the same order. Decode part: ``context_lens [D]`` (one new token for each of the first ``D``
+    sequences, the new token counted in). Prefill part: ``cu_seqlens_q [P+1]`` (new tokens per
+    sequence) and ``cu_seqlens_k [P+1]`` (cached prefix + new tokens) for the other ``P``.
     """
 
     cache: PagedKVCache
     slot_mapping: torch.Tensor
     block_tables: torch.Tensor
-    decode: bool = False
+    context_lens: torch.Tensor | None = None
     cu_seqlens_q: torch.Tensor | None = None
     cu_seqlens_k: torch.Tensor | None = None
-    context_lens: torch.Tensor | None = None
     sliding_window: int | None = None
+
+    def __post_init__(self):
+        if self.context_lens is None and self.cu_seqlens_q is None:
+            raise ValueError("PagedAttentionMetadata needs context_lens (decodes), "
+                             "cu_seqlens_q/cu_seqlens_k (prefills) or both")
+        if (self.cu_seqlens_q is None) != (self.cu_seqlens_k is None):
+            raise ValueError("pass cu_seqlens_q and cu_seqlens_k together")
+
+    @property
+    def num_decodes(self) -> int:
+        return 0 if self.context_lens is None else len(self.context_lens)
 
 
 def paged_attend(q, k, v, meta: PagedAttentionMetadata, layer: int) -> torch.Tensor:
@@ -55,10 +67,14 @@ def paged_attend(q, k, v, meta: PagedAttentionMetadata, layer: int) -> torch.Ten
     q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # -> [T, heads, D]
     key_cache, value_cache = meta.cache.keys[layer], meta.cache.values[layer]
     write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
-    if meta.decode:
-        out = paged_attention_decode(q, key_cache, value_cache, meta.block_tables,
-                                     meta.context_lens, sliding_window=meta.sliding_window)
-    else:
-        out = varlen_attention(q, key_cache, value_cache, meta.cu_seqlens_q, meta.cu_seqlens_k,
-                               sliding_window=meta.sliding_window, block_tables=meta.block_tables)
+    d = meta.num_decodes
+    parts = []
+    if d:
+        parts.append(paged_attention_decode(q[:d], key_cache, value_cache, meta.block_tables[:d],
+                                            meta.context_lens, sliding_window=meta.sliding_window))
+    if meta.cu_seqlens_q is not None:
+        parts.append(varlen_attention(q[d:], key_cache, value_cache, meta.cu_seqlens_q,
+                                      meta.cu_seqlens_k, sliding_window=meta.sliding_window,
+                                      block_tables=meta.block_tables[d:]))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out.transpose(0, 1)[None]

@@ -223,15 +223,18 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch_size, max_length, dtype=p.dtype, device=p.device)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, *, inputs_embeds=None,
-                position_ids=None, kv_cache: KVCache | None = None, logits_to_keep: int = 0,
+                position_ids=None, kv_cache: KVCache | None = None, logits_to_keep: int | torch.Tensor = 0,
                 paged=None):
         """``inputs_embeds [B, T, H]`` replaces ``input_ids`` (e.g. for prompt tuning);
-        ``logits_to_keep > 0`` computes logits for only the last that many positions;
+        ``logits_to_keep`` (as in HF): an int ``n > 0`` computes logits for only the last ``n``
+        positions, a 1-D index tensor for only those positions;
         ``paged`` (a ``PagedAttentionMetadata``) runs packed sequences over a paged cache."""
         hidden = self.model(input_ids, attention_mask, position_ids, kv_cache, inputs_embeds, paged)
         if labels is not None:
             return self.loss(hidden, labels)
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]
+        elif logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.lm_head(hidden)
 

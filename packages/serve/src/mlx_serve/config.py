@@ -1,0 +1,82 @@
+"""Engine settings and the KV-cache size they imply."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from mlx_serve.scheduler import SchedulerConfig
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
+          "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30}
+
+
+def parse_memory(value: int | str) -> int:
+    """Bytes from an int or a string such as ``"2GiB"``, ``"512MB"``, ``"1.5g"``."""
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read {value!r} as an amount of memory; write e.g. 2GiB, 512MB "
+                         "or a number of bytes")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def available_memory(device: torch.device) -> int:
+    """Free memory where the cache will live: the GPU's, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30  # no way to ask: assume a modest machine
+
+
+@dataclass
+class EngineConfig:
+    """``num_blocks`` fixes the cache size outright; otherwise ``kv_cache_memory`` (bytes or
+    e.g. ``"2GiB"``) or ``kv_cache_fraction`` of the free memory, never more than
+    ``max_num_seqs`` sequences of ``max_model_len`` tokens need."""
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_memory: int | str | None = None
+    kv_cache_fraction: float = 0.25
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    scheduling_policy: str = "fcfs"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two (got {self.block_size})")
+        if not 0 < self.kv_cache_fraction <= 1:
+            raise ValueError(f"kv_cache_fraction must be in (0, 1] (got {self.kv_cache_fraction})")
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens,
+                               self.enable_chunked_prefill, self.scheduling_policy)
+
+    def resolve_num_blocks(self, bytes_per_block: int, max_model_len: int,
+                           device: torch.device) -> int:
+        if self.num_blocks is not None:
+            return self.num_blocks
+        if self.kv_cache_memory is not None:
+            budget = parse_memory(self.kv_cache_memory)
+        else:
+            budget = int(self.kv_cache_fraction * available_memory(device))
+        enough = self.max_num_seqs * -(-max_model_len // self.block_size)
+        blocks = min(budget // bytes_per_block, enough)
+        if blocks < 1:
+            raise ValueError(f"the KV-cache budget ({budget} bytes) does not hold one block of "
+                             f"{bytes_per_block} bytes; give it more with kv_cache_memory")
+        return blocks

@@ -1,0 +1,217 @@
+"""The step loop: schedule, run the model once, sample, detokenize, finish, report.
+
+``LLMEngine`` is synchronous and single-threaded; the offline ``LLM`` drives it to completion
+and the server drives it from one background thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mlx_core.tokenizer import IncrementalDecoder, Tokenizer
+from mlx_serve.block_manager import BlockManager
+from mlx_serve.config import EngineConfig
+from mlx_serve.model_runner import ModelRunner, kv_bytes_per_block
+from mlx_serve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from mlx_serve.sampler import SampledToken, Sampler
+from mlx_serve.sampling_params import SamplingParams
+from mlx_serve.scheduler import Scheduler
+from mlx_serve.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sequences: list[Sequence] = field(default_factory=list)
+    decoders: list[IncrementalDecoder] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.sequences)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_blocks: int
+    num_free_blocks: int
+    prefix_cache_hit_rate: float
+    num_preemptions: int
+    prompt_tokens: int
+    generation_tokens: int
+
+
+class LLMEngine:
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        weight = model.lm_head.weight
+        self.max_model_len = config.max_model_len or model.config.max_position_embeddings
+        num_blocks = config.resolve_num_blocks(
+            kv_bytes_per_block(model.config, config.block_size, weight.dtype), self.max_model_len,
+            weight.device)
+        self.blocks = BlockManager(num_blocks, config.block_size,
+                                   enable_prefix_caching=config.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler_config(), self.blocks)
+        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        eos = list(tokenizer.eos_token_ids) if tokenizer is not None else []
+        if not eos and model.config.eos_token_id is not None:
+            configured = model.config.eos_token_id
+            eos = [configured] if isinstance(configured, int) else list(configured)
+        self.eos_token_ids = eos
+        self.sampler = Sampler(eos, seed=config.seed)
+        self.requests: dict[str, Request] = {}
+        self._request_counter = itertools.count()
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
+                    request_id: str | None = None, priority: int = 0,
+                    lora_name: str | None = None, arrival_time: float | None = None) -> str:
+        """Queue a prompt (text, or token ids); returns its request id."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else str(next(self._request_counter))
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+        self._check_prompt(ids, params)
+        request = Request(request_id, text, ids, params)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        for index in range(params.n):
+            seed = None if params.seed is None else params.seed + index
+            seq = Sequence(request_id, ids, params, index=index, priority=priority,
+                           lora_name=lora_name, arrival_time=arrival, seed=seed)
+            request.sequences.append(seq)
+            request.decoders.append(IncrementalDecoder(self.tokenizer, params.skip_special_tokens)
+                                    if self.tokenizer is not None else None)
+            self.scheduler.add(seq)
+        self.requests[request_id] = request
+        self.prompt_tokens += len(ids) * params.n
+        return request_id
+
+    def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.model.config.vocab_size
+        if max(ids) >= vocab or min(ids) < 0:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}) for this model")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; this model takes at most "
+                             f"{self.max_model_len} (prompt + output): shorten the prompt")
+        if not self.config.enable_chunked_prefill and len(ids) > self.config.max_num_batched_tokens:
+            raise ValueError(f"the prompt has {len(ids)} tokens, more than max_num_batched_tokens="
+                             f"{self.config.max_num_batched_tokens}; raise it or enable chunked prefill")
+        total = len(ids) + (params.max_tokens or self.max_model_len - len(ids))
+        needed = self.blocks.blocks_needed(min(total, self.max_model_len))
+        if needed > self.blocks.num_blocks:
+            raise ValueError(f"this request needs up to {needed} KV blocks but the cache has only "
+                             f"{self.blocks.num_blocks}: lower max_tokens or give the cache more "
+                             "memory (kv_cache_memory)")
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now; its blocks are freed. Unknown or finished ids are ignored."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        for seq in request.sequences:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # -- the step ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; outputs of every request that changed (aborted ones and
+        finished ones included, each reported finished exactly once, then forgotten)."""
+        step = self.scheduler.schedule()
+        touched: dict[str, Request] = {}
+        if step:
+            logits, due = self.runner.execute(step.sequences)
+            for seq, n in step.sequences:
+                seq.num_computed_tokens += n
+                self.blocks.register_full_blocks(seq)
+            sampled = self.sampler(logits, due) if due else []
+            for seq, token in zip(due, sampled, strict=True):
+                self._append(seq, token)
+                touched[seq.request_id] = self.requests[seq.request_id]
+        for request_id, request in list(self.requests.items()):
+            if request.finished:
+                touched[request_id] = request
+        outputs = [self._output(r) for r in touched.values()]
+        for out in outputs:
+            if out.finished:
+                del self.requests[out.request_id]
+        return outputs
+
+    def _append(self, seq: Sequence, sampled: SampledToken) -> None:
+        token, params = sampled.token_id, seq.params
+        seq.append_token(token, sampled.logprob, sampled.top_logprobs)
+        self.generation_tokens += 1
+        request = self.requests[seq.request_id]
+        decoder = request.decoders[seq.index]
+        before = len(seq.text)
+        if decoder is not None:
+            seq.text += decoder.push(token)
+        if token in params.stop_token_ids:
+            seq.stop_reason = token
+            return self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
+        if token in self.eos_token_ids and not params.ignore_eos:
+            return self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
+        for stop in params.stop_strings:
+            at = seq.text.find(stop, max(0, before - len(stop) + 1))
+            if at >= 0:
+                seq.text = seq.text[:at + (len(stop) if params.include_stop_str_in_output else 0)]
+                seq.stop_reason = stop
+                return self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
+        if (params.max_tokens is not None and len(seq.output_token_ids) >= params.max_tokens) \
+                or seq.num_tokens >= self.max_model_len:
+            self.scheduler.finish(seq, SequenceStatus.FINISHED_LENGTH)
+
+    def _output(self, request: Request) -> RequestOutput:
+        completions = [
+            CompletionOutput(seq.index, seq.text, list(seq.output_token_ids),
+                             seq.cumulative_logprob if request.params.logprobs is not None else None,
+                             list(seq.logprobs) if request.params.logprobs is not None else None,
+                             seq.finish_reason, seq.stop_reason)
+            for seq in request.sequences]
+        first = request.sequences[0]
+        finished_times = [s.finished_time for s in request.sequences if s.finished_time]
+        first_tokens = [s.first_token_time for s in request.sequences if s.first_token_time]
+        metrics = RequestMetrics(first.arrival_time, min(first_tokens, default=None),
+                                 max(finished_times) if request.finished else None,
+                                 first.num_cached_tokens)
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
+                             completions, request.finished, metrics)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_blocks=self.blocks.num_blocks, num_free_blocks=self.blocks.num_free_blocks,
+            prefix_cache_hit_rate=self.blocks.prefix_hit_rate,
+            num_preemptions=self.scheduler.num_preemptions, prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.generation_tokens)
+
+
+def default_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+    return names[dtype]

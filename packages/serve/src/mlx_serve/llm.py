@@ -1,0 +1,110 @@
+"""Offline batched inference: ``LLM(model).generate(prompts, SamplingParams(...))``, as in vLLM."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from torch import nn
+
+from mlx_serve.config import EngineConfig
+from mlx_serve.engine import LLMEngine, default_dtype
+from mlx_serve.outputs import RequestOutput
+from mlx_serve.sampling_params import SamplingParams
+
+PromptType = str | list[int] | dict
+
+
+def _engine_fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(EngineConfig)}
+
+
+class LLM:
+    """An engine over one model.
+
+    ``model``: a registered name (default: the built-in ``smollm2-135m-instruct``), an HF-format
+    directory, a ``.gguf`` file, or an already built zoo model (then pass ``tokenizer``).
+    Engine options (``EngineConfig``): ``block_size``, ``num_blocks``, ``kv_cache_memory``,
+    ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``, ``enable_prefix_caching``,
+    ``enable_chunked_prefill``, ``scheduling_policy``, ``seed``.
+    """
+
+    def __init__(self, model: str | nn.Module = "smollm2-135m-instruct", *, tokenizer=None,
+                 dtype="float32", device: str = "cpu", **engine_options):
+        unknown = set(engine_options) - _engine_fields()
+        if unknown:
+            raise TypeError(f"unknown LLM options {sorted(unknown)}; engine options are "
+                            f"{sorted(_engine_fields())}")
+        if isinstance(model, nn.Module):
+            if model.lm_head.weight.dtype != default_dtype(dtype):
+                model = model.to(default_dtype(dtype))
+        else:
+            from mlx_core import load_model, load_tokenizer
+
+            source = model
+            model = load_model(source, dtype=default_dtype(dtype), device=device)
+            tokenizer = tokenizer or load_tokenizer(model.source_dir)
+        self.engine = LLMEngine(model, tokenizer, EngineConfig(**engine_options))
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        """Run prompts to completion; outputs in the prompts' order.
+
+        A prompt is text, a list of token ids, or ``{"prompt_token_ids": [...]}`` (or
+        ``{"prompt": "..."}``). ``sampling_params`` is one for all or one per prompt.
+        """
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = [_prompt(p) for p in prompts]
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts: give "
+                                 "one for all or one per prompt")
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"{len(priority)} priorities for {len(prompts)} prompts")
+        ids = []
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+                ids.append(self.engine.add_request(
+                    prompt, p, priority=priority[i] if priority is not None else 0))
+            return self._run(ids)
+        except BaseException:
+            for request_id in ids:  # leave the engine empty, whatever went wrong
+                self.engine.abort_request(request_id)
+            self.engine.step()
+            raise
+
+    def chat(self, messages, sampling_params: SamplingParams | None = None, *,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """One conversation (a list of ``{"role", "content"}``) or a list of them, through the
+        tokenizer's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tokenizer = self.engine.tokenizer
+        prompts = [tokenizer.apply_chat_template(list(c), add_generation_prompt=add_generation_prompt)
+                   for c in conversations]
+        return self.generate(prompts, sampling_params)
+
+    def _run(self, request_ids: list[str]) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[i] for i in request_ids]
+
+
+def _prompt(prompt: PromptType) -> str | list[int]:
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return list(prompt["prompt_token_ids"])
+        if "prompt" in prompt:
+            return prompt["prompt"]
+        raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+    return prompt

@@ -1,0 +1,76 @@
+"""One forward pass per step: the scheduled tokens of all sequences packed into one row.
+
+Decodes (one new token) go first and run the paged-decode kernel; prompt chunks follow and run
+varlen attention, which also reads each sequence's already-cached prefix from the paged cache.
+Only the last position of each sequence that is due a new token goes through the LM head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mlx_core.models.paged import PagedAttentionMetadata, PagedKVCache
+from mlx_serve.sequence import Sequence
+
+
+def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
+    """Keys and values of every layer for one block."""
+    item = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_layers * block_size * config.kv_heads * config.dim_per_head * item
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int):
+        self.model = model
+        weight = model.lm_head.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype=self.dtype,
+                                  device=self.device)
+        self.block_size = block_size
+        self.sliding_window = model.config.sliding_window
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
+        """Run ``(sequence, num_new_tokens)`` pairs; return logits ``[k, vocab]`` for the ``k``
+        sequences whose new tokens reach their end (they sample next), and those sequences."""
+        decodes = [(s, n) for s, n in scheduled if n == 1]
+        prefills = [(s, n) for s, n in scheduled if n > 1]
+        ordered = decodes + prefills
+        ids, positions, slots, last, due = [], [], [], [], []
+        bs = self.block_size
+        for seq, n in ordered:
+            start = seq.num_computed_tokens
+            ids += seq.all_token_ids[start:start + n]
+            span = range(start, start + n)
+            positions += span
+            slots += [seq.block_ids[p // bs] * bs + p % bs for p in span]
+            if start + n == seq.num_tokens:
+                last.append(len(ids) - 1)
+                due.append(seq)
+        width = max(len(s.block_ids) for s, _ in ordered)
+        tables = torch.full((len(ordered), width), -1, dtype=torch.int32)
+        for row, (seq, _) in enumerate(ordered):
+            tables[row, :len(seq.block_ids)] = torch.tensor(seq.block_ids, dtype=torch.int32)
+
+        def as_tensor(values):
+            return torch.tensor(values, dtype=torch.int32, device=self.device)
+
+        meta = PagedAttentionMetadata(
+            self.cache, as_tensor(slots).long(), tables.to(self.device),
+            context_lens=as_tensor([s.num_computed_tokens + 1 for s, _ in decodes]) if decodes else None,
+            cu_seqlens_q=_cumulative([n for _, n in prefills], self.device) if prefills else None,
+            cu_seqlens_k=_cumulative([s.num_computed_tokens + n for s, n in prefills],
+                                     self.device) if prefills else None,
+            sliding_window=self.sliding_window)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
+        keep = torch.tensor(last, dtype=torch.long, device=self.device)
+        logits = self.model(input_ids, position_ids=position_ids, paged=meta, logits_to_keep=keep)
+        return logits[0], due
+
+
+def _cumulative(lengths: list[int], device) -> torch.Tensor:
+    out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    out[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    return out.to(device)
