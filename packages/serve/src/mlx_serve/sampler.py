@@ -56,7 +56,8 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
         # drop a token when the ones ranked above it already hold top_p of the mass
         before = probs.cumsum(dim=-1) - probs
-        remove |= before >= torch.tensor(top_p, device=device)[:, None]
+        p = torch.tensor(top_p, device=device)[:, None]
+        remove |= (before >= p) & (p < 1.0)  # at p=1 float rounding must not drop the tail
         remove[:, 0] = False  # always keep the most likely token
         logits = torch.full_like(logits, float("-inf")).scatter(
             1, order, sorted_logits.masked_fill(remove, float("-inf")))
@@ -80,7 +81,7 @@ def _mask_stops_before_min_tokens(logits: torch.Tensor, seqs: list[Sequence],
 
 class Sampler:
     def __init__(self, eos_token_ids: list[int], seed: int = 0):
-        self.eos_token_ids = list(eos_token_ids)
+        self.eos_token_ids = eos_token_ids  # the engine's own list, not a copy
         self.generator = torch.Generator().manual_seed(seed)  # for unseeded requests
 
     @torch.inference_mode()

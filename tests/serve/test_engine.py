@@ -1,0 +1,216 @@
+"""The engine end to end on tiny models: greedy outputs token-for-token equal to HF `generate`
+on each prompt alone (every zoo family; with prefix caching, forced chunked prefill and forced
+preemption), stops, n, seeds, logprobs, aborts, errors; no KV block leaks after any of it."""
+
+import pytest
+import torch
+import transformers
+
+from mlx_core import load_model
+from mlx_serve import LLM, LLMEngine, SamplingParams
+from mlx_serve.config import EngineConfig, parse_memory
+
+_TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+FAMILIES = {
+    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**_TINY)),
+    "mistral-sliding-window": lambda: transformers.MistralForCausalLM(
+        transformers.MistralConfig(sliding_window=6, **_TINY)),
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(tie_word_embeddings=True, **_TINY)),
+    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128)),
+    "mixtral": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        num_local_experts=4, num_experts_per_tok=2, **_TINY)),
+}
+MODES = {
+    "default": {},
+    "chunked-prefill": dict(max_num_batched_tokens=7),
+    "preemption": dict(num_blocks=14, block_size=4),  # 56 slots for ~200 tokens of work
+    "no-prefix-caching": dict(enable_prefix_caching=False, block_size=4),
+}
+NEW_TOKENS = 12
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (7, 3, 23, 14, 30)]
+    return prompts + [prompts[2][:16] + [5, 6]]  # shares two 8-blocks / four 4-blocks with #2
+
+
+def _greedy(**options):
+    return SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, **options)
+
+
+def _assert_no_leaks(engine: LLMEngine):
+    assert not engine.has_unfinished_requests() and not engine.requests
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    assert all(b.ref_count == 0 for b in engine.blocks.blocks)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    torch.manual_seed(0)
+    hf = FAMILIES[request.param]().eval()
+    directory = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(directory)
+    refs = []
+    with torch.no_grad():
+        for prompt in _prompts():
+            out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
+                              max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)
+            refs.append(out[0, len(prompt):].tolist())
+    return load_model(directory), refs
+
+
+@pytest.mark.hf_parity
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_greedy_batch_equals_hf_generate_one_by_one(family, mode):
+    model, refs = family
+    llm = LLM(model, **MODES[mode])
+    outs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], _greedy())
+    assert [o.outputs[0].token_ids for o in outs] == refs
+    assert all(o.outputs[0].finish_reason == "length" for o in outs)
+    # again, now that the first run's blocks are cached (prompts of one step cannot share yet)
+    again = llm.generate([{"prompt_token_ids": p} for p in _prompts()], _greedy())
+    assert [o.outputs[0].token_ids for o in again] == refs
+    stats = llm.engine.stats()
+    if mode == "preemption":
+        assert stats.num_preemptions > 0
+    assert (stats.prefix_cache_hit_rate > 0) == (mode != "no-prefix-caching")
+    _assert_no_leaks(llm.engine)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_tokenizer):
+    """A tiny llama with the word-level tokenizer (ids 0..10 are named words, 2 is the eos)."""
+    from mlx_core import build_model, get_preset, load_tokenizer, save_model
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny-llama"))
+    model.reset_parameters(std=0.2)  # peaked distributions: greedy text is not all one token
+    directory = save_model(model, tmp_path_factory.mktemp("tiny") / "m", tokenizer=tiny_tokenizer)
+    return LLM(directory, num_blocks=64, block_size=4), load_tokenizer(directory)
+
+
+def test_text_prompts_stop_strings_and_stop_tokens(tiny):
+    llm, tok = tiny
+    prompt = "hello there w5 w9 w17"
+    free = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
+    completion = free.outputs[0]
+    assert free.prompt == prompt and free.prompt_token_ids == tok.encode(prompt)
+    assert completion.text == tok.decode(completion.token_ids)
+    words = completion.text.split()
+    stop = words[3]
+    cut = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=10, stop=[stop, "nope"],
+                                              ignore_eos=True))[0].outputs[0]
+    first = completion.text.index(stop)
+    assert cut.text == completion.text[:first] and cut.finish_reason == "stop"
+    assert cut.stop_reason == stop
+    kept = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=10, stop=stop,
+                                               include_stop_str_in_output=True,
+                                               ignore_eos=True))[0].outputs[0]
+    assert kept.text == completion.text[:first + len(stop)]
+    token = completion.token_ids[4]
+    by_id = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[token],
+                                                ignore_eos=True))[0].outputs[0]
+    at = completion.token_ids.index(token)
+    assert by_id.token_ids == completion.token_ids[:at + 1] and by_id.stop_reason == token
+    _assert_no_leaks(llm.engine)
+
+
+def test_eos_ends_a_completion_unless_ignored_or_before_min_tokens(tiny):
+    llm, _ = tiny
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    completion = llm.generate("hi", params)[0].outputs[0]
+    eos = completion.token_ids[2]  # make the 3rd greedy token this engine's end of sequence
+    llm.engine.eos_token_ids.append(eos)
+    try:
+        stopped = llm.generate("hi", SamplingParams(temperature=0, max_tokens=10))[0].outputs[0]
+        ignored = llm.generate("hi", params)[0].outputs[0]
+        held = llm.generate("hi", SamplingParams(temperature=0, max_tokens=10, min_tokens=5))
+    finally:
+        llm.engine.eos_token_ids.remove(eos)
+    first = completion.token_ids.index(eos)
+    assert stopped.token_ids == completion.token_ids[:first + 1] and stopped.finish_reason == "stop"
+    assert stopped.stop_reason is None  # eos, not a requested stop
+    assert ignored.token_ids == completion.token_ids
+    assert len(held[0].outputs[0].token_ids) >= 5
+
+
+def test_n_completions_and_seeds_are_reproducible_in_any_batch(tiny):
+    llm, _ = tiny
+    params = SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=8, ignore_eos=True)
+    alone = llm.generate("hello there", params)[0]
+    assert [c.index for c in alone.outputs] == [0, 1, 2]
+    texts = [c.token_ids for c in alone.outputs]
+    assert len({tuple(t) for t in texts}) > 1  # the n samples differ
+    crowd = llm.generate(["w3 w4", "hello there", "be brief"],
+                         [SamplingParams(temperature=1.0, max_tokens=8), params,
+                          SamplingParams(temperature=0.8, max_tokens=5)])
+    assert [c.token_ids for c in crowd[1].outputs] == texts
+    _assert_no_leaks(llm.engine)
+
+
+def test_logprobs_equal_the_full_forward(tiny):
+    llm, _ = tiny
+    model = llm.engine.model
+    out = llm.generate("w7 w8 w9", SamplingParams(temperature=0, max_tokens=6, logprobs=2,
+                                                  ignore_eos=True))[0]
+    completion = out.outputs[0]
+    ids = torch.tensor([out.prompt_token_ids + completion.token_ids])
+    with torch.no_grad():
+        ref = torch.log_softmax(model(ids)[0, len(out.prompt_token_ids) - 1:-1], dim=-1)
+    for step, (token, entry) in enumerate(zip(completion.token_ids, completion.logprobs,
+                                              strict=True)):
+        assert entry[token] == pytest.approx(float(ref[step, token]), abs=1e-5)
+        assert len(entry) in (2, 3)  # the chosen token plus the top 2 (it may be one of them)
+    assert completion.cumulative_logprob == pytest.approx(
+        sum(e[t] for t, e in zip(completion.token_ids, completion.logprobs, strict=True)))
+
+
+def test_abort_frees_everything_mid_run(tiny):
+    llm, _ = tiny
+    engine = llm.engine
+    a = engine.add_request("hello there", SamplingParams(max_tokens=50, ignore_eos=True))
+    b = engine.add_request("w3 w4 w5", SamplingParams(max_tokens=3, ignore_eos=True))
+    for _ in range(2):
+        engine.step()
+    assert engine.blocks.num_free_blocks < engine.blocks.num_blocks
+    engine.abort_request(a)
+    finished = {}
+    while engine.has_unfinished_requests() or engine.requests:
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.outputs[0].finish_reason
+    assert finished == {a: "abort", b: "length"}
+    _assert_no_leaks(engine)
+
+
+def test_bad_requests_and_options_fail_clearly(tiny):
+    llm, _ = tiny
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.generate([[]])
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 128\)"):
+        llm.generate([[5, 900]])
+    with pytest.raises(ValueError, match="at most 256"):
+        llm.generate([[5] * 300])
+    small = LLMEngine(llm.engine.model, llm.get_tokenizer(), EngineConfig(num_blocks=8, block_size=4))
+    with pytest.raises(ValueError, match="needs up to 26 KV blocks but the cache has only 8"):
+        small.add_request("hi", SamplingParams(max_tokens=100))
+    with pytest.raises(TypeError, match="unknown LLM options"):
+        LLM(llm.engine.model, tokenizer=llm.get_tokenizer(), kv_cache_gb=2)
+    with pytest.raises(ValueError, match="2GiB"):
+        parse_memory("two gigs")
+    assert parse_memory("1.5GiB") == int(1.5 * 2**30) and parse_memory("512MB") == 512 * 10**6
+    _assert_no_leaks(llm.engine)
+
+
+def test_cache_size_comes_from_the_memory_budget(tiny):
+    llm, _ = tiny
+    model = llm.engine.model
+    engine = LLMEngine(model, llm.get_tokenizer(), EngineConfig(kv_cache_memory="1MiB", block_size=4))
+    per_block = 2 * 2 * 4 * 2 * 16 * 4  # k+v, layers, block, kv heads, head dim, fp32
+    assert engine.blocks.num_blocks == 2**20 // per_block
+    assert engine.runner.cache.keys.shape[1] == engine.blocks.num_blocks
