@@ -18,16 +18,18 @@ from mlx_kernels.dispatch import backend_for
 def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """The first ``length`` tokens of one sequence: ``[length, kv_heads, head_dim]``."""
     blocks = block_table[: -(-length // cache.shape[1])].long()
-    return cache[blocks].reshape(-1, *cache.shape[2:])[:length]
+    return cache.index_select(0, blocks).reshape(-1, *cache.shape[2:])[:length]
 
 
 def paged_attention_decode_reference(query, key_cache, value_cache, block_tables, context_lens, *,
                                      scale=None, sliding_window=None):
     b, heads, dim = query.shape
     max_len = block_tables.shape[1] * key_cache.shape[1]
-    tables = block_tables.clamp(min=0).long()  # unused entries may hold -1
-    keys = key_cache[tables].reshape(b, max_len, *key_cache.shape[2:]).transpose(1, 2)
-    values = value_cache[tables].reshape(b, max_len, *value_cache.shape[2:]).transpose(1, 2)
+    # index_select copies whole blocks about twice as fast as advanced indexing on CPU, and
+    # this gather is most of a decode step's attention time there
+    tables = block_tables.clamp(min=0).long().flatten()  # unused entries may hold -1
+    keys = key_cache.index_select(0, tables).view(b, max_len, *key_cache.shape[2:]).transpose(1, 2)
+    values = value_cache.index_select(0, tables).view(b, max_len, *value_cache.shape[2:]).transpose(1, 2)
     pos = torch.arange(max_len, device=query.device)[None, :]
     lens = context_lens.to(query.device).long()[:, None]
     mask = pos < lens

@@ -24,10 +24,20 @@ class PagedKVCache:
         if block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {block_size}")
         shape = (config.num_layers, num_blocks, block_size, config.kv_heads, config.dim_per_head)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.keys = _zeroed(shape, dtype, torch.device(device))
+        self.values = _zeroed(shape, dtype, torch.device(device))
         self.block_size = block_size
         self.num_blocks = num_blocks
+
+
+def _zeroed(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled cache. On CPU a large one comes straight from the OS (glibc mmaps any
+    allocation over 32 MiB), whose pages are zero and committed only when first written: start-up
+    costs nothing and resident memory grows with the blocks in use, not with the budget."""
+    size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    if device.type == "cpu" and size >= 64 * 2**20:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 @dataclass
