@@ -14,38 +14,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-# Derived tensors some HF versions save; they are recomputed, never loaded.
-_IGNORED = re.compile(r"(rotary_emb\.inv_freq|(^|\.)attn\.(bias|masked_bias))$")
-
-# GPT-2: HF name (``{}`` = layer) -> (our name, transpose). Conv1D stores weights as [in, out].
-_GPT2_TABLE = {
-    "transformer.wte.weight": ("model.embed_tokens.weight", False),
-    "transformer.wpe.weight": ("model.embed_positions.weight", False),
-    "transformer.ln_f.weight": ("model.norm.weight", False),
-    "transformer.ln_f.bias": ("model.norm.bias", False),
-    "transformer.h.{}.ln_1.weight": ("model.layers.{}.input_layernorm.weight", False),
-    "transformer.h.{}.ln_1.bias": ("model.layers.{}.input_layernorm.bias", False),
-    "transformer.h.{}.ln_2.weight": ("model.layers.{}.post_attention_layernorm.weight", False),
-    "transformer.h.{}.ln_2.bias": ("model.layers.{}.post_attention_layernorm.bias", False),
-    "transformer.h.{}.attn.c_proj.weight": ("model.layers.{}.self_attn.o_proj.weight", True),
-    "transformer.h.{}.attn.c_proj.bias": ("model.layers.{}.self_attn.o_proj.bias", False),
-    "transformer.h.{}.mlp.c_fc.weight": ("model.layers.{}.mlp.up_proj.weight", True),
-    "transformer.h.{}.mlp.c_fc.bias": ("model.layers.{}.mlp.up_proj.bias", False),
-    "transformer.h.{}.mlp.c_proj.weight": ("model.layers.{}.mlp.down_proj.weight", True),
-    "transformer.h.{}.mlp.c_proj.bias": ("model.layers.{}.mlp.down_proj.bias", False),
-    "lm_head.weight": ("lm_head.weight", False),
-}
-# GPT-2 packs q, k, v into one Conv1D: split on load, concatenate on save.
-_GPT2_QKV = "transformer.h.{}.attn.c_attn.{}"
-_OUR_QKV = "model.layers.{}.self_attn.{}_proj.{}"
-
-
-def _template(name: str) -> tuple[str, str | None]:
-    """``transformer.h.3.ln_1.weight`` -> (``transformer.h.{}.ln_1.weight``, ``"3"``)."""
-    m = re.search(r"\.(\d+)\.", name)
-    if not m:
-        return name, None
-    return name[: m.start()] + ".{}." + name[m.end():], m.group(1)
+# The name tables live in the torch-free module, shared with mlx-jax.
+from mlx_core.checkpoint_numpy import GPT2_QKV as _GPT2_QKV
+from mlx_core.checkpoint_numpy import GPT2_TABLE as _GPT2_TABLE
+from mlx_core.checkpoint_numpy import IGNORED as _IGNORED
+from mlx_core.checkpoint_numpy import OUR_QKV as _OUR_QKV
+from mlx_core.checkpoint_numpy import name_template as _template
+from mlx_core.checkpoint_numpy import safetensors_files
 
 
 def hf_to_ours(model_type: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -87,22 +62,6 @@ def ours_to_hf(model_type: str, tensors: dict[str, torch.Tensor]) -> dict[str, t
         packed = torch.cat([parts[p] for p in "qkv"], dim=0)
         out[_GPT2_QKV.format(layer, kind)] = packed.t().contiguous() if kind == "weight" else packed
     return out
-
-
-def safetensors_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [directory / f for f in sorted(set(weight_map.values()))]
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        found = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
-        raise FileNotFoundError(
-            f"no *.safetensors weights in {directory} (found: {found}). mlx reads safetensors "
-            "only and never unpickles .bin checkpoints; convert them with transformers' "
-            "save_pretrained(dir, safe_serialization=True)"
-        )
-    return files
 
 
 def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:

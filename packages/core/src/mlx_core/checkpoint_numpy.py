@@ -1,0 +1,147 @@
+"""HF checkpoint names and safetensors reading as numpy, with no torch import.
+
+The torch zoo's ``models/checkpoint.py`` and torch-free backends (mlx-jax) share the name tables
+here, so GPT-2's mapping is written once. bf16 tensors are widened to fp32 exactly (numpy has
+no bf16); callers cast to the dtype they compute in.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+
+# Derived tensors some HF versions save; they are recomputed, never loaded.
+IGNORED = re.compile(r"(rotary_emb\.inv_freq|(^|\.)attn\.(bias|masked_bias))$")
+
+# GPT-2: HF name (``{}`` = layer) -> (our name, transpose). Conv1D stores weights as [in, out].
+GPT2_TABLE = {
+    "transformer.wte.weight": ("model.embed_tokens.weight", False),
+    "transformer.wpe.weight": ("model.embed_positions.weight", False),
+    "transformer.ln_f.weight": ("model.norm.weight", False),
+    "transformer.ln_f.bias": ("model.norm.bias", False),
+    "transformer.h.{}.ln_1.weight": ("model.layers.{}.input_layernorm.weight", False),
+    "transformer.h.{}.ln_1.bias": ("model.layers.{}.input_layernorm.bias", False),
+    "transformer.h.{}.ln_2.weight": ("model.layers.{}.post_attention_layernorm.weight", False),
+    "transformer.h.{}.ln_2.bias": ("model.layers.{}.post_attention_layernorm.bias", False),
+    "transformer.h.{}.attn.c_proj.weight": ("model.layers.{}.self_attn.o_proj.weight", True),
+    "transformer.h.{}.attn.c_proj.bias": ("model.layers.{}.self_attn.o_proj.bias", False),
+    "transformer.h.{}.mlp.c_fc.weight": ("model.layers.{}.mlp.up_proj.weight", True),
+    "transformer.h.{}.mlp.c_fc.bias": ("model.layers.{}.mlp.up_proj.bias", False),
+    "transformer.h.{}.mlp.c_proj.weight": ("model.layers.{}.mlp.down_proj.weight", True),
+    "transformer.h.{}.mlp.c_proj.bias": ("model.layers.{}.mlp.down_proj.bias", False),
+    "lm_head.weight": ("lm_head.weight", False),
+}
+# GPT-2 packs q, k, v into one Conv1D: split on load, concatenate on save.
+GPT2_QKV = "transformer.h.{}.attn.c_attn.{}"
+OUR_QKV = "model.layers.{}.self_attn.{}_proj.{}"
+
+
+def name_template(name: str) -> tuple[str, str | None]:
+    """``transformer.h.3.ln_1.weight`` -> (``transformer.h.{}.ln_1.weight``, ``"3"``)."""
+    m = re.search(r"\.(\d+)\.", name)
+    if not m:
+        return name, None
+    return name[: m.start()] + ".{}." + name[m.end():], m.group(1)
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [directory / f for f in sorted(set(weight_map.values()))]
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        found = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
+        raise FileNotFoundError(
+            f"no *.safetensors weights in {directory} (found: {found}). mlx reads safetensors "
+            "only and never unpickles .bin checkpoints; convert them with transformers' "
+            "save_pretrained(dir, safe_serialization=True)"
+        )
+    return files
+
+
+_NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
+                 "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def _read_file(path: Path) -> dict[str, np.ndarray]:
+    """Parse one safetensors file: 8-byte header size, JSON header, then raw little-endian data."""
+    data = path.read_bytes()
+    (header_size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + header_size])
+    body = memoryview(data)[8 + header_size:]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        kind, shape = info["dtype"], tuple(info["shape"])
+        if kind == "BF16":  # bf16 is the top half of fp32: widen exactly
+            raw = np.frombuffer(body[start:end], dtype="<u2").astype(np.uint32) << 16
+            out[name] = raw.view(np.float32).reshape(shape)
+        elif kind in _NUMPY_DTYPES:
+            out[name] = np.frombuffer(body[start:end], dtype=_NUMPY_DTYPES[kind]).reshape(shape)
+        else:
+            raise ValueError(f"tensor {name} in {path} has dtype {kind}, which mlx cannot read")
+    return out
+
+
+def read_safetensors_numpy(directory: str | Path) -> dict[str, np.ndarray]:
+    """Every tensor of an HF directory's ``*.safetensors`` (sharded or not) as numpy arrays."""
+    directory = Path(directory)
+    arrays: dict[str, np.ndarray] = {}
+    for f in safetensors_files(directory):
+        if not f.is_file():
+            raise FileNotFoundError(f"weights file {f} is listed in the index but missing")
+        try:
+            arrays.update(_read_file(f))
+        except (OSError, ValueError, KeyError, struct.error) as e:
+            raise ValueError(f"cannot read weights file {f}: it is corrupt or truncated ({e})") from None
+    return arrays
+
+
+def hf_to_ours_numpy(model_type: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """HF checkpoint names -> the zoo's names (the numpy twin of ``checkpoint.hf_to_ours``)."""
+    arrays = {k: v for k, v in arrays.items() if not IGNORED.search(k)}
+    if model_type != "gpt2":
+        return arrays
+    out = {}
+    for name, a in arrays.items():
+        if not name.startswith(("transformer.", "lm_head.")):
+            name = "transformer." + name  # GPT2Model saves without the prefix
+        template, layer = name_template(name)
+        if template.startswith("transformer.h.{}.attn.c_attn."):
+            kind = template.rsplit(".", 1)[1]
+            parts = np.split(a.T if kind == "weight" else a, 3, axis=0)
+            for proj, part in zip("qkv", parts, strict=True):
+                out[OUR_QKV.format(layer, proj, kind)] = np.ascontiguousarray(part)
+        elif template in GPT2_TABLE:
+            ours, transpose = GPT2_TABLE[template]
+            out[ours.format(layer)] = np.ascontiguousarray(a.T) if transpose else a
+        else:
+            out[name] = a  # reported as unexpected by the loader, with its name
+    return out
+
+
+def ours_to_hf_numpy(model_type: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The zoo's names -> HF checkpoint names (the numpy twin of ``checkpoint.ours_to_hf``)."""
+    if model_type != "gpt2":
+        return dict(arrays)
+    reverse = {ours: (hf, transpose) for hf, (ours, transpose) in GPT2_TABLE.items()}
+    out, qkv = {}, {}
+    for name, a in arrays.items():
+        template, layer = name_template(name)
+        m = re.fullmatch(r"model\.layers\.\{\}\.self_attn\.([qkv])_proj\.(weight|bias)", template)
+        if m:
+            qkv.setdefault((layer, m.group(2)), {})[m.group(1)] = a
+            continue
+        hf, transpose = reverse[template]
+        out[hf.format(layer)] = np.ascontiguousarray(a.T) if transpose else a
+    for (layer, kind), parts in qkv.items():
+        packed = np.concatenate([parts[p] for p in "qkv"], axis=0)
+        out[GPT2_QKV.format(layer, kind)] = np.ascontiguousarray(packed.T) if kind == "weight" else packed
+    return out

@@ -1,0 +1,79 @@
+"""Layers whose parameters carry torch's names and layouts (``weight [out, in]``, ``bias``).
+
+Keeping torch's layout means an HF checkpoint maps onto the Flax model by name alone, with no
+per-layer transposes; the matmul is written ``x @ weight.T``, which XLA fuses the same way.
+Initialisation follows the torch zoo's ``reset_parameters``: normal(0, 0.02), zero biases,
+unit norms.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mlx_jax import ops
+
+INIT_STD = 0.02
+
+
+class Linear(nnx.Module):
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs):
+        self.weight = nnx.Param(
+            INIT_STD * jax.random.normal(rngs.params(), (out_features, in_features), dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+
+    def __call__(self, x):
+        y = x @ self.weight[...].T
+        return y if self.bias is None else y + self.bias[...]
+
+
+class Embedding(nnx.Module):
+    def __init__(self, num: int, features: int, *, dtype, rngs: nnx.Rngs):
+        self.weight = nnx.Param(INIT_STD * jax.random.normal(rngs.params(), (num, features), dtype))
+
+    def __call__(self, ids):
+        return jnp.take(self.weight[...], ids, axis=0)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, features: int, eps: float, *, dtype):
+        self.weight = nnx.Param(jnp.ones((features,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        return ops.rms_norm(x, self.weight[...], self.eps)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, features: int, eps: float, *, dtype):
+        self.weight = nnx.Param(jnp.ones((features,), dtype))
+        self.bias = nnx.Param(jnp.zeros((features,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        return ops.layer_norm(x, self.weight[...], self.bias[...], self.eps)
+
+
+def make_norm(config, dtype) -> RMSNorm | LayerNorm:
+    if config.norm_kind == "rms":
+        return RMSNorm(config.hidden_size, config.norm_eps, dtype=dtype)
+    return LayerNorm(config.hidden_size, config.norm_eps, dtype=dtype)
+
+
+class StaticConfig:
+    """A ``ModelConfig`` as a static (graph) attribute. jit hashes a model's static attributes
+    and ``ModelConfig`` holds dicts (``rope_scaling``, ``extra``), so this compares by JSON."""
+
+    def __init__(self, config):
+        self.config = config
+        self._key = config.to_json()
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, StaticConfig) and other._key == self._key
+
+    def __repr__(self) -> str:
+        return f"StaticConfig({self.config!r})"

@@ -1,0 +1,203 @@
+"""ONE config-driven Flax NNX decoder mirroring the torch zoo's ``Transformer``: Llama 2/3,
+Mistral, Qwen2, SmolLM2, GPT-2 and Mixtral, built from the same ``ModelConfig``.
+
+Attribute names follow the torch module tree (HF's Llama layout), so the flattened NNX state
+paths ARE the zoo's parameter names (``model.layers.0.self_attn.q_proj.weight``) and loading is
+a strict name-for-name fill.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mlx_core.config import ModelConfig
+from mlx_jax import ops
+from mlx_jax.attention import KVCache, attend, build_mask
+from mlx_jax.modules import Embedding, Linear, StaticConfig, make_norm
+from mlx_jax.moe import SparseMoE
+from mlx_jax.rope import rope_cos_sin, rope_inverse_frequencies
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.num_heads, self.num_kv_heads = config.num_heads, config.kv_heads
+        self.head_dim = config.dim_per_head
+        h, q, kv = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = Linear(h, q, bias=config.attention_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(h, kv, bias=config.attention_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(h, kv, bias=config.attention_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(q, h, bias=config.attention_out_bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, cos_sin, mask, layer_cache=None):
+        """``layer_cache``: (keys, values ``[B, Hkv, S, D]``, write position) or None.
+        Returns the output and the updated (keys, values), or None without a cache."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        if cos_sin is not None:
+            q, k = ops.rope(q, *cos_sin), ops.rope(k, *cos_sin)
+        updated = None
+        if layer_cache is not None:
+            keys, values, start = layer_cache
+            k = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, 0, start, 0))
+            v = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, 0, start, 0))
+            updated = (k, v)
+        out = attend(q, k, v, mask)
+        out = self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, t, self.num_heads * self.head_dim))
+        return out, updated
+
+
+class GatedMLP(nnx.Module):
+    """Llama's ``down(silu(gate x) * up x)``."""
+
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = Linear(h, i, bias=bias, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(h, i, bias=bias, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(i, h, bias=bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class GeluMLP(nnx.Module):
+    """GPT-2's ``down(gelu_tanh(up x))``."""
+
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.up_proj = Linear(h, i, bias=bias, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(i, h, bias=bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down_proj(ops.gelu_tanh(self.up_proj(x)))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = make_norm(config, dtype)
+        self.self_attn = Attention(config, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = make_norm(config, dtype)
+        # Only one of the two exists, under the name its checkpoints use.
+        if config.is_moe:
+            self.block_sparse_moe = SparseMoE(config, dtype=dtype, rngs=rngs)
+        elif config.mlp_kind == "swiglu":
+            self.mlp = GatedMLP(config, dtype=dtype, rngs=rngs)
+        else:
+            self.mlp = GeluMLP(config, dtype=dtype, rngs=rngs)
+        self.is_moe = config.is_moe
+
+    def __call__(self, x, cos_sin, mask, layer_cache=None):
+        attn, updated = self.self_attn(self.input_layernorm(x), cos_sin, mask, layer_cache)
+        x = x + attn
+        ff = self.block_sparse_moe if self.is_moe else self.mlp
+        return x + ff(self.post_attention_layernorm(x)), updated
+
+
+class Backbone(nnx.Module):
+    """Embeddings, decoder layers and the final norm (HF's ``model.`` prefix)."""
+
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.static_config = StaticConfig(config)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
+        if config.position_kind == "learned":
+            self.embed_positions = Embedding(config.max_position_embeddings, config.hidden_size,
+                                             dtype=dtype, rngs=rngs)
+        self.layers = nnx.List(DecoderLayer(config, dtype=dtype, rngs=rngs)
+                               for _ in range(config.num_layers))
+        self.norm = make_norm(config, dtype)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.static_config.config
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+        x = self.embed_tokens(input_ids)
+        b, t = input_ids.shape
+        new = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        if new.shape != (b, t):
+            raise ValueError(f"attention_mask has shape {new.shape}; expected {(b, t)} "
+                             f"(the shape of input_ids)")
+        if cache is None:
+            past, key_valid = 0, new
+        else:  # record which new slots are real, then see every slot written so far
+            past = cache.length
+            key_valid = jax.lax.dynamic_update_slice(cache.key_valid, new, (0, past))
+        slots = key_valid.shape[1]
+        q_pos = past + jnp.arange(t)
+        mask = build_mask(key_valid, q_pos, jnp.arange(slots), self.config.sliding_window)
+        if position_ids is None:
+            # Positions count real tokens only, so left-padded rows start at 0 (as HF does).
+            counted = jnp.maximum(jnp.cumsum(key_valid.astype(jnp.int32), axis=-1) - 1, 0)
+            position_ids = jax.lax.dynamic_slice_in_dim(counted, past, t, axis=1)
+        cos_sin = None
+        if self.config.position_kind == "rope":
+            cos_sin = rope_cos_sin(rope_inverse_frequencies(self.config), position_ids, x.dtype)
+        else:
+            x = x + self.embed_positions(position_ids)
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i], past)
+            x, updated = layer(x, cos_sin, mask, layer_cache)
+            if updated is not None:
+                keys.append(updated[0])
+                values.append(updated[1])
+        x = self.norm(x)
+        if cache is None:
+            return x, None
+        return x, KVCache(tuple(keys), tuple(values), key_valid, cache.length + t)
+
+
+class Transformer(nnx.Module):
+    """A decoder-only language model built from a ``ModelConfig``.
+
+    ``model(input_ids, attention_mask=None)`` returns logits ``[B, T, vocab]`` (fp32 math for
+    norms, softmax and rope angles, as the torch zoo). Given ``cache=`` (a ``KVCache``), it
+    returns ``(logits, updated_cache)``: the functional form of the torch zoo's mutable cache.
+    """
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.static_config = StaticConfig(config)
+        self.model = Backbone(config, dtype=dtype, rngs=rngs)
+        # Tied embeddings: no lm_head parameter at all, the embedding matrix is used.
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype,
+                                  rngs=rngs)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.static_config.config
+
+    def __call__(self, input_ids, attention_mask=None, *, position_ids=None,
+                 cache: KVCache | None = None):
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, T] token ids, got shape {input_ids.shape}")
+        if attention_mask is not None:
+            attention_mask = jnp.asarray(attention_mask)
+        if self.config.position_kind == "learned" and position_ids is None and cache is None \
+                and input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"{input_ids.shape[1]} tokens exceed this model's "
+                             f"{self.config.max_position_embeddings} learned positions")
+        if cache is not None and not isinstance(cache.length, jax.core.Tracer) \
+                and int(cache.length) + input_ids.shape[1] > cache.max_length:
+            # Under jit the write position is not known; generate() sizes its caches to fit.
+            raise ValueError(f"KV cache full: {int(cache.length) + input_ids.shape[1]} tokens do "
+                             f"not fit in max_length={cache.max_length}; create the cache with "
+                             "a larger max_length")
+        hidden, new_cache = self.model(input_ids, attention_mask, position_ids, cache)
+        logits = self.logits(hidden)
+        return logits if cache is None else (logits, new_cache)
+
+    def logits(self, hidden):
+        if self.config.tie_word_embeddings:
+            return hidden @ self.model.embed_tokens.weight[...].T
+        return self.lm_head(hidden)
+
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        dtype = self.model.embed_tokens.weight[...].dtype
+        return KVCache.create(self.config, batch_size, max_length, dtype)
+

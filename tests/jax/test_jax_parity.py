@@ -1,0 +1,114 @@
+"""The Flax Transformer equals the torch zoo: same registry names, same weights, same logits.
+
+Tolerances: max |logits difference| <= 1e-4 for tiny random fp32 models (differences are
+float rounding, ~3e-7 observed), <= 1e-3 for the built-in model (logits up to ~30 in size,
+~1.5e-4 observed).
+"""
+
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import mlx_jax
+from mlx_core import build_model, registry, save_model
+from mlx_core.config import HF_MODEL_TYPES
+from mlx_core.plugins import load_plugins
+from mlx_core.presets import get_preset
+
+
+def _batch(vocab: int, batch: int = 2, length: int = 19, seed: int = 0):
+    """Random ids and a mask with left padding in row 1 (the layout generation uses)."""
+    ids = np.random.RandomState(seed).randint(0, vocab, (batch, length))
+    mask = np.ones((batch, length), np.int64)
+    mask[1, :6] = 0
+    return ids, mask
+
+
+# Jitted: one compile per shape is much faster than running each op eagerly.
+_jax_logits = nnx.jit(lambda model, ids, mask: model(ids, attention_mask=mask))
+
+
+def _torch_logits(model, ids, mask=None):
+    with torch.no_grad():
+        return model(torch.tensor(ids), attention_mask=None if mask is None else torch.tensor(mask)).numpy()
+
+
+def test_every_zoo_architecture_has_a_flax_backend():
+    load_plugins()
+    for model_type in HF_MODEL_TYPES:
+        assert {"torch", "flax"} <= set(registry.architectures.get(model_type)), model_type
+    config = get_preset("tiny-mixtral")
+    builder = registry.architectures.get(config.model_type)["flax"]
+    model = nnx.eval_shape(lambda: builder(config))  # shapes only: fast
+    assert isinstance(model, mlx_jax.Transformer) and model.config == config
+
+
+def test_logits_match_torch_zoo(tiny_pair, tiny_preset):
+    torch_model, _, jax_model = tiny_pair(tiny_preset)
+    ids, mask = _batch(torch_model.config.vocab_size)
+    right_padded = mask[:, ::-1].copy()  # padding after the text, as in training batches
+    for m in (None, mask, right_padded):
+        ref = _torch_logits(torch_model, ids, m)
+        out = np.asarray(_jax_logits(jax_model, ids, m))
+        assert out.shape == ref.shape == (2, 19, torch_model.config.vocab_size)
+        assert np.abs(out - ref).max() <= 1e-4
+
+
+def test_parameters_equal_the_checkpoint_tensors(tiny_pair):
+    torch_model, _, jax_model = tiny_pair("tiny-gpt2")  # GPT-2: the one family renamed on disk
+    ours = mlx_jax.model_arrays(jax_model)
+    theirs = {k: v.numpy() for k, v in torch_model.state_dict().items() if k != "lm_head.weight"}
+    assert ours.keys() == theirs.keys()
+    for name, value in theirs.items():
+        np.testing.assert_array_equal(ours[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize("preset", ["tiny-mistral", "tiny-gpt2"])  # window; learned positions
+def test_cached_decoding_matches_full_forward(tiny_pair, preset):
+    _, _, model = tiny_pair(preset)
+    ids, mask = _batch(model.config.vocab_size, length=14)
+    full = np.asarray(_jax_logits(model, ids, mask))
+    step = nnx.jit(lambda m, ids, mask, cache: m(ids, mask, cache=cache))  # 2 shapes: 2 compiles
+    logits, cache = step(model, ids[:, :9], mask[:, :9], model.new_cache(2, 16))
+    steps = [np.asarray(logits)]
+    for t in range(9, 14):
+        logits, cache = step(model, ids[:, t:t + 1], None, cache)
+        steps.append(np.asarray(logits))
+    assert int(cache.length) == 14
+    with pytest.raises(ValueError, match="KV cache full: 17 tokens do not fit in max_length=16"):
+        model(ids[:, :3], cache=cache)
+    assert np.abs(np.concatenate(steps, axis=1) - full).max() <= 1e-5
+
+
+@pytest.mark.builtin_model
+def test_builtin_model_logits_match_torch_zoo(builtin_pair):
+    torch_model, jax_model, _ = builtin_pair
+    ids, mask = _batch(torch_model.config.vocab_size, length=12)
+    ref = _torch_logits(torch_model, ids, mask)
+    out = np.asarray(_jax_logits(jax_model, ids, mask))
+    assert np.abs(out - ref).max() <= 1e-3
+    assert (out.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.builtin_model
+def test_gguf_file_loads_the_weights_of_the_registered_name(builtin_gguf_path, builtin_pair):
+    from_file = mlx_jax.model_arrays(mlx_jax.load_model(builtin_gguf_path))
+    from_name = mlx_jax.model_arrays(builtin_pair[1])
+    assert from_file.keys() == from_name.keys()
+    for name in ("model.embed_tokens.weight", "model.layers.29.self_attn.k_proj.weight"):
+        np.testing.assert_array_equal(from_file[name], from_name[name])
+
+
+@pytest.mark.parametrize("changes", [
+    {"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+    {"head_dim": 32, "num_kv_heads": 4},                   # head_dim != hidden / heads, no GQA
+    {"num_kv_heads": 1, "attention_bias": True, "mlp_bias": True, "attention_out_bias": True},
+], ids=["linear-rope", "wide-heads", "mqa-all-biases"])
+def test_config_variants_match_torch_zoo(changes, tmp_path):
+    torch.manual_seed(0)
+    torch_model = build_model(get_preset("tiny-llama").replace(**changes)).eval()
+    jax_model = mlx_jax.load_model(save_model(torch_model, tmp_path / "model"))
+    ids, mask = _batch(128)
+    ref = _torch_logits(torch_model, ids, mask)
+    assert np.abs(np.asarray(_jax_logits(jax_model, ids, mask)) - ref).max() <= 1e-4
