@@ -1,0 +1,488 @@
+"""An OpenAI-compatible HTTP server over an ``LLMEngine``: ``build_app(engine, name)``.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both streaming with SSE),
+``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus). Every error is OpenAI's
+error object with the matching status; a client that disconnects aborts its requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mlx_serve.async_engine import AsyncEngine, EngineDead, EngineOverloaded
+from mlx_serve.engine import LLMEngine
+from mlx_serve.metrics import CONTENT_TYPE, ServerMetrics
+from mlx_serve.outputs import CompletionOutput, RequestOutput
+from mlx_serve.protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    OpenAIError,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    error_body,
+)
+from mlx_serve.sampling_params import SamplingParams
+
+logger = logging.getLogger("mlx_serve")
+
+
+def build_app(engine: LLMEngine, served_model_name: str, api_key: str | None = None, *,
+              max_waiting_seqs: int | None = None) -> FastAPI:
+    """A FastAPI app serving ``engine`` as model ``served_model_name``. The engine thread starts
+    and stops with the app's lifespan. ``api_key``: clients must send ``Authorization: Bearer
+    KEY`` to ``/v1/*``. ``max_waiting_seqs``: beyond this many waiting sequences new requests get
+    503 with ``Retry-After``."""
+    async_engine = AsyncEngine(engine, max_waiting_seqs=max_waiting_seqs)
+    metrics = ServerMetrics()
+    metrics.attach(async_engine)
+    handler = _Handler(async_engine, served_model_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async_engine.start()
+        try:
+            yield
+        finally:
+            async_engine.shutdown()
+
+    app = FastAPI(title="mlx-serve", version="0.1.0", lifespan=lifespan,
+                  summary="OpenAI-compatible completions and chat completions")
+    app.state.engine = async_engine
+    app.state.metrics = metrics
+    _add_error_handlers(app)
+    if api_key:
+        app.add_middleware(_APIKeyCheck, api_key=api_key)
+
+    errors = {status: {"model": ErrorResponse, "description": text} for status, text in (
+        (400, "Invalid request"), (401, "Missing or wrong API key"), (404, "Unknown model"),
+        (500, "Internal error"), (503, "Overloaded (Retry-After) or engine stopped"))}
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=errors)
+    async def create_completion(body: CompletionRequest, raw: Request):
+        return await handler.completion(body, raw)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=errors)
+    async def create_chat_completion(body: ChatCompletionRequest, raw: Request):
+        return await handler.chat(body, raw)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models():
+        return ModelList(data=[ModelCard(id=served_model_name, max_model_len=engine.max_model_len)])
+
+    @app.get("/health")
+    async def health():
+        if not async_engine.healthy:
+            return JSONResponse(error_body("the engine is not running", "server_error"), 503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+# -- errors and authentication ---------------------------------------------------------------
+def _error_response(e: OpenAIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(OpenAIError)
+    async def openai_error(request: Request, e: OpenAIError):
+        return _error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, e: RequestValidationError):
+        problems, param = [], None
+        for error in e.errors():
+            loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+            param = param or (".".join(loc) or None)
+            problems.append(f"{'.'.join(loc) or 'body'}: {error.get('msg')}")
+        return _error_response(OpenAIError(400, "invalid request: " + "; ".join(problems),
+                                           param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return _error_response(OpenAIError(e.status_code, str(e.detail), kind,
+                                           headers=getattr(e, "headers", None)))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):
+        logger.exception("internal error on %s %s", request.method, request.url.path)
+        return _error_response(OpenAIError(500, "internal server error; the server log has the "
+                                           "details", "server_error"))
+
+
+class _APIKeyCheck:
+    """ASGI middleware: ``/v1/*`` needs ``Authorization: Bearer KEY`` (401 otherwise)."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = _error_response(OpenAIError(
+                    401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
+                    code="invalid_api_key"))
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class _Disconnected(Exception):
+    pass
+
+
+async def _wait_for_disconnect(raw: Request) -> None:
+    while True:
+        message = await raw.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _unless_disconnected(raw: Request, awaitable):
+    """Await ``awaitable``; if the client goes away first, cancel it (which aborts its
+    requests) and raise ``_Disconnected``."""
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(raw))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise _Disconnected
+    return task.result()
+
+
+class _SSE(StreamingResponse):
+    """Server-sent events whose generator is closed (aborting its requests) however the
+    response ends, a client disconnect included."""
+
+    def __init__(self, events: AsyncIterator[str]):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with contextlib.suppress(RuntimeError):  # already closed, or closing
+                await self.body_iterator.aclose()
+
+
+def _sse(payload) -> str:
+    text = payload.model_dump_json() if hasattr(payload, "model_dump_json") else json.dumps(payload)
+    return f"data: {text}\n\n"
+
+
+# -- the two endpoints -----------------------------------------------------------------------
+class _Handler:
+    def __init__(self, async_engine: AsyncEngine, served_model_name: str):
+        self.async_engine = async_engine
+        self.engine = async_engine.engine
+        self.tokenizer = self.engine.tokenizer
+        self.model_name = served_model_name
+
+    # shared steps
+    def _check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise OpenAIError(404, f"the model '{model}' does not exist; this server serves "
+                              f"'{self.model_name}' (see /v1/models)", param="model",
+                              code="model_not_found")
+
+    def _max_tokens(self, prompts: list[list[int]], requested: int | None, param: str) -> int:
+        limit = self.engine.max_model_len
+        longest = max(len(p) for p in prompts)
+        if requested is not None:
+            if longest + requested > limit:
+                raise OpenAIError(400, f"this model's maximum context length is {limit} tokens; "
+                                  f"you asked for {longest + requested} ({longest} in the prompt, "
+                                  f"{requested} to generate): shorten the prompt or lower "
+                                  "max_tokens", param="max_tokens")
+            return requested
+        capacity = min(limit, self.engine.blocks.num_blocks * self.engine.blocks.block_size)
+        if capacity - longest < 1:
+            raise OpenAIError(400, f"the prompt has {longest} tokens; this model takes at most "
+                              f"{capacity} (prompt + output): shorten it", param=param)
+        return capacity - longest
+
+    async def _start(self, raw: Request, prefix: str, prompts: list[list[int]],
+                     params: SamplingParams):
+        """Submit the prompts; return the output stream and its first output (so that errors
+        become an error response, not a broken stream)."""
+        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        stream = self.async_engine.generate(
+            [(f"{request_id}-{i}", p) for i, p in enumerate(prompts)], params)
+        try:
+            first = await _unless_disconnected(raw, anext(stream))
+        except ValueError as e:
+            raise OpenAIError(400, str(e)) from None
+        except EngineOverloaded as e:
+            raise OpenAIError(503, f"the server is overloaded ({e}); retry shortly",
+                              "server_error", code="overloaded",
+                              headers={"Retry-After": "1"}) from None
+        except EngineDead as e:
+            raise OpenAIError(503, str(e), "server_error") from None
+        return request_id, stream, first
+
+    async def _collect(self, raw: Request, stream, first: RequestOutput) -> list[RequestOutput]:
+        """Every request's final output, in prompt order."""
+        final = {first.request_id: first}
+
+        async def drain():
+            async for out in stream:
+                final[out.request_id] = out
+
+        try:
+            await _unless_disconnected(raw, drain())
+        except EngineDead as e:
+            raise OpenAIError(503, str(e), "server_error") from None
+        return [final[k] for k in sorted(final, key=lambda k: int(k.rsplit("-", 1)[1]))]
+
+    def _piece(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    # /v1/completions
+    async def completion(self, body: CompletionRequest, raw: Request):
+        self._check_model(body.model)
+        body.check_supported()
+        prompts = [self.tokenizer.encode(p) if isinstance(p, str) else list(p)
+                   for p in body.prompts()]
+        max_tokens = self._max_tokens(prompts, body.max_tokens, "prompt")
+        params = body.sampling_params(max_tokens, body.logprobs)
+        try:
+            request_id, stream, first = await self._start(raw, "cmpl", prompts, params)
+        except _Disconnected:
+            return Response(status_code=499)
+        if body.stream:
+            return _SSE(self._completion_events(body, request_id, stream, first, params))
+        try:
+            finals = await self._collect(raw, stream, first)
+        except _Disconnected:
+            return Response(status_code=499)
+        choices = []
+        for i, out in enumerate(finals):
+            for c in out.outputs:
+                choices.append(CompletionChoice(
+                    index=i * params.n + c.index, text=c.text, finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
+                    logprobs=self._completion_logprobs(c, 0, 0, body.logprobs)))
+        return CompletionResponse(id=request_id, model=self.model_name, choices=choices,
+                                  usage=_usage(finals))
+
+    def _completion_logprobs(self, c: CompletionOutput, start: int, offset: int,
+                             k: int | None) -> CompletionLogprobs | None:
+        if k is None or c.logprobs is None:
+            return None
+        out = CompletionLogprobs()
+        for token_id, entry in zip(c.token_ids[start:], c.logprobs[start:], strict=False):
+            piece = self._piece(token_id)
+            out.tokens.append(piece)
+            out.token_logprobs.append(entry.get(token_id))
+            top = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+            out.top_logprobs.append({self._piece(t): v for t, v in top} if k else None)
+            out.text_offset.append(offset)
+            offset += len(piece)
+        return out
+
+    async def _completion_events(self, body: CompletionRequest, request_id: str, stream,
+                                 first: RequestOutput, params: SamplingParams):
+        deltas = _Deltas(params)
+        finals: dict[str, RequestOutput] = {}
+        try:
+            out = first
+            while True:
+                prompt_index = int(out.request_id.rsplit("-", 1)[1])
+                choices = []
+                for c in out.outputs:
+                    key = (prompt_index, c.index)
+                    text, start = deltas.take(key, c)
+                    if text is None:
+                        continue
+                    offset = deltas.offsets.get(key, 0)
+                    deltas.offsets[key] = offset + len(text)
+                    choices.append(CompletionChoice(
+                        index=prompt_index * params.n + c.index, text=text,
+                        finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                        logprobs=self._completion_logprobs(c, start, offset, body.logprobs)))
+                if choices:
+                    yield _sse(CompletionResponse(id=request_id, model=self.model_name,
+                                                  choices=choices))
+                if out.finished:
+                    finals[out.request_id] = out
+                out = await anext(stream, None)
+                if out is None:
+                    break
+            if body.include_usage:
+                yield _sse(CompletionResponse(id=request_id, model=self.model_name, choices=[],
+                                              usage=_usage(list(finals.values()))))
+            yield "data: [DONE]\n\n"
+        except EngineDead as e:
+            yield _sse(error_body(str(e), "server_error"))
+        finally:
+            await stream.aclose()
+
+    # /v1/chat/completions
+    async def chat(self, body: ChatCompletionRequest, raw: Request):
+        self._check_model(body.model)
+        body.check_supported()
+        messages = [m.as_template_message() for m in body.messages]
+        try:
+            prompt = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=body.add_generation_prompt)
+        except Exception as e:  # no template, or the template refuses these messages
+            raise OpenAIError(400, f"cannot apply the chat template: {e}",
+                              param="messages") from None
+        max_tokens = self._max_tokens([prompt], body.requested_max_tokens, "messages")
+        params = body.sampling_params(max_tokens, body.num_logprobs)
+        try:
+            request_id, stream, first = await self._start(raw, "chatcmpl", [prompt], params)
+        except _Disconnected:
+            return Response(status_code=499)
+        if body.stream:
+            return _SSE(self._chat_events(body, request_id, stream, first, params))
+        try:
+            final = (await self._collect(raw, stream, first))[0]
+        except _Disconnected:
+            return Response(status_code=499)
+        choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
+                              finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                              logprobs=self._chat_logprobs(c, 0, body.num_logprobs))
+                   for c in final.outputs]
+        return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices,
+                                      usage=_usage([final]))
+
+    def _chat_logprobs(self, c: CompletionOutput, start: int, k: int | None) -> ChatLogprobs | None:
+        if k is None or c.logprobs is None:
+            return None
+        content = []
+        for token_id, entry in zip(c.token_ids[start:], c.logprobs[start:], strict=False):
+            piece = self._piece(token_id)
+            top = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+            content.append(TokenLogprob(
+                token=piece, logprob=entry.get(token_id), bytes=list(piece.encode()),
+                top_logprobs=[TopLogprob(token=(p := self._piece(t)), logprob=v,
+                                         bytes=list(p.encode())) for t, v in top]))
+        return ChatLogprobs(content=content)
+
+    async def _chat_events(self, body: ChatCompletionRequest, request_id: str, stream,
+                           first: RequestOutput, params: SamplingParams):
+        deltas = _Deltas(params)
+
+        def chunk(choices, usage=None):
+            return _sse(ChatCompletionChunk(id=request_id, model=self.model_name,
+                                            choices=choices, usage=usage))
+
+        try:
+            yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant",
+                                                                        content=""))
+                         for i in range(params.n)])
+            out = first
+            while True:
+                choices = []
+                for c in out.outputs:
+                    text, start = deltas.take(c.index, c)
+                    if text is None:
+                        continue
+                    choices.append(ChatStreamChoice(
+                        index=c.index, delta=DeltaMessage(content=text or None),
+                        finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                        logprobs=self._chat_logprobs(c, start, body.num_logprobs)))
+                if choices:
+                    yield chunk(choices)
+                if out.finished:
+                    break
+                out = await anext(stream)
+            if body.include_usage:
+                yield chunk([], _usage([out]))
+            yield "data: [DONE]\n\n"
+        except EngineDead as e:
+            yield _sse(error_body(str(e), "server_error"))
+        finally:
+            await stream.aclose()
+
+
+class _Deltas:
+    """What each choice has streamed so far. While a choice runs, the last ``len(stop) - 1``
+    characters are held back: a stop string completed by a later token cuts the text there, and
+    what was sent must stay a prefix of the final text."""
+
+    def __init__(self, params: SamplingParams):
+        self.hold = max((len(s) for s in params.stop_strings), default=1) - 1
+        self.wants_tokens = params.logprobs is not None
+        self.text: dict = {}
+        self.tokens: dict = {}
+        self.done: set = set()
+        self.offsets: dict = {}
+
+    def take(self, key, c: CompletionOutput) -> tuple[str | None, int]:
+        """The new text of choice ``key`` (None: nothing to send) and the index of its first
+        token not sent yet."""
+        if key in self.done:
+            return None, 0
+        sent, start = self.text.get(key, 0), self.tokens.get(key, 0)
+        end = len(c.text) if c.finished else max(sent, len(c.text) - self.hold)
+        text = c.text[sent:end]
+        new_tokens = len(c.token_ids) > start
+        if not text and not c.finished and not (new_tokens and self.wants_tokens):
+            return None, start
+        self.text[key], self.tokens[key] = end, len(c.token_ids)
+        if c.finished:
+            self.done.add(key)
+        return text, start
+
+
+def _usage(finals: list[RequestOutput]) -> Usage:
+    prompt = sum(len(o.prompt_token_ids) for o in finals)
+    completion = sum(len(c.token_ids) for o in finals for c in o.outputs)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion,
+                 total_tokens=prompt + completion)
+
+
+def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
+               log_level: str = "info") -> None:
+    """Serve ``app`` with uvicorn until Ctrl-C (or SIGTERM), which aborts the requests in flight
+    (their streams end with finish reason "abort") so that the server stops at once, cleanly."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            app.state.engine.abort_all()
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                          timeout_graceful_shutdown=10)).run()
+
