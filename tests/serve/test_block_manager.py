@@ -3,12 +3,16 @@
 import pytest
 
 from mlx_serve.block_manager import BlockManager
+from mlx_serve.lora import LoadedLora
 from mlx_serve.sampling_params import SamplingParams
 from mlx_serve.sequence import Sequence
 
+SQL = LoadedLora("sql", "/adapters/sql", slot=0, lora_id=7, rank=8)
+SQL_RELOADED = LoadedLora("sql", "/adapters/sql", slot=0, lora_id=8, rank=8)
+
 
 def _seq(tokens, lora=None):
-    return Sequence("r", list(tokens), SamplingParams(), lora_name=lora)
+    return Sequence("r", list(tokens), SamplingParams(), lora=lora)
 
 
 def _admit(manager, seq):
@@ -63,14 +67,15 @@ def test_freed_blocks_stay_cached_until_evicted_least_recently_used_first():
     assert left == blocks[:1]
 
 
-def test_adapter_names_separate_prefixes_and_token_check_guards_the_hash():
+def test_adapters_separate_prefixes_and_token_check_guards_the_hash():
     manager = BlockManager(8, 4)
-    _admit(manager, _seq(range(9), lora="sql"))
+    _admit(manager, _seq(range(9), lora=SQL))
     assert manager.find_cached_prefix(_seq(range(9))) == []
-    assert len(manager.find_cached_prefix(_seq(range(9), lora="sql"))) == 2
+    assert manager.find_cached_prefix(_seq(range(9), lora=SQL_RELOADED)) == []  # new weights
+    assert len(manager.find_cached_prefix(_seq(range(9), lora=SQL))) == 2
     block = manager.blocks[manager.cached[next(iter(manager.cached))]]
     block.token_ids = (7, 7, 7, 7)  # as if another prefix had collided on the hash
-    assert manager.find_cached_prefix(_seq(range(9), lora="sql")) == []
+    assert manager.find_cached_prefix(_seq(range(9), lora=SQL)) == []
 
 
 def test_prefix_caching_off_and_hit_rate():

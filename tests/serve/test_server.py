@@ -348,3 +348,84 @@ def test_shutdown_aborts_streams_and_a_failing_engine_answers_503(served, monkey
         assert status == 503
     finally:
         server.stop()
+
+
+def _post(url, path, body, key=KEY):
+    request = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.fixture(scope="module")
+def served_with_lora(served, tmp_path_factory):
+    """The same tiny model with a random PEFT LoRA adapter "sql", runtime loading allowed; and
+    the offline engine's greedy text for the base model and for the adapter."""
+    import peft
+    import transformers
+
+    _, _, directory = served
+    torch.manual_seed(1)
+    adapter = tmp_path_factory.mktemp("lora") / "sql"
+    peft_model = peft.get_peft_model(
+        transformers.AutoModelForCausalLM.from_pretrained(directory),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                        init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 1.0)
+    peft_model.save_pretrained(adapter)
+    llm = LLM(directory, num_blocks=64, block_size=4, loras={"sql": adapter})
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    expected = {name: llm.generate(PROMPT, params, lora=name)[0].outputs[0].text
+                for name in (None, "sql")}
+    assert expected[None] != expected["sql"], "the adapter must change the text"
+    server = _Server(build_app(llm.engine, MODEL, api_key=KEY, allow_runtime_lora=True))
+    yield server, adapter, expected
+    server.stop()
+
+
+def test_lora_adapters_are_models_and_load_and_unload_at_run_time(served_with_lora, served):
+    server, adapter, expected = served_with_lora
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+    models = {m.id: m for m in client.models.list().data}
+    assert list(models) == [MODEL, "sql"] and models["sql"].parent == MODEL
+    args = dict(prompt=PROMPT, temperature=0, max_tokens=12, extra_body={"ignore_eos": True})
+    base = client.completions.create(model=MODEL, **args)
+    sql = client.completions.create(model="sql", **args)
+    assert (base.choices[0].text, sql.choices[0].text) == (expected[None], expected["sql"])
+    assert sql.model == "sql"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="sql", stream=True, **args) if c.choices)
+    assert streamed == expected["sql"]
+
+    assert _post(server.url, "/v1/load_lora_adapter",
+                 {"lora_name": "sql2", "lora_path": str(adapter)})[0] == 200
+    assert client.completions.create(model="sql2", **args).choices[0].text == expected["sql"]
+    status, body = _post(server.url, "/v1/load_lora_adapter",
+                         {"lora_name": "bad", "lora_path": str(adapter) + "-missing"})
+    assert status == 400 and "does not exist" in json.loads(body)["error"]["message"]
+    assert _post(server.url, "/v1/unload_lora_adapter", {"lora_name": "sql2"})[0] == 200
+    with pytest.raises(openai.NotFoundError, match="'sql2' does not exist"):
+        client.completions.create(model="sql2", **args)
+    status, body = _post(server.url, "/v1/unload_lora_adapter", {"lora_name": "sql2"})
+    assert status == 404 and json.loads(body)["error"]["code"] == "model_not_found"
+    _wait_all_blocks_free((server,))
+    # the server without --allow-runtime-lora has no such routes
+    assert _post(served[0].url, "/v1/load_lora_adapter",
+                 {"lora_name": "x", "lora_path": str(adapter)})[0] == 404
+
+
+def test_serve_command_rejects_a_malformed_lora_option():
+    from typer.testing import CliRunner
+
+    from mlx_core.cli.app import build_app as build_cli
+
+    result = CliRunner().invoke(build_cli(), ["serve", "--lora", "no-directory-given"])
+    text = re.sub(r"[\s│╭╮╰╯─]+", " ", result.output)  # rich wraps the message in a box
+    assert result.exit_code != 0 and "--lora takes NAME=DIR" in text, text

@@ -41,6 +41,15 @@ class _Add:
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue
     accepted: asyncio.Future
+    lora_name: str | None = None
+
+
+@dataclass
+class _Call:
+    """Run ``function(engine)`` on the engine thread between steps (adapter loading)."""
+    function: object
+    loop: asyncio.AbstractEventLoop
+    done: asyncio.Future
 
 
 class AsyncEngine:
@@ -86,19 +95,32 @@ class AsyncEngine:
 
     # -- the coroutine side ---------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                          outputs: asyncio.Queue) -> None:
+                          outputs: asyncio.Queue, lora_name: str | None = None) -> None:
         """Queue a request; its ``RequestOutput``s will arrive on ``outputs``. Raises the
         engine's ``ValueError`` for a prompt it refuses, and ``EngineOverloaded``."""
         if not self.healthy:
             raise EngineDead("the engine is not running")
         loop = asyncio.get_running_loop()
-        command = _Add(request_id, prompt, params, loop, outputs, loop.create_future())
+        command = _Add(request_id, prompt, params, loop, outputs, loop.create_future(), lora_name)
         self._commands.put(command)
-        while not command.accepted.done():  # unless the engine thread died before reading it
-            await asyncio.wait({command.accepted}, timeout=1.0)
-            if not command.accepted.done() and not self.healthy:
+        await self._settled(command.accepted)
+
+    async def call(self, function):
+        """``function(engine)`` run on the engine thread between steps; its result, or its
+        exception raised here."""
+        if not self.healthy:
+            raise EngineDead("the engine is not running")
+        loop = asyncio.get_running_loop()
+        command = _Call(function, loop, loop.create_future())
+        self._commands.put(command)
+        return await self._settled(command.done)
+
+    async def _settled(self, future: asyncio.Future):
+        while not future.done():  # unless the engine thread died before reading the command
+            await asyncio.wait({future}, timeout=1.0)
+            if not future.done() and not self.healthy:
                 raise EngineDead("the engine is not running")
-        command.accepted.result()
+        return future.result()
 
     def abort(self, request_id: str) -> None:
         """Stop a request (thread-safe; unknown and finished ids are ignored)."""
@@ -109,7 +131,8 @@ class AsyncEngine:
         self._commands.put(("abort", None))
 
     async def generate(self, requests: list[tuple[str, str | list[int]]],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+                       params: SamplingParams, lora_name: str | None = None,
+                       ) -> AsyncIterator[RequestOutput]:
         """Run ``(request_id, prompt)`` pairs together; yield their outputs as they come, each
         request's last one finished. Requests not finished when the caller stops iterating (or
         is cancelled) are aborted. Validation errors are raised before the first output."""
@@ -118,7 +141,7 @@ class AsyncEngine:
         try:
             for request_id, prompt in requests:
                 unfinished.add(request_id)  # before the await: a cancelled add is aborted too
-                await self.add_request(request_id, prompt, params, outputs)
+                await self.add_request(request_id, prompt, params, outputs, lora_name)
             while unfinished:
                 out = await outputs.get()
                 if isinstance(out, BaseException):
@@ -156,6 +179,8 @@ class AsyncEngine:
         while True:
             if isinstance(command, _Add):
                 self._add(command)
+            elif isinstance(command, _Call):
+                self._call(command)
             elif isinstance(command, tuple):
                 for request_id in ([command[1]] if command[1] is not None
                                    else list(self.engine.requests)):
@@ -180,11 +205,27 @@ class AsyncEngine:
         if self.max_waiting_seqs is not None and waiting + command.params.n > self.max_waiting_seqs:
             return answer(EngineOverloaded(f"{waiting} sequences are already waiting"))
         try:
-            self.engine.add_request(command.prompt, command.params, request_id=command.request_id)
+            self.engine.add_request(command.prompt, command.params, request_id=command.request_id,
+                                    lora_name=command.lora_name)
         except ValueError as e:
             return answer(e)
         self._streams[command.request_id] = command
         answer(None)
+
+    def _call(self, command: _Call) -> None:
+        try:
+            result, error = command.function(self.engine), None
+        except Exception as e:  # handed to the caller, who decides what the client sees
+            result, error = None, e
+
+        def settle():
+            if command.done.done():
+                return
+            if error is None:
+                command.done.set_result(result)
+            else:
+                command.done.set_exception(error)
+        _call_soon(command.loop, settle)
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         # stats first: a client that got its last output sees metrics that include it
@@ -223,9 +264,10 @@ class AsyncEngine:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(command, _Add):
-                _call_soon(command.loop,
-                           lambda c=command: c.accepted.done() or c.accepted.set_exception(error))
+            future = command.accepted if isinstance(command, _Add) else \
+                command.done if isinstance(command, _Call) else None
+            if future is not None:
+                _call_soon(command.loop, lambda f=future: f.done() or f.set_exception(error))
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback, *args) -> None:

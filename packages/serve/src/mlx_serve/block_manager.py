@@ -22,8 +22,9 @@ class Block:
     token_ids: tuple[int, ...] = ()
 
 
-def block_hash(previous: int | None, token_ids: tuple[int, ...], adapter: str | None) -> int:
-    return hash((previous, token_ids, adapter))
+def block_hash(previous: int | None, token_ids: tuple[int, ...], lora_id: int | None) -> int:
+    """Keys and values depend on the adapter too: ``lora_id`` is unique per adapter load."""
+    return hash((previous, token_ids, lora_id))
 
 
 class BlockManager:
@@ -64,7 +65,7 @@ class BlockManager:
         previous = None
         for start in range(0, len(tokens) - 1 - self.block_size + 1, self.block_size):
             chunk = tuple(tokens[start:start + self.block_size])
-            previous = block_hash(previous, chunk, seq.lora_name)
+            previous = block_hash(previous, chunk, seq.lora_id)
             block_id = self.cached.get(previous)
             if block_id is None or self.blocks[block_id].token_ids != chunk:  # hash collision
                 break
@@ -117,7 +118,7 @@ class BlockManager:
         for i in range(len(seq.block_hashes), full):
             chunk = tuple(tokens[i * self.block_size:(i + 1) * self.block_size])
             previous = seq.block_hashes[-1] if seq.block_hashes else None
-            h = block_hash(previous, chunk, seq.lora_name)
+            h = block_hash(previous, chunk, seq.lora_id)
             seq.block_hashes.append(h)
             block = self.blocks[seq.block_ids[i]]
             if h not in self.cached:  # else another block holds the same prefix already

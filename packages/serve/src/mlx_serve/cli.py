@@ -32,6 +32,14 @@ def serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m",
           max_waiting_seqs: int | None = typer.Option(
               None, "--max-waiting-seqs",
               help="Answer 503 (Retry-After) when this many sequences already wait."),
+          lora: list[str] = typer.Option(
+              [], "--lora", help="NAME=DIR: serve a PEFT LoRA adapter as model NAME (repeat for "
+              "more); requests for different adapters share batches."),
+          max_loras: int = typer.Option(4, "--max-loras", help="LoRA adapters loaded at once."),
+          max_lora_rank: int = typer.Option(64, "--max-lora-rank"),
+          allow_runtime_lora: bool = typer.Option(
+              False, "--allow-runtime-lora",
+              help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter."),
           dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
           device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
           log_level: str = typer.Option("info", "--log-level")):
@@ -41,13 +49,105 @@ def serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m",
     from mlx_serve.server import build_app, run_server
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    options = dict(max_num_seqs=max_num_seqs, block_size=block_size, max_model_len=max_model_len)
+    options = dict(max_num_seqs=max_num_seqs, block_size=block_size, max_model_len=max_model_len,
+                   max_loras=max_loras, max_lora_rank=max_lora_rank)
     if kv_cache_memory is not None:
         options["kv_cache_memory"] = kv_cache_memory
-    engine = LLM(model, dtype=dtype, device=device, **options).engine
+    loras = dict(_lora_option(spec) for spec in lora)
     name = served_model_name or model
-    app = build_app(engine, name, api_key=api_key, max_waiting_seqs=max_waiting_seqs)
+    if name in loras:
+        raise typer.BadParameter(f"--lora {name}=...: the adapter name is the model's name; "
+                                 "choose another")
+    engine = LLM(model, dtype=dtype, device=device, loras=loras, **options).engine
+    app = build_app(engine, name, api_key=api_key, max_waiting_seqs=max_waiting_seqs,
+                    allow_runtime_lora=allow_runtime_lora)
     blocks = engine.blocks
     typer.echo(f"serving {name!r} on http://{host}:{port}/v1 ({blocks.num_blocks} KV blocks of "
                f"{blocks.block_size} tokens, max_model_len {engine.max_model_len})")
+    if loras:
+        typer.echo(f"LoRA adapters: {', '.join(loras)}")
     run_server(app, host, port, log_level.lower())
+
+
+def _lora_option(spec: str) -> tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise typer.BadParameter(f"--lora takes NAME=DIR, e.g. --lora sql=./adapters/sql; got "
+                                 f"{spec!r}")
+    return name, path
+
+
+def _int_range(text: str, option: str) -> tuple[int, int]:
+    try:
+        low, high = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise typer.BadParameter(f"{option} takes LOW:HIGH, e.g. 32:256; got {text!r}") from None
+    if not 1 <= low <= high:
+        raise typer.BadParameter(f"{option} needs 1 <= LOW <= HIGH; got {text!r}")
+    return low, high
+
+
+@clean_errors
+def bench_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
+                num_requests: int = typer.Option(64, "--num-requests", min=1),
+                prompt_len: str = typer.Option("32:256", "--prompt-len",
+                                               help="Prompt lengths, uniform in LOW:HIGH."),
+                output_len: str = typer.Option("16:128", "--output-len",
+                                               help="Output lengths, uniform in LOW:HIGH."),
+                request_rate: float = typer.Option(
+                    4.0, "--request-rate", min=0,
+                    help="Poisson arrivals per second for the second run (0: skip it)."),
+                hf_batch_sizes: str = typer.Option("8,16", "--hf-batch-sizes",
+                                                   help="HF static batch sizes; the best counts."),
+                kv_cache_memory: str | None = typer.Option(None, "--kv-cache-memory"),
+                max_num_seqs: int = typer.Option(64, "--max-num-seqs"),
+                seed: int = typer.Option(0, "--seed"),
+                json_path: str = typer.Option("", "--json", help="Also write the result here.")):
+    """Serving throughput, TTFT and TPOT: the engine vs HF transformers generate in static
+    batches, same seeded workload, same process; prints the ratio."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from mlx_serve import bench
+
+    try:
+        batch_sizes = tuple(int(b) for b in hf_batch_sizes.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--hf-batch-sizes takes e.g. 8,16; got {hf_batch_sizes!r}") \
+            from None
+    options = {"max_num_seqs": max_num_seqs}
+    if kv_cache_memory is not None:
+        options["kv_cache_memory"] = kv_cache_memory
+    result = bench.run(model, num_requests=num_requests,
+                       prompt_len=_int_range(prompt_len, "--prompt-len"),
+                       output_len=_int_range(output_len, "--output-len"),
+                       request_rate=request_rate, hf_batch_sizes=batch_sizes, seed=seed,
+                       engine_options=options)
+    table = Table("run", "output tok/s", "seconds", "TTFT p50/p99 (ms)", "TPOT p50/p99 (ms)",
+                  title=f"mlx bench serve: {model}, {num_requests} requests, prompts "
+                        f"{prompt_len}, outputs {output_len}, {result['threads']} threads")
+    runs = [("mlx, all at once", result["mlx_all_at_once"])]
+    if result["mlx_at_request_rate"]:
+        runs.append((f"mlx, {request_rate} req/s", result["mlx_at_request_rate"]))
+    runs += [(f"HF generate, batch {bs}", r) for bs, r in result["hf_static_batches"].items()]
+    for name, r in runs:
+        ttft = f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f}" if "ttft_p50_ms" in r else "-"
+        tpot = f"{r['tpot_p50_ms']:.0f} / {r['tpot_p99_ms']:.0f}" if "tpot_p50_ms" in r else "-"
+        table.add_row(name, f"{r['output_tokens_per_s']:.1f}", f"{r['seconds']:.1f}", ttft, tpot)
+    Console().print(table)
+    prefix = result["prefix_caching"]
+    print(f"throughput ratio (mlx / best HF batch {result['hf_best_batch_size']}): "
+          f"{result['throughput_ratio']}x")
+    print(f"compute ceiling: {result['matmul_gflops']} GFLOP/s / {result['gflop_per_token']} "
+          f"GFLOP per token = {result['ceiling_output_tokens_per_s']} tok/s; reached "
+          f"{result['fraction_of_ceiling_output']:.0%} in output tokens, "
+          f"{result['fraction_of_ceiling_all_tokens']:.0%} counting prompt tokens")
+    print(f"prefix caching ({prefix['system_prompt_tokens']}-token shared system prompt): TTFT "
+          f"first {prefix['first_ttft_ms']} ms, later median {prefix['later_ttft_median_ms']} ms "
+          f"({prefix['later_over_first']}x)")
+    print(f"KV blocks still held after the runs: {result['leaked_blocks']}")
+    if json_path:
+        with open(json_path, "w") as f:
+            f.write(json.dumps(result, indent=2))

@@ -54,6 +54,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     scheduling_policy: str = "fcfs"
+    max_loras: int = 4  # LoRA adapters loaded at once (slots)
+    max_lora_rank: int = 64
     seed: int = 0
 
     def __post_init__(self):

@@ -16,6 +16,7 @@ from torch import nn
 from mlx_core.tokenizer import IncrementalDecoder, Tokenizer
 from mlx_serve.block_manager import BlockManager
 from mlx_serve.config import EngineConfig
+from mlx_serve.lora import LoadedLora, LoraManager
 from mlx_serve.model_runner import ModelRunner, kv_bytes_per_block
 from mlx_serve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from mlx_serve.sampler import SampledToken, Sampler
@@ -70,6 +71,8 @@ class LLMEngine:
             eos = [configured] if isinstance(configured, int) else list(configured)
         self.eos_token_ids = eos
         self.sampler = Sampler(eos, seed=config.seed)
+        self.loras = LoraManager(model, config.max_loras, config.max_lora_rank)
+        self.runner.loras = self.loras
         self.requests: dict[str, Request] = {}
         self._request_counter = itertools.count()
         self.prompt_tokens = 0
@@ -79,8 +82,10 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
                     request_id: str | None = None, priority: int = 0,
                     lora_name: str | None = None, arrival_time: float | None = None) -> str:
-        """Queue a prompt (text, or token ids); returns its request id."""
+        """Queue a prompt (text, or token ids); returns its request id. ``lora_name`` picks a
+        loaded LoRA adapter (``add_lora``); None runs the base model."""
         params = params or SamplingParams()
+        lora = self._lora(lora_name)
         request_id = request_id if request_id is not None else str(next(self._request_counter))
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -94,7 +99,7 @@ class LLMEngine:
         for index in range(params.n):
             seed = None if params.seed is None else params.seed + index
             seq = Sequence(request_id, ids, params, index=index, priority=priority,
-                           lora_name=lora_name, arrival_time=arrival, seed=seed)
+                           lora=lora, arrival_time=arrival, seed=seed)
             request.sequences.append(seq)
             request.decoders.append(IncrementalDecoder(self.tokenizer, params.skip_special_tokens)
                                     if self.tokenizer is not None else None)
@@ -133,6 +138,32 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished
+
+    # -- LoRA adapters ----------------------------------------------------------------------
+    def add_lora(self, name: str, path) -> LoadedLora:
+        """Load a PEFT-format LoRA adapter directory under ``name`` (what requests ask for)."""
+        return self.loras.load(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        """Unload an adapter; refused while a request still uses it."""
+        self.loras.get(name)
+        users = sorted({r.request_id for r in self.requests.values() if not r.finished
+                        for s in r.sequences if s.lora is not None and s.lora.name == name})
+        if users:
+            raise ValueError(f"adapter {name!r} is in use by {len(users)} unfinished request(s) "
+                             f"({', '.join(users[:3])}); abort them or wait, then unload")
+        self.loras.unload(name)
+
+    def list_loras(self) -> list[str]:
+        return self.loras.names()
+
+    def _lora(self, name: str | None) -> LoadedLora | None:
+        if name is None:
+            return None
+        try:
+            return self.loras.get(name)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
 
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

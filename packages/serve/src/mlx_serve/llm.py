@@ -26,11 +26,14 @@ class LLM:
     directory, a ``.gguf`` file, or an already built zoo model (then pass ``tokenizer``).
     Engine options (``EngineConfig``): ``block_size``, ``num_blocks``, ``kv_cache_memory``,
     ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``, ``enable_prefix_caching``,
-    ``enable_chunked_prefill``, ``scheduling_policy``, ``seed``.
+    ``enable_chunked_prefill``, ``scheduling_policy``, ``seed``, ``max_loras``,
+    ``max_lora_rank``. ``loras``: ``{name: PEFT LoRA directory}`` to load at start (more with
+    ``add_lora``); ``generate(..., lora=name)`` picks one per call or per prompt.
     """
 
     def __init__(self, model: str | nn.Module = "smollm2-135m-instruct", *, tokenizer=None,
-                 dtype="float32", device: str = "cpu", **engine_options):
+                 dtype="float32", device: str = "cpu", loras: dict[str, str] | None = None,
+                 **engine_options):
         unknown = set(engine_options) - _engine_fields()
         if unknown:
             raise TypeError(f"unknown LLM options {sorted(unknown)}; engine options are "
@@ -45,17 +48,27 @@ class LLM:
             model = load_model(source, dtype=default_dtype(dtype), device=device)
             tokenizer = tokenizer or load_tokenizer(model.source_dir)
         self.engine = LLMEngine(model, tokenizer, EngineConfig(**engine_options))
+        for name, path in (loras or {}).items():
+            self.engine.add_lora(name, path)
+
+    def add_lora(self, name: str, path) -> None:
+        self.engine.add_lora(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        self.engine.remove_lora(name)
 
     def get_tokenizer(self):
         return self.engine.tokenizer
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-                 priority: Sequence[int] | None = None) -> list[RequestOutput]:
+                 priority: Sequence[int] | None = None,
+                 lora: str | Sequence[str | None] | None = None) -> list[RequestOutput]:
         """Run prompts to completion; outputs in the prompts' order.
 
         A prompt is text, a list of token ids, or ``{"prompt_token_ids": [...]}`` (or
-        ``{"prompt": "..."}``). ``sampling_params`` is one for all or one per prompt.
+        ``{"prompt": "..."}``). ``sampling_params`` is one for all or one per prompt; ``lora``
+        (a loaded adapter's name, None for the base model) too.
         """
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -69,11 +82,16 @@ class LLM:
                                  "one for all or one per prompt")
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"{len(priority)} priorities for {len(prompts)} prompts")
+        loras = [lora] * len(prompts) if lora is None or isinstance(lora, str) else list(lora)
+        if len(loras) != len(prompts):
+            raise ValueError(f"{len(loras)} adapters for {len(prompts)} prompts: give one name "
+                             "for all or one per prompt")
         ids = []
         try:
             for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
                 ids.append(self.engine.add_request(
-                    prompt, p, priority=priority[i] if priority is not None else 0))
+                    prompt, p, priority=priority[i] if priority is not None else 0,
+                    lora_name=loras[i]))
             return self._run(ids)
         except BaseException:
             for request_id in ids:  # leave the engine empty, whatever went wrong
@@ -82,14 +100,14 @@ class LLM:
             raise
 
     def chat(self, messages, sampling_params: SamplingParams | None = None, *,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, lora: str | None = None) -> list[RequestOutput]:
         """One conversation (a list of ``{"role", "content"}``) or a list of them, through the
         tokenizer's chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tokenizer = self.engine.tokenizer
         prompts = [tokenizer.apply_chat_template(list(c), add_generation_prompt=add_generation_prompt)
                    for c in conversations]
-        return self.generate(prompts, sampling_params)
+        return self.generate(prompts, sampling_params, lora=lora)
 
     def _run(self, request_ids: list[str]) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

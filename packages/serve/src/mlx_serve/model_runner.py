@@ -29,6 +29,7 @@ class ModelRunner:
                                   device=self.device)
         self.block_size = block_size
         self.sliding_window = model.config.sliding_window
+        self.loras = None  # the engine's LoraManager, if any adapter may be used
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
@@ -66,6 +67,10 @@ class ModelRunner:
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
         keep = torch.tensor(last, dtype=torch.long, device=self.device)
+        if self.loras is not None:
+            self.loras.set_batch([s.lora_slot for s, n in ordered for _ in range(n)]
+                                 if any(s.lora_slot >= 0 for s, _ in ordered) else None,
+                                 self.device)
         logits = self.model(input_ids, position_ids=position_ids, paged=meta, logits_to_keep=keep)
         return logits[0], due
 

@@ -1,4 +1,4 @@
-"""mlx-serve's registrations (``mlx.plugins`` entry point): the ``mlx serve`` command."""
+"""mlx-serve's registrations (``mlx.plugins`` entry point): ``mlx serve`` and ``mlx bench serve``."""
 
 
 def register() -> None:
@@ -8,3 +8,7 @@ def register() -> None:
         from mlx_serve.cli import serve
 
         registry.cli_commands.register("serve", serve)
+    if "serve" not in registry.benchmarks:
+        from mlx_serve.cli import bench_serve
+
+        registry.benchmarks.register("serve", bench_serve)

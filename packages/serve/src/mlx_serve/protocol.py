@@ -266,7 +266,18 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "mlx"
+    root: str | None = None  # where the weights came from
+    parent: str | None = None  # for a LoRA adapter: the model it applies to
     max_model_len: int | None = None
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    lora_name: str
 
 
 class ModelList(BaseModel):

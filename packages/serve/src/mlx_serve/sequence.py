@@ -51,7 +51,7 @@ class Sequence:
     _ids = itertools.count()
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                 index: int = 0, priority: int = 0, lora_name: str | None = None,
+                 index: int = 0, priority: int = 0, lora=None,
                  arrival_time: float | None = None, seed: int | None = None):
         self.seq_id = next(Sequence._ids)
         self.request_id = request_id
@@ -60,7 +60,9 @@ class Sequence:
         self.output_token_ids: list[int] = []
         self.params = params
         self.priority = priority
-        self.lora_name = lora_name
+        self.lora = lora  # a LoadedLora, or None for the base model
+        self.lora_id = lora.lora_id if lora is not None else None  # keys the prefix cache
+        self.lora_slot = lora.slot if lora is not None else -1
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.status = SequenceStatus.WAITING
         self.block_ids: list[int] = []

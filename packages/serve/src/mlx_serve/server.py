@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlx_serve.async_engine import AsyncEngine, EngineDead, EngineOverloaded
@@ -39,11 +39,13 @@ from mlx_serve.protocol import (
     CompletionResponse,
     DeltaMessage,
     ErrorResponse,
+    LoadLoraAdapterRequest,
     ModelCard,
     ModelList,
     OpenAIError,
     TokenLogprob,
     TopLogprob,
+    UnloadLoraAdapterRequest,
     Usage,
     error_body,
 )
@@ -53,11 +55,13 @@ logger = logging.getLogger("mlx_serve")
 
 
 def build_app(engine: LLMEngine, served_model_name: str, api_key: str | None = None, *,
-              max_waiting_seqs: int | None = None) -> FastAPI:
+              max_waiting_seqs: int | None = None, allow_runtime_lora: bool = False) -> FastAPI:
     """A FastAPI app serving ``engine`` as model ``served_model_name``. The engine thread starts
     and stops with the app's lifespan. ``api_key``: clients must send ``Authorization: Bearer
     KEY`` to ``/v1/*``. ``max_waiting_seqs``: beyond this many waiting sequences new requests get
-    503 with ``Retry-After``."""
+    503 with ``Retry-After``. LoRA adapters loaded in the engine are served under their names;
+    ``allow_runtime_lora`` adds ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``
+    (vLLM's routes; they read adapter directories on the server, so they are off by default)."""
     async_engine = AsyncEngine(engine, max_waiting_seqs=max_waiting_seqs)
     metrics = ServerMetrics()
     metrics.attach(async_engine)
@@ -93,7 +97,36 @@ def build_app(engine: LLMEngine, served_model_name: str, api_key: str | None = N
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models():
-        return ModelList(data=[ModelCard(id=served_model_name, max_model_len=engine.max_model_len)])
+        cards = [ModelCard(id=served_model_name, root=served_model_name,
+                           max_model_len=engine.max_model_len)]
+        for lora in list(engine.loras.adapters.values()):
+            cards.append(ModelCard(id=lora.name, root=lora.path, parent=served_model_name,
+                                   max_model_len=engine.max_model_len))
+        return ModelList(data=cards)
+
+    if allow_runtime_lora:
+        @app.post("/v1/load_lora_adapter", responses=errors)
+        async def load_lora_adapter(body: LoadLoraAdapterRequest):
+            if body.lora_name == served_model_name:
+                raise OpenAIError(400, f"'{body.lora_name}' is the base model's name; give the "
+                                  "adapter another", param="lora_name")
+            try:
+                await async_engine.call(lambda e: e.add_lora(body.lora_name, body.lora_path))
+            except (ValueError, FileNotFoundError) as error:
+                raise OpenAIError(400, str(error), param="lora_path") from None
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+        @app.post("/v1/unload_lora_adapter", responses=errors)
+        async def unload_lora_adapter(body: UnloadLoraAdapterRequest):
+            try:
+                await async_engine.call(lambda e: e.remove_lora(body.lora_name))
+            except KeyError as error:
+                raise OpenAIError(404, error.args[0], param="lora_name",
+                                  code="model_not_found") from None
+            except ValueError as error:
+                raise OpenAIError(400, str(error), param="lora_name") from None
+            return PlainTextResponse(
+                f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.get("/health")
     async def health():
@@ -217,11 +250,16 @@ class _Handler:
         self.model_name = served_model_name
 
     # shared steps
-    def _check_model(self, model: str) -> None:
-        if model != self.model_name:
-            raise OpenAIError(404, f"the model '{model}' does not exist; this server serves "
-                              f"'{self.model_name}' (see /v1/models)", param="model",
-                              code="model_not_found")
+    def _adapter_for(self, model: str) -> str | None:
+        """The LoRA adapter a request's ``model`` names (None: the base model)."""
+        if model == self.model_name:
+            return None
+        adapters = self.engine.list_loras()
+        if model in adapters:
+            return model
+        served = ", ".join(repr(m) for m in [self.model_name, *adapters])
+        raise OpenAIError(404, f"the model '{model}' does not exist; this server serves {served} "
+                          "(see /v1/models)", param="model", code="model_not_found")
 
     def _max_tokens(self, prompts: list[list[int]], requested: int | None, param: str) -> int:
         limit = self.engine.max_model_len
@@ -240,12 +278,12 @@ class _Handler:
         return capacity - longest
 
     async def _start(self, raw: Request, prefix: str, prompts: list[list[int]],
-                     params: SamplingParams):
+                     params: SamplingParams, lora_name: str | None):
         """Submit the prompts; return the output stream and its first output (so that errors
         become an error response, not a broken stream)."""
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         stream = self.async_engine.generate(
-            [(f"{request_id}-{i}", p) for i, p in enumerate(prompts)], params)
+            [(f"{request_id}-{i}", p) for i, p in enumerate(prompts)], params, lora_name)
         try:
             first = await _unless_disconnected(raw, anext(stream))
         except ValueError as e:
@@ -277,14 +315,14 @@ class _Handler:
 
     # /v1/completions
     async def completion(self, body: CompletionRequest, raw: Request):
-        self._check_model(body.model)
+        lora_name = self._adapter_for(body.model)
         body.check_supported()
         prompts = [self.tokenizer.encode(p) if isinstance(p, str) else list(p)
                    for p in body.prompts()]
         max_tokens = self._max_tokens(prompts, body.max_tokens, "prompt")
         params = body.sampling_params(max_tokens, body.logprobs)
         try:
-            request_id, stream, first = await self._start(raw, "cmpl", prompts, params)
+            request_id, stream, first = await self._start(raw, "cmpl", prompts, params, lora_name)
         except _Disconnected:
             return Response(status_code=499)
         if body.stream:
@@ -300,7 +338,7 @@ class _Handler:
                     index=i * params.n + c.index, text=c.text, finish_reason=c.finish_reason,
                     stop_reason=c.stop_reason,
                     logprobs=self._completion_logprobs(c, 0, 0, body.logprobs)))
-        return CompletionResponse(id=request_id, model=self.model_name, choices=choices,
+        return CompletionResponse(id=request_id, model=body.model, choices=choices,
                                   usage=_usage(finals))
 
     def _completion_logprobs(self, c: CompletionOutput, start: int, offset: int,
@@ -339,7 +377,7 @@ class _Handler:
                         finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                         logprobs=self._completion_logprobs(c, start, offset, body.logprobs)))
                 if choices:
-                    yield _sse(CompletionResponse(id=request_id, model=self.model_name,
+                    yield _sse(CompletionResponse(id=request_id, model=body.model,
                                                   choices=choices))
                 if out.finished:
                     finals[out.request_id] = out
@@ -347,7 +385,7 @@ class _Handler:
                 if out is None:
                     break
             if body.include_usage:
-                yield _sse(CompletionResponse(id=request_id, model=self.model_name, choices=[],
+                yield _sse(CompletionResponse(id=request_id, model=body.model, choices=[],
                                               usage=_usage(list(finals.values()))))
             yield "data: [DONE]\n\n"
         except EngineDead as e:
@@ -357,7 +395,7 @@ class _Handler:
 
     # /v1/chat/completions
     async def chat(self, body: ChatCompletionRequest, raw: Request):
-        self._check_model(body.model)
+        lora_name = self._adapter_for(body.model)
         body.check_supported()
         messages = [m.as_template_message() for m in body.messages]
         try:
@@ -369,7 +407,7 @@ class _Handler:
         max_tokens = self._max_tokens([prompt], body.requested_max_tokens, "messages")
         params = body.sampling_params(max_tokens, body.num_logprobs)
         try:
-            request_id, stream, first = await self._start(raw, "chatcmpl", [prompt], params)
+            request_id, stream, first = await self._start(raw, "chatcmpl", [prompt], params, lora_name)
         except _Disconnected:
             return Response(status_code=499)
         if body.stream:
@@ -382,7 +420,7 @@ class _Handler:
                               finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                               logprobs=self._chat_logprobs(c, 0, body.num_logprobs))
                    for c in final.outputs]
-        return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices,
+        return ChatCompletionResponse(id=request_id, model=body.model, choices=choices,
                                       usage=_usage([final]))
 
     def _chat_logprobs(self, c: CompletionOutput, start: int, k: int | None) -> ChatLogprobs | None:
@@ -403,7 +441,7 @@ class _Handler:
         deltas = _Deltas(params)
 
         def chunk(choices, usage=None):
-            return _sse(ChatCompletionChunk(id=request_id, model=self.model_name,
+            return _sse(ChatCompletionChunk(id=request_id, model=body.model,
                                             choices=choices, usage=usage))
 
         try:

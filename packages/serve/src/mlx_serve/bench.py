@@ -1,0 +1,214 @@
+"""``mlx bench serve``: the engine against HF transformers ``generate`` in static batches, on the
+same seeded workload in the same process, reported as ratios.
+
+Workload (issue 7): ``num_requests`` prompts of random token ids with lengths uniform in
+``prompt_len``, each asking for a length uniform in ``output_len`` with ``ignore_eos``. Our
+engine runs it twice: all requests submitted at once, and arriving as a Poisson process at
+``request_rate`` requests/s. The baseline runs it through ``model.generate`` in static batches
+(left padding, greedy, ``min_new_tokens`` forcing the length); only the tokens each request asked
+for count as useful. A third run measures prefix caching: a shared system prompt, requests one
+after another, TTFT of the later requests against the first's.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from mlx_serve.engine import LLMEngine
+from mlx_serve.sampling_params import SamplingParams
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]
+    arrival_offsets: list[float]  # seconds after the start, for the request-rate run
+
+
+def make_workload(num_requests: int, prompt_len: tuple[int, int], output_len: tuple[int, int],
+                  vocab_size: int, request_rate: float, seed: int = 0) -> Workload:
+    rng = random.Random(seed)
+    low_id = min(100, vocab_size // 2)  # skip the special tokens at the start of most vocabularies
+    prompts = [[rng.randrange(low_id, vocab_size) for _ in range(rng.randint(*prompt_len))]
+               for _ in range(num_requests)]
+    output_lens = [rng.randint(*output_len) for _ in range(num_requests)]
+    offsets, now = [], 0.0
+    for _ in range(num_requests):
+        offsets.append(now)
+        now += rng.expovariate(request_rate) if request_rate > 0 else 0.0
+    return Workload(prompts, output_lens, offsets)
+
+
+@dataclass
+class RunResult:
+    output_tokens: int
+    seconds: float
+    ttft_s: list[float] = field(default_factory=list)
+    tpot_s: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+    def summary(self) -> dict:
+        out = {"output_tokens": self.output_tokens, "seconds": round(self.seconds, 3),
+               "output_tokens_per_s": round(self.tokens_per_s, 2)}
+        for name, values in (("ttft", self.ttft_s), ("tpot", self.tpot_s)):
+            if values:
+                out[f"{name}_p50_ms"] = round(1000 * _percentile(values, 50), 1)
+                out[f"{name}_p99_ms"] = round(1000 * _percentile(values, 99), 1)
+        return out
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def run_engine(engine: LLMEngine, workload: Workload, *, use_arrivals: bool) -> RunResult:
+    """Drive the engine step by step; requests join when their arrival time has passed."""
+    pending = list(range(len(workload.prompts)))
+    start = time.monotonic()
+    finished = []
+    while pending or engine.has_unfinished_requests():
+        now = time.monotonic()
+        while pending and (not use_arrivals or workload.arrival_offsets[pending[0]] <= now - start):
+            i = pending.pop(0)
+            arrival = start + workload.arrival_offsets[i] if use_arrivals else now
+            engine.add_request(workload.prompts[i], SamplingParams(
+                temperature=0, max_tokens=workload.output_lens[i], ignore_eos=True),
+                request_id=f"bench-{i}", arrival_time=arrival)
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, start + workload.arrival_offsets[pending[0]] - time.monotonic()))
+            continue
+        finished.extend(out for out in engine.step() if out.finished)
+    seconds = time.monotonic() - start
+    result = RunResult(sum(len(o.outputs[0].token_ids) for o in finished), seconds)
+    for out in finished:
+        m, n = out.metrics, len(out.outputs[0].token_ids)
+        result.ttft_s.append(m.first_token_time - m.arrival_time)
+        if n > 1:
+            result.tpot_s.append((m.finished_time - m.first_token_time) / (n - 1))
+    return result
+
+
+def run_hf(hf_model, workload: Workload, batch_size: int, pad_token_id: int) -> RunResult:
+    """Static batches in arrival order, left-padded, each batch as long as its longest request."""
+    useful, start = 0, time.monotonic()
+    for first in range(0, len(workload.prompts), batch_size):
+        prompts = workload.prompts[first:first + batch_size]
+        wanted = workload.output_lens[first:first + batch_size]
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        new = max(wanted)
+        with torch.inference_mode():
+            out = hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                                    min_new_tokens=new, do_sample=False, pad_token_id=pad_token_id)
+        assert out.shape[1] == width + new, "HF generate stopped early; the baseline is invalid"
+        useful += sum(wanted)
+    return RunResult(useful, time.monotonic() - start)
+
+
+def run_prefix_caching(engine: LLMEngine, vocab_size: int, system_len: int = 200,
+                       num_requests: int = 5, seed: int = 1) -> dict:
+    """A shared system prompt, then short user turns one after another: TTFT of each."""
+    rng = random.Random(seed)
+    low_id = min(100, vocab_size // 2)
+    system = [rng.randrange(low_id, vocab_size) for _ in range(system_len)]
+    ttfts = []
+    for i in range(num_requests):
+        user = [rng.randrange(low_id, vocab_size) for _ in range(16)]
+        engine.add_request(system + user, SamplingParams(temperature=0, max_tokens=1,
+                                                         ignore_eos=True), request_id=f"prefix-{i}")
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    ttfts.append(out.metrics.first_token_time - out.metrics.arrival_time)
+    later = statistics.median(ttfts[1:])
+    return {"system_prompt_tokens": system_len, "first_ttft_ms": round(1000 * ttfts[0], 1),
+            "later_ttft_median_ms": round(1000 * later, 1),
+            "later_over_first": round(later / ttfts[0], 3)}
+
+
+def matmul_gflops(size: int = 1024, repeats: int = 10) -> float:
+    """This machine's fp32 matmul rate, the compute ceiling's yardstick."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def flops_per_token(model) -> float:
+    """2 x the parameters a token's forward multiplies by (the embedding lookup is free)."""
+    params = sum(p.numel() for p in model.parameters())
+    embedding = model.model.embed_tokens.weight
+    if model.lm_head.weight is not embedding:  # untied: the lookup table is not a matmul
+        params -= embedding.numel()
+    return 2.0 * params
+
+
+def run(model: str = "smollm2-135m-instruct", *, num_requests: int = 64,
+        prompt_len: tuple[int, int] = (32, 256), output_len: tuple[int, int] = (16, 128),
+        request_rate: float = 4.0, hf_batch_sizes: tuple[int, ...] = (8, 16), seed: int = 0,
+        engine_options: dict | None = None) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from mlx_serve.llm import LLM
+
+    torch.manual_seed(seed)
+    llm = LLM(model, **(engine_options or {}))
+    engine, zoo = llm.engine, llm.engine.model
+    vocab = zoo.config.vocab_size
+    workload = make_workload(num_requests, prompt_len, output_len, vocab, request_rate, seed)
+    warm = make_workload(2, (8, 16), (2, 4), vocab, 0.0, seed + 1)
+    run_engine(engine, warm, use_arrivals=False)  # first-call costs (allocator, kernels) out
+
+    all_at_once = run_engine(engine, workload, use_arrivals=False)
+    at_rate = run_engine(engine, workload, use_arrivals=True) if request_rate > 0 else None
+    leaked = engine.blocks.num_blocks - engine.blocks.num_free_blocks
+    fresh = LLM(zoo, tokenizer=engine.tokenizer, **(engine_options or {}))  # cold prefix cache
+    prefix = run_prefix_caching(fresh.engine, vocab)
+    del fresh
+
+    hf = AutoModelForCausalLM.from_pretrained(zoo.source_dir, dtype=torch.float32).eval()
+    pad = engine.tokenizer.pad_token_id
+    pad = pad if pad is not None else engine.tokenizer.eos_token_id
+    run_hf(hf, warm, 2, pad)
+    baseline = {bs: run_hf(hf, workload, bs, pad) for bs in hf_batch_sizes}
+    best_bs = max(baseline, key=lambda bs: baseline[bs].tokens_per_s)
+
+    gflops = matmul_gflops()
+    per_token = flops_per_token(zoo)
+    ceiling = gflops * 1e9 / per_token
+    prompt_tokens = sum(map(len, workload.prompts))
+    processed = (prompt_tokens + all_at_once.output_tokens) / all_at_once.seconds
+    return {
+        "model": model, "num_requests": num_requests, "prompt_len": list(prompt_len),
+        "output_len": list(output_len), "request_rate": request_rate, "seed": seed,
+        "prompt_tokens": prompt_tokens, "threads": torch.get_num_threads(),
+        "mlx_all_at_once": all_at_once.summary(),
+        "mlx_at_request_rate": at_rate.summary() if at_rate else None,
+        "hf_static_batches": {str(bs): r.summary() for bs, r in baseline.items()},
+        "hf_best_batch_size": best_bs,
+        "throughput_ratio": round(all_at_once.tokens_per_s / baseline[best_bs].tokens_per_s, 2),
+        "matmul_gflops": round(gflops, 1), "gflop_per_token": round(per_token / 1e9, 3),
+        "ceiling_output_tokens_per_s": round(ceiling, 1),
+        "fraction_of_ceiling_output": round(all_at_once.tokens_per_s / ceiling, 3),
+        "fraction_of_ceiling_all_tokens": round(processed / ceiling, 3),
+        "prefix_caching": prefix, "leaked_blocks": leaked,
+        "engine": asdict(engine.config),
+    }

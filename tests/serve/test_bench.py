@@ -1,0 +1,36 @@
+"""`mlx bench serve` runs end to end on a tiny model: both sides produce every requested token,
+the ratio is computed from the two measured rates, and no KV block is left held."""
+
+import json
+
+from typer.testing import CliRunner
+
+from mlx_core.cli.app import build_app
+
+
+def test_bench_serve_reports_ratio_from_its_own_measurements(tiny_model_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(build_app(), [
+        "bench", "serve", "--model", str(tiny_model_dir), "--num-requests", "6",
+        "--prompt-len", "4:12", "--output-len", "2:6", "--request-rate", "50",
+        "--hf-batch-sizes", "2,4", "--kv-cache-memory", "4MiB", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "throughput ratio" in result.output
+    report = json.loads(out.read_text())
+    ours = report["mlx_all_at_once"]
+    best = report["hf_static_batches"][str(report["hf_best_batch_size"])]
+    assert ours["output_tokens"] == best["output_tokens"] == report["mlx_at_request_rate"][
+        "output_tokens"]
+    assert abs(report["throughput_ratio"]
+               - ours["output_tokens_per_s"] / best["output_tokens_per_s"]) < 0.02 * report[
+                   "throughput_ratio"] + 0.01
+    assert report["leaked_blocks"] == 0
+    assert 0 < report["prefix_caching"]["later_over_first"]
+    assert ours["ttft_p50_ms"] <= ours["ttft_p99_ms"]
+
+
+def test_bench_serve_rejects_a_bad_range(tiny_model_dir):
+    result = CliRunner().invoke(build_app(), ["bench", "serve", "--model", str(tiny_model_dir),
+                                      "--prompt-len", "50:10"])
+    assert result.exit_code != 0
+    assert "--prompt-len needs 1 <= LOW <= HIGH" in result.output
