@@ -48,21 +48,48 @@ def test_logits_match_transformers_gguf_loading(hf_gguf, ours):
     assert (model(ids) - hf_model(ids).logits).abs().max() < 1e-4
 
 
-@torch.no_grad()
-def test_greedy_chat_continuations_match_hf_generate(hf_gguf, ours):
+@pytest.fixture(scope="module")
+def hf_chat_references(hf_gguf, ours):
+    """HF generate's greedy continuation of each chat prompt, alone (32 tokens or <|im_end|>)."""
     hf_model, hf_tok = hf_gguf
-    model, tok = ours
+    _, tok = ours
+    refs = []
     for text in CHATS:
         prompt = _chat_ids(tok, text)
         hf_prompt = hf_tok.apply_chat_template([{"role": "user", "content": text}],
                                                add_generation_prompt=True, tokenize=True,
                                                return_dict=False)
         assert list(prompt) == list(hf_prompt)
-        ref = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
-                                max_new_tokens=32, do_sample=False,
-                                pad_token_id=hf_tok.pad_token_id)[0, len(prompt):].tolist()
+        with torch.no_grad():
+            ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                                    attention_mask=torch.ones(1, len(prompt)),
+                                    pad_token_id=hf_tok.pad_token_id)[0, len(prompt):].tolist()
+        refs.append((prompt, ref))
+    return refs
+
+
+def test_greedy_chat_continuations_match_hf_generate(hf_chat_references, ours):
+    model, tok = ours
+    for text, (prompt, ref) in zip(CHATS, hf_chat_references, strict=True):
         got = generate(model, prompt, max_new_tokens=32)  # both stop at <|im_end|>
         assert got == ref, f"{text!r}: {tok.decode(got)!r} != {tok.decode(ref)!r}"
+
+
+@pytest.mark.parametrize("options", [{}, dict(max_num_batched_tokens=24)],
+                         ids=["default", "chunked-prefill"])
+def test_serving_engine_batch_matches_hf_generate_one_by_one(hf_chat_references, ours, options):
+    from mlx_serve import LLM, SamplingParams
+
+    model, tok = ours
+    llm = LLM(model, tokenizer=tok, kv_cache_memory="256MiB", **options)
+    prompts = [{"prompt_token_ids": prompt} for prompt, _ in hf_chat_references]
+    for _ in range(2):  # the second time the shared chat-template prefix is cached
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32))
+        for text, out, (_, ref) in zip(CHATS, outs, hf_chat_references, strict=True):
+            got = out.outputs[0].token_ids
+            assert got == ref, f"{text!r}: {tok.decode(got)!r} != {tok.decode(ref)!r}"
+    assert llm.engine.stats().prefix_cache_hit_rate > 0.4
+    assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
 
 
 def test_cache_is_reused_not_reconverted(builtin_model_dir):

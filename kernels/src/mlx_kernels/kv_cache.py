@@ -25,10 +25,13 @@ def _check(key, value, key_cache, value_cache, slot_mapping):
 
 
 def write_kv_cache_reference(key, value, key_cache, value_cache, slot_mapping) -> None:
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
-    key_cache.view(-1, *key_cache.shape[2:])[slots] = key[keep].to(key_cache.dtype)
-    value_cache.view(-1, *value_cache.shape[2:])[slots] = value[keep].to(value_cache.dtype)
+    slots = slot_mapping.long()
+    if bool((slots < 0).any()):  # padding rows: drop them (serving never has any)
+        keep = slots >= 0
+        slots, key, value = slots[keep], key[keep], value[keep]
+    # index_copy_ is the cheapest scatter of whole rows on CPU
+    key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slots, key.to(key_cache.dtype))
+    value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slots, value.to(value_cache.dtype))
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,

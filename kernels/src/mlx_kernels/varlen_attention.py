@@ -32,17 +32,19 @@ def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=Tr
             keys, values = k[cu_k[i]:cu_k[i + 1]], v[cu_k[i]:cu_k[i + 1]]
         else:
             keys, values = gather_paged(k, block_tables[i], lk), gather_paged(v, block_tables[i], lk)
-        q_pos = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
-        k_pos = torch.arange(lk, device=q.device)[None, :]
-        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
-        if causal:
-            mask &= k_pos <= q_pos
-        if sliding_window is not None:
-            mask &= q_pos - k_pos < sliding_window
+        mask = None  # plain causal over the whole sequence: SDPA's own mask skips masked tiles
+        if (causal and lq != lk) or sliding_window is not None:
+            q_pos = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
+            k_pos = torch.arange(lk, device=q.device)[None, :]
+            mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+            if causal:
+                mask &= k_pos <= q_pos
+            if sliding_window is not None:
+                mask &= q_pos - k_pos < sliding_window
         o = F.scaled_dot_product_attention(
             q[cu_q[i]:cu_q[i + 1]].transpose(0, 1)[None].to(keys.dtype), keys.transpose(0, 1)[None],
             values.transpose(0, 1)[None], attn_mask=mask, scale=scale,
-            enable_gqa=q.shape[1] != keys.shape[1])
+            is_causal=causal and mask is None, enable_gqa=q.shape[1] != keys.shape[1])
         out[cu_q[i]:cu_q[i + 1]] = o[0].transpose(0, 1).to(q.dtype)
     return out
 

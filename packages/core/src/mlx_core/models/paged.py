@@ -8,6 +8,7 @@ for prefill, which also reads a cached prefix; paged decode for one token per se
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,11 @@ class PagedAttentionMetadata:
         if (self.cu_seqlens_q is None) != (self.cu_seqlens_k is None):
             raise ValueError("pass cu_seqlens_q and cu_seqlens_k together")
 
+    @functools.cached_property
+    def prefills_are_whole(self) -> bool:
+        """Every prefill chunk is its sequence's start (no cached prefix to read back)."""
+        return self.cu_seqlens_q is not None and torch.equal(self.cu_seqlens_q, self.cu_seqlens_k)
+
     @property
     def num_decodes(self) -> int:
         return 0 if self.context_lens is None else len(self.context_lens)
@@ -82,7 +88,11 @@ def paged_attend(q, k, v, meta: PagedAttentionMetadata, layer: int) -> torch.Ten
     if d:
         parts.append(paged_attention_decode(q[:d], key_cache, value_cache, meta.block_tables[:d],
                                             meta.context_lens, sliding_window=meta.sliding_window))
-    if meta.cu_seqlens_q is not None:
+    if meta.cu_seqlens_q is not None and meta.prefills_are_whole:
+        # no cached prefix: attend over the packed new keys/values, no read-back from the cache
+        parts.append(varlen_attention(q[d:], k[d:], v[d:], meta.cu_seqlens_q, meta.cu_seqlens_q,
+                                      sliding_window=meta.sliding_window))
+    elif meta.cu_seqlens_q is not None:
         parts.append(varlen_attention(q[d:], key_cache, value_cache, meta.cu_seqlens_q,
                                       meta.cu_seqlens_k, sliding_window=meta.sliding_window,
                                       block_tables=meta.block_tables[d:]))
