@@ -1,7 +1,83 @@
-"""mlx-train: the fastai-style Learner, callbacks, schedules, data and torchtune-style recipes with Hydra configs.
+"""mlx-train: the fastai-style Learner (callbacks, schedules, LR finder, discriminative learning
+rates, freezing), metrics, data loaders, resumable training state and inference export.
 
-Not implemented yet: this package is installable so the workspace composes, and provides no
-features until its issue lands (see README.md).
+Plain PyTorch, no global state. See README.md and docs/train.md.
 """
 
+from mlx_train.callback import (
+    EVENTS,
+    Callback,
+    CancelBackwardException,
+    CancelBatchException,
+    CancelEpochException,
+    CancelFitException,
+    CancelStepException,
+    CancelTrainException,
+    CancelValidException,
+    CSVLogger,
+    EarlyStoppingCallback,
+    GatherPredsCallback,
+    GradientAccumulation,
+    GradientClip,
+    LRFinder,
+    MixedPrecision,
+    ParamScheduler,
+    ProgressCallback,
+    Recorder,
+    ReduceLROnPlateau,
+    SaveModelCallback,
+    SchedCos,
+    SchedExp,
+    SchedLin,
+    SchedNo,
+    SchedPoly,
+    TerminateOnNaNCallback,
+    TrackerCallback,
+    TrainEvalCallback,
+    combine_scheds,
+    combined_cos,
+    minimum,
+    slide,
+    steep,
+    valley,
+)
+from mlx_train.data import DataLoaders, Loader, Normalize, RandomSplitter, StratifiedSplitter
+from mlx_train.export import load_learner
+from mlx_train.learner import Learner
+from mlx_train.losses import CausalLMLoss
+from mlx_train.metrics import (
+    RMSE,
+    AccumMetric,
+    AvgLoss,
+    AvgMetric,
+    AvgSmoothLoss,
+    F1Score,
+    Metric,
+    Perplexity,
+    R2Score,
+    accuracy,
+    error_rate,
+    mae,
+    mse,
+    perplexity,
+    r2_score,
+    rmse,
+    top_k_accuracy,
+)
+from mlx_train.optimizer import LayerGroupOptimizer, trainable_params
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "EVENTS", "RMSE", "AccumMetric", "AvgLoss", "AvgMetric", "AvgSmoothLoss", "CSVLogger",
+    "Callback", "CancelBackwardException", "CancelBatchException", "CancelEpochException",
+    "CancelFitException", "CancelStepException", "CancelTrainException", "CancelValidException",
+    "CausalLMLoss", "DataLoaders", "EarlyStoppingCallback", "F1Score", "GatherPredsCallback",
+    "GradientAccumulation", "GradientClip", "LRFinder", "LayerGroupOptimizer", "Learner", "Loader",
+    "Metric", "MixedPrecision", "Normalize", "ParamScheduler", "Perplexity", "ProgressCallback",
+    "R2Score", "RandomSplitter", "Recorder", "ReduceLROnPlateau", "SaveModelCallback", "SchedCos",
+    "SchedExp", "SchedLin", "SchedNo", "SchedPoly", "StratifiedSplitter", "TerminateOnNaNCallback",
+    "TrackerCallback", "TrainEvalCallback", "accuracy", "combine_scheds", "combined_cos",
+    "error_rate", "load_learner", "mae", "minimum", "mse", "perplexity", "r2_score", "rmse", "slide",
+    "steep", "top_k_accuracy", "trainable_params", "valley",
+]
