@@ -6,7 +6,6 @@ that disconnect (their requests are aborted and every KV block is free afterward
 import json
 import re
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -14,34 +13,14 @@ import urllib.request
 import openai
 import pytest
 import torch
-import uvicorn
 
 from mlx_serve import LLM, SamplingParams
 from mlx_serve.server import build_app
+from tests.serve.helpers import LiveServer
 
 MODEL, KEY = "tiny-served", "test-key"
 PROMPT = "hello there w5 w9 w17"
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there w3"}]
-
-
-class _Server:
-    def __init__(self, app):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
-                                       daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-
-    def stop(self):  # what Ctrl-C does in `mlx serve` (server.run_server)
-        self.server.config.app.state.engine.abort_all()
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +33,7 @@ def served(tmp_path_factory, tiny_tokenizer):
     directory = save_model(model, tmp_path_factory.mktemp("tiny") / "m", tokenizer=tiny_tokenizer)
     llm = LLM(directory, num_blocks=64, block_size=4)
     app = build_app(llm.engine, MODEL, api_key=KEY)
-    server = _Server(app)
+    server = LiveServer(app)
     yield server, app, directory
     server.stop()
 
@@ -294,7 +273,7 @@ def test_non_streaming_client_that_disconnects_is_aborted(served):
 def _second_server(directory, **app_options):
     llm = LLM(directory, num_blocks=64, block_size=4)
     app = build_app(llm.engine, MODEL, **app_options)
-    return _Server(app), app, llm.engine
+    return LiveServer(app), app, llm.engine
 
 
 def test_overload_is_503_with_retry_after_and_internal_errors_do_not_leak(served, monkeypatch):
@@ -385,7 +364,7 @@ def served_with_lora(served, tmp_path_factory):
     expected = {name: llm.generate(PROMPT, params, lora=name)[0].outputs[0].text
                 for name in (None, "sql")}
     assert expected[None] != expected["sql"], "the adapter must change the text"
-    server = _Server(build_app(llm.engine, MODEL, api_key=KEY, allow_runtime_lora=True))
+    server = LiveServer(build_app(llm.engine, MODEL, api_key=KEY, allow_runtime_lora=True))
     yield server, adapter, expected
     server.stop()
 
