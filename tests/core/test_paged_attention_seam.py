@@ -95,3 +95,15 @@ def test_one_forward_mixes_decodes_and_prefills(preset):
     logits = model(ids, position_ids=positions, paged=meta)[0]
     torch.testing.assert_close(logits[0], model(first[None])[0, -1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits[1:], model(second[None])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_decodes_ordered_by_length_read_only_the_columns_they_use():
+    cache = PagedKVCache(get_preset("tiny-llama"), num_blocks=40, block_size=4)
+
+    def groups(lens):
+        return PagedAttentionMetadata(cache, torch.zeros(len(lens), dtype=torch.long),
+                                      torch.zeros(len(lens), 20, dtype=torch.int32),
+                                      context_lens=torch.tensor(lens)).decode_groups
+
+    assert groups([3, 5, 9, 20, 30, 41, 60, 77]) == [(0, 2, 2), (2, 4, 5), (4, 6, 11), (6, 8, 20)]
+    assert groups([70, 71, 72, 77]) == [(0, 4, 20)]  # nothing to save: one call

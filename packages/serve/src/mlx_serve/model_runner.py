@@ -35,7 +35,9 @@ class ModelRunner:
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
         """Run ``(sequence, num_new_tokens)`` pairs; return logits ``[k, vocab]`` for the ``k``
         sequences whose new tokens reach their end (they sample next), and those sequences."""
-        decodes = [(s, n) for s, n in scheduled if n == 1]
+        # decodes by context length: the attention then reads less padding (decode_groups)
+        decodes = sorted(((s, n) for s, n in scheduled if n == 1),
+                         key=lambda pair: pair[0].num_computed_tokens)
         prefills = [(s, n) for s, n in scheduled if n > 1]
         ordered = decodes + prefills
         ids, positions, slots, last, due = [], [], [], [], []

@@ -9,6 +9,7 @@ for prefill, which also reads a cached prefix; paged decode for one token per se
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,32 @@ class PagedAttentionMetadata:
     def num_decodes(self) -> int:
         return 0 if self.context_lens is None else len(self.context_lens)
 
+    @functools.cached_property
+    def decode_groups(self) -> list[tuple[int, int, int]]:
+        """The decodes as runs ``(start, end, columns)`` that each read only the block-table
+        columns they use. Decode attention on CPU is bound by copying keys/values out of the
+        blocks, padded to the longest context; a caller that orders decodes by context length
+        (as mlx_serve's runner does) saves most of the padding."""
+        lens = self.context_lens.tolist()
+        size, columns = self.cache.block_size, self.block_tables.shape[1]
+        bounds = [round(i * len(lens) / _DECODE_GROUPS) for i in range(_DECODE_GROUPS + 1)]
+        groups = []
+        for start, end in itertools.pairwise(bounds):
+            if start == end:
+                continue
+            width = min(columns, -(-max(lens[start:end]) // size))
+            if groups and groups[-1][2] == width:
+                groups[-1] = (groups[-1][0], end, width)
+            else:
+                groups.append((start, end, width))
+        padded = sum((end - start) * width for start, end, width in groups)
+        if padded > 0.8 * len(lens) * columns:  # unordered or even lengths: one call is cheaper
+            return [(0, len(lens), columns)]
+        return groups
+
+
+_DECODE_GROUPS = 4
+
 
 def paged_attend(q, k, v, meta: PagedAttentionMetadata, layer: int) -> torch.Tensor:
     """``q [1, Hq, T, D]``, ``k, v [1, Hkv, T, D]`` (packed) -> ``[1, Hq, T, D]``."""
@@ -85,9 +112,10 @@ def paged_attend(q, k, v, meta: PagedAttentionMetadata, layer: int) -> torch.Ten
     write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
     d = meta.num_decodes
     parts = []
-    if d:
-        parts.append(paged_attention_decode(q[:d], key_cache, value_cache, meta.block_tables[:d],
-                                            meta.context_lens, sliding_window=meta.sliding_window))
+    for start, end, columns in meta.decode_groups if d else ():
+        parts.append(paged_attention_decode(
+            q[start:end], key_cache, value_cache, meta.block_tables[start:end, :columns],
+            meta.context_lens[start:end], sliding_window=meta.sliding_window))
     if meta.cu_seqlens_q is not None and meta.prefills_are_whole:
         # no cached prefix: attend over the packed new keys/values, no read-back from the cache
         parts.append(varlen_attention(q[d:], k[d:], v[d:], meta.cu_seqlens_q, meta.cu_seqlens_q,
