@@ -36,6 +36,75 @@ def builtin_pair(builtin_model_dir):
             mlx_core.load_tokenizer(builtin_model_dir))
 
 
+@pytest.fixture(scope="session")
+def lm_batch():
+    """``lm_batch(vocab=128, batch=4, length=12, seed=0)`` -> a training batch (numpy dict)."""
+    import numpy as np
+
+    def make(vocab=128, batch=4, length=12, seed=0):
+        """Rows of different lengths (right padding, labels -100 there), one label masked inside."""
+        rng = np.random.RandomState(seed)
+        ids = rng.randint(0, vocab, (batch, length))
+        mask = np.ones((batch, length), np.int64)
+        for row, pad in enumerate([0, 5, 2, 8][:batch]):
+            mask[row, length - pad:] = 0
+        labels = np.where(mask > 0, ids, -100)
+        labels[0, 4] = -100  # e.g. a prompt token
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return make
+
+
+# What the 8-device sharding scripts (run by ``run_on_8_devices``) start with.
+SHARDING_PRELUDE = """
+import json, time
+import jax, numpy as np
+from flax import nnx
+import mlx_jax
+from mlx_core import get_preset
+from mlx_jax import lora
+from mlx_jax.sharding import FSDP_RULES, Sharder, make_mesh
+from mlx_jax.training import adamw, create_train_state, train, train_step
+
+def spec(x):  # the PartitionSpec as a full-length list
+    entries = list(x.sharding.spec)
+    return entries + [None] * (x.ndim - len(entries))
+
+def diff(a, b):
+    return max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+start = time.perf_counter()
+out = {"devices": len(jax.devices())}
+rng = np.random.RandomState(0)
+ids = rng.randint(0, 128, (4, 12))
+mask = np.ones_like(ids)
+mask[1, :3] = 0  # left padding
+batch = {"input_ids": ids, "attention_mask": mask}
+forward = nnx.jit(lambda m, ids, mask: m(ids, mask))
+"""
+
+
+@pytest.fixture(scope="session")
+def run_on_8_devices():
+    """``run_on_8_devices(code)`` runs ``SHARDING_PRELUDE + code`` in a subprocess with 8 CPU
+    devices (XLA_FLAGS must be set before jax is imported, and this process has imported it)
+    and returns the JSON object the code prints on its last line."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def run(code: str) -> dict:
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+        done = subprocess.run([sys.executable, "-c", SHARDING_PRELUDE + code], capture_output=True,
+                              text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    return run
+
+
 def pytest_generate_tests(metafunc):
     """A test taking ``tiny_preset`` runs once per tiny preset, i.e. per family and code path."""
     if "tiny_preset" in metafunc.fixturenames:

@@ -27,6 +27,15 @@ class Linear(nnx.Module):
         y = x @ self.weight[...].T
         return y if self.bias is None else y + self.bias[...]
 
+    @classmethod
+    def of(cls, weight: nnx.Param, bias: nnx.Param | None = None) -> Linear:
+        """A ``Linear`` holding these Params (built abstractly: no random init)."""
+        out_features, in_features = weight[...].shape
+        linear = nnx.eval_shape(lambda: cls(in_features, out_features, bias=False,
+                                            dtype=weight[...].dtype, rngs=nnx.Rngs(0)))
+        linear.weight, linear.bias = weight, bias
+        return linear
+
 
 class Embedding(nnx.Module):
     def __init__(self, num: int, features: int, *, dtype, rngs: nnx.Rngs):

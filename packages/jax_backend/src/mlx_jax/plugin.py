@@ -1,6 +1,8 @@
-"""mlx-jax's registrations: the Flax ``Transformer`` as backend ``flax`` of every zoo architecture.
+"""mlx-jax's registrations: the Flax ``Transformer`` as backend ``flax`` of every zoo
+architecture, and ``mlx bench jax``.
 
-Registering imports neither jax nor flax: the builder imports them when a model is built.
+Registering imports neither jax nor flax (nor torch): the builder imports them when a model is
+built, the benchmark when it runs.
 """
 
 from __future__ import annotations
@@ -19,3 +21,34 @@ def register() -> None:
     for model_type in HF_MODEL_TYPES:
         if model_type not in registry.architectures or "flax" not in registry.architectures.get(model_type):
             registry.register_architecture(model_type, "flax", _flax_transformer)
+    if "jax" not in registry.benchmarks:
+        registry.benchmarks.register("jax", _make_bench_command())
+
+
+def _make_bench_command():
+    import typer
+
+    from mlx_core.cli.errors import clean_errors
+
+    @clean_errors
+    def jax(model: str = typer.Option("smollm2-135m-instruct", "--model", "-m"),
+            batch: int = typer.Option(1, "--batch"),
+            seq: int = typer.Option(128, "--seq", help="Tokens per row (forward) / prompt length."),
+            new_tokens: int = typer.Option(32, "--new-tokens", help="Greedy tokens to generate."),
+            repeats: int = typer.Option(5, "--repeats", help="Timed runs per side (median)."),
+            quick: bool = typer.Option(False, "--quick",
+                                       help="A tiny random model and small inputs (seconds)."),
+            json_path: str = typer.Option("", "--json", help="Also write the result here.")):
+        """mlx-jax (jit) vs the torch zoo (eager): forward and greedy-decode tokens/s, as ratios."""
+        import json
+
+        from mlx_jax import bench
+
+        result = bench.run(model, quick=quick, batch=batch, seq=seq, new_tokens=new_tokens,
+                           repeats=repeats)
+        typer.echo(bench.report(result))
+        if json_path:
+            with open(json_path, "w") as f:
+                f.write(json.dumps(result, indent=2))
+
+    return jax

@@ -25,6 +25,10 @@ def save_model(model, directory: str | Path, *, tokenizer=None, overwrite: bool 
     Tokenizer files come from ``tokenizer`` (an ``mlx_core.Tokenizer`` or HF tokenizer) or, if
     None, are copied from the directory the model was loaded from.
     """
+    if getattr(model, "lora_config", None) is not None:
+        raise ValueError("this model carries a LoRA adapter: merge it first "
+                         "(mlx_jax.lora.merge_lora(model)) to save the merged model, or save the "
+                         "adapter alone with mlx_jax.lora.save_lora(model, directory)")
     config = model.config
     directory = Path(directory)
     with atomic_directory(directory, overwrite=overwrite) as out:

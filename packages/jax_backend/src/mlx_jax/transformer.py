@@ -19,6 +19,9 @@ from mlx_jax.modules import Embedding, Linear, StaticConfig, make_norm
 from mlx_jax.moe import SparseMoE
 from mlx_jax.rope import rope_cos_sin, rope_inverse_frequencies
 
+HIDDEN_AXES = ("batch", "length", "embed")  # logical axes of activations (mlx_jax.sharding)
+LOGITS_AXES = ("batch", "length", "vocab")
+
 
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
@@ -108,10 +111,14 @@ class Backbone(nnx.Module):
         self.layers = nnx.List(DecoderLayer(config, dtype=dtype, rngs=rngs)
                                for _ in range(config.num_layers))
         self.norm = make_norm(config, dtype)
+        self.sharder = None  # a mlx_jax.sharding.Sharder: constrains the hidden states' layout
 
     @property
     def config(self) -> ModelConfig:
         return self.static_config.config
+
+    def _constrain(self, x):
+        return x if self.sharder is None else self.sharder.constrain(x, HIDDEN_AXES)
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
         x = self.embed_tokens(input_ids)
@@ -140,11 +147,11 @@ class Backbone(nnx.Module):
         keys, values = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i], past)
-            x, updated = layer(x, cos_sin, mask, layer_cache)
+            x, updated = layer(self._constrain(x), cos_sin, mask, layer_cache)
             if updated is not None:
                 keys.append(updated[0])
                 values.append(updated[1])
-        x = self.norm(x)
+        x = self._constrain(self.norm(x))
         if cache is None:
             return x, None
         return x, KVCache(tuple(keys), tuple(values), key_valid, cache.length + t)
@@ -154,7 +161,8 @@ class Transformer(nnx.Module):
     """A decoder-only language model built from a ``ModelConfig``.
 
     ``model(input_ids, attention_mask=None)`` returns logits ``[B, T, vocab]`` (fp32 math for
-    norms, softmax and rope angles, as the torch zoo). Given ``cache=`` (a ``KVCache``), it
+    norms, softmax and rope angles, as the torch zoo); ``model(input_ids, attention_mask,
+    labels)`` the torch zoo's mean next-token loss (labels shifted inside, -100 ignored). Given ``cache=`` (a ``KVCache``), it
     returns ``(logits, updated_cache)``: the functional form of the torch zoo's mutable cache.
     """
 
@@ -171,7 +179,7 @@ class Transformer(nnx.Module):
     def config(self) -> ModelConfig:
         return self.static_config.config
 
-    def __call__(self, input_ids, attention_mask=None, *, position_ids=None,
+    def __call__(self, input_ids, attention_mask=None, labels=None, *, position_ids=None,
                  cache: KVCache | None = None):
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
@@ -189,13 +197,38 @@ class Transformer(nnx.Module):
                              f"not fit in max_length={cache.max_length}; create the cache with "
                              "a larger max_length")
         hidden, new_cache = self.model(input_ids, attention_mask, position_ids, cache)
+        if labels is not None:
+            if cache is not None:
+                raise ValueError("labels= (a loss) and cache= (generation) do not go together")
+            total, count = self.loss_terms(hidden, labels)
+            return total / count
         logits = self.logits(hidden)
+        if self.model.sharder is not None:
+            logits = self.model.sharder.constrain(logits, LOGITS_AXES)
         return logits if cache is None else (logits, new_cache)
 
     def logits(self, hidden):
+        return hidden @ self.output_weight().T
+
+    def output_weight(self):
+        """The ``[vocab, hidden]`` output projection (the embedding matrix when tied)."""
         if self.config.tie_word_embeddings:
-            return hidden @ self.model.embed_tokens.weight[...].T
-        return self.lm_head(hidden)
+            return self.model.embed_tokens.weight[...]
+        return self.lm_head.weight[...]
+
+    def loss_terms(self, hidden, labels, ignore_index: int = -100):
+        """The torch zoo's causal-LM loss as ``(sum, count)``: token ``t`` predicts ``labels[t+1]``
+        (labels are shifted here), ``ignore_index`` labels count for nothing; the mean loss is
+        ``sum / count``. Chunked over tokens: the full logits are never built."""
+        labels = jnp.asarray(labels)
+        if labels.shape != hidden.shape[:2]:
+            raise ValueError(f"labels have shape {tuple(labels.shape)}; expected "
+                             f"{tuple(hidden.shape[:2])} (the same as input_ids)")
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        y = labels[:, 1:].reshape(-1).astype(jnp.int32)
+        total = ops.fused_linear_cross_entropy(h, self.output_weight(), y, ignore_index=ignore_index,
+                                               reduction="sum")
+        return total, (y != ignore_index).sum()
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         dtype = self.model.embed_tokens.weight[...].dtype

@@ -17,20 +17,49 @@ TEMPERATURE = typer.Option(0.0, "--temperature", "-t", help="0 is greedy.")
 TOP_K = typer.Option(0, "--top-k", help="Sample from the k most likely tokens (0: off).")
 TOP_P = typer.Option(1.0, "--top-p", help="Sample from the smallest nucleus of this mass (1: off).")
 SEED = typer.Option(None, "--seed", help="Seed for reproducible sampling.")
+BACKEND = typer.Option("torch", "--backend",
+                       help="torch (the model zoo) or jax (mlx-jax's Flax model, jit-compiled).")
+BACKENDS = ("torch", "jax")
 
 
-def _load(model: str):
+def _load(model: str, backend: str = "torch"):
+    """(model, tokenizer, its stream_generate function) for ``backend``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown --backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    from mlx_core import load_tokenizer
+
+    if backend == "jax":
+        try:
+            import mlx_jax
+            from mlx_jax.generation import stream_generate  # imports jax and flax
+        except ImportError as e:
+            raise ImportError(f"--backend jax needs mlx-jax with jax and flax ({e}): install it "
+                              "with  pip install mlx-jax  (from a checkout: "
+                              "pip install -e packages/jax_backend)") from None
+        return mlx_jax.load_model(model), load_tokenizer(model), stream_generate
     require_torch(f"running {model}")
-    from mlx_core import load_model, load_tokenizer
+    from mlx_core import load_model
 
-    return load_model(model), load_tokenizer(model)
+    return load_model(model), load_tokenizer(model), None
 
 
-def _stream(model, tokenizer, prompt_ids, options) -> str:
-    """Generate, writing text to stdout as it comes; return the whole reply."""
-    from mlx_core import stream_generate
+def _options(backend: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+             seed: int | None) -> dict:
+    if backend == "jax" and seed is None and temperature > 0:
+        import random  # mlx-jax samples from explicit keys only: draw a fresh seed, as torch does
+
+        seed = random.SystemRandom().randrange(2**31)
+    return dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                seed=seed)
+
+
+def _stream(model, tokenizer, prompt_ids, options, stream_generate=None) -> str:
+    """Generate, writing text to stdout as it comes; return the whole reply.
+    ``stream_generate``: the backend's (None: the torch zoo's)."""
     from mlx_core.tokenizer import IncrementalDecoder
 
+    if stream_generate is None:
+        from mlx_core import stream_generate
     decoder = IncrementalDecoder(tokenizer)
     pieces = []
     for token in stream_generate(model, prompt_ids, stop_token_ids=tokenizer.eos_token_ids, **options):
@@ -48,29 +77,29 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt 
              top_k: int = TOP_K, top_p: float = TOP_P, seed: int | None = SEED,
              chat: bool | None = typer.Option(
                  None, "--chat/--no-chat",
-                 help="Wrap the prompt in the chat template (default: when the model has one).")):
+                 help="Wrap the prompt in the chat template (default: when the model has one)."),
+             backend: str = BACKEND):
     """Generate a continuation of PROMPT, streamed to stdout."""
-    lm, tokenizer = _load(model)
+    lm, tokenizer, stream = _load(model, backend)
     use_chat = tokenizer.has_chat_template if chat is None else chat
     ids = (tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if use_chat
            else tokenizer.encode(prompt))
-    _stream(lm, tokenizer, ids, dict(max_new_tokens=max_new_tokens, temperature=temperature,
-                                     top_k=top_k, top_p=top_p, seed=seed))
+    _stream(lm, tokenizer, ids, _options(backend, max_new_tokens, temperature, top_k, top_p, seed),
+            stream)
 
 
 @clean_errors
 def chat(model: str = MODEL, system: str | None = typer.Option(None, "--system", help="A system prompt."),
          max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n"),
          temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P,
-         seed: int | None = SEED):
+         seed: int | None = SEED, backend: str = BACKEND):
     """Chat with a model. /reset clears the conversation; /exit or Ctrl-D leaves."""
-    lm, tokenizer = _load(model)
+    lm, tokenizer, stream = _load(model, backend)
     if not tokenizer.has_chat_template:
         raise ValueError(f"{model} has no chat template; use `mlx generate --no-chat` instead")
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
-    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                   top_p=top_p, seed=seed)
+    options = _options(backend, max_new_tokens, temperature, top_k, top_p, seed)
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -88,7 +117,7 @@ def chat(model: str = MODEL, system: str | None = typer.Option(None, "--system",
             continue
         messages.append({"role": "user", "content": text})
         try:
-            reply = _stream(lm, tokenizer, tokenizer.apply_chat_template(messages), options)
+            reply = _stream(lm, tokenizer, tokenizer.apply_chat_template(messages), options, stream)
         except KeyboardInterrupt:  # Ctrl-C stops this reply and forgets the turn, not the chat
             typer.echo("\n(interrupted)")
             messages.pop()
