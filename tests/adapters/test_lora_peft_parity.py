@@ -120,8 +120,10 @@ def test_bad_input_names_the_problem(hf_dir, tmp_path):
     other = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**_TINY, "hidden_size": 32}))
     with pytest.raises(ValueError, match=r"lora_A\.weight .* \(4, 64\).*\(4, 32\)"):
         PeftModel.from_pretrained(other, tmp_path / "r4")
-    with pytest.raises(ValueError, match="bias"):
-        LoraConfig(bias="all")
+    with pytest.raises(ValueError, match="bias must be 'none', 'all' or 'lora_only'"):
+        LoraConfig(bias="some")
+    with pytest.raises(ValueError, match="init_lora_weights must be"):
+        LoraConfig(init_lora_weights="pissa_niter_x")
 
 
 def test_cli_methods_inspect_and_merge(hf_dir, tmp_path):

@@ -151,6 +151,18 @@ def test_adapters_that_cannot_be_served_are_refused_with_the_reason(served, tmp_
     dora = _copy_adapter(root / "attention", tmp_path / "dora", {"use_dora": True})
     with pytest.raises(ValueError, match="DoRA adapter"):
         llm.add_lora("dora", dora)
+    for init in ("pissa", "pissa_niter_4", "olora"):  # their weights need the residual base
+        other = _copy_adapter(root / "attention", tmp_path / init, {"init_lora_weights": init})
+        with pytest.raises(ValueError, match=f"'{init}'-initialised adapter"):
+            llm.add_lora(init, other)
+    for change, reason in (({"bias": "all"}, "bias='all'"), ({"lora_bias": True}, "lora_bias=True")):
+        biased = _copy_adapter(root / "attention", tmp_path / reason.split("=")[0], change)
+        with pytest.raises(ValueError, match=reason):
+            llm.add_lora("biased", biased)
+    adalora = _copy_adapter(root / "attention", tmp_path / "adalora",
+                            {"peft_type": "ADALORA", "target_r": 2, "init_r": 4, "total_step": 10})
+    with pytest.raises(ValueError, match="ADALORA adapter"):
+        llm.add_lora("adalora", adalora)
     wide = _copy_adapter(root / "attention", tmp_path / "wide", tensors=lambda w: {
         k: torch.zeros(v.shape[0], 99) if "lora_A" in k else v for k, v in w.items()})
     with pytest.raises(ValueError, match="another base model"):

@@ -43,7 +43,9 @@ def inspect(directory: Path = typer.Argument(..., help="A PEFT adapter directory
     table = Table("field", "value", title=str(directory))
     table.add_row("method", config.peft_type)
     table.add_row("target_modules", str(config.target_modules))
-    for field in ("r", "lora_alpha", "lora_dropout", "use_rslora"):
+    fields = ("init_r", "target_r", "lora_alpha") if config.peft_type == "ADALORA" else \
+        ("r", "lora_alpha", "lora_dropout", "use_rslora", "num_virtual_tokens", "prefix_projection")
+    for field in fields:
         if hasattr(config, field):
             table.add_row(field, str(getattr(config, field)))
     table.add_row("base model", str(config.base_model_name_or_path))

@@ -59,7 +59,15 @@ _IGNORED_PEFT_FIELDS = {"peft_version", "auto_mapping", "megatron_core", "qalora
 @dataclass
 class LoraConfig(PeftConfig):
     """LoRA (Hu et al. 2021): ``W x + (alpha / r) B A x``; rsLoRA scales by ``alpha / sqrt(r)``;
-    ``use_dora``: DoRA (Liu et al. 2024), a learned magnitude per output row on top."""
+    ``use_dora``: DoRA (Liu et al. 2024), a learned magnitude per output row on top.
+
+    ``bias``: which base-model biases train and are saved with the adapter (``"all"``: every
+    bias; ``"lora_only"``: those of the wrapped layers). ``lora_bias``: ``lora_B`` gets a bias
+    of its own (zero at init, scaled like the rest of the update).
+    ``init_lora_weights``: ``True`` (B = 0), ``"gaussian"``, ``False`` (random, for tests),
+    ``"pissa"`` / ``"pissa_niter_K"`` (PiSSA: the principal singular components in A and B, the
+    residual in the base weight; ``_niter_K`` uses a randomized SVD with K iterations) or
+    ``"olora"`` (OLoRA: the QR factors of W)."""
 
     peft_type: str = "LORA"
     r: int = 8
@@ -69,27 +77,38 @@ class LoraConfig(PeftConfig):
     fan_in_fan_out: bool = False
     use_rslora: bool = False
     use_dora: bool = False
-    init_lora_weights: bool | str = True  # True (B = 0) | "gaussian" | False (random, for tests)
+    init_lora_weights: bool | str = True
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, int] = field(default_factory=dict)
     lora_bias: bool = False
 
     def __post_init__(self):
-        problems = []
+        problems = self._problems()
         if self.r <= 0:
             problems.append(f"r must be positive, got {self.r}")
+        if not (self.init_lora_weights in (True, False, "gaussian", "olora")
+                or pissa_iterations(self.init_lora_weights) is not None):
+            problems.append(f"init_lora_weights must be True, False, 'gaussian', 'pissa', "
+                            f"'pissa_niter_K' (K >= 1) or 'olora', got {self.init_lora_weights!r}")
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            problems.append("lora_bias=True works with init_lora_weights=True or False only (as in "
+                            f"PEFT), got {self.init_lora_weights!r}")
+        if self.lora_bias and self.use_dora:
+            problems.append("lora_bias=True is not supported with DoRA (as in PEFT); pass use_dora=False")
+        if problems:
+            raise ValueError(f"invalid {type(self).__name__}: " + "; ".join(problems))
+
+    def _problems(self) -> list[str]:
+        """What LoRA and AdaLoRA check alike."""
+        problems = []
         if self.bias not in ("none", "all", "lora_only"):
             problems.append(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            problems.append(f"init_lora_weights must be True, False or 'gaussian', got "
-                            f"{self.init_lora_weights!r}")
         if self.fan_in_fan_out:
             problems.append("fan_in_fan_out=True (GPT-2 Conv1D layers) is not supported: the zoo's "
                             "GPT-2 uses nn.Linear, target it directly")
-        if self.bias != "none" or self.lora_bias:
-            problems.append("bias training modes other than 'none' are not supported yet")
-        if problems:
-            raise ValueError("invalid LoraConfig: " + "; ".join(problems))
+        if not 0 <= self.lora_dropout < 1:
+            problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        return problems
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, int]:
         """Per-module overrides from ``rank_pattern`` / ``alpha_pattern`` (PEFT's suffix match)."""
@@ -101,6 +120,17 @@ class LoraConfig(PeftConfig):
             if module_name == pattern or module_name.endswith("." + pattern):
                 alpha = value
         return r, alpha
+
+
+def pissa_iterations(init) -> int | None:
+    """0 for ``"pissa"`` (a full SVD), K for ``"pissa_niter_K"``, None for anything else."""
+    if init == "pissa":
+        return 0
+    if isinstance(init, str) and init.startswith("pissa_niter_"):
+        count = init.removeprefix("pissa_niter_")
+        if count.isdigit() and int(count) >= 1:
+            return int(count)
+    return None
 
 
 def load_config(directory: str | Path) -> PeftConfig:

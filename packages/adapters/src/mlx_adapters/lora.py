@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlx_adapters.config import LoraConfig
+from mlx_adapters.config import LoraConfig, pissa_iterations
 from mlx_adapters.layer import AdapterLayer, wrapped_targets
+from mlx_adapters.nf4_linear import NF4Linear
 from mlx_kernels import lora_linear
 
 
@@ -47,10 +48,12 @@ class LoraLinear(AdapterLayer):
     def add(self, name: str, r: int, alpha: float, config: LoraConfig) -> None:
         device, dtype = self._device_dtype()
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias, device=device,
+                                      dtype=dtype)
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
         self.scaling[name] = alpha / (math.sqrt(r) if config.use_rslora else r)
-        self._init(name, config.init_lora_weights)
+        with torch.no_grad():
+            self._init(name, config.init_lora_weights)
         if config.use_dora:
             with torch.no_grad():
                 self.lora_magnitude_vector[name] = DoraMagnitude(self._dora_norm(name))
@@ -62,14 +65,46 @@ class LoraLinear(AdapterLayer):
 
     def _init(self, name: str, how) -> None:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if how == "olora" or pissa_iterations(how) is not None:
+            return self._init_from_base(name, how)
         if how == "gaussian":
             nn.init.normal_(a, std=1 / self.lora_A[name].out_features)
-        else:  # PEFT's default: A like nn.Linear's kaiming-uniform
+        else:  # PeftConfig's default: A like nn.Linear's kaiming-uniform
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        if how is False:  # random B too (PEFT's "not recommended, for tests")
+        if how is False:  # random B too (PEFT's "not recommended, for tests"); its bias stays random
             nn.init.kaiming_uniform_(b, a=math.sqrt(5))
         else:
             nn.init.zeros_(b)
+            if self.lora_B[name].bias is not None:
+                nn.init.zeros_(self.lora_B[name].bias)
+
+    def _init_from_base(self, name: str, how: str) -> None:
+        """PiSSA (Meng et al. 2024) or OLoRA (Büyükakyüz 2024): A and B from a factorisation of
+        the base weight W, and W replaced by the residual ``W - s B A`` so the adapted layer
+        starts out equal to the original. Computed in fp32, as PEFT does."""
+        if isinstance(self.base_layer, NF4Linear):
+            raise ValueError(f"init_lora_weights={how!r} rewrites the base weight, which an NF4 base "
+                             "cannot hold exactly: initialise the adapter on the full-precision model "
+                             "first, then quantize the residual (quantize_nf4)")
+        weight = self.base_layer.weight
+        r, scale = self.lora_A[name].out_features, self.scaling[name]
+        w = weight.detach().float()
+        if how == "olora":
+            q, upper = torch.linalg.qr(w)
+            a, b = upper[:r], q[:, :r]
+        else:
+            niter = pissa_iterations(how)
+            if niter == 0:
+                u, s, vh = torch.linalg.svd(w, full_matrices=False)
+                u, s, vh = u[:, :r], s[:r], vh[:r]
+            else:  # randomized: draws from torch's generator, as PEFT does
+                u, s, v = torch.svd_lowrank(w, r, niter=niter)
+                vh = v.t()
+            root = torch.sqrt(s / scale)
+            a, b = root[:, None] * vh, u * root[None, :]
+        self.lora_A[name].weight.copy_(a)
+        self.lora_B[name].weight.copy_(b)
+        weight.copy_((w - (scale * b) @ a).to(weight.dtype))  # PEFT's order of operations
 
     def delta_weight(self, name: str) -> torch.Tensor:
         return self.scaling[name] * (self.lora_B[name].weight @ self.lora_A[name].weight)
@@ -77,6 +112,11 @@ class LoraLinear(AdapterLayer):
     def _merge_one(self, name: str) -> None:
         weight = self.base_layer.weight
         delta = self.delta_weight(name).to(weight.dtype)
+        if self.lora_B[name].bias is not None:
+            if self.base_layer.bias is None:
+                raise RuntimeError(f"cannot merge adapter {name!r}: it has lora_bias=True but the base "
+                                   "layer has no bias to fold it into")
+            self.base_layer.bias.add_(self.scaling[name] * self.lora_B[name].bias)
         if name in self.lora_magnitude_vector:  # W' = m / ||W + dW|| * (W + dW)
             factor = self.lora_magnitude_vector[name].weight / self._dora_norm(name)
             self.dora_factors[name] = factor
@@ -89,6 +129,8 @@ class LoraLinear(AdapterLayer):
         if name in self.dora_factors:
             weight.div_(self.dora_factors.pop(name)[:, None])
         weight.sub_(self.delta_weight(name).to(weight.dtype))
+        if self.lora_B[name].bias is not None:
+            self.base_layer.bias.sub_(self.scaling[name] * self.lora_B[name].bias)
 
     def delete(self, name: str) -> None:
         super().delete(name)
@@ -104,7 +146,7 @@ class LoraLinear(AdapterLayer):
         if fusable and len(pending) == 1 and isinstance(self.lora_dropout[pending[0]], nn.Identity):
             name = pending[0]  # the common case: one fused base + low-rank op
             return lora_linear(x, self.base_layer.weight, self.lora_A[name].weight,
-                               self.lora_B[name].weight, self.scaling[name], self.base_layer.bias)
+                               self.lora_B[name].weight, self.scaling[name], self._fused_bias(name))
         y = self.base_layer(x)
         base_result = y
         for name in pending:
@@ -115,6 +157,15 @@ class LoraLinear(AdapterLayer):
             else:
                 y = y + self.scaling[name] * lora_result
         return y
+
+    def _fused_bias(self, name: str) -> torch.Tensor | None:
+        """The base bias, plus ``scaling * lora_B.bias`` with ``lora_bias=True`` (its place in
+        ``base + scaling * B(A x)``, where B's bias is scaled with the rest)."""
+        bias, lora_bias = self.base_layer.bias, self.lora_B[name].bias
+        if lora_bias is None:
+            return bias
+        scaled = self.scaling[name] * lora_bias
+        return scaled if bias is None else bias + scaled
 
     def _dora_extra(self, name, x, dropped, base_result, lora_result):
         """What DoRA adds to the base output: ``(m/||W+dW|| - 1) W x + m/||W+dW|| * s B A x``."""

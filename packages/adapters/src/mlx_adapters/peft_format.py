@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -17,17 +18,18 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 # How PEFT names each table's entries when saving: "<table>.<adapter>.weight" becomes
-# "<table>.weight" (keep), "<table>" (no_weight) or, for whole modules, "weight" (no_table).
-_SAVED_TABLES = {"lora_A": "keep", "lora_B": "keep", "lora_magnitude_vector": "no_weight",
+# "<table>.weight" (keep; an entry that is itself a parameter, "<table>.<adapter>", becomes
+# "<table>"), "<table>" (no_weight) or, for whole modules, "weight" (no_table).
+_SAVED_TABLES = {"lora_A": "keep", "lora_B": "keep", "lora_E": "keep", "lora_magnitude_vector": "no_weight",
                  "ia3_l": "no_weight", "modules_to_save": "no_table"}
-_PROMPT = "prompt_encoder.{}.embedding.weight"  # saved whole, as "prompt_embeddings"
+# Per-adapter entries that are never saved, and the prompt-learning encoders (saved whole).
+_UNSAVED_TABLES = {"ranknum", "prompt_encoder"}
+PROMPT_KEY = "prompt_embeddings"
 
 
 def saved_name(name: str, adapter_name: str) -> str | None:
     """PEFT's saved key for one of our parameter names (the adapter's name dropped), or None
     if the parameter is not this adapter's."""
-    if name == _PROMPT.format(adapter_name):
-        return "prompt_embeddings"
     parts = name.split(".")
     for i, part in enumerate(parts[:-1]):
         if part in _SAVED_TABLES and parts[i + 1] == adapter_name:
@@ -40,13 +42,46 @@ def saved_name(name: str, adapter_name: str) -> str | None:
     return None
 
 
+def bias_names(model: nn.Module, mode: str) -> list[str]:
+    """The base-model biases that an adapter of ``bias="all"`` (every bias outside the adapter
+    tables) or ``"lora_only"`` (the wrapped layers' biases) trains and saves, by name."""
+    from mlx_adapters.layer import AdapterLayer
+
+    if mode == "all":
+        tables = set(_SAVED_TABLES) | _UNSAVED_TABLES
+        return [n for n, _ in model.named_parameters()
+                if n.endswith(".bias") and not tables & set(n.split(".")[:-1])]
+    if mode == "lora_only":
+        return [f"{n}.base_layer.bias" for n, m in model.named_modules()
+                if isinstance(m, AdapterLayer) and getattr(m.base_layer, "bias", None) is not None]
+    return []
+
+
+def _live_tensors(model: nn.Module, adapter_name: str) -> dict:
+    """This adapter's saved key -> the model's own tensor (parameter or buffer)."""
+    state = model.state_dict(keep_vars=True)
+    out = {key: tensor for name, tensor in state.items()
+           if (key := saved_name(name, adapter_name)) is not None}
+    mode = getattr(model.peft_config[adapter_name], "bias", "none")
+    out.update({name: state[name] for name in bias_names(model, mode)})
+    return out
+
+
 def adapter_state(model: nn.Module, adapter_name: str) -> dict:
     """This adapter's tensors under PEFT's saved names."""
-    out = {}
-    for name, tensor in model.state_dict().items():
-        if (key := saved_name(name, adapter_name)) is not None:
-            out[key] = tensor.detach().contiguous().cpu()
+    out = {key: t.detach().contiguous().cpu() for key, t in _live_tensors(model, adapter_name).items()}
+    if adapter_name in getattr(model, "prompt_encoder", {}):
+        out[PROMPT_KEY] = model.prompt_encoder[adapter_name].embeddings_to_save().detach().contiguous().cpu()
+    method = _method_of(model, adapter_name)
+    if hasattr(method, "saved_state"):
+        out = method.saved_state(model, adapter_name, out)
     return out
+
+
+def _method_of(model: nn.Module, adapter_name: str):
+    from mlx_core import registry
+
+    return registry.adapter_methods.get(model.peft_config[adapter_name].peft_type.lower())
 
 
 def save_adapter_weights(model: nn.Module, adapter_name: str, directory: Path) -> None:
@@ -66,17 +101,28 @@ def load_adapter_weights(model: nn.Module, adapter_name: str, directory: Path) -
         saved = load_file(path)
     except (SafetensorError, OSError) as e:
         raise ValueError(f"cannot read {path}: it is corrupt or truncated ({e})") from None
-    expected = adapter_state(model, adapter_name)
-    missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(expected))
+    method = _method_of(model, adapter_name)
+    if hasattr(method, "prepare_load"):  # e.g. AdaLoRA: shrink the layers to the saved ranks
+        method.prepare_load(model, adapter_name)
+    targets = _live_tensors(model, adapter_name)
+    encoders = getattr(model, "prompt_encoder", {})
+    encoder = encoders[adapter_name] if adapter_name in encoders else None
+    expected = set(targets) | ({PROMPT_KEY} if encoder is not None else set())
+    missing = sorted(expected - set(saved))
+    unexpected = sorted(set(saved) - expected)
     if missing or unexpected:
         raise ValueError(f"adapter in {directory} does not fit this model: missing {missing[:4]}, "
                          f"unexpected {unexpected[:4]} (different target modules or base model?)")
-    params = {saved_name(n, adapter_name): p for n, p in model.named_parameters()}
+    shapes = {key: tuple(t.shape) for key, t in targets.items()}
+    if encoder is not None:
+        shapes[PROMPT_KEY] = tuple(encoder.saved_shape())
     for key, tensor in saved.items():
-        target = params[key]
-        if tensor.shape != target.shape:
+        if tuple(tensor.shape) != shapes[key]:
             raise ValueError(f"adapter tensor {key} in {path} has shape {tuple(tensor.shape)}, but "
-                             f"this model expects {tuple(target.shape)} (a different base model "
-                             "or rank?)")
-        target.data.copy_(tensor)
+                             f"this model expects {shapes[key]} (a different base model or rank?)")
+    with torch.no_grad():
+        for key, tensor in saved.items():
+            if key == PROMPT_KEY:
+                encoder.load_prompt_embeddings(tensor)
+            else:
+                targets[key].copy_(tensor)

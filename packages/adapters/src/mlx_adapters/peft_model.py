@@ -7,15 +7,16 @@ The wrapped model lives at ``peft_model.base_model.model`` (as in PEFT), so para
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from mlx_adapters.config import PeftConfig, load_config
 from mlx_adapters.layer import AdapterLayer, replace_module
 from mlx_adapters.modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
-from mlx_adapters.peft_format import load_adapter_weights, save_adapter_weights
-from mlx_adapters.prompt_tuning import PromptEmbedding, input_embeddings, prepend_prompt
+from mlx_adapters.peft_format import bias_names, load_adapter_weights, save_adapter_weights
 from mlx_adapters.targets import find_targets
 
 
@@ -44,6 +45,7 @@ class PeftModel(nn.Module):
         self.base_model = AdapterModel(model)
         self.prompt_encoder = nn.ModuleDict()  # prompt-learning adapters
         self.peft_config: dict[str, PeftConfig] = {}
+        self.rank_allocator = None  # AdaLoRA's, for its one trainable adapter
         self.active_adapter = adapter_name
         self.add_adapter(adapter_name, config)
 
@@ -55,15 +57,22 @@ class PeftModel(nn.Module):
         prompt_learning = getattr(config, "is_prompt_learning", False)
         if self.peft_config and any(getattr(c, "is_prompt_learning", False) != prompt_learning
                                     for c in self.peft_config.values()):
-            raise ValueError("prompt tuning and layer adapters (LoRA, IA3) cannot share one model; "
-                             "wrap a fresh base model instead")
-        if prompt_learning:
-            embed = input_embeddings(self.base_model.model)
-            config.token_dim = embed.weight.shape[1]
-            self.prompt_encoder[adapter_name] = PromptEmbedding(config, embed)
-        else:
-            targets = find_targets(self.base_model.model, config)
-            method.inject(self.base_model.model, config, adapter_name, targets)
+            raise ValueError("prompt learning (prompt or prefix tuning) and layer adapters (LoRA, IA3, "
+                             "AdaLoRA) cannot share one model; wrap a fresh base model instead")
+        if hasattr(method, "check_new"):
+            method.check_new(self, config)
+        try:
+            if prompt_learning:
+                self.prompt_encoder[adapter_name] = method.make_encoder(config, self.base_model.model)
+            else:
+                targets = find_targets(self.base_model.model, config)
+                method.inject(self.base_model.model, config, adapter_name, targets)
+        except Exception:  # leave no half-added adapter behind
+            for layer in self._switchable():
+                layer.delete(adapter_name)
+            raise
+        if hasattr(method, "on_added"):
+            method.on_added(self, adapter_name, config)
         if config.modules_to_save:
             wrap_modules_to_save(self.base_model.model, list(config.modules_to_save), adapter_name)
         self.peft_config[adapter_name] = config
@@ -89,7 +98,8 @@ class PeftModel(nn.Module):
         self._freeze_base()
 
     def _freeze_base(self) -> None:
-        """Only the active adapters train (PEFT's rule); inference-mode configs train nothing."""
+        """Only the active adapters train (PEFT's rule); inference-mode configs train nothing;
+        ``bias="all"`` / ``"lora_only"`` also train every bias / the wrapped layers' biases."""
         active = set(self.active_adapters)
         tables = {t for layer in self._switchable() for t in layer.tables} | {"prompt_encoder"}
         for name, param in self.named_parameters():
@@ -98,6 +108,13 @@ class PeftModel(nn.Module):
             adapter = parts[parts.index(table) + 1] if table else None
             param.requires_grad = bool(adapter in active
                                        and not self.peft_config[adapter].inference_mode)
+        modes = {getattr(self.peft_config[a], "bias", "none") for a in active
+                 if a in self.peft_config and not self.peft_config[a].inference_mode}
+        for mode in ("all", "lora_only"):
+            if mode in modes:
+                params = dict(self.named_parameters())
+                for key in bias_names(self, mode):
+                    params[key].requires_grad = True
 
     @property
     def active_adapters(self) -> list[str]:
@@ -110,6 +127,8 @@ class PeftModel(nn.Module):
             layer.delete(adapter_name)
         if adapter_name in self.prompt_encoder:
             del self.prompt_encoder[adapter_name]
+        if self.rank_allocator is not None and self.rank_allocator.adapter_name == adapter_name:
+            self.rank_allocator = None
         del self.peft_config[adapter_name]
         if adapter_name in self.active_adapters:
             remaining = list(self.peft_config)
@@ -119,7 +138,13 @@ class PeftModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Run the base model alone inside the ``with`` block."""
+        """Run the base model alone inside the ``with`` block (but for biases trained with
+        ``bias="all"``/``"lora_only"``: they are the base model's own, as in PEFT)."""
+        trained = {getattr(self.peft_config[a], "bias", "none") for a in self.active_adapters
+                   if a in self.peft_config} - {"none"}
+        if trained:
+            warnings.warn(f"disable_adapter with bias={sorted(trained)[0]!r}: the trained biases stay, "
+                          "so the output is not the original base model's", stacklevel=3)
         layers = self._switchable()
         for layer in layers:
             layer.disabled = True
@@ -183,18 +208,45 @@ class PeftModel(nn.Module):
 
     _prompt_disabled = False
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+    def _prompt_adapter(self) -> str | None:
+        """The active prompt-learning adapter, if one runs now."""
         active = self.active_adapter if isinstance(self.active_adapter, str) else None
-        if active in self.prompt_encoder and not self._prompt_disabled:
-            embed = input_embeddings(self.base_model.model)
-            prompt = self.prompt_encoder[active](input_ids.shape[0])
-            inputs_embeds, attention_mask, labels = prepend_prompt(prompt, embed, input_ids,
-                                                                   attention_mask, labels)
-            return self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                   labels=labels, **kwargs)
-        if labels is not None:
-            kwargs["labels"] = labels
-        return self.base_model(input_ids, attention_mask, **kwargs)
+        return active if active in self.prompt_encoder and not self._prompt_disabled else None
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        prompt = self._prompt_adapter()
+        if prompt is not None:
+            method = _method(self.peft_config[prompt])
+            out = method.prompt_forward(self, self.prompt_encoder[prompt], input_ids, attention_mask,
+                                        labels, **kwargs)
+        else:
+            if labels is not None:
+                kwargs["labels"] = labels
+            out = self.base_model(input_ids, attention_mask, **kwargs)
+        if labels is not None and self.rank_allocator is not None:  # AdaLoRA's orthogonality term
+            weight = self.rank_allocator.config.orth_reg_weight
+            if isinstance(out, torch.Tensor):  # a zoo model's loss
+                out = out + weight * self.rank_allocator.regularization()
+            elif getattr(out, "loss", None) is not None:
+                out.loss = out.loss + weight * self.rank_allocator.regularization()
+        return out
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """AdaLoRA: update the importance scores and re-allocate the rank budget; call it every
+        step after ``loss.backward()`` and before ``optimizer.zero_grad()``."""
+        from mlx_adapters.adalora import update_and_allocate
+
+        update_and_allocate(self, global_step)
+
+    def new_cache(self, batch_size: int):
+        """Prefix tuning on a zoo model: a cache holding the prefix, for incremental decoding
+        (``model(ids, kv_cache=cache)``, then one token at a time)."""
+        prompt = self._prompt_adapter()
+        method = _method(self.peft_config[prompt]) if prompt else None
+        if not hasattr(method, "new_cache"):
+            raise ValueError("new_cache is for an active prefix-tuning adapter; other adapters use "
+                             "the base model's own cache")
+        return method.new_cache(self.prompt_encoder[prompt], self.base_model.model, batch_size)
 
     # --- PEFT's on-disk format -------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, selected_adapters: list[str] | None = None) -> None:

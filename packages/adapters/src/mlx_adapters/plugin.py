@@ -2,12 +2,15 @@
 
 
 def register() -> None:
+    from mlx_adapters.adalora import AdaLoraTuner
     from mlx_adapters.ia3 import IA3Tuner
     from mlx_adapters.lora import LoraTuner
+    from mlx_adapters.prefix_tuning import PrefixTuningTuner
     from mlx_adapters.prompt_tuning import PromptTuningTuner
     from mlx_core import registry
 
-    for name, tuner in (("lora", LoraTuner), ("ia3", IA3Tuner), ("prompt_tuning", PromptTuningTuner)):
+    for name, tuner in (("lora", LoraTuner), ("adalora", AdaLoraTuner), ("ia3", IA3Tuner),
+                        ("prompt_tuning", PromptTuningTuner), ("prefix_tuning", PrefixTuningTuner)):
         if name not in registry.adapter_methods:
             registry.adapter_methods.register(name, tuner)
     if "lora" not in registry.benchmarks:

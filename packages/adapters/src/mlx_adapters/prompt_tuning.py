@@ -62,6 +62,17 @@ class PromptEmbedding(nn.Module):
         tokens = torch.arange(self.embedding.num_embeddings, device=self.embedding.weight.device)
         return self.embedding(tokens).unsqueeze(0).expand(batch_size, -1, -1)
 
+    def embeddings_to_save(self) -> torch.Tensor:
+        """PEFT's saved ``prompt_embeddings``."""
+        return self.embedding.weight
+
+    def load_prompt_embeddings(self, saved: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.embedding.weight.copy_(saved)
+
+    def saved_shape(self) -> tuple[int, int]:
+        return tuple(self.embedding.weight.shape)
+
 
 def input_embeddings(model: nn.Module) -> nn.Embedding:
     """The token embedding of a zoo model or an HF model."""
@@ -86,3 +97,20 @@ def prepend_prompt(prompt: torch.Tensor, embed: nn.Embedding, input_ids, attenti
 class PromptTuningTuner:
     config_class = PromptTuningConfig
     layer_class = None
+
+    @staticmethod
+    def make_encoder(config: PromptTuningConfig, model: nn.Module) -> PromptEmbedding:
+        embed = input_embeddings(model)
+        config.token_dim = embed.weight.shape[1]
+        return PromptEmbedding(config, embed)
+
+    @staticmethod
+    def prompt_forward(peft_model, encoder: PromptEmbedding, input_ids, attention_mask, labels, **kwargs):
+        """The base model on the virtual tokens followed by the input's own embeddings."""
+        if input_ids is None:
+            raise ValueError("prompt tuning needs input_ids [B, T]")
+        embed = input_embeddings(peft_model.base_model.model)
+        inputs_embeds, attention_mask, labels = prepend_prompt(encoder(input_ids.shape[0]), embed,
+                                                               input_ids, attention_mask, labels)
+        return peft_model.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                     labels=labels, **kwargs)

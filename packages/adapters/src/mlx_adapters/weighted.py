@@ -15,8 +15,11 @@ COMBINATIONS = ("cat", "linear", "svd")
 
 def _new_config(model, adapters, combination_type, svd_rank) -> LoraConfig:
     configs = [model.peft_config[a] for a in adapters]
-    if not all(isinstance(c, LoraConfig) for c in configs):
+    if not all(type(c) is LoraConfig for c in configs):  # not AdaLoRA, as in PEFT
         raise ValueError("add_weighted_adapter combines LoRA adapters only")
+    if any(c.lora_bias for c in configs):
+        raise ValueError("add_weighted_adapter does not combine lora_bias=True adapters (their "
+                         "lora_B biases have no place in the combined A and B)")
     ranks = [c.r for c in configs]
     if combination_type == "linear" and len(set(ranks)) > 1:
         raise ValueError(f"combination_type='linear' needs adapters of one rank; got ranks {ranks}")

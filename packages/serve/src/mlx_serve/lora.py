@@ -190,7 +190,7 @@ def _read_adapter(path: Path):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from mlx_adapters.config import LoraConfig, load_config
+    from mlx_adapters.config import LoraConfig, load_config, pissa_iterations
 
     if not path.is_dir():
         raise FileNotFoundError(f"LoRA adapter directory {path} does not exist")
@@ -198,9 +198,21 @@ def _read_adapter(path: Path):
     if not isinstance(config, LoraConfig):
         raise ValueError(f"{path} holds a {config.peft_type} adapter; serving loads LoRA adapters "
                          "only (merge other methods into the model with `mlx adapters merge`)")
+    if config.peft_type != "LORA":  # AdaLoRA's config is a LoraConfig too
+        raise ValueError(f"{path} holds a {config.peft_type} adapter; serving loads LoRA adapters "
+                         "only (merge other methods into the model with `mlx adapters merge`)")
     if config.use_dora:
         raise ValueError(f"{path} is a DoRA adapter, which serving cannot apply per request: "
                          "merge it into the model (`mlx adapters merge`) and serve that")
+    if config.init_lora_weights == "olora" or pissa_iterations(config.init_lora_weights) is not None:
+        raise ValueError(f"{path} is a {config.init_lora_weights!r}-initialised adapter, whose "
+                         "weights only hold on its residual base model, not the served one: save "
+                         "it converted to plain LoRA (PEFT's path_initial_model_for_weight_conversion)"
+                         " or merge it into the model (`mlx adapters merge`)")
+    if config.bias != "none" or config.lora_bias:
+        what = f"bias={config.bias!r}" if config.bias != "none" else "lora_bias=True"
+        raise ValueError(f"{path} is a LoRA adapter with {what}, whose trained biases serving "
+                         "cannot apply per request: merge it into the model (`mlx adapters merge`)")
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"no adapter_model.safetensors in {path}")
