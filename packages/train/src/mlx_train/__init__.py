@@ -4,6 +4,14 @@ rates, freezing), metrics, data loaders, resumable training state and inference 
 Plain PyTorch, no global state. See README.md and docs/train.md.
 """
 
+from mlx_train.augment import (
+    Augment,
+    ColourJitter,
+    Flip,
+    RandomResizedCrop,
+    Rotate,
+    aug_transforms,
+)
 from mlx_train.callback import (
     EVENTS,
     Callback,
@@ -41,7 +49,10 @@ from mlx_train.callback import (
     steep,
     valley,
 )
+from mlx_train.callback.loggers import MLflowCallback, TensorBoardCallback, WandbCallback
+from mlx_train.callback.mixup import MixUp, ProgressiveResize
 from mlx_train.data import DataLoaders, Loader, Normalize, RandomSplitter, StratifiedSplitter
+from mlx_train.distributed import DistributedCallback
 from mlx_train.export import load_learner
 from mlx_train.learner import Learner
 from mlx_train.losses import CausalLMLoss
@@ -65,6 +76,10 @@ from mlx_train.metrics import (
     top_k_accuracy,
 )
 from mlx_train.optimizer import LayerGroupOptimizer, trainable_params
+from mlx_train.samplers import BucketSampler, weighted_sampler
+from mlx_train.tabular import TabularDataLoaders, tabular_learner
+from mlx_train.text import TextDataLoaders, text_classifier_learner
+from mlx_train.vision import ImageDataLoaders, vision_learner
 
 __version__ = "0.1.0"
 
@@ -80,4 +95,10 @@ __all__ = [
     "TrackerCallback", "TrainEvalCallback", "accuracy", "combine_scheds", "combined_cos",
     "error_rate", "load_learner", "mae", "minimum", "mse", "perplexity", "r2_score", "rmse", "slide",
     "steep", "top_k_accuracy", "trainable_params", "valley",
+    # data augmentation, samplers, vision / tabular / text learners, loggers, distributed
+    "Augment", "BucketSampler", "ColourJitter", "DistributedCallback", "Flip", "ImageDataLoaders",
+    "MLflowCallback", "MixUp", "ProgressiveResize", "RandomResizedCrop", "Rotate",
+    "TabularDataLoaders", "TensorBoardCallback", "TextDataLoaders", "WandbCallback",
+    "aug_transforms", "tabular_learner", "text_classifier_learner", "vision_learner",
+    "weighted_sampler",
 ]

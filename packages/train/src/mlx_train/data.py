@@ -88,16 +88,18 @@ BATCH_TRANSFORMS = {"Normalize": Normalize}
 
 class Loader:
     """An iterable over a torch ``DataLoader`` (or any sized iterable of batches) that yields
-    tuples with the batch transforms applied."""
+    tuples with the batch transforms applied: first the random augmentations ``aug`` (training
+    loaders only, e.g. ``mlx_train.augment``), then ``after_batch``."""
 
-    def __init__(self, dl, after_batch: Sequence[Callable] = ()):
+    def __init__(self, dl, after_batch: Sequence[Callable] = (), aug: Sequence[Callable] = ()):
         self.dl = dl
         self.after_batch = list(after_batch)
+        self.aug = list(aug)
 
     def __iter__(self):
         for b in self.dl:
             b = as_tuple(b)
-            for tfm in self.after_batch:
+            for tfm in (*self.aug, *self.after_batch):
                 b = tfm(b)
             yield b
 
@@ -117,21 +119,31 @@ class Loader:
         """The torch generators this loader draws from (saved with the training state)."""
         found = []
         for owner in (self.dl, getattr(self.dl, "sampler", None),
-                      getattr(getattr(self.dl, "batch_sampler", None), "sampler", None)):
+                      getattr(self.dl, "batch_sampler", None),
+                      getattr(getattr(self.dl, "batch_sampler", None), "sampler", None), *self.aug):
             g = getattr(owner, "generator", None)
             if isinstance(g, torch.Generator) and all(g is not f for f in found):
                 found.append(g)
         return found
 
     def first(self) -> tuple:
-        """The first batch in dataset order, without drawing from any random generator."""
-        dl = self.dl
+        """The first batch in dataset order (with a batch sampler: its first batch), without
+        drawing from any random generator (so without the ``aug`` augmentations)."""
+        dl, states = self.dl, []
         if isinstance(dl, DataLoader) and dl.batch_size is not None:
             # its own generator: even a sequential DataLoader draws a base seed per iterator
             dl = DataLoader(dl.dataset, batch_size=dl.batch_size, shuffle=False,
                             collate_fn=dl.collate_fn, generator=torch.Generator())
-        for b in Loader(dl, self.after_batch):
-            return b
+        elif isinstance(dl, DataLoader):  # a batch sampler: put its generators back afterwards
+            states = [(g, g.get_state()) for g in self.generators]
+            dl = DataLoader(dl.dataset, batch_sampler=dl.batch_sampler, collate_fn=dl.collate_fn,
+                            generator=torch.Generator())
+        try:
+            for b in Loader(dl, self.after_batch):
+                return b
+        finally:
+            for g, state in states:
+                g.set_state(state)
         raise ValueError("the loader is empty")
 
 
@@ -141,12 +153,17 @@ class DataLoaders:
     ``train`` / ``valid`` accept torch ``DataLoader``s (or any sized iterable of batches).
     ``n_inp``: how many leading batch elements are model inputs (default: all but the last,
     or 1 for one-element batches). ``vocab``: class names, used by ``Learner.predict``.
+    ``train_tfms``: random augmentations for the training batches only, run before
+    ``after_batch`` (see ``mlx_train.augment``).
     """
 
     def __init__(self, train=None, valid=None, *, after_batch: Sequence[Callable] = (),
-                 n_inp: int | None = None, vocab: Sequence | None = None):
+                 n_inp: int | None = None, vocab: Sequence | None = None,
+                 train_tfms: Sequence[Callable] = ()):
         self.after_batch = list(after_batch)
-        self.train = None if train is None else Loader(getattr(train, "dl", train), self.after_batch)
+        self.train_tfms = list(train_tfms)
+        self.train = None if train is None else Loader(getattr(train, "dl", train), self.after_batch,
+                                                       self.train_tfms)
         self.valid = None if valid is None else Loader(getattr(valid, "dl", valid), self.after_batch)
         self.n_inp = n_inp
         self.vocab = list(vocab) if vocab is not None else None
@@ -156,15 +173,17 @@ class DataLoaders:
                    val_bs: int | None = None, shuffle: bool = True, drop_last: bool = False,
                    seed: int | None = None, num_workers: int = 0, collate_fn: Callable | None = None,
                    normalize: bool | Sequence[int] = False, after_batch: Sequence[Callable] = (),
-                   **kwargs) -> DataLoaders:
+                   sampler=None, **kwargs) -> DataLoaders:
         """Loaders over datasets. ``seed`` gives the training loader its own shuffling generator
         (else shuffling draws from torch's global RNG). ``normalize=True`` (or the axes to reduce,
-        e.g. ``(0, 2, 3)`` for images) adds a ``Normalize`` with the TRAINING split's statistics."""
+        e.g. ``(0, 2, 3)`` for images) adds a ``Normalize`` with the TRAINING split's statistics.
+        ``sampler`` (e.g. ``mlx_train.samplers.weighted_sampler``) replaces shuffling."""
         if bs < 1:
             raise ValueError(f"bs must be at least 1, got {bs}")
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        train = DataLoader(train_ds, batch_size=bs, shuffle=shuffle, drop_last=drop_last,
-                           num_workers=num_workers, collate_fn=collate_fn, generator=generator)
+        train = DataLoader(train_ds, batch_size=bs, shuffle=shuffle and sampler is None,
+                           sampler=sampler, drop_last=drop_last, num_workers=num_workers,
+                           collate_fn=collate_fn, generator=generator)
         valid = None if valid_ds is None else DataLoader(
             valid_ds, batch_size=val_bs or bs, shuffle=False, num_workers=num_workers,
             collate_fn=collate_fn)

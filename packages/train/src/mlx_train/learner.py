@@ -32,6 +32,7 @@ from mlx_train.callback.preds import GatherPredsCallback
 from mlx_train.callback.progress import ProgressCallback, no_log
 from mlx_train.callback.recorder import Recorder
 from mlx_train.data import DataLoaders, Loader, as_tuple
+from mlx_train.distributed import auto_callbacks
 from mlx_train.losses import activation_for, decodes_for, default_loss_func
 from mlx_train.metrics import mk_metric
 from mlx_train.optimizer import (
@@ -56,7 +57,7 @@ def _listify(x) -> list:
 
 def _to_device(b, device):
     if isinstance(b, torch.Tensor):
-        return b.to(device, non_blocking=True)
+        return b if b.device == device else b.to(device, non_blocking=True)
     if isinstance(b, (tuple, list)):
         return type(b)(_to_device(o, device) for o in b)
     return b
@@ -104,8 +105,10 @@ class Learner:
         self.n_epoch, self.pct_train = 1, 0.0
         self.dl = self.pred = self.loss = None
         self.xb, self.yb = (), ()
+        self._dispatch_key, self._dispatch_table = None, {}
         self.cbs: list[Callback] = []
         self.add_cbs([TrainEvalCallback(), Recorder(), ProgressCallback(), *_listify(cbs)])
+        self.add_cbs(auto_callbacks(self.cbs))  # DistributedCallback under torchrun
         self("after_create")
 
     # -- metrics and callbacks --------------------------------------------------------------
@@ -183,10 +186,26 @@ class Learner:
 
     def __call__(self, event: str | list[str]) -> None:
         for name in _listify(event):
+            for cb in self._dispatch(name):
+                cb(name)
+
+    def _dispatch(self, name: str) -> list[Callback]:
+        """The callbacks that handle ``name``, in order; cached until the callback list changes
+        (the per-batch cost of the loop is a dictionary lookup, not a sort per event)."""
+        cbs = tuple(self.cbs)
+        if cbs != self._dispatch_key:
+            self._dispatch_key, self._dispatch_table = cbs, {}
+        found = self._dispatch_table.get(name)
+        if found is None:
             if name not in EVENTS:
                 raise ValueError(f"unknown event {name!r}; events are: {', '.join(EVENTS)}")
-            for cb in sorted(self.cbs, key=lambda c: c.order):
-                cb(name)
+            ordered = sorted(cbs, key=lambda c: c.order)
+            # after_fit reaches every callback (Callback.__call__ resets `run` there), and so
+            # does every event a callback that overrides __call__
+            found = ordered if name == "after_fit" else [
+                cb for cb in ordered if cb.handles(name) or type(cb).__call__ is not Callback.__call__]
+            self._dispatch_table[name] = found
+        return found
 
     def show_training_loop(self) -> str:
         """Which callbacks run at each event, in order (also printed)."""
@@ -282,17 +301,23 @@ class Learner:
 
     def one_batch(self, i: int, b) -> None:
         self.iter = i
-        param = next(self.model.parameters(), None)
+        cached = self.__dict__.get("_first_param")  # set per phase by all_batches
+        if cached is None or cached[0] is not self.model:
+            cached = (self.model, next(self.model.parameters(), None))
         b = as_tuple(b)
-        if param is not None:
-            b = _to_device(b, param.device)
+        if cached[1] is not None:
+            b = _to_device(b, cached[1].device)
         self._split(b)
         self._with_events(self._do_one_batch, "batch", CancelBatchException)
 
     def all_batches(self) -> None:
         self.n_iter = len(self.dl)
-        for i, b in enumerate(self.dl):
-            self.one_batch(i, b)
+        self._first_param = (self.model, next(self.model.parameters(), None))
+        try:
+            for i, b in enumerate(self.dl):
+                self.one_batch(i, b)
+        finally:
+            self._first_param = None
 
     def _do_epoch_train(self) -> None:
         self.dl = self.dls.train

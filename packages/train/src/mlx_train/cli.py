@@ -1,0 +1,129 @@
+"""``mlx recipes list|show|copy``, ``mlx train RECIPE [key=value ...]``, ``mlx tune lora|qlora|full``
+and ``mlx quickstart``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from mlx_core.cli.errors import clean_errors
+
+console = Console()
+
+recipes_app = typer.Typer(help="torchtune-style recipes: list them, show a composed config, copy "
+                               "one to edit.", no_args_is_help=True)
+tune_app = typer.Typer(help="Shortcuts: `mlx tune lora ARGS` is `mlx train lora_finetune ARGS` "
+                            "(also qlora, full).", no_args_is_help=True)
+
+OVERRIDES_HELP = ("Config overrides in Hydra's syntax: key=value, group=option, +new_key=value, "
+                  "~key; with -m, comma lists sweep (optimizer.lr=1e-4,3e-4).")
+CONFIG_DIR_HELP = ("A directory searched before the package's configs (see `mlx recipes copy`).")
+
+
+@recipes_app.command("list")
+@clean_errors
+def list_recipes():
+    """The registered recipes."""
+    from mlx_core import registry
+    from mlx_train import recipes
+
+    recipes.names()
+    table = Table("recipe", "description", "config")
+    for name, recipe in registry.recipes.items():
+        table.add_row(name, recipe.description, recipe.config_name)
+    console.print(table)
+
+
+@recipes_app.command("show")
+@clean_errors
+def show(recipe: str = typer.Argument(..., help="A recipe name (mlx recipes list)."),
+         overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+         config_dir: Path = typer.Option(None, "--config-dir", help=CONFIG_DIR_HELP)):
+    """Print the recipe's composed config (YAML) with the overrides applied."""
+    from mlx_train import recipes
+
+    typer.echo(recipes.to_yaml(recipes.compose(recipe, overrides or [], config_dir)), nl=False)
+
+
+@recipes_app.command("copy")
+@clean_errors
+def copy(recipe: str = typer.Argument(..., help="A recipe name (mlx recipes list)."),
+         directory: Path = typer.Argument(..., help="Where to write recipe/<name>.yaml."),
+         force: bool = typer.Option(False, "--force", help="Overwrite existing files.")):
+    """Copy a recipe's config for editing; run it with `mlx train RECIPE --config-dir DIR`."""
+    from mlx_train import recipes
+
+    for path in recipes.copy(recipe, directory, force=force):
+        console.print(f"wrote {escape(str(path))}", highlight=False)
+    console.print(f"edit them, then: mlx train {recipe} --config-dir {escape(str(directory))}",
+                  highlight=False)
+
+
+def run_recipe(recipe: str, overrides: list[str] | None, config_dir: Path | None,
+               multirun: bool) -> None:
+    from mlx_train import recipes
+
+    if not multirun:
+        recipes.run(recipe, overrides or [], config_dir)
+        return
+    from mlx_train.recipes.multirun import table
+
+    jobs = recipes.sweep(recipe, overrides or [], config_dir)
+    Console().print(table(jobs, title=f"mlx train {recipe} -m"))  # the terminal's width now
+    failed = [i for i, job in enumerate(jobs) if job.error]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(jobs)} sweep jobs failed: {failed}")
+
+
+@clean_errors
+def train(recipe: str = typer.Argument(..., help="A recipe name (mlx recipes list)."),
+          overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+          config_dir: Path = typer.Option(None, "--config-dir", help=CONFIG_DIR_HELP),
+          multirun: bool = typer.Option(False, "-m", "--multirun",
+                                        help="Sweep: run every combination of comma lists.")):
+    """Compose a recipe's Hydra config with key=value overrides and run it."""
+    run_recipe(recipe, overrides, config_dir, multirun)
+
+
+def _tune_command(alias: str, recipe: str):
+    @clean_errors
+    def command(overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+                config_dir: Path = typer.Option(None, "--config-dir", help=CONFIG_DIR_HELP),
+                multirun: bool = typer.Option(False, "-m", "--multirun",
+                                              help="Sweep: run every combination of comma lists.")):
+        run_recipe(recipe, overrides, config_dir, multirun)
+
+    command.__doc__ = f"`mlx train {recipe}`: the same arguments."
+    command.__name__ = alias
+    return command
+
+
+def _add_tune_commands() -> None:
+    from mlx_train.recipes import TUNE_ALIASES
+
+    for alias, recipe in TUNE_ALIASES.items():
+        tune_app.command(alias)(_tune_command(alias, recipe))
+
+
+_add_tune_commands()
+
+
+@clean_errors
+def quickstart(steps: int = typer.Option(None, "--steps", help="Training steps (batches of 8); "
+                                          "default 40, or 6 with --quick."),
+               output: Path = typer.Option(None, "--output", help="The run directory (default: "
+                                           "./mlx-quickstart, numbered if taken)."),
+               quick: bool = typer.Option(False, "--quick", help="A much shorter run (for tests)."),
+               model: str = typer.Option("smollm2-135m-instruct", "--model",
+                                         help="The model to tune (a name or HF directory).")):
+    """LoRA-tune the built-in model on a synthetic task and show what it learned."""
+    from mlx_train.quickstart import quickstart as run
+
+    run(steps=steps, output=output, quick=quick, model=model)
+
+
+__all__ = ["quickstart", "recipes_app", "train", "tune_app"]

@@ -1,0 +1,212 @@
+"""What every recipe shares: the ``Recipe`` record, the run directory, the Learner, resuming,
+evaluation and the summary each run writes (``metrics.json``).
+
+A recipe is a thin composition: config -> tokenizer -> data -> model (-> adapters) -> Learner ->
+checkpoint. The steps here are the parts that do not differ between recipes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.markup import escape
+
+CHECKPOINT = "last"
+# What the built-in recipes pass themselves when they instantiate these config nodes.
+INJECTED = {"data": ("tokenizer",), "model": ("tokenizer",), "optimizer": ("params",)}
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named recipe: ``recipe(cfg) -> metrics`` and where its primary config lives.
+
+    ``run``: the function, or ``"module:function"`` (imported on first use, so registering a
+    recipe costs nothing). ``config_name`` defaults to ``recipe/<name>`` in the package
+    ``config_module``. ``injected``: per config node, the parameters the recipe passes itself
+    when it instantiates the node (e.g. the tokenizer for ``data``), so validation does not ask
+    for them.
+    """
+
+    name: str
+    description: str
+    run: Callable[[DictConfig], dict] | str
+    config_name: str = ""
+    config_module: str = "mlx_train.conf"
+    injected: dict = field(default_factory=lambda: dict(INJECTED))
+
+    def __post_init__(self):
+        if not self.config_name:
+            object.__setattr__(self, "config_name", f"recipe/{self.name}")
+
+    def __call__(self, cfg: DictConfig) -> dict:
+        run = self.run
+        if isinstance(run, str):
+            import importlib
+
+            module, _, name = run.partition(":")
+            run = getattr(importlib.import_module(module), name)
+        return run(cfg)
+
+
+console = Console()
+
+
+def say(text: str) -> None:
+    console.print(text, highlight=False)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def instantiate(node, **kwargs):
+    """``hydra.utils.instantiate`` with plain Python containers, passing only the ``kwargs``
+    the target accepts (the recipe offers e.g. ``tokenizer=`` to every model builder)."""
+    import inspect
+
+    from hydra.utils import get_object
+    from hydra.utils import instantiate as hydra_instantiate
+
+    target = get_object(node["_target_"])
+    try:
+        params = inspect.signature(target).parameters
+        takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        kwargs = {k: v for k, v in kwargs.items() if takes_all or k in params}
+    except (TypeError, ValueError):
+        pass
+    return hydra_instantiate(node, _convert_="all", **kwargs)
+
+
+def has_node(cfg: DictConfig, key: str) -> bool:
+    """A config group that is present and not the empty ``none`` option."""
+    node = cfg.get(key)
+    return isinstance(node, DictConfig) and "_target_" in node
+
+
+# -- the run directory ----------------------------------------------------------------------
+class RunDir:
+    """``cfg.output_dir``: refuses to overwrite a finished or interrupted run unless
+    ``resume=true``, and refuses ``resume=true`` when there is nothing to resume."""
+
+    def __init__(self, cfg: DictConfig):
+        self.path = Path(cfg.output_dir).expanduser()
+        self.checkpoint = self.path / CHECKPOINT_DIR / f"{CHECKPOINT}.safetensors"
+        if cfg.resume and not self.checkpoint.is_file():
+            raise FileNotFoundError(f"resume=true, but there is no checkpoint to resume from at "
+                                    f"{self.checkpoint}; run without resume=true to start")
+        if not cfg.resume and (self.checkpoint.is_file() or (self.path / "metrics.json").is_file()):
+            raise FileExistsError(f"{self.path} already holds a run; pass resume=true to continue "
+                                  "it, or choose another output_dir=")
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+
+# -- training -------------------------------------------------------------------------------
+def optimizer_and_lr(cfg: DictConfig):
+    """``(opt_func, lr)``: the optimizer node without its ``lr`` (a partial the Learner calls
+    with the parameter groups), and that ``lr``, the peak the scheduler drives."""
+    node = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    lr = node.pop("lr", None)
+    if lr is None:
+        raise ValueError("optimizer.lr is not set")
+    node["_partial_"] = True
+    return instantiate(node), float(lr)
+
+
+def build_learner(cfg: DictConfig, data, model, run: RunDir):
+    from mlx_train import CausalLMLoss, GradientAccumulation, GradientClip, Learner, Perplexity
+    from mlx_train.recipes.components import LastCheckpoint
+
+    opt_func, lr = optimizer_and_lr(cfg)
+    cbs = []
+    if cfg.save.checkpoint_every:
+        cbs.append(LastCheckpoint(CHECKPOINT, cfg.save.checkpoint_every))
+    if cfg.train.grad_clip:
+        cbs.append(GradientClip(max_norm=cfg.train.grad_clip))
+    if cfg.train.grad_accum > 1:
+        bs = getattr(data.dls.train.dl, "batch_size", None) or data.dls.train.dl.batch_sampler.bs
+        cbs.append(GradientAccumulation(n_acc=bs * cfg.train.grad_accum))
+    if has_node(cfg, "logger"):
+        cbs.append(instantiate(cfg.logger))
+    learn = Learner(data.dls, model, CausalLMLoss(), opt_func=opt_func, lr=lr, path=run.path,
+                    model_dir=CHECKPOINT_DIR, metrics=[Perplexity()], cbs=cbs,
+                    progress=cfg.train.progress)
+    return learn, lr
+
+
+def fit(cfg: DictConfig, learn, lr: float, run: RunDir) -> float:
+    """Train for ``cfg.epochs`` with the configured schedule, first loading the last checkpoint
+    when ``resume=true``. Returns the seconds spent training."""
+    started, start = time.time(), 0
+    if cfg.resume:
+        learn.load(CHECKPOINT)
+        start = learn.epochs_done
+        say(f"resuming {run.path} after epoch {start} of {cfg.epochs}")
+        if start > cfg.epochs:
+            raise ValueError(f"the checkpoint has {start} epochs done but epochs={cfg.epochs}; "
+                             f"pass epochs>={start}")
+    if start < cfg.epochs:
+        scheduler = instantiate(cfg.scheduler)
+        scheduler.fit(learn, cfg.epochs, lr, start_epoch=start)
+    return round(time.time() - started, 1)
+
+
+# -- evaluation and the summary -------------------------------------------------------------
+def evaluate_exact_match(cfg: DictConfig, model, data) -> tuple[float | None, list[str]]:
+    from mlx_train.recipes.evaluate import exact_match
+
+    examples = data.eval_examples[: cfg.eval.max_examples]
+    if not (cfg.eval.exact_match and examples):
+        return None, []
+    say(f"scoring {len(examples)} held-out examples (greedy answers, up to "
+        f"{cfg.eval.max_new_tokens} new tokens, exact match)")
+    return exact_match(model, data.tokenizer, examples, cfg.eval.max_new_tokens)
+
+
+def final_metrics(learn, started: float, **extra) -> dict:
+    history = learn.recorder.history()
+    last = history[-1] if history else {}
+    metrics = {k: last.get(k) for k in ("train_loss", "valid_loss", "perplexity")}
+    metrics["epochs"] = learn.epochs_done if history else 0
+    metrics.update({k: v for k, v in extra.items() if v is not None})
+    metrics["time_s"] = round(time.time() - started, 1)
+    return metrics
+
+
+def write_metrics(run: RunDir, metrics: dict) -> dict:
+    (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in metrics.items())
+    say(f"[bold]{escape(str(run.path))}[/bold]: {escape(shown)}")
+    return metrics
+
+
+def show_samples(examples, answers: dict[str, list[str]], n: int) -> None:
+    """Print ``n`` held-out prompts, their references and each model's answer."""
+    for i, ex in enumerate(examples[:n]):
+        prompt = next(m["content"] for m in reversed(ex.messages) if m["role"] == "user")
+        say(f"[bold]sample {i + 1}[/bold] {escape(repr(prompt))} (reference: "
+            f"{escape(repr(ex.answer))})")
+        for label, outs in answers.items():
+            if i < len(outs):
+                say(f"  {label:>14}: {escape(repr(outs[i]))}")
+
+
+__all__ = ["Recipe", "RunDir", "build_learner", "evaluate_exact_match", "final_metrics", "fit",
+           "has_node", "instantiate", "optimizer_and_lr", "say", "seed_everything",
+           "show_samples", "write_metrics"]

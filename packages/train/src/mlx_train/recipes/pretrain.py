@@ -1,0 +1,57 @@
+"""``pretrain``: a small Llama-family model from a preset, trained from scratch on text files.
+
+config -> tokenizer (``tokenizer=`` a model name / directory, or null: a byte-level BPE trained
+on the files) -> data (``mlx_train.lm_data.text_folder_data``) -> model
+(``mlx_core.build_model`` of the preset, vocabulary and special tokens from the tokenizer) ->
+Learner -> ``run_dir/model`` (HF format with the tokenizer, ``mlx_core.save_model``).
+"""
+
+from __future__ import annotations
+
+import time
+
+from omegaconf import DictConfig
+
+from mlx_train.recipes.base import (
+    RunDir,
+    build_learner,
+    final_metrics,
+    fit,
+    instantiate,
+    say,
+    seed_everything,
+    write_metrics,
+)
+
+
+def pretrain(cfg: DictConfig) -> dict:
+    from mlx_core import generate, save_model
+    from mlx_train.lm_data import as_tokenizer
+
+    started = time.time()
+    run = RunDir(cfg)
+    seed_everything(cfg.seed)
+    tokenizer = as_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    data = instantiate(cfg.data, tokenizer=tokenizer)
+    tokenizer = data.tokenizer
+    say(f"pretrain: {data.info}")
+    model = instantiate(cfg.model, tokenizer=tokenizer)
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the "
+                         f"tokenizer's ({tokenizer.vocab_size})")
+    say(f"pretrain: {model.num_parameters():,} parameters ({model.config.model_type}, "
+        f"{model.config.num_layers} layers, hidden {model.config.hidden_size})")
+    learn, lr = build_learner(cfg, data, model, run)
+    train_s = fit(cfg, learn, lr, run)
+    saved = save_model(model, run / "model", tokenizer=tokenizer.hf, overwrite=True)
+    say(f"saved {saved}")
+    if cfg.eval.samples:
+        first = data.dls.valid.dataset[0][0][:8].tolist()
+        out = generate(model.eval(), first, max_new_tokens=cfg.eval.max_new_tokens)
+        say(f"sample: {tokenizer.decode(first)!r} -> {tokenizer.decode(out)!r}")
+    metrics = final_metrics(learn, started, train_s=train_s)
+    metrics["saved"] = str(saved)
+    return write_metrics(run, metrics)
+
+
+__all__ = ["pretrain"]
