@@ -54,3 +54,19 @@ def test_qlora_trains_only_the_adapter_and_merges_exactly(tmp_path):
         assert (reloaded(IDS) - adapted).abs().max() < 1e-5
         merged = reloaded.merge_and_unload()
         assert (merged(IDS) - adapted).abs().max() < 1e-5
+
+
+def test_qlora_unmerge_gives_back_the_nf4_base():
+    model = get_peft_model(quantize_nf4(_model()), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                              init_lora_weights=False)).eval()
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    with torch.no_grad():
+        adapted = model(IDS)
+        model.merge_adapter()  # de-quantizes the merged layers (4 bits cannot hold the sum)
+        assert not any(isinstance(m, NF4Linear) for m in model.modules())
+        assert (model(IDS) - adapted).abs().max() < 1e-5
+        model.unmerge_adapter()
+        assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 2 * 7
+        assert buffers.keys() == dict(model.named_buffers()).keys()
+        assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
+        assert torch.equal(model(IDS), adapted)

@@ -49,19 +49,38 @@ class AdapterLayer(nn.Module, abc.ABC):
         names = self.adapter_names()
         return [n for n in self.active_adapters if n not in self.merged_adapters and n in names]
 
-    def merge(self, names: list[str]) -> None:
+    def merge(self, names: list[str], keep_original: bool = True) -> None:
+        """Fold ``names`` into the base weight. ``keep_original``: first keep a copy of the base
+        layer's tensors, so ``unmerge`` restores them bit for bit (subtracting the delta again
+        would not: float addition does not round-trip); ``merge_and_unload`` skips the copy."""
         names = [n for n in names if n not in self.merged_adapters]
-        if isinstance(self.base_layer, NF4Linear) and names:  # merging into 4 bits would be lossy
+        if not names:
+            return
+        if keep_original and not self.merged_adapters:  # kept off the module tree and state_dict
+            object.__setattr__(self, "_original", self._original_tensors())
+        if isinstance(self.base_layer, NF4Linear):  # merging into 4 bits would be lossy
             self.base_layer = self.base_layer.dequantized()
         with torch.no_grad():
             for name in names:
                 self._merge_one(name)
                 self.merged_adapters.append(name)
 
+    def _original_tensors(self):
+        """The base layer itself when merging replaces it (NF4), else clones of its tensors."""
+        if isinstance(self.base_layer, NF4Linear):
+            return self.base_layer
+        return {k: t.detach().clone() for k, t in self.base_layer.named_parameters(recurse=False)}
+
     def unmerge(self) -> None:
         with torch.no_grad():
-            while self.merged_adapters:
+            while self.merged_adapters:  # per-adapter bookkeeping (e.g. DoRA's factors) too
                 self._unmerge_one(self.merged_adapters.pop())
+            original = self.__dict__.pop("_original", None)
+            if isinstance(original, NF4Linear):
+                self.base_layer = original
+            elif original is not None:
+                for key, tensor in self.base_layer.named_parameters(recurse=False):
+                    tensor.copy_(original[key])
 
     def delete(self, name: str) -> None:
         if name in self.merged_adapters:

@@ -179,7 +179,7 @@ class PeftModel(nn.Module):
         model = self.base_model.model
         for name, module in list(model.named_modules()):
             if isinstance(module, AdapterLayer):
-                module.merge(module.active_adapters)
+                module.merge(module.active_adapters, keep_original=False)
                 replace_module(model, name, module.base_layer)
             elif isinstance(module, ModulesToSaveWrapper):
                 replace_module(model, name, module.active_module())
