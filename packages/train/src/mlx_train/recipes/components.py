@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mlx_train.callback.core import Callback
+from mlx_train.callback.schedule import SchedNo, combined_cos
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,6 +63,12 @@ class OneCycle:
         learn.fit_one_cycle(n_epoch, lr, div=self.div, div_final=self.div_final,
                             pct_start=self.pct_start, cbs=cbs, start_epoch=start_epoch)
 
+    def schedules(self, lr: float, moms) -> dict:
+        """What ``fit_one_cycle`` schedules, as functions of the share of training done (for
+        loops other than the Learner's: the JAX backend)."""
+        return {"lr": combined_cos(self.pct_start, lr / self.div, lr, lr / self.div_final),
+                "mom": combined_cos(self.pct_start, *moms)}
+
 
 class FlatCos:
     """``Learner.fit_flat_cos``: flat ``lr``, then cosine annealing after ``pct_start``."""
@@ -73,12 +80,18 @@ class FlatCos:
         learn.fit_flat_cos(n_epoch, lr, div_final=self.div_final, pct_start=self.pct_start,
                            cbs=cbs, start_epoch=start_epoch)
 
+    def schedules(self, lr: float, moms) -> dict:
+        return {"lr": combined_cos(self.pct_start, lr, lr, lr / self.div_final)}
+
 
 class Constant:
     """``Learner.fit`` at a constant ``lr``."""
 
     def fit(self, learn, n_epoch: int, lr: float, cbs=None, start_epoch: int = 0) -> None:
         learn.fit(n_epoch, lr, cbs=cbs, start_epoch=start_epoch)
+
+    def schedules(self, lr: float, moms) -> dict:
+        return {"lr": SchedNo(lr, lr)}
 
 
 # -- checkpoints ----------------------------------------------------------------------------

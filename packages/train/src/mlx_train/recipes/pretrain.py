@@ -4,6 +4,8 @@ config -> tokenizer (``tokenizer=`` a model name / directory, or null: a byte-le
 on the files) -> data (``mlx_train.lm_data.text_folder_data``) -> model
 (``mlx_core.build_model`` of the preset, vocabulary and special tokens from the tokenizer) ->
 Learner -> ``run_dir/model`` (HF format with the tokenizer, ``mlx_core.save_model``).
+``backend=jax`` trains the same model on the same data in JAX instead of the Learner
+(``mlx_train.recipes.pretrain_jax``; needs mlx-jax).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def pretrain(cfg: DictConfig) -> dict:
     from mlx_core import generate, save_model
     from mlx_train.lm_data import as_tokenizer
 
+    if cfg.backend not in ("torch", "jax"):
+        raise ValueError(f"backend must be 'torch' or 'jax', got {cfg.backend!r}")
     started = time.time()
     run = RunDir(cfg)
     seed_everything(cfg.seed)
@@ -41,16 +45,23 @@ def pretrain(cfg: DictConfig) -> dict:
                          f"tokenizer's ({tokenizer.vocab_size})")
     say(f"pretrain: {model.num_parameters():,} parameters ({model.config.model_type}, "
         f"{model.config.num_layers} layers, hidden {model.config.hidden_size})")
-    learn, lr = build_learner(cfg, data, model, run)
-    train_s = fit(cfg, learn, lr, run)
-    saved = save_model(model, run / "model", tokenizer=tokenizer.hf, overwrite=True)
-    say(f"saved {saved}")
+    if cfg.backend == "jax":
+        from mlx_core import load_model
+        from mlx_train.recipes.pretrain_jax import pretrain_jax
+
+        metrics = pretrain_jax(cfg, run, data, model, tokenizer)
+        model = load_model(metrics["saved"])  # the trained weights, for the sample below
+    else:
+        learn, lr = build_learner(cfg, data, model, run)
+        train_s = fit(cfg, learn, lr, run)
+        saved = save_model(model, run / "model", tokenizer=tokenizer.hf, overwrite=True)
+        say(f"saved {saved}")
+        metrics = final_metrics(learn, started, train_s=train_s)
+        metrics["saved"] = str(saved)
     if cfg.eval.samples:
         first = data.dls.valid.dataset[0][0][:8].tolist()
         out = generate(model.eval(), first, max_new_tokens=cfg.eval.max_new_tokens)
         say(f"sample: {tokenizer.decode(first)!r} -> {tokenizer.decode(out)!r}")
-    metrics = final_metrics(learn, started, train_s=train_s)
-    metrics["saved"] = str(saved)
     return write_metrics(run, metrics)
 
 

@@ -1,0 +1,226 @@
+"""``pretrain`` with ``backend=jax``: the same run as the torch Learner's, in JAX.
+
+Everything but the training loop is shared with the torch path: the tokenizer, the data loaders
+(same rows, same shuffling), the model's initial weights (the torch zoo's init for the preset,
+copied into the Flax mirror, so both backends start from one model), the optimizer settings and
+the schedule. The schedule is the recipe scheduler's own (``OneCycle`` / ``FlatCos`` /
+``Constant``: fastai's formulas, evaluated at each step's share of training as the Learner's
+``ParamScheduler`` does) and drives AdamW's learning rate and, for 1cycle, its beta1 through
+``optax.inject_hyperparams``. Weight decay skips norms and biases on both sides (here: tensors
+with fewer than 2 dimensions). The loss is the zoo's, through ``mlx_jax``'s jitted
+``train_step``; gradient clipping is ``optax.clip_by_global_norm``; ``train.grad_accum=k``
+steps once per ``k`` batches (their gradients summed over tokens).
+
+What a run writes matches the torch path: ``history.csv`` (epoch, train_loss: the debiased
+moving average the Recorder keeps, valid_loss, perplexity, time), ``run_dir/model`` (HF format
+with the tokenizer) and ``checkpoints/last.safetensors`` (here: parameters, optimizer state,
+step and the data loaders' generators, in the same file the torch path uses), from which
+``resume=true`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mlx_train.recipes.base import RunDir, instantiate, say
+
+MOMS = (0.95, 0.85, 0.95)  # the Learner's default (fastai's): Adam's beta1 through 1cycle
+HISTORY_FIELDS = ["epoch", "train_loss", "valid_loss", "perplexity", "time"]
+
+
+def hyper_schedules(cfg: DictConfig, lr: float, total_steps: int) -> dict[str, list[float]]:
+    """The value of each scheduled hyper-parameter (``lr``, and ``mom`` for 1cycle) at every
+    optimizer step, from the recipe's scheduler."""
+    scheds = instantiate(cfg.scheduler).schedules(lr, MOMS)
+    return {name: [float(f(step / total_steps)) for step in range(total_steps)]
+            for name, f in scheds.items()}
+
+
+def _optimizer(cfg: DictConfig, tables: dict[str, list[float]], max_grad_norm: float | None):
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    node = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    if node.get("_target_") != "torch.optim.AdamW":
+        raise ValueError(f"backend=jax trains with AdamW (optimizer=adamw); got "
+                         f"{node.get('_target_')}: choose optimizer=adamw or backend=torch")
+    b1, b2 = node.get("betas", (0.9, 0.999))
+
+    def table(values):
+        values = jnp.asarray(values, jnp.float32)
+        return lambda count: values[jnp.minimum(count, len(values) - 1)]
+
+    # mask is a function of the parameters, not a schedule: static, or it would be called with the step
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+        learning_rate=table(tables["lr"]), b1=table(tables["mom"]) if "mom" in tables else b1,
+        b2=b2, eps=node.get("eps", 1e-8), weight_decay=node.get("weight_decay", 0.0),
+        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+    if max_grad_norm:
+        return optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw)
+    return adamw
+
+
+def _jax_model(torch_model):
+    """The Flax mirror of ``torch_model`` with the same weights (fp32)."""
+    from flax import nnx
+
+    from mlx_jax.loading import _builder, fill_params
+
+    config = torch_model.config
+    abstract = nnx.eval_shape(lambda: _builder(config)(config, rngs=nnx.Rngs(0)))
+    arrays = {name: t.detach().float().cpu().numpy() for name, t in torch_model.state_dict().items()}
+    return fill_params(abstract, arrays, where="the preset's initial weights")
+
+
+def _batches(loader, grad_accum: int):
+    """Groups of ``grad_accum`` loader batches, joined into one batch dict (numpy)."""
+    group = []
+    for ids, mask, labels in loader:
+        group.append((ids.numpy(), mask.numpy(), labels.numpy()))
+        if len(group) == grad_accum:
+            yield _joined(group)
+            group = []
+    if group:  # a short last group steps too, as GradientAccumulation does at an epoch's end
+        yield _joined(group)
+
+
+def _joined(group):
+    width = max(ids.shape[1] for ids, _, _ in group)
+
+    def pad(a, value):
+        return np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=value)
+
+    ids = np.concatenate([pad(i, 0) for i, _, _ in group])
+    mask = np.concatenate([pad(m, 0) for _, m, _ in group])
+    labels = np.concatenate([pad(y, -100) for _, _, y in group])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}, len(group)
+
+
+def _loader_generators(data) -> list[torch.Generator]:
+    return [g for loader in (data.dls.train, data.dls.valid) if loader is not None
+            for g in getattr(loader, "generators", [])]
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+JAX_FORMAT = "mlx-train-jax-state"
+
+
+def _save_checkpoint(path: Path, state, data, meta: dict) -> None:
+    import jax
+
+    from mlx_train.state import atomic_save
+
+    leaves = jax.tree.leaves((state.params, state.opt_state, state.step))
+    tensors = {f"state.{i}": torch.from_numpy(np.array(leaf)) for i, leaf in enumerate(leaves)}
+    for i, g in enumerate(_loader_generators(data)):
+        tensors[f"rng.loader.{i}"] = g.get_state()
+    atomic_save(tensors, path, {"format": JAX_FORMAT, "version": 1, **meta})
+
+
+def _load_checkpoint(path: Path, state, data):
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from mlx_train.state import read
+
+    tensors, meta = read(path, JAX_FORMAT)  # a torch-backend checkpoint names its format here
+    leaves, treedef = jax.tree.flatten((state.params, state.opt_state, state.step))
+    if sum(k.startswith("state.") for k in tensors) != len(leaves):
+        raise ValueError(f"{path} does not fit this model and optimizer (another config?); "
+                         "start again without resume=true")
+    restored = [jnp.asarray(tensors[f"state.{i}"].numpy(), dtype=leaf.dtype)
+                for i, leaf in enumerate(leaves)]
+    params, opt_state, step = jax.tree.unflatten(treedef, restored)
+    for i, g in enumerate(_loader_generators(data)):
+        g.set_state(tensors[f"rng.loader.{i}"])
+    return dataclasses.replace(state, params=params, opt_state=opt_state, step=step), meta
+
+
+# -- the run ----------------------------------------------------------------------------------
+def pretrain_jax(cfg: DictConfig, run: RunDir, data, torch_model, tokenizer) -> dict:
+    import jax
+    from flax import nnx
+
+    from mlx_jax import save_model
+    from mlx_jax.training import create_train_state, train_step
+
+    started = time.time()
+    grad_accum = int(cfg.train.grad_accum)
+    if cfg.train.gradient_checkpointing:
+        raise ValueError("train.gradient_checkpointing is not available with backend=jax")
+    n_steps = math.ceil(len(data.dls.train) / grad_accum)
+    total = cfg.epochs * n_steps
+    node = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    lr = float(node["lr"])
+    tx = _optimizer(cfg, hyper_schedules(cfg, lr, total), cfg.train.grad_clip or None)
+    model = _jax_model(torch_model)
+    state = create_train_state(model, tx)
+    checkpoint = run.checkpoint
+    start, smooth, history = 0, (0, 0.0), []
+    if cfg.resume:
+        state, meta = _load_checkpoint(checkpoint, state, data)
+        start, smooth, history = meta["epochs_done"], tuple(meta["smooth"]), meta["history"]
+        say(f"resuming {run.path} after epoch {start} of {cfg.epochs}")
+        if start > cfg.epochs:
+            raise ValueError(f"the checkpoint has {start} epochs done but epochs={cfg.epochs}; "
+                             f"pass epochs>={start}")
+
+    @jax.jit
+    def valid_terms(params, batch):
+        m = nnx.merge(state.graphdef, params, state.frozen)
+        hidden, _ = m.model(batch["input_ids"], batch["attention_mask"])
+        return m.loss_terms(hidden, batch["labels"])  # (sum of token losses, token count)
+
+    beta, (count, val) = 0.98, smooth
+    for epoch in range(start, cfg.epochs):
+        epoch_start = time.time()
+        for batch, _ in _batches(data.dls.train, grad_accum):
+            state, metrics = train_step(state, batch, accum_steps=1)
+            count, val = count + 1, beta * val + (1 - beta) * float(metrics["loss"])
+        train_loss = val / (1 - beta**count)
+        # the Learner's AvgLoss: each batch's mean loss weighted by its number of rows
+        weighted, rows = 0.0, 0
+        for ids, mask, labels in data.dls.valid:
+            s, n = valid_terms(state.params, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
+                                              "labels": labels.numpy()})
+            weighted += float(s) / max(int(n), 1) * ids.shape[0]
+            rows += ids.shape[0]
+        valid_loss = weighted / rows
+        history.append({"epoch": epoch, "train_loss": train_loss, "valid_loss": valid_loss,
+                        "perplexity": math.exp(valid_loss),
+                        "time": round(time.time() - epoch_start, 1)})
+        say(f"epoch {epoch}: train_loss {train_loss:.4f} valid_loss {valid_loss:.4f}")
+        if cfg.save.checkpoint_every and ((epoch + 1) % cfg.save.checkpoint_every == 0
+                                          or epoch + 1 == cfg.epochs):
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            _save_checkpoint(checkpoint, state, data, {"epochs_done": epoch + 1,
+                                                       "smooth": [count, val], "history": history})
+    _write_history(run / "history.csv", history)
+    nnx.update(model, state.params)
+    saved = save_model(model, run / "model", tokenizer=tokenizer.hf, overwrite=True)
+    say(f"saved {saved}")
+    last = history[-1] if history else {}
+    metrics = {k: last.get(k) for k in ("train_loss", "valid_loss", "perplexity")}
+    metrics.update(epochs=len(history), backend="jax", saved=str(saved),
+                   time_s=round(time.time() - started, 1))
+    return metrics
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+__all__ = ["hyper_schedules", "pretrain_jax"]
