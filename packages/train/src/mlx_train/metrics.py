@@ -85,6 +85,12 @@ class AvgLoss(Metric):
         return "loss"
 
 
+def loss_value(loss: torch.Tensor) -> float:
+    """A batch's loss as a Python float (the mean of a loss that is not a scalar); ``item()``
+    is the cheapest read of a scalar, which matters once per batch."""
+    return loss.item() if loss.numel() == 1 else float(loss.detach().float().mean())
+
+
 class AvgSmoothLoss(Metric):
     """Exponentially weighted moving average of the loss, debiased (``beta=0.98``)."""
 
@@ -95,8 +101,10 @@ class AvgSmoothLoss(Metric):
         self.count, self.val = 0, 0.0
 
     def accumulate(self, learn) -> None:
+        self.add(loss_value(learn.loss))
+
+    def add(self, loss: float) -> None:
         self.count += 1
-        loss = float(learn.loss.detach().float().mean())
         self.val = self.beta * self.val + (1 - self.beta) * loss  # == torch.lerp(loss, val, beta)
 
     @property
@@ -279,6 +287,6 @@ def mk_metric(m) -> Metric:
     raise TypeError(f"not a metric: {m!r} (pass a Metric or a function f(pred, targ))")
 
 
-__all__ = ["AccumMetric", "AvgLoss", "AvgMetric", "AvgSmoothLoss", "F1Score", "Metric",
+__all__ = ["AccumMetric", "AvgLoss", "AvgMetric", "AvgSmoothLoss", "F1Score", "Metric", "loss_value",
            "Perplexity", "R2Score", "RMSE", "accuracy", "error_rate", "mae", "mk_metric", "mse",
            "perplexity", "r2_score", "rmse", "top_k_accuracy"]

@@ -152,6 +152,12 @@ class LayerGroupOptimizer:
                 "eps": "eps" in pg}.get(name, name in pg)
 
     @property
+    def last_lr(self) -> float:
+        """``hypers[-1]["lr"]`` without building every group's dict (read once per batch)."""
+        groups = self._torch_groups(self.n_groups - 1)
+        return next((pg for pg in groups if not pg["no_decay"]), groups[0])["lr"]
+
+    @property
     def hypers(self) -> list[dict]:
         """One dict per layer group: lr, wd, mom, sqr_mom, eps (those the optimizer has)."""
         out = []

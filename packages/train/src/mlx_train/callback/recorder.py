@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from mlx_train.callback.core import Callback
-from mlx_train.metrics import AvgLoss, AvgSmoothLoss
+from mlx_train.metrics import AvgLoss, AvgSmoothLoss, loss_value
 from mlx_train.plotting import new_figure
 
 
@@ -86,12 +86,16 @@ class Recorder(Callback):
         if not self.learn.yb:
             return
         self.n_batches += 1
-        for m in self._train_mets if self.learn.training else self._valid_mets:
-            m.accumulate(self.learn)
         if not self.learn.training:
+            for m in self._valid_mets:
+                m.accumulate(self.learn)
             return
-        self.lrs.append(self.learn.opt.hypers[-1]["lr"])
-        self.raw_losses.append(float(self.learn.loss.detach().float().mean()))
+        loss = loss_value(self.learn.loss)  # read once: this runs every batch
+        self.smooth_loss.add(loss)
+        for m in self._train_mets[1:]:
+            m.accumulate(self.learn)
+        self.lrs.append(self.learn.opt.last_lr)
+        self.raw_losses.append(loss)
         self.losses.append(self.smooth_loss.value)
         self.learn.smooth_loss = self.smooth_loss.value
 
