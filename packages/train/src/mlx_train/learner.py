@@ -185,6 +185,10 @@ class Learner:
         return [cb for cb in sorted(self.cbs, key=lambda c: c.order) if cb.handles(event)]
 
     def __call__(self, event: str | list[str]) -> None:
+        if isinstance(event, str):  # the per-batch path: no list built
+            for cb in self._dispatch(event):
+                cb(event)
+            return
         for name in _listify(event):
             for cb in self._dispatch(name):
                 cb(name)
@@ -291,7 +295,9 @@ class Learner:
         self("after_pred")
         if self.yb:
             self.loss_grad = self.loss_func(self.pred, *self.yb)
-            self.loss = self.loss_grad.detach().clone()
+            # detached, not cloned (a copy per batch shows in the loop's overhead): callbacks
+            # replace loss_grad (loss_grad = loss_grad * k), never change it in place
+            self.loss = self.loss_grad.detach()
         self("after_loss")
         if not self.training or not self.yb:
             return

@@ -135,14 +135,19 @@ class Callback:
 
     def __call__(self, event: str):
         """Run this callback's handler for ``event`` (if any), honouring run / run_train / run_valid."""
-        training = getattr(self.learn, "training", False) if self.__dict__.get("learn") else False
-        active = event not in INNER_LOOP or (self.run_train and training) or \
-            (self.run_valid and not training)
+        attrs = self.__dict__
+        if event in INNER_LOOP:  # per-batch events: the cheap checks first
+            learn = attrs.get("learn")
+            training = getattr(learn, "training", False) if learn is not None else False
+            active = (self.run_train and training) or (self.run_valid and not training)
+        else:
+            active = True
         result = None
-        if self.run and active and self.handles(event):
+        own = attrs.get(event)  # Callback(after_batch=fn): a function of no arguments
+        method = getattr(type(self), event, None) if own is None else None
+        if self.run and active and (own is not None or method is not None):
             try:
-                result = self.__dict__[event]() if event in self.__dict__ \
-                    else getattr(type(self), event)(self)
+                result = own() if own is not None else method(self)
             except CANCEL_EXCEPTIONS:
                 raise
             except Exception as e:

@@ -96,8 +96,8 @@ class Recorder(Callback):
             m.accumulate(self.learn)
         self.lrs.append(self.learn.opt.last_lr)
         self.raw_losses.append(loss)
-        self.losses.append(self.smooth_loss.value)
-        self.learn.smooth_loss = self.smooth_loss.value
+        self.learn.smooth_loss = smooth = self.smooth_loss.value
+        self.losses.append(smooth)
 
     def _values(self, metrics) -> list:
         # a phase cancelled before its first batch has nothing to report: empty columns
