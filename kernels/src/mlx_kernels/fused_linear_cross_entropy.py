@@ -31,21 +31,33 @@ def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
 
 def chunk_loss_and_grad_reference(logits, labels, keep, label_smoothing, grad_scale, needs_grad):
     """Per-row losses of an fp32 logits chunk, and (optionally) d loss / d logits scaled by
-    ``grad_scale``: softmax - (1 - eps) * onehot - eps / V, zero on ignored rows."""
+    ``grad_scale``: softmax - (1 - eps) * onehot - eps / V, zero on ignored rows.
+
+    With ``needs_grad`` the gradient overwrites ``logits`` in place (as the Triton kernel does):
+    five passes over the chunk and no temporaries, which is most of this op's time on CPU once
+    the GEMMs are done."""
     vocab = logits.shape[1]
     target_ids = labels.clamp(0, vocab - 1)[:, None]
-    lse = torch.logsumexp(logits, dim=-1)
-    loss = lse - logits.gather(1, target_ids).squeeze(1)
+    target = logits.gather(1, target_ids).squeeze(1)
+    mean = logits.mean(-1) if label_smoothing else None
+    if not needs_grad:
+        lse = torch.logsumexp(logits, dim=-1)
+    else:
+        top = logits.amax(dim=-1, keepdim=True)
+        exps = logits.sub_(top).exp_()  # in place: logits is consumed
+        total = exps.sum(dim=-1)
+        lse = top.squeeze(1) + total.log()
+    loss = lse - target
     if label_smoothing:
-        loss = (1 - label_smoothing) * loss + label_smoothing * (lse - logits.mean(-1))
+        loss = (1 - label_smoothing) * loss + label_smoothing * (lse - mean)
     loss = loss.masked_fill(~keep, 0)
     if not needs_grad:
         return loss, None
-    grad = torch.exp(logits - lse[:, None])
-    grad.scatter_add_(1, target_ids, torch.full_like(lse[:, None], -(1 - label_smoothing)))
+    row_scale = keep.float() * grad_scale
+    grad = exps.mul_((row_scale / total)[:, None])  # softmax, scaled
+    grad.scatter_add_(1, target_ids, (-(1 - label_smoothing) * row_scale)[:, None])
     if label_smoothing:
-        grad -= label_smoothing / vocab
-    grad *= (keep.float() * grad_scale)[:, None]
+        grad.sub_((label_smoothing / vocab) * row_scale[:, None])
     return loss, grad
 
 
