@@ -15,7 +15,12 @@ from mlx_kernels.dispatch import backend_for
 
 
 def lora_linear_reference(x, weight, lora_a, lora_b, scaling: float, bias=None):
-    return F.linear(x, weight, bias) + scaling * F.linear(F.linear(x, lora_a), lora_b)
+    y = F.linear(x, weight, bias)
+    xa = F.linear(x, lora_a)
+    # the low-rank product accumulates into the base output inside one GEMM (alpha = scaling):
+    # no [N, out] temporaries for the scale and the sum, forward or backward
+    out = y.reshape(-1, y.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), lora_b.t(), alpha=scaling)
+    return out.view(y.shape)
 
 
 class LoRALinearFunction(torch.autograd.Function):
