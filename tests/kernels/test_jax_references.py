@@ -94,3 +94,19 @@ def test_lora_nf4_and_moe():
     order, offsets = sort_by_expert(ref_experts, 6)
     xs, ws = rand(74, 45)[order], rand(6, 70, 45, seed=7)
     close(KJ.moe_grouped_matmul(j(xs), j(ws), offsets), moe_grouped_matmul_reference(xs, ws, offsets), atol=1e-4)
+
+
+def test_attention_matches_sdpa_with_gqa_and_padding():
+    """The zoo's attention: GQA (4 query heads over 2 kv heads) with a causal mask and a
+    left-padded row, against torch SDPA on repeated kv heads."""
+    q, k, v = rand(2, 4, 5, 16), rand(2, 2, 7, 16, seed=1), rand(2, 2, 7, 16, seed=2)
+    causal = torch.ones(5, 7, dtype=torch.bool).tril(diagonal=2)
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    valid[1, :2] = False
+    mask = (causal[None] & valid[:, None])[:, None]  # [B, 1, T, S]; every row keeps a key
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                          attn_mask=mask)
+    close(KJ.attention(j(q), j(k), j(v), j(mask)), want)
+    close(KJ.attention(j(q), j(k), j(v), j(mask), scale=0.3),
+          F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                         attn_mask=mask, scale=0.3))

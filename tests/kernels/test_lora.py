@@ -3,9 +3,9 @@ import torch
 import torch.nn.functional as F
 
 from mlx_kernels import lora_linear, lora_linear_multi
-from mlx_kernels.lora import lora_linear_multi_reference
+from mlx_kernels.lora import lora_linear_multi_reference, lora_linear_reference
 
-from .conftest import assert_close, grads_of
+from .conftest import DTYPES, assert_close, grads_of
 
 
 def _plain(x, w, a, b, s, bias):
@@ -25,6 +25,42 @@ def test_triton_matches_plain_torch_forward_and_backward(shape, triton_backend):
     assert_close(got, want, 1e-4, 1e-5)
     for g, r in zip(got_grads, want_grads, strict=True):
         assert_close(g, r, 1e-4, 1e-5)
+
+
+# (x shape, out, rank): batched and flat rows, sizes off powers of two, ranks 6..64
+LORA_SHAPES = [((2, 7, 45), 70, 6), ((33, 64), 50, 16), ((3, 11), 37, 64)]
+# which of x, W, A, B, bias get a gradient: everything; a LoRA layer (frozen base, so the kernel
+# skips dW); the first layer of a model (no dx, but dA still needs dy B)
+GRADS = {"all": (1, 1, 1, 1, 1), "lora": (1, 0, 1, 1, 0), "no_dx": (0, 0, 1, 1, 1)}
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype_tol", DTYPES)
+@pytest.mark.parametrize("grads", GRADS.values(), ids=GRADS.keys())
+@pytest.mark.parametrize("shape", LORA_SHAPES, ids=str)
+def test_fused_backward_matches_reference_autograd(shape, grads, dtype_tol, triton_backend):
+    dtype, atol, rtol = dtype_tol
+    (x_shape, out, rank), k = shape, shape[0][-1]
+    torch.manual_seed(0)
+    # weights at their initialisation scale, so outputs and gradients are O(1) as in training
+    inputs = [torch.randn(x_shape), torch.randn(out, k) / k**0.5, torch.randn(rank, k) / k**0.5,
+              torch.randn(out, rank) / rank**0.5, torch.randn(out)]
+    leaves = [t.to(dtype).requires_grad_(bool(g)) for t, g in zip(inputs, grads, strict=True)]
+    dy = torch.randn(*x_shape[:-1], out, dtype=dtype)
+
+    def run(fn):
+        args = [t.detach().clone().requires_grad_(t.requires_grad) for t in leaves]
+        y = fn(*args[:4], 0.5, args[4])
+        y.backward(dy)
+        return y.detach(), [t.grad for t in args]
+
+    got, got_grads = run(lora_linear)
+    want, want_grads = run(lora_linear_reference)
+    assert_close(got, want, atol, rtol)
+    for g, w, asked in zip(got_grads, want_grads, grads, strict=True):
+        assert (g is None) == (w is None) == (not asked)
+        if asked:
+            assert_close(g, w, atol, rtol)
 
 
 @pytest.mark.triton

@@ -1,8 +1,13 @@
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from mlx_kernels import nf4_dequantize, nf4_matmul, nf4_quantize
 from mlx_kernels.nf4 import NF4_CODEBOOK, nf4_absmax, nf4_dequantize_reference
+
+from .conftest import DTYPES, assert_close
 
 
 def _weight():
@@ -50,6 +55,76 @@ def test_matmul_uses_the_dequantized_weight():
     torch.testing.assert_close(y, x @ nf4_dequantize_reference(q).T)
     y.sum().backward()
     assert x.grad is not None
+
+
+# (x shape, weight [out, in]): 96 and 100 are not multiples of the 64-value block, so blocks
+# straddle rows; 300 x 128 has 600 blocks, so three double-quantization groups of 256
+NF4_SHAPES = [((3, 5, 96), (70, 96)), ((17, 100), (48, 100)), ((4, 128), (300, 128))]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype_tol", DTYPES)
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("shape", NF4_SHAPES, ids=str)
+def test_fused_matmul_matches_dequantize_then_linear(shape, bias, dtype_tol, triton_backend):
+    dtype, atol, rtol = dtype_tol
+    (x_shape, w_shape), k = shape, shape[1][1]
+    torch.manual_seed(0)
+    q = nf4_quantize((torch.randn(w_shape) / k**0.5).to(dtype))
+    x = torch.randn(x_shape, dtype=dtype)
+    b = torch.randn(w_shape[0], dtype=dtype) if bias else None
+    dy = torch.randn(*x_shape[:-1], w_shape[0], dtype=dtype)
+
+    def run(fn):
+        xs = x.clone().requires_grad_(True)
+        bs = None if b is None else b.clone().requires_grad_(True)
+        y = fn(xs, bs)
+        y.backward(dy)
+        return y.detach(), xs.grad, None if bs is None else bs.grad
+
+    got = run(lambda xs, bs: nf4_matmul(xs, q, bs))
+    want = run(lambda xs, bs: F.linear(xs, nf4_dequantize_reference(q).to(dtype), bs))
+    for g, w in zip(got, want, strict=True):
+        if w is None:
+            assert g is None
+        else:
+            assert_close(g, w, atol, rtol)
+
+
+class _NewStorages(TorchDispatchMode):
+    """Bytes of every tensor storage that torch allocates while active.
+
+    Every CPU allocation torch makes goes through an aten op (``empty`` included), and a dispatch
+    mode sees each op's outputs; an output whose storage no input holds is new memory. The sum
+    is an upper bound on how far the peak rises. ``set_`` is skipped: the interpreter uses it to
+    re-wrap the kernel arguments' own storages, which allocates nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        held = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket is not torch.ops.aten.set_:
+            self.sizes += [t.untyped_storage().nbytes() for t in tree_leaves(out)
+                           if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in held]
+        return out
+
+
+@pytest.mark.triton
+def test_fused_matmul_never_materialises_the_weight(triton_backend):
+    torch.manual_seed(0)
+    q = nf4_quantize(torch.randn(128, 512) / 512**0.5)
+    weight_bytes = 128 * 512 * 4
+    x = torch.randn(2, 512, requires_grad=True)  # few rows: outputs far smaller than the weight
+    with _NewStorages() as fused:
+        nf4_matmul(x, q).sum().backward()
+    with _NewStorages() as unfused:  # the instrument does see a de-quantized weight
+        F.linear(x, nf4_dequantize(q)).sum().backward()
+    assert max(unfused.sizes) >= weight_bytes
+    # forward and backward together allocate y, dy and dx: a few KiB, not the 256 KiB weight
+    assert sum(fused.sizes) < weight_bytes / 8
 
 
 def test_bad_size_is_named():

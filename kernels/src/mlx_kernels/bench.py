@@ -128,6 +128,11 @@ CASES = [
          lambda d, q: (_rand(d, _sizes(q, 16, 256), _sizes(q, 64, 576)),
                        K.nf4_quantize(_rand(d, _sizes(q, 96, 1536), _sizes(q, 64, 576)))),
          K.nf4_matmul, lambda x, nf4: x @ K.nf4.nf4_dequantize_reference(nf4).T),
+    # QLoRA training: dx through the frozen 4-bit weight, de-quantized again tile by tile
+    Case("nf4_matmul", "fwd+bwd",
+         lambda d, q: (_rand(d, _sizes(q, 16, 256), _sizes(q, 64, 576), grad=True),
+                       K.nf4_quantize(_rand(d, _sizes(q, 96, 1536), _sizes(q, 64, 576)))),
+         _backward(K.nf4_matmul), _backward(lambda x, nf4: x @ K.nf4.nf4_dequantize_reference(nf4).T)),
     Case("moe_grouped_matmul", "fwd", _moe_inputs, K.moe_grouped_matmul, _moe_plain),
 ]
 
@@ -169,8 +174,8 @@ def peak_mib(case: Case, impl: str, device, quick: bool) -> float:
         fn(*args)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    done = subprocess.run([sys.executable, "-m", "mlx_kernels.bench", "--peak", case.op, impl,
-                           str(int(quick))], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "mlx_kernels.bench", "--peak", case.op, case.shape,
+                           impl, str(int(quick))], capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"measuring the peak memory of {case.op}/{impl} failed:\n{done.stderr}")
     return float(done.stdout.strip().splitlines()[-1])
@@ -195,8 +200,8 @@ def rss_peak_growth_mib(fn, *args) -> float:
     return (status_kib("VmHWM") - start) / 1024
 
 
-def _peak_rss_child(op: str, impl: str, quick: bool) -> float:
-    case = next(c for c in CASES if c.op == op)
+def _peak_rss_child(op: str, shape: str, impl: str, quick: bool) -> float:
+    case = next(c for c in CASES if (c.op, c.shape) == (op, shape))  # an op may have several passes
     fn = _impl(case, impl)
     fn(*case.make(torch.device("cpu"), True))  # warm-up: library pages are not the op's
     return rss_peak_growth_mib(fn, *case.make(torch.device("cpu"), quick))
@@ -242,7 +247,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--peak":
-        print(_peak_rss_child(sys.argv[2], sys.argv[3], bool(int(sys.argv[4]))))
+    if len(sys.argv) == 6 and sys.argv[1] == "--peak":
+        print(_peak_rss_child(sys.argv[2], sys.argv[3], sys.argv[4], bool(int(sys.argv[5]))))
     else:
         print(json.dumps(run(quick="--quick" in sys.argv), indent=2))

@@ -3,14 +3,15 @@
 ``MLX_KERNELS=auto|torch|triton`` (read at each call) overrides: ``torch`` always uses the
 references; ``triton`` forces the kernels, on CPU too when ``TRITON_INTERPRET=1`` is set (that is
 how the kernels are tested on machines without a GPU).
+
+No torch import here: ``describe`` (``mlx doctor``) must work where only ``mlx_kernels.jax`` is
+installed, and a device is told apart by its type name alone.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-
-import torch
 
 CHOICES = ("auto", "torch", "triton")
 
@@ -30,22 +31,23 @@ def setting() -> str:
     return choice
 
 
-def backend_for(device: torch.device | str) -> str:
-    """``"triton"`` or ``"torch"`` for tensors on ``device``."""
-    device = torch.device(device)
+def backend_for(device) -> str:
+    """``"triton"`` or ``"torch"`` for tensors on ``device`` (a ``torch.device`` or its name,
+    e.g. ``"cuda:1"``)."""
+    device_type = device.split(":")[0] if isinstance(device, str) else device.type
     choice = setting()
     if choice == "torch":
         return "torch"
     if choice == "triton":
         if not triton_available():
             raise RuntimeError("MLX_KERNELS=triton but triton is not installed: pip install triton")
-        if device.type != "cuda" and not interpreter_on():
+        if device_type != "cuda" and not interpreter_on():
             raise RuntimeError(
-                f"MLX_KERNELS=triton with {device.type} tensors needs the Triton interpreter: "
+                f"MLX_KERNELS=triton with {device_type} tensors needs the Triton interpreter: "
                 "set TRITON_INTERPRET=1, or use MLX_KERNELS=auto to run the torch reference"
             )
         return "triton"
-    return "triton" if device.type == "cuda" and triton_available() else "torch"
+    return "triton" if device_type == "cuda" and triton_available() else "torch"
 
 
 def describe() -> dict:

@@ -1,8 +1,10 @@
 """The mlx_kernels ops for JAX, as ``jax.numpy`` references with the torch ops' shapes and
-semantics (tested against the torch references on CPU). On GPU these are what XLA compiles; the
-jax-triton path to the Triton kernels is not wired yet. ``import mlx_kernels.jax`` needs jax
-(``pip install 'mlx-kernels[jax]'``); the package itself still imports torch, which the JAX
-backend issue will lift for a torch-free mlx-jax.
+semantics (tested against the torch references on CPU), plus ``attention``, the dense masked
+attention the Flax zoo (``mlx_jax``) trains and generates with. On GPU these are what XLA
+compiles; the jax-triton path to the Triton kernels is not wired yet.
+
+``import mlx_kernels.jax`` needs jax and never torch (``pip install 'mlx-kernels[jax]'``): the
+package's torch ops load lazily and the NF4 constants come from the torch-free ``nf4_format``.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mlx_kernels.nf4 import BLOCK_SIZE as NF4_BLOCK
-from mlx_kernels.nf4 import NF4_CODEBOOK
+from mlx_kernels.nf4_format import BLOCK_SIZE as NF4_BLOCK
+from mlx_kernels.nf4_format import NF4_CODEBOOK
 
 
 def rms_norm(x, weight, eps: float = 1e-6):
@@ -81,19 +83,28 @@ def write_kv_cache(key, value, key_cache, value_cache, slot_mapping):
     return kc, vc
 
 
-def _attention(q, k, v, mask, scale):
-    """``q [Hq, Tq, D]``, ``k/v [Hkv, Tk, D]``, ``mask [Tq, Tk]`` (GQA by repeating kv heads)."""
-    rep = q.shape[0] // k.shape[0]
-    k, v = jnp.repeat(k, rep, axis=0), jnp.repeat(v, rep, axis=0)
-    scores = jnp.einsum("htd,hsd->hts", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
-    scores = jnp.where(mask[None], scores, -jnp.inf)
-    return jnp.einsum("hts,hsd->htd", jax.nn.softmax(scores, axis=-1), v.astype(jnp.float32))
+def attention(q, k, v, mask, scale=None):
+    """``q [B, Hq, T, D]``, ``k, v [B, Hkv, S, D]``, ``mask`` bool ``[B, 1, T, S]`` (True: may
+    attend) -> ``[B, Hq, T, D]`` in ``q``'s dtype; scores, softmax and the weighted sum in fp32.
+
+    GQA groups query heads over their shared key head instead of repeating k and v. ``scale``:
+    None divides the scores by ``sqrt(D)``, a number multiplies them. A query row with no
+    allowed key comes out NaN: masks must leave every query at least one key.
+    """
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    qg = q.reshape(b, hkv, hq // hkv, t, d).astype(jnp.float32)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", qg, k.astype(jnp.float32))
+    scores = scores / math.sqrt(d) if scale is None else scores * scale
+    scores = jnp.where(mask[:, :, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v.astype(jnp.float32))
+    return out.reshape(b, hq, t, d).astype(q.dtype)
 
 
 def paged_attention_decode(query, key_cache, value_cache, block_tables, context_lens, *,
                            scale=None, sliding_window=None):
-    b, heads, dim = query.shape
-    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    b = query.shape[0]
     tables = jnp.maximum(block_tables, 0)
     keys = key_cache[tables].reshape(b, -1, *key_cache.shape[2:])
     values = value_cache[tables].reshape(b, -1, *value_cache.shape[2:])
@@ -101,16 +112,14 @@ def paged_attention_decode(query, key_cache, value_cache, block_tables, context_
     mask = pos < context_lens[:, None]
     if sliding_window is not None:
         mask = mask & (pos >= context_lens[:, None] - sliding_window)
-    out = jax.vmap(lambda q, k, v, m: _attention(q[:, None], k.transpose(1, 0, 2),
-                                                 v.transpose(1, 0, 2), m[None], scale))(
-        query, keys, values, mask)
-    return out[:, :, 0].astype(query.dtype)
+    out = attention(query[:, :, None], keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3),
+                    mask[:, None, None], scale)
+    return out[:, :, 0]
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=True, sliding_window=None,
                      scale=None, block_tables=None):
     """Eager reference (a Python loop over sequences; sequence lengths must be concrete)."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     cu_q, cu_k = [int(i) for i in cu_seqlens_q], [int(i) for i in cu_seqlens_k]
     pieces = []
     for i in range(len(cu_q) - 1):
@@ -128,15 +137,20 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=True, slidin
             mask = mask & (k_pos <= q_pos)
         if sliding_window is not None:
             mask = mask & (q_pos - k_pos < sliding_window)
-        out = _attention(q[cu_q[i]:cu_q[i + 1]].transpose(1, 0, 2), keys.transpose(1, 0, 2),
-                         values.transpose(1, 0, 2), mask, scale)
-        pieces.append(out.transpose(1, 0, 2).astype(q.dtype))
+        out = attention(q[None, cu_q[i]:cu_q[i + 1]].transpose(0, 2, 1, 3),
+                        keys[None].transpose(0, 2, 1, 3), values[None].transpose(0, 2, 1, 3),
+                        mask[None, None], scale)
+        pieces.append(out[0].transpose(1, 0, 2))
     return jnp.concatenate(pieces, axis=0)
 
 
 def lora_linear(x, weight, lora_a, lora_b, scaling: float, bias=None):
-    y = x @ weight.T + scaling * ((x @ lora_a.T) @ lora_b.T)
-    return y if bias is None else y + bias
+    """``x @ W.T + b + scaling * (x @ A.T) @ B.T``; the low-rank term is added last, in the
+    base output's dtype (the adapter may be kept in another dtype than the base weight)."""
+    y = x @ weight.T
+    if bias is not None:
+        y = y + bias
+    return y + (scaling * ((x @ lora_a.T) @ lora_b.T)).astype(y.dtype)
 
 
 def lora_linear_multi(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=None):

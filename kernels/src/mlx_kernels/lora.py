@@ -24,38 +24,32 @@ def lora_linear_reference(x, weight, lora_a, lora_b, scaling: float, bias=None):
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """Triton forward (base and low-rank product in one pass over x); the backward is three
-    small GEMMs: dx = dy W + s (dy B) A, dA = s (dy B)ᵀ x, dB = s dyᵀ (x Aᵀ)."""
+    """Triton forward (base and low-rank product in one pass over x) and backward: one pass over
+    dy gives dx = dy W + s (dy B) A (and dy B, kept for dA), one pass over the rows gives
+    dW = dyᵀ x, dA = s (dy B)ᵀ x, dB = s dyᵀ (x Aᵀ) (x Aᵀ saved by the forward) and dbias.
+    Gradients not asked for (a frozen base weight) cost nothing."""
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, scaling, bias):
         from mlx_kernels import _lora_triton
 
         x2d = x.reshape(-1, x.shape[-1]).contiguous()
-        y, xa = _lora_triton.forward(x2d, weight.contiguous(), lora_a.contiguous(),
-                                     lora_b.contiguous(), scaling, bias)
+        weight, lora_a, lora_b = weight.contiguous(), lora_a.contiguous(), lora_b.contiguous()
+        y, xa = _lora_triton.forward(x2d, weight, lora_a, lora_b, scaling, bias)
         ctx.save_for_backward(x2d, weight, lora_a, lora_b, xa)
         ctx.scaling, ctx.has_bias, ctx.x_shape = scaling, bias is not None, x.shape
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
+        from mlx_kernels import _lora_triton
+
         x2d, weight, lora_a, lora_b, xa = ctx.saved_tensors
-        s = ctx.scaling
-        dy2d = dy.reshape(-1, dy.shape[-1])
-        dy_b = dy2d @ lora_b  # [N, r]
-        dx = dw = da = db = dbias = None
-        if ctx.needs_input_grad[0]:
-            dx = (dy2d @ weight + s * (dy_b @ lora_a)).view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            dw = dy2d.t() @ x2d
-        if ctx.needs_input_grad[2]:
-            da = s * dy_b.t() @ x2d
-        if ctx.needs_input_grad[3]:
-            db = s * dy2d.t() @ xa.to(dy2d.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[5]:
-            dbias = dy2d.sum(0)
-        return dx, dw, da, db, None, dbias
+        needs = ctx.needs_input_grad
+        dx, dw, da, db, dbias = _lora_triton.backward(
+            dy.reshape(-1, dy.shape[-1]).contiguous(), x2d, weight, lora_a, lora_b, xa,
+            ctx.scaling, needs[0], needs[1], needs[2], needs[3], ctx.has_bias and needs[5])
+        return None if dx is None else dx.view(ctx.x_shape), dw, da, db, None, dbias
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,

@@ -1,6 +1,7 @@
 """NF4 4-bit weights as in QLoRA: the 16-value NormalFloat codebook, one absmax per block of 64
 values, and double quantization of those absmax values to 8 bits (one fp32 scale per 256
-blocks, after subtracting their mean).
+blocks, after subtracting their mean). The constants live in ``nf4_format`` (torch-free, shared
+with ``mlx_kernels.jax``).
 
 Layout: ``codes`` uint8 ``[numel // 2]``, two 4-bit codes per byte (high nibble first);
 ``absmax_q`` uint8 ``[blocks]``; ``absmax_scale`` fp32 ``[ceil(blocks / 256)]``;
@@ -15,16 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from mlx_kernels.dispatch import backend_for
-
-# QLoRA's NF4 values (Dettmers et al. 2023, appendix E; bitsandbytes' table).
-NF4_CODEBOOK = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-)
-BLOCK_SIZE = 64
-ABSMAX_BLOCK = 256
+from mlx_kernels.nf4_format import ABSMAX_BLOCK, BLOCK_SIZE, NF4_CODEBOOK
 
 
 @dataclass
@@ -83,7 +75,37 @@ def nf4_dequantize(q: NF4Weight) -> torch.Tensor:
     return nf4_dequantize_reference(q)
 
 
+class NF4MatmulFunction(torch.autograd.Function):
+    """Triton forward ``x Wᵀ + b`` and input gradient ``dy W``, each de-quantizing NF4 tiles
+    inside the GEMM loop: the full-precision weight is never materialised. The 4-bit weight is
+    frozen (QLoRA), so it gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, q, bias):
+        from mlx_kernels import _nf4_triton
+
+        y = _nf4_triton.matmul(x.reshape(-1, x.shape[-1]).contiguous(), q, bias)
+        ctx.save_for_backward(q.codes, q.absmax_q, q.absmax_scale, q.absmax_offset)
+        ctx.w_shape, ctx.w_dtype, ctx.x_shape, ctx.has_bias = q.shape, q.dtype, x.shape, bias is not None
+        return y.view(*x.shape[:-1], q.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        from mlx_kernels import _nf4_triton
+
+        q = NF4Weight(*ctx.saved_tensors, ctx.w_shape, ctx.w_dtype)
+        dy2d = dy.reshape(-1, dy.shape[-1]).contiguous()
+        dx = _nf4_triton.matmul_dx(dy2d, q).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        dbias = dy2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, None, dbias
+
+
 def nf4_matmul(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ dequantize(q)ᵀ (+ bias)`` for an NF4 weight ``[out, in]``; differentiable in x
     (the 4-bit weight is frozen, as in QLoRA)."""
+    if backend_for(x.device) == "triton":
+        if len(q.shape) != 2 or x.shape[-1] != q.shape[1]:
+            raise ValueError(f"nf4_matmul: x [..., in] needs an NF4 weight [out, in]; "
+                             f"got {tuple(x.shape)} and {tuple(q.shape)}")
+        return NF4MatmulFunction.apply(x, q, bias)
     return F.linear(x, nf4_dequantize(q).to(x.dtype), bias)

@@ -22,6 +22,9 @@ def register() -> None:
                 memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory too."),
                 json_path: Path | None = typer.Option(None, "--json", help="Also write the rows as JSON here.")):
         """Time and peak memory of each kernel against plain torch, as ratios."""
+        from mlx_core import require_torch
+
+        require_torch("mlx bench kernels")  # a JAX-only install has this command, not torch
         from mlx_kernels import bench
 
         rows = bench.run([o for o in ops.split(",") if o] or None, repeats=repeats, quick=quick,

@@ -5,13 +5,13 @@ recompilation per token): per layer, keys/values ``[B, kv_heads, max_length, hea
 array each, so a layer's write updates its own buffer in place instead of copying a stacked
 ``[layers, ...]`` array), which slots hold real tokens ``key_valid [B, max_length]`` and the
 shared write position ``length``.
-Positions and masks count cache slots exactly as the torch zoo's ``build_mask`` does.
+Positions and masks count cache slots exactly as the torch zoo's ``build_mask`` does; the
+attention itself is ``mlx_kernels.jax.attention`` (``mlx_jax.ops``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -49,18 +49,3 @@ def build_mask(key_valid, q_pos, k_pos, window: int | None):
     # A query that sees no key (a left-padding row) attends to itself, as in the torch zoo:
     # an all -inf row would be NaN, and NaN leaks through later layers.
     return mask | (k == q)[None, None]
-
-
-def attend(q, k, v, mask):
-    """``q [B, Hq, T, D]``, ``k, v [B, Hkv, S, D]``, ``mask [B, 1, T, S]`` -> ``[B, Hq, T, D]``.
-
-    GQA groups query heads over their shared key head instead of repeating k and v.
-    """
-    b, hq, t, d = q.shape
-    hkv = k.shape[1]
-    qg = q.reshape(b, hkv, hq // hkv, t, d).astype(jnp.float32)
-    scores = jnp.einsum("bkgtd,bksd->bkgts", qg, k.astype(jnp.float32)) / math.sqrt(d)
-    scores = jnp.where(mask[:, :, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v.astype(jnp.float32))
-    return out.reshape(b, hq, t, d).astype(q.dtype)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mlx_jax import ops
 from mlx_jax.loading import param_name
 from mlx_jax.modules import Linear
 
@@ -159,11 +160,8 @@ class LoraLinear(nnx.Module):
         self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
 
     def __call__(self, x):
-        y = x @ self.weight[...].T
-        if self.bias is not None:
-            y = y + self.bias[...]
-        delta = (x @ self.lora_A.weight[...].T) @ self.lora_B.weight[...].T
-        return y + (self.scaling * delta).astype(y.dtype)
+        return ops.lora_linear(x, self.weight[...], self.lora_A.weight[...], self.lora_B.weight[...],
+                               self.scaling, None if self.bias is None else self.bias[...])
 
     def merged(self) -> Linear:
         """A plain ``Linear`` with ``W + scaling * B A`` (computed in fp32)."""

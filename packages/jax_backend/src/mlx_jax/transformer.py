@@ -14,7 +14,7 @@ from flax import nnx
 
 from mlx_core.config import ModelConfig
 from mlx_jax import ops
-from mlx_jax.attention import KVCache, attend, build_mask
+from mlx_jax.attention import KVCache, build_mask
 from mlx_jax.modules import Embedding, Linear, StaticConfig, make_norm
 from mlx_jax.moe import SparseMoE
 from mlx_jax.rope import rope_cos_sin, rope_inverse_frequencies
@@ -48,7 +48,7 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, 0, start, 0))
             v = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, 0, start, 0))
             updated = (k, v)
-        out = attend(q, k, v, mask)
+        out = ops.attention(q, k, v, mask)
         out = self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, t, self.num_heads * self.head_dim))
         return out, updated
 
