@@ -116,7 +116,10 @@ def test_every_shipped_option_composes_and_validates(group):
     from importlib import resources
 
     required = {"pretrained": ["model.source=x"], "instruct": ["data.train_files=x.jsonl"],
-                "text_folder": ["data.path=texts"]}
+                "preference": ["data.train_files=x.jsonl"],
+                "text_folder": ["data.path=texts"], "image_folder": ["data.path=images"],
+                "table": ["data.path=t.csv", "data.target=y"],
+                "text_classification": ["data.path=t.jsonl"]}
     options = sorted(p.name[:-5] for p in resources.files("mlx_train.conf").joinpath(group).iterdir()
                      if p.name.endswith(".yaml"))
     assert len(options) >= 2

@@ -22,6 +22,8 @@ tune_app = typer.Typer(help="Shortcuts: `mlx tune lora ARGS` is `mlx train lora_
 OVERRIDES_HELP = ("Config overrides in Hydra's syntax: key=value, group=option, +new_key=value, "
                   "~key; with -m, comma lists sweep (optimizer.lr=1e-4,3e-4).")
 CONFIG_DIR_HELP = ("A directory searched before the package's configs (see `mlx recipes copy`).")
+NPROC_HELP = ("Processes to train on (torchrun, data-parallel: DDP, or FSDP2 with "
+              "train.strategy=fsdp); data.bs stays the global batch.")
 
 
 @recipes_app.command("list")
@@ -64,14 +66,37 @@ def copy(recipe: str = typer.Argument(..., help="A recipe name (mlx recipes list
 
 
 def run_recipe(recipe: str, overrides: list[str] | None, config_dir: Path | None,
-               multirun: bool) -> None:
+               multirun: bool, nproc: int = 1) -> None:
     from mlx_train import recipes
 
+    if nproc != 1:
+        if multirun:
+            raise ValueError("--nproc runs one job on several processes; run the jobs of a sweep "
+                             "(-m) one at a time: mlx train RECIPE --nproc N key=value ...")
+        from mlx_train.recipes.launch import launch
+
+        launch(recipe, overrides or [], config_dir, nproc)
+        return
+    from mlx_train.recipes import optuna_search
+
     if not multirun:
+        if optuna_search.requested(overrides):
+            raise ValueError("hydra/sweeper=optuna runs a search of several trials: add -m")
         recipes.run(recipe, overrides or [], config_dir)
         return
     from mlx_train.recipes.multirun import table
 
+    if optuna_search.requested(overrides):  # an Optuna search instead of the grid
+        jobs, best = optuna_search.run_search(recipes.get(recipe), overrides, config_dir)
+        Console().print(table(jobs, title=f"mlx train {recipe} -m hydra/sweeper=optuna"))
+        if best is not None:
+            metric = optuna_search.parse(overrides).settings["metric"]
+            shown = " ".join(f"{k}={v}" for k, v in jobs[best].swept.items())
+            console.print(f"[bold]best trial {best}[/bold]: {escape(shown)}, {metric}="
+                          f"{jobs[best].metrics[metric]:.4g} ({escape(jobs[best].output_dir)})",
+                          highlight=False)
+        optuna_search.check_failures(jobs, overrides)
+        return
     jobs = recipes.sweep(recipe, overrides or [], config_dir)
     Console().print(table(jobs, title=f"mlx train {recipe} -m"))  # the terminal's width now
     failed = [i for i, job in enumerate(jobs) if job.error]
@@ -84,9 +109,10 @@ def train(recipe: str = typer.Argument(..., help="A recipe name (mlx recipes lis
           overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
           config_dir: Path = typer.Option(None, "--config-dir", help=CONFIG_DIR_HELP),
           multirun: bool = typer.Option(False, "-m", "--multirun",
-                                        help="Sweep: run every combination of comma lists.")):
+                                        help="Sweep: run every combination of comma lists."),
+          nproc: int = typer.Option(1, "--nproc", help=NPROC_HELP)):
     """Compose a recipe's Hydra config with key=value overrides and run it."""
-    run_recipe(recipe, overrides, config_dir, multirun)
+    run_recipe(recipe, overrides, config_dir, multirun, nproc)
 
 
 def _tune_command(alias: str, recipe: str):
@@ -94,8 +120,9 @@ def _tune_command(alias: str, recipe: str):
     def command(overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
                 config_dir: Path = typer.Option(None, "--config-dir", help=CONFIG_DIR_HELP),
                 multirun: bool = typer.Option(False, "-m", "--multirun",
-                                              help="Sweep: run every combination of comma lists.")):
-        run_recipe(recipe, overrides, config_dir, multirun)
+                                              help="Sweep: run every combination of comma lists."),
+                nproc: int = typer.Option(1, "--nproc", help=NPROC_HELP)):
+        run_recipe(recipe, overrides, config_dir, multirun, nproc)
 
     command.__doc__ = f"`mlx train {recipe}`: the same arguments."
     command.__name__ = alias

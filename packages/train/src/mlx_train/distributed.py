@@ -16,6 +16,15 @@ where each process takes the GPU ``LOCAL_RANK``). Semantics:
   are exact and equal everywhere; only rank 0 prints the epoch table and progress bars;
 - only the training phase runs through DDP; callbacks and ``learn.save`` see the plain model
   (keys without ``module.``). Write files from rank 0 only (``is_main_process()``).
+
+``DistributedCallback(split_batches=True, loss_count="auto")`` (what the recipes use) makes a
+run on ``W`` processes take exactly the steps of one process: every process draws the SAME
+batches from the loader's own sampler and generator and keeps its ``1/W`` slice of each
+(``SplitBatchSampler``), and each process's mean loss is re-weighted by its share of the
+global batch's loss terms (tokens for ``CausalLMLoss``), so the averaged gradient is the
+gradient of the global batch's mean even when the slices hold different numbers of tokens.
+``learn.loss`` is then the global batch's loss on every process. ``ddp=False`` leaves the model
+as it is (one already sharded with FSDP2 ``fully_shard``, which averages gradients itself).
 """
 
 from __future__ import annotations
@@ -118,6 +127,61 @@ def shard_loader(loader: Loader, rank: int, world: int, seed: int | None = None)
     return Loader(new, loader.after_batch, loader.aug)
 
 
+class SplitBatchSampler:
+    """Each batch of ``batch_sampler`` split over the processes: rank ``r`` keeps items ``r``,
+    ``r + world``, ... of it, so together the processes see exactly the batches one process
+    would (same order, shuffling and sizes). A batch smaller than ``world`` (a last, short one)
+    is skipped on every rank: no rank may sit out a step the others take."""
+
+    def __init__(self, batch_sampler, rank: int, world: int):
+        self.batch_sampler, self.rank, self.world = batch_sampler, rank, world
+        # the generator the loader's state (save / resume) is read from
+        inner = getattr(batch_sampler, "sampler", None)
+        self.generator = getattr(batch_sampler, "generator", None) or getattr(inner, "generator", None)
+
+    def __iter__(self):
+        for batch in self.batch_sampler:
+            batch = list(batch)
+            if len(batch) >= self.world:
+                yield batch[self.rank::self.world]
+
+    def __len__(self) -> int:
+        # one process's count: the schedules (pct_train) then match a one-process run
+        return len(self.batch_sampler)
+
+
+def split_loader(loader: Loader, rank: int, world: int) -> Loader:
+    """A ``Loader`` whose batches are this rank's slices of ``loader``'s (``SplitBatchSampler``);
+    it draws from the same sampler and generator, so every rank agrees on each batch."""
+    dl = loader.dl
+    if not isinstance(dl, DataLoader) or dl.batch_sampler is None:
+        raise TypeError("split_batches needs a map-style torch DataLoader with a batch size or a "
+                        f"batch sampler; got {type(dl).__name__}")
+    new = DataLoader(dl.dataset, batch_sampler=SplitBatchSampler(dl.batch_sampler, rank, world),
+                     num_workers=dl.num_workers, collate_fn=dl.collate_fn,
+                     pin_memory=dl.pin_memory, worker_init_fn=dl.worker_init_fn,
+                     generator=dl.generator)  # draws its base seed as the original does
+    return Loader(new, loader.after_batch, loader.aug)
+
+
+def loss_terms(learn) -> torch.Tensor:
+    """How many terms ``learn.loss_func`` averaged over in this batch, as a tensor: next-token
+    labels that are not ignored for ``CausalLMLoss``, labels that are not ``ignore_index`` for
+    a loss that has one, else the batch size (a mean over items)."""
+    from mlx_train.losses import CausalLMLoss
+
+    loss_func, y = learn.loss_func, learn.yb[0] if learn.yb else None
+    device = learn.loss.device
+    if isinstance(y, torch.Tensor) and not y.is_floating_point():
+        ignore = getattr(loss_func, "ignore_index", None)
+        if isinstance(loss_func, CausalLMLoss) and y.dim() == 2:
+            return (y[:, 1:] != ignore).sum().to(device)
+        if ignore is not None:
+            return (y != ignore).sum().to(device)
+    n = y.shape[0] if isinstance(y, torch.Tensor) and y.dim() else 1
+    return torch.tensor(n, device=device)
+
+
 class DistributedCallback(Callback):
     """Shard the training data over the processes and train through DDP (see the module doc).
 
@@ -128,8 +192,16 @@ class DistributedCallback(Callback):
     order = -20  # before TrainEvalCallback counts the (sharded) training batches
 
     def __init__(self, seed: int | None = None, backend: str | None = None,
-                 find_unused_parameters: bool = False):
+                 find_unused_parameters: bool = False, split_batches: bool = False,
+                 loss_count=None, ddp: bool = True):
+        """``split_batches``: slice every batch over the processes (see the module doc)
+        instead of dealing items with ``DistributedSampler``. ``loss_count``: ``"auto"``
+        (``loss_terms``) or a function ``learn -> tensor`` counting the terms of this batch's
+        mean loss; given, losses are weighted to the global batch (see the module doc).
+        ``ddp=False``: do not wrap the model (it is already sharded, e.g. FSDP2)."""
         self.seed, self.backend, self.find_unused = seed, backend, find_unused_parameters
+        self.split_batches, self.wrap = split_batches, ddp
+        self.loss_count = loss_terms if loss_count == "auto" else loss_count
         self.ddp = self.orig_train = None
 
     def before_fit(self):
@@ -142,8 +214,9 @@ class DistributedCallback(Callback):
         if torch.cuda.is_available() and world > 1 and dist.get_backend() == "nccl":
             learn.model.to(torch.device("cuda", local))
         self.orig_train = learn.dls.train
-        learn.dls.train = shard_loader(self.orig_train, rank, world, self.seed)
-        if world > 1:
+        learn.dls.train = split_loader(self.orig_train, rank, world) if self.split_batches \
+            else shard_loader(self.orig_train, rank, world, self.seed)
+        if world > 1 and self.wrap:
             p = next(learn.model.parameters())
             self.ddp = DistributedDataParallel(
                 learn.model, device_ids=[p.device.index] if p.device.type == "cuda" else None,
@@ -162,6 +235,29 @@ class DistributedCallback(Callback):
     def before_train(self):
         if self.ddp is not None:
             self.learn.model = self.ddp
+
+    def after_loss(self):
+        learn = self.learn
+        if self.loss_count is None or not learn.training or not learn.yb:
+            return
+        n = self.loss_count(learn).to(torch.float64)
+        items = next((y.shape[0] for y in learn.yb if isinstance(y, torch.Tensor) and y.dim()), 1)
+        # one all-reduce per step: the global batch's items, loss terms and summed loss
+        sums = torch.stack([torch.tensor(float(items), dtype=torch.float64, device=n.device), n,
+                            learn.loss.detach().to(torch.float64) * n])
+        if self.world > 1:
+            dist.all_reduce(sums)
+        learn.batch_items = int(sums[0])  # GradientAccumulation counts global items
+        total = sums[1]
+        if float(n) == 0:  # nothing to learn from here, but every process must run backward
+            learn.loss_grad = learn.pred.sum() * 0.0 if isinstance(learn.pred, torch.Tensor) \
+                else learn.loss_grad * 0.0
+        else:  # the gradient average over W processes then is the global batch's mean gradient
+            learn.loss_grad = learn.loss_grad * (self.world * n / total).to(learn.loss_grad.dtype)
+        learn.loss = (sums[2] / total.clamp_min(1)).to(learn.loss.dtype)
+
+    def after_batch(self):
+        self.learn.batch_items = None
 
     def after_train(self):
         if self.ddp is not None:
@@ -196,5 +292,6 @@ def sharded_len(n: int, bs: int, world: int, drop_last: bool = False) -> int:
     return per // b if drop_last else math.ceil(per / b)
 
 
-__all__ = ["DistributedCallback", "ShardedBatchSampler", "auto_callbacks", "is_distributed_env",
-           "is_main_process", "setup_distributed", "shard_loader", "sharded_len", "world_info"]
+__all__ = ["DistributedCallback", "ShardedBatchSampler", "SplitBatchSampler", "auto_callbacks",
+           "is_distributed_env", "is_main_process", "loss_terms", "setup_distributed",
+           "shard_loader", "sharded_len", "split_loader", "world_info"]

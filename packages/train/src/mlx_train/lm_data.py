@@ -135,15 +135,17 @@ def prompt_text(tokenizer, messages: list[dict]) -> str:
     return _template(tokenizer, messages[:last], generation_prompt=True)
 
 
-def tokenize_conversation(tokenizer, messages: list[dict],
-                          max_len: int | None = None) -> tuple[list[int], list[int]]:
+def tokenize_conversation(tokenizer, messages: list[dict], max_len: int | None = None,
+                          last_turn_only: bool = False) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)``: labels equal the ids on assistant turns (their end-of-turn tokens
     included), -100 elsewhere. Each assistant turn is rendered as the template's prefix up to it
     (with the generation prompt) and the text it adds, so prompts tokenize exactly as they will
-    at generation time. ``max_len`` truncates from the right."""
+    at generation time. ``max_len`` truncates from the right. ``last_turn_only``: labels on the
+    last assistant turn only (earlier ones are context, as preference pairs need)."""
     ids: list[int] = []
     labels: list[int] = []
     done = ""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
@@ -158,7 +160,8 @@ def tokenize_conversation(tokenizer, messages: list[dict],
             if before[len(done):] else []
         answer = tokenizer.encode(through[len(before):], add_special_tokens=False)
         ids += context + answer
-        labels += [IGNORE_INDEX] * len(context) + answer
+        trained = answer if i == last or not last_turn_only else [IGNORE_INDEX] * len(answer)
+        labels += [IGNORE_INDEX] * len(context) + trained
         done = through
     if not ids:
         raise ValueError("a conversation without an assistant message has nothing to learn from")

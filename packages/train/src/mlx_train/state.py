@@ -6,6 +6,11 @@ states) is JSON in the file's metadata under ``"mlx_train"`` (read it with
 ``safetensors.safe_open(path, "pt").metadata()``). Entries: ``model.<key>``,
 ``opt.<param index>.<state name>``, ``rng.torch``, ``rng.cuda.<i>``, ``rng.numpy``,
 ``rng.loader.<i>`` (the data loaders' own generators).
+
+Under data parallelism every process calls ``save_state`` and only rank 0 writes. Parameters
+and optimizer moments sharded by FSDP2 (DTensors) are gathered into whole tensors on save (a
+collective: every process must save) and cut back into each process's shard on load, so the
+file is the same whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -61,19 +66,40 @@ def read(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
     return load_file(str(path)), meta
 
 
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"  # FSDP2's sharded tensors; no import when unused
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or for a DTensor the whole tensor gathered from every process (a collective)."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def shard_like(ref, full: torch.Tensor) -> torch.Tensor:
+    """``full`` as ``ref`` holds it: this process's shard when ``ref`` is a DTensor (every
+    process read the same file, so each cuts its own shard: no communication)."""
+    if not _is_dtensor(ref) or tuple(full.shape) != tuple(ref.shape):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(device=ref.device, dtype=ref.dtype), ref.device_mesh,
+                             ref.placements, src_data_rank=None)
+
+
 def model_tensors(model: torch.nn.Module, prefix: str = "model.") -> tuple[dict, dict]:
     """The state dict with tensors that share storage (tied weights) stored once:
     ``(tensors, aliases)`` with ``aliases[name] = name it shares storage with``."""
     tensors, aliases, seen = {}, {}, {}
     for name, t in model.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) \
-            if t.numel() else None
+        local = t.to_local() if _is_dtensor(t) else t
+        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(t.shape),
+               t.dtype) if t.numel() else None
         if key is not None and key in seen:
             aliases[name] = seen[key]
         else:
             if key is not None:
                 seen[key] = name
-            tensors[prefix + name] = t
+            tensors[prefix + name] = full_tensor(t)
     return tensors, aliases
 
 
@@ -82,6 +108,9 @@ def restore_model(model: torch.nn.Module, tensors: dict, aliases: dict, strict: 
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     for name, target in aliases.items():
         state[name] = state[target]
+    refs = model.state_dict()
+    if any(_is_dtensor(t) for t in refs.values()):
+        state = {k: shard_like(refs[k], v) if k in refs else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if strict and (missing or unexpected):
         raise ValueError(f"the file does not match {type(model).__name__}: missing keys "
@@ -119,7 +148,7 @@ def save_state(learn, path: Path, with_opt: bool = True) -> Path:
         for idx, st in sd["opt"]["state"].items():
             for k, v in st.items():
                 if isinstance(v, torch.Tensor):
-                    tensors[f"opt.{idx}.{k}"] = v
+                    tensors[f"opt.{idx}.{k}"] = full_tensor(v)
                 else:
                     extra.setdefault(str(idx), {})[k] = _jsonable(v)
         meta["opt"] = {"param_groups": _jsonable(sd["opt"]["param_groups"]), "extra": extra,
@@ -141,6 +170,10 @@ def save_state(learn, path: Path, with_opt: bool = True) -> Path:
         meta["rng"] = {"python": [version, list(pystate), gauss],
                        "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
                        "loaders": len(gens)}
+    from mlx_train.distributed import is_main_process
+
+    if not is_main_process():  # the others only took part in gathering sharded tensors
+        return Path(path)
     return atomic_save(tensors, Path(path), meta)
 
 
@@ -163,6 +196,12 @@ def load_state(learn, path: Path, with_opt: bool = True, strict: bool = True,
             state.setdefault(int(idx), {})[name] = t
     for idx, st in om["extra"].items():
         state.setdefault(int(idx), {}).update(st)
+    params = [p for g in learn.opt.opt.param_groups for p in g["params"]]  # torch's indices
+    for idx, st in state.items():
+        if idx < len(params):
+            for name, t in st.items():
+                if isinstance(t, torch.Tensor):
+                    st[name] = shard_like(params[idx], t)
     try:
         learn.opt.load_state_dict({"opt": {"state": state, "param_groups": om["param_groups"]},
                                    "frozen_idx": om["frozen_idx"]})
@@ -198,4 +237,5 @@ def load_state(learn, path: Path, with_opt: bool = True, strict: bool = True,
         g.set_state(tensors[f"rng.loader.{i}"])
 
 
-__all__ = ["atomic_save", "load_state", "model_tensors", "read", "restore_model", "save_state"]
+__all__ = ["atomic_save", "full_tensor", "load_state", "model_tensors", "read", "restore_model",
+           "save_state", "shard_like"]

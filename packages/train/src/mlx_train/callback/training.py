@@ -31,11 +31,17 @@ class GradientAccumulation(Callback):
     def before_fit(self):
         self.count = 0
 
+    def _items(self) -> int:
+        # under data parallelism the step's items are the global batch's (DistributedCallback
+        # sets batch_items), so every process steps after the same batches
+        items = getattr(self.learn, "batch_items", None)
+        return items if items is not None else _bs(self.learn.yb)
+
     def after_loss(self):
-        self.learn.loss_grad = self.learn.loss_grad * (_bs(self.learn.yb) / self.n_acc)
+        self.learn.loss_grad = self.learn.loss_grad * (self._items() / self.n_acc)
 
     def before_step(self):
-        self.count += _bs(self.learn.yb)
+        self.count += self._items()
         if self.count < self.n_acc:
             raise CancelBatchException()  # skips the step and zero_grad: gradients accumulate
         self.count = 0

@@ -21,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 
 from mlx_train.recipes.base import Recipe
+from mlx_train.recipes.classify import INJECTED as CLASSIFY_INJECTED
 from mlx_train.recipes.config import RecipeConfigError, compose_config
 
 RECIPES = [
@@ -32,6 +33,13 @@ RECIPES = [
            "mlx_train.recipes.finetune:finetune"),
     Recipe("pretrain", "Train a small Llama-family preset from scratch on a folder of .txt files.",
            "mlx_train.recipes.pretrain:pretrain"),
+    Recipe("dpo", "Direct Preference Optimization on prompt/chosen/rejected pairs (LoRA by "
+           "default); save a PEFT adapter.", "mlx_train.recipes.dpo:dpo"),
+    Recipe("distill", "Knowledge distillation: a student learns a frozen teacher's token "
+           "distributions (forward KL) and the labels.", "mlx_train.recipes.distill:distill"),
+    Recipe("classify", "Classify a table, images or texts (tabular / vision / text learners); "
+           "export the learner.", "mlx_train.recipes.classify:classify",
+           injected=CLASSIFY_INJECTED),
 ]
 
 # `mlx tune NAME` -> recipe

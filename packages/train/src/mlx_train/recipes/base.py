@@ -62,7 +62,10 @@ console = Console()
 
 
 def say(text: str) -> None:
-    console.print(text, highlight=False)
+    from mlx_train.distributed import is_main_process
+
+    if is_main_process():  # under torchrun, one voice: rank 0's
+        console.print(text, highlight=False)
 
 
 def seed_everything(seed: int) -> None:
@@ -101,16 +104,29 @@ class RunDir:
     ``resume=true``, and refuses ``resume=true`` when there is nothing to resume."""
 
     def __init__(self, cfg: DictConfig):
+        from mlx_train.recipes import scaleout
+
+        scaleout.start()  # under torchrun: the process group, before the ranks decide together
         self.path = Path(cfg.output_dir).expanduser()
         self.checkpoint = self.path / CHECKPOINT_DIR / f"{CHECKPOINT}.safetensors"
-        if cfg.resume and not self.checkpoint.is_file():
+        # rank 0 decides for all: every process resumes, or none
+        scaleout.agree(lambda: self.check(cfg))
+        if scaleout.is_main_process():
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    @staticmethod
+    def check(cfg: DictConfig) -> None:
+        """Raise if ``cfg.output_dir`` holds a run and ``resume`` is false, or holds no
+        checkpoint and ``resume`` is true."""
+        path = Path(cfg.output_dir).expanduser()
+        checkpoint = path / CHECKPOINT_DIR / f"{CHECKPOINT}.safetensors"
+        if cfg.resume and not checkpoint.is_file():
             raise FileNotFoundError(f"resume=true, but there is no checkpoint to resume from at "
-                                    f"{self.checkpoint}; run without resume=true to start")
-        if not cfg.resume and (self.checkpoint.is_file() or (self.path / "metrics.json").is_file()):
-            raise FileExistsError(f"{self.path} already holds a run; pass resume=true to continue "
+                                    f"{checkpoint}; run without resume=true to start")
+        if not cfg.resume and (checkpoint.is_file() or (path / "metrics.json").is_file()):
+            raise FileExistsError(f"{path} already holds a run; pass resume=true to continue "
                                   "it, or choose another output_dir=")
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -128,24 +144,44 @@ def optimizer_and_lr(cfg: DictConfig):
     return instantiate(node), float(lr)
 
 
-def build_learner(cfg: DictConfig, data, model, run: RunDir):
-    from mlx_train import CausalLMLoss, GradientAccumulation, GradientClip, Learner, Perplexity
+def training_callbacks(cfg: DictConfig, dls) -> list:
+    """The callbacks the config asks every recipe's Learner for: the last checkpoint, gradient
+    clipping and accumulation, and the loggers (``logger=``; ``default`` is several)."""
+    from mlx_train import GradientAccumulation, GradientClip
+    from mlx_train.recipes import scaleout
     from mlx_train.recipes.components import LastCheckpoint
 
-    opt_func, lr = optimizer_and_lr(cfg)
     cbs = []
     if cfg.save.checkpoint_every:
         cbs.append(LastCheckpoint(CHECKPOINT, cfg.save.checkpoint_every))
     if cfg.train.grad_clip:
         cbs.append(GradientClip(max_norm=cfg.train.grad_clip))
     if cfg.train.grad_accum > 1:
-        bs = getattr(data.dls.train.dl, "batch_size", None) or data.dls.train.dl.batch_sampler.bs
+        bs = getattr(dls.train.dl, "batch_size", None) or dls.train.dl.batch_sampler.bs
         cbs.append(GradientAccumulation(n_acc=bs * cfg.train.grad_accum))
-    if has_node(cfg, "logger"):
-        cbs.append(instantiate(cfg.logger))
+    if has_node(cfg, "logger") and scaleout.is_main_process():  # rank 0 logs for all
+        logger = instantiate(cfg.logger)
+        cbs += logger if isinstance(logger, list) else [logger]
+    return cbs + scaleout.callbacks(cfg)  # under torchrun: global-batch data parallelism
+
+
+def announce_logs(learn) -> None:
+    """Print where the learner's loggers write (the run directory's files, TensorBoard, ...)."""
+    from mlx_train.callback.train_metrics import where_logged
+
+    for line in where_logged(learn):
+        say(f"logging {escape(line)}")
+
+
+def build_learner(cfg: DictConfig, data, model, run: RunDir):
+    from mlx_train import CausalLMLoss, Learner, Perplexity
+
+    opt_func, lr = optimizer_and_lr(cfg)
+    cbs = training_callbacks(cfg, data.dls)
     learn = Learner(data.dls, model, CausalLMLoss(), opt_func=opt_func, lr=lr, path=run.path,
                     model_dir=CHECKPOINT_DIR, metrics=[Perplexity()], cbs=cbs,
                     progress=cfg.train.progress)
+    announce_logs(learn)
     return learn, lr
 
 
@@ -189,7 +225,10 @@ def final_metrics(learn, started: float, **extra) -> dict:
 
 
 def write_metrics(run: RunDir, metrics: dict) -> dict:
-    (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    from mlx_train.distributed import is_main_process
+
+    if is_main_process():
+        (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
     shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                       for k, v in metrics.items())
     say(f"[bold]{escape(str(run.path))}[/bold]: {escape(shown)}")
@@ -207,6 +246,6 @@ def show_samples(examples, answers: dict[str, list[str]], n: int) -> None:
                 say(f"  {label:>14}: {escape(repr(outs[i]))}")
 
 
-__all__ = ["Recipe", "RunDir", "build_learner", "evaluate_exact_match", "final_metrics", "fit",
-           "has_node", "instantiate", "optimizer_and_lr", "say", "seed_everything",
-           "show_samples", "write_metrics"]
+__all__ = ["Recipe", "RunDir", "announce_logs", "build_learner", "evaluate_exact_match",
+           "final_metrics", "fit", "has_node", "instantiate", "optimizer_and_lr", "say", "seed_everything",
+           "show_samples", "training_callbacks", "write_metrics"]

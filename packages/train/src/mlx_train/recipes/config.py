@@ -39,6 +39,7 @@ class TrainSettings:
     grad_accum: int = 1
     gradient_checkpointing: bool = False
     progress: bool = True
+    strategy: str = "ddp"
 
 
 @dataclasses.dataclass
@@ -70,6 +71,7 @@ class Settings:
 
 
 QUANTIZE = (None, "nf4")
+STRATEGIES = ("ddp", "fsdp")  # data parallelism under torchrun: replicated or FSDP2-sharded
 
 
 def quote(value) -> str:
@@ -186,6 +188,11 @@ def validate(cfg: DictConfig, recipe) -> None:
     except OmegaConfBaseException as e:
         raise RecipeConfigError(_omegaconf_message(e)) from None
     _check_ranges(merged)
+    adapter = resolved.get("adapter")
+    if merged.train.strategy == "fsdp" and (merged.quantize or isinstance(adapter, dict)
+                                            and "_target_" in adapter):
+        raise RecipeConfigError("train.strategy=fsdp shards full fine-tunes (adapter=none, no "
+                                "quantize); adapters are small: use train.strategy=ddp")
     for path, node in _target_nodes(resolved):
         check_target(path, node, recipe.injected.get(path, ()))
 
@@ -204,6 +211,9 @@ def _check_ranges(s) -> None:
         problems.append(f"quantize must be null or nf4 (got {s.quantize!r})")
     if s.train.grad_accum < 1:
         problems.append(f"train.grad_accum must be at least 1 (got {s.train.grad_accum})")
+    if s.train.strategy not in STRATEGIES:
+        problems.append(f"train.strategy must be one of {', '.join(STRATEGIES)} (got "
+                        f"{s.train.strategy!r})")
     if s.train.grad_clip < 0:
         problems.append(f"train.grad_clip must be >= 0 (got {s.train.grad_clip}); 0 disables it")
     for key in ("max_examples", "max_new_tokens", "samples"):
@@ -317,7 +327,7 @@ def check_target(path: str, node: dict, injected=()) -> None:
             continue
         allowed = _allowed_types(obj, key, params[key])
         if allowed is not None and allowed and not _accepts(allowed, value):
-            literals = [repr(a[1]) for a in allowed if isinstance(a, tuple)]
+            literals = sorted(repr(a[1]) for a in allowed if isinstance(a, tuple))  # a set: sort
             types = sorted(t.__name__ for t in allowed if not isinstance(t, tuple))
             expected = " or ".join(types + ([f"one of {', '.join(literals)}"] if literals else []))
             raise RecipeConfigError(f"{where}.{key}={value!r}: {target} expects {expected}")

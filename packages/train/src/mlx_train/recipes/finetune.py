@@ -11,6 +11,7 @@ import time
 
 from omegaconf import DictConfig
 
+from mlx_train.distributed import is_main_process
 from mlx_train.recipes.base import (
     RunDir,
     build_learner,
@@ -25,6 +26,7 @@ from mlx_train.recipes.base import (
     write_metrics,
 )
 from mlx_train.recipes.evaluate import generate_answers
+from mlx_train.recipes.fsdp import on_rank0, save_full_model, shard_model
 
 
 def resolve_tokenizer(cfg: DictConfig):
@@ -66,7 +68,7 @@ def finetune(cfg: DictConfig) -> dict:
     seed_everything(cfg.seed)
     tokenizer = resolve_tokenizer(cfg)
     data = instantiate(cfg.data, tokenizer=tokenizer)
-    model = prepare_model(cfg, tokenizer)
+    model = shard_model(cfg, prepare_model(cfg, tokenizer))  # FSDP2: train.strategy=fsdp
     peft = has_node(cfg, "adapter")
     if peft:
         trainable, total = model.get_nb_trainable_parameters()
@@ -74,29 +76,32 @@ def finetune(cfg: DictConfig) -> dict:
             f"({100 * trainable / total:.2f}%)")
     base_acc, base_answers = None, []
     if cfg.eval.before and not cfg.resume:
-        base_acc, base_answers = evaluate_exact_match(cfg, model, data)
+        base_acc, base_answers = on_rank0(model, lambda m: evaluate_exact_match(cfg, m, data))
         if base_acc is not None:
             say(f"exact match before training: {base_acc:.1%}")
     learn, lr = build_learner(cfg, data, model, run)
     train_s = fit(cfg, learn, lr, run)
-    acc, answers = evaluate_exact_match(cfg, model, data)
+    acc, answers = on_rank0(model, lambda m: evaluate_exact_match(cfg, m, data))
     if acc is not None:
         say(f"exact match after training: {acc:.1%}")
     if cfg.eval.samples and answers:
         if peft and not base_answers:  # the same prompts through the base model alone
             shown = [e.messages for e in data.eval_examples[: cfg.eval.samples]]
-            with model.disable_adapter():
-                base_answers = generate_answers(model, tokenizer, shown, cfg.eval.max_new_tokens)
+
+            def base_model_answers(m):
+                with m.disable_adapter():
+                    return generate_answers(m, tokenizer, shown, cfg.eval.max_new_tokens)
+
+            base_answers = on_rank0(model, base_model_answers)
         labels = ("base model", "with adapter") if peft else ("before", "after")
         show_samples(data.eval_examples, dict(zip(labels, (base_answers, answers), strict=True)),
                      cfg.eval.samples)
     if peft:
-        model.save_pretrained(run / "adapter")
+        if is_main_process():
+            model.save_pretrained(run / "adapter")
         saved = run / "adapter"
-    else:
-        from mlx_core import save_model
-
-        saved = save_model(model, run / "model", tokenizer=tokenizer.hf, overwrite=True)
+    else:  # gathered from the shards first under FSDP; written by rank 0
+        saved = save_full_model(model, run / "model", tokenizer=tokenizer.hf)
     say(f"saved {saved}")
     metrics = final_metrics(learn, started, exact_match=acc, base_exact_match=base_acc,
                             train_s=train_s)

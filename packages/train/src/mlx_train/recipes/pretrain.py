@@ -27,8 +27,10 @@ from mlx_train.recipes.base import (
 
 
 def pretrain(cfg: DictConfig) -> dict:
-    from mlx_core import generate, save_model
+    from mlx_core import generate
     from mlx_train.lm_data import as_tokenizer
+    from mlx_train.recipes import scaleout
+    from mlx_train.recipes.fsdp import on_rank0, save_full_model, shard_model
 
     if cfg.backend not in ("torch", "jax"):
         raise ValueError(f"backend must be 'torch' or 'jax', got {cfg.backend!r}")
@@ -40,6 +42,9 @@ def pretrain(cfg: DictConfig) -> dict:
     tokenizer = data.tokenizer
     say(f"pretrain: {data.info}")
     model = instantiate(cfg.model, tokenizer=tokenizer)
+    if cfg.backend == "jax" and scaleout.distributed():
+        raise ValueError("backend=jax runs in one process; drop --nproc / torchrun, or use "
+                         "backend=torch")
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the "
                          f"tokenizer's ({tokenizer.vocab_size})")
@@ -52,15 +57,17 @@ def pretrain(cfg: DictConfig) -> dict:
         metrics = pretrain_jax(cfg, run, data, model, tokenizer)
         model = load_model(metrics["saved"])  # the trained weights, for the sample below
     else:
+        model = shard_model(cfg, model)  # FSDP2: train.strategy=fsdp under torchrun
         learn, lr = build_learner(cfg, data, model, run)
         train_s = fit(cfg, learn, lr, run)
-        saved = save_model(model, run / "model", tokenizer=tokenizer.hf, overwrite=True)
+        saved = save_full_model(model, run / "model", tokenizer=tokenizer.hf)
         say(f"saved {saved}")
         metrics = final_metrics(learn, started, train_s=train_s)
         metrics["saved"] = str(saved)
     if cfg.eval.samples:
         first = data.dls.valid.dataset[0][0][:8].tolist()
-        out = generate(model.eval(), first, max_new_tokens=cfg.eval.max_new_tokens)
+        out = on_rank0(model, lambda m: generate(m.eval(), first,
+                                                 max_new_tokens=cfg.eval.max_new_tokens))
         say(f"sample: {tokenizer.decode(first)!r} -> {tokenizer.decode(out)!r}")
     return write_metrics(run, metrics)
 

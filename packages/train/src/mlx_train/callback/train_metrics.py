@@ -1,0 +1,332 @@
+"""``TrainMetrics``: training loss, learning rate, gradient norm, throughput and peak memory every
+``log_every`` optimizer steps, sent to the run's logger callbacks; ``run_loggers`` builds the
+set the recipes use (``logger=default``: CSV and TensorBoard; MLflow / W&B on request).
+
+Per step the callback only adds to tensors on the model's device (the loss, the token count);
+the values are read to the host once per interval, so logging adds no synchronisation to the
+steps in between. The gradient norm is taken at the interval's last step only, and then from
+``GradientClip`` when it already computed it (the norm before clipping).
+
+A *sink* is any attached callback with ``log_batch(values, step)``: ``MetricsCSVLogger`` and
+the tracker loggers (``TensorBoardCallback``, ``MLflowCallback``, ``WandbCallback``). While
+``TrainMetrics`` is attached it is their only source of per-step values (their own per-batch
+loss / lr logging is paused), so each tag has one writer.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from mlx_train.callback.core import Callback
+
+IGNORE_INDEX = -100
+
+
+def peak_memory_mib(device: torch.device | None = None) -> float:
+    """Peak memory so far, in MiB: CUDA's ``max_memory_allocated`` for a CUDA ``device``, else
+    the process's peak resident set size (``ru_maxrss``; 0.0 where the platform has none)."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0.0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def batch_size(xb, yb) -> int:
+    for t in (*xb, *yb):
+        if isinstance(t, torch.Tensor) and t.dim():
+            return t.shape[0]
+    return 1
+
+
+def count_tokens(xb, yb) -> torch.Tensor | None:
+    """Tokens in a token batch, as a tensor on the batch's device (no sync), or None when the
+    batch is not made of token ids. A token batch has 2-D integer ids ``xb[0]`` and, of the same
+    shape, an attention mask ``xb[1]`` (counted: the real, non-padding tokens) or labels
+    ``yb[0]`` (counted: labels != -100). Integer inputs without either (a table's category
+    codes) are not tokens."""
+    ids = xb[0] if xb else None
+    if not (isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point()):
+        return None
+    for cand, keep in ((xb[1] if len(xb) > 1 else None, lambda m: m != 0),
+                       (yb[0] if yb else None, lambda y: y != IGNORE_INDEX)):
+        if isinstance(cand, torch.Tensor) and cand.shape == ids.shape \
+                and not cand.is_floating_point():
+            return keep(cand).sum()
+    return None
+
+
+def grad_norm(model: torch.nn.Module, norm_type: float = 2.0) -> torch.Tensor | None:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    return torch.nn.utils.get_total_norm(grads, norm_type)
+
+
+class TrainMetrics(Callback):
+    """Every ``log_every`` optimizer steps, log (keys of ``values``; CSV columns drop ``train/``):
+
+    - ``train/loss``: the mean training loss of the interval's batches;
+    - ``train/lr``: layer group 0's learning rate (``train/lr_<i>`` for the other groups when
+      there are several);
+    - ``train/grad_norm``: the global 2-norm of the gradients at the interval's last step,
+      before clipping;
+    - ``train/tokens_per_s`` for token batches (real tokens, see ``count_tokens``), else
+      ``train/items_per_s``: over the interval's training time (validation excluded);
+    - ``train/peak_mem_mib``: peak memory so far (``peak_memory_mib``).
+
+    The step is ``learn.train_iter`` (training batches done, restored on resume; with gradient
+    accumulation several batches make one step), as the tracker loggers use. Each row also goes
+    to ``self.rows``; a last, shorter interval is logged when the fit ends.
+    """
+
+    order = 12  # after MixedPrecision (10) and GradientClip (11); before the loggers (60)
+    run_valid = False
+
+    def __init__(self, log_every: int = 10):
+        if log_every < 1:
+            raise ValueError(f"log_every must be at least 1 (optimizer steps), got {log_every}")
+        self.log_every = log_every
+        self.rows: list[dict] = []
+
+    # -- the interval's running totals -------------------------------------------------------
+    def _reset(self) -> None:
+        self.n_batches = self.n_steps = 0
+        self.loss_sum = self.token_sum = None
+        self.n_items = 0
+        self.train_s = 0.0
+        self.norm = None
+
+    def before_fit(self):
+        self._reset()
+        self.sinks = [cb for cb in self.learn.cbs
+                      if cb is not self and callable(getattr(cb, "log_batch", None))]
+        self._paused = [cb for cb in self.sinks if hasattr(cb, "batch_values") and cb.run_train]
+        for cb in self._paused:  # trackers log loss / lr themselves per batch; we send those now
+            cb.run_train = False
+        p = next(self.learn.model.parameters(), None)
+        self.device = p.device if p is not None else torch.device("cpu")
+        self.tokens = None  # token batches or not: decided by the first batch
+        self.started = None
+
+    def before_train(self):
+        self.started = time.perf_counter()
+
+    def after_train(self):
+        if self.started is not None:
+            self.train_s += time.perf_counter() - self.started
+            self.started = None
+
+    def after_step(self):
+        # the gradients are still there (zero_grad comes after this event), unscaled by
+        # MixedPrecision; GradientClip clipped them in place, but kept the norm it measured
+        self.n_steps += 1
+        if self.n_steps % self.log_every == 0:
+            clip = self.learn.cb("gradient_clip")
+            if clip is not None:
+                self.norm = getattr(clip, "last_norm", None)
+            else:
+                self.norm = grad_norm(self.learn.model)
+            self._due = True
+
+    def after_batch(self):
+        learn = self.learn
+        if not learn.yb:
+            return
+        loss = learn.loss  # detached already
+        if loss.dim():
+            loss = loss.mean()
+        if self.loss_sum is None:
+            self.loss_sum = loss.float().clone()
+        else:
+            self.loss_sum += loss  # in place, on the device: nothing read back per batch
+        self.n_batches += 1
+        tokens = count_tokens(learn.xb, learn.yb)
+        if self.tokens is None:
+            self.tokens = tokens is not None
+        if tokens is not None:
+            self.token_sum = tokens if self.token_sum is None else self.token_sum + tokens
+        else:
+            self.n_items += batch_size(learn.xb, learn.yb)
+        if self.__dict__.pop("_due", False):
+            self.log(learn.train_iter)
+
+    def after_fit(self):
+        if self.n_batches:  # the last, shorter interval
+            self.after_train()
+            self.log(self.learn.train_iter)
+        self.cleanup()
+
+    def cleanup(self):
+        for cb in getattr(self, "_paused", []):
+            cb.run_train = True
+        self._paused = []
+
+    # -- reading the interval and sending it --------------------------------------------------
+    def values(self) -> dict[str, float]:
+        """The interval's values (one host sync for the device tensors)."""
+        now = time.perf_counter()
+        seconds = self.train_s + (now - self.started if self.started is not None else 0.0)
+        if self.started is not None:
+            self.started = now
+        parts = [self.loss_sum / self.n_batches]
+        if self.token_sum is not None:
+            parts.append(self.token_sum.to(parts[0]))
+        if self.norm is not None:
+            parts.append(torch.as_tensor(self.norm).to(parts[0]))
+        read = torch.stack(parts).tolist()
+        values = {"train/loss": read[0]}
+        hypers = self.learn.opt.hypers if self.learn.opt is not None else []
+        for i, h in enumerate(hypers):
+            values["train/lr" if i == 0 else f"train/lr_{i}"] = float(h["lr"])
+        if self.norm is not None:
+            values["train/grad_norm"] = read[-1]
+        if self.tokens:
+            values["train/tokens_per_s"] = read[1] / seconds if seconds > 0 else 0.0
+        else:
+            values["train/items_per_s"] = self.n_items / seconds if seconds > 0 else 0.0
+        values["train/peak_mem_mib"] = peak_memory_mib(self.device)
+        return values
+
+    def log(self, step: int) -> dict:
+        values = self.values()
+        self.rows.append({"step": step, "epoch": self.learn.epoch, **values})
+        for sink in self.sinks:
+            sink.log_batch(values, step)
+        started = self.started
+        self._reset()
+        self.started = started
+        return values
+
+
+class MetricsCSVLogger(Callback):
+    """A sink that appends each row ``TrainMetrics`` sends to ``learn.path / fname`` (columns:
+    ``step``, ``epoch``, then the values without their ``train/`` prefix, as first logged).
+    ``append=True`` continues an existing file (a resumed run), writing no second header."""
+
+    order = 60
+
+    def __init__(self, fname: str | Path = "train_metrics.csv", append: bool = True):
+        self.fname, self.append = Path(fname), append
+        self.file = self.writer = None
+        self.columns: list[str] | None = None
+
+    @property
+    def filepath(self) -> Path:
+        return self.fname if self.fname.is_absolute() else Path(self.learn.path) / self.fname
+
+    def before_fit(self):
+        path = self.filepath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.columns = None
+        if self.append and path.exists() and path.stat().st_size > 0:
+            with path.open(newline="") as f:
+                self.columns = next(csv.reader(f), None)
+        self.file = path.open("a" if self.append else "w", newline="")
+        self.writer = csv.writer(self.file)
+
+    def log_batch(self, values: dict, step: int) -> None:
+        row = {"step": step, "epoch": self.learn.epoch,
+               **{k.removeprefix("train/"): v for k, v in values.items()}}
+        if self.columns is None:
+            self.columns = list(row)
+            self.writer.writerow(self.columns)
+        self.writer.writerow([row.get(c, "") for c in self.columns])
+        self.file.flush()  # a crashed run keeps its rows (not fsynced: that costs per interval)
+
+    def after_epoch(self):
+        if self.file is not None:
+            os.fsync(self.file.fileno())
+
+    def after_fit(self):
+        self.cleanup()
+
+    def cleanup(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def read_log(self) -> list[dict]:
+        with self.filepath.open(newline="") as f:
+            return list(csv.DictReader(f))
+
+
+Switch = bool | Literal["auto"]
+
+
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def run_loggers(log_every: int = 10, csv: bool = True, tensorboard: Switch = "auto",
+                mlflow: Switch = False, wandb: Switch = False, history: bool = True,
+                tensorboard_dir: str = "tensorboard", csv_file: str = "train_metrics.csv",
+                experiment: str | None = None, project: str | None = None) -> list[Callback]:
+    """The logger callbacks of a recipe run (the ``logger=default`` config), all writing under
+    the learner's ``path`` (the run directory):
+
+    - ``TrainMetrics(log_every)``, the source of the per-step values;
+    - ``csv``: ``MetricsCSVLogger`` (``csv_file``); ``history``: the epoch table, ``CSVLogger``
+      (``history.csv``);
+    - ``tensorboard``: ``TensorBoardCallback`` in ``tensorboard_dir`` (per step and per epoch);
+    - ``mlflow`` (``experiment``), ``wandb`` (``project``): the tracker callbacks.
+
+    ``"auto"``: on when the package is installed. ``True`` fails here, before any training, when
+    it is not, naming the pip install."""
+    from mlx_train.callback.logger import CSVLogger
+    from mlx_train.callback.loggers import MLflowCallback, TensorBoardCallback, WandbCallback
+
+    cbs: list[Callback] = [TrainMetrics(log_every)]
+    if csv:
+        cbs.append(MetricsCSVLogger(csv_file, append=True))
+    if history:
+        cbs.append(CSVLogger("history.csv", append=True))
+    if tensorboard is True or (tensorboard == "auto" and installed("tensorboard")):
+        cbs.append(TensorBoardCallback(tensorboard_dir))
+    if mlflow is True or (mlflow == "auto" and installed("mlflow")):
+        cbs.append(MLflowCallback(experiment=experiment))
+    if wandb is True or (wandb == "auto" and installed("wandb")):
+        cbs.append(WandbCallback(project=project))
+    return cbs
+
+
+def where_logged(learn) -> list[str]:
+    """One line per place the learner's loggers write to (for the recipe to print)."""
+    from mlx_train.callback.logger import CSVLogger
+    from mlx_train.callback.loggers import MLflowCallback, TensorBoardCallback, WandbCallback
+
+    lines = []
+    metrics = learn.cb("train_metrics")
+    for cb in learn.cbs:
+        if isinstance(cb, MetricsCSVLogger):
+            lines.append(f"step metrics every {metrics.log_every if metrics else '?'} "
+                         f"optimizer steps: {cb.filepath}")
+        elif isinstance(cb, CSVLogger):
+            lines.append(f"epoch table: {cb.filepath}")
+        elif isinstance(cb, TensorBoardCallback):
+            lines.append(f"TensorBoard: tensorboard --logdir {cb.path}")
+        elif isinstance(cb, MLflowCallback):
+            lines.append("MLflow: " + (f"experiment {cb.experiment}" if cb.experiment
+                                       else "the active / default experiment"))
+        elif isinstance(cb, WandbCallback):
+            lines.append("Weights & Biases: " + (f"project {cb.project}" if cb.project
+                                                 else "the default project"))
+    return lines
+
+
+__all__ = ["MetricsCSVLogger", "TrainMetrics", "count_tokens", "grad_norm", "peak_memory_mib",
+           "run_loggers", "where_logged"]
