@@ -86,12 +86,12 @@ def to_messages(item: dict, where: str = "item") -> list[dict]:
                      f"'messages'; found keys {sorted(item)}")
 
 
-def read_jsonl(path: str | Path) -> list[list[dict]]:
-    """The conversations of a JSONL file (errors name the file and line)."""
-    path = Path(path)
+def read_jsonl_records(path: str | Path, parse, what: str = "examples") -> list:
+    """``parse(item, where)`` of each line of a JSONL file; errors name the file and line."""
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no such data file: {path}")
-    conversations = []
+    records = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -99,10 +99,15 @@ def read_jsonl(path: str | Path) -> list[list[dict]]:
             item = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        conversations.append(to_messages(item, f"{path}:{n}"))
-    if not conversations:
-        raise ValueError(f"{path} holds no examples")
-    return conversations
+        records.append(parse(item, f"{path}:{n}"))
+    if not records:
+        raise ValueError(f"{path} holds no {what}")
+    return records
+
+
+def read_jsonl(path: str | Path) -> list[list[dict]]:
+    """The conversations of a JSONL file (errors name the file and line)."""
+    return read_jsonl_records(path, to_messages)
 
 
 def _template(tokenizer, messages, generation_prompt: bool) -> str:
@@ -381,5 +386,5 @@ def text_folder_data(tokenizer, path, seq_len: int = 256, bs: int = 8, valid_pct
 
 __all__ = ["IGNORE_INDEX", "EvalExample", "LMData", "PadCollate",
            "TokenDataset", "as_tokenizer", "conversations_data", "instruction_data", "make_loaders",
-           "pack", "prompt_ids", "prompt_text", "read_jsonl", "split_items", "text_folder_data", "to_messages",
+           "pack", "prompt_ids", "prompt_text", "read_jsonl", "read_jsonl_records", "split_items", "text_folder_data", "to_messages",
            "tokenize_conversation", "train_bpe_tokenizer"]

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ from mlx_train.lm_data import (
     _files,
     as_tokenizer,
     pad_id_of,
+    read_jsonl_records,
     split_items,
     to_messages,
     tokenize_conversation,
@@ -101,21 +101,7 @@ def to_preference(item: dict, where: str = "item") -> PreferencePair:
 
 def read_preferences(path: str | Path) -> list[PreferencePair]:
     """The preference pairs of a JSONL file (errors name the file and line)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"no such data file: {path}")
-    pairs = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        pairs.append(to_preference(item, f"{path}:{n}"))
-    if not pairs:
-        raise ValueError(f"{path} holds no preference pairs")
-    return pairs
+    return read_jsonl_records(path, to_preference, "preference pairs")
 
 
 # -- tokenizing and batching ----------------------------------------------------------------

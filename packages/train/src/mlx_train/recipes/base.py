@@ -235,6 +235,23 @@ def write_metrics(run: RunDir, metrics: dict) -> dict:
     return metrics
 
 
+def save_trained(model, run: RunDir, tokenizer, peft: bool) -> Path:
+    """Write the result of a tuning recipe: the adapter (PEFT format, ``run_dir/adapter``) or the
+    whole model (HF format with the tokenizer, ``run_dir/model``; gathered from the shards under
+    FSDP). Under ``--nproc`` rank 0 writes and every process returns the path."""
+    from mlx_train.distributed import is_main_process
+    from mlx_train.recipes.fsdp import save_full_model
+
+    if peft:
+        saved = run / "adapter"
+        if is_main_process():
+            model.save_pretrained(saved)
+    else:
+        saved = save_full_model(model, run / "model", tokenizer=tokenizer.hf)
+    say(f"saved {saved}")
+    return saved
+
+
 def show_samples(examples, answers: dict[str, list[str]], n: int) -> None:
     """Print ``n`` held-out prompts, their references and each model's answer."""
     for i, ex in enumerate(examples[:n]):
@@ -247,5 +264,6 @@ def show_samples(examples, answers: dict[str, list[str]], n: int) -> None:
 
 
 __all__ = ["Recipe", "RunDir", "announce_logs", "build_learner", "evaluate_exact_match",
-           "final_metrics", "fit", "has_node", "instantiate", "optimizer_and_lr", "say", "seed_everything",
+           "final_metrics", "fit", "has_node", "instantiate", "optimizer_and_lr", "save_trained", "say",
+           "seed_everything",
            "show_samples", "training_callbacks", "write_metrics"]

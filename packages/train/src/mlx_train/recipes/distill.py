@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from mlx_train.distributed import is_main_process
 from mlx_train.lm_data import IGNORE_INDEX
 from mlx_train.metrics import Metric
 from mlx_train.recipes.base import (
@@ -41,12 +40,12 @@ from mlx_train.recipes.base import (
     fit,
     has_node,
     optimizer_and_lr,
+    save_trained,
     say,
     seed_everything,
     training_callbacks,
     write_metrics,
 )
-from mlx_train.recipes.fsdp import save_full_model
 
 
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -269,13 +268,7 @@ def distill(cfg: DictConfig) -> dict:
     acc, _ = evaluate_exact_match(cfg, student, data)
     if acc is not None:
         say(f"student exact match after training: {acc:.1%}")
-    if peft:
-        if is_main_process():  # under --nproc, rank 0 writes
-            student.save_pretrained(run / "adapter")
-        saved = run / "adapter"
-    else:  # gathered from the shards first under FSDP; written by rank 0
-        saved = save_full_model(student, run / "model", tokenizer=tokenizer.hf)
-    say(f"saved {saved}")
+    saved = save_trained(student, run, tokenizer, peft)
     metrics = final_metrics(learn, started, exact_match=acc, train_s=train_s)
     history = learn.recorder.history()
     metrics.update({k: history[-1].get(k) for k in DISTILL_METRICS} if history else {})

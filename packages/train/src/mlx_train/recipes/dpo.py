@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from mlx_train.distributed import is_main_process
 from mlx_train.lm_data import IGNORE_INDEX
 from mlx_train.metrics import Metric
 from mlx_train.recipes.base import (
@@ -47,12 +46,12 @@ from mlx_train.recipes.base import (
     has_node,
     instantiate,
     optimizer_and_lr,
+    save_trained,
     say,
     seed_everything,
     training_callbacks,
     write_metrics,
 )
-from mlx_train.recipes.fsdp import save_full_model
 
 REFERENCES = ("model", "data")
 ADAPTER_OFF = "adapter-off"  # PreferenceModel's reference: the policy with its adapter disabled
@@ -271,13 +270,7 @@ def dpo(cfg: DictConfig) -> dict:
     acc, _ = evaluate_exact_match(cfg, model, data)
     if acc is not None:
         say(f"exact match (greedy answer == chosen response) after training: {acc:.1%}")
-    if peft:
-        if is_main_process():  # under --nproc, rank 0 writes
-            model.save_pretrained(run / "adapter")
-        saved = run / "adapter"
-    else:  # gathered from the shards first under FSDP; written by rank 0
-        saved = save_full_model(model, run / "model", tokenizer=tokenizer.hf)
-    say(f"saved {saved}")
+    saved = save_trained(model, run, tokenizer, peft)
     metrics = final_metrics(learn, started, exact_match=acc, train_s=train_s)
     metrics.pop("perplexity", None)  # not a language-modelling loss
     history = learn.recorder.history()

@@ -11,7 +11,6 @@ import time
 
 from omegaconf import DictConfig
 
-from mlx_train.distributed import is_main_process
 from mlx_train.recipes.base import (
     RunDir,
     build_learner,
@@ -20,13 +19,14 @@ from mlx_train.recipes.base import (
     fit,
     has_node,
     instantiate,
+    save_trained,
     say,
     seed_everything,
     show_samples,
     write_metrics,
 )
 from mlx_train.recipes.evaluate import generate_answers
-from mlx_train.recipes.fsdp import on_rank0, save_full_model, shard_model
+from mlx_train.recipes.fsdp import on_rank0, shard_model
 
 
 def resolve_tokenizer(cfg: DictConfig):
@@ -96,13 +96,7 @@ def finetune(cfg: DictConfig) -> dict:
         labels = ("base model", "with adapter") if peft else ("before", "after")
         show_samples(data.eval_examples, dict(zip(labels, (base_answers, answers), strict=True)),
                      cfg.eval.samples)
-    if peft:
-        if is_main_process():
-            model.save_pretrained(run / "adapter")
-        saved = run / "adapter"
-    else:  # gathered from the shards first under FSDP; written by rank 0
-        saved = save_full_model(model, run / "model", tokenizer=tokenizer.hf)
-    say(f"saved {saved}")
+    saved = save_trained(model, run, tokenizer, peft)
     metrics = final_metrics(learn, started, exact_match=acc, base_exact_match=base_acc,
                             train_s=train_s)
     metrics["saved"] = str(saved)
