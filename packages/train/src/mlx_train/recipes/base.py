@@ -235,6 +235,21 @@ def write_metrics(run: RunDir, metrics: dict) -> dict:
     return metrics
 
 
+def metrics_before(cfg: DictConfig, learn, names) -> dict:
+    """With ``eval.before`` on a fresh run: the validation loss and the metrics ``names`` before
+    any training, keyed ``<name>_before``; else nothing."""
+    if not cfg.eval.before or cfg.resume:
+        return {}
+    values = learn.validate()
+    return {f"{k}_before": v for k, v in zip(("valid_loss", *names), values, strict=True)}
+
+
+def last_values(learn, names) -> dict:
+    """The metrics ``names`` of the last epoch the recorder logged."""
+    history = learn.recorder.history()
+    return {k: history[-1].get(k) for k in names} if history else {}
+
+
 def save_trained(model, run: RunDir, tokenizer, peft: bool) -> Path:
     """Write the result of a tuning recipe: the adapter (PEFT format, ``run_dir/adapter``) or the
     whole model (HF format with the tokenizer, ``run_dir/model``; gathered from the shards under
@@ -264,6 +279,7 @@ def show_samples(examples, answers: dict[str, list[str]], n: int) -> None:
 
 
 __all__ = ["Recipe", "RunDir", "announce_logs", "build_learner", "evaluate_exact_match",
-           "final_metrics", "fit", "has_node", "instantiate", "optimizer_and_lr", "save_trained", "say",
+           "final_metrics", "fit", "has_node", "instantiate", "last_values", "metrics_before", "optimizer_and_lr",
+           "save_trained", "say",
            "seed_everything",
            "show_samples", "training_callbacks", "write_metrics"]

@@ -39,6 +39,8 @@ from mlx_train.recipes.base import (
     final_metrics,
     fit,
     has_node,
+    last_values,
+    metrics_before,
     optimizer_and_lr,
     save_trained,
     say,
@@ -258,11 +260,8 @@ def distill(cfg: DictConfig) -> dict:
                     metrics=[DistillMetric(k) for k in DISTILL_METRICS],
                     cbs=training_callbacks(cfg, data.dls), progress=cfg.train.progress)
     announce_logs(learn)
-    before = {}
-    if cfg.eval.before and not cfg.resume:
-        values = learn.validate()
-        before = {f"{k}_before": v for k, v in zip(("valid_loss", *DISTILL_METRICS), values,
-                                                    strict=True)}
+    before = metrics_before(cfg, learn, DISTILL_METRICS)
+    if before:
         say(f"before training: kl={before['kl_before']:.4f}, ce={before['ce_before']:.4f}")
     train_s = fit(cfg, learn, lr, run)
     acc, _ = evaluate_exact_match(cfg, student, data)
@@ -270,8 +269,7 @@ def distill(cfg: DictConfig) -> dict:
         say(f"student exact match after training: {acc:.1%}")
     saved = save_trained(student, run, tokenizer, peft)
     metrics = final_metrics(learn, started, exact_match=acc, train_s=train_s)
-    history = learn.recorder.history()
-    metrics.update({k: history[-1].get(k) for k in DISTILL_METRICS} if history else {})
+    metrics.update(last_values(learn, DISTILL_METRICS))
     metrics.update(before)
     metrics["saved"] = str(saved)
     return write_metrics(run, metrics)

@@ -45,6 +45,8 @@ from mlx_train.recipes.base import (
     fit,
     has_node,
     instantiate,
+    last_values,
+    metrics_before,
     optimizer_and_lr,
     save_trained,
     say,
@@ -260,11 +262,8 @@ def dpo(cfg: DictConfig) -> dict:
                     model_dir=CHECKPOINT_DIR, metrics=reward_metrics(),
                     cbs=training_callbacks(cfg, data.dls), progress=cfg.train.progress)
     announce_logs(learn)
-    before = {}
-    if cfg.eval.before and not cfg.resume:
-        values = learn.validate()
-        before = {f"{k}_before": v for k, v in zip(("valid_loss", *REWARD_METRICS), values,
-                                                    strict=True)}
+    before = metrics_before(cfg, learn, REWARD_METRICS)
+    if before:
         say(f"before training: {_shown(before)}")
     train_s = fit(cfg, learn, lr, run)
     acc, _ = evaluate_exact_match(cfg, model, data)
@@ -273,8 +272,7 @@ def dpo(cfg: DictConfig) -> dict:
     saved = save_trained(model, run, tokenizer, peft)
     metrics = final_metrics(learn, started, exact_match=acc, train_s=train_s)
     metrics.pop("perplexity", None)  # not a language-modelling loss
-    history = learn.recorder.history()
-    metrics.update({k: history[-1].get(k) for k in REWARD_METRICS} if history else {})
+    metrics.update(last_values(learn, REWARD_METRICS))
     metrics.update(before)
     metrics["saved"] = str(saved)
     return write_metrics(run, metrics)
