@@ -229,12 +229,18 @@ def pack(rows: Sequence[tuple[list[int], list[int]]], max_len: int,
 def make_loaders(train_rows, valid_rows, pad_id: int, bs: int, seed: int = 0,
                  bucket: bool = True) -> DataLoaders:
     """``DataLoaders`` over tokenized rows, batches ``(input_ids, attention_mask, labels)``."""
+    return dataset_loaders(TokenDataset(train_rows), TokenDataset(valid_rows), PadCollate(pad_id),
+                           bs, seed, bucket, n_inp=2)
+
+
+def dataset_loaders(train, valid, collate, bs: int, seed: int, bucket: bool,
+                    n_inp: int) -> DataLoaders:
+    """Training and validation loaders over datasets with ``lengths``: length-bucketed batches
+    (``BucketSampler``) or plain shuffled ones, seeded; ``n_inp`` of each batch are inputs."""
     from mlx_train.samplers import BucketSampler
 
     if bs < 1:
         raise ValueError(f"bs must be at least 1, got {bs}")
-    train, valid = TokenDataset(train_rows), TokenDataset(valid_rows)
-    collate = PadCollate(pad_id)
     if bucket:
         train_dl = DataLoader(train, batch_sampler=BucketSampler(train.lengths, bs, seed=seed),
                               collate_fn=collate)
@@ -244,7 +250,7 @@ def make_loaders(train_rows, valid_rows, pad_id: int, bs: int, seed: int = 0,
         train_dl = DataLoader(train, batch_size=bs, shuffle=True, collate_fn=collate,
                               generator=torch.Generator().manual_seed(seed))
         valid_dl = DataLoader(valid, batch_size=bs, shuffle=False, collate_fn=collate)
-    return DataLoaders(train_dl, valid_dl, n_inp=2)
+    return DataLoaders(train_dl, valid_dl, n_inp=n_inp)
 
 
 # -- what the recipes consume ---------------------------------------------------------------
@@ -385,6 +391,6 @@ def text_folder_data(tokenizer, path, seq_len: int = 256, bs: int = 8, valid_pct
 
 
 __all__ = ["IGNORE_INDEX", "EvalExample", "LMData", "PadCollate",
-           "TokenDataset", "as_tokenizer", "conversations_data", "instruction_data", "make_loaders",
+           "TokenDataset", "as_tokenizer", "conversations_data", "dataset_loaders", "instruction_data", "make_loaders",
            "pack", "prompt_ids", "prompt_text", "read_jsonl", "read_jsonl_records", "split_items", "text_folder_data", "to_messages",
            "tokenize_conversation", "train_bpe_tokenizer"]

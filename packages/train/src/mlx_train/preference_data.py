@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from mlx_train.data import DataLoaders
 from mlx_train.lm_data import (
@@ -32,6 +32,7 @@ from mlx_train.lm_data import (
     PadCollate,
     _files,
     as_tokenizer,
+    dataset_loaders,
     pad_id_of,
     read_jsonl_records,
     split_items,
@@ -152,21 +153,7 @@ class PairCollate:
 
 def pair_loaders(train: PairDataset, valid: PairDataset, pad_id: int, bs: int, seed: int = 0,
                  bucket: bool = True) -> DataLoaders:
-    from mlx_train.samplers import BucketSampler
-
-    if bs < 1:
-        raise ValueError(f"bs must be at least 1, got {bs}")
-    collate = PairCollate(pad_id)
-    if bucket:
-        train_dl = DataLoader(train, batch_sampler=BucketSampler(train.lengths, bs, seed=seed),
-                              collate_fn=collate)
-        valid_dl = DataLoader(valid, batch_sampler=BucketSampler(valid.lengths, bs, shuffle=False),
-                              collate_fn=collate)
-    else:
-        train_dl = DataLoader(train, batch_size=bs, shuffle=True, collate_fn=collate,
-                              generator=torch.Generator().manual_seed(seed))
-        valid_dl = DataLoader(valid, batch_size=bs, shuffle=False, collate_fn=collate)
-    return DataLoaders(train_dl, valid_dl, n_inp=3)
+    return dataset_loaders(train, valid, PairCollate(pad_id), bs, seed, bucket, n_inp=3)
 
 
 def _has_response(row: Row) -> bool:
