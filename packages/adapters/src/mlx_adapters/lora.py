@@ -67,16 +67,15 @@ class LoraLinear(AdapterLayer):
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         if how == "olora" or pissa_iterations(how) is not None:
             return self._init_from_base(name, how)
+        if how is False:  # PEFT's "not recommended, for tests": A, B (and B's bias) keep the
+            return        # random init nn.Linear drew above, the same draws as PEFT's
         if how == "gaussian":
             nn.init.normal_(a, std=1 / self.lora_A[name].out_features)
         else:  # PeftConfig's default: A like nn.Linear's kaiming-uniform
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        if how is False:  # random B too (PEFT's "not recommended, for tests"); its bias stays random
-            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(b)
-            if self.lora_B[name].bias is not None:
-                nn.init.zeros_(self.lora_B[name].bias)
+        nn.init.zeros_(b)
+        if self.lora_B[name].bias is not None:
+            nn.init.zeros_(self.lora_B[name].bias)
 
     def _init_from_base(self, name: str, how: str) -> None:
         """PiSSA (Meng et al. 2024) or OLoRA (Büyükakyüz 2024): A and B from a factorisation of

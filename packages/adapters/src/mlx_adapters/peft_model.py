@@ -157,13 +157,24 @@ class PeftModel(nn.Module):
             self._prompt_disabled = False
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "svd", svd_rank: int | None = None) -> None:
-        """A new LoRA adapter combining existing ones, with PEFT's semantics: ``cat`` (exact:
-        ranks concatenated), ``linear`` (A and B averaged with sqrt weights; equal ranks) or
-        ``svd`` (the weighted sum of the deltas, truncated to ``svd_rank``)."""
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total",
+                             generator: torch.Generator | None = None) -> None:
+        """A new LoRA adapter combining existing ones, with PEFT's semantics. ``cat``: exact,
+        ranks concatenated. ``linear`` / ``ties`` / ``dare_linear`` / ``dare_ties`` /
+        ``magnitude_prune``: A and B merged separately with sqrt weights (one rank). ``svd`` and
+        the ``*_svd`` forms: the weighted deltas merged, truncated to ``svd_rank`` (optionally
+        clamped at the ``svd_clamp`` quantile). ``density`` is the share of values TIES / DARE /
+        magnitude pruning keep; ``majority_sign_method`` is ``total`` or ``frequency``. DARE
+        draws from the global RNG as PEFT does, or from ``generator``."""
         from mlx_adapters.weighted import combine_lora
 
-        combine_lora(self, adapters, weights, adapter_name, combination_type, svd_rank)
+        combine_lora(self, adapters, weights, adapter_name, combination_type, svd_rank,
+                     svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
+                     svd_driver=svd_driver, density=density,
+                     majority_sign_method=majority_sign_method, generator=generator)
 
     # --- merging ---------------------------------------------------------------------------
     def merge_adapter(self) -> None:
