@@ -84,13 +84,17 @@ def _method_of(model: nn.Module, adapter_name: str):
     return registry.adapter_methods.get(model.peft_config[adapter_name].peft_type.lower())
 
 
-def save_adapter_weights(model: nn.Module, adapter_name: str, directory: Path) -> None:
+def save_adapter_weights(model: nn.Module, adapter_name: str, directory: Path,
+                         config=None, tensors: dict | None = None) -> None:
+    """Write the adapter (or the given ``config`` and ``tensors`` in its place) atomically."""
+    config = model.peft_config[adapter_name] if config is None else config
+    tensors = adapter_state(model, adapter_name) if tensors is None else tensors
     with atomic_directory(directory, overwrite=True) as out:
-        model.peft_config[adapter_name].save(out)
-        config = json.loads((out / "adapter_config.json").read_text())
-        config["inference_mode"] = True  # PEFT saves adapters in inference mode
-        (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        save_file(adapter_state(model, adapter_name), out / WEIGHTS_NAME, metadata={"format": "pt"})
+        config.save(out)
+        data = json.loads((out / "adapter_config.json").read_text())
+        data["inference_mode"] = True  # PEFT saves adapters in inference mode
+        (out / "adapter_config.json").write_text(json.dumps(data, indent=2))
+        save_file(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})
 
 
 def load_adapter_weights(model: nn.Module, adapter_name: str, directory: Path) -> None:

@@ -260,11 +260,25 @@ class PeftModel(nn.Module):
         return method.new_cache(self.prompt_encoder[prompt], self.base_model.model, batch_size)
 
     # --- PEFT's on-disk format -------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path, selected_adapters: list[str] | None = None) -> None:
-        """One sub-directory per non-default adapter, as PEFT does; ``default`` at the top."""
+    def save_pretrained(self, directory: str | Path, selected_adapters: list[str] | None = None,
+                        path_initial_model_for_weight_conversion: str | Path | None = None) -> None:
+        """One sub-directory per non-default adapter, as PEFT does; ``default`` at the top.
+
+        ``path_initial_model_for_weight_conversion``: the directory a PiSSA / OLoRA adapter was
+        saved to right after initialisation; the adapter is then saved as a plain LoRA of twice
+        the rank that applies to the original (not the residual) base model."""
+        unknown = [n for n in selected_adapters or [] if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
         for name in selected_adapters or list(self.peft_config):
             out = Path(directory) if name == "default" else Path(directory) / name
-            save_adapter_weights(self, name, out)
+            if path_initial_model_for_weight_conversion is None:
+                save_adapter_weights(self, name, out)
+                continue
+            from mlx_adapters.mutated_init import as_plain_lora
+
+            config, tensors = as_plain_lora(self, name, path_initial_model_for_weight_conversion)
+            save_adapter_weights(self, name, out, config, tensors)
 
     def load_adapter(self, directory: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
         config = load_config(directory)
