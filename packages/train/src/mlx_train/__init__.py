@@ -50,7 +50,7 @@ from mlx_train.callback import (
     valley,
 )
 from mlx_train.callback.loggers import MLflowCallback, TensorBoardCallback, WandbCallback
-from mlx_train.callback.mixup import MixUp, ProgressiveResize
+from mlx_train.callback.mixup import CutMix, MixUp, ProgressiveResize
 from mlx_train.data import DataLoaders, Loader, Normalize, RandomSplitter, StratifiedSplitter
 from mlx_train.distributed import DistributedCallback
 from mlx_train.export import load_learner
@@ -97,7 +97,7 @@ __all__ = [
     "steep", "top_k_accuracy", "trainable_params", "valley",
     # data augmentation, samplers, vision / tabular / text learners, loggers, distributed
     "Augment", "BucketSampler", "ColourJitter", "DistributedCallback", "Flip", "ImageDataLoaders",
-    "MLflowCallback", "MixUp", "ProgressiveResize", "RandomResizedCrop", "Rotate",
+    "CutMix", "MLflowCallback", "MixUp", "ProgressiveResize", "RandomResizedCrop", "Rotate",
     "TabularDataLoaders", "TensorBoardCallback", "TextDataLoaders", "WandbCallback",
     "aug_transforms", "tabular_learner", "text_classifier_learner", "vision_learner",
     "weighted_sampler",

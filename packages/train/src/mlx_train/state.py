@@ -5,7 +5,20 @@ Tensors (model weights, optimizer moments, RNG states) are safetensors entries; 
 states) is JSON in the file's metadata under ``"mlx_train"`` (read it with
 ``safetensors.safe_open(path, "pt").metadata()``). Entries: ``model.<key>``,
 ``opt.<param index>.<state name>``, ``rng.torch``, ``rng.cuda.<i>``, ``rng.numpy``,
-``rng.loader.<i>`` (the data loaders' own generators).
+``rng.loader.<i>`` (the data loaders' own generators, an augmentation's ``.generator`` among
+them), ``cb.<key>.<name>`` and ``tfm.<i>.<name>`` (see below).
+
+Callbacks and training-batch transforms that own random state (``MixUp``'s and ``CutMix``'s
+generator) follow one protocol: ``state_dict()`` returns a flat dict whose values are tensors
+(saved as ``cb.<key>.<name>`` entries) or JSON values (saved in the metadata), and
+``load_state_dict(state)`` takes the same dict back. Every callback of the learner that has both
+methods is saved under ``"callbacks"`` keyed by its ``name`` (``mix_up``), or ``name.<k>`` when
+several callbacks share that name (``k``: their order in ``learn.cbs``); every transform of
+``dls.train.aug`` that has them under ``"train_tfms"`` by position. The ``Recorder`` keeps its
+own ``"recorder"`` entry. A callback that draws from torch's global RNG needs nothing: that state
+is ``rng.torch``. Loading (``resume=True``) raises when the file and the learner disagree about
+which of them there are, naming them and the fix (``strict=False``: a warning, and the ones on
+both sides are restored).
 
 Under data parallelism every process calls ``save_state`` and only rank 0 writes. Parameters
 and optimizer moments sharded by FSDP2 (DTensors) are gathered into whole tensors on save (a
@@ -137,6 +150,99 @@ def _loader_generators(learn) -> list[torch.Generator]:
     return [g for loader in (dls.train, dls.valid) if loader is not None for g in loader.generators]
 
 
+def _has_state(obj) -> bool:
+    # looked up on the class: a Callback's missing attributes fall through to the learner
+    return callable(getattr(type(obj), "state_dict", None)) and \
+        callable(getattr(type(obj), "load_state_dict", None))
+
+
+def _stateful(learn) -> dict[str, dict]:
+    """``{"callbacks": {key: callback}, "train_tfms": {position: transform}}``: what owns random
+    state of its own beyond the loaders' generators (see the module's docstring).
+
+    Not here, and not needed: callbacks (and transforms) that draw from torch's global RNG, e.g.
+    an unseeded ``torch.rand`` in ``before_batch``, dropout, a loader without a generator. They
+    advance ``torch.get_rng_state()``, which is saved as ``rng.torch`` and put back on load, so
+    they resume exactly (tests/train/learners/test_resume_augment.py checks it)."""
+    from mlx_train.callback.recorder import Recorder
+
+    cbs = [cb for cb in learn.cbs if _has_state(cb) and not isinstance(cb, Recorder)]
+    names = [cb.name for cb in cbs]
+    seen: dict[str, int] = {}
+    found: dict[str, object] = {}
+    for name, cb in zip(names, cbs, strict=True):
+        k = seen[name] = seen.get(name, -1) + 1
+        found[name if names.count(name) == 1 else f"{name}.{k}"] = cb
+    train = learn.dls.train if learn.dls is not None else None
+    tfms = {str(i): t for i, t in enumerate(getattr(train, "aug", ())) if _has_state(t)}
+    return {"callbacks": found, "train_tfms": tfms}
+
+
+_STATE_PREFIX = {"callbacks": "cb", "train_tfms": "tfm"}
+
+
+def _save_owned(owners: dict[str, dict], tensors: dict, meta: dict) -> None:
+    for kind, objs in owners.items():
+        meta[kind] = {}
+        for key, obj in objs.items():
+            entry = {"class": type(obj).__name__, "tensors": [], "values": {}}
+            for name, v in obj.state_dict().items():
+                if isinstance(v, torch.Tensor):
+                    tensors[f"{_STATE_PREFIX[kind]}.{key}.{name}"] = full_tensor(v)
+                    entry["tensors"].append(name)
+                    continue
+                try:
+                    json.dumps(v)
+                except (TypeError, ValueError):
+                    raise TypeError(
+                        f"{type(obj).__name__}.state_dict()[{name!r}] is a {type(v).__name__}: "
+                        "a state saved by learn.save must be tensors or JSON values (numbers, "
+                        "strings, lists, dicts); e.g. a torch.Generator's get_state() tensor"
+                    ) from None
+                entry["values"][name] = v
+            meta[kind][key] = entry
+
+
+def _describe(kind: str, keys, classes: dict) -> str:
+    what = ("callback" if kind == "callbacks" else "training batch transform") + \
+        ("s" if len(keys) > 1 else "")
+    return f"{what} " + ", ".join(f"{k} ({classes[k]})" for k in sorted(keys))
+
+
+def _match_owned(learn, meta: dict, path: Path, strict: bool) -> list[tuple[object, dict, str]]:
+    """Pair the saved callback / transform states with the learner's; on a mismatch raise
+    (``strict``) or warn, naming them and the fix. Called before anything is loaded."""
+    pairs, problems = [], []
+    for kind, objs in _stateful(learn).items():
+        saved = meta.get(kind, {})  # absent from files written before callbacks were saved
+        extra, missing = saved.keys() - objs.keys(), objs.keys() - saved.keys()
+        if extra:
+            them = "it" if len(extra) == 1 else "them"
+            fix = (f"attach {them} before loading (Learner(..., cbs=[...]) or learn.add_cb(...); "
+                   "callbacks given to fit(cbs=...) exist during that fit only)"
+                   if kind == "callbacks" else
+                   "build the DataLoaders with the same train_tfms / batch_tfms")
+            problems.append(f"{path} holds the random state of "
+                            f"{_describe(kind, extra, {k: saved[k]['class'] for k in extra})}, "
+                            f"which this learner does not have: {fix}")
+        if missing:
+            classes = {k: type(o).__name__ for k, o in objs.items()}
+            own, them = ("owns", "it") if len(missing) == 1 else ("own", "them")
+            problems.append(f"this learner's {_describe(kind, missing, classes)} {own} random "
+                            f"state that {path} does not hold (it was saved without {them}): "
+                            f"remove {them}")
+        pairs += [(objs[k], saved[k], f"{_STATE_PREFIX[kind]}.{k}.")
+                  for k in saved.keys() & objs.keys()]
+    if problems and strict:
+        raise ValueError("; ".join(problems) + "; or load with strict=False to go on (their "
+                         "state is not restored: the resumed run then differs from an "
+                         "uninterrupted one)")
+    if problems:
+        warnings.warn("; ".join(problems) + " (strict=False: going on without restoring their "
+                      "state; the resumed run differs from an uninterrupted one)", stacklevel=4)
+    return pairs
+
+
 def save_state(learn, path: Path, with_opt: bool = True) -> Path:
     tensors, aliases = model_tensors(learn.model)
     meta = {"format": FORMAT, "version": VERSION, "aliases": aliases, "with_opt": with_opt}
@@ -170,6 +276,7 @@ def save_state(learn, path: Path, with_opt: bool = True) -> Path:
         meta["rng"] = {"python": [version, list(pystate), gauss],
                        "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
                        "loaders": len(gens)}
+        _save_owned(_stateful(learn), tensors, meta)
     from mlx_train.distributed import is_main_process
 
     if not is_main_process():  # the others only took part in gathering sharded tensors
@@ -180,6 +287,8 @@ def save_state(learn, path: Path, with_opt: bool = True) -> Path:
 def load_state(learn, path: Path, with_opt: bool = True, strict: bool = True,
                resume: bool = True) -> None:
     tensors, meta = read(path, FORMAT)
+    owned = _match_owned(learn, meta, path, strict) if with_opt and resume and \
+        meta.get("with_opt") else []  # checked first: a mismatch raises before anything loads
     restore_model(learn.model, tensors, meta.get("aliases", {}), strict)
     if not with_opt:
         return
@@ -226,6 +335,9 @@ def load_state(learn, path: Path, with_opt: bool = True, strict: bool = True,
     random.setstate((version, tuple(pystate), gauss))
     name, pos, has_gauss, cached = rng["numpy"]
     np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    for obj, entry, prefix in owned:  # callbacks and batch transforms with their own RNG
+        obj.load_state_dict({**entry["values"],
+                             **{n: tensors[prefix + n] for n in entry["tensors"]}})
     gens = _loader_generators(learn)
     if len(gens) != rng["loaders"]:
         warnings.warn(f"{path} holds {rng['loaders']} data-loader generator states but this "
