@@ -2,10 +2,12 @@
 torchrun, gloo) ends with the weights and losses of ONE process at the same global batch:
 DDP for full_finetune and lora_finetune, FSDP2 (``train.strategy=fsdp``) for full_finetune,
 including a resumed FSDP run. Only rank 0 writes: the run directory holds the same files as a
-one-process run's. Units: batch splitting, loss weighting, the errors."""
+one-process run's. A sweep (``-m --nproc 2``) runs each job that way. Units: batch splitting,
+loss weighting, the errors."""
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -122,6 +124,30 @@ def test_lora_finetune_ddp_on_two_processes_equals_one(tiny_overrides, tmp_path)
     assert diff <= TOLERANCE
 
 
+@pytest.mark.slow
+def test_a_sweep_runs_each_job_on_two_processes_then_prints_the_table(tiny_overrides, tmp_path):
+    out = tmp_path / "sweep"
+    fixed = [o for o in overrides_for(tiny_overrides, out, "epochs=1", "adapter.r=4",
+                                      "logger=csv", "save.checkpoint_every=0")
+             if not o.startswith("optimizer.lr=")]
+    result = CliRunner().invoke(build_app(), ["train", "lora_finetune", "--nproc", "2", "-m",
+                                              *fixed, "optimizer.lr=3e-3,1e-2"],
+                                env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "2 job(s) of lora_finetune on 2 processes each" in result.output
+    assert re.search(r"┃ # +┃ optimizer.lr +┃ train_loss +┃ valid_loss", result.output)
+    losses = []
+    for i, lr in enumerate(("0.003", "0.01")):  # each job in its own output_dir/<job>
+        run = out / str(i)
+        assert f"lr: {float(lr)}" in (run / "config.yaml").read_text()
+        assert (run / "adapter" / "adapter_config.json").is_file()
+        losses.append(metrics_of(run)["valid_loss"])
+        row = re.search(rf"│ {i} +│ {lr} +│ [\d.]+ +│ ([\d.]+) +│.*│ ok +│ {run} +│",
+                        result.output)
+        assert row and float(row.group(1)) == pytest.approx(losses[-1], rel=1e-3), result.output
+    assert losses[0] != losses[1]
+
+
 # -- units: no processes ---------------------------------------------------------------------
 def test_split_batch_sampler_slices_the_one_process_batches():
     ds = TensorDataset(torch.arange(21))
@@ -148,8 +174,11 @@ def test_the_errors_name_the_fix(tiny_overrides):
     with pytest.raises(ValueError, match="at least 1"):
         launch("full_finetune", tiny_overrides, nproc=0)
     result = CliRunner().invoke(build_app(), ["train", "full_finetune", "--nproc", "2", "-m",
-                                              *tiny_overrides, "optimizer.lr=1e-3,1e-2"])
-    assert result.exit_code != 0 and "one at a time" in result.output
+                                              *tiny_overrides, "hydra/sweeper=optuna",
+                                              "optimizer.lr=interval(1e-3,1e-2)"])
+    assert result.exit_code != 0 and "drop --nproc" in result.output
+    with pytest.raises(ValueError, match="at least 1"):
+        recipes.sweep("full_finetune", [*tiny_overrides, "optimizer.lr=1e-3,1e-2"], nproc=0)
     cmd = command("full_finetune", ["epochs=2"], "conf", nproc=4)
     assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
                        "-m", "mlx_train.recipes.launch", "full_finetune", "--config-dir", "conf",

@@ -356,3 +356,22 @@ def test_mlx_train_dpo_and_recipes_show(dpo_overrides, tmp_path):
                          env={"COLUMNS": "250"})
     assert done.exit_code == 0, done.output
     assert "rewards/accuracies" in metrics_of(tmp_path / "run")
+
+
+def test_step_metrics_rows_carry_the_training_batches_rewards(dpo_overrides, tmp_path):
+    import csv
+
+    recipes.run("dpo", [*dpo_overrides, "epochs=2", "logger=default", "logger.log_every=1",
+                        "logger.tensorboard=false", "save.checkpoint_every=0"])
+    with open(tmp_path / "run" / "train_metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 6  # 48 training pairs, 8 a batch: a row per step
+    keys = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+    assert set(keys) <= set(rows[0]) and {"loss", "lr", "grad_norm"} <= set(rows[0])
+    for row in rows:
+        chosen, rejected, accuracy, margin = (float(row[k]) for k in keys)
+        assert 0 <= accuracy <= 1
+        assert margin == pytest.approx(chosen - rejected, rel=1e-5, abs=1e-6)
+    # the first batch's loss is taken before any update: the fresh adapter is the reference
+    assert float(rows[0]["rewards/margins"]) == pytest.approx(0, abs=1e-6)
+    assert float(rows[-1]["rewards/margins"]) > 0.05 and float(rows[-1]["rewards/accuracies"]) > 0.5

@@ -73,3 +73,30 @@ def test_jax_backend_refuses_what_it_cannot_do(texts, tmp_path):
         _run(texts, tmp_path / "sgd", "backend=jax", "optimizer=sgd")
     with pytest.raises(ValueError, match="backend must be 'torch' or 'jax'"):
         _run(texts, tmp_path / "other", "backend=tf")
+
+
+def test_jax_backend_writes_the_step_metrics_of_the_torch_path(texts, tmp_path):
+    import csv
+    import math
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def rows_of(run):
+        with open(run / "train_metrics.csv", newline="") as f:
+            return list(csv.DictReader(f))
+
+    _run(texts, tmp_path / "torch", "logger.log_every=1")
+    _run(texts, tmp_path / "jax", "backend=jax", "logger.log_every=1")
+    theirs, ours = rows_of(tmp_path / "torch"), rows_of(tmp_path / "jax")
+    assert list(ours[0]) == list(theirs[0]) == ["step", "epoch", "loss", "lr", "grad_norm",
+                                                "tokens_per_s", "peak_mem_mib"]
+    assert [r["step"] for r in ours] == [str(i) for i in range(1, 9)]  # 2 epochs of 4 steps
+    assert [r["epoch"] for r in ours] == [r["epoch"] for r in theirs] == ["0"] * 4 + ["1"] * 4
+    for a, b in zip(ours, theirs, strict=True):
+        assert math.isfinite(float(a["loss"])) and math.isfinite(float(a["lr"]))
+        assert float(a["tokens_per_s"]) > 0 and float(a["peak_mem_mib"]) > 0
+        for key in ("loss", "lr", "grad_norm"):  # the same run, so the same values
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4), (a["step"], key)
+    events = EventAccumulator(str(tmp_path / "jax" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/grad_norm")] == list(range(1, 9))

@@ -159,6 +159,29 @@ def test_tune_lora_is_train_lora_finetune(tiny_overrides, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_tune_dpo_and_tune_distill_run_their_recipes(tiny_overrides, tiny_model_dir, tmp_path):
+    from mlx_train.recipes import TUNE_ALIASES
+
+    assert TUNE_ALIASES["dpo"] == "dpo" and TUNE_ALIASES["distill"] == "distill"
+    listed = mlx("tune", "--help")
+    assert listed.exit_code == 0 and "dpo" in listed.output and "distill" in listed.output
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 1}", "chosen": f"w{i + 1} w{i}",
+                                         "rejected": f"w{i} w{i + 1}"}) + "\n"
+                             for i in range(20, 44)))
+    fast = [o for o in tiny_overrides if o.startswith(("model", "train.", "eval."))]
+    dpo = mlx("tune", "dpo", *fast, "data=preference", f"data.train_files={pairs}", "data.bs=8",
+              "logger=none", f"output_dir={tmp_path / 'dpo'}")
+    assert dpo.exit_code == 0, dpo.output
+    assert {"rewards/accuracies", "rewards/margins"} <= set(metrics_of(tmp_path / "dpo"))
+    assert (tmp_path / "dpo" / "adapter" / "adapter_config.json").is_file()
+    distill = mlx("tune", "distill", f"teacher.source={tiny_model_dir}", "model=tiny-llama",
+                  *[o for o in tiny_overrides if o.startswith(("data", "train.", "eval."))],
+                  "eval.exact_match=false", "logger=none", f"output_dir={tmp_path / 'kd'}")
+    assert distill.exit_code == 0, distill.output
+    assert "kl" in metrics_of(tmp_path / "kd")
+
+
 def test_quantize_without_an_adapter_is_refused(tiny_overrides):
     with pytest.raises(ValueError, match="needs an adapter"):
         recipes.run("full_finetune", [*tiny_overrides, "quantize=nf4"])

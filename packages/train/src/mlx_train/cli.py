@@ -1,5 +1,5 @@
-"""``mlx recipes list|show|copy``, ``mlx train RECIPE [key=value ...]``, ``mlx tune lora|qlora|full``
-and ``mlx quickstart``."""
+"""``mlx recipes list|show|copy``, ``mlx train RECIPE [key=value ...]``,
+``mlx tune lora|qlora|full|dpo|distill`` and ``mlx quickstart``."""
 
 from __future__ import annotations
 
@@ -17,13 +17,14 @@ console = Console()
 recipes_app = typer.Typer(help="torchtune-style recipes: list them, show a composed config, copy "
                                "one to edit.", no_args_is_help=True)
 tune_app = typer.Typer(help="Shortcuts: `mlx tune lora ARGS` is `mlx train lora_finetune ARGS` "
-                            "(also qlora, full).", no_args_is_help=True)
+                            "(also qlora, full, dpo, distill).", no_args_is_help=True)
 
 OVERRIDES_HELP = ("Config overrides in Hydra's syntax: key=value, group=option, +new_key=value, "
                   "~key; with -m, comma lists sweep (optimizer.lr=1e-4,3e-4).")
 CONFIG_DIR_HELP = ("A directory searched before the package's configs (see `mlx recipes copy`).")
 NPROC_HELP = ("Processes to train on (torchrun, data-parallel: DDP, or FSDP2 with "
-              "train.strategy=fsdp); data.bs stays the global batch.")
+              "train.strategy=fsdp); data.bs stays the global batch. With -m, each sweep job "
+              "runs on N processes, one job after another.")
 
 
 @recipes_app.command("list")
@@ -68,25 +69,25 @@ def copy(recipe: str = typer.Argument(..., help="A recipe name (mlx recipes list
 def run_recipe(recipe: str, overrides: list[str] | None, config_dir: Path | None,
                multirun: bool, nproc: int = 1) -> None:
     from mlx_train import recipes
-
-    if nproc != 1:
-        if multirun:
-            raise ValueError("--nproc runs one job on several processes; run the jobs of a sweep "
-                             "(-m) one at a time: mlx train RECIPE --nproc N key=value ...")
-        from mlx_train.recipes.launch import launch
-
-        launch(recipe, overrides or [], config_dir, nproc)
-        return
     from mlx_train.recipes import optuna_search
 
     if not multirun:
         if optuna_search.requested(overrides):
             raise ValueError("hydra/sweeper=optuna runs a search of several trials: add -m")
-        recipes.run(recipe, overrides or [], config_dir)
+        if nproc != 1:
+            from mlx_train.recipes.launch import launch
+
+            launch(recipe, overrides or [], config_dir, nproc)
+        else:
+            recipes.run(recipe, overrides or [], config_dir)
         return
     from mlx_train.recipes.multirun import table
 
     if optuna_search.requested(overrides):  # an Optuna search instead of the grid
+        if nproc != 1:
+            raise ValueError("--nproc runs the jobs of a grid sweep on several processes; an "
+                             "Optuna search (hydra/sweeper=optuna) runs its trials in this "
+                             "process: drop --nproc")
         jobs, best = optuna_search.run_search(recipes.get(recipe), overrides, config_dir)
         Console().print(table(jobs, title=f"mlx train {recipe} -m hydra/sweeper=optuna"))
         if best is not None:
@@ -97,8 +98,9 @@ def run_recipe(recipe: str, overrides: list[str] | None, config_dir: Path | None
                           highlight=False)
         optuna_search.check_failures(jobs, overrides)
         return
-    jobs = recipes.sweep(recipe, overrides or [], config_dir)
-    Console().print(table(jobs, title=f"mlx train {recipe} -m"))  # the terminal's width now
+    jobs = recipes.sweep(recipe, overrides or [], config_dir, nproc)
+    title = f"mlx train {recipe} -m" + (f" --nproc {nproc}" if nproc != 1 else "")
+    Console().print(table(jobs, title=title))  # the terminal's width now
     failed = [i for i, job in enumerate(jobs) if job.error]
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(jobs)} sweep jobs failed: {failed}")

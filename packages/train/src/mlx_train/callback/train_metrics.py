@@ -10,7 +10,9 @@ steps in between. The gradient norm is taken at the interval's last step only, a
 A *sink* is any attached callback with ``log_batch(values, step)``: ``MetricsCSVLogger`` and
 the tracker loggers (``TensorBoardCallback``, ``MLflowCallback``, ``WandbCallback``). While
 ``TrainMetrics`` is attached it is their only source of per-step values (their own per-batch
-loss / lr logging is paused), so each tag has one writer.
+loss / lr logging is paused), so each tag has one writer. A training loop without a Learner
+(``pretrain backend=jax``) makes its own rows and sends them through ``LoopLoggers``: the same
+CSV file and TensorBoard tags.
 """
 
 from __future__ import annotations
@@ -84,7 +86,10 @@ class TrainMetrics(Callback):
       before clipping;
     - ``train/tokens_per_s`` for token batches (real tokens, see ``count_tokens``), else
       ``train/items_per_s``: over the interval's training time (validation excluded);
-    - ``train/peak_mem_mib``: peak memory so far (``peak_memory_mib``).
+    - ``train/peak_mem_mib``: peak memory so far (``peak_memory_mib``);
+    - ``train/<name>`` for each of ``batch_metrics`` (``mlx_train.metrics.Metric``s, empty by
+      default; a recipe adds them, e.g. dpo's rewards): accumulated over the interval's
+      training batches, as they are over a validation epoch.
 
     The step is ``learn.train_iter`` (training batches done, restored on resume; with gradient
     accumulation several batches make one step), as the tracker loggers use. Each row also goes
@@ -99,6 +104,7 @@ class TrainMetrics(Callback):
             raise ValueError(f"log_every must be at least 1 (optimizer steps), got {log_every}")
         self.log_every = log_every
         self.rows: list[dict] = []
+        self.batch_metrics: list = []
 
     # -- the interval's running totals -------------------------------------------------------
     def _reset(self) -> None:
@@ -107,6 +113,8 @@ class TrainMetrics(Callback):
         self.n_items = 0
         self.train_s = 0.0
         self.norm = None
+        for metric in self.batch_metrics:
+            metric.reset()
 
     def before_fit(self):
         self._reset()
@@ -152,6 +160,8 @@ class TrainMetrics(Callback):
         else:
             self.loss_sum += loss  # in place, on the device: nothing read back per batch
         self.n_batches += 1
+        for metric in self.batch_metrics:
+            metric.accumulate(learn)
         tokens = count_tokens(learn.xb, learn.yb)
         if self.tokens is None:
             self.tokens = tokens is not None
@@ -197,6 +207,9 @@ class TrainMetrics(Callback):
         else:
             values["train/items_per_s"] = self.n_items / seconds if seconds > 0 else 0.0
         values["train/peak_mem_mib"] = peak_memory_mib(self.device)
+        for metric in self.batch_metrics:
+            if (value := metric.value) is not None:
+                values[f"train/{metric.name}"] = float(value)
         return values
 
     def log(self, step: int) -> dict:
@@ -221,12 +234,22 @@ class MetricsCSVLogger(Callback):
         self.fname, self.append = Path(fname), append
         self.file = self.writer = None
         self.columns: list[str] | None = None
+        self.directory: Path | None = None  # set by ``open``: a loop without a Learner
 
     @property
     def filepath(self) -> Path:
-        return self.fname if self.fname.is_absolute() else Path(self.learn.path) / self.fname
+        if self.fname.is_absolute():
+            return self.fname
+        return Path(self.learn.path if self.directory is None else self.directory) / self.fname
 
     def before_fit(self):
+        self.open()
+
+    def open(self, directory: str | Path | None = None) -> None:
+        """Open the file for rows: in ``directory`` (a loop without a Learner), else in the
+        learner's path (``before_fit``)."""
+        if directory is not None:
+            self.directory = Path(directory)
         path = self.filepath
         path.parent.mkdir(parents=True, exist_ok=True)
         self.columns = None
@@ -236,8 +259,8 @@ class MetricsCSVLogger(Callback):
         self.file = path.open("a" if self.append else "w", newline="")
         self.writer = csv.writer(self.file)
 
-    def log_batch(self, values: dict, step: int) -> None:
-        row = {"step": step, "epoch": self.learn.epoch,
+    def log_batch(self, values: dict, step: int, epoch: int | None = None) -> None:
+        row = {"step": step, "epoch": self.learn.epoch if epoch is None else epoch,
                **{k.removeprefix("train/"): v for k, v in values.items()}}
         if self.columns is None:
             self.columns = list(row)
@@ -260,6 +283,62 @@ class MetricsCSVLogger(Callback):
     def read_log(self) -> list[dict]:
         with self.filepath.open(newline="") as f:
             return list(csv.DictReader(f))
+
+
+class LoopLoggers:
+    """The step-metric sinks of a ``logger=`` config for a training loop without a Learner
+    (``pretrain backend=jax``): its ``MetricsCSVLogger`` and ``TensorBoardCallback``, writing
+    in ``directory`` the file and tags a Learner's run writes. The loop makes each row (keys as
+    ``TrainMetrics.values``) every ``log_every`` optimizer steps (``TrainMetrics``' setting;
+    None: the config makes no step metrics) and sends it with ``log(values, step, epoch)``
+    (kept in ``rows`` too); ``close()`` at the end. MLflow / W&B describe a Learner's run and
+    are left out (``skipped``)."""
+
+    def __init__(self, loggers, directory: str | Path):
+        from mlx_train.callback.loggers import TensorBoardCallback
+
+        loggers = loggers if isinstance(loggers, list) else [loggers] if loggers else []
+        source = next((cb for cb in loggers if isinstance(cb, TrainMetrics)), None)
+        self.log_every = source.log_every if source is not None else None
+        self.csv = self.tensorboard = self.tensorboard_dir = None
+        self.skipped: list[Callback] = []
+        self.rows: list[dict] = []
+        if self.log_every is None:
+            return
+        for cb in loggers:
+            if isinstance(cb, MetricsCSVLogger):
+                self.csv = cb
+                cb.open(directory)
+            elif isinstance(cb, TensorBoardCallback):
+                self.tensorboard = cb
+                log_dir = cb.log_dir if cb.log_dir.is_absolute() else Path(directory) / cb.log_dir
+                # its before_fit also records a Learner's hyper-parameters: open the writer only
+                cb.writer = cb._writer_cls(log_dir=str(log_dir))
+                self.tensorboard_dir = log_dir
+            elif callable(getattr(cb, "log_batch", None)):
+                self.skipped.append(cb)
+
+    def where(self) -> list[str]:
+        """One line per place the rows go (as ``where_logged`` says it for a Learner)."""
+        lines = []
+        if self.csv is not None:
+            lines.append(f"step metrics every {self.log_every} optimizer steps: "
+                         f"{self.csv.filepath}")
+        if self.tensorboard is not None:
+            lines.append(f"TensorBoard: tensorboard --logdir {self.tensorboard_dir}")
+        return lines
+
+    def log(self, values: dict[str, float], step: int, epoch: int) -> None:
+        self.rows.append({"step": step, "epoch": epoch, **values})
+        if self.csv is not None:
+            self.csv.log_batch(values, step, epoch)
+        if self.tensorboard is not None:
+            self.tensorboard.log_batch(values, step)
+
+    def close(self) -> None:
+        for sink in (self.csv, self.tensorboard):
+            if sink is not None:
+                sink.cleanup()
 
 
 Switch = bool | Literal["auto"]
@@ -328,5 +407,5 @@ def where_logged(learn) -> list[str]:
     return lines
 
 
-__all__ = ["MetricsCSVLogger", "TrainMetrics", "count_tokens", "grad_norm", "peak_memory_mib",
-           "run_loggers", "where_logged"]
+__all__ = ["LoopLoggers", "MetricsCSVLogger", "TrainMetrics", "count_tokens", "grad_norm",
+           "peak_memory_mib", "run_loggers", "where_logged"]

@@ -7,10 +7,10 @@ point) with a primary config ``recipe/<name>.yaml`` in ``mlx_train.conf``. From 
     from mlx_train import recipes
     cfg = recipes.compose("lora_finetune", ["optimizer=sgd", "epochs=2"])   # validated
     metrics = recipes.run("lora_finetune", ["output_dir=runs/a"])
-    jobs = recipes.sweep("lora_finetune", ["optimizer.lr=1e-4,3e-4"])
+    jobs = recipes.sweep("lora_finetune", ["optimizer.lr=1e-4,3e-4"])   # nproc=2: 2 processes a job
 
 From the shell: ``mlx recipes list|show|copy``, ``mlx train RECIPE key=value ... [-m]``,
-``mlx tune lora|qlora|full ...``.
+``mlx tune lora|qlora|full|dpo|distill ...``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ RECIPES = [
 ]
 
 # `mlx tune NAME` -> recipe
-TUNE_ALIASES = {"lora": "lora_finetune", "qlora": "qlora_finetune", "full": "full_finetune"}
+TUNE_ALIASES = {"lora": "lora_finetune", "qlora": "qlora_finetune", "full": "full_finetune",
+                "dpo": "dpo", "distill": "distill"}
 
 
 def register() -> None:
@@ -91,11 +92,12 @@ def run(name: str, overrides=(), config_dir=None) -> dict:
     return recipe(compose_config(recipe, overrides, config_dir))
 
 
-def sweep(name: str, overrides=(), config_dir=None):
-    """Run the cartesian product of comma-list overrides (see ``mlx_train.recipes.multirun``)."""
+def sweep(name: str, overrides=(), config_dir=None, nproc: int = 1):
+    """Run the cartesian product of comma-list overrides (see ``mlx_train.recipes.multirun``),
+    each job on ``nproc`` processes when ``nproc > 1``."""
     from mlx_train.recipes.multirun import run_sweep
 
-    return run_sweep(get(name), overrides, config_dir)
+    return run_sweep(get(name), overrides, config_dir, nproc)
 
 
 def config_file(config_module: str, config_name: str) -> Path:

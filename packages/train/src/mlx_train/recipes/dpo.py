@@ -17,7 +17,9 @@ log-probs summed over the response tokens:
   length-normalised form TRL uses, confirmed by the IPO authors).
 Validation metrics, as TRL names them: ``rewards/chosen`` and ``rewards/rejected`` (β times
 each log-ratio), ``rewards/accuracies`` (share of pairs with chosen > rejected reward) and
-``rewards/margins`` (their mean difference).
+``rewards/margins`` (their mean difference). As TRL does, the training batches' rewards are
+logged too: the step-metrics rows (``train_metrics.csv``, TensorBoard's ``train/rewards/*``)
+carry the four, averaged over each interval's pairs, from the loss's own per-pair values.
 """
 
 from __future__ import annotations
@@ -181,22 +183,24 @@ class DPOLoss(nn.Module):
 
 
 class RewardMetric(Metric):
-    """The validation mean, over pairs, of one of ``DPOLoss.stats``' values."""
+    """The mean, over pairs, of one of ``DPOLoss.stats``' values: over a validation epoch, or
+    over a step-metrics interval's training batches (``TrainMetrics.batch_metrics``)."""
 
     def __init__(self, key: str):
         self.key = key
 
     def reset(self) -> None:
-        self.total, self.count = 0.0, 0
+        self.total, self.count = None, 0
 
     def accumulate(self, learn) -> None:
         values = learn.loss_func.stats(learn.pred, *learn.yb)[self.key]
-        self.total += float(values.sum())
+        total = values.sum()  # stays on the device: read once, by ``value``
+        self.total = total if self.total is None else self.total + total
         self.count += values.numel()
 
     @property
     def value(self):
-        return self.total / self.count if self.count else None
+        return float(self.total) / self.count if self.count else None
 
     @property
     def name(self) -> str:
@@ -208,6 +212,13 @@ REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "r
 
 def reward_metrics() -> list[RewardMetric]:
     return [RewardMetric(k) for k in REWARD_METRICS]
+
+
+def log_train_rewards(learn) -> None:
+    """Add the training batches' rewards to the step-metrics rows, when the logger makes them."""
+    step_metrics = learn.cb("train_metrics")
+    if step_metrics is not None:
+        step_metrics.batch_metrics = reward_metrics()
 
 
 # -- the recipe -----------------------------------------------------------------------------
@@ -261,6 +272,7 @@ def dpo(cfg: DictConfig) -> dict:
     learn = Learner(data.dls, pairs, loss, opt_func=opt_func, lr=lr, path=run.path,
                     model_dir=CHECKPOINT_DIR, metrics=reward_metrics(),
                     cbs=training_callbacks(cfg, data.dls), progress=cfg.train.progress)
+    log_train_rewards(learn)
     announce_logs(learn)
     before = metrics_before(cfg, learn, REWARD_METRICS)
     if before:
@@ -284,4 +296,4 @@ def _shown(values: dict) -> str:
 
 
 __all__ = ["ADAPTER_OFF", "DPOLoss", "PolicyOutput", "PreferenceModel", "REWARD_METRICS",
-           "RewardMetric", "dpo", "reward_metrics", "sequence_logps"]
+           "RewardMetric", "dpo", "log_train_rewards", "reward_metrics", "sequence_logps"]

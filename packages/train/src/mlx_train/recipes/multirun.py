@@ -2,8 +2,9 @@
 
 Overrides are parsed with Hydra's own override grammar (``OverridesParser``): comma lists,
 ``choice(...)``, ``range(...)``; the jobs are their cartesian product, as Hydra's basic sweeper
-makes them. They run in this process, one after another, each in ``output_dir/<job number>``.
-Every job's config is composed and validated before the first one starts.
+makes them. They run one after another, each in ``output_dir/<job number>``: in this process,
+or with ``--nproc N`` each on N processes through ``launch`` (torchrun). Every job's config is
+composed and validated before the first one starts.
 """
 
 from __future__ import annotations
@@ -74,18 +75,26 @@ def plan(recipe, overrides, config_dir=None) -> list[Job]:
     return jobs
 
 
-def run_sweep(recipe, overrides, config_dir=None) -> list[Job]:
-    """Run every job of the sweep (a failing job is recorded and the next one runs)."""
+def run_sweep(recipe, overrides, config_dir=None, nproc: int = 1) -> list[Job]:
+    """Run every job of the sweep (a failing job is recorded and the next one runs); with
+    ``nproc > 1``, each job on ``nproc`` processes (``mlx_train.recipes.launch``)."""
     from mlx_train.recipes.base import say
     from mlx_train.recipes.config import compose_config
+    from mlx_train.recipes.launch import launch
 
+    if nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {nproc}")
     jobs = plan(recipe, overrides, config_dir)
-    say(f"sweep: {len(jobs)} job(s) of {recipe.name}")
+    on = f" on {nproc} processes each" if nproc > 1 else ""
+    say(f"sweep: {len(jobs)} job(s) of {recipe.name}{on}")
     for i, job in enumerate(jobs):
         shown = " ".join(f"{k}={v}" for k, v in job.swept.items())
         say(f"[bold]job {i}[/bold]: {shown}")
         try:
-            job.metrics = recipe(compose_config(recipe, job.overrides, config_dir))
+            if nproc > 1:
+                job.metrics = launch(recipe.name, job.overrides, config_dir, nproc)
+            else:
+                job.metrics = recipe(compose_config(recipe, job.overrides, config_dir))
         except Exception as e:  # noqa: BLE001 - one failed job must not lose the others' results
             job.error = f"{type(e).__name__}: {e}"
             say(f"[red]job {i} failed[/red]: {job.error}")

@@ -12,10 +12,13 @@ with fewer than 2 dimensions). The loss is the zoo's, through ``mlx_jax``'s jitt
 steps once per ``k`` batches (their gradients summed over tokens).
 
 What a run writes matches the torch path: ``history.csv`` (epoch, train_loss: the debiased
-moving average the Recorder keeps, valid_loss, perplexity, time), ``run_dir/model`` (HF format
-with the tokenizer) and ``checkpoints/last.safetensors`` (here: parameters, optimizer state,
-step and the data loaders' generators, in the same file the torch path uses), from which
-``resume=true`` continues exactly.
+moving average the Recorder keeps, valid_loss, perplexity, time), the step metrics of the
+``logger`` config (``train_metrics.csv`` and TensorBoard: loss, lr, grad_norm before clipping,
+tokens_per_s, peak_mem_mib every ``logger.log_every`` optimizer steps, as ``TrainMetrics``
+logs them; through ``LoopLoggers``), ``run_dir/model`` (HF format with the tokenizer) and
+``checkpoints/last.safetensors`` (here: parameters, optimizer state, step and the data
+loaders' generators, in the same file the torch path uses), from which ``resume=true``
+continues exactly.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mlx_train.recipes.base import RunDir, instantiate, say
+from mlx_train.recipes.base import RunDir, has_node, instantiate, say
 
 MOMS = (0.95, 0.85, 0.95)  # the Learner's default (fastai's): Adam's beta1 through 1cycle
 HISTORY_FIELDS = ["epoch", "train_loss", "valid_loss", "perplexity", "time"]
@@ -109,6 +112,67 @@ def _loader_generators(data) -> list[torch.Generator]:
             for g in getattr(loader, "generators", [])]
 
 
+# -- step metrics -----------------------------------------------------------------------------
+def _peak_mem_mib() -> float:
+    """The accelerator's peak bytes in use where JAX reports them, else the process's peak RSS
+    (as ``peak_memory_mib`` measures a CPU run)."""
+    import jax
+
+    from mlx_train.callback.train_metrics import peak_memory_mib
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else peak_memory_mib()
+
+
+class StepMetrics:
+    """The rows ``TrainMetrics`` makes for a Learner, from the jitted steps: every ``log_every``
+    optimizer steps the interval's mean loss, the lr and gradient norm (before clipping) of its
+    last step, real (unmasked) tokens per second of training time, and peak memory; a last,
+    shorter interval when training ends. The step is loader batches done (``train_iter``)."""
+
+    def __init__(self, loggers, lr_table: list[float]):
+        self.loggers, self.lr_table = loggers, lr_table
+        self._reset()
+
+    def _reset(self) -> None:
+        self.losses, self.tokens, self.seconds, self.last = [], 0, 0.0, None
+
+    def add(self, loss: float, metrics: dict, batch: dict, seconds: float, opt_step: int,
+            train_iter: int, epoch: int) -> None:
+        if self.loggers.log_every is None:
+            return
+        self.losses.append(loss)
+        self.tokens += int(batch["attention_mask"].sum())
+        self.seconds += seconds
+        self.last = (metrics, opt_step, train_iter, epoch)
+        if len(self.losses) == self.loggers.log_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.losses:
+            return
+        metrics, opt_step, train_iter, epoch = self.last
+        values = {"train/loss": sum(self.losses) / len(self.losses),
+                  "train/lr": self.lr_table[min(opt_step, len(self.lr_table) - 1)],
+                  "train/grad_norm": float(metrics["grad_norm"]),
+                  "train/tokens_per_s": self.tokens / self.seconds if self.seconds > 0 else 0.0,
+                  "train/peak_mem_mib": _peak_mem_mib()}
+        self.loggers.log(values, train_iter, epoch)
+        self._reset()
+
+
+def _loop_loggers(cfg: DictConfig, run: RunDir):
+    from mlx_train.callback.train_metrics import LoopLoggers
+
+    loggers = LoopLoggers(instantiate(cfg.logger) if has_node(cfg, "logger") else [], run.path)
+    for line in loggers.where():
+        say(f"logging {line}")
+    for cb in loggers.skipped:
+        say(f"backend=jax: {type(cb).__name__} is not supported; step metrics go to the CSV "
+            "file and TensorBoard")
+    return loggers
+
+
 # -- checkpoints ------------------------------------------------------------------------------
 JAX_FORMAT = "mlx-train-jax-state"
 
@@ -162,7 +226,8 @@ def pretrain_jax(cfg: DictConfig, run: RunDir, data, torch_model, tokenizer) -> 
     total = cfg.epochs * n_steps
     node = OmegaConf.to_container(cfg.optimizer, resolve=True)
     lr = float(node["lr"])
-    tx = _optimizer(cfg, hyper_schedules(cfg, lr, total), cfg.train.grad_clip or None)
+    tables = hyper_schedules(cfg, lr, total)
+    tx = _optimizer(cfg, tables, cfg.train.grad_clip or None)
     model = _jax_model(torch_model)
     state = create_train_state(model, tx)
     checkpoint = run.checkpoint
@@ -181,30 +246,44 @@ def pretrain_jax(cfg: DictConfig, run: RunDir, data, torch_model, tokenizer) -> 
         hidden, _ = m.model(batch["input_ids"], batch["attention_mask"])
         return m.loss_terms(hidden, batch["labels"])  # (sum of token losses, token count)
 
+    loggers = _loop_loggers(cfg, run)
+    step_metrics = StepMetrics(loggers, tables["lr"])
+    opt_step, train_iter = start * n_steps, start * len(data.dls.train)  # a resumed run's
     beta, (count, val) = 0.98, smooth
-    for epoch in range(start, cfg.epochs):
-        epoch_start = time.time()
-        for batch, _ in _batches(data.dls.train, grad_accum):
-            state, metrics = train_step(state, batch, accum_steps=1)
-            count, val = count + 1, beta * val + (1 - beta) * float(metrics["loss"])
-        train_loss = val / (1 - beta**count)
-        # the Learner's AvgLoss: each batch's mean loss weighted by its number of rows
-        weighted, rows = 0.0, 0
-        for ids, mask, labels in data.dls.valid:
-            s, n = valid_terms(state.params, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
-                                              "labels": labels.numpy()})
-            weighted += float(s) / max(int(n), 1) * ids.shape[0]
-            rows += ids.shape[0]
-        valid_loss = weighted / rows
-        history.append({"epoch": epoch, "train_loss": train_loss, "valid_loss": valid_loss,
-                        "perplexity": math.exp(valid_loss),
-                        "time": round(time.time() - epoch_start, 1)})
-        say(f"epoch {epoch}: train_loss {train_loss:.4f} valid_loss {valid_loss:.4f}")
-        if cfg.save.checkpoint_every and ((epoch + 1) % cfg.save.checkpoint_every == 0
-                                          or epoch + 1 == cfg.epochs):
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            _save_checkpoint(checkpoint, state, data, {"epochs_done": epoch + 1,
-                                                       "smooth": [count, val], "history": history})
+    try:
+        for epoch in range(start, cfg.epochs):
+            epoch_start, tick = time.time(), time.perf_counter()
+            for batch, n_batches in _batches(data.dls.train, grad_accum):
+                state, metrics = train_step(state, batch, accum_steps=1)
+                loss = float(metrics["loss"])
+                count, val = count + 1, beta * val + (1 - beta) * loss
+                train_iter += n_batches
+                step_metrics.add(loss, metrics, batch, time.perf_counter() - tick, opt_step,
+                                 train_iter, epoch)
+                opt_step, tick = opt_step + 1, time.perf_counter()
+            train_loss = val / (1 - beta**count)
+            # the Learner's AvgLoss: each batch's mean loss weighted by its number of rows
+            weighted, rows = 0.0, 0
+            for ids, mask, labels in data.dls.valid:
+                s, n = valid_terms(state.params, {"input_ids": ids.numpy(),
+                                                  "attention_mask": mask.numpy(),
+                                                  "labels": labels.numpy()})
+                weighted += float(s) / max(int(n), 1) * ids.shape[0]
+                rows += ids.shape[0]
+            valid_loss = weighted / rows
+            history.append({"epoch": epoch, "train_loss": train_loss, "valid_loss": valid_loss,
+                            "perplexity": math.exp(valid_loss),
+                            "time": round(time.time() - epoch_start, 1)})
+            say(f"epoch {epoch}: train_loss {train_loss:.4f} valid_loss {valid_loss:.4f}")
+            if cfg.save.checkpoint_every and ((epoch + 1) % cfg.save.checkpoint_every == 0
+                                              or epoch + 1 == cfg.epochs):
+                checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                _save_checkpoint(checkpoint, state, data, {"epochs_done": epoch + 1,
+                                                           "smooth": [count, val],
+                                                           "history": history})
+        step_metrics.flush()  # the last, shorter interval
+    finally:
+        loggers.close()
     _write_history(run / "history.csv", history)
     nnx.update(model, state.params)
     saved = save_model(model, run / "model", tokenizer=tokenizer.hf, overwrite=True)
