@@ -14,13 +14,53 @@ import torch.nn.functional as F
 from mlx_kernels.dispatch import backend_for
 
 
-def lora_linear_reference(x, weight, lora_a, lora_b, scaling: float, bias=None):
+def _lora_forward(x, weight, lora_a, lora_b, scaling: float, bias=None):
+    """The reference's output and ``x Aᵀ``."""
     y = F.linear(x, weight, bias)
     xa = F.linear(x, lora_a)
     # the low-rank product accumulates into the base output inside one GEMM (alpha = scaling):
-    # no [N, out] temporaries for the scale and the sum, forward or backward
+    # no [N, out] temporaries for the scale and the sum
     out = y.reshape(-1, y.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), lora_b.t(), alpha=scaling)
-    return out.view(y.shape)
+    return out.view(y.shape), xa
+
+
+def lora_linear_reference(x, weight, lora_a, lora_b, scaling: float, bias=None):
+    return _lora_forward(x, weight, lora_a, lora_b, scaling, bias)[0]
+
+
+class LoRALinearTorchFunction(torch.autograd.Function):
+    """The reference's forward with a hand-written backward that adds the low-rank part of dx
+    into the base part inside one GEMM, ``dx = dy W`` then ``dx += s (dy B) A`` (``addmm_``):
+    autograd on the reference makes ``(s dy B) A`` and the sum as two more ``[N, in]`` tensors
+    per layer. Saves what autograd would (x, the weights and ``x Aᵀ``); gradients not asked for
+    (a frozen base weight) are not computed."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, scaling, bias):
+        out, xa = _lora_forward(x, weight, lora_a, lora_b, scaling, bias)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
+        ctx.scaling, ctx.has_bias = scaling, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        needs, s = ctx.needs_input_grad, ctx.scaling
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        x2d = x.reshape(-1, x.shape[-1])
+        dy_b = dy2d @ lora_b  # [N, r]
+        dx = dw = da = db = dbias = None
+        if needs[0]:
+            dx = (dy2d @ weight).addmm_(dy_b, lora_a, alpha=s).view(x.shape)
+        if needs[1]:
+            dw = dy2d.t() @ x2d
+        if needs[2]:
+            da = (dy_b.t() @ x2d).mul_(s)
+        if needs[3]:
+            db = (dy2d.t() @ xa.reshape(-1, xa.shape[-1])).mul_(s)
+        if ctx.has_bias and needs[5]:
+            dbias = dy2d.sum(0)
+        return dx, dw, da, db, None, dbias
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -60,7 +100,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
                          f"[r, in] and lora_b [out, r]; got {tuple(lora_a.shape)}, {tuple(lora_b.shape)}")
     if backend_for(x.device) == "triton":
         return LoRALinearFunction.apply(x, weight, lora_a, lora_b, float(scaling), bias)
-    return lora_linear_reference(x, weight, lora_a, lora_b, scaling, bias)
+    return LoRALinearTorchFunction.apply(x, weight, lora_a, lora_b, float(scaling), bias)
 
 
 def lora_linear_multi_reference(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=None):

@@ -15,23 +15,31 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6)
 
 class RMSNormTorchFunction(torch.autograd.Function):
     """The reference's math with a lean backward: saves x and the per-row rstd only (autograd
-    on the reference would keep the fp32 copy and the normalised tensor too)."""
+    on the reference would keep the fp32 copy and the normalised tensor too), and few full-size
+    temporaries (each a fresh page-faulted block on CPU): the forward scales in place, the
+    backward builds dx in one buffer and takes the row dot products without a product tensor."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
         h = x.float()
         rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (h * rstd).to(x.dtype)
+        normed = h * rstd
+        if x.dtype == torch.float32 and weight.dtype == torch.float32:
+            return normed.mul_(weight)  # == weight * normed, bit for bit
+        return weight * normed.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        normed = x.float() * rstd
-        dw = (dy * normed.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
-        d_normed = (dy * weight).float()
-        dx = rstd * (d_normed - normed * (d_normed * normed).mean(-1, keepdim=True))
-        return dx.to(x.dtype), None if dw is None else dw.to(weight.dtype), None
+        normed = x.float() * rstd  # fresh: in-place below is safe
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (dy * normed.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        d_normed = (dy * weight).float()  # fresh (a product), so it can hold dx
+        mean_dot = torch.linalg.vecdot(d_normed, normed).unsqueeze(-1).div_(x.shape[-1])
+        dx = d_normed.sub_(normed.mul_(mean_dot)).mul_(rstd)
+        return dx.to(x.dtype), dw, None
 
 
 class RMSNormFunction(torch.autograd.Function):

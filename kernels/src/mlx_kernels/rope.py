@@ -17,6 +17,26 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     return x * cos + rotate_half(x) * sin
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """``x * cos + R(x) * sin`` with ``R = rotate_half`` (``transpose``: ``R^T``) in one output
+    and one half-size scratch buffer instead of five full-size temporaries. The arithmetic is
+    the reference's (each product rounded, then one add or subtract), so the bits are too."""
+    h = x.shape[-1] // 2
+    x_lo, x_hi = x[..., :h], x[..., h:]
+    out = x * cos
+    lo, hi = out[..., :h], out[..., h:]
+    # R(x) = [-x_hi, x_lo]; R^T(x) = [x_hi, -x_lo]
+    if transpose:
+        scratch = torch.mul(x_hi, sin[..., h:])
+        lo.add_(scratch)
+        hi.sub_(torch.mul(x_lo, sin[..., :h], out=scratch))
+    else:
+        scratch = torch.mul(x_hi, sin[..., :h])
+        lo.sub_(scratch)
+        hi.add_(torch.mul(x_lo, sin[..., h:], out=scratch))
+    return out
+
+
 class RoPETorchFunction(torch.autograd.Function):
     """The reference's math saving only cos and sin (autograd would keep the rotated halves);
     the backward applies the transposed rotation: ``dy * cos + R^T(dy * sin)``."""
@@ -24,14 +44,19 @@ class RoPETorchFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return rope_reference(x, cos, sin)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+        if not x.dtype == cos.dtype == sin.dtype:  # the reference's type promotion
+            return x * cos + rotate_half(x) * sin
+        return _rotate(x, cos, sin, transpose=False)
 
     @staticmethod
     def backward(ctx, dy):
         cos, sin = ctx.saved_tensors
-        rotated = dy * sin.unsqueeze(1)
-        r1, r2 = rotated.chunk(2, dim=-1)
-        return dy * cos.unsqueeze(1) + torch.cat((r2, -r1), dim=-1), None, None
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        if not dy.dtype == cos.dtype == sin.dtype:
+            r1, r2 = (dy * sin).chunk(2, dim=-1)
+            return dy * cos + torch.cat((r2, -r1), dim=-1), None, None
+        return _rotate(dy, cos, sin, transpose=True), None, None
 
 
 class RoPEFunction(torch.autograd.Function):

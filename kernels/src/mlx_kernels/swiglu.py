@@ -13,21 +13,26 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 class SwiGLUTorchFunction(torch.autograd.Function):
-    """The reference's math saving only gate and up (autograd would keep silu(gate) too);
-    the backward recomputes the sigmoid."""
+    """The reference's math saving only gate and up (autograd would keep silu(gate) too), with
+    few full-size temporaries (each is a fresh page-faulted block on CPU): the forward writes
+    the product into silu's output, the backward recomputes the sigmoid and builds each gradient
+    in place in one buffer."""
 
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        out = F.silu(gate)
+        return out.mul_(up) if up.dtype == out.dtype else out * up  # == silu(gate) * up
 
     @staticmethod
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
-        g, sig = gate.float(), torch.sigmoid(gate.float())
-        silu = g * sig
-        d_gate = dy.float() * up.float() * sig * (1 + g * (1 - sig))
-        return d_gate.to(gate.dtype), (dy.float() * silu).to(up.dtype)
+        g, d = gate.float(), dy.float()  # in-place below only on fresh tensors, never on these
+        sig = torch.sigmoid(g)
+        d_up = (g * sig).mul_(d)  # dy * silu(g)
+        # dy * up * sig * (1 + g * (1 - sig)): silu's derivative, in one buffer
+        d_gate = torch.rsub(sig, 1).mul_(g).add_(1).mul_(sig).mul_(d).mul_(up.float())
+        return d_gate.to(gate.dtype), d_up.to(up.dtype)
 
 
 class SwiGLUFunction(torch.autograd.Function):
