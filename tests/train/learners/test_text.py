@@ -109,8 +109,17 @@ def test_marker_detection_on_a_tiny_random_zoo_model():
     acc = learn.recorder.values[-1][-1]
     print(f"marker detection accuracy (tiny-llama, random init): {acc:.4f}")
     assert acc >= 0.95
-    label, _, probs = learn.predict([7, 8, MARKER, 9])
-    assert label == "present" and probs[1] > 0.5
+    # predict on fresh items of the same task (any single item may be the rare miss: a marker
+    # early in a 4-token sequence is the hardest case, and rounding decides it)
+    items, truth = marker_data(40, seed=1)
+    hits = 0
+    for item, want in zip(items, truth, strict=True):
+        label, index, probs = learn.predict(item)
+        assert label == ["absent", "present"][int(index)] and int(index) == int(probs.argmax())
+        assert abs(float(probs.sum()) - 1) < 1e-5
+        hits += label == ["absent", "present"][want]
+    print(f"predict: {hits} of 40 fresh items right")
+    assert hits >= 36, f"predict got {hits} of 40 fresh items right"
 
 
 def test_gradual_unfreezing_stages():
