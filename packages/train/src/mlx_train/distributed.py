@@ -25,6 +25,11 @@ global batch's loss terms (tokens for ``CausalLMLoss``), so the averaged gradien
 gradient of the global batch's mean even when the slices hold different numbers of tokens.
 ``learn.loss`` is then the global batch's loss on every process. ``ddp=False`` leaves the model
 as it is (one already sharded with FSDP2 ``fully_shard``, which averages gradients itself).
+
+Step metrics (``TrainMetrics``, attached on rank 0 alone by the recipes): at ``before_fit``
+every process joins them (``TrainMetrics.join_ranks``), so that each logged row is reduced
+over the processes (the global batch's loss, tokens, batch metrics, gradient norm) and written
+by rank 0.
 """
 
 from __future__ import annotations
@@ -221,6 +226,10 @@ class DistributedCallback(Callback):
             self.ddp = DistributedDataParallel(
                 learn.model, device_ids=[p.device.index] if p.device.type == "cuda" else None,
                 find_unused_parameters=self.find_unused)
+        if world > 1:  # every process joins the step metrics' per-row reduction (rank 0 writes)
+            from mlx_train.callback.train_metrics import TrainMetrics
+
+            TrainMetrics.join_ranks(learn)
         if rank != 0:
             from mlx_train.callback.progress import no_log
 

@@ -13,6 +13,13 @@ the tracker loggers (``TensorBoardCallback``, ``MLflowCallback``, ``WandbCallbac
 loss / lr logging is paused), so each tag has one writer. A training loop without a Learner
 (``pretrain backend=jax``) makes its own rows and sends them through ``LoopLoggers``: the same
 CSV file and TensorBoard tags.
+
+Under ``torch.distributed`` (``mlx train RECIPE --nproc N``: DDP or FSDP2) the rows describe
+the GLOBAL batch, not rank 0's share of it: every process keeps a ``TrainMetrics`` (one
+without sinks on the processes other than rank 0, which alone writes; see
+``TrainMetrics.join_ranks``) and at each logged row, once, the processes exchange their
+interval's sums in one collective of a small tensor (``all_gather``): the losses and batch
+counts, the tokens or items, the ``batch_metrics``' totals and counts, the peak memory.
 """
 
 from __future__ import annotations
@@ -69,11 +76,41 @@ def count_tokens(xb, yb) -> torch.Tensor | None:
     return None
 
 
+def full_value(t):
+    """``t`` as a plain tensor: a ``DTensor`` (FSDP2's gradients and their norms) as its whole
+    value (``full_tensor()``: no communication for a replicated one, as
+    ``get_total_norm`` / ``clip_grad_norm_`` return it, else a collective every process must
+    join); anything else as it is."""
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
+
+
 def grad_norm(model: torch.nn.Module, norm_type: float = 2.0) -> torch.Tensor | None:
+    """The ``norm_type`` norm of all the gradients together (with FSDP2, over every shard: a
+    collective, so every process must call it)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return None
-    return torch.nn.utils.get_total_norm(grads, norm_type)
+    return full_value(torch.nn.utils.get_total_norm(grads, norm_type))
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def summed_state(metric) -> tuple[str, ...]:
+    """The attributes of a batch metric that add up over the processes: its
+    ``sum_over_ranks`` when it names them, else ``("total", "count")`` when it keeps both
+    (``AvgMetric``, ``AvgLoss``, dpo's ``RewardMetric``: its value is then ``total / count``
+    over the global batch), else none (its value stays rank 0's)."""
+    names = getattr(metric, "sum_over_ranks", None)
+    if names is not None:
+        return tuple(names)
+    return ("total", "count") if hasattr(metric, "total") and hasattr(metric, "count") else ()
 
 
 class TrainMetrics(Callback):
@@ -91,6 +128,17 @@ class TrainMetrics(Callback):
       default; a recipe adds them, e.g. dpo's rewards): accumulated over the interval's
       training batches, as they are over a validation epoch.
 
+    Several processes (``torch.distributed``, joined by ``join_ranks``, which
+    ``DistributedCallback`` calls): the row is the global batch's. ``train/loss`` is the mean
+    over every process's batches (the recipes' ``DistributedCallback(loss_count=...)`` already
+    makes each process's loss the global batch's, so the row equals the one-process run's;
+    without it, the mean of the processes' own means, which DDP's averaged gradient follows);
+    the tokens / items are every process's, over rank 0's interval time; each batch metric
+    sums its ``summed_state`` (totals and counts) over the processes before its ``value``;
+    ``train/grad_norm`` is the norm of the whole gradient (DDP's are already averaged; FSDP2's
+    sharded ``DTensor`` norm is taken whole, ``full_value``); ``train/peak_mem_mib`` is the
+    largest of the processes' peaks. Only rank 0 sends rows to the sinks.
+
     The step is ``learn.train_iter`` (training batches done, restored on resume; with gradient
     accumulation several batches make one step), as the tracker loggers use. Each row also goes
     to ``self.rows``; a last, shorter interval is logged when the fit ends.
@@ -105,6 +153,58 @@ class TrainMetrics(Callback):
         self.log_every = log_every
         self.rows: list[dict] = []
         self.batch_metrics: list = []
+        # set by join_ranks: reduce each row over the processes (every one has a TrainMetrics)
+        self.across_ranks = False
+        self.reduce_metrics = True  # False: the batch metrics could not be sent to every rank
+        self.joined = False  # added by join_ranks to a process without one: detached at the end
+        self.rank = 0
+
+    @classmethod
+    def join_ranks(cls, learn) -> TrainMetrics | None:
+        """Make every process's step metrics take part in the per-row reduction; every process
+        must call it, at ``before_fit`` before ``TrainMetrics``' own (``DistributedCallback``
+        does). Rank 0's ``TrainMetrics`` decides (the recipes attach loggers on rank 0 only):
+        its ``log_every`` and copies of its ``batch_metrics`` go to the other processes, and
+        one without a ``TrainMetrics`` gets one (no sinks; detached when the fit ends). Rank 0
+        without one: nothing is reduced. Returns this process's ``TrainMetrics`` (or None)."""
+        import pickle
+        import warnings
+
+        import torch.distributed as dist
+
+        rank, world = _rank_world()
+        own = learn.cb("train_metrics")
+        if world < 2:
+            return own
+        spec = None
+        if rank == 0 and own is not None:
+            try:
+                metrics = pickle.dumps(own.batch_metrics)
+            except Exception as e:  # noqa: BLE001 - any pickling failure: rank 0's values
+                warnings.warn(f"TrainMetrics: the batch metrics cannot be sent to the other "
+                              f"processes ({e}); their values are rank 0's", stacklevel=2)
+                metrics = None
+            spec = (own.log_every, metrics)
+        box = [spec]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            if own is not None:
+                own.across_ranks = False
+            return own
+        log_every, metrics = box[0]
+        if rank != 0:
+            added = own is None
+            if added:
+                own = cls(log_every)
+                own.joined = True
+            own.log_every = log_every
+            if metrics is not None:
+                own.batch_metrics = pickle.loads(metrics)
+            if added:
+                learn.add_cb(own)
+                own("before_fit")  # this event is under way: it has passed this process's list
+        own.across_ranks, own.reduce_metrics = True, metrics is not None
+        return own
 
     # -- the interval's running totals -------------------------------------------------------
     def _reset(self) -> None:
@@ -125,6 +225,7 @@ class TrainMetrics(Callback):
             cb.run_train = False
         p = next(self.learn.model.parameters(), None)
         self.device = p.device if p is not None else torch.device("cpu")
+        self.rank = _rank_world()[0]
         self.tokens = None  # token batches or not: decided by the first batch
         self.started = None
 
@@ -144,6 +245,8 @@ class TrainMetrics(Callback):
             clip = self.learn.cb("gradient_clip")
             if clip is not None:
                 self.norm = getattr(clip, "last_norm", None)
+                if self.norm is not None:
+                    self.norm = full_value(self.norm)  # FSDP2: a replicated DTensor
             else:
                 self.norm = grad_norm(self.learn.model)
             self._due = True
@@ -182,41 +285,72 @@ class TrainMetrics(Callback):
         for cb in getattr(self, "_paused", []):
             cb.run_train = True
         self._paused = []
+        learn = self.__dict__.get("learn")
+        # the fit is over (not a validate() inside it): the next fit joins again, or runs alone
+        if learn is not None and not getattr(learn, "in_fit", False):
+            self.across_ranks = False
+            if self.joined:
+                learn.remove_cb(self)  # join_ranks added it for this fit
 
     # -- reading the interval and sending it --------------------------------------------------
     def values(self) -> dict[str, float]:
-        """The interval's values (one host sync for the device tensors)."""
+        """The interval's values (one host sync for the device tensors; with several processes
+        joined, one collective first, which every process must reach)."""
         now = time.perf_counter()
         seconds = self.train_s + (now - self.started if self.started is not None else 0.0)
         if self.started is not None:
             self.started = now
-        parts = [self.loss_sum / self.n_batches]
-        if self.token_sum is not None:
-            parts.append(self.token_sum.to(parts[0]))
+        device = self.loss_sum.device if self.loss_sum is not None else self.device
+        summed = [self.loss_sum if self.loss_sum is not None else 0.0, float(self.n_batches),
+                  self.token_sum if self.token_sum is not None else float(self.n_items)]
+        states = [(m, a) for m in self.batch_metrics for a in summed_state(m)] \
+            if self.across_ranks and self.reduce_metrics else []
+        summed += [getattr(m, a) if getattr(m, a) is not None else 0.0 for m, a in states]
+        packed = torch.stack([torch.as_tensor(v).to(device, torch.float64) for v in summed])
+        peak = peak_memory_mib(self.device)
+        if self.across_ranks:
+            packed, peak = self._reduce(packed, peak)
         if self.norm is not None:
-            parts.append(torch.as_tensor(self.norm).to(parts[0]))
-        read = torch.stack(parts).tolist()
-        values = {"train/loss": read[0]}
+            packed = torch.cat([packed, torch.as_tensor(self.norm).to(packed).reshape(1)])
+        read = packed.tolist()
+        loss_sum, n_batches, count = read[:3]
+        values = {"train/loss": loss_sum / n_batches if n_batches else float("nan")}
         hypers = self.learn.opt.hypers if self.learn.opt is not None else []
         for i, h in enumerate(hypers):
             values["train/lr" if i == 0 else f"train/lr_{i}"] = float(h["lr"])
         if self.norm is not None:
             values["train/grad_norm"] = read[-1]
-        if self.tokens:
-            values["train/tokens_per_s"] = read[1] / seconds if seconds > 0 else 0.0
-        else:
-            values["train/items_per_s"] = self.n_items / seconds if seconds > 0 else 0.0
-        values["train/peak_mem_mib"] = peak_memory_mib(self.device)
+        rate = count / seconds if seconds > 0 else 0.0
+        values["train/tokens_per_s" if self.tokens else "train/items_per_s"] = rate
+        values["train/peak_mem_mib"] = peak
+        for (metric, attr), total in zip(states, read[3:3 + len(states)], strict=True):
+            # the global batch's sums, so that ``value`` is the global batch's
+            setattr(metric, attr, round(total) if isinstance(getattr(metric, attr), int)
+                    else total)
         for metric in self.batch_metrics:
             if (value := metric.value) is not None:
                 values[f"train/{metric.name}"] = float(value)
         return values
 
+    def _reduce(self, packed: torch.Tensor, peak: float) -> tuple[torch.Tensor, float]:
+        """Every process's ``packed`` sums added up, and the largest ``peak``: one
+        ``all_gather`` of one small tensor per process (on the CPU for gloo)."""
+        import torch.distributed as dist
+
+        mine = torch.cat([packed, packed.new_tensor([peak])])
+        if dist.get_backend() == "gloo":
+            mine = mine.cpu()
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, mine)
+        every = torch.stack(gathered)
+        return every[:, :-1].sum(0).to(packed.device), float(every[:, -1].max())
+
     def log(self, step: int) -> dict:
         values = self.values()
         self.rows.append({"step": step, "epoch": self.learn.epoch, **values})
-        for sink in self.sinks:
-            sink.log_batch(values, step)
+        if not self.across_ranks or self.rank == 0:  # one writer for the processes
+            for sink in self.sinks:
+                sink.log_batch(values, step)
         started = self.started
         self._reset()
         self.started = started
@@ -407,5 +541,5 @@ def where_logged(learn) -> list[str]:
     return lines
 
 
-__all__ = ["LoopLoggers", "MetricsCSVLogger", "TrainMetrics", "count_tokens", "grad_norm",
-           "peak_memory_mib", "run_loggers", "where_logged"]
+__all__ = ["LoopLoggers", "MetricsCSVLogger", "TrainMetrics", "count_tokens", "full_value",
+           "grad_norm", "peak_memory_mib", "run_loggers", "summed_state", "where_logged"]

@@ -184,7 +184,11 @@ class DPOLoss(nn.Module):
 
 class RewardMetric(Metric):
     """The mean, over pairs, of one of ``DPOLoss.stats``' values: over a validation epoch, or
-    over a step-metrics interval's training batches (``TrainMetrics.batch_metrics``)."""
+    over a step-metrics interval's training batches (``TrainMetrics.batch_metrics``). Under
+    ``--nproc N`` ``TrainMetrics`` adds up ``total`` and ``count`` over the processes before
+    reading ``value``: the mean over the global batch's pairs."""
+
+    sum_over_ranks = ("total", "count")
 
     def __init__(self, key: str):
         self.key = key
