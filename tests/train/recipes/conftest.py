@@ -28,3 +28,14 @@ def tiny_overrides(tiny_model_dir, tiny_jsonl, tmp_path):
     return ["model=pretrained", f"model.source={tiny_model_dir}", "data=instruct",
             f"data.train_files={tiny_jsonl}", "data.bs=16", "eval.max_new_tokens=4",
             "eval.samples=0", "train.progress=false", f"output_dir={tmp_path / 'run'}"]
+
+
+@pytest.fixture
+def single_process_env(monkeypatch):
+    """For tests that compare several processes with one: the in-process reference run must
+    not think it is a torchrun worker, and the workers get a thread each."""
+    from mlx_train.recipes.launch import TORCHRUN_ENV
+
+    for key in TORCHRUN_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")

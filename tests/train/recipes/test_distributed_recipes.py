@@ -20,23 +20,16 @@ from mlx_train import recipes
 from mlx_train.data import Loader
 from mlx_train.distributed import SplitBatchSampler, split_loader
 from mlx_train.recipes import RecipeConfigError
-from mlx_train.recipes.launch import TORCHRUN_ENV, command, launch
+from mlx_train.recipes.launch import command, launch
 from mlx_train.samplers import BucketSampler
 
 # fp32 sums in another order (two half-batch token sums, then an average over the processes,
 # vs one mean); measured: up to ~2e-7 on these runs
 TOLERANCE = 1e-5
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
-                                reason="torch.distributed is not available")
-
-
-@pytest.fixture(autouse=True)
-def _single_process_env(monkeypatch):
-    # the in-process reference runs must not think they are a torchrun worker
-    for key in TORCHRUN_ENV:
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(),
+                                 reason="torch.distributed is not available"),
+              pytest.mark.usefixtures("single_process_env")]
 
 
 def overrides_for(base, out, *extra):

@@ -21,7 +21,6 @@ from mlx_train import DistributedCallback, recipes
 from mlx_train.callback import train_metrics
 from mlx_train.callback.train_metrics import MetricsCSVLogger, TrainMetrics
 from mlx_train.metrics import AvgMetric, accuracy
-from mlx_train.recipes.launch import TORCHRUN_ENV
 
 from ..helpers import make_learner
 from .conftest import write_jsonl
@@ -31,16 +30,9 @@ from .test_dpo import style_pairs
 TOLERANCE = 1e-5
 WORKERS_TIMEOUT_S = 300
 
-pytestmark = pytest.mark.skipif(not dist.is_available(),
-                                reason="torch.distributed is not available")
-
-
-@pytest.fixture(autouse=True)
-def _single_process_env(monkeypatch):
-    # the in-process reference runs must not think they are a torchrun worker
-    for key in TORCHRUN_ENV:
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+pytestmark = [pytest.mark.skipif(not dist.is_available(),
+                                 reason="torch.distributed is not available"),
+              pytest.mark.usefixtures("single_process_env")]
 
 
 def fake_clock():
