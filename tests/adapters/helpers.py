@@ -1,6 +1,18 @@
 """Shared steps of the adapter tests."""
 
 import torch
+import transformers
+
+TINY_LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2)
+
+
+def save_tiny_llama(path, **config):
+    """A tiny random HF Llama (``TINY_LLAMA`` updated with ``config``), drawn after
+    ``torch.manual_seed(0)`` and saved at ``path``; returns ``path``."""
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY_LLAMA, **config})).save_pretrained(path)
+    return path
 
 
 def train_losses(model, ids, steps: int, lr: float = 1e-2) -> list[float]:

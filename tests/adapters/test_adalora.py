@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from mlx_adapters import AdaLoraConfig, PeftModel, get_peft_model
 from mlx_core import load_model
 
-from .helpers import assert_base_restored
+from .helpers import assert_base_restored, save_tiny_llama
 
 pytestmark = pytest.mark.hf_parity
 
@@ -26,12 +26,7 @@ CONFIG = dict(init_r=4, target_r=2, lora_alpha=8, target_modules=["q_proj", "v_p
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("adalora") / "base"
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2)).save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("adalora") / "base")
 
 
 def _hf(directory):

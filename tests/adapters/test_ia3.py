@@ -10,7 +10,7 @@ from peft import get_peft_model as hf_get_peft_model
 from mlx_adapters import IA3Config, PeftModel, get_peft_model
 from mlx_core import load_model
 
-from .helpers import assert_base_restored
+from .helpers import assert_base_restored, save_tiny_llama
 
 pytestmark = pytest.mark.hf_parity
 
@@ -20,11 +20,7 @@ CONFIG = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modu
 
 @pytest.fixture
 def hf_dir(tmp_path):
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, attention_bias=True)).save_pretrained(tmp_path / "base")
-    return tmp_path / "base"
+    return save_tiny_llama(tmp_path / "base", attention_bias=True)
 
 
 def _logits(model):

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from mlx_adapters import LoraConfig, PeftModel, get_peft_model
 from mlx_core import load_model
 
+from .helpers import save_tiny_llama
+
 pytestmark = pytest.mark.hf_parity
 
 IDS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(0))
@@ -25,12 +27,7 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pissa") / "base"
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2)).save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("pissa") / "base")
 
 
 def _logits(model):

@@ -11,7 +11,7 @@ from peft import get_peft_model as hf_get_peft_model
 from mlx_adapters import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from mlx_core import load_model
 
-from .helpers import train_losses
+from .helpers import save_tiny_llama, train_losses
 
 pytestmark = pytest.mark.hf_parity
 
@@ -22,12 +22,7 @@ MASK[1, 6:] = 0  # right padding: the real tokens keep their positions on both s
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prefix") / "base"
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2)).save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("prefix") / "base")
 
 
 def _hf(directory):

@@ -10,7 +10,7 @@ from peft import get_peft_model as hf_get_peft_model
 from mlx_adapters import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
 from mlx_core import load_model
 
-from .helpers import train_losses
+from .helpers import save_tiny_llama, train_losses
 
 pytestmark = pytest.mark.hf_parity
 
@@ -19,11 +19,7 @@ IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 
 @pytest.fixture
 def hf_dir(tmp_path):
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "base")
-    return tmp_path / "base"
+    return save_tiny_llama(tmp_path / "base")
 
 
 def _hf(directory):

@@ -10,6 +10,8 @@ from peft import get_peft_model as hf_get_peft_model
 from mlx_adapters import PeftModel
 from mlx_core import load_model
 
+from .helpers import save_tiny_llama
+
 pytestmark = pytest.mark.hf_parity
 
 IDS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(0))
@@ -27,11 +29,7 @@ COMBINATIONS = ["cat", "linear", "svd", "ties", "ties_svd", "dare_linear", "dare
 
 def _two_adapters(tmp_path):
     """A tiny HF Llama with PEFT adapters "one" and "two", and ours loaded from their files."""
-    torch.manual_seed(0)
-    base_dir = tmp_path / "base"
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2)).save_pretrained(base_dir)
+    base_dir = save_tiny_llama(tmp_path / "base")
     theirs = hf_get_peft_model(transformers.LlamaForCausalLM.from_pretrained(base_dir), HFLoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False), "one")
     theirs.add_adapter("two", HFLoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "o_proj"],
