@@ -8,23 +8,20 @@ from peft import LoraConfig as HFLoraConfig
 from peft import PeftModel as HFPeftModel
 from peft import get_peft_model as hf_get_peft_model
 
+import mlx_core
 from mlx_adapters import LoraConfig, PeftModel, get_peft_model
 from mlx_core import load_model
 
-from .helpers import assert_base_restored, train_losses
+from .helpers import TINY_LLAMA, assert_base_restored, save_tiny_llama, train_losses
 
 pytestmark = pytest.mark.hf_parity
 
-_TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2)
 IDS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture
 def hf_dir(tmp_path):
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**_TINY)).save_pretrained(tmp_path / "base")
-    return tmp_path / "base"
+    return save_tiny_llama(tmp_path / "base")
 
 
 def _hf(directory):
@@ -117,7 +114,7 @@ def test_bad_input_names_the_problem(hf_dir, tmp_path):
     torch.manual_seed(5)
     get_peft_model(load_model(hf_dir), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(
         tmp_path / "r4")
-    other = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**_TINY, "hidden_size": 32}))
+    other = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY_LLAMA, "hidden_size": 32}))
     with pytest.raises(ValueError, match=r"lora_A\.weight .* \(4, 64\).*\(4, 32\)"):
         PeftModel.from_pretrained(other, tmp_path / "r4")
     with pytest.raises(ValueError, match="bias must be 'none', 'all' or 'lora_only'"):
@@ -186,3 +183,32 @@ def test_dora_merge_and_unmerge(hf_dir):
     model.unmerge_adapter()
     assert_base_restored(model, before)  # bit for bit: unmerge restores the kept original
     assert (_logits(model.merge_and_unload()) - adapted).abs().max() < 1e-5
+
+
+def test_generate_equals_peft_generate_on_an_hf_model(tmp_path):
+    """``peft_model.generate`` runs the base model's HF generate with the adapter layers in
+    place: greedy tokens equal HF PEFT's with the same adapter, and the base model's alone
+    inside ``disable_adapter()``."""
+    base_dir = save_tiny_llama(tmp_path / "base")
+    theirs = hf_get_peft_model(transformers.LlamaForCausalLM.from_pretrained(base_dir), HFLoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+    theirs.save_pretrained(tmp_path / "adapter")
+    ours = PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(base_dir),
+                                     tmp_path / "adapter").eval()
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+    options = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        got = ours.generate(input_ids=ids, **options)
+        want = theirs.eval().generate(input_ids=ids, **options)
+        assert torch.equal(got, want)
+        plain = transformers.LlamaForCausalLM.from_pretrained(base_dir).eval().generate(input_ids=ids, **options)
+        assert not torch.equal(got, plain)  # the adapter changes the tokens
+        with ours.disable_adapter():
+            assert torch.equal(ours.generate(input_ids=ids, **options), plain)
+
+
+def test_generate_says_where_a_zoo_model_generates():
+    zoo = get_peft_model(mlx_core.build_model(mlx_core.get_preset("tiny-llama")),
+                         LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="mlx_core.generate"):
+        zoo.generate(torch.tensor([[1, 2, 3]]))

@@ -249,6 +249,23 @@ class PeftModel(nn.Module):
 
         update_and_allocate(self, global_step)
 
+    def generate(self, *args, **kwargs):
+        """HF ``generate`` of the base model, as ``peft_model.generate(**inputs)`` in PEFT: the
+        active LoRA / DoRA / IA³ / AdaLoRA layers sit inside the base model, so its own
+        ``generate`` runs them (and none inside ``disable_adapter()``)."""
+        base = self.base_model.model
+        if not callable(getattr(base, "generate", None)):
+            raise ValueError(f"{type(base).__name__} has no generate (a zoo model): generate with "
+                             "mlx_core.generate(peft_model.base_model.model, prompt_ids), which "
+                             "runs the adapter layers in place (prefix tuning: decode with "
+                             "peft_model.new_cache)")
+        if self._prompt_adapter() is not None:
+            raise ValueError(f"adapter {self.active_adapter!r} is {self.peft_config[self.active_adapter].peft_type}"
+                             ", whose virtual tokens HF generate does not add here yet: on a zoo "
+                             "model decode with peft_model.new_cache (prefix tuning), or run the "
+                             "forward yourself")
+        return base.generate(*args, **kwargs)
+
     def new_cache(self, batch_size: int):
         """Prefix tuning on a zoo model: a cache holding the prefix, for incremental decoding
         (``model(ids, kv_cache=cache)``, then one token at a time)."""
