@@ -22,8 +22,13 @@ METHODS = {
 SIGN_METHODS = ("total", "frequency")
 
 
-def check_density(method: str, density: float | None) -> None:
-    if METHODS[method][0] is None:
+def check_options(method: str, density: float | None, majority_sign_method: str) -> None:
+    """Raise, naming the fix, on options ``merge(method, ...)`` cannot use (``method`` may be
+    one that does not prune: then ``density`` is not needed)."""
+    if majority_sign_method not in SIGN_METHODS:
+        raise ValueError(f"majority_sign_method must be one of {SIGN_METHODS}, "
+                         f"got {majority_sign_method!r}")
+    if METHODS.get(method, (None,))[0] is None:
         return
     if density is None or not 0.0 <= density <= 1.0:
         raise ValueError(f"combination_type={method!r} prunes each adapter: pass density, the share "
@@ -59,10 +64,7 @@ def merge(method: str, tensors: list[torch.Tensor], weights: list[float], *,
     with the elected sign (each entry divided by how many agree, at least 1)."""
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}; choose one of {sorted(METHODS)}")
-    if majority_sign_method not in SIGN_METHODS:
-        raise ValueError(f"majority_sign_method must be one of {SIGN_METHODS}, "
-                         f"got {majority_sign_method!r}")
-    check_density(method, density)
+    check_options(method, density, majority_sign_method)
     how, elect_sign = METHODS[method]
     if how is not None:
         tensors = [prune(t, density, how, generator) for t in tensors]

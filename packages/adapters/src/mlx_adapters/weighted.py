@@ -117,12 +117,7 @@ def combine_lora(model, adapters: list[str], weights: list[float], adapter_name:
         raise ValueError(f"adapter {adapter_name!r} already exists")
     if len(adapters) == 1:  # nothing to prune against or elect: a scaled copy, as in PEFT
         combination_type = "linear"
-    method = combination_type.removesuffix("_svd")
-    if method in task_merging.METHODS:
-        task_merging.check_density(method, density)
-    if majority_sign_method not in task_merging.SIGN_METHODS:
-        raise ValueError(f"majority_sign_method must be one of {task_merging.SIGN_METHODS}, "
-                         f"got {majority_sign_method!r}")
+    task_merging.check_options(combination_type.removesuffix("_svd"), density, majority_sign_method)
     _check_modules_to_save(model, adapters)
     config = _new_config(model, adapters, combination_type, svd_rank)
     merge_kwargs = dict(density=density, majority_sign_method=majority_sign_method,
