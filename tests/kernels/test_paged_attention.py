@@ -84,3 +84,87 @@ def test_bad_layouts_are_named():
                                torch.ones(1, dtype=torch.int32))
     with pytest.raises(ValueError, match="slot_mapping"):
         write_kv_cache(torch.zeros(2, HKV, D), torch.zeros(2, HKV, D), kc, kc, torch.zeros(3))
+
+
+# --- the native CPU kernel (C, built at first use; the CPU default for fp32) -------------------
+
+@pytest.fixture
+def native():
+    """The built native kernels (CI machines have a C compiler: the fixture fails loudly if not)."""
+    from mlx_kernels import _cpu_native
+
+    lib = _cpu_native.library()
+    assert lib is not None, "no native CPU kernels: is a C compiler (cc) installed?"
+    return lib
+
+
+@pytest.mark.parametrize("window", [None, 1, 3, 100])
+@pytest.mark.parametrize("heads", [HQ, HKV], ids=["gqa", "mha"])
+def test_native_decode_equals_reference(native, window, heads):
+    kc, vc, tables, k, v, slots = _filled_cache(torch.float32)
+    write_kv_cache_reference(k, v, kc, vc, slots)
+    q = torch.randn(heads, len(LENGTHS), D).transpose(0, 1)  # [B, heads, D], not contiguous
+    lens = torch.tensor(LENGTHS, dtype=torch.int32)
+    got = paged_attention_decode(q, kc, vc, tables, lens, sliding_window=window)
+    want = paged_attention_decode_reference(q, kc, vc, tables, lens, scale=D**-0.5,
+                                            sliding_window=window)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)  # fp32, another summation order
+
+
+def test_native_decode_runs_by_default_on_cpu_and_not_under_torch_setting(native, monkeypatch):
+    from mlx_kernels import paged_attention
+
+    calls = []
+    real = paged_attention._decode_native
+    monkeypatch.setattr(paged_attention, "_decode_native",
+                        lambda *a: calls.append(1) or real(*a))
+    kc, vc, tables, k, v, slots = _filled_cache(torch.float32)
+    args = (torch.randn(len(LENGTHS), HQ, D), kc, vc, tables, torch.tensor(LENGTHS))
+    paged_attention_decode(*args)
+    assert calls == [1]
+    paged_attention_decode(args[0].bfloat16(), kc.bfloat16(), vc.bfloat16(), *args[3:])
+    assert calls == [1]  # bf16 stays on the reference
+    monkeypatch.setenv("MLX_KERNELS", "torch")
+    paged_attention_decode(*args)
+    assert calls == [1]
+
+
+def test_native_decode_refuses_tables_and_lengths_outside_the_cache(native):
+    kc, vc, tables, *_ = _filled_cache(torch.float32)
+    q, lens = torch.randn(len(LENGTHS), HQ, D), torch.tensor(LENGTHS)
+    bad = tables.clone()
+    bad[1, 2] = NUM_BLOCKS  # in use by sequence 1 (11 tokens: blocks 0..2)
+    with pytest.raises(ValueError, match="outside \\[0, 24\\)"):
+        paged_attention_decode(q, kc, vc, bad, lens)
+    bad[1, 2] = -1
+    with pytest.raises(ValueError, match="outside"):
+        paged_attention_decode(q, kc, vc, bad, lens)
+    with pytest.raises(ValueError, match="context_lens must be in \\[1, max_blocks"):
+        paged_attention_decode(q, kc, vc, tables, torch.tensor([5, 11, 1, 21]))
+
+
+def test_native_build_is_cached_atomic_and_falls_back_without_a_compiler(monkeypatch, tmp_path,
+                                                                         caplog):
+    from mlx_kernels import _cpu_native
+
+    monkeypatch.setenv("MLX_HOME", str(tmp_path))
+    built = _cpu_native._build("cc")
+    assert built.parent == tmp_path / "kernels" and built.exists()
+    stamp = built.stat().st_mtime_ns
+    assert _cpu_native._build("cc") == built and built.stat().st_mtime_ns == stamp  # reused
+    assert [p.name for p in built.parent.iterdir()] == [built.name]  # no partial files left
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    _cpu_native.library.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="mlx_kernels"):
+            assert _cpu_native.library() is None
+        assert "no C compiler" in caplog.text and "install gcc" in caplog.text
+        kc, vc, tables, k, v, slots = _filled_cache(torch.float32)
+        write_kv_cache_reference(k, v, kc, vc, slots)
+        q, lens = torch.randn(len(LENGTHS), HQ, D), torch.tensor(LENGTHS)
+        torch.testing.assert_close(  # the reference answers instead
+            paged_attention_decode(q, kc, vc, tables, lens),
+            paged_attention_decode_reference(q, kc, vc, tables, lens))
+    finally:
+        _cpu_native.library.cache_clear()

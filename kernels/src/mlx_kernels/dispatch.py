@@ -1,4 +1,5 @@
-"""Which implementation runs: Triton kernels for CUDA tensors, torch references on CPU.
+"""Which implementation runs: Triton kernels for CUDA tensors, torch references on CPU (where
+fp32 paged decode attention has a native C kernel, ``_cpu_native``).
 
 ``MLX_KERNELS=auto|torch|triton`` (read at each call) overrides: ``torch`` always uses the
 references; ``triton`` forces the kernels, on CPU too when ``TRITON_INTERPRET=1`` is set (that is
@@ -66,6 +67,11 @@ def describe() -> dict:
         "TRITON_INTERPRET": interpreter_on(),
         "MLX_KERNELS": os.environ.get("MLX_KERNELS", "auto"),
     }
+    from mlx_kernels._cpu_native import compiler  # stdlib only: no torch import
+
+    found = compiler()
+    info["native CPU kernels"] = (f"built with {found} on first use" if found else
+                                  "no C compiler: torch references on CPU")
     for device in ("cpu", "cuda"):
         try:
             info[f"backend on {device}"] = backend_for(device)

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mlx_kernels.dispatch import backend_for
+from mlx_kernels.dispatch import backend_for, setting
 
 
 def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -75,5 +75,48 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_c
 
         return _paged_attention_triton.decode(query, key_cache, value_cache, block_tables,
                                               context_lens, scale, sliding_window)
+    if _native_applies(query, key_cache, value_cache):
+        return _decode_native(query, key_cache, value_cache, block_tables, context_lens, scale,
+                              sliding_window)
     return paged_attention_decode_reference(query, key_cache, value_cache, block_tables,
                                             context_lens, scale=scale, sliding_window=sliding_window)
+
+
+def _native_applies(query, key_cache, value_cache) -> bool:
+    """fp32 CPU tensors under ``MLX_KERNELS=auto``, with the native kernels built."""
+    if setting() != "auto" or query.device.type != "cpu":
+        return False
+    if not all(t.dtype == torch.float32 for t in (query, key_cache, value_cache)):
+        return False
+    from mlx_kernels import _cpu_native
+
+    return _cpu_native.library() is not None
+
+
+def _decode_native(query, key_cache, value_cache, block_tables, context_lens, scale,
+                   sliding_window):
+    """The C loop of ``_cpu_kernels.c``: each cached key and value read once, in place in its
+    block (the reference first copies every sequence's blocks out, padded to the longest)."""
+    from mlx_kernels import _cpu_native
+
+    batch, heads, dim = query.shape
+    num_blocks, block_size, kv_heads, _ = key_cache.shape
+    lens = context_lens.to(torch.int32).contiguous()
+    tables = block_tables.to(torch.int32).contiguous()
+    if batch and (int(lens.min()) < 1 or int(lens.max()) > tables.shape[1] * block_size):
+        raise ValueError(f"context_lens must be in [1, max_blocks * block_size = "
+                         f"{tables.shape[1] * block_size}]; got {lens.tolist()}")
+    query, keys, values = query.contiguous(), key_cache.contiguous(), value_cache.contiguous()
+    out = torch.empty_like(query)
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 (or None), got {sliding_window}")
+    status = _cpu_native.library().paged_attention_decode_f32(
+        query.data_ptr(), keys.data_ptr(), values.data_ptr(), tables.data_ptr(),
+        lens.data_ptr(), out.data_ptr(), batch, kv_heads, heads // kv_heads, dim, block_size,
+        tables.shape[1], num_blocks, sliding_window or 0, scale)
+    if status == -2:
+        raise ValueError(f"a block table entry in use is outside [0, {num_blocks}): "
+                         "block_tables must name blocks of this cache")
+    if status != 0:
+        raise MemoryError("paged_attention_decode: out of memory for the score rows")
+    return out

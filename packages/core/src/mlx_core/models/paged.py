@@ -81,9 +81,10 @@ class PagedAttentionMetadata:
     @functools.cached_property
     def decode_groups(self) -> list[tuple[int, int, int]]:
         """The decodes as runs ``(start, end, columns)`` that each read only the block-table
-        columns they use. Decode attention on CPU is bound by copying keys/values out of the
-        blocks, padded to the longest context; a caller that orders decodes by context length
-        (as mlx_serve's runner does) saves most of the padding."""
+        columns they use. The torch reference of decode attention (bf16 on CPU, or no C
+        compiler) copies keys/values out of the blocks, padded to the longest context; a caller
+        that orders decodes by context length (as mlx_serve's runner does) saves most of the
+        padding. The native fp32 CPU kernel and the Triton kernel read no padding either way."""
         lens = self.context_lens.tolist()
         size, columns = self.cache.block_size, self.block_tables.shape[1]
         bounds = [round(i * len(lens) / _DECODE_GROUPS) for i in range(_DECODE_GROUPS + 1)]

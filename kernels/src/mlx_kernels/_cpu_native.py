@@ -1,0 +1,95 @@
+"""Native CPU kernels (``_cpu_kernels.c``), built with the system C compiler at first use.
+
+Triton has no CPU backend outside its interpreter, so the ops whose torch reference is bound by
+copies on CPU get a small C loop instead: built once per machine and source (``cc -O3
+-march=native -fopenmp``, well under a second, no torch headers), cached under
+``$MLX_HOME/kernels`` (default ``~/.cache/mlx/kernels``), loaded with ctypes. Where no compiler is
+found or the build fails, ``library()`` returns None, one warning says why, and callers use their
+torch reference. ``MLX_KERNELS=torch`` turns these off too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger("mlx_kernels")
+
+SOURCE = Path(__file__).with_name("_cpu_kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+
+
+def cache_dir() -> Path:
+    home = os.environ.get("MLX_HOME") or Path.home() / ".cache" / "mlx"
+    return Path(home).expanduser() / "kernels"
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` compiles for: the CPU's model and feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            wanted = [line for line in f if line.startswith(("model name", "flags"))][:2]
+        return "".join(wanted)
+    except OSError:
+        return platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
+    key = hashlib.sha256(b"\0".join(
+        [source, " ".join(FLAGS).encode(), version.encode(), platform.machine().encode(),
+         _cpu_signature().encode()])).hexdigest()[:16]
+    target = cache_dir() / f"mlx_cpu_kernels_{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # build next to the target, then rename: a concurrent process never loads a half-written file
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial, "-lm"],
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed:\n{done.stderr[-2000:]}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+def compiler() -> str | None:
+    """The C compiler the kernels are built with: ``$CC``, else ``cc``, if found."""
+    return shutil.which(os.environ.get("CC", "cc"))
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (no compiler, or the build failed: warned once)."""
+    found = compiler()
+    if found is None:
+        logger.warning("no C compiler (cc, or $CC) found: mlx_kernels uses its torch references on "
+                       "CPU, which are slower for paged decode; install gcc to get the native ones")
+        return None
+    try:
+        import torch  # noqa: F401  (loads the libgomp the kernels then share)
+
+        lib = ctypes.CDLL(str(_build(found)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        logger.warning("building mlx_kernels' native CPU kernels failed, using the torch references "
+                       "instead: %s", e)
+        return None
+    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    lib.paged_attention_decode_f32.restype = ctypes.c_int
+    lib.paged_attention_decode_f32.argtypes = [ptr] * 6 + [i64] * 8 + [f32]
+    return lib
