@@ -1,5 +1,7 @@
 """Shared steps of the adapter tests."""
 
+import warnings
+
 import torch
 import transformers
 
@@ -36,3 +38,37 @@ def assert_base_restored(peft_model, before: dict) -> None:
         module, _, leaf = name.rpartition(".")
         key = name if name in restored else f"{module}.base_layer.{leaf}"
         assert torch.equal(restored[key], tensor), name
+
+
+def left_padded_batch():
+    """Generate inputs: two prompts of 7 and 4 tokens, left-padded with 0, and their mask."""
+    ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0
+    return ids, mask
+
+
+def hf_peft_generate(hf_peft_model, **options):
+    """HF PEFT's own ``generate``, with one rename: PEFT 0.21's ``prepare_inputs_for_generation``
+    looks for generate's cache under ``past_key_values``, which transformers 5 calls ``cache``,
+    so on its own it adds a prompt's virtual tokens again at every step and loses a prefix (its
+    tokens differ from its own forward's). Here each step's inputs reach PEFT's logic with the
+    cache under the old name; everything else (mask, positions, injection) is PEFT's."""
+    base = hf_peft_model.base_model
+    original = hf_peft_model.base_model_prepare_inputs_for_generation
+
+    def cache_as_past_key_values(*args, **kwargs):
+        inputs = original(*args, **kwargs)
+        if "cache" in inputs and "past_key_values" not in inputs:
+            inputs["past_key_values"] = inputs.pop("cache")
+        return inputs
+
+    hf_peft_model.base_model_prepare_inputs_for_generation = cache_as_past_key_values
+    try:
+        with torch.no_grad(), warnings.catch_warnings():  # PEFT's notes on the renamed arguments
+            warnings.filterwarnings("ignore", "Position ids are not supported")
+            warnings.filterwarnings("ignore", "`past_key_values` is deprecated")
+            return hf_peft_model.generate(**options)
+    finally:
+        hf_peft_model.base_model_prepare_inputs_for_generation = original
+        base.prepare_inputs_for_generation = original

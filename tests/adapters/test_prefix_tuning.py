@@ -1,5 +1,6 @@
 """Prefix tuning against HF PEFT: cross-loading both ways (1e-5, fp32) on HF and zoo models, with
-and without the reparameterising MLP; gradients equal PEFT's and reach only the prefix."""
+and without the reparameterising MLP; gradients equal PEFT's and reach only the prefix; the
+token ids of HF generate equal PEFT's (exact)."""
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from peft import get_peft_model as hf_get_peft_model
 from mlx_adapters import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from mlx_core import load_model
 
-from .helpers import save_tiny_llama, train_losses
+from .helpers import hf_peft_generate, left_padded_batch, save_tiny_llama, train_losses
 
 pytestmark = pytest.mark.hf_parity
 
@@ -149,3 +150,48 @@ def test_gpt2_with_learned_positions(tmp_path):
     assert theirs.peft_config["default"].token_dim == 64
     ours = PeftModel.from_pretrained(load_model(tmp_path / "gpt2"), tmp_path / "adapter").eval()
     assert _close(_logits(ours), _logits(theirs))
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_generate_equals_peft_generate(hf_dir, tmp_path, projection):
+    """HF generate with a prefix-tuning adapter (the prefix as the first step's cache, the mask
+    extended and the positions moved past the prefix at every step): greedy and sampled (one
+    torch seed) token ids equal HF PEFT's exactly, for a left-padded batch of two prompts, with
+    the adapter loaded from PEFT's files (the flat prefix) and with the MLP running
+    (``prefix_projection``), with and without a cache; inside ``disable_adapter()`` the base
+    model's own."""
+    torch.manual_seed(1)
+    theirs = hf_get_peft_model(_hf(hf_dir), HFPrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=5, prefix_projection=projection)).eval()
+    theirs.save_pretrained(tmp_path / "theirs")
+    loaded = PeftModel.from_pretrained(_hf(hf_dir), tmp_path / "theirs").eval()
+    live = get_peft_model(_hf(hf_dir), PrefixTuningConfig(num_virtual_tokens=5,
+                                                          prefix_projection=projection)).eval()
+    live.prompt_encoder.load_state_dict(theirs.prompt_encoder.state_dict())
+    ids, mask = left_padded_batch()
+    greedy = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0, do_sample=False)
+    for options in (greedy, {**greedy, "do_sample": True, "top_k": 0, "temperature": 2.0}):
+        torch.manual_seed(7)
+        want = hf_peft_generate(theirs, **options)
+        for ours, use_cache in ((loaded, True), (loaded, False), (live, True)):
+            torch.manual_seed(7)
+            assert torch.equal(ours.generate(**options, use_cache=use_cache), want)
+    got = loaded.generate(**greedy)
+    assert got.shape == (2, 7 + 10) and torch.equal(got[:, :7], ids)
+    plain = _hf(hf_dir).generate(**greedy)
+    assert not torch.equal(got, plain)  # the prefix changes the tokens
+    with loaded.disable_adapter():
+        assert torch.equal(loaded.generate(**greedy), plain)
+
+
+def test_generate_bad_input_names_the_fix(hf_dir):
+    ids, mask = left_padded_batch()
+    ours = get_peft_model(_hf(hf_dir), PrefixTuningConfig(num_virtual_tokens=3)).eval()
+    with pytest.raises(ValueError, match="takes input_ids, not inputs_embeds"):
+        ours.generate(inputs_embeds=ours.base_model.model.get_input_embeddings()(ids), max_new_tokens=2)
+    with pytest.raises(ValueError, match="2-D attention mask.*default dynamic cache"):
+        ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0,
+                      cache_implementation="static")
+    assert "prepare_inputs_for_generation" not in vars(ours.base_model.model)  # put back
+    zoo = get_peft_model(load_model(hf_dir), PrefixTuningConfig(num_virtual_tokens=3))
+    with pytest.raises(ValueError, match="no HF generate .*peft_model.new_cache"):
+        zoo.generate(ids)

@@ -1,4 +1,5 @@
-"""Prompt tuning against HF PEFT: cross-loading both ways (1e-5, fp32) on HF and zoo models."""
+"""Prompt tuning against HF PEFT: cross-loading both ways (1e-5, fp32) on HF and zoo models;
+the token ids of HF generate equal PEFT's (exact)."""
 
 import pytest
 import torch
@@ -7,10 +8,11 @@ from peft import PeftModel as HFPeftModel
 from peft import PromptTuningConfig as HFPromptTuningConfig
 from peft import get_peft_model as hf_get_peft_model
 
+import mlx_core
 from mlx_adapters import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
 from mlx_core import load_model
 
-from .helpers import save_tiny_llama, train_losses
+from .helpers import hf_peft_generate, left_padded_batch, save_tiny_llama, train_losses
 
 pytestmark = pytest.mark.hf_parity
 
@@ -81,3 +83,45 @@ def test_text_init_copies_the_texts_token_embeddings(builtin_model_dir):
     peft_model = get_peft_model(model, config)
     prompt = peft_model.prompt_encoder["default"].embedding.weight
     assert torch.equal(prompt, model.model.embed_tokens.weight[torch.tensor(ids)])
+
+def test_generate_equals_peft_generate(hf_dir, tmp_path):
+    """HF generate with a prompt-tuning adapter (the virtual tokens' embeddings in front on the
+    first step, the mask extended at every step): greedy and sampled (one torch seed) token ids
+    equal HF PEFT's exactly, for a left-padded batch of two prompts, with and without a cache;
+    inside ``disable_adapter()`` the base model's own."""
+    torch.manual_seed(1)
+    theirs = hf_get_peft_model(_hf(hf_dir), HFPromptTuningConfig(task_type="CAUSAL_LM",
+                                                                 num_virtual_tokens=5)).eval()
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = PeftModel.from_pretrained(_hf(hf_dir), tmp_path / "theirs").eval()
+    ids, mask = left_padded_batch()
+    greedy = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0, do_sample=False)
+    for options in (greedy, {**greedy, "do_sample": True, "top_k": 0, "temperature": 2.0}):
+        torch.manual_seed(7)
+        want = hf_peft_generate(theirs, **options)
+        for use_cache in (True, False):
+            torch.manual_seed(7)
+            assert torch.equal(ours.generate(**options, use_cache=use_cache), want)
+    got = ours.generate(**greedy)
+    assert got.shape == (2, 7 + 10) and torch.equal(got[:, :7], ids)
+    with torch.no_grad():  # PEFT's generate as it is: right without a cache
+        assert torch.equal(theirs.generate(**greedy, use_cache=False), got)
+    plain = _hf(hf_dir).generate(**greedy)
+    assert not torch.equal(got, plain)  # the prompt changes the tokens
+    with ours.disable_adapter():
+        assert torch.equal(ours.generate(**greedy), plain)
+
+
+def test_generate_bad_input_names_the_fix(hf_dir):
+    ids, mask = left_padded_batch()
+    ours = get_peft_model(_hf(hf_dir), PromptTuningConfig(num_virtual_tokens=3)).eval()
+    with pytest.raises(ValueError, match="takes input_ids, not inputs_embeds"):
+        ours.generate(inputs_embeds=ours.base_model.model.get_input_embeddings()(ids), max_new_tokens=2)
+    with pytest.raises(ValueError, match="2-D attention mask.*default dynamic cache"):
+        ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0,
+                      cache_implementation="static")
+    assert "prepare_inputs_for_generation" not in vars(ours.base_model.model)  # put back
+    zoo = get_peft_model(mlx_core.build_model(mlx_core.get_preset("tiny-llama")),
+                         PromptTuningConfig(num_virtual_tokens=3))
+    with pytest.raises(ValueError, match=r"no HF generate .*call peft_model\(ids\) for each new token"):
+        zoo.generate(ids)

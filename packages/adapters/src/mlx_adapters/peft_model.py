@@ -7,6 +7,7 @@ The wrapped model lives at ``peft_model.base_model.model`` (as in PEFT), so para
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from pathlib import Path
 
@@ -250,21 +251,70 @@ class PeftModel(nn.Module):
         update_and_allocate(self, global_step)
 
     def generate(self, *args, **kwargs):
-        """HF ``generate`` of the base model, as ``peft_model.generate(**inputs)`` in PEFT: the
+        """HF ``generate`` of the base model, as ``peft_model.generate(**inputs)`` in PEFT. The
         active LoRA / DoRA / IA³ / AdaLoRA layers sit inside the base model, so its own
-        ``generate`` runs them (and none inside ``disable_adapter()``)."""
+        ``generate`` runs them (and none inside ``disable_adapter()``). An active prompt or prefix
+        adapter adds its virtual tokens as PEFT does: at each step the attention mask gains
+        ``num_virtual_tokens`` ones in front; on the first step the prompt's embeddings go in
+        front of the input's (prompt tuning) or the cache starts as the prefix (prefix tuning)."""
         base = self.base_model.model
+        prompt = self._prompt_adapter()
         if not callable(getattr(base, "generate", None)):
-            raise ValueError(f"{type(base).__name__} has no generate (a zoo model): generate with "
-                             "mlx_core.generate(peft_model.base_model.model, prompt_ids), which "
-                             "runs the adapter layers in place (prefix tuning: decode with "
-                             "peft_model.new_cache)")
-        if self._prompt_adapter() is not None:
-            raise ValueError(f"adapter {self.active_adapter!r} is {self.peft_config[self.active_adapter].peft_type}"
-                             ", whose virtual tokens HF generate does not add here yet: on a zoo "
-                             "model decode with peft_model.new_cache (prefix tuning), or run the "
-                             "forward yourself")
-        return base.generate(*args, **kwargs)
+            if prompt is None:
+                how = ("generate with mlx_core.generate(peft_model.base_model.model, prompt_ids), "
+                       "which runs the adapter layers in place")
+            elif hasattr(_method(self.peft_config[prompt]), "new_cache"):
+                how = ("decode with cache = peft_model.new_cache(batch_size), then "
+                       "peft_model(ids, kv_cache=cache) for the prompt and each new token")
+            else:
+                how = ("call peft_model(ids) for each new token (no cache; the logits of the "
+                       "virtual tokens come first)")
+            raise ValueError(f"{type(base).__name__} has no HF generate (a zoo model): {how}")
+        if prompt is None:
+            return base.generate(*args, **kwargs)
+        config = self.peft_config[prompt]
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError(f"generate with the {config.peft_type} adapter {prompt!r} takes input_ids, "
+                             "not inputs_embeds (PEFT cannot either): pass the token ids, and the "
+                             "virtual tokens are added to their embeddings")
+        return self._generate_with_prompt(base, prompt, args, kwargs)
+
+    def _generate_with_prompt(self, base: nn.Module, prompt: str, args, kwargs):
+        """Run HF generate with the base model's ``prepare_inputs_for_generation`` wrapped, so
+        each step's inputs get the active prompt-learning adapter's virtual tokens."""
+        from mlx_adapters.prefix_tuning import hf_cache_name
+        from mlx_adapters.prompt_tuning import extend_mask
+
+        config, encoder = self.peft_config[prompt], self.prompt_encoder[prompt]
+        method, n, cache_name = _method(config), config.num_virtual_tokens, hf_cache_name(base)
+        prepare = base.prepare_inputs_for_generation
+
+        @functools.wraps(prepare)
+        def prepare_with_prompt(*step_args, **step_kwargs):
+            inputs = prepare(*step_args, **step_kwargs)
+            mask = inputs.get("attention_mask")
+            if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+                raise ValueError(f"generate with the {config.peft_type} adapter {prompt!r} needs a "
+                                 "2-D attention mask, but this step's is prepared as a "
+                                 f"{'dict' if isinstance(mask, dict) else f'{mask.dim()}-D'} mask (a "
+                                 "static or compiled cache?): drop cache_implementation / "
+                                 "past_key_values and generate with the default dynamic cache")
+            if not inputs.get("use_cache", True):  # every step sees the whole sequence again
+                inputs.pop(cache_name, None)
+            cache = inputs.get(cache_name)
+            fresh = cache is None or cache.get_seq_length() == 0
+            inputs["attention_mask"] = extend_mask(mask, n)
+            return method.generation_inputs(self, encoder, inputs, fresh)
+
+        own = vars(base).get("prepare_inputs_for_generation")  # an instance attribute, if any
+        base.prepare_inputs_for_generation = prepare_with_prompt
+        try:
+            return base.generate(*args, **kwargs)
+        finally:
+            if own is None:
+                del base.prepare_inputs_for_generation
+            else:
+                base.prepare_inputs_for_generation = own
 
     def new_cache(self, batch_size: int):
         """Prefix tuning on a zoo model: a cache holding the prefix, for incremental decoding

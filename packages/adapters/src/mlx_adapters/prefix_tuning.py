@@ -9,7 +9,8 @@ training). Either way the adapter file holds that tensor, the MLP's output, as
 ``prompt_embeddings``: the MLP is not saved (PEFT's format), so a loaded adapter is the flat
 prefix.
 
-HF models take the prefix as ``past_key_values`` (a ``DynamicCache``), as PEFT passes it; zoo
+HF models take the prefix as their cache (``past_key_values``, ``cache`` from transformers 5: a
+``DynamicCache``), as PEFT passes it, in the forward and in ``generate``; zoo
 models as a ``PrefixCache``, the zoo's cache interface over the prefix, so no change to the
 model is needed. Queries see the prefix at positions ``0 .. n-1`` (no rotary embedding: the
 learned keys are used as they are) and start at position ``n``.
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from mlx_adapters.config import PeftConfig
+from mlx_adapters.prompt_tuning import extend_mask
 from mlx_core.models.attention import KVCache
 
 
@@ -88,6 +90,12 @@ def prefix_geometry(model: nn.Module) -> tuple[int, int, int]:
 
 def accepts_zoo_cache(model: nn.Module) -> bool:
     return "kv_cache" in inspect.signature(model.forward).parameters
+
+
+def hf_cache_name(model: nn.Module) -> str:
+    """The keyword an HF model's forward takes its cache under: ``cache`` from transformers 5,
+    ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class PrefixEncoder(nn.Module):
@@ -182,6 +190,20 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
+def _hf_prefix_cache(encoder: PrefixEncoder, model: nn.Module, batch_size: int):
+    """The prefix as an HF ``DynamicCache`` holding ``num_virtual_tokens`` keys/values per layer."""
+    from transformers import DynamicCache
+
+    keys, values = encoder.key_values(batch_size, _model_dtype(model))
+    return DynamicCache(list(zip(keys, values, strict=True)))
+
+
+def _positions_after_prefix(inputs: dict, n: int) -> None:
+    """As PEFT: given position ids count from the input's first token; they move past the prefix."""
+    if inputs.get("position_ids") is not None:
+        inputs["position_ids"] = inputs["position_ids"] + n
+
+
 class PrefixTuningTuner:
     config_class = PrefixTuningConfig
     layer_class = None
@@ -222,20 +244,30 @@ class PrefixTuningTuner:
             if not isinstance(cache, PrefixCache):
                 raise ValueError("a prefix-tuned model takes its kv_cache from peft_model.new_cache(...)")
             return peft_model.base_model(input_ids, attention_mask, labels=labels, kv_cache=cache, **kwargs)
-        if kwargs.get("position_ids") is not None:  # as PEFT: positions continue after the prefix
-            kwargs["position_ids"] = kwargs["position_ids"] + n
-        if attention_mask is not None:
-            ones = torch.ones(batch, n, dtype=attention_mask.dtype, device=attention_mask.device)
-            attention_mask = torch.cat((ones, attention_mask), dim=1)
-        keys, values = encoder.key_values(batch, _model_dtype(model))
+        _positions_after_prefix(kwargs, n)
+        attention_mask = extend_mask(attention_mask, n)
         if accepts_zoo_cache(model):
+            keys, values = encoder.key_values(batch, _model_dtype(model))
             return peft_model.base_model(input_ids, attention_mask, labels=labels,
                                          kv_cache=PrefixCache(keys, values), **kwargs)
-        from transformers import DynamicCache
-
+        kwargs[hf_cache_name(model)] = _hf_prefix_cache(encoder, model, batch)
         return peft_model.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                                     past_key_values=DynamicCache(list(zip(keys, values, strict=True))),
                                      **kwargs)
+
+    @staticmethod
+    def generation_inputs(peft_model, encoder: PrefixEncoder, inputs: dict, fresh: bool) -> dict:
+        """One step of HF ``generate`` (the mask is already extended): on a ``fresh`` step (empty
+        cache) the cache becomes the prefix; every step's position ids move past the prefix."""
+        model = peft_model.base_model.model
+        name = hf_cache_name(model)
+        if fresh:
+            inputs[name] = _hf_prefix_cache(encoder, model, inputs["input_ids"].shape[0])
+        _positions_after_prefix(inputs, encoder.num_virtual_tokens)
+        if inputs.get("cache_position") is not None:  # transformers < 5: where the new keys go
+            start = inputs[name].get_seq_length()
+            inputs["cache_position"] = torch.arange(start, start + inputs["input_ids"].shape[1],
+                                                    device=inputs["cache_position"].device)
+        return inputs
 
     @staticmethod
     def new_cache(encoder: PrefixEncoder, model: nn.Module, batch_size: int) -> PrefixCache:

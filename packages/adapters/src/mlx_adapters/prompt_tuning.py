@@ -81,13 +81,20 @@ def input_embeddings(model: nn.Module) -> nn.Embedding:
     return model.model.embed_tokens
 
 
+def extend_mask(attention_mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """A 2-D attention mask with ``n`` ones in front: the virtual tokens (prompt or prefix) are
+    attended by every row. ``None`` (attend to everything) stays ``None``."""
+    if attention_mask is None:
+        return None
+    ones = attention_mask.new_ones(attention_mask.shape[0], n)
+    return torch.cat((ones, attention_mask), dim=1)
+
+
 def prepend_prompt(prompt: torch.Tensor, embed: nn.Embedding, input_ids, attention_mask, labels):
     """``inputs_embeds``, mask and labels with the virtual tokens in front (-100 labels)."""
     b, n = input_ids.shape[0], prompt.shape[1]
     inputs_embeds = torch.cat((prompt.to(embed.weight.dtype), embed(input_ids)), dim=1)
-    if attention_mask is not None:
-        ones = torch.ones(b, n, dtype=attention_mask.dtype, device=attention_mask.device)
-        attention_mask = torch.cat((ones, attention_mask), dim=1)
+    attention_mask = extend_mask(attention_mask, n)
     if labels is not None:
         ignored = torch.full((b, n), -100, dtype=labels.dtype, device=labels.device)
         labels = torch.cat((ignored, labels), dim=1)
@@ -114,3 +121,18 @@ class PromptTuningTuner:
                                                                input_ids, attention_mask, labels)
         return peft_model.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                      labels=labels, **kwargs)
+
+    @staticmethod
+    def generation_inputs(peft_model, encoder: PromptEmbedding, inputs: dict, fresh: bool) -> dict:
+        """One step of HF ``generate`` (the mask is already extended): on a ``fresh`` step (empty
+        cache) the virtual tokens go in front of the input's embeddings; later steps feed only
+        the new token, the virtual tokens being in the cache. As in PEFT the model numbers the
+        positions itself, virtual tokens included, so generate's own position ids are dropped."""
+        inputs.pop("position_ids", None)
+        inputs.pop("cache_position", None)  # transformers < 5: the model derives it likewise
+        if fresh:
+            ids = inputs["input_ids"]
+            embed = input_embeddings(peft_model.base_model.model)
+            inputs["inputs_embeds"] = prepend_prompt(encoder(ids.shape[0]), embed, ids, None, None)[0]
+            inputs["input_ids"] = None
+        return inputs
