@@ -21,6 +21,7 @@ _API = {
     "geglu": "geglu",
     "gelu_tanh": "geglu",
     "write_kv_cache": "kv_cache",
+    "linear": "linear",
     "lora_linear": "lora",
     "lora_linear_multi": "lora",
     "moe_grouped_matmul": "moe",

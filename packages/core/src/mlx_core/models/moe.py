@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from mlx_core.config import ModelConfig
+from mlx_core.models.linear import Linear
 from mlx_kernels import moe_route, swiglu
 
 
@@ -14,9 +15,9 @@ class Expert(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.w1 = nn.Linear(hidden, intermediate, bias=False)
-        self.w2 = nn.Linear(intermediate, hidden, bias=False)
-        self.w3 = nn.Linear(hidden, intermediate, bias=False)
+        self.w1 = Linear(hidden, intermediate, bias=False)
+        self.w2 = Linear(intermediate, hidden, bias=False)
+        self.w3 = Linear(hidden, intermediate, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(swiglu(self.w1(x), self.w3(x)))
@@ -29,7 +30,7 @@ class SparseMoE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.top_k = config.num_experts_per_tok
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.gate = Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = nn.ModuleList(
             Expert(config.hidden_size, config.intermediate_size) for _ in range(config.num_experts)
         )

@@ -13,6 +13,7 @@ from torch import nn
 
 from mlx_core.config import ModelConfig
 from mlx_core.models.attention import AttentionMetadata, KVCache, attend, build_mask
+from mlx_core.models.linear import Linear
 from mlx_core.models.moe import SparseMoE
 from mlx_core.models.rope import rope_cos_sin, rope_inverse_frequencies
 from mlx_kernels import fused_linear_cross_entropy, gelu_tanh, rms_norm, rope, swiglu
@@ -41,10 +42,10 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = config.num_heads, config.kv_heads
         self.head_dim = config.dim_per_head
         h, q, kv = config.hidden_size, config.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(h, q, bias=config.attention_bias)
-        self.k_proj = nn.Linear(h, kv, bias=config.attention_bias)
-        self.v_proj = nn.Linear(h, kv, bias=config.attention_bias)
-        self.o_proj = nn.Linear(q, h, bias=config.attention_out_bias)
+        self.q_proj = Linear(h, q, bias=config.attention_bias)
+        self.k_proj = Linear(h, kv, bias=config.attention_bias)
+        self.v_proj = Linear(h, kv, bias=config.attention_bias)
+        self.o_proj = Linear(q, h, bias=config.attention_out_bias)
 
     def forward(self, x, cos_sin, meta: AttentionMetadata) -> torch.Tensor:
         b, t, _ = x.shape
@@ -63,9 +64,9 @@ class GatedMLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=bias)
-        self.up_proj = nn.Linear(h, i, bias=bias)
-        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.gate_proj = Linear(h, i, bias=bias)
+        self.up_proj = Linear(h, i, bias=bias)
+        self.down_proj = Linear(i, h, bias=bias)
 
     def forward(self, x):
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
@@ -77,8 +78,8 @@ class GeluMLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.up_proj = nn.Linear(h, i, bias=bias)
-        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.up_proj = Linear(h, i, bias=bias)
+        self.down_proj = Linear(i, h, bias=bias)
 
     def forward(self, x):
         return self.down_proj(gelu_tanh(self.up_proj(x)))
@@ -194,7 +195,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.model = Backbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:

@@ -1,0 +1,61 @@
+"""mlx_kernels.linear: F.linear, with the GEMM transposed for small-batch CPU inference."""
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlx_kernels import linear
+
+
+def _linear_module():
+    """The module (``mlx_kernels.linear`` as an attribute is the op)."""
+    import importlib
+
+    return importlib.import_module("mlx_kernels.linear")
+
+
+@pytest.mark.parametrize("rows", [1, 7, 8, 24, 48, 49, 130])
+@pytest.mark.parametrize("bias", [False, True])
+def test_equals_f_linear_at_every_batch_size(rows, bias):
+    torch.manual_seed(rows)
+    x, w = torch.randn(1, rows, 96), torch.randn(40, 96)
+    b = torch.randn(40) if bias else None
+    with torch.inference_mode():
+        got = linear(x, w, b)
+    assert got.shape == (1, rows, 40) and got.is_contiguous()
+    torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-5, rtol=1e-5)  # fp32 rounding
+
+
+def test_small_batches_take_the_transposed_gemm_only_in_inference(monkeypatch):
+    module = _linear_module()
+    calls = []
+    monkeypatch.setattr(module, "F", types.SimpleNamespace(
+        linear=lambda *a: calls.append("F.linear") or F.linear(*a)))
+    x, w = torch.randn(24, 32), torch.randn(16, 32, requires_grad=True)
+    with torch.no_grad():
+        linear(x, w)
+    assert calls == []  # the transposed GEMM
+    linear(x[:4], w)
+    y = linear(x, w)  # autograd on: the plain op, and gradients flow
+    y.sum().backward()
+    assert calls == ["F.linear", "F.linear"] and w.grad is not None
+    with torch.no_grad():
+        linear(x.bfloat16(), w.bfloat16())
+        monkeypatch.setenv("MLX_KERNELS", "torch")
+        assert torch.equal(linear(x, w), F.linear(x, w))
+    assert calls == ["F.linear"] * 4
+
+
+def test_zoo_layers_use_it_and_keep_nn_linear_names():
+    from mlx_core import build_model, get_preset
+    from mlx_core.models.linear import Linear
+
+    model = build_model(get_preset("tiny-llama"))
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, Linear) and isinstance(q_proj, torch.nn.Linear)
+    assert "model.layers.0.self_attn.q_proj.weight" in model.state_dict()
+    x = torch.randn(2, 5, q_proj.in_features)  # 10 rows: the transposed GEMM
+    with torch.inference_mode():
+        torch.testing.assert_close(q_proj(x), F.linear(x, q_proj.weight, q_proj.bias))
