@@ -256,7 +256,9 @@ class PeftModel(nn.Module):
         ``generate`` runs them (and none inside ``disable_adapter()``). An active prompt or prefix
         adapter adds its virtual tokens as PEFT does: at each step the attention mask gains
         ``num_virtual_tokens`` ones in front; on the first step the prompt's embeddings go in
-        front of the input's (prompt tuning) or the cache starts as the prefix (prefix tuning)."""
+        front of the input's (prompt tuning) or the cache starts as the prefix (prefix tuning).
+        On an encoder-decoder model the prompt goes in front of the encoder's input, once, and
+        the prefix into the decoder's self-attention (its mask extended)."""
         base = self.base_model.model
         prompt = self._prompt_adapter()
         if not callable(getattr(base, "generate", None)):
@@ -283,16 +285,19 @@ class PeftModel(nn.Module):
         """Run HF generate with the base model's ``prepare_inputs_for_generation`` wrapped, so
         each step's inputs get the active prompt-learning adapter's virtual tokens."""
         from mlx_adapters.prefix_tuning import hf_cache_name
-        from mlx_adapters.prompt_tuning import extend_mask
+        from mlx_adapters.prompt_tuning import extend_mask, is_encoder_decoder
 
         config, encoder = self.peft_config[prompt], self.prompt_encoder[prompt]
         method, n, cache_name = _method(config), config.num_virtual_tokens, hf_cache_name(base)
+        if hasattr(method, "encoder_generate_inputs") and is_encoder_decoder(base):
+            return base.generate(*args, **method.encoder_generate_inputs(self, encoder, kwargs))
+        mask_key = method.mask_key(base)
         prepare = base.prepare_inputs_for_generation
 
         @functools.wraps(prepare)
         def prepare_with_prompt(*step_args, **step_kwargs):
             inputs = prepare(*step_args, **step_kwargs)
-            mask = inputs.get("attention_mask")
+            mask = inputs.get(mask_key)
             if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
                 raise ValueError(f"generate with the {config.peft_type} adapter {prompt!r} needs a "
                                  "2-D attention mask, but this step's is prepared as a "
@@ -303,7 +308,7 @@ class PeftModel(nn.Module):
                 inputs.pop(cache_name, None)
             cache = inputs.get(cache_name)
             fresh = cache is None or cache.get_seq_length() == 0
-            inputs["attention_mask"] = extend_mask(mask, n)
+            inputs[mask_key] = extend_mask(mask, n)
             return method.generation_inputs(self, encoder, inputs, fresh)
 
         own = vars(base).get("prepare_inputs_for_generation")  # an instance attribute, if any

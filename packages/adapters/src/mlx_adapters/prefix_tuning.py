@@ -14,6 +14,12 @@ HF models take the prefix as their cache (``past_key_values``, ``cache`` from tr
 models as a ``PrefixCache``, the zoo's cache interface over the prefix, so no change to the
 model is needed. Queries see the prefix at positions ``0 .. n-1`` (no rotary embedding: the
 learned keys are used as they are) and start at position ``n``.
+
+Encoder-decoder HF models (T5, BART; ``task_type="SEQ_2_SEQ_LM"``, PEFT's
+``num_transformer_submodules=2``): the same ``[num_virtual_tokens, num_layers * 2 * token_dim]``
+tensor, laid out as PEFT reads it: only the decoder's self-attention sees a prefix (the encoder
+and the cross-attention none), decoder layer ``i`` taking the prefix's layer ``2 * i mod
+num_layers``, and the decoder's mask grows by ``num_virtual_tokens``.
 """
 
 from __future__ import annotations
@@ -25,7 +31,12 @@ import torch
 from torch import nn
 
 from mlx_adapters.config import PeftConfig
-from mlx_adapters.prompt_tuning import extend_mask
+from mlx_adapters.prompt_tuning import (
+    SUBMODULES_RULE,
+    extend_mask,
+    fill_transformer_submodules,
+    is_encoder_decoder,
+)
 from mlx_core.models.attention import KVCache
 
 
@@ -34,7 +45,7 @@ class PrefixTuningConfig(PeftConfig):
     peft_type: str = "PREFIX_TUNING"
     num_virtual_tokens: int = 20
     token_dim: int | None = None  # kv_heads x head_dim, filled from the model
-    num_transformer_submodules: int | None = 1
+    num_transformer_submodules: int | None = None  # 1 decoder-only, 2 encoder-decoder; from task_type
     num_attention_heads: int | None = None  # the model's key/value heads (GQA), filled in
     num_layers: int | None = None  # filled from the model
     encoder_hidden_size: int | None = None  # the MLP's width (prefix_projection); token_dim if None
@@ -49,8 +60,8 @@ class PrefixTuningConfig(PeftConfig):
             problems.append(f"num_virtual_tokens must be positive, got {self.num_virtual_tokens}")
         if self.init_weights not in (None, "zero"):
             problems.append(f"init_weights must be None (random) or 'zero', got {self.init_weights!r}")
-        if self.num_transformer_submodules not in (None, 1):
-            problems.append("only decoder-only models (num_transformer_submodules=1) are supported")
+        if self.num_transformer_submodules not in (None, 1, 2):
+            problems.append(f"{SUBMODULES_RULE}, got {self.num_transformer_submodules}")
         if self.encoder_hidden_size is not None and self.encoder_hidden_size <= 0:
             problems.append(f"encoder_hidden_size must be positive, got {self.encoder_hidden_size}")
         if problems:
@@ -191,11 +202,17 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _hf_prefix_cache(encoder: PrefixEncoder, model: nn.Module, batch_size: int):
-    """The prefix as an HF ``DynamicCache`` holding ``num_virtual_tokens`` keys/values per layer."""
-    from transformers import DynamicCache
+    """The prefix as an HF ``DynamicCache`` holding ``num_virtual_tokens`` keys/values per layer;
+    on an encoder-decoder model, an ``EncoderDecoderCache`` whose self-attention part holds them
+    in PEFT's order (module docstring) and whose cross-attention part is empty."""
+    from transformers import DynamicCache, EncoderDecoderCache
 
     keys, values = encoder.key_values(batch_size, _model_dtype(model))
-    return DynamicCache(list(zip(keys, values, strict=True)))
+    if not is_encoder_decoder(model):
+        return DynamicCache(list(zip(keys, values, strict=True)))
+    layers = len(keys)
+    order = [2 * i % layers for i in range(layers)]
+    return EncoderDecoderCache(DynamicCache([(keys[j], values[j]) for j in order]), DynamicCache())
 
 
 def _positions_after_prefix(inputs: dict, n: int) -> None:
@@ -210,6 +227,7 @@ class PrefixTuningTuner:
 
     @staticmethod
     def make_encoder(config: PrefixTuningConfig, model: nn.Module) -> PrefixEncoder:
+        fill_transformer_submodules(config, model)
         layers, kv_heads, head_dim = prefix_geometry(model)
         needed = {"num_layers": layers, "num_attention_heads": kv_heads, "token_dim": kv_heads * head_dim}
         for name, value in needed.items():
@@ -245,14 +263,20 @@ class PrefixTuningTuner:
                 raise ValueError("a prefix-tuned model takes its kv_cache from peft_model.new_cache(...)")
             return peft_model.base_model(input_ids, attention_mask, labels=labels, kv_cache=cache, **kwargs)
         _positions_after_prefix(kwargs, n)
-        attention_mask = extend_mask(attention_mask, n)
         if accepts_zoo_cache(model):
             keys, values = encoder.key_values(batch, _model_dtype(model))
-            return peft_model.base_model(input_ids, attention_mask, labels=labels,
+            return peft_model.base_model(input_ids, extend_mask(attention_mask, n), labels=labels,
                                          kv_cache=PrefixCache(keys, values), **kwargs)
+        kwargs["attention_mask"] = attention_mask
+        key = PrefixTuningTuner.mask_key(model)
+        kwargs[key] = extend_mask(kwargs.get(key), n)
         kwargs[hf_cache_name(model)] = _hf_prefix_cache(encoder, model, batch)
-        return peft_model.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                                     **kwargs)
+        return peft_model.base_model(input_ids=input_ids, labels=labels, **kwargs)
+
+    @staticmethod
+    def mask_key(model: nn.Module) -> str:
+        """The mask the prefix extends: that of the (decoder's) self-attention, which sees it."""
+        return "decoder_attention_mask" if is_encoder_decoder(model) else "attention_mask"
 
     @staticmethod
     def generation_inputs(peft_model, encoder: PrefixEncoder, inputs: dict, fresh: bool) -> dict:
@@ -260,12 +284,13 @@ class PrefixTuningTuner:
         cache) the cache becomes the prefix; every step's position ids move past the prefix."""
         model = peft_model.base_model.model
         name = hf_cache_name(model)
+        ids = inputs["decoder_input_ids" if is_encoder_decoder(model) else "input_ids"]
         if fresh:
-            inputs[name] = _hf_prefix_cache(encoder, model, inputs["input_ids"].shape[0])
+            inputs[name] = _hf_prefix_cache(encoder, model, ids.shape[0])
         _positions_after_prefix(inputs, encoder.num_virtual_tokens)
         if inputs.get("cache_position") is not None:  # transformers < 5: where the new keys go
             start = inputs[name].get_seq_length()
-            inputs["cache_position"] = torch.arange(start, start + inputs["input_ids"].shape[1],
+            inputs["cache_position"] = torch.arange(start, start + ids.shape[1],
                                                     device=inputs["cache_position"].device)
         return inputs
 
