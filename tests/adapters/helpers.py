@@ -2,6 +2,7 @@
 
 import warnings
 
+import pytest
 import torch
 import transformers
 
@@ -72,3 +73,18 @@ def hf_peft_generate(hf_peft_model, **options):
     finally:
         hf_peft_model.base_model_prepare_inputs_for_generation = original
         base.prepare_inputs_for_generation = original
+
+
+def assert_prompt_generate_refusals(ours, zoo, zoo_fix: str) -> None:
+    """What ``generate`` with an active prompt-learning adapter refuses, each error naming the
+    fix: ``inputs_embeds``, a static cache (the step wrapper is put back after the error), and a
+    zoo model (``zoo_fix``: the way its message points to)."""
+    ids, mask = left_padded_batch()
+    with pytest.raises(ValueError, match="takes input_ids, not inputs_embeds"):
+        ours.generate(inputs_embeds=ours.base_model.model.get_input_embeddings()(ids), max_new_tokens=2)
+    with pytest.raises(ValueError, match="2-D attention mask.*default dynamic cache"):
+        ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0,
+                      cache_implementation="static")
+    assert "prepare_inputs_for_generation" not in vars(ours.base_model.model)  # put back
+    with pytest.raises(ValueError, match=zoo_fix):
+        zoo.generate(ids)

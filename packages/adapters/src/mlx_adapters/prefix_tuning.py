@@ -10,7 +10,8 @@ training). Either way the adapter file holds that tensor, the MLP's output, as
 prefix.
 
 HF models take the prefix as their cache (``past_key_values``, ``cache`` from transformers 5: a
-``DynamicCache``), as PEFT passes it, in the forward and in ``generate``; zoo
+``DynamicCache``; on Gemma 2 / Gemma 3 text models one laid out by the model's config, as PEFT
+builds it), as PEFT passes it, in the forward and in ``generate``; zoo
 models as a ``PrefixCache``, the zoo's cache interface over the prefix, so no change to the
 model is needed. Queries see the prefix at positions ``0 .. n-1`` (no rotary embedding: the
 learned keys are used as they are) and start at position ``n``.
@@ -201,15 +202,28 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
+# Model types whose prefix cache PEFT builds from the model's config, so that it has the model's
+# own per-layer cache kinds (sliding-window layers among them) rather than plain layers.
+CONFIG_SHAPED_CACHE_MODELS = ("gemma2", "gemma3_text")
+
+
 def _hf_prefix_cache(encoder: PrefixEncoder, model: nn.Module, batch_size: int):
     """The prefix as an HF ``DynamicCache`` holding ``num_virtual_tokens`` keys/values per layer;
     on an encoder-decoder model, an ``EncoderDecoderCache`` whose self-attention part holds them
-    in PEFT's order (module docstring) and whose cross-attention part is empty."""
+    in PEFT's order (module docstring) and whose cross-attention part is empty.
+
+    Gemma 2 and Gemma 3 (text), as in PEFT: the cache is laid out by the model's config, so a
+    sliding-window layer keeps (of the prefix, then of the input) only the last
+    ``sliding_window - 1`` positions, as the model's own cache does; the logits are those of a
+    plain cache (the attention mask hides the dropped positions either way), but generate's
+    memory in those layers stays bounded."""
     from transformers import DynamicCache, EncoderDecoderCache
 
     keys, values = encoder.key_values(batch_size, _model_dtype(model))
     if not is_encoder_decoder(model):
-        return DynamicCache(list(zip(keys, values, strict=True)))
+        shaped = getattr(model.config, "model_type", None) in CONFIG_SHAPED_CACHE_MODELS
+        layout = {"config": model.config} if shaped else {}
+        return DynamicCache(list(zip(keys, values, strict=True)), **layout)
     layers = len(keys)
     order = [2 * i % layers for i in range(layers)]
     return EncoderDecoderCache(DynamicCache([(keys[j], values[j]) for j in order]), DynamicCache())
