@@ -59,3 +59,13 @@ def test_zoo_layers_use_it_and_keep_nn_linear_names():
     x = torch.randn(2, 5, q_proj.in_features)  # 10 rows: the transposed GEMM
     with torch.inference_mode():
         torch.testing.assert_close(q_proj(x), F.linear(x, q_proj.weight, q_proj.bias))
+
+
+def test_compiles_with_dynamic_shapes():
+    """Under torch.compile(dynamic=True) the row count is symbolic: the layout choice must trace."""
+    compiled = torch.compile(linear, dynamic=True)
+    w = torch.randn(16, 32)
+    with torch.inference_mode():
+        for rows in (10, 20, 60):
+            x = torch.randn(rows, 32)
+            torch.testing.assert_close(compiled(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)

@@ -16,13 +16,15 @@ import torch.nn.functional as F
 
 from mlx_kernels.dispatch import setting
 
-TRANSPOSED_ROWS = range(8, 49)  # the rows for which W @ x^T is the faster GEMM on CPU
+# the rows for which W @ x^T is the faster GEMM on CPU (bounds, not a range: under torch.compile
+# with dynamic shapes the row count is symbolic, which `in range(...)` cannot take)
+TRANSPOSED_ROWS = (8, 48)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; see the module docstring for when the GEMM is transposed."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (rows in TRANSPOSED_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled()
+    if (TRANSPOSED_ROWS[0] <= rows <= TRANSPOSED_ROWS[1] and x.device.type == "cpu" and not torch.is_grad_enabled()
             and x.dtype == weight.dtype == torch.float32 and setting() == "auto"):
         y = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
         if bias is not None:
