@@ -2,8 +2,8 @@
 
 On CPU, MKL's fp32 GEMM for ``x [M, K] @ W^T`` with ``M`` between 8 and 48 rows (a serving
 step's decodes, a short prompt after a cached prefix) is slower than the transposed product.
-Measured here over the built-in model's 211 weights (median of 9 alternating passes): 8 rows 70 -> 60 ms, 24 rows 91 -> 82 ms, 48 rows 129 -> 112 ms for ``x @ W^T`` ->
-``(W @ x^T)^T``; at 4 rows (57 vs 62 ms) and 64 rows (157 vs 190 ms) the usual layout is the
+Measured here over the built-in model's 211 weights (median of 9 alternating passes): 8 rows
+70 -> 60 ms, 24 rows 91 -> 82 ms, 48 rows 129 -> 112 ms for ``x @ W^T`` -> ``(W @ x^T)^T``; at 4 rows (57 vs 62 ms) and 64 rows (157 vs 190 ms) the usual layout is the
 faster one. Inference only (no autograd graph is built on this path); on CUDA, under
 autograd, in other dtypes or with ``MLX_KERNELS=torch`` this is ``F.linear``. The result equals
 ``F.linear``'s to fp32 rounding (another summation order inside the GEMM).
