@@ -104,7 +104,7 @@ def test_inputs_embeds_equal_input_ids(tiny):
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
-    model = build_model(get_preset("tiny-llama"))
+    model = build_model(get_preset("tiny-llama")).train()  # checkpointing is for training only
     ids = torch.randint(0, 128, (2, 9))
     grads = []
     for enable in (False, True):
@@ -114,3 +114,25 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_checkpointing_the_first_layers_recomputes_only_those():
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny-llama")).train()
+    assert len(model.model.layers) >= 2
+    ids = torch.randint(0, 128, (2, 9))
+    model.zero_grad()
+    model(ids, labels=ids).backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    calls = [0] * len(model.model.layers)
+    for i, layer in enumerate(model.model.layers):
+        # a pre-hook: the recompute stops early once it has what backward needs
+        layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    model.gradient_checkpointing_enable(num_layers=1)
+    model.zero_grad()
+    model(ids, labels=ids).backward()
+    assert calls == [2] + [1] * (len(calls) - 1)  # forward everywhere, a recompute in layer 0
+    for a, p in zip(reference, model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, a, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match=f"has {len(calls)} decoder layers"):
+        model.gradient_checkpointing_enable(num_layers=len(calls) + 1)

@@ -182,6 +182,17 @@ def test_tune_dpo_and_tune_distill_run_their_recipes(tiny_overrides, tiny_model_
     assert "kl" in metrics_of(tmp_path / "kd")
 
 
+def test_checkpoint_layers_reaches_the_model(tiny_overrides):
+    from mlx_core.models.transformer import Backbone
+    from mlx_train.recipes.finetune import prepare_model, resolve_tokenizer
+
+    cfg = recipes.compose("lora_finetune", [*tiny_overrides, "train.gradient_checkpointing=true",
+                                            "train.checkpoint_layers=1"])
+    model = prepare_model(cfg, resolve_tokenizer(cfg))
+    [backbone] = [m for m in model.modules() if isinstance(m, Backbone)]
+    assert backbone.gradient_checkpointing and backbone.checkpoint_layers == 1
+
+
 def test_quantize_without_an_adapter_is_refused(tiny_overrides):
     with pytest.raises(ValueError, match="needs an adapter"):
         recipes.run("full_finetune", [*tiny_overrides, "quantize=nf4"])

@@ -114,7 +114,8 @@ class Backbone(nn.Module):
             self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = make_norm(config)
-        self.gradient_checkpointing = False  # recompute each layer in backward (training only)
+        self.gradient_checkpointing = False  # recompute layers in backward (training only)
+        self.checkpoint_layers: int | None = None  # how many (the first ones); None: all
         # A plain attribute, not a buffer: it is derived from the config, never saved or loaded.
         self.rope_inv_freq = (
             rope_inverse_frequencies(config) if config.position_kind == "rope" else None
@@ -148,8 +149,9 @@ class Backbone(nn.Module):
                 )
             x = x + self.embed_positions(position_ids)
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
-            if checkpointed:
+        n_checkpointed = len(self.layers) if self.checkpoint_layers is None else self.checkpoint_layers
+        for i, layer in enumerate(self.layers):
+            if checkpointed and i < n_checkpointed:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos_sin, meta, use_reentrant=False)
             else:
                 x = layer(x, cos_sin, meta)
@@ -215,9 +217,18 @@ class Transformer(nn.Module):
                     nn.init.zeros_(module.bias)
         self.tie_weights()
 
-    def gradient_checkpointing_enable(self, enable: bool = True) -> None:
-        """Keep only each layer's input in training and recompute the layer in backward."""
+    def gradient_checkpointing_enable(self, enable: bool = True, num_layers: int | None = None) -> None:
+        """Keep only a layer's input in training and recompute the layer in backward.
+
+        ``num_layers``: checkpoint only the first N decoder layers (Megatron's "block" recompute)
+        and keep the others' activations: memory between none and full checkpointing, and the
+        recompute cost of N layers instead of all. ``None``: every layer."""
+        total = len(self.model.layers)
+        if num_layers is not None and not 0 <= num_layers <= total:
+            raise ValueError(f"num_layers={num_layers}: this model has {total} decoder layers; "
+                             f"pass 0..{total}, or None to checkpoint them all")
         self.model.gradient_checkpointing = enable
+        self.model.checkpoint_layers = num_layers
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         p = self.lm_head.weight

@@ -38,6 +38,7 @@ class TrainSettings:
     grad_clip: float = 1.0
     grad_accum: int = 1
     gradient_checkpointing: bool = False
+    checkpoint_layers: int | None = None  # with gradient_checkpointing: only the first N layers
     progress: bool = True
     strategy: str = "ddp"
 

@@ -7,6 +7,7 @@ adapter (``mlx_adapters.get_peft_model``, when the ``adapter`` group is set) -> 
 
 from __future__ import annotations
 
+import inspect
 import time
 
 from omegaconf import DictConfig
@@ -44,7 +45,14 @@ def prepare_model(cfg: DictConfig, tokenizer):
     """The model, quantized and wrapped with its adapter as the config says."""
     model = instantiate(cfg.model, tokenizer=tokenizer)
     if cfg.train.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable()
+        if cfg.train.checkpoint_layers is None:
+            model.gradient_checkpointing_enable()
+        elif "num_layers" in inspect.signature(model.gradient_checkpointing_enable).parameters:
+            model.gradient_checkpointing_enable(num_layers=cfg.train.checkpoint_layers)
+        else:
+            raise ValueError(f"train.checkpoint_layers={cfg.train.checkpoint_layers}: "
+                             f"{type(model).__name__} checkpoints all its layers or none; use a "
+                             "zoo model, or drop train.checkpoint_layers")
     if cfg.quantize and not has_node(cfg, "adapter"):
         raise ValueError(f"quantize={cfg.quantize} freezes the base model in 4 bits: it needs an "
                          "adapter to train (adapter=lora)")
