@@ -41,10 +41,10 @@ def test_torch_api_says_which_extra_to_install():
     assert "pip install 'mlx-core[torch]'" in done.stdout
 
 
-def test_eager_release_of_large_blocks_takes_effect_on_linux():
+def test_allocator_settings_take_effect_on_linux():
     done = _run("""
-        from mlx_core.memory import release_large_blocks_eagerly
-        print(release_large_blocks_eagerly())
+        from mlx_core.memory import tune_allocator
+        print(tune_allocator())
     """)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ("True" if sys.platform.startswith("linux") else "False")

@@ -32,6 +32,13 @@ def _make_bench_command():
              steps: int = typer.Option(3, "--steps", help="Training steps per side."),
              checkpointing: bool = typer.Option(False, "--checkpointing/--no-checkpointing",
                                                 help="Gradient checkpointing on both sides."),
+             checkpoint_layers: int = typer.Option(
+                 -1, "--checkpoint-layers",
+                 help="With --checkpointing: ours recomputes only the first N decoder layers "
+                      "(-1: all, like PEFT's side)."),
+             peft_tuned_allocator: bool = typer.Option(
+                 False, "--peft-tuned-allocator",
+                 help="Run PEFT's side with our allocator settings too (mlx_core.memory)."),
              json_path: str = typer.Option("", "--json", help="Also write the result here.")):
         """LoRA training steps: ours vs HF transformers + PEFT (time, peak memory, losses)."""
         import json
@@ -41,9 +48,13 @@ def _make_bench_command():
 
         from mlx_adapters import bench
 
-        result = bench.run(model, batch, seq, steps, checkpointing)
+        layers = None if checkpoint_layers < 0 else checkpoint_layers
+        result = bench.run(model, batch, seq, steps, checkpointing, layers, peft_tuned_allocator)
+        what = f"checkpointing={checkpointing}" + (f" (ours: first {layers} layers)"
+                                                   if checkpointing and layers is not None else "")
+        what += ", PEFT with our allocator settings" if peft_tuned_allocator else ""
         table = Table("side", "median step (s)", "peak RSS (MiB)", "losses",
-                      title=f"mlx bench lora: {model}, {batch}x{seq}, checkpointing={checkpointing}")
+                      title=f"mlx bench lora: {model}, {batch}x{seq}, {what}")
         for name, key in (("mlx", "mlx"), ("HF + PEFT", "hf_peft")):
             side = result[key]
             table.add_row(name, f"{side['median_step_s']:.2f}", f"{side['peak_rss_mib']:.0f}",

@@ -39,4 +39,8 @@ def build_app() -> typer.Typer:
 
 
 def main() -> None:
+    from mlx_core.memory import relaunch_with_tuned_allocator, tune_allocator
+
+    relaunch_with_tuned_allocator()  # training's freed activations must be reusable (see memory)
+    tune_allocator()
     build_app()(prog_name="mlx")
