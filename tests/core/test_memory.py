@@ -57,8 +57,9 @@ def test_relaunch_runs_the_same_command_again_with_the_tcache_off():
 @glibc_only
 def test_freed_activations_are_reused_step_after_step():
     """Training-like steps (per layer: GEMM outputs kept for backward, temporaries freed, small
-    tensors in between): with the settings the heap never grows after the first step; with glibc's
-    defaults the aligned blocks' slivers keep freed memory from being reused."""
+    tensors in between): with the settings the heap never grows after the first step. (Whether
+    glibc's defaults grow it depends on the heap's history: 295-435 MiB in a pytest run here,
+    flat in a CI run, so only the tuned side is asserted.)"""
     code = """
         import ctypes, sys, torch
         from mlx_core.memory import tune_allocator
@@ -83,14 +84,8 @@ def test_freed_activations_are_reused_step_after_step():
             heap.append(libc.mallinfo2().arena >> 20)
         print(*heap)
     """
-    runs = {}
-    for name, env in (("tuned", allocator_environment()), ("default", allocator_environment(tuned=False))):
-        done = subprocess.run([sys.executable, "-c", textwrap.dedent(code), name],
-                              capture_output=True, text=True, env=env, timeout=300)
-        assert done.returncode == 0, done.stderr
-        runs[name] = [int(v) for v in done.stdout.split()]
-    tuned, default = runs["tuned"], runs["default"]
-    assert max(tuned[1:]) <= tuned[0], runs  # no growth after the first step (it may trim)
-    # glibc 2.38 began scanning its bins for aligned blocks (bug 14581): compare before that
-    if tuple(map(int, platform.libc_ver()[1].split("."))) < (2, 38):
-        assert max(tuned) < 0.7 * max(default), runs
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code), "tuned"],
+                          capture_output=True, text=True, env=allocator_environment(), timeout=300)
+    assert done.returncode == 0, done.stderr
+    heap = [int(v) for v in done.stdout.split()]
+    assert max(heap[1:]) <= heap[0], heap  # no growth after the first step (it may trim)
