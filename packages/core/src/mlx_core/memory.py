@@ -4,10 +4,11 @@ torch allocates CPU tensors with ``posix_memalign(64)``. glibc serves an aligned
 a few dozen bytes off the front of a free chunk and caching that sliver in its per-thread cache
 (tcache) or fastbins, where it is never merged with its neighbours (glibc bug 14581: large
 aligned blocks interleaved with small allocations): the freed activations of one training step
-then cannot coalesce into the blocks the next step asks for, and the heap grows step after step. Measured on the built-in model (LoRA, 4x512 tokens, gradient
-checkpointing): with glibc's defaults the heap held 1.1 GB free after one step's forward and
-2.1 GB after the second; with the tcache off (``GLIBC_TUNABLES``, read only at process start) and
-no fastbins the whole heap stayed at 0.74 GB from the first step on (peak RSS 1752 MiB, not 2940).
+then cannot coalesce into the blocks the next step asks for, and the heap grows step after step.
+Measured on the built-in model (LoRA, 4x512 tokens, gradient checkpointing): with glibc's
+defaults the heap held 1.1 GB free after one step's forward and 2.1 GB after the second; with
+the tcache off (``GLIBC_TUNABLES``, read only at process start) and no fastbins the whole heap
+stayed at 0.74 GB from the first step on (peak RSS 1752 MiB, not 2940).
 
 The other way to bound memory, serving every block of 1 MiB and up with mmap (returned on free),
 costs a fresh page-faulted, kernel-zeroed block per activation: 5-7 s of system time per step on
