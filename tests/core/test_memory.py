@@ -1,16 +1,14 @@
 """mlx_core.memory: the glibc settings that let a training step reuse the last step's memory."""
 
-import platform
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from mlx_core.memory import OPT_OUT, TCACHE_OFF, allocator_environment, tcache_is_off
+from mlx_core.memory import OPT_OUT, TCACHE_OFF, _is_glibc, allocator_environment, tcache_is_off
 
-ON_GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-glibc_only = pytest.mark.skipif(not ON_GLIBC, reason="the settings are glibc's; elsewhere they are no-ops")
+glibc_only = pytest.mark.skipif(not _is_glibc(), reason="the settings are glibc's; elsewhere they are no-ops")
 
 
 def _python(code: str, env=None) -> str:
