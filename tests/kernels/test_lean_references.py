@@ -42,3 +42,31 @@ def test_lean_functions_match_autograd_on_the_references(dtype_tol, torch_backen
         for a, b in zip(got_grads, want_grads, strict=True):
             # dW sums over 42 rows: its rounding grows with them in bf16
             assert_close(a, b, atol * (10 if dtype == torch.bfloat16 else 1), rtol)
+
+
+@pytest.mark.parametrize("dtype_tol", DTYPES)
+@pytest.mark.parametrize("no_graph", ["no_grad", "inference_mode", "no_requires_grad"])
+def test_inference_skips_the_functions_with_the_references_values(dtype_tol, no_graph, monkeypatch):
+    """Where no graph is recorded the ops run their math without the autograd Functions (whose
+    Python bookkeeping costs more than a small inference op): the references' values."""
+    from mlx_kernels.rms_norm import RMSNormTorchFunction
+    from mlx_kernels.rope import RoPETorchFunction
+    from mlx_kernels.swiglu import SwiGLUTorchFunction
+
+    for function in (RMSNormTorchFunction, RoPETorchFunction, SwiGLUTorchFunction):
+        monkeypatch.setattr(function, "apply", staticmethod(lambda *a: pytest.fail("took the Function")))
+    dtype, atol, rtol = dtype_tol
+    torch.manual_seed(1)
+    x, w = torch.randn(3, 24, 576, dtype=dtype) * 3, torch.randn(576, dtype=dtype)
+    q = torch.randn(1, 24, 9, 64, dtype=dtype).transpose(1, 2)  # the model's strided layout
+    cos, sin = torch.randn(1, 24, 64, dtype=dtype), torch.randn(1, 24, 64, dtype=dtype)
+    g, u = torch.randn(24, 1536, dtype=dtype), torch.randn(24, 1536, dtype=dtype)
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+               "no_requires_grad": torch.enable_grad}[no_graph]
+    with context():
+        # torch's fused rms_norm kernel for fp32 (held to the reference at fp32 rounding), the
+        # reference's own arithmetic for the rest
+        assert_close(rms_norm(x, w, 1e-5), rms_norm_reference(x, w, 1e-5), 1e-6, 1e-6)
+        assert torch.equal(rope(q, cos, sin), rope_reference(q, cos, sin))
+        assert torch.equal(swiglu(g, u), F.silu(g) * u)
+        assert torch.equal(swiglu(g.t(), u.t()), (F.silu(g) * u).t())  # any layout in, same out

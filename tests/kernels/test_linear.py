@@ -69,3 +69,41 @@ def test_compiles_with_dynamic_shapes():
         for rows in (10, 20, 60):
             x = torch.randn(rows, 32)
             torch.testing.assert_close(compiled(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [4, 24, 64])
+def test_uncopied_output_is_the_same_values_and_feeds_the_next_linear(rows):
+    """``contiguous=False``: the transposed GEMM's result comes out as a transposed view (no
+    copy), which an activation and the next linear read as they are."""
+    torch.manual_seed(rows)
+    x, w_up, w_down = torch.randn(1, rows, 96), torch.randn(160, 96), torch.randn(96, 160)
+    bias = torch.randn(160)
+    with torch.inference_mode():
+        up = linear(x, w_up, bias, contiguous=False)
+        if 8 <= rows <= 48:  # the transposed GEMM
+            assert up.stride()[1:] == (1, rows) and not up.is_contiguous()
+        else:
+            assert up.is_contiguous()
+        torch.testing.assert_close(up, F.linear(x, w_up, bias), atol=1e-5, rtol=1e-5)
+        down = linear(F.silu(up), w_down)
+        assert down.is_contiguous()
+        want = F.linear(F.silu(F.linear(x, w_up, bias)), w_down)
+        torch.testing.assert_close(down, want, atol=1e-4, rtol=1e-5)
+
+
+def test_zoo_mlps_let_the_gate_and_up_outputs_out_uncopied():
+    from mlx_core import build_model, get_preset
+
+    for preset in ("tiny-llama", "tiny-gpt2"):
+        model = build_model(get_preset(preset)).eval()
+        mlp = model.model.layers[0].mlp
+        uncopied = [p for p in ("gate_proj", "up_proj") if hasattr(mlp, p)]
+        assert uncopied and all(not getattr(mlp, p).contiguous_output for p in uncopied)
+        assert mlp.down_proj.contiguous_output and model.model.layers[0].self_attn.q_proj.contiguous_output
+        x = torch.randn(1, 24, mlp.down_proj.out_features)
+        with torch.inference_mode():
+            got = mlp(x)
+        with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+            patch.setenv("MLX_KERNELS", "torch")  # plain F.linear everywhere
+            want = mlp(x)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -51,6 +51,15 @@ def backend_for(device) -> str:
     return "triton" if device_type == "cuda" and triton_available() else "torch"
 
 
+def records_autograd(*tensors) -> bool:
+    """Whether an op on ``tensors`` joins an autograd graph: grad mode is on and one of them
+    requires grad. Where it does not, the torch paths skip their ``autograd.Function`` (whose
+    Python bookkeeping costs more than a small inference op itself)."""
+    import torch  # here, not at the top: this module must import without torch
+
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def describe() -> dict:
     """What ``mlx doctor`` shows about kernels."""
     version = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mlx_kernels.dispatch import backend_for
+from mlx_kernels.dispatch import backend_for, records_autograd
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -88,4 +88,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         )
     if backend_for(x.device) == "triton":
         return RoPEFunction.apply(x, cos, sin)
+    if not records_autograd(x, cos, sin):  # the Function's forward, without its bookkeeping
+        if x.dtype == cos.dtype == sin.dtype:
+            return _rotate(x, cos.unsqueeze(1), sin.unsqueeze(1), transpose=False)
+        return rope_reference(x, cos, sin)
     return RoPETorchFunction.apply(x, cos, sin)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mlx_kernels.dispatch import backend_for
+from mlx_kernels.dispatch import backend_for, records_autograd
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -58,4 +58,6 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
     if backend_for(gate.device) == "triton":
         return SwiGLUFunction.apply(gate, up)
+    if not records_autograd(gate, up):  # the Function's forward, without its bookkeeping
+        return F.silu(gate).mul_(up) if gate.dtype == up.dtype else swiglu_reference(gate, up)
     return SwiGLUTorchFunction.apply(gate, up)

@@ -20,6 +20,18 @@ from mlx_kernels.dispatch import backend_for
 from mlx_kernels.paged_attention import gather_paged
 
 
+def _bottom_right_mask(lq, lk, causal, sliding_window, device) -> torch.Tensor | None:
+    """``[lq, lk]`` bool, True where query ``i`` (at key position ``lk - lq + i``) may look;
+    None when it may look everywhere. Few ops: on CPU each costs more than its arithmetic."""
+    q_pos = torch.arange(lk - lq, lk, device=device)[:, None]
+    k_pos = torch.arange(lk, device=device)
+    mask = k_pos <= q_pos if causal else None
+    if sliding_window is not None:
+        inside = q_pos - k_pos < sliding_window
+        mask = inside if mask is None else mask.logical_and_(inside)
+    return mask
+
+
 def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=True,
                                sliding_window=None, scale=None, block_tables=None):
     out = torch.empty_like(q)
@@ -34,13 +46,7 @@ def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=Tr
             keys, values = gather_paged(k, block_tables[i], lk), gather_paged(v, block_tables[i], lk)
         mask = None  # plain causal over the whole sequence: SDPA's own mask skips masked tiles
         if (causal and lq != lk) or sliding_window is not None:
-            q_pos = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
-            k_pos = torch.arange(lk, device=q.device)[None, :]
-            mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
-            if causal:
-                mask &= k_pos <= q_pos
-            if sliding_window is not None:
-                mask &= q_pos - k_pos < sliding_window
+            mask = _bottom_right_mask(lq, lk, causal, sliding_window, q.device)
         o = F.scaled_dot_product_attention(
             q[cu_q[i]:cu_q[i + 1]].transpose(0, 1)[None].to(keys.dtype), keys.transpose(0, 1)[None],
             values.transpose(0, 1)[None], attn_mask=mask, scale=scale,

@@ -67,6 +67,8 @@ class GatedMLP(nn.Module):
         self.gate_proj = Linear(h, i, bias=bias)
         self.up_proj = Linear(h, i, bias=bias)
         self.down_proj = Linear(i, h, bias=bias)
+        # read only by swiglu and down_proj: any layout (see Linear)
+        self.gate_proj.contiguous_output = self.up_proj.contiguous_output = False
 
     def forward(self, x):
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
@@ -80,6 +82,7 @@ class GeluMLP(nn.Module):
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
         self.up_proj = Linear(h, i, bias=bias)
         self.down_proj = Linear(i, h, bias=bias)
+        self.up_proj.contiguous_output = False  # read only by gelu_tanh and down_proj
 
     def forward(self, x):
         return self.down_proj(gelu_tanh(self.up_proj(x)))
