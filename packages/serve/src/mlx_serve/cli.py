@@ -144,9 +144,9 @@ def bench_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
           f"GFLOP per token = {result['ceiling_output_tokens_per_s']} tok/s; reached "
           f"{result['fraction_of_ceiling_output']:.0%} in output tokens, "
           f"{result['fraction_of_ceiling_all_tokens']:.0%} counting prompt tokens")
-    print(f"prefix caching ({prefix['system_prompt_tokens']}-token shared system prompt): TTFT "
-          f"first {prefix['first_ttft_ms']} ms, later median {prefix['later_ttft_median_ms']} ms "
-          f"({prefix['later_over_first']}x)")
+    print(f"prefix caching ({prefix['system_prompt_tokens']}-token shared system prompt, medians "
+          f"of {prefix['rounds']} rounds): TTFT first {prefix['first_ttft_ms']} ms, later "
+          f"{prefix['later_ttft_median_ms']} ms ({prefix['later_over_first']}x)")
     print(f"KV blocks still held after the runs: {result['leaked_blocks']}")
     if json_path:
         with open(json_path, "w") as f:
