@@ -15,6 +15,11 @@ from mlx_core.config import ModelConfig
 from mlx_core.models.attention import AttentionMetadata, KVCache, attend, build_mask
 from mlx_core.models.linear import Linear
 from mlx_core.models.moe import SparseMoE
+from mlx_core.models.recompute import (
+    recompute_when_saved,
+    run_checkpointed_layer,
+    worth_recomputing,
+)
 from mlx_core.models.rope import rope_cos_sin, rope_inverse_frequencies
 from mlx_kernels import fused_linear_cross_entropy, gelu_tanh, rms_norm, rope, swiglu
 
@@ -71,7 +76,12 @@ class GatedMLP(nn.Module):
         self.gate_proj.contiguous_output = self.up_proj.contiguous_output = False
 
     def forward(self, x):
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        hidden = swiglu(gate, up)
+        if not worth_recomputing(hidden):
+            return self.down_proj(hidden)
+        with recompute_when_saved(hidden, lambda: swiglu(gate, up)):  # see recompute.py
+            return self.down_proj(hidden)
 
 
 class GeluMLP(nn.Module):
@@ -85,7 +95,12 @@ class GeluMLP(nn.Module):
         self.up_proj.contiguous_output = False  # read only by gelu_tanh and down_proj
 
     def forward(self, x):
-        return self.down_proj(gelu_tanh(self.up_proj(x)))
+        up = self.up_proj(x)
+        hidden = gelu_tanh(up)
+        if not worth_recomputing(hidden):
+            return self.down_proj(hidden)
+        with recompute_when_saved(hidden, lambda: gelu_tanh(up)):  # see recompute.py
+            return self.down_proj(hidden)
 
 
 class DecoderLayer(nn.Module):
@@ -155,7 +170,8 @@ class Backbone(nn.Module):
         n_checkpointed = len(self.layers) if self.checkpoint_layers is None else self.checkpoint_layers
         for i, layer in enumerate(self.layers):
             if checkpointed and i < n_checkpointed:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos_sin, meta, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(run_checkpointed_layer, layer, x, cos_sin, meta,
+                                                      use_reentrant=False)
             else:
                 x = layer(x, cos_sin, meta)
         if cache is not None:

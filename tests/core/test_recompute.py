@@ -1,0 +1,88 @@
+"""The MLPs' hidden activation is rebuilt in backward instead of saved (mlx_core.models.recompute):
+the same gradients bit for bit, the activation freed after the forward, and nothing of it inside
+layers that gradient checkpointing already recomputes."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+import mlx_core.models.transformer as transformer
+from mlx_core import build_model, get_preset
+from mlx_core.models import recompute
+
+
+def _hidden_refs(model):
+    """Weak references to each MLP's hidden activation (down_proj's input) of the next forward."""
+    refs = []
+    for layer in model.model.layers:
+        layer.mlp.down_proj.register_forward_pre_hook(lambda _, args: refs.append(weakref.ref(args[0])))
+    return refs
+
+
+def _train_step(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids)
+    gc.collect()
+    return loss
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_same_gradients_and_the_hidden_activation_is_not_kept(preset, lora, monkeypatch):
+    torch.manual_seed(0)
+    model = base = build_model(get_preset(preset)).train()
+    if lora:  # wraps base's linear layers in place
+        from mlx_adapters import LoraConfig, get_peft_model
+
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    refs = _hidden_refs(base)
+    ids = torch.randint(0, 100, (2, 12))
+    results = {}
+    for mode in ("recompute", "save"):
+        if mode == "save":
+            monkeypatch.setattr(transformer, "worth_recomputing", lambda tensor: False)
+        refs.clear()
+        loss = _train_step(model, ids)
+        kept = [r() is not None for r in refs]
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results[mode] = (loss.detach(), grads, kept)
+    (loss_a, grads_a, kept_a), (loss_b, grads_b, kept_b) = results["recompute"], results["save"]
+    assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        assert torch.equal(grads_a[name], grads_b[name]), name
+    n_layers = len(base.model.layers)
+    assert kept_a == [False] * n_layers  # freed after the forward: only its recipe is held
+    assert kept_b == [True] * n_layers  # saved for down_proj's backward
+
+
+def test_checkpointed_layers_keep_no_recipe(monkeypatch):
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny-llama")).train()
+    ids = torch.randint(0, 100, (2, 12))
+    _train_step(model, ids).backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+    recipes = []
+    real = recompute.recompute_when_saved
+    monkeypatch.setattr(transformer, "recompute_when_saved",
+                        lambda *a: recipes.append(recompute.recomputing_layer()) or real(*a))
+    model.gradient_checkpointing_enable(num_layers=1)
+    _train_step(model, ids).backward()
+    # layer 0 is checkpointed (its forward and its recompute keep no recipe); the others do
+    assert recipes == [False] * (len(model.model.layers) - 1)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, reference[name], atol=1e-6, rtol=1e-5)
+
+
+def test_inference_and_frozen_paths_are_untouched():
+    model = build_model(get_preset("tiny-llama")).eval()
+    ids = torch.randint(0, 100, (1, 8))
+    hidden = torch.randn(3, requires_grad=True)
+    with torch.no_grad():
+        assert not recompute.worth_recomputing(hidden * 2)
+    assert recompute.worth_recomputing(hidden * 2)
+    assert not recompute.worth_recomputing(hidden.detach() * 2)
+    with torch.inference_mode():
+        model(ids)  # no hooks installed, no error
