@@ -70,8 +70,9 @@ def test_checkpointed_layers_keep_no_recipe(monkeypatch):
                         lambda *a: recipes.append(recompute.recomputing_layer()) or real(*a))
     model.gradient_checkpointing_enable(num_layers=1)
     _train_step(model, ids).backward()
-    # layer 0 is checkpointed (its forward and its recompute keep no recipe); the others do
-    assert recipes == [False] * (len(model.model.layers) - 1)
+    # layer 0 is checkpointed (its forward and its recompute keep no recipe); the others keep
+    # three each (two norm outputs, the MLP's hidden activation)
+    assert recipes == [False] * 3 * (len(model.model.layers) - 1)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, reference[name], atol=1e-6, rtol=1e-5)
 
@@ -86,3 +87,29 @@ def test_inference_and_frozen_paths_are_untouched():
     assert not recompute.worth_recomputing(hidden.detach() * 2)
     with torch.inference_mode():
         model(ids)  # no hooks installed, no error
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])
+def test_norm_outputs_are_rebuilt_too(preset, monkeypatch):
+    """Each layer's two norm outputs (read by q/k/v and by the MLP's input projections) are freed
+    after the forward and rebuilt in backward: the same gradients bit for bit."""
+    torch.manual_seed(0)
+    model = build_model(get_preset(preset)).train()
+    refs = []
+    for layer in model.model.layers:
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.register_forward_hook(lambda _m, _a, out: refs.append(weakref.ref(out)))
+    ids = torch.randint(0, 100, (2, 12))
+    results = {}
+    for mode in ("recompute", "save"):
+        if mode == "save":
+            monkeypatch.setattr(transformer, "worth_recomputing", lambda tensor: False)
+        refs.clear()
+        loss = _train_step(model, ids)
+        kept = [r() is not None for r in refs]
+        loss.backward()
+        results[mode] = (kept, {n: p.grad for n, p in model.named_parameters()})
+    n_norms = 2 * len(model.model.layers)
+    assert results["recompute"][0] == [False] * n_norms and results["save"][0] == [True] * n_norms
+    for name, grad in results["save"][1].items():
+        assert torch.equal(results["recompute"][1][name], grad), name

@@ -116,9 +116,24 @@ class DecoderLayer(nn.Module):
             self.mlp = GatedMLP(config) if config.mlp_kind == "swiglu" else GeluMLP(config)
 
     def forward(self, x, cos_sin, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta)
+        x = x + _normed_into(self.input_layernorm, x, lambda h: self.self_attn(h, cos_sin, meta))
         ff = self.block_sparse_moe if self.is_moe else self.mlp
-        return x + ff(self.post_attention_layernorm(x))
+        return x + _normed_into(self.post_attention_layernorm, x, ff)
+
+
+def _normed_into(norm: nn.Module, x: torch.Tensor, block) -> torch.Tensor:
+    """``block(norm(x))``; in training the norm's output (saved by each projection that reads it)
+    is rebuilt in backward from x, which the norm saves anyway (see recompute.py)."""
+    normed = norm(x)
+    if not worth_recomputing(normed):
+        return block(normed)
+
+    def rebuild():  # the forward exactly as training ran it: the graph-recording path
+        with torch.enable_grad():
+            return norm(x.detach().requires_grad_()).detach()
+
+    with recompute_when_saved(normed, rebuild):
+        return block(normed)
 
 
 class Backbone(nn.Module):
