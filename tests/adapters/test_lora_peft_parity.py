@@ -64,6 +64,15 @@ def test_parameter_names_match_peft(hf_dir):
         {n for n, p in theirs.named_parameters() if p.requires_grad}
 
 
+def test_get_base_model_is_the_wrapped_model_as_in_peft(hf_dir):
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj"])
+    theirs = hf_get_peft_model(_hf(hf_dir), HFLoraConfig(**config))
+    for base in (_hf(hf_dir), load_model(hf_dir)):
+        ours = get_peft_model(base, LoraConfig(**config))
+        assert ours.get_base_model() is base
+    assert type(theirs.get_base_model()) is transformers.LlamaForCausalLM
+
+
 def test_merge_unmerge_disable_invariants(hf_dir):
     base = load_model(hf_dir)
     reference = _logits(base).clone()

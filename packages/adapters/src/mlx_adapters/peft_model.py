@@ -177,6 +177,10 @@ class PeftModel(nn.Module):
                      svd_driver=svd_driver, density=density,
                      majority_sign_method=majority_sign_method, generator=generator)
 
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (its adapted layers still wrapped), as PEFT's ``get_base_model``."""
+        return self.base_model.model
+
     # --- merging ---------------------------------------------------------------------------
     def merge_adapter(self) -> None:
         for layer in self._layers():

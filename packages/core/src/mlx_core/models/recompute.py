@@ -5,7 +5,8 @@ of a layer) is saved by ``down_proj`` for its backward (dW or the LoRA update ne
 ``gate`` and ``up`` are saved by the activation itself. ``recompute_when_saved`` makes ops that
 save the hidden activation keep a recipe instead (the inputs are held anyway) and rebuild it
 when backward asks: one elementwise op per layer for a tensor's worth of memory (Megatron's
-"selective" recompute; ``torch.utils.checkpoint`` recomputes whole layers).
+"selective" recompute; ``torch.utils.checkpoint`` recomputes whole layers). The decoder layer
+does the same for its two norm outputs, rebuilt from the norm's input (which the norm saves).
 
 Inside a layer that ``torch.utils.checkpoint`` already recomputes, the recipe would keep inputs
 alive that checkpointing drops: ``run_checkpointed_layer`` runs a layer with
