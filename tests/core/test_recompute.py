@@ -28,6 +28,28 @@ def _train_step(model, ids):
     return loss
 
 
+def _rebuilt_vs_kept(model, refs, monkeypatch):
+    """A training step with the rebuilds, then one keeping every activation: their losses and
+    gradients equal bit for bit; returns, per step, which of ``refs``' activations were still
+    alive after the forward."""
+    ids = torch.randint(0, 100, (2, 12))
+    results = []
+    for rebuild in (True, False):
+        if not rebuild:
+            monkeypatch.setattr(transformer, "worth_recomputing", lambda tensor: False)
+        refs.clear()
+        loss = _train_step(model, ids)
+        kept = [r() is not None for r in refs]
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((kept, loss.detach(), grads))
+    (_, loss_a, grads_a), (_, loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        assert torch.equal(grads_a[name], grads_b[name]), name
+    return results[0][0], results[1][0]
+
+
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])
 @pytest.mark.parametrize("lora", [False, True])
 def test_same_gradients_and_the_hidden_activation_is_not_kept(preset, lora, monkeypatch):
@@ -37,22 +59,7 @@ def test_same_gradients_and_the_hidden_activation_is_not_kept(preset, lora, monk
         from mlx_adapters import LoraConfig, get_peft_model
 
         model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    refs = _hidden_refs(base)
-    ids = torch.randint(0, 100, (2, 12))
-    results = {}
-    for mode in ("recompute", "save"):
-        if mode == "save":
-            monkeypatch.setattr(transformer, "worth_recomputing", lambda tensor: False)
-        refs.clear()
-        loss = _train_step(model, ids)
-        kept = [r() is not None for r in refs]
-        loss.backward()
-        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        results[mode] = (loss.detach(), grads, kept)
-    (loss_a, grads_a, kept_a), (loss_b, grads_b, kept_b) = results["recompute"], results["save"]
-    assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys() and grads_a
-    for name in grads_a:
-        assert torch.equal(grads_a[name], grads_b[name]), name
+    kept_a, kept_b = _rebuilt_vs_kept(model, _hidden_refs(base), monkeypatch)
     n_layers = len(base.model.layers)
     assert kept_a == [False] * n_layers  # freed after the forward: only its recipe is held
     assert kept_b == [True] * n_layers  # saved for down_proj's backward
@@ -99,17 +106,6 @@ def test_norm_outputs_are_rebuilt_too(preset, monkeypatch):
     for layer in model.model.layers:
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             norm.register_forward_hook(lambda _m, _a, out: refs.append(weakref.ref(out)))
-    ids = torch.randint(0, 100, (2, 12))
-    results = {}
-    for mode in ("recompute", "save"):
-        if mode == "save":
-            monkeypatch.setattr(transformer, "worth_recomputing", lambda tensor: False)
-        refs.clear()
-        loss = _train_step(model, ids)
-        kept = [r() is not None for r in refs]
-        loss.backward()
-        results[mode] = (kept, {n: p.grad for n, p in model.named_parameters()})
+    kept_a, kept_b = _rebuilt_vs_kept(model, refs, monkeypatch)
     n_norms = 2 * len(model.model.layers)
-    assert results["recompute"][0] == [False] * n_norms and results["save"][0] == [True] * n_norms
-    for name, grad in results["save"][1].items():
-        assert torch.equal(results["recompute"][1][name], grad), name
+    assert kept_a == [False] * n_norms and kept_b == [True] * n_norms
