@@ -82,6 +82,30 @@ def test_greedy_batch_equals_hf_generate_one_by_one(family, mode):
     _assert_no_leaks(llm.engine)
 
 
+@pytest.mark.hf_parity
+def test_a_prefix_shared_to_the_middle_of_a_block_is_reused_token_by_token(family):
+    model, _ = family
+    g = torch.Generator().manual_seed(5)
+    tokens = (torch.randperm(125, generator=g) + 3).tolist()  # distinct: no chance matches
+    system = tokens[:21]  # 5 blocks of 4, and 1 token of the sixth
+    turns = [system + tokens[21:26], system + tokens[26:28], system + tokens[28:35]]
+    plain = LLM(model, block_size=4, enable_prefix_caching=False)  # held to HF above
+    expected = [o.outputs[0].token_ids
+                for o in plain.generate([{"prompt_token_ids": p} for p in turns], _greedy())]
+    llm = LLM(model, block_size=4)
+    outs = [llm.generate({"prompt_token_ids": turn}, _greedy())[0] for turn in turns]
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    # later turns: the 5 whole blocks shared, the sixth's first token copied from the first turn
+    assert [o.metrics.num_cached_tokens for o in outs] == [0, 21, 21]
+    # a chat's next turn: all the last turn computed is reused, its partly filled block included
+    follow_up = turns[2] + outs[2].outputs[0].token_ids + tokens[35:38]
+    out = llm.generate({"prompt_token_ids": follow_up}, _greedy())[0]
+    assert out.outputs[0].token_ids == plain.generate({"prompt_token_ids": follow_up},
+                                                      _greedy())[0].outputs[0].token_ids
+    assert out.metrics.num_cached_tokens == len(turns[2]) + NEW_TOKENS - 1
+    _assert_no_leaks(llm.engine)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tiny_tokenizer):
     """A tiny llama with the word-level tokenizer (ids 0..10 are named words, 2 is the eos)."""

@@ -2,6 +2,11 @@
 
 A full block is registered under a hash chained from the previous block's hash, its token ids
 and the sequence's adapter, so a later sequence with the same prefix (same adapter) reuses it.
+Where the shared prefix ends inside a block (a system prompt whose last tokens share a block
+with the user's turn; a chat's previous turn, whose last block was partly filled), the matching
+leading tokens of a cached block that follows the shared blocks (a full one, or the last block of
+a sequence that left) are copied into the new sequence's own block, so only the tokens after
+them are computed (token-granular reuse, as SGLang's radix cache; vLLM shares whole blocks).
 Freed blocks keep their contents and hash: they stay reusable until allocation needs them and
 evicts them, least recently used first (blocks that hold no cached prefix go first of all).
 """
@@ -20,6 +25,25 @@ class Block:
     ref_count: int = 0
     hash: int | None = None
     token_ids: tuple[int, ...] = ()
+    # its key in BlockManager.followers while it holds reusable tokens: a registered full block
+    # (``hash`` set) or the partly filled last block of a sequence that left (no ``hash``)
+    follows: tuple | None = None
+
+
+@dataclass(frozen=True)
+class CachedPrefix:
+    """What a new sequence takes from the prefix cache: ``block_ids``, shared by reference, then
+    the first ``partial_tokens`` tokens of ``partial_block``, copied into a block of its own."""
+
+    block_ids: tuple[int, ...] = ()
+    partial_block: int | None = None
+    partial_tokens: int = 0
+
+    def num_tokens(self, block_size: int) -> int:
+        return len(self.block_ids) * block_size + self.partial_tokens
+
+
+NO_PREFIX = CachedPrefix()
 
 
 def block_hash(previous: int | None, token_ids: tuple[int, ...], lora_id: int | None) -> int:
@@ -37,6 +61,11 @@ class BlockManager:
         # free blocks, next to be allocated first; a block here may still hold a cached prefix
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[int, int] = {}  # hash -> block id
+        # (previous block's hash, adapter, first token) -> registered blocks that follow it: the
+        # candidates for a partial match where a shared prefix ends inside a block
+        self.followers: dict[tuple, dict[int, None]] = {}
+        # (source block, destination block, tokens): KV to copy before the next forward
+        self.pending_copies: list[tuple[int, int, int]] = []
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of which were found cached
 
@@ -55,54 +84,74 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def find_cached_prefix(self, seq: Sequence) -> list[int]:
-        """Blocks already holding the longest cached prefix of ``seq`` (full blocks only, and
-        never the last token: it must be computed to give the logits of the next one)."""
+    def find_cached_prefix(self, seq: Sequence) -> CachedPrefix:
+        """The longest cached prefix of ``seq``: whole blocks, then the longest run of leading
+        tokens of a cached block that follows them. Never the last token: it must be computed
+        to give the logits of the next one."""
         if not self.enable_prefix_caching:
-            return []
+            return NO_PREFIX
         tokens = seq.all_token_ids
+        usable = len(tokens) - 1
         found: list[int] = []
         previous = None
-        for start in range(0, len(tokens) - 1 - self.block_size + 1, self.block_size):
+        for start in range(0, usable - self.block_size + 1, self.block_size):
             chunk = tuple(tokens[start:start + self.block_size])
-            previous = block_hash(previous, chunk, seq.lora_id)
-            block_id = self.cached.get(previous)
+            h = block_hash(previous, chunk, seq.lora_id)
+            block_id = self.cached.get(h)
             if block_id is None or self.blocks[block_id].token_ids != chunk:  # hash collision
                 break
             found.append(block_id)
-        return found
+            previous = h
+        rest = tokens[len(found) * self.block_size:usable][:self.block_size]
+        best, best_len = None, 0
+        if rest:
+            for block_id in self.followers.get((previous, seq.lora_id, rest[0]), ()):
+                length = _common_prefix_length(self.blocks[block_id].token_ids, rest)
+                if length > best_len:
+                    best, best_len = block_id, length
+        return CachedPrefix(tuple(found), best, best_len)
 
-    def allocate(self, seq: Sequence, num_new_tokens: int, cached_prefix: list[int] = ()) -> bool:
+    def allocate(self, seq: Sequence, num_new_tokens: int,
+                 cached_prefix: CachedPrefix = NO_PREFIX) -> bool:
         """Give ``seq`` blocks for ``num_new_tokens`` more tokens (after taking ``cached_prefix``
-        on its first admission). False, changing nothing, when there are not enough free blocks."""
-        num_computed = seq.num_computed_tokens + len(cached_prefix) * self.block_size
-        have = len(seq.block_ids) + len(cached_prefix)
+        on its first admission). False, changing nothing, when there are not enough free blocks.
+        A partial block's tokens are queued in ``pending_copies``: the caller copies them before
+        the next forward writes to any block (until then an evicted source keeps its data)."""
+        prefix_tokens = cached_prefix.num_tokens(self.block_size)
+        num_computed = seq.num_computed_tokens + prefix_tokens
+        have = len(seq.block_ids) + len(cached_prefix.block_ids)
         new = max(0, self.blocks_needed(num_computed + num_new_tokens) - have)
-        revived = sum(1 for b in cached_prefix if self.blocks[b].ref_count == 0)
+        revived = sum(1 for b in cached_prefix.block_ids if self.blocks[b].ref_count == 0)
         if new + revived > len(self.free):
             return False
-        if cached_prefix or seq.num_computed_tokens == 0:
+        if prefix_tokens or seq.num_computed_tokens == 0:
             self._take_prefix(seq, cached_prefix)
         for _ in range(new):
             block_id, _ = self.free.popitem(last=False)
             block = self.blocks[block_id]
-            if block.hash is not None:  # evict the cached prefix this block held
-                if self.cached.get(block.hash) == block_id:
-                    del self.cached[block.hash]
-                block.hash, block.token_ids = None, ()
+            if block.follows is not None:  # evict the cached prefix this block held
+                self._unregister(block)
             block.ref_count = 1
             seq.block_ids.append(block_id)
+        if cached_prefix.partial_tokens:
+            destination = seq.block_ids[len(cached_prefix.block_ids)]
+            self.pending_copies.append((cached_prefix.partial_block, destination,
+                                        cached_prefix.partial_tokens))
         return True
 
-    def _take_prefix(self, seq: Sequence, cached_prefix: list[int]) -> None:
-        for block_id in cached_prefix:
+    def take_pending_copies(self) -> list[tuple[int, int, int]]:
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
+
+    def _take_prefix(self, seq: Sequence, cached_prefix: CachedPrefix) -> None:
+        for block_id in cached_prefix.block_ids:
             block = self.blocks[block_id]
             if block.ref_count == 0:
                 del self.free[block_id]
             block.ref_count += 1
             seq.block_ids.append(block_id)
             seq.block_hashes.append(block.hash)
-        hit = len(cached_prefix) * self.block_size
+        hit = cached_prefix.num_tokens(self.block_size)
         seq.num_computed_tokens += hit
         if seq.num_preemptions == 0:  # count each prompt once, not its recomputations
             seq.num_cached_tokens = hit
@@ -124,21 +173,54 @@ class BlockManager:
             if h not in self.cached:  # else another block holds the same prefix already
                 block.hash, block.token_ids = h, chunk
                 self.cached[h] = block.block_id
+                block.follows = (previous, seq.lora_id, chunk[0])
+                self.followers.setdefault(block.follows, {})[block.block_id] = None
 
     def free_sequence(self, seq: Sequence) -> None:
         """Drop ``seq``'s references; its blocks keep their cached prefix until evicted."""
+        self._register_partial_tail(seq)
         for block_id in reversed(seq.block_ids):  # a prefix's tail is evicted before its head
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free[block_id] = None
-                if block.hash is None:  # nothing worth keeping: reuse it first
+                if block.follows is None:  # nothing worth keeping: reuse it first
                     self.free.move_to_end(block_id, last=False)
         seq.block_ids, seq.block_hashes = [], []
         seq.num_computed_tokens = 0
 
+    def _register_partial_tail(self, seq: Sequence) -> None:
+        """A leaving sequence's last, partly filled block: its computed tokens stay copyable for
+        a later prompt that continues the same text (the next turn of a chat)."""
+        index, count = divmod(seq.num_computed_tokens, self.block_size)
+        if not self.enable_prefix_caching or count == 0 or len(seq.block_hashes) != index:
+            return
+        block = self.blocks[seq.block_ids[index]]
+        start = index * self.block_size
+        block.token_ids = tuple(seq.all_token_ids[start:start + count])
+        block.follows = (seq.block_hashes[-1] if index else None, seq.lora_id, block.token_ids[0])
+        self.followers.setdefault(block.follows, {})[block.block_id] = None
+
     def reset_prefix_cache(self) -> None:
         for block_id in self.free:
             block = self.blocks[block_id]
-            self.cached.pop(block.hash, None)
-            block.hash, block.token_ids = None, ()
+            if block.follows is not None:
+                self._unregister(block)
+
+    def _unregister(self, block: Block) -> None:
+        if block.hash is not None and self.cached.get(block.hash) == block.block_id:
+            del self.cached[block.hash]
+        siblings = self.followers.get(block.follows, {})
+        siblings.pop(block.block_id, None)
+        if not siblings:
+            self.followers.pop(block.follows, None)
+        block.hash, block.token_ids, block.follows = None, (), None
+
+
+def _common_prefix_length(a: tuple[int, ...], b: list[int]) -> int:
+    length = 0
+    for x, y in zip(a, b, strict=False):  # the shorter one bounds the run
+        if x != y:
+            break
+        length += 1
+    return length

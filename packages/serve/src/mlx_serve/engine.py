@@ -172,6 +172,8 @@ class LLMEngine:
         step = self.scheduler.schedule()
         touched: dict[str, Request] = {}
         if step:
+            for source, destination, num_tokens in self.blocks.take_pending_copies():
+                self.runner.cache.copy_tokens(source, destination, num_tokens)
             logits, due = self.runner.execute(step.sequences)
             for seq, n in step.sequences:
                 seq.num_computed_tokens += n

@@ -94,7 +94,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             cached = self.blocks.find_cached_prefix(seq)
-            n = seq.num_tokens - len(cached) * self.blocks.block_size
+            n = seq.num_tokens - cached.num_tokens(self.blocks.block_size)
             if n > budget:
                 if not self.config.enable_chunked_prefill:
                     break

@@ -31,6 +31,12 @@ class PagedKVCache:
         self.block_size = block_size
         self.num_blocks = num_blocks
 
+    def copy_tokens(self, source: int, destination: int, num_tokens: int) -> None:
+        """Keys and values of the first ``num_tokens`` slots of block ``source``, every layer,
+        into block ``destination`` (a prefix shared up to the middle of a block)."""
+        for cache in (self.keys, self.values):
+            cache[:, destination, :num_tokens] = cache[:, source, :num_tokens]
+
 
 def _zeroed(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zero-filled cache. On CPU a large one comes straight from the OS (glibc mmaps any
