@@ -10,7 +10,7 @@ does the same for its two norm outputs, rebuilt from the norm's input (which the
 
 Inside a layer that ``torch.utils.checkpoint`` already recomputes, the recipe would keep inputs
 alive that checkpointing drops: ``run_checkpointed_layer`` runs a layer with
-``recomputing_layer()`` true, so the MLPs save nothing of their own there.
+``recomputing_layer()`` true, so neither the MLPs nor the norms keep a recipe there.
 """
 
 from __future__ import annotations
