@@ -1,8 +1,11 @@
 """Sequence state machine and the scheduler: token budget, chunked prefill, preemption, priority."""
 
+import random
+
 import pytest
 
 from mlx_serve.block_manager import BlockManager
+from mlx_serve.lora import LoadedLora
 from mlx_serve.sampling_params import SamplingParams
 from mlx_serve.scheduler import Scheduler, SchedulerConfig
 from mlx_serve.sequence import InvalidTransition, Sequence, SequenceStatus
@@ -100,3 +103,62 @@ def test_finish_from_any_queue_frees_blocks():
     scheduler.finish(running, SequenceStatus.FINISHED_ABORTED)
     scheduler.finish(waiting, SequenceStatus.FINISHED_ABORTED)
     assert not scheduler.has_unfinished and manager.num_free_blocks == 8
+
+
+def test_random_traffic_keeps_every_cached_token_right_and_leaks_nothing():
+    """Shared prefixes, chat continuations, two adapters, a cache small enough to preempt and
+    evict: after every step, each computed token of each running sequence sits in its slot with
+    the key/value of its own prefix (a slot records the adapter and the token ids up to it)."""
+    rng = random.Random(0)
+    size = 4
+    blocks = BlockManager(24, size)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=16), blocks)
+    slots = [[None] * size for _ in range(blocks.num_blocks)]
+    adapters = [None, LoadedLora("a", "/a", slot=0, lora_id=1, rank=4)]
+    systems = [[rng.randrange(50) for _ in range(rng.randrange(3, 11))] for _ in range(3)]
+    finished, live = [], []
+    hits = 0
+    for step_index in range(500):
+        if rng.random() < 0.3 and len(live) < 10:
+            if finished and rng.random() < 0.3:  # the next turn of a finished chat
+                earlier = rng.choice(finished)
+                prompt, lora = earlier.all_token_ids + [rng.randrange(4)], earlier.lora
+            else:
+                prompt = rng.choice(systems) + [rng.randrange(4) for _ in range(rng.randrange(1, 6))]
+                lora = rng.choice(adapters)
+            seq = Sequence(f"r{step_index}", prompt, SamplingParams(), lora=lora)
+            scheduler.add(seq)
+            live.append(seq)
+        step = scheduler.schedule()
+        for source, destination, n in blocks.take_pending_copies():  # what the engine does
+            slots[destination][:n] = slots[source][:n]
+        for seq, n in step.sequences:  # the forward writes the new tokens' keys/values
+            for p in range(seq.num_computed_tokens, seq.num_computed_tokens + n):
+                slots[seq.block_ids[p // size]][p % size] = (seq.lora_id, *seq.all_token_ids[:p + 1])
+        for seq, n in step.sequences:
+            seq.num_computed_tokens += n
+            blocks.register_full_blocks(seq)
+        for seq in scheduler.running:
+            hits += seq.num_cached_tokens % size != 0  # some prefixes end inside a block
+            for p in range(seq.num_computed_tokens):
+                assert slots[seq.block_ids[p // size]][p % size] == \
+                    (seq.lora_id, *seq.all_token_ids[:p + 1]), (step_index, seq, p)
+        for seq, _ in step.sequences:
+            if seq.status is SequenceStatus.RUNNING and seq.num_computed_tokens == seq.num_tokens:
+                seq.append_token(rng.randrange(4))
+                if rng.random() < 0.15 or seq.num_tokens > 28:
+                    scheduler.finish(seq, SequenceStatus.FINISHED_LENGTH)
+        if live and rng.random() < 0.03:
+            victim = rng.choice(live)
+            if not victim.is_finished:
+                scheduler.finish(victim, SequenceStatus.FINISHED_ABORTED)
+        finished += [s for s in live if s.is_finished]
+        live = [s for s in live if not s.is_finished]
+    for seq in live:
+        scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
+    assert scheduler.num_preemptions > 0 and hits > 0
+    assert blocks.num_free_blocks == blocks.num_blocks
+    assert all(b.ref_count == 0 for b in blocks.blocks)
+    for key, members in blocks.followers.items():  # the partial-match index is consistent
+        assert members and all(blocks.blocks[b].follows == key for b in members)
+    assert all(blocks.blocks[b].hash == h for h, b in blocks.cached.items())
