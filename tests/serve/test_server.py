@@ -107,7 +107,13 @@ def test_completion_equals_offline_engine_and_streams_the_same_text(served, clie
     assert len(chunks) > 3  # it really streamed
     assert "".join(c.choices[0].text for c in chunks if c.choices) == done.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
-    assert chunks[-1].choices == [] and chunks[-1].usage == done.usage
+    assert chunks[-1].choices == [] and _counts(chunks[-1].usage) == _counts(done.usage)
+    # the same prompt again: all of it but its last token came from the prefix cache
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == done.usage.prompt_tokens - 1
+
+
+def _counts(usage):
+    return usage.prompt_tokens, usage.completion_tokens, usage.total_tokens
 
 
 def test_chat_streamed_equals_not_streamed(client):
@@ -122,7 +128,8 @@ def test_chat_streamed_equals_not_streamed(client):
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == message.content
-    assert chunks[-1].usage == done.usage
+    assert _counts(chunks[-1].usage) == _counts(done.usage)
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == done.usage.prompt_tokens - 1
 
 
 def test_several_prompts_and_token_id_prompts(client):

@@ -43,6 +43,7 @@ from mlx_serve.protocol import (
     ModelCard,
     ModelList,
     OpenAIError,
+    PromptTokensDetails,
     TokenLogprob,
     TopLogprob,
     UnloadLoraAdapterRequest,
@@ -506,8 +507,10 @@ class _Deltas:
 def _usage(finals: list[RequestOutput]) -> Usage:
     prompt = sum(len(o.prompt_token_ids) for o in finals)
     completion = sum(len(c.token_ids) for o in finals for c in o.outputs)
+    cached = sum(o.metrics.num_cached_tokens for o in finals if o.metrics is not None)
     return Usage(prompt_tokens=prompt, completion_tokens=completion,
-                 total_tokens=prompt + completion)
+                 total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
