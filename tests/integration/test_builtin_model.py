@@ -92,6 +92,31 @@ def test_serving_engine_batch_matches_hf_generate_one_by_one(hf_chat_references,
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
 
 
+def test_a_chats_next_turn_reuses_all_of_the_last_turn_and_matches_hf(hf_gguf, ours):
+    from mlx_serve import LLM, SamplingParams
+
+    hf_model, hf_tok = hf_gguf
+    model, tok = ours
+    llm = LLM(model, tokenizer=tok, kv_cache_memory="256MiB")
+    params = SamplingParams(temperature=0, max_tokens=32)
+    chat = [{"role": "user", "content": CHATS[3]}]
+    first = llm.chat([chat], params)[0]
+    chat += [{"role": "assistant", "content": first.outputs[0].text},
+             {"role": "user", "content": "And three more?"}]
+    second = llm.chat([chat], params)[0]
+    # the last turn's prompt and reply came from the cache, its partly filled last block too
+    # (all but the reply's last token, whose key/value was never computed)
+    computed = len(first.prompt_token_ids) + len(first.outputs[0].token_ids) - 1
+    assert second.metrics.num_cached_tokens == computed and computed % 16 != 0
+    prompt = second.prompt_token_ids
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                                attention_mask=torch.ones(1, len(prompt)),
+                                pad_token_id=hf_tok.pad_token_id)[0, len(prompt):].tolist()
+    assert second.outputs[0].token_ids == ref
+    assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
+
+
 def test_cache_is_reused_not_reconverted(builtin_model_dir):
     weights = builtin_model_dir / "model.safetensors"
     before = weights.stat().st_mtime_ns
