@@ -415,3 +415,46 @@ def test_serve_command_rejects_a_malformed_lora_option():
     result = CliRunner().invoke(build_cli(), ["serve", "--lora", "no-directory-given"])
     text = re.sub(r"[\s│╭╮╰╯─]+", " ", result.output)  # rich wraps the message in a box
     assert result.exit_code != 0 and "--lora takes NAME=DIR" in text, text
+
+
+def test_priority_needs_the_priority_policy_and_reaches_the_scheduler(served, client, monkeypatch):
+    with pytest.raises(openai.BadRequestError, match="--scheduling-policy priority") as e:
+        client.completions.create(prompt=PROMPT, **_greedy(priority=1))
+    assert e.value.body["param"] == "priority"
+    expected = client.completions.create(prompt=PROMPT, **_greedy()).choices[0].text
+
+    _, _, directory = served
+    engine = LLM(directory, num_blocks=64, block_size=4, scheduling_policy="priority").engine
+    admitted = []
+    real = engine.scheduler.add
+    monkeypatch.setattr(engine.scheduler, "add", lambda seq: admitted.append(seq.priority) or real(seq))
+    server = LiveServer(build_app(engine, MODEL, api_key=KEY))
+    try:
+        ranked = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+        done = ranked.completions.create(prompt=PROMPT, **_greedy(priority=-3))
+        assert done.choices[0].text == expected and admitted == [-3]
+    finally:
+        server.stop()
+
+
+def test_serve_command_passes_the_engine_options(tiny_model_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from mlx_core.cli.app import build_app as build_cli
+    from mlx_serve import server
+
+    started = []
+    monkeypatch.setattr(server, "run_server", lambda app, *args: started.append(app))
+    result = CliRunner().invoke(build_cli(), [
+        "serve", "--model", str(tiny_model_dir), "--kv-cache-memory", "1MiB",
+        "--no-enable-prefix-caching", "--no-enable-chunked-prefill",
+        "--max-num-batched-tokens", "64", "--scheduling-policy", "priority"])
+    assert result.exit_code == 0, result.output
+    engine = started[0].state.engine.engine
+    config = engine.scheduler.config
+    assert not engine.blocks.enable_prefix_caching and not config.enable_chunked_prefill
+    assert config.max_num_batched_tokens == 64 and config.policy == "priority"
+    bad = CliRunner().invoke(build_cli(), ["serve", "--model", str(tiny_model_dir),
+                                           "--scheduling-policy", "lifo"])
+    text = re.sub(r"[\s│╭╮╰╯─]+", " ", bad.output)
+    assert bad.exit_code != 0 and "scheduling policy must be 'fcfs' or 'priority'" in text, text

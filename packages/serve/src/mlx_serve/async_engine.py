@@ -42,6 +42,7 @@ class _Add:
     outputs: asyncio.Queue
     accepted: asyncio.Future
     lora_name: str | None = None
+    priority: int = 0
 
 
 @dataclass
@@ -95,13 +96,15 @@ class AsyncEngine:
 
     # -- the coroutine side ---------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                          outputs: asyncio.Queue, lora_name: str | None = None) -> None:
+                          outputs: asyncio.Queue, lora_name: str | None = None,
+                          priority: int = 0) -> None:
         """Queue a request; its ``RequestOutput``s will arrive on ``outputs``. Raises the
         engine's ``ValueError`` for a prompt it refuses, and ``EngineOverloaded``."""
         if not self.healthy:
             raise EngineDead("the engine is not running")
         loop = asyncio.get_running_loop()
-        command = _Add(request_id, prompt, params, loop, outputs, loop.create_future(), lora_name)
+        command = _Add(request_id, prompt, params, loop, outputs, loop.create_future(), lora_name,
+                       priority)
         self._commands.put(command)
         await self._settled(command.accepted)
 
@@ -131,7 +134,7 @@ class AsyncEngine:
         self._commands.put(("abort", None))
 
     async def generate(self, requests: list[tuple[str, str | list[int]]],
-                       params: SamplingParams, lora_name: str | None = None,
+                       params: SamplingParams, lora_name: str | None = None, priority: int = 0,
                        ) -> AsyncIterator[RequestOutput]:
         """Run ``(request_id, prompt)`` pairs together; yield their outputs as they come, each
         request's last one finished. Requests not finished when the caller stops iterating (or
@@ -141,7 +144,7 @@ class AsyncEngine:
         try:
             for request_id, prompt in requests:
                 unfinished.add(request_id)  # before the await: a cancelled add is aborted too
-                await self.add_request(request_id, prompt, params, outputs, lora_name)
+                await self.add_request(request_id, prompt, params, outputs, lora_name, priority)
             while unfinished:
                 out = await outputs.get()
                 if isinstance(out, BaseException):
@@ -206,7 +209,7 @@ class AsyncEngine:
             return answer(EngineOverloaded(f"{waiting} sequences are already waiting"))
         try:
             self.engine.add_request(command.prompt, command.params, request_id=command.request_id,
-                                    lora_name=command.lora_name)
+                                    lora_name=command.lora_name, priority=command.priority)
         except ValueError as e:
             return answer(e)
         self._streams[command.request_id] = command

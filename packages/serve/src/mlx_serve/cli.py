@@ -26,6 +26,19 @@ def serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m",
           max_num_seqs: int = typer.Option(64, "--max-num-seqs",
                                            help="Sequences in one batch at most."),
           block_size: int = typer.Option(16, "--block-size", help="Tokens per KV block."),
+          max_num_batched_tokens: int = typer.Option(
+              2048, "--max-num-batched-tokens", min=1,
+              help="Tokens in one forward at most (decodes + prompt chunks)."),
+          enable_prefix_caching: bool = typer.Option(
+              True, "--enable-prefix-caching/--no-enable-prefix-caching",
+              help="Reuse the keys/values of a prompt's already computed prefix."),
+          enable_chunked_prefill: bool = typer.Option(
+              True, "--enable-chunked-prefill/--no-enable-chunked-prefill",
+              help="Split long prompts over steps (off: a prompt must fit one step's tokens)."),
+          scheduling_policy: str = typer.Option(
+              "fcfs", "--scheduling-policy",
+              help="fcfs, or priority: requests' 'priority' field (lower first) orders admission "
+              "and preemption."),
           max_model_len: int | None = typer.Option(
               None, "--max-model-len", help="Prompt + output tokens at most (default: the "
               "model's context length)."),
@@ -50,7 +63,11 @@ def serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m",
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     options = dict(max_num_seqs=max_num_seqs, block_size=block_size, max_model_len=max_model_len,
-                   max_loras=max_loras, max_lora_rank=max_lora_rank)
+                   max_num_batched_tokens=max_num_batched_tokens,
+                   enable_prefix_caching=enable_prefix_caching,
+                   enable_chunked_prefill=enable_chunked_prefill,
+                   scheduling_policy=scheduling_policy, max_loras=max_loras,
+                   max_lora_rank=max_lora_rank)
     if kv_cache_memory is not None:
         options["kv_cache_memory"] = kv_cache_memory
     loras = dict(_lora_option(spec) for spec in lora)

@@ -63,6 +63,7 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two (got {self.block_size})")
         if not 0 < self.kv_cache_fraction <= 1:
             raise ValueError(f"kv_cache_fraction must be in (0, 1] (got {self.kv_cache_fraction})")
+        self.scheduler_config()  # checks the policy and the limits now, not once a model loaded
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens,

@@ -38,6 +38,7 @@ class LLM:
         if unknown:
             raise TypeError(f"unknown LLM options {sorted(unknown)}; engine options are "
                             f"{sorted(_engine_fields())}")
+        config = EngineConfig(**engine_options)  # bad options fail before a model loads
         if isinstance(model, nn.Module):
             if model.lm_head.weight.dtype != default_dtype(dtype):
                 model = model.to(default_dtype(dtype))
@@ -47,7 +48,7 @@ class LLM:
             source = model
             model = load_model(source, dtype=default_dtype(dtype), device=device)
             tokenizer = tokenizer or load_tokenizer(model.source_dir)
-        self.engine = LLMEngine(model, tokenizer, EngineConfig(**engine_options))
+        self.engine = LLMEngine(model, tokenizer, config)
         for name, path in (loras or {}).items():
             self.engine.add_lora(name, path)
 

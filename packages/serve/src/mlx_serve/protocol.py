@@ -76,6 +76,7 @@ class _SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    priority: int = 0  # lower runs first; only under --scheduling-policy priority
 
     @property
     def include_usage(self) -> bool:

@@ -278,13 +278,20 @@ class _Handler:
                               f"{capacity} (prompt + output): shorten it", param=param)
         return capacity - longest
 
+    def _priority(self, body) -> int:
+        if body.priority and self.engine.scheduler.config.policy != "priority":
+            raise OpenAIError(400, "priority is used only when the server schedules by priority: "
+                              "start it with --scheduling-policy priority, or leave priority out",
+                              param="priority")
+        return body.priority
+
     async def _start(self, raw: Request, prefix: str, prompts: list[list[int]],
-                     params: SamplingParams, lora_name: str | None):
+                     params: SamplingParams, lora_name: str | None, priority: int):
         """Submit the prompts; return the output stream and its first output (so that errors
         become an error response, not a broken stream)."""
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         stream = self.async_engine.generate(
-            [(f"{request_id}-{i}", p) for i, p in enumerate(prompts)], params, lora_name)
+            [(f"{request_id}-{i}", p) for i, p in enumerate(prompts)], params, lora_name, priority)
         try:
             first = await _unless_disconnected(raw, anext(stream))
         except ValueError as e:
@@ -323,7 +330,8 @@ class _Handler:
         max_tokens = self._max_tokens(prompts, body.max_tokens, "prompt")
         params = body.sampling_params(max_tokens, body.logprobs)
         try:
-            request_id, stream, first = await self._start(raw, "cmpl", prompts, params, lora_name)
+            request_id, stream, first = await self._start(raw, "cmpl", prompts, params, lora_name,
+                                                          self._priority(body))
         except _Disconnected:
             return Response(status_code=499)
         if body.stream:
@@ -408,7 +416,8 @@ class _Handler:
         max_tokens = self._max_tokens([prompt], body.requested_max_tokens, "messages")
         params = body.sampling_params(max_tokens, body.num_logprobs)
         try:
-            request_id, stream, first = await self._start(raw, "chatcmpl", [prompt], params, lora_name)
+            request_id, stream, first = await self._start(raw, "chatcmpl", [prompt], params,
+                                                          lora_name, self._priority(body))
         except _Disconnected:
             return Response(status_code=499)
         if body.stream:
