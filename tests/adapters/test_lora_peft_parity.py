@@ -221,3 +221,33 @@ def test_generate_says_where_a_zoo_model_generates():
                          LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="mlx_core.generate"):
         zoo.generate(torch.tensor([[1, 2, 3]]))
+
+
+def test_training_under_bf16_autocast_matches_hf_peft(hf_dir, tmp_path):
+    """Mixed precision (``torch.autocast``, bf16) as HF Trainer's ``bf16=True`` runs it: the same
+    loss and adapter gradients as HF PEFT under the same autocast, on an HF model and a zoo one,
+    within bf16's precision (fp32 parameters, fp32 gradients)."""
+    torch.manual_seed(3)
+    theirs = hf_get_peft_model(_hf(hf_dir), HFLoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    theirs.save_pretrained(tmp_path / "adapter")
+
+    def loss_and_grads(model):
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(IDS, labels=IDS)
+        loss = out if torch.is_tensor(out) else out.loss
+        loss.backward()
+        grads = {n.replace(".default", ""): p.grad for n, p in model.named_parameters()
+                 if p.requires_grad}
+        return loss.item(), grads
+
+    want_loss, want = loss_and_grads(theirs)
+    for base in (_hf(hf_dir), load_model(hf_dir)):
+        ours = PeftModel.from_pretrained(base, tmp_path / "adapter", is_trainable=True)
+        loss, got = loss_and_grads(ours)
+        assert abs(loss - want_loss) < 2e-2 * abs(want_loss)
+        assert len(got) == len(want) == 2 * 7 * 2  # A and B of every linear of both layers
+        for (name, g), w in zip(sorted(got.items()), [want[n] for n in sorted(got)], strict=True):
+            assert g.dtype == torch.float32, name
+            assert (g - w).norm() <= 0.05 * w.norm(), name

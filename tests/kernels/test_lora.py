@@ -91,3 +91,28 @@ def test_multi_reference_equals_one_adapter_per_row():
 def test_bad_shapes_are_named():
     with pytest.raises(ValueError, match="lora_a"):
         lora_linear(torch.randn(2, 4), torch.randn(3, 4), torch.randn(2, 5), torch.randn(3, 2), 1.0)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_under_autocast_it_computes_as_autocast_does_for_linear(backend, monkeypatch):
+    """Training under ``torch.autocast`` (bf16 mixed precision): every operand in the autocast
+    dtype, fp32 gradients for fp32 leaves, as torch's own autocast gives the plain composition."""
+    monkeypatch.setenv("MLX_KERNELS", backend)
+    torch.manual_seed(0)
+    k, out, rank = 48, 40, 8
+    inputs = (torch.randn(2, 5, k), torch.randn(out, k) / k**0.5, torch.randn(rank, k) / k**0.5,
+              torch.randn(out, rank) / rank**0.5, torch.randn(out))
+    dy = torch.randn(2, 5, out)
+
+    def plain(x, w, a, b, bias):
+        return F.linear(x, w, bias) + 0.5 * F.linear(F.linear(x, a), b)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_grads = grads_of(lambda x, w, a, b, bias: lora_linear(x, w, a, b, 0.5, bias),
+                                  inputs, dy)
+        want, want_grads = grads_of(plain, inputs, dy)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert_close(got, want, 2e-2, 2e-2)  # bf16 operands; the sums accumulate in another order
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert g.dtype == w.dtype == torch.float32
+        assert_close(g, w, 2e-2, 2e-2)

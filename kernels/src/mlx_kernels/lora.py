@@ -98,6 +98,15 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
     if lora_a.shape[1] != weight.shape[1] or lora_b.shape != (weight.shape[0], lora_a.shape[0]):
         raise ValueError(f"lora_linear: weight [out, in] = {tuple(weight.shape)} needs lora_a "
                          f"[r, in] and lora_b [out, r]; got {tuple(lora_a.shape)}, {tuple(lora_b.shape)}")
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # what autocast does for F.linear: every operand in its dtype (differentiable casts, so
+        # fp32 parameters get fp32 gradients), the product computed without autocast
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight, lora_a, lora_b = (t.to(dtype) for t in (x, weight, lora_a, lora_b))
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            return lora_linear(x, weight, lora_a, lora_b, scaling, bias)
     if backend_for(x.device) == "triton":
         return LoRALinearFunction.apply(x, weight, lora_a, lora_b, float(scaling), bias)
     return LoRALinearTorchFunction.apply(x, weight, lora_a, lora_b, float(scaling), bias)
