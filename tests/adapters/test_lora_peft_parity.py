@@ -223,13 +223,15 @@ def test_generate_says_where_a_zoo_model_generates():
         zoo.generate(torch.tensor([[1, 2, 3]]))
 
 
-def test_training_under_bf16_autocast_matches_hf_peft(hf_dir, tmp_path):
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_training_under_bf16_autocast_matches_hf_peft(hf_dir, tmp_path, use_dora):
     """Mixed precision (``torch.autocast``, bf16) as HF Trainer's ``bf16=True`` runs it: the same
     loss and adapter gradients as HF PEFT under the same autocast, on an HF model and a zoo one,
     within bf16's precision (fp32 parameters, fp32 gradients)."""
     torch.manual_seed(3)
     theirs = hf_get_peft_model(_hf(hf_dir), HFLoraConfig(
-        r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+        r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
+        use_dora=use_dora))
     theirs.save_pretrained(tmp_path / "adapter")
 
     def loss_and_grads(model):
@@ -247,7 +249,8 @@ def test_training_under_bf16_autocast_matches_hf_peft(hf_dir, tmp_path):
         ours = PeftModel.from_pretrained(base, tmp_path / "adapter", is_trainable=True)
         loss, got = loss_and_grads(ours)
         assert abs(loss - want_loss) < 2e-2 * abs(want_loss)
-        assert len(got) == len(want) == 2 * 7 * 2  # A and B of every linear of both layers
+        # A and B (and DoRA's magnitude) of every linear of both layers
+        assert len(got) == len(want) == 2 * 7 * (3 if use_dora else 2)
         for (name, g), w in zip(sorted(got.items()), [want[n] for n in sorted(got)], strict=True):
             assert g.dtype == torch.float32, name
             assert (g - w).norm() <= 0.05 * w.norm(), name
