@@ -171,10 +171,9 @@ class BlockManager:
             seq.block_hashes.append(h)
             block = self.blocks[seq.block_ids[i]]
             if h not in self.cached:  # else another block holds the same prefix already
-                block.hash, block.token_ids = h, chunk
+                block.hash = h
                 self.cached[h] = block.block_id
-                block.follows = (previous, seq.lora_id, chunk[0])
-                self.followers.setdefault(block.follows, {})[block.block_id] = None
+                self._offer(block, previous, seq.lora_id, chunk)
 
     def free_sequence(self, seq: Sequence) -> None:
         """Drop ``seq``'s references; its blocks keep their cached prefix until evicted."""
@@ -195,10 +194,15 @@ class BlockManager:
         index, count = divmod(seq.num_computed_tokens, self.block_size)
         if not self.enable_prefix_caching or count == 0 or len(seq.block_hashes) != index:
             return
-        block = self.blocks[seq.block_ids[index]]
         start = index * self.block_size
-        block.token_ids = tuple(seq.all_token_ids[start:start + count])
-        block.follows = (seq.block_hashes[-1] if index else None, seq.lora_id, block.token_ids[0])
+        self._offer(self.blocks[seq.block_ids[index]], seq.block_hashes[-1] if index else None,
+                    seq.lora_id, tuple(seq.all_token_ids[start:start + count]))
+
+    def _offer(self, block: Block, previous: int | None, lora_id: int | None,
+               token_ids: tuple[int, ...]) -> None:
+        """Make ``block``'s leading ``token_ids`` findable after the block hashed ``previous``."""
+        block.token_ids = token_ids
+        block.follows = (previous, lora_id, token_ids[0])
         self.followers.setdefault(block.follows, {})[block.block_id] = None
 
     def reset_prefix_cache(self) -> None:
