@@ -75,8 +75,9 @@ def test_greedy_chat_continuations_match_hf_generate(hf_chat_references, ours):
         assert got == ref, f"{text!r}: {tok.decode(got)!r} != {tok.decode(ref)!r}"
 
 
-@pytest.mark.parametrize("options", [{}, dict(max_num_batched_tokens=24)],
-                         ids=["default", "chunked-prefill"])
+@pytest.mark.parametrize("options", [{}, dict(max_num_batched_tokens=24), dict(
+    speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
+                        "prompt_lookup_min": 1})], ids=["default", "chunked-prefill", "ngram-drafts"])
 def test_serving_engine_batch_matches_hf_generate_one_by_one(hf_chat_references, ours, options):
     from mlx_serve import LLM, SamplingParams
 
@@ -88,7 +89,10 @@ def test_serving_engine_batch_matches_hf_generate_one_by_one(hf_chat_references,
         for text, out, (_, ref) in zip(CHATS, outs, hf_chat_references, strict=True):
             got = out.outputs[0].token_ids
             assert got == ref, f"{text!r}: {tok.decode(got)!r} != {tok.decode(ref)!r}"
-    assert llm.engine.stats().prefix_cache_hit_rate > 0.4
+    stats = llm.engine.stats()
+    assert stats.prefix_cache_hit_rate > 0.4
+    if "speculative_config" in options:  # drafts were checked, and kept where they were right
+        assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
 
 

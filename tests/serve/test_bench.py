@@ -29,6 +29,24 @@ def test_bench_serve_reports_ratio_from_its_own_measurements(tiny_model_dir, tmp
     assert ours["ttft_p50_ms"] <= ours["ttft_p99_ms"]
 
 
+def test_bench_serve_with_ngram_drafts_reports_them(tiny_model_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(build_app(), [
+        "bench", "serve", "--model", str(tiny_model_dir), "--num-requests", "4",
+        "--prompt-len", "4:12", "--output-len", "8:16", "--request-rate", "0",
+        "--hf-batch-sizes", "4", "--kv-cache-memory", "4MiB", "--json", str(out),
+        "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2, '
+                                '"prompt_lookup_min": 1}'])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    spec = report["speculative"]
+    assert spec["config"]["num_speculative_tokens"] == 2 and spec["draft_tokens"] > 0
+    assert 0 <= spec["accepted_tokens"] <= spec["draft_tokens"]
+    assert "draft tokens kept" in result.output
+    assert report["mlx_all_at_once"]["output_tokens"] == report["hf_static_batches"]["4"][
+        "output_tokens"]
+
+
 def test_bench_serve_rejects_a_bad_range(tiny_model_dir):
     result = CliRunner().invoke(build_app(), ["bench", "serve", "--model", str(tiny_model_dir),
                                       "--prompt-len", "50:10"])

@@ -10,6 +10,8 @@ from mlx_core import load_model
 from mlx_serve import LLM, LLMEngine, SamplingParams
 from mlx_serve.config import EngineConfig, parse_memory
 
+SPECULATIVE = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2,
+               "prompt_lookup_min": 1}
 _TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 FAMILIES = {
@@ -28,6 +30,10 @@ MODES = {
     "chunked-prefill": dict(max_num_batched_tokens=7),
     "preemption": dict(num_blocks=14, block_size=4),  # 56 slots for ~200 tokens of work
     "no-prefix-caching": dict(enable_prefix_caching=False, block_size=4),
+    # n-gram drafts from the sequence's own tokens (tiny random models repeat themselves)
+    "speculative": dict(speculative_config=SPECULATIVE),
+    "speculative-preemption-chunked": dict(num_blocks=14, block_size=4, max_num_batched_tokens=9,
+                                           speculative_config=SPECULATIVE),
 }
 NEW_TOKENS = 12
 
@@ -76,8 +82,10 @@ def test_greedy_batch_equals_hf_generate_one_by_one(family, mode):
     again = llm.generate([{"prompt_token_ids": p} for p in _prompts()], _greedy())
     assert [o.outputs[0].token_ids for o in again] == refs
     stats = llm.engine.stats()
-    if mode == "preemption":
+    if "preemption" in mode:
         assert stats.num_preemptions > 0
+    if "speculative" in mode:  # drafts were made, and some kept (the tokens equal HF's anyway)
+        assert 0 < stats.num_accepted_tokens <= stats.num_draft_tokens
     assert (stats.prefix_cache_hit_rate > 0) == (mode != "no-prefix-caching")
     _assert_no_leaks(llm.engine)
 

@@ -9,6 +9,7 @@ from mlx_serve.lora import LoadedLora
 from mlx_serve.sampling_params import SamplingParams
 from mlx_serve.scheduler import Scheduler, SchedulerConfig
 from mlx_serve.sequence import InvalidTransition, Sequence, SequenceStatus
+from mlx_serve.spec_decode import NgramProposer, SpeculativeConfig
 
 
 def _seq(n, request_id="r", priority=0, arrival=None):
@@ -105,19 +106,24 @@ def test_finish_from_any_queue_frees_blocks():
     assert not scheduler.has_unfinished and manager.num_free_blocks == 8
 
 
-def test_random_traffic_keeps_every_cached_token_right_and_leaks_nothing():
+@pytest.mark.parametrize("speculative", [False, True])
+def test_random_traffic_keeps_every_cached_token_right_and_leaks_nothing(speculative):
     """Shared prefixes, chat continuations, two adapters, a cache small enough to preempt and
-    evict: after every step, each computed token of each running sequence sits in its slot with
-    the key/value of its own prefix (a slot records the adapter and the token ids up to it)."""
+    evict, and n-gram drafts of which a random number is kept: after every step, each computed
+    token of each running sequence sits in its slot with the key/value of its own prefix (a slot
+    records the adapter and the token ids up to it)."""
     rng = random.Random(0)
     size = 4
-    blocks = BlockManager(24, size)
-    scheduler = Scheduler(SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=16), blocks)
+    blocks = BlockManager(20 if speculative else 24, size)  # drafts end sequences sooner
+    proposer = NgramProposer(SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_max=2,
+                                               prompt_lookup_min=1), 10**6) if speculative else None
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=16), blocks,
+                          proposer)
     slots = [[None] * size for _ in range(blocks.num_blocks)]
     adapters = [None, LoadedLora("a", "/a", slot=0, lora_id=1, rank=4)]
     systems = [[rng.randrange(50) for _ in range(rng.randrange(3, 11))] for _ in range(3)]
     finished, live = [], []
-    hits = 0
+    hits = drafted = kept = 0
     for step_index in range(500):
         if rng.random() < 0.3 and len(live) < 10:
             if finished and rng.random() < 0.3:  # the next turn of a finished chat
@@ -133,11 +139,20 @@ def test_random_traffic_keeps_every_cached_token_right_and_leaks_nothing():
         for source, destination, n in blocks.take_pending_copies():  # what the engine does
             slots[destination][:n] = slots[source][:n]
         for seq, n in step.sequences:  # the forward writes the new tokens' keys/values
+            tokens = seq.all_token_ids + seq.draft_token_ids
             for p in range(seq.num_computed_tokens, seq.num_computed_tokens + n):
-                slots[seq.block_ids[p // size]][p % size] = (seq.lora_id, *seq.all_token_ids[:p + 1])
-        for seq, n in step.sequences:
-            seq.num_computed_tokens += n
+                slots[seq.block_ids[p // size]][p % size] = (seq.lora_id, *tokens[:p + 1])
+        for seq, n in step.sequences:  # as LLMEngine.step: drafts count once kept
+            seq.num_computed_tokens += n - len(seq.draft_token_ids)
             blocks.register_full_blocks(seq)
+            drafts, seq.draft_token_ids = seq.draft_token_ids, []
+            drafted += len(drafts)
+            if drafts:
+                for token in drafts[:rng.randint(0, len(drafts))]:
+                    seq.num_computed_tokens += 1
+                    seq.append_token(token)
+                    kept += 1
+                blocks.register_full_blocks(seq)
         for seq in scheduler.running:
             hits += seq.num_cached_tokens % size != 0  # some prefixes end inside a block
             for p in range(seq.num_computed_tokens):
@@ -157,6 +172,7 @@ def test_random_traffic_keeps_every_cached_token_right_and_leaks_nothing():
     for seq in live:
         scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
     assert scheduler.num_preemptions > 0 and hits > 0
+    assert (0 < kept < drafted) == speculative
     assert blocks.num_free_blocks == blocks.num_blocks
     assert all(b.ref_count == 0 for b in blocks.blocks)
     for key, members in blocks.followers.items():  # the partial-match index is consistent

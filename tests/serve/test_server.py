@@ -20,6 +20,7 @@ from tests.serve.helpers import LiveServer
 
 MODEL, KEY = "tiny-served", "test-key"
 PROMPT = "hello there w5 w9 w17"
+REPEATS = [5, 9, 17, 3, 4]  # token ids whose greedy continuation repeats itself here
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there w3"}]
 
 
@@ -245,6 +246,7 @@ def test_metrics_after_requests_show_all_blocks_free(served, client):
     assert m['mlx_serve_requests_finished_total{finish_reason="length"}'] >= 1
     assert 0 <= m["mlx_serve_prefix_cache_hit_rate"] <= 1
     assert "mlx_serve_preemptions_total" in m
+    assert m["mlx_serve_spec_decode_num_draft_tokens_total"] == 0  # no speculative_config
 
 
 def _aborts(served) -> float:
@@ -277,10 +279,34 @@ def test_non_streaming_client_that_disconnects_is_aborted(served):
     _wait_all_blocks_free(served, aborts_at_least=before + 1)
 
 
-def _second_server(directory, **app_options):
-    llm = LLM(directory, num_blocks=64, block_size=4)
+def _second_server(directory, engine_options=None, **app_options):
+    llm = LLM(directory, num_blocks=64, block_size=4, **(engine_options or {}))
     app = build_app(llm.engine, MODEL, **app_options)
     return LiveServer(app), app, llm.engine
+
+
+def test_ngram_drafts_stream_the_same_text_and_show_in_metrics(served):
+    """Several tokens per step (kept drafts) stream as the same text, logprobs included."""
+    params = dict(model=MODEL, max_tokens=24, temperature=0, extra_body={"ignore_eos": True},
+                  logprobs=1)
+    expected = openai.OpenAI(base_url=served[0].url + "/v1", api_key=KEY, max_retries=0,
+                             timeout=30).completions.create(prompt=REPEATS, **params)
+    server, _, _ = _second_server(served[2], engine_options=dict(speculative_config={
+        "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1,
+        "prompt_lookup_max": 3}))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                               timeout=30)
+        chunks = list(client.completions.create(prompt=REPEATS, stream=True, **params))
+        assert "".join(c.choices[0].text for c in chunks) == expected.choices[0].text
+        streamed = [t for c in chunks for t in c.choices[0].logprobs.token_logprobs]
+        assert streamed == pytest.approx(expected.choices[0].logprobs.token_logprobs, abs=1e-5)
+        m = _metrics((server,))
+        assert 0 < m["mlx_serve_spec_decode_num_accepted_tokens_total"] \
+            <= m["mlx_serve_spec_decode_num_draft_tokens_total"]
+        assert m["mlx_serve_kv_blocks_used"] == 0
+    finally:
+        server.stop()
 
 
 def test_overload_is_503_with_retry_after_and_internal_errors_do_not_leak(served, monkeypatch):
@@ -448,13 +474,22 @@ def test_serve_command_passes_the_engine_options(tiny_model_dir, monkeypatch):
     result = CliRunner().invoke(build_cli(), [
         "serve", "--model", str(tiny_model_dir), "--kv-cache-memory", "1MiB",
         "--no-enable-prefix-caching", "--no-enable-chunked-prefill",
-        "--max-num-batched-tokens", "64", "--scheduling-policy", "priority"])
+        "--max-num-batched-tokens", "64", "--scheduling-policy", "priority",
+        "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}'])
     assert result.exit_code == 0, result.output
     engine = started[0].state.engine.engine
     config = engine.scheduler.config
     assert not engine.blocks.enable_prefix_caching and not config.enable_chunked_prefill
     assert config.max_num_batched_tokens == 64 and config.policy == "priority"
-    bad = CliRunner().invoke(build_cli(), ["serve", "--model", str(tiny_model_dir),
-                                           "--scheduling-policy", "lifo"])
-    text = re.sub(r"[\s│╭╮╰╯─]+", " ", bad.output)
-    assert bad.exit_code != 0 and "scheduling policy must be 'fcfs' or 'priority'" in text, text
+    assert engine.scheduler.proposer.config.num_speculative_tokens == 2
+    for option, value, message in [
+            ("--scheduling-policy", "lifo", "scheduling policy must be 'fcfs' or 'priority'"),
+            ("--speculative-config", "{ngram}", "--speculative-config takes a JSON object"),
+            ("--speculative-config", '{"method": "eagle"}',
+             "speculative method 'eagle' is not supported"),
+            ("--speculative-config", '{"method": "ngram", "lookahead": 3}',
+             "unknown speculative_config fields ['lookahead']")]:
+        bad = CliRunner().invoke(build_cli(), ["serve", "--model", str(tiny_model_dir), option,
+                                               value])
+        text = re.sub(r"[\s│╭╮╰╯─]+", " ", bad.output)
+        assert bad.exit_code != 0 and message in text, text

@@ -185,7 +185,9 @@ def run(model: str = "smollm2-135m-instruct", *, num_requests: int = 64,
     warm = make_workload(2, (8, 16), (2, 4), vocab, 0.0, seed + 1)
     run_engine(engine, warm, use_arrivals=False)  # first-call costs (allocator, kernels) out
 
+    drafted, kept = engine.num_draft_tokens, engine.num_accepted_tokens
     all_at_once = run_engine(engine, workload, use_arrivals=False)
+    drafted, kept = engine.num_draft_tokens - drafted, engine.num_accepted_tokens - kept
     at_rate = run_engine(engine, workload, use_arrivals=True) if request_rate > 0 else None
     leaked = engine.blocks.num_blocks - engine.blocks.num_free_blocks
     fresh = LLM(zoo, tokenizer=engine.tokenizer, **(engine_options or {}))  # cold prefix cache
@@ -218,5 +220,10 @@ def run(model: str = "smollm2-135m-instruct", *, num_requests: int = 64,
         "fraction_of_ceiling_output": round(all_at_once.tokens_per_s / ceiling, 3),
         "fraction_of_ceiling_all_tokens": round(processed / ceiling, 3),
         "prefix_caching": prefix, "leaked_blocks": leaked,
+        "speculative": {"config": asdict(engine.config.speculative_config),
+                        "draft_tokens": drafted,
+                        "accepted_tokens": kept,
+                        "acceptance_rate": round(kept / drafted, 3) if drafted else 0.0}
+        if engine.config.speculative_config else None,
         "engine": asdict(engine.config),
     }

@@ -177,6 +177,7 @@ class BlockManager:
 
     def free_sequence(self, seq: Sequence) -> None:
         """Drop ``seq``'s references; its blocks keep their cached prefix until evicted."""
+        self.register_full_blocks(seq)  # computed since the last step's registration (drafts)
         self._register_partial_tail(seq)
         for block_id in reversed(seq.block_ids):  # a prefix's tail is evicted before its head
             block = self.blocks[block_id]

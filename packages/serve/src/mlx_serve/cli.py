@@ -42,6 +42,10 @@ def serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m",
           max_model_len: int | None = typer.Option(
               None, "--max-model-len", help="Prompt + output tokens at most (default: the "
               "model's context length)."),
+          speculative_config: str | None = typer.Option(
+              None, "--speculative-config",
+              help='Speculative decoding, as JSON (vLLM\'s form): {"method": "ngram", '
+              '"num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}.'),
           max_waiting_seqs: int | None = typer.Option(
               None, "--max-waiting-seqs",
               help="Answer 503 (Retry-After) when this many sequences already wait."),
@@ -70,6 +74,8 @@ def serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m",
                    max_lora_rank=max_lora_rank)
     if kv_cache_memory is not None:
         options["kv_cache_memory"] = kv_cache_memory
+    if speculative_config is not None:
+        options["speculative_config"] = _json_option(speculative_config, "--speculative-config")
     loras = dict(_lora_option(spec) for spec in lora)
     name = served_model_name or model
     if name in loras:
@@ -92,6 +98,19 @@ def _lora_option(spec: str) -> tuple[str, str]:
         raise typer.BadParameter(f"--lora takes NAME=DIR, e.g. --lora sql=./adapters/sql; got "
                                  f"{spec!r}")
     return name, path
+
+
+def _json_option(text: str, option: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise typer.BadParameter(f"{option} takes a JSON object, e.g. '{{\"method\": \"ngram\", "
+                                 f"\"num_speculative_tokens\": 3}}'; {e}") from None
+    if not isinstance(value, dict):
+        raise typer.BadParameter(f"{option} takes a JSON object, got {text!r}")
+    return value
 
 
 def _int_range(text: str, option: str) -> tuple[int, int]:
@@ -119,6 +138,9 @@ def bench_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
                 kv_cache_memory: str | None = typer.Option(None, "--kv-cache-memory"),
                 max_num_seqs: int = typer.Option(64, "--max-num-seqs"),
                 seed: int = typer.Option(0, "--seed"),
+                speculative_config: str | None = typer.Option(
+                    None, "--speculative-config",
+                    help="Our engine with speculative decoding, as mlx serve's option."),
                 json_path: str = typer.Option("", "--json", help="Also write the result here.")):
     """Serving throughput, TTFT and TPOT: the engine vs HF transformers generate in static
     batches, same seeded workload, same process; prints the ratio."""
@@ -137,6 +159,8 @@ def bench_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
     options = {"max_num_seqs": max_num_seqs}
     if kv_cache_memory is not None:
         options["kv_cache_memory"] = kv_cache_memory
+    if speculative_config is not None:
+        options["speculative_config"] = _json_option(speculative_config, "--speculative-config")
     result = bench.run(model, num_requests=num_requests,
                        prompt_len=_int_range(prompt_len, "--prompt-len"),
                        output_len=_int_range(output_len, "--output-len"),
@@ -164,6 +188,11 @@ def bench_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
     print(f"prefix caching ({prefix['system_prompt_tokens']}-token shared system prompt, medians "
           f"of {prefix['rounds']} rounds): TTFT first {prefix['first_ttft_ms']} ms, later "
           f"{prefix['later_ttft_median_ms']} ms ({prefix['later_over_first']}x)")
+    if result["speculative"]:
+        spec = result["speculative"]
+        print(f"speculative decoding ({spec['config']}): {spec['accepted_tokens']} of "
+              f"{spec['draft_tokens']} draft tokens kept ({spec['acceptance_rate']:.0%}) in the "
+              "all-at-once run")
     print(f"KV blocks still held after the runs: {result['leaked_blocks']}")
     if json_path:
         with open(json_path, "w") as f:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from mlx_serve.scheduler import SchedulerConfig
+from mlx_serve.spec_decode import SpeculativeConfig
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
           "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30}
@@ -57,6 +58,8 @@ class EngineConfig:
     max_loras: int = 4  # LoRA adapters loaded at once (slots)
     max_lora_rank: int = 64
     seed: int = 0
+    # vLLM's form, e.g. {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
+    speculative_config: SpeculativeConfig | dict | None = None
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -64,6 +67,7 @@ class EngineConfig:
         if not 0 < self.kv_cache_fraction <= 1:
             raise ValueError(f"kv_cache_fraction must be in (0, 1] (got {self.kv_cache_fraction})")
         self.scheduler_config()  # checks the policy and the limits now, not once a model loaded
+        self.speculative_config = SpeculativeConfig.of(self.speculative_config)
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens,

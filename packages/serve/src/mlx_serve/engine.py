@@ -23,6 +23,7 @@ from mlx_serve.sampler import SampledToken, Sampler
 from mlx_serve.sampling_params import SamplingParams
 from mlx_serve.scheduler import Scheduler
 from mlx_serve.sequence import Sequence, SequenceStatus
+from mlx_serve.spec_decode import NgramProposer
 
 
 @dataclass
@@ -49,6 +50,8 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens: int
     generation_tokens: int
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 class LLMEngine:
@@ -63,7 +66,9 @@ class LLMEngine:
             weight.device)
         self.blocks = BlockManager(num_blocks, config.block_size,
                                    enable_prefix_caching=config.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler_config(), self.blocks)
+        self.scheduler = Scheduler(config.scheduler_config(), self.blocks,
+                                   NgramProposer(config.speculative_config, self.max_model_len)
+                                   if config.speculative_config is not None else None)
         self.runner = ModelRunner(model, num_blocks, config.block_size)
         eos = list(tokenizer.eos_token_ids) if tokenizer is not None else []
         if not eos and model.config.eos_token_id is not None:
@@ -77,6 +82,8 @@ class LLMEngine:
         self._request_counter = itertools.count()
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.num_draft_tokens = 0  # speculative drafts proposed, and kept
+        self.num_accepted_tokens = 0
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
@@ -176,11 +183,21 @@ class LLMEngine:
                 self.runner.cache.copy_tokens(source, destination, num_tokens)
             logits, due = self.runner.execute(step.sequences)
             for seq, n in step.sequences:
-                seq.num_computed_tokens += n
+                seq.num_computed_tokens += n - len(seq.draft_token_ids)  # drafts: once kept
                 self.blocks.register_full_blocks(seq)
             sampled = self.sampler(logits, due) if due else []
-            for seq, token in zip(due, sampled, strict=True):
-                self._append(seq, token)
+            for seq, tokens in zip(due, sampled, strict=True):
+                self.num_draft_tokens += len(seq.draft_token_ids)
+                self.num_accepted_tokens += len(tokens) - 1
+                seq.draft_token_ids = []
+                for kept in tokens[:-1]:  # kept drafts: their keys/values are in the cache
+                    seq.num_computed_tokens += 1
+                    self._append(seq, kept)
+                    if seq.is_finished:
+                        break
+                else:
+                    self._append(seq, tokens[-1])
+                    self.blocks.register_full_blocks(seq)
                 touched[seq.request_id] = self.requests[seq.request_id]
         for request_id, request in list(self.requests.items()):
             if request.finished:
@@ -237,7 +254,8 @@ class LLMEngine:
             num_blocks=self.blocks.num_blocks, num_free_blocks=self.blocks.num_free_blocks,
             prefix_cache_hit_rate=self.blocks.prefix_hit_rate,
             num_preemptions=self.scheduler.num_preemptions, prompt_tokens=self.prompt_tokens,
-            generation_tokens=self.generation_tokens)
+            generation_tokens=self.generation_tokens, num_draft_tokens=self.num_draft_tokens,
+            num_accepted_tokens=self.num_accepted_tokens)
 
 
 def default_dtype(dtype: str | torch.dtype) -> torch.dtype:

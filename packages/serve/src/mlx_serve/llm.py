@@ -27,7 +27,7 @@ class LLM:
     Engine options (``EngineConfig``): ``block_size``, ``num_blocks``, ``kv_cache_memory``,
     ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``, ``enable_prefix_caching``,
     ``enable_chunked_prefill``, ``scheduling_policy``, ``seed``, ``max_loras``,
-    ``max_lora_rank``. ``loras``: ``{name: PEFT LoRA directory}`` to load at start (more with
+    ``max_lora_rank``, ``speculative_config`` (vLLM's dict for n-gram drafts, mlx_serve.spec_decode). ``loras``: ``{name: PEFT LoRA directory}`` to load at start (more with
     ``add_lora``); ``generate(..., lora=name)`` picks one per call or per prompt.
     """
 

@@ -44,7 +44,11 @@ class _EngineCollector:
                 ("prompt_tokens", "Prompt tokens received (times n).", s.prompt_tokens),
                 ("generation_tokens", "Tokens generated.", s.generation_tokens),
                 ("preemptions", "Sequences preempted (recomputed later) because the KV cache "
-                 "was full.", s.num_preemptions)):
+                 "was full.", s.num_preemptions),
+                ("spec_decode_num_draft_tokens", "Speculative draft tokens checked.",
+                 s.num_draft_tokens),
+                ("spec_decode_num_accepted_tokens", "Speculative draft tokens kept (each one a "
+                 "token generated without a step of its own).", s.num_accepted_tokens)):
             yield CounterMetricFamily(f"mlx_serve_{name}", doc, value=value)
 
 

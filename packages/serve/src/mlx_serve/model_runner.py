@@ -2,7 +2,8 @@
 
 Decodes (one new token) go first and run the paged-decode kernel; prompt chunks follow and run
 varlen attention, which also reads each sequence's already-cached prefix from the paged cache.
-Only the last position of each sequence that is due a new token goes through the LM head.
+Only the last position of each sequence that is due a new token goes through the LM head (and
+the positions of its speculative drafts, whose tokens follow its own in the packed row).
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
-        """Run ``(sequence, num_new_tokens)`` pairs; return logits ``[k, vocab]`` for the ``k``
-        sequences whose new tokens reach their end (they sample next), and those sequences."""
+        """Run ``(sequence, num_new_tokens)`` pairs; return logits for the sequences whose new
+        tokens reach their end (they sample next), and those sequences: one row each, or
+        ``1 + len(draft_token_ids)`` rows for a sequence with drafts (its drafts are computed
+        after its last token)."""
         # decodes by context length: the attention then reads less padding (decode_groups)
         decodes = sorted(((s, n) for s, n in scheduled if n == 1),
                          key=lambda pair: pair[0].num_computed_tokens)
@@ -44,12 +47,15 @@ class ModelRunner:
         bs = self.block_size
         for seq, n in ordered:
             start = seq.num_computed_tokens
-            ids += seq.all_token_ids[start:start + n]
+            tokens = seq.all_token_ids + seq.draft_token_ids if seq.draft_token_ids \
+                else seq.all_token_ids
+            ids += tokens[start:start + n]
             span = range(start, start + n)
             positions += span
             slots += [seq.block_ids[p // bs] * bs + p % bs for p in span]
-            if start + n == seq.num_tokens:
-                last.append(len(ids) - 1)
+            if start + n == len(tokens):
+                # the last token, and each draft (the sampler checks it against these logits)
+                last += range(len(ids) - 1 - len(seq.draft_token_ids), len(ids))
                 due.append(seq)
         width = max(len(s.block_ids) for s, _ in ordered)
         tables = torch.full((len(ordered), width), -1, dtype=torch.int32)

@@ -2,8 +2,16 @@
 
 Order per row: penalties, then greedy (argmax) or temperature, top-k, top-p and min-p, then a
 draw. Draws use the exponential race (``argmax(p / E)`` with ``E ~ Exp(1)``, equivalent to
-sampling from ``p``) with noise from the row's own generator when the request is seeded, so a
-seeded request gives the same tokens whatever else is in the batch.
+sampling from ``p``). A seeded request's noise for its i-th output token comes from a generator
+seeded by (seed, i): it gives the same tokens whatever else is in the batch, and whether or not
+that token was drafted.
+
+Speculative drafts (``Sequence.draft_token_ids``) are verified here: a sequence with ``d``
+drafts has ``d + 1`` rows, the i-th holding the distribution after its tokens and its first ``i``
+drafts. Each row's token is drawn as above; a draft is kept while it equals its row's token, and
+the first row whose token differs (or the last row) gives one more. So every token is exactly the
+one decoding without drafts draws (same distribution; greedy: the same argmax); a draft is kept
+with probability ``p(draft)``, as speculative sampling's rejection rule keeps a single-token draft.
 """
 
 from __future__ import annotations
@@ -79,34 +87,72 @@ def _mask_stops_before_min_tokens(logits: torch.Tensor, seqs: list[Sequence],
                 logits[row, stops] = float("-inf")
 
 
+class _Row:
+    """A sequence as one of its draft rows sees it: its first drafts taken as its tokens."""
+
+    def __init__(self, seq: Sequence, drafts: list[int]):
+        self.params, self.seed = seq.params, seq.seed
+        self.all_token_ids = seq.all_token_ids + drafts
+        self.output_token_ids = seq.output_token_ids + drafts
+
+
+def _rows(seqs: list[Sequence]) -> list:
+    rows = []
+    for seq in seqs:
+        rows.append(seq)
+        rows += [_Row(seq, seq.draft_token_ids[:i]) for i in range(1, len(seq.draft_token_ids) + 1)]
+    return rows
+
+
 class Sampler:
     def __init__(self, eos_token_ids: list[int], seed: int = 0):
         self.eos_token_ids = eos_token_ids  # the engine's own list, not a copy
         self.generator = torch.Generator().manual_seed(seed)  # for unseeded requests
 
+    def _noise_source(self, row) -> torch.Generator:
+        if row.seed is None:
+            return self.generator
+        # the row's output index keys the noise: the same token whatever the batch or drafts
+        return torch.Generator().manual_seed(hash((row.seed, len(row.output_token_ids))) % 2**63)
+
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[list[SampledToken]]:
+        """The new tokens of each sequence: its kept drafts, then one token of its own."""
+        rows = _rows(seqs)
         raw = logits.float()
-        logits = apply_penalties(raw.clone(), seqs)
-        _mask_stops_before_min_tokens(logits, seqs, self.eos_token_ids)
+        logits = apply_penalties(raw.clone(), rows)
+        _mask_stops_before_min_tokens(logits, rows, self.eos_token_ids)
         tokens = logits.argmax(dim=-1)
-        sampling = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        sampling = [i for i, r in enumerate(rows) if not r.params.greedy]
         if sampling:
-            rows = torch.tensor(sampling, device=logits.device)
-            probs = _filter(logits[rows], [seqs[i] for i in sampling]).softmax(dim=-1)
+            picked = torch.tensor(sampling, device=logits.device)
+            probs = _filter(logits[picked], [rows[i] for i in sampling]).softmax(dim=-1)
             noise = torch.empty_like(probs)
             for j, i in enumerate(sampling):
-                noise[j].exponential_(generator=seqs[i].generator or self.generator)
-            tokens[rows] = (probs / noise).argmax(dim=-1)
-        token_ids = tokens.tolist()
-        wants_logprobs = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        out = [SampledToken(t) for t in token_ids]
+                noise[j].exponential_(generator=self._noise_source(rows[i]))
+            tokens[picked] = (probs / noise).argmax(dim=-1)
+        row_tokens = tokens.tolist()
+        out, used = [], []  # per sequence: its tokens; the rows they came from
+        start = 0
+        for seq in seqs:
+            drafts, kept = seq.draft_token_ids, []
+            for i in range(len(drafts) + 1):
+                kept.append(SampledToken(row_tokens[start + i]))
+                used.append(start + i)
+                if i == len(drafts) or row_tokens[start + i] != drafts[i]:
+                    break
+            out.append(kept)
+            start += len(drafts) + 1
+        wants_logprobs = [i for i in used if rows[i].params.logprobs is not None]
         if wants_logprobs:
             logprobs = torch.log_softmax(raw[wants_logprobs], dim=-1)
+            by_row = {i: token for i, token in zip(used, (t for ts in out for t in ts),
+                                                       strict=True)}
             for j, i in enumerate(wants_logprobs):
-                out[i].logprob = float(logprobs[j, token_ids[i]])
-                k = seqs[i].params.logprobs
+                token = by_row[i]
+                token.logprob = float(logprobs[j, token.token_id])
+                k = rows[i].params.logprobs
                 if k:
                     values, ids = logprobs[j].topk(k)
-                    out[i].top_logprobs = dict(zip(ids.tolist(), values.tolist(), strict=True))
+                    token.top_logprobs = dict(zip(ids.tolist(), values.tolist(), strict=True))
         return out

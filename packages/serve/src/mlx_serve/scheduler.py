@@ -51,9 +51,10 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, proposer=None):
         self.config = config
         self.blocks = block_manager
+        self.proposer = proposer  # drafts for decoding sequences (spec_decode.NgramProposer)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -79,6 +80,11 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n == 1 and self.proposer is not None and self._schedule_drafts(seq, budget):
+                step.sequences.append((seq, 1 + len(seq.draft_token_ids)))
+                budget -= 1 + len(seq.draft_token_ids)
+                i += 1
+                continue
             while not self.blocks.allocate(seq, n):
                 victim = self.running.pop()  # the lowest priority, never one scheduled already
                 self._preempt(victim)
@@ -107,6 +113,15 @@ class Scheduler:
             step.sequences.append((seq, n))
             budget -= n
         return step
+
+    def _schedule_drafts(self, seq: Sequence, budget: int) -> bool:
+        """Give a decoding sequence its drafts and their blocks; False (no drafts) when there are
+        none, or no free blocks for them: drafts never preempt anyone."""
+        drafts = self.proposer.propose(seq, budget - 1)
+        if not drafts or not self.blocks.allocate(seq, 1 + len(drafts)):
+            return False
+        seq.draft_token_ids = drafts
+        return True
 
     def _insert_running(self, seq: Sequence) -> None:
         keys = [self._order(s) for s in self.running]

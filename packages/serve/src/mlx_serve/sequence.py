@@ -10,8 +10,6 @@ import enum
 import itertools
 import time
 
-import torch
-
 from mlx_serve.sampling_params import SamplingParams
 
 
@@ -68,9 +66,11 @@ class Sequence:
         self.block_ids: list[int] = []
         self.block_hashes: list[int] = []  # hashes of the full blocks already registered
         self.num_computed_tokens = 0
+        # speculative tokens computed with this step's last token, verified by the sampler
+        self.draft_token_ids: list[int] = []
         self.num_cached_tokens = 0  # prefix-cache hit at the first admission
         self.num_preemptions = 0
-        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.seed = seed  # keys a seeded request's sampling noise (mlx_serve.sampler)
         self.text = ""
         self.logprobs: list[dict[int, float]] = []  # per output token: id -> logprob
         self.cumulative_logprob = 0.0
