@@ -1,6 +1,8 @@
 """Packed variable-length attention (prefill), plain and reading a cached prefix from paged
 blocks; the reference is checked against SDPA run on each sequence alone."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -67,3 +69,113 @@ def test_triton_reads_cached_prefix_from_paged_blocks(window, triton_backend):
     decode = paged_attention_decode(q[last], kc, vc, tables, torch.tensor(keys_len),
                                     sliding_window=window)
     torch.testing.assert_close(got[last], decode, atol=1e-5, rtol=1e-5)
+
+
+# --- the native CPU kernel (C, built at first use) for a few queries per sequence after a cached
+# prefix: chunked prefill, prefix-cache continuation, speculative verification ------------------
+
+BLOCK = 8
+# (cached prefix, new queries) per sequence: prefixes ending mid-block and at a block boundary,
+# none at all, 1..8 queries (counts that are not multiples of 4 too) and a sequence with none
+CHUNKS = [(16, 1), (13, 3), (0, 5), (24, 8), (37, 4), (7, 6), (31, 2), (40, 7), (5, 0)]
+
+
+@pytest.fixture
+def native(monkeypatch):
+    """The built native kernels (a C compiler is required: fails loudly if not), and a list that
+    records each call of the native path, so a test knows the reference did not answer."""
+    from mlx_kernels import _cpu_native, paged_attention
+
+    assert _cpu_native.library() is not None, "no native CPU kernels: is a C compiler installed?"
+    calls = []
+    real = paged_attention.native_paged_attention
+    monkeypatch.setattr(paged_attention, "native_paged_attention",
+                        lambda *a: calls.append(a[5] is not None) or real(*a))
+    return calls
+
+
+def _paged_chunks(chunks, heads, kv_heads, dim, block=BLOCK, seed=0):
+    """q, caches and the paged-call arguments for sequences of (cached prefix, queries): each
+    sequence's keys/values are already in its shuffled blocks; unused table entries are -1."""
+    torch.manual_seed(seed)
+    keys_len = [p + n for p, n in chunks]
+    blocks = [-(-n // block) for n in keys_len]
+    num_blocks = sum(blocks) + 3
+    kc = torch.randn(num_blocks, block, kv_heads, dim)
+    vc = torch.randn(num_blocks, block, kv_heads, dim)
+    tables = torch.full((len(chunks), max(blocks) + 1), -1, dtype=torch.int32)
+    free = torch.randperm(num_blocks).tolist()
+    for i, n in enumerate(blocks):
+        tables[i, :n] = torch.tensor([free.pop() for _ in range(n)], dtype=torch.int32)
+    q = torch.randn(sum(n for _, n in chunks), heads, dim)
+    return q, kc, vc, _cu([n for _, n in chunks]), _cu(keys_len), tables
+
+
+@pytest.mark.parametrize("window", [None, 1, 5, 100])
+@pytest.mark.parametrize("shape", [(9, 3, 64), (HQ, HQ, D)], ids=["gqa-smollm2", "mha"])
+def test_native_paged_chunks_equal_reference(native, window, shape):
+    q, kc, vc, cu_q, cu_k, tables = _paged_chunks(CHUNKS, *shape)
+    got = varlen_attention(q, kc, vc, cu_q, cu_k, block_tables=tables, sliding_window=window)
+    want = varlen_attention_reference(q, kc, vc, cu_q, cu_k, block_tables=tables,
+                                      sliding_window=window, scale=shape[2] ** -0.5)
+    assert native == [True]  # the native kernel answered, with per-sequence query counts
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # fp32, another summation order
+
+
+def test_native_paged_chunks_honour_scale_and_strided_q(native):
+    q, kc, vc, cu_q, cu_k, tables = _paged_chunks(CHUNKS, 9, 3, 64, block=16, seed=1)
+    q = q.transpose(0, 1).contiguous().transpose(0, 1)  # [T, heads, D] view, as paged_attend passes
+    got = varlen_attention(q, kc, vc, cu_q, cu_k, block_tables=tables, scale=0.3, sliding_window=9)
+    want = varlen_attention_reference(q, kc, vc, cu_q, cu_k, block_tables=tables, scale=0.3,
+                                      sliding_window=9)
+    assert native == [True]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_native_one_query_per_sequence_equals_decode(native):
+    """The same kernel with one query per sequence is paged decode (cu_q given or NULL)."""
+    from mlx_kernels import paged_attention_decode
+
+    chunks = [(p, 1) for p, _ in CHUNKS]
+    q, kc, vc, cu_q, cu_k, tables = _paged_chunks(chunks, 9, 3, 64)
+    got = varlen_attention(q, kc, vc, cu_q, cu_k, block_tables=tables, sliding_window=6)
+    decode = paged_attention_decode(q, kc, vc, tables, cu_k[1:] - cu_k[:-1], sliding_window=6)
+    assert native == [True, False]  # per-sequence counts, then decode's NULL
+    torch.testing.assert_close(got, decode, atol=1e-6, rtol=1e-5)
+
+
+def test_native_paged_path_only_where_it_applies(native, monkeypatch):
+    # by import path: the package's attribute `varlen_attention` is the function, not the module
+    module = importlib.import_module("mlx_kernels.varlen_attention")
+    q, kc, vc, cu_q, cu_k, tables = _paged_chunks(CHUNKS, HQ, HKV, D)
+    varlen_attention(q, kc, vc, cu_q, cu_k, block_tables=tables, causal=False)
+    varlen_attention(q.bfloat16(), kc.bfloat16(), vc.bfloat16(), cu_q, cu_k, block_tables=tables)
+    assert native == []  # not causal, or not fp32: the reference
+    one = _cu([CHUNKS[0][1]]), _cu([sum(CHUNKS[0])])
+    varlen_attention(q[:1], kc, vc, *one, block_tables=tables)
+    assert native == []  # a lone sequence: SDPA spreads it over the threads
+    monkeypatch.setattr(module, "NATIVE_MAX_QUERIES", 7)  # CHUNKS has a chunk of 8 queries
+    varlen_attention(q, kc, vc, cu_q, cu_k, block_tables=tables)
+    assert native == []
+    monkeypatch.setattr(module, "NATIVE_MAX_QUERIES", 8)
+    varlen_attention(q, kc, vc, cu_q, cu_k, block_tables=tables)
+    assert native == [True]
+    monkeypatch.setenv("MLX_KERNELS", "torch")
+    varlen_attention(q, kc, vc, cu_q, cu_k, block_tables=tables)
+    assert native == [True]
+
+
+def test_native_paged_refuses_tables_and_lengths_outside_the_cache(native):
+    q, kc, vc, cu_q, cu_k, tables = _paged_chunks(CHUNKS, HQ, HKV, D)
+    bad = tables.clone()
+    bad[1, 1] = kc.shape[0]  # in use by sequence 1 (16 keys: blocks 0 and 1)
+    with pytest.raises(ValueError, match=f"outside \\[0, {kc.shape[0]}\\)"):
+        varlen_attention(q, kc, vc, cu_q, cu_k, block_tables=bad)
+    bad[1, 1] = -1
+    with pytest.raises(ValueError, match="outside"):
+        varlen_attention(q, kc, vc, cu_q, cu_k, block_tables=bad)
+    fewer = _cu([p + n - (i == 2) for i, (p, n) in enumerate(CHUNKS)])  # 4 keys, 5 queries
+    with pytest.raises(ValueError, match="queries <= keys <= max_blocks"):
+        varlen_attention(q, kc, vc, cu_q, fewer, block_tables=tables)
+    with pytest.raises(ValueError, match="queries <= keys <= max_blocks"):
+        varlen_attention(q, kc, vc, cu_q, cu_k * 3, block_tables=tables)  # more keys than blocks

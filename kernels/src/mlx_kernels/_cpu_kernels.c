@@ -1,7 +1,8 @@
 /* CPU kernels of mlx_kernels, compiled at first use by _cpu_native.py (cc -O3 -march=native
- * -fopenmp) and called through ctypes. Plain C with no torch headers, so the build takes well
- * under a second. OpenMP here is the libgomp torch has already loaded (same soname), so these
- * loops share torch's threads instead of starting a second pool.
+ * -fopenmp -ffp-contract=fast -fno-trapping-math: its FLAGS) and called through ctypes. Plain C
+ * with no torch headers, so the build takes well under a second. OpenMP here is the libgomp torch
+ * has already loaded (same soname), so these loops share torch's threads instead of starting a
+ * second pool.
  */
 #include <math.h>
 #include <stdint.h>
@@ -30,46 +31,102 @@ static inline void dot4(const float *restrict a, const float *restrict b0, const
     result[0] = s0, result[1] = s1, result[2] = s2, result[3] = s3;
 }
 
+/* exp(x) for finite x <= 0 (a softmax's shifted scores), within 1.2e-7 relative to expf, and 0
+ * below -87 (where expf leaves the normal floats). expf is a library call, which keeps a loop
+ * scalar (glibc's vector one needs -ffast-math); this is branch-free arithmetic that `omp simd`
+ * loops run on vectors (the comparison too, under -fno-trapping-math): Cephes' reduction to
+ * 2^k exp(r), |r| <= ln2/2, and its degree-6 polynomial. */
+static inline float exp_nonpositive(float x) {
+    const float keep = (float)(x >= -87.0f);
+    x *= keep;                                                      /* into [-87, 0] */
+    const int32_t k = (int32_t)(x * 1.44269504088896341f - 0.5f); /* round(x / ln2) */
+    const float n = (float)k, r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } two_k = {.i = (k + 127) << 23};
+    return p * two_k.f * keep;
+}
+
+/* Softmax of s[0, n) in place, in fp32 with the maximum subtracted. */
+static void softmax(float *restrict s, int64_t n) {
+    float best = -INFINITY, sum = 0.0f;
+#pragma omp simd reduction(max : best)
+    for (int64_t x = 0; x < n; ++x) best = s[x] > best ? s[x] : best;
+#pragma omp simd
+    for (int64_t x = 0; x < n; ++x) s[x] = exp_nonpositive(s[x] - best);
+#pragma omp simd reduction(+ : sum)
+    for (int64_t x = 0; x < n; ++x) sum += s[x];
+    const float inv = 1.0f / sum;
+#pragma omp simd
+    for (int64_t x = 0; x < n; ++x) s[x] *= inv;
+}
+
 /* The address of token `t`'s row (all kv heads) in a paged cache. */
 static inline const float *token_row(const float *cache, const int32_t *table, int64_t t,
                                      int64_t block_size, int64_t row_size) {
     return cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * row_size;
 }
 
-/* Decode attention: one query token per sequence over its keys/values in paged blocks.
+/* Paged attention of a few query tokens per sequence over its keys/values in paged blocks:
+ * decode (one query each) and short prefill chunks after a cached prefix (chunked prefill,
+ * prefix-cache continuation, speculative verification).
  *
- * query  [batch, heads, head_dim] (contiguous; heads = kv_heads * group, GQA)
+ * query  [total_q, heads, head_dim] (contiguous; heads = kv_heads * group, GQA)
  * keys, values [num_blocks, block_size, kv_heads, head_dim] (contiguous)
- * tables [batch, table_width] int32; lens [batch] int32 (>= 1)
- * out    [batch, heads, head_dim]
+ * tables [batch, table_width] int32; lens [batch] int32: each sequence's total key length
+ *        (cached prefix + its new tokens, all already in the cache)
+ * cu_q   [batch + 1] int32: sequence b's queries are rows [cu_q[b], cu_q[b + 1]) of query and
+ *        out; NULL: one query per sequence (decode, row b)
+ * out    [total_q, heads, head_dim]
  *
- * One task per sequence: each cached token's keys (all kv heads: one contiguous row) are read
- * once, in place in their block, for all query heads; scores go to a scratch row per head,
- * softmax in fp32, then one pass over the values. No gathered copy, no padding to the longest
- * sequence. `window` > 0 keeps only the last `window` positions. Returns 0, -1 when out of
- * memory, -2 when a table entry in use is outside [0, num_blocks) (nothing is read there).
+ * Bottom-right causal: query i of a sequence's Lq sits at key position p = len - Lq + i and sees
+ * keys k <= p, and with `window` > 0 only p - k < window (the last `window` positions up to its
+ * own). A sequence with Lq = 0 is skipped; 1 <= len and Lq <= len are the caller's to check.
+ *
+ * One task per sequence. Each cached token's key row (all kv heads: one contiguous row) is read
+ * once, in place in its block, four tokens at a time, for all heads and all queries of the
+ * sequence (decode waits on those loads; each further query adds arithmetic, not loads). Scores
+ * go to a scratch row per (head, query) over the keys any query sees, [start, len): heads * Lq *
+ * (len - start) floats per thread. The keys one query may not see are scored with the rest but
+ * left out of its softmax (fp32, max subtracted) and given probability 0, so they contribute
+ * nothing. Then one pass over the values, eight tokens at a time, each row read once for all
+ * heads and queries. No gathered copy, no padding to the longest sequence. Returns 0, -1 when
+ * out of memory, -2 when a table entry in use is outside [0, num_blocks) (nothing is read there).
  */
-int paged_attention_decode_f32(const float *query, const float *keys, const float *values,
-                               const int32_t *tables, const int32_t *lens, float *out,
-                               int64_t batch, int64_t kv_heads, int64_t group, int64_t head_dim,
-                               int64_t block_size, int64_t table_width, int64_t num_blocks,
-                               int64_t window, float scale) {
+int paged_attention_f32(const float *query, const float *keys, const float *values,
+                        const int32_t *tables, const int32_t *lens, const int32_t *cu_q, float *out,
+                        int64_t batch, int64_t kv_heads, int64_t group, int64_t head_dim,
+                        int64_t block_size, int64_t table_width, int64_t num_blocks, int64_t window,
+                        float scale) {
     const int64_t heads = kv_heads * group, row_size = kv_heads * head_dim;
-    int64_t longest = 1;
-    for (int64_t b = 0; b < batch; ++b) longest = lens[b] > longest ? lens[b] : longest;
+    const int64_t stride = heads * head_dim; /* between query (and out) rows */
+    int64_t scratch = 1;
+    for (int64_t b = 0; b < batch; ++b) {
+        const int64_t lq = cu_q ? cu_q[b + 1] - cu_q[b] : 1, first = lens[b] - lq;
+        const int64_t start = (window > 0 && first + 1 > window) ? first + 1 - window : 0;
+        const int64_t need = heads * lq * (lens[b] - start);
+        scratch = need > scratch ? need : scratch;
+    }
     int failed = 0;
 #pragma omp parallel
     {
-        float *scores = malloc(sizeof(float) * (size_t)(heads * longest));
+        float *scores = malloc(sizeof(float) * (size_t)scratch);
         if (!scores) {
 #pragma omp atomic write
             failed = -1;
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t b = 0; b < batch; ++b) {
-            if (!scores) continue;
-            const int64_t len = lens[b];
-            const int64_t start = (window > 0 && len > window) ? len - window : 0;
+            const int64_t q0 = cu_q ? cu_q[b] : b, lq = cu_q ? cu_q[b + 1] - q0 : 1;
+            if (!scores || lq <= 0) continue;
+            /* `first`: the first query's position; its window starts the earliest */
+            const int64_t len = lens[b], first = len - lq;
+            const int64_t start = (window > 0 && first + 1 > window) ? first + 1 - window : 0;
             const int64_t n = len - start;
             const int32_t *table = tables + b * table_width;
             int bad = 0;
@@ -80,59 +137,73 @@ int paged_attention_decode_f32(const float *query, const float *keys, const floa
                 failed = -2;
                 continue;
             }
-            const float *q = query + b * heads * head_dim;
-            float *o = out + b * heads * head_dim;
+            const float *q = query + q0 * stride;
+            float *o = out + q0 * stride;
+            /* row hq * lq + i of scores: head hq of query i, over keys [start, len) */
             int64_t t = start;
             for (; t + 4 <= len; t += 4) {
                 const float *k[4];
                 for (int j = 0; j < 4; ++j) k[j] = token_row(keys, table, t + j, block_size, row_size);
                 for (int64_t hq = 0; hq < heads; ++hq) {
                     const int64_t off = (hq / group) * head_dim;
-                    float *s = scores + hq * n + (t - start);
-                    dot4(q + hq * head_dim, k[0] + off, k[1] + off, k[2] + off, k[3] + off,
-                         head_dim, s);
-                    for (int j = 0; j < 4; ++j) s[j] *= scale;
+                    for (int64_t i = 0; i < lq; ++i) {
+                        float *s = scores + (hq * lq + i) * n + (t - start);
+                        dot4(q + i * stride + hq * head_dim, k[0] + off, k[1] + off, k[2] + off,
+                             k[3] + off, head_dim, s);
+                        for (int j = 0; j < 4; ++j) s[j] *= scale;
+                    }
                 }
             }
             for (; t < len; ++t) {
                 const float *k = token_row(keys, table, t, block_size, row_size);
                 for (int64_t hq = 0; hq < heads; ++hq)
-                    scores[hq * n + (t - start)] =
-                        dot(q + hq * head_dim, k + (hq / group) * head_dim, head_dim) * scale;
+                    for (int64_t i = 0; i < lq; ++i)
+                        scores[(hq * lq + i) * n + (t - start)] =
+                            dot(q + i * stride + hq * head_dim, k + (hq / group) * head_dim,
+                                head_dim) * scale;
             }
-            for (int64_t hq = 0; hq < heads; ++hq) {
-                float *s = scores + hq * n, best = -INFINITY, sum = 0.0f;
-                for (int64_t i = 0; i < n; ++i) best = s[i] > best ? s[i] : best;
-                for (int64_t i = 0; i < n; ++i) {
-                    s[i] = expf(s[i] - best);
-                    sum += s[i];
-                }
-                const float inv = 1.0f / sum;
-                for (int64_t i = 0; i < n; ++i) s[i] *= inv;
-                for (int64_t d = 0; d < head_dim; ++d) o[hq * head_dim + d] = 0.0f;
-            }
-            for (t = start; t + 4 <= len; t += 4) {
-                const float *v[4];
-                for (int j = 0; j < 4; ++j) v[j] = token_row(values, table, t + j, block_size, row_size);
+            for (int64_t i = 0; i < lq; ++i) {
+                /* query i (at first + i) sees row positions [lo, hi) */
+                const int64_t pos = first + i, hi = pos + 1 - start;
+                const int64_t lo = (window > 0 && pos + 1 > window ? pos + 1 - window : 0) - start;
                 for (int64_t hq = 0; hq < heads; ++hq) {
-                    const float *p = scores + hq * n + (t - start);
+                    float *s = scores + (hq * lq + i) * n;
+                    softmax(s + lo, hi - lo);
+                    for (int64_t x = 0; x < lo; ++x) s[x] = 0.0f;
+                    for (int64_t x = hi; x < n; ++x) s[x] = 0.0f;
+                    for (int64_t d = 0; d < head_dim; ++d) o[i * stride + hq * head_dim + d] = 0.0f;
+                }
+            }
+            for (t = start; t + 8 <= len; t += 8) {
+                const float *v[8];
+                for (int j = 0; j < 8; ++j)
+                    v[j] = token_row(values, table, t + j, block_size, row_size);
+                for (int64_t hq = 0; hq < heads; ++hq) {
                     const int64_t off = (hq / group) * head_dim;
                     const float *restrict v0 = v[0] + off, *restrict v1 = v[1] + off,
-                                          *restrict v2 = v[2] + off, *restrict v3 = v[3] + off;
-                    float *restrict oh = o + hq * head_dim;
+                                          *restrict v2 = v[2] + off, *restrict v3 = v[3] + off,
+                                          *restrict v4 = v[4] + off, *restrict v5 = v[5] + off,
+                                          *restrict v6 = v[6] + off, *restrict v7 = v[7] + off;
+                    for (int64_t i = 0; i < lq; ++i) {
+                        const float *p = scores + (hq * lq + i) * n + (t - start);
+                        float *restrict oh = o + i * stride + hq * head_dim;
 #pragma omp simd
-                    for (int64_t d = 0; d < head_dim; ++d)
-                        oh[d] += p[0] * v0[d] + p[1] * v1[d] + p[2] * v2[d] + p[3] * v3[d];
+                        for (int64_t d = 0; d < head_dim; ++d)
+                            oh[d] += p[0] * v0[d] + p[1] * v1[d] + p[2] * v2[d] + p[3] * v3[d] +
+                                     p[4] * v4[d] + p[5] * v5[d] + p[6] * v6[d] + p[7] * v7[d];
+                    }
                 }
             }
             for (; t < len; ++t) {
                 const float *v = token_row(values, table, t, block_size, row_size);
                 for (int64_t hq = 0; hq < heads; ++hq) {
-                    const float p = scores[hq * n + (t - start)];
                     const float *restrict vh = v + (hq / group) * head_dim;
-                    float *restrict oh = o + hq * head_dim;
+                    for (int64_t i = 0; i < lq; ++i) {
+                        const float p = scores[(hq * lq + i) * n + (t - start)];
+                        float *restrict oh = o + i * stride + hq * head_dim;
 #pragma omp simd
-                    for (int64_t d = 0; d < head_dim; ++d) oh[d] += p * vh[d];
+                        for (int64_t d = 0; d < head_dim; ++d) oh[d] += p * vh[d];
+                    }
                 }
             }
         }

@@ -2,7 +2,7 @@
 
 Triton has no CPU backend outside its interpreter, so the ops whose torch reference is bound by
 copies on CPU get a small C loop instead: built once per machine and source (``cc -O3
--march=native -fopenmp``, well under a second, no torch headers), cached under
+-march=native -fopenmp``, see ``FLAGS``; well under a second, no torch headers), cached under
 ``$MLX_HOME/kernels`` (default ``~/.cache/mlx/kernels``), loaded with ctypes. Where no compiler is
 found or the build fails, ``library()`` returns None, one warning says why, and callers use their
 torch reference. ``MLX_KERNELS=torch`` turns these off too.
@@ -24,7 +24,11 @@ from pathlib import Path
 logger = logging.getLogger("mlx_kernels")
 
 SOURCE = Path(__file__).with_name("_cpu_kernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# -ffp-contract=fast: a*b + c as one FMA (-std=c11 alone turns that off); -fno-trapping-math:
+# lets `omp simd` loops with comparisons (the kernels' exp) run on vectors. No -ffast-math: sums
+# keep their order outside the explicit `omp simd` reductions.
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-trapping-math", "-shared",
+         "-fPIC", "-std=c11"]
 
 
 def cache_dir() -> Path:
@@ -90,6 +94,8 @@ def library() -> ctypes.CDLL | None:
                        "instead: %s", e)
         return None
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-    lib.paged_attention_decode_f32.restype = ctypes.c_int
-    lib.paged_attention_decode_f32.argtypes = [ptr] * 6 + [i64] * 8 + [f32]
+    # query, keys, values, tables, lens, cu_q (NULL: one query per sequence), out; batch, kv_heads,
+    # group, head_dim, block_size, table_width, num_blocks, window; scale
+    lib.paged_attention_f32.restype = ctypes.c_int
+    lib.paged_attention_f32.argtypes = [ptr] * 7 + [i64] * 8 + [f32]
     return lib

@@ -1,5 +1,6 @@
 """Which implementation runs: Triton kernels for CUDA tensors, torch references on CPU (where
-fp32 paged decode attention has a native C kernel, ``_cpu_native``).
+fp32 paged attention, decode and short chunks over a cached prefix, has a native C kernel,
+``_cpu_native``).
 
 ``MLX_KERNELS=auto|torch|triton`` (read at each call) overrides: ``torch`` always uses the
 references; ``triton`` forces the kernels, on CPU too when ``TRITON_INTERPRET=1`` is set (that is

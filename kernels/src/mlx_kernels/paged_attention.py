@@ -97,26 +97,38 @@ def _decode_native(query, key_cache, value_cache, block_tables, context_lens, sc
                    sliding_window):
     """The C loop of ``_cpu_kernels.c``: each cached key and value read once, in place in its
     block (the reference first copies every sequence's blocks out, padded to the longest)."""
-    from mlx_kernels import _cpu_native
-
-    batch, heads, dim = query.shape
-    num_blocks, block_size, kv_heads, _ = key_cache.shape
     lens = context_lens.to(torch.int32).contiguous()
     tables = block_tables.to(torch.int32).contiguous()
-    if batch and (int(lens.min()) < 1 or int(lens.max()) > tables.shape[1] * block_size):
+    if query.shape[0] and (int(lens.min()) < 1
+                           or int(lens.max()) > tables.shape[1] * key_cache.shape[1]):
         raise ValueError(f"context_lens must be in [1, max_blocks * block_size = "
-                         f"{tables.shape[1] * block_size}]; got {lens.tolist()}")
-    query, keys, values = query.contiguous(), key_cache.contiguous(), value_cache.contiguous()
-    out = torch.empty_like(query)
+                         f"{tables.shape[1] * key_cache.shape[1]}]; got {lens.tolist()}")
+    return native_paged_attention(query, key_cache, value_cache, tables, lens, None, scale,
+                                  sliding_window)
+
+
+def native_paged_attention(query, key_cache, value_cache, tables, lens, cu_q, scale,
+                           sliding_window):
+    """Run ``paged_attention_f32`` of ``_cpu_kernels.c`` (fp32 CPU; lengths already checked).
+
+    ``tables [B, max_blocks]``, ``lens [B]`` and ``cu_q [B + 1]`` (or None: one query per
+    sequence) int32 contiguous; ``query [total_q, heads, head_dim]``. Returns ``out`` like
+    ``query``; a table entry in use outside the cache raises ValueError."""
+    from mlx_kernels import _cpu_native
+
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1 (or None), got {sliding_window}")
-    status = _cpu_native.library().paged_attention_decode_f32(
-        query.data_ptr(), keys.data_ptr(), values.data_ptr(), tables.data_ptr(),
-        lens.data_ptr(), out.data_ptr(), batch, kv_heads, heads // kv_heads, dim, block_size,
-        tables.shape[1], num_blocks, sliding_window or 0, scale)
+    num_blocks, block_size, kv_heads, dim = key_cache.shape
+    query, keys, values = query.contiguous(), key_cache.contiguous(), value_cache.contiguous()
+    out = torch.empty_like(query)
+    status = _cpu_native.library().paged_attention_f32(
+        query.data_ptr(), keys.data_ptr(), values.data_ptr(), tables.data_ptr(), lens.data_ptr(),
+        None if cu_q is None else cu_q.data_ptr(), out.data_ptr(), lens.shape[0], kv_heads,
+        query.shape[1] // kv_heads, dim, block_size, tables.shape[1], num_blocks,
+        sliding_window or 0, scale)
     if status == -2:
         raise ValueError(f"a block table entry in use is outside [0, {num_blocks}): "
                          "block_tables must name blocks of this cache")
     if status != 0:
-        raise MemoryError("paged_attention_decode: out of memory for the score rows")
+        raise MemoryError("paged attention: out of memory for the score rows")
     return out
