@@ -188,6 +188,8 @@ def run(model: str = "smollm2-135m-instruct", *, num_requests: int = 64,
     drafted, kept = engine.num_draft_tokens, engine.num_accepted_tokens
     all_at_once = run_engine(engine, workload, use_arrivals=False)
     drafted, kept = engine.num_draft_tokens - drafted, engine.num_accepted_tokens - kept
+    # the same prompts again: from a cold prefix cache, or every prompt would be a cache hit
+    engine.reset_prefix_cache()
     at_rate = run_engine(engine, workload, use_arrivals=True) if request_rate > 0 else None
     leaked = engine.blocks.num_blocks - engine.blocks.num_free_blocks
     fresh = LLM(zoo, tokenizer=engine.tokenizer, **(engine_options or {}))  # cold prefix cache

@@ -207,6 +207,7 @@ class BlockManager:
         self.followers.setdefault(block.follows, {})[block.block_id] = None
 
     def reset_prefix_cache(self) -> None:
+        """Forget the cached prefixes of unused blocks (blocks in use keep theirs)."""
         for block_id in self.free:
             block = self.blocks[block_id]
             if block.follows is not None:

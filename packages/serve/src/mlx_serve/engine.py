@@ -143,6 +143,11 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix not in use (vLLM's ``reset_prefix_cache``): later prompts
+        compute from scratch, e.g. for a cold-cache measurement."""
+        self.blocks.reset_prefix_cache()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished
 

@@ -52,6 +52,9 @@ class LLM:
         for name, path in (loras or {}).items():
             self.engine.add_lora(name, path)
 
+    def reset_prefix_cache(self) -> None:
+        self.engine.reset_prefix_cache()
+
     def add_lora(self, name: str, path) -> None:
         self.engine.add_lora(name, path)
 
