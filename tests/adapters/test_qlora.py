@@ -70,3 +70,27 @@ def test_qlora_unmerge_gives_back_the_nf4_base():
         assert buffers.keys() == dict(model.named_buffers()).keys()
         assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
         assert torch.equal(model(IDS), adapted)
+
+
+def test_qlora_trains_under_bf16_autocast_as_in_fp32():
+    """Under ``torch.autocast`` (bf16), the NF4 base de-quantizes and multiplies in bf16 and the
+    LoRA path follows: loss within 1% and each adapter gradient within 10% of its norm of the
+    same step in fp32 (HF PEFT's QLoRA needs bitsandbytes, which has no CPU build here, so fp32
+    is the reference and the whole of bf16's rounding shows: measured 1.3e-4 and 6.3%); gradients
+    stay fp32 and reach only the adapters."""
+    def loss_and_grads(autocast):
+        torch.manual_seed(4)
+        model = get_peft_model(quantize_nf4(_model()), LoraConfig(
+            r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(IDS, labels=IDS)
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    want_loss, want = loss_and_grads(False)
+    loss, got = loss_and_grads(True)
+    assert loss != want_loss and abs(loss - want_loss) < 1e-2 * abs(want_loss)  # bf16 did run
+    assert sorted(got) == sorted(want) and all("lora_" in n for n in got) and len(got) == 2 * 7 * 2
+    for name, g in got.items():
+        assert g.dtype == torch.float32, name
+        assert (g - want[name]).norm() <= 0.10 * want[name].norm(), name
