@@ -55,13 +55,34 @@ def test_our_adapter_loads_into_hf_peft(hf_dir, tmp_path):
     assert (_logits(ours.eval()) - _logits(theirs)).abs().max() < 1e-5
 
 
-def test_parameter_names_match_peft(hf_dir):
-    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+@pytest.mark.parametrize("config", [
+    dict(target_modules=["q_proj", "v_proj"]),
+    dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"],
+         layers_to_transform=[1]),
+    dict(target_modules=["q_proj", "down_proj"], layers_to_transform=0)],
+    ids=["names", "layers-list", "layer-int"])
+def test_parameter_names_match_peft(hf_dir, tmp_path, config):
+    config = dict(r=4, lora_alpha=8, **config)
     theirs = hf_get_peft_model(_hf(hf_dir), HFLoraConfig(**config))
-    ours = get_peft_model(_hf(hf_dir), LoraConfig(**config))
-    assert set(ours.state_dict()) == set(theirs.state_dict())
-    assert {n for n, p in ours.named_parameters() if p.requires_grad} == \
-        {n for n, p in theirs.named_parameters() if p.requires_grad}
+    for base in (_hf(hf_dir), load_model(hf_dir)):
+        ours = get_peft_model(base, LoraConfig(init_lora_weights=False, **config))
+        assert set(ours.state_dict()) == set(theirs.state_dict())
+        assert {n for n, p in ours.named_parameters() if p.requires_grad} == \
+            {n for n, p in theirs.named_parameters() if p.requires_grad}
+    ours.save_pretrained(tmp_path / "adapter")  # the zoo model's: HF PEFT targets the same layers
+    loaded = HFPeftModel.from_pretrained(_hf(hf_dir), tmp_path / "adapter").eval()
+    assert (_logits(ours.eval()) - _logits(loaded)).abs().max() < 1e-5
+
+
+def test_layers_to_transform_with_a_str_target_is_refused_as_in_peft():
+    for targets in ("all-linear", r".*q_proj"):
+        with pytest.raises(ValueError, match="layers_to_transform cannot be used when "
+                                             "target_modules is a str"):
+            LoraConfig(target_modules=targets, layers_to_transform=[1])
+        with pytest.raises(ValueError, match="layers_to_transform"):
+            HFLoraConfig(target_modules=targets, layers_to_transform=[1])
+    with pytest.raises(ValueError, match="layers_pattern needs layers_to_transform"):
+        LoraConfig(target_modules=["q_proj"], layers_pattern="layers")
 
 
 def test_get_base_model_is_the_wrapped_model_as_in_peft(hf_dir):

@@ -37,7 +37,7 @@ def _peft(torch_model, **config):
 
 @pytest.mark.parametrize("config", [
     dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    dict(r=4, lora_alpha=16, use_rslora=True, target_modules=r".*\.(k_proj|up_proj|down_proj)",
+    dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["k_proj", "up_proj", "down_proj"],
          rank_pattern={"down_proj": 2}, alpha_pattern={"k_proj": 3}, layers_to_transform=[1]),
     dict(r=2, lora_alpha=4, target_modules="all-linear", exclude_modules=["gate_proj"]),
 ], ids=["names", "regex-rslora-patterns-layers", "all-linear-exclude"])

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mlx_adapters.config import LoraConfig
+from mlx_adapters.config import LoraConfig, PeftConfig
 from mlx_adapters.layer import AdapterLayer, wrapped_targets
 
 
@@ -37,6 +37,7 @@ class AdaLoraConfig(LoraConfig):
     rank_pattern: dict[str, list[bool]] | None = None  # per lora_E: which triplets are kept
 
     def __post_init__(self):
+        PeftConfig.__post_init__(self)  # not LoRA's: AdaLoRA has checks of its own below
         problems = self._problems()
         if self.use_dora:
             problems.append("AdaLoRA does not support DoRA (use_dora=True)")

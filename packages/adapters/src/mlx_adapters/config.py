@@ -28,7 +28,16 @@ class PeftConfig:
     inference_mode: bool = False
 
     def __post_init__(self):
-        pass
+        # PEFT's own checks: an adapter saved with these would not load into PEFT
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("layers_to_transform cannot be used when target_modules is a str (a "
+                             "regex or 'all-linear'), as in PEFT: list the module names instead, "
+                             "or match the layers in the regex")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("layers_pattern cannot be used when target_modules is a str, as in "
+                             "PEFT: list the module names instead")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern needs layers_to_transform (which layers to adapt)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -83,6 +92,7 @@ class LoraConfig(PeftConfig):
     lora_bias: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         problems = self._problems()
         if self.r <= 0:
             problems.append(f"r must be positive, got {self.r}")

@@ -22,6 +22,7 @@ class IA3Config(PeftConfig):
     fan_in_fan_out: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         if self.fan_in_fan_out:
             raise ValueError("invalid IA3Config: fan_in_fan_out=True (Conv1D) is not supported")
 
