@@ -119,6 +119,8 @@ def test_bad_adapters_are_refused_by_name(tiny_pair, tmp_path):
         lora.apply_lora(model, lora.LoraConfig(target_modules=["c_attn"]))
     with pytest.raises(ValueError, match="output head"):
         lora.apply_lora(model, lora.LoraConfig(target_modules=["lm_head"]))
+    with pytest.raises(ValueError, match="layers_to_transform cannot be used when target_modules"):
+        lora.LoraConfig(target_modules="all-linear", layers_to_transform=[1])  # PEFT refuses it
     _peft(torch_model, r=4, lora_alpha=8, target_modules=["q_proj"]).save_pretrained(tmp_path / "a")
 
     def edited(name, config_edit=None, tensors_edit=None):

@@ -84,6 +84,9 @@ class LoraConfig:
         if self.init_lora_weights not in (True, False, "gaussian"):
             problems.append("init_lora_weights must be True, False or 'gaussian', got "
                             f"{self.init_lora_weights!r}")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            problems.append("layers_to_transform cannot be used when target_modules is a str "
+                            "(as in PEFT): list the module names instead")
         if problems:
             raise ValueError("invalid LoRA config: " + "; ".join(problems))
 
