@@ -31,6 +31,19 @@ def train_losses(model, ids, steps: int, lr: float = 1e-2) -> list[float]:
     return losses
 
 
+def loss_and_grads_under_autocast(model, ids, enabled: bool = True) -> tuple[float, dict]:
+    """One training forward and backward under ``torch.autocast`` (bf16, as HF Trainer's
+    ``bf16=True``): the loss, and the gradient of each trainable parameter by its name without
+    the adapter's (``.default``), so ours and PEFT's compare by name."""
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+        out = model(ids, labels=ids)
+    loss = out if torch.is_tensor(out) else out.loss
+    loss.backward()
+    return loss.item(), {n.replace(".default", ""): p.grad for n, p in model.named_parameters()
+                         if p.requires_grad}
+
+
 def assert_base_restored(peft_model, before: dict) -> None:
     """After unmerging, every base weight is back to ``before`` bit for bit (names without the
     wrapper)."""

@@ -10,7 +10,7 @@ from peft import get_peft_model as hf_get_peft_model
 from mlx_adapters import IA3Config, PeftModel, get_peft_model
 from mlx_core import load_model
 
-from .helpers import assert_base_restored, save_tiny_llama
+from .helpers import assert_base_restored, loss_and_grads_under_autocast, save_tiny_llama
 
 pytestmark = pytest.mark.hf_parity
 
@@ -70,20 +70,10 @@ def test_training_under_bf16_autocast_matches_hf_peft(hf_dir, tmp_path):
     theirs = hf_get_peft_model(transformers.LlamaForCausalLM.from_pretrained(hf_dir),
                                HFIA3Config(init_ia3_weights=False, **CONFIG))
     theirs.save_pretrained(tmp_path / "adapter")
-
-    def loss_and_grads(model):
-        model.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(IDS, labels=IDS)
-        loss = out if torch.is_tensor(out) else out.loss
-        loss.backward()
-        return loss.item(), {n.replace(".default", ""): p.grad
-                             for n, p in model.named_parameters() if p.requires_grad}
-
-    want_loss, want = loss_and_grads(theirs)
+    want_loss, want = loss_and_grads_under_autocast(theirs, IDS)
     for base in (transformers.LlamaForCausalLM.from_pretrained(hf_dir), load_model(hf_dir)):
         ours = PeftModel.from_pretrained(base, tmp_path / "adapter", is_trainable=True)
-        loss, got = loss_and_grads(ours)
+        loss, got = loss_and_grads_under_autocast(ours, IDS)
         assert abs(loss - want_loss) < 2e-2 * abs(want_loss)
         assert sorted(got) == sorted(want) and len(got) == 2 * 3  # k, v, down of both layers
         for name, g in got.items():

@@ -12,7 +12,13 @@ import mlx_core
 from mlx_adapters import LoraConfig, PeftModel, get_peft_model
 from mlx_core import load_model
 
-from .helpers import TINY_LLAMA, assert_base_restored, save_tiny_llama, train_losses
+from .helpers import (
+    TINY_LLAMA,
+    assert_base_restored,
+    loss_and_grads_under_autocast,
+    save_tiny_llama,
+    train_losses,
+)
 
 pytestmark = pytest.mark.hf_parity
 
@@ -254,21 +260,10 @@ def test_training_under_bf16_autocast_matches_hf_peft(hf_dir, tmp_path, use_dora
         r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
         use_dora=use_dora))
     theirs.save_pretrained(tmp_path / "adapter")
-
-    def loss_and_grads(model):
-        model.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(IDS, labels=IDS)
-        loss = out if torch.is_tensor(out) else out.loss
-        loss.backward()
-        grads = {n.replace(".default", ""): p.grad for n, p in model.named_parameters()
-                 if p.requires_grad}
-        return loss.item(), grads
-
-    want_loss, want = loss_and_grads(theirs)
+    want_loss, want = loss_and_grads_under_autocast(theirs, IDS)
     for base in (_hf(hf_dir), load_model(hf_dir)):
         ours = PeftModel.from_pretrained(base, tmp_path / "adapter", is_trainable=True)
-        loss, got = loss_and_grads(ours)
+        loss, got = loss_and_grads_under_autocast(ours, IDS)
         assert abs(loss - want_loss) < 2e-2 * abs(want_loss)
         # A and B (and DoRA's magnitude) of every linear of both layers
         assert len(got) == len(want) == 2 * 7 * (3 if use_dora else 2)

@@ -6,7 +6,7 @@ from mlx_adapters import LoraConfig, NF4Linear, PeftModel, get_peft_model, quant
 from mlx_core import build_model, get_preset
 from mlx_kernels.nf4 import ABSMAX_BLOCK, BLOCK_SIZE
 
-from .helpers import train_losses
+from .helpers import loss_and_grads_under_autocast, train_losses
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -81,11 +81,8 @@ def test_qlora_trains_under_bf16_autocast_as_in_fp32():
     def loss_and_grads(autocast):
         torch.manual_seed(4)
         model = get_peft_model(quantize_nf4(_model()), LoraConfig(
-            r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)).train()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = model(IDS, labels=IDS)
-        loss.backward()
-        return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+            r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+        return loss_and_grads_under_autocast(model, IDS, enabled=autocast)
 
     want_loss, want = loss_and_grads(False)
     loss, got = loss_and_grads(True)
