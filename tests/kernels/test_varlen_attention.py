@@ -179,3 +179,31 @@ def test_native_paged_refuses_tables_and_lengths_outside_the_cache(native):
         varlen_attention(q, kc, vc, cu_q, fewer, block_tables=tables)
     with pytest.raises(ValueError, match="queries <= keys <= max_blocks"):
         varlen_attention(q, kc, vc, cu_q, cu_k * 3, block_tables=tables)  # more keys than blocks
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_native_paged_splits_few_sequences_by_kv_head_and_still_equals_reference(native, window):
+    """Fewer sequences than threads run one task per (sequence, kv head): decode of 1-3
+    sequences and chunks of 2 sequences under 4 threads equal the reference."""
+    from mlx_kernels import paged_attention_decode
+    from mlx_kernels.paged_attention import paged_attention_decode_reference
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        for chunks in ([(37, 1)], [(16, 1), (40, 1), (5, 1)], [(13, 3), (24, 8)]):
+            q, kc, vc, cu_q, cu_k, tables = _paged_chunks(chunks, 9, 3, 64)
+            if all(n == 1 for _, n in chunks):
+                lens = cu_k[1:] - cu_k[:-1]
+                got = paged_attention_decode(q, kc, vc, tables, lens, sliding_window=window)
+                want = paged_attention_decode_reference(q, kc, vc, tables, lens,
+                                                        sliding_window=window)
+            else:
+                got = varlen_attention(q, kc, vc, cu_q, cu_k, block_tables=tables,
+                                       sliding_window=window)
+                want = varlen_attention_reference(q, kc, vc, cu_q, cu_k, block_tables=tables,
+                                                  sliding_window=window, scale=64 ** -0.5)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+    assert native == [False, False, True]  # decode twice (NULL cu_q), then the chunks

@@ -5,6 +5,7 @@
  * second pool.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -90,9 +91,11 @@ static inline const float *token_row(const float *cache, const int32_t *table, i
  *
  * One task per sequence. Each cached token's key row (all kv heads: one contiguous row) is read
  * once, in place in its block, four tokens at a time, for all heads and all queries of the
- * sequence (decode waits on those loads; each further query adds arithmetic, not loads). Scores
- * go to a scratch row per (head, query) over the keys any query sees, [start, len): heads * Lq *
- * (len - start) floats per thread. The keys one query may not see are scored with the rest but
+ * sequence (decode waits on those loads; each further query adds arithmetic, not loads). With
+ * fewer sequences than threads, one task per (sequence, kv head) instead, so no thread idles: a
+ * lone sequence's decode at 2000 cached tokens 0.50 -> 0.40 ms, at 300 0.057 -> 0.048 ms (2
+ * threads; batches of 24-64 unchanged). Scores go to a scratch row per (head, query) over the
+ * keys any query sees, [start, len): heads * Lq * (len - start) floats per thread at most. The keys one query may not see are scored with the rest but
  * left out of its softmax (fp32, max subtracted) and given probability 0, so they contribute
  * nothing. Then one pass over the values, eight tokens at a time, each row read once for all
  * heads and queries. No gathered copy, no padding to the longest sequence. Returns 0, -1 when
@@ -105,11 +108,16 @@ int paged_attention_f32(const float *query, const float *keys, const float *valu
                         float scale) {
     const int64_t heads = kv_heads * group, row_size = kv_heads * head_dim;
     const int64_t stride = heads * head_dim; /* between query (and out) rows */
+    /* fewer sequences than threads: one task per (sequence, kv head) keeps every thread busy (a
+     * lone sequence: a chat's next turn after its cached history); otherwise one per sequence,
+     * which reads each key/value row once for all heads (more loads in flight: faster there) */
+    const int64_t splits = batch < omp_get_max_threads() ? kv_heads : 1;
+    const int64_t task_heads = heads / splits;
     int64_t scratch = 1;
     for (int64_t b = 0; b < batch; ++b) {
         const int64_t lq = cu_q ? cu_q[b + 1] - cu_q[b] : 1, first = lens[b] - lq;
         const int64_t start = (window > 0 && first + 1 > window) ? first + 1 - window : 0;
-        const int64_t need = heads * lq * (lens[b] - start);
+        const int64_t need = task_heads * lq * (lens[b] - start);
         scratch = need > scratch ? need : scratch;
     }
     int failed = 0;
@@ -121,7 +129,9 @@ int paged_attention_f32(const float *query, const float *keys, const float *valu
             failed = -1;
         }
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t b = 0; b < batch; ++b) {
+        for (int64_t task = 0; task < batch * splits; ++task) {
+            /* sequence b's queries, heads [h0, h0 + task_heads) */
+            const int64_t b = task / splits, h0 = (task % splits) * task_heads;
             const int64_t q0 = cu_q ? cu_q[b] : b, lq = cu_q ? cu_q[b + 1] - q0 : 1;
             if (!scores || lq <= 0) continue;
             /* `first`: the first query's position; its window starts the earliest */
@@ -139,15 +149,15 @@ int paged_attention_f32(const float *query, const float *keys, const float *valu
             }
             const float *q = query + q0 * stride;
             float *o = out + q0 * stride;
-            /* row hq * lq + i of scores: head hq of query i, over keys [start, len) */
+            /* row (hq - h0) * lq + i of scores: head hq of query i, over keys [start, len) */
             int64_t t = start;
             for (; t + 4 <= len; t += 4) {
                 const float *k[4];
                 for (int j = 0; j < 4; ++j) k[j] = token_row(keys, table, t + j, block_size, row_size);
-                for (int64_t hq = 0; hq < heads; ++hq) {
+                for (int64_t hq = h0; hq < h0 + task_heads; ++hq) {
                     const int64_t off = (hq / group) * head_dim;
                     for (int64_t i = 0; i < lq; ++i) {
-                        float *s = scores + (hq * lq + i) * n + (t - start);
+                        float *s = scores + ((hq - h0) * lq + i) * n + (t - start);
                         dot4(q + i * stride + hq * head_dim, k[0] + off, k[1] + off, k[2] + off,
                              k[3] + off, head_dim, s);
                         for (int j = 0; j < 4; ++j) s[j] *= scale;
@@ -156,9 +166,9 @@ int paged_attention_f32(const float *query, const float *keys, const float *valu
             }
             for (; t < len; ++t) {
                 const float *k = token_row(keys, table, t, block_size, row_size);
-                for (int64_t hq = 0; hq < heads; ++hq)
+                for (int64_t hq = h0; hq < h0 + task_heads; ++hq)
                     for (int64_t i = 0; i < lq; ++i)
-                        scores[(hq * lq + i) * n + (t - start)] =
+                        scores[((hq - h0) * lq + i) * n + (t - start)] =
                             dot(q + i * stride + hq * head_dim, k + (hq / group) * head_dim,
                                 head_dim) * scale;
             }
@@ -166,8 +176,8 @@ int paged_attention_f32(const float *query, const float *keys, const float *valu
                 /* query i (at first + i) sees row positions [lo, hi) */
                 const int64_t pos = first + i, hi = pos + 1 - start;
                 const int64_t lo = (window > 0 && pos + 1 > window ? pos + 1 - window : 0) - start;
-                for (int64_t hq = 0; hq < heads; ++hq) {
-                    float *s = scores + (hq * lq + i) * n;
+                for (int64_t hq = h0; hq < h0 + task_heads; ++hq) {
+                    float *s = scores + ((hq - h0) * lq + i) * n;
                     softmax(s + lo, hi - lo);
                     for (int64_t x = 0; x < lo; ++x) s[x] = 0.0f;
                     for (int64_t x = hi; x < n; ++x) s[x] = 0.0f;
@@ -178,14 +188,14 @@ int paged_attention_f32(const float *query, const float *keys, const float *valu
                 const float *v[8];
                 for (int j = 0; j < 8; ++j)
                     v[j] = token_row(values, table, t + j, block_size, row_size);
-                for (int64_t hq = 0; hq < heads; ++hq) {
+                for (int64_t hq = h0; hq < h0 + task_heads; ++hq) {
                     const int64_t off = (hq / group) * head_dim;
                     const float *restrict v0 = v[0] + off, *restrict v1 = v[1] + off,
                                           *restrict v2 = v[2] + off, *restrict v3 = v[3] + off,
                                           *restrict v4 = v[4] + off, *restrict v5 = v[5] + off,
                                           *restrict v6 = v[6] + off, *restrict v7 = v[7] + off;
                     for (int64_t i = 0; i < lq; ++i) {
-                        const float *p = scores + (hq * lq + i) * n + (t - start);
+                        const float *p = scores + ((hq - h0) * lq + i) * n + (t - start);
                         float *restrict oh = o + i * stride + hq * head_dim;
 #pragma omp simd
                         for (int64_t d = 0; d < head_dim; ++d)
@@ -196,10 +206,10 @@ int paged_attention_f32(const float *query, const float *keys, const float *valu
             }
             for (; t < len; ++t) {
                 const float *v = token_row(values, table, t, block_size, row_size);
-                for (int64_t hq = 0; hq < heads; ++hq) {
+                for (int64_t hq = h0; hq < h0 + task_heads; ++hq) {
                     const float *restrict vh = v + (hq / group) * head_dim;
                     for (int64_t i = 0; i < lq; ++i) {
-                        const float p = scores[(hq * lq + i) * n + (t - start)];
+                        const float p = scores[((hq - h0) * lq + i) * n + (t - start)];
                         float *restrict oh = o + i * stride + hq * head_dim;
 #pragma omp simd
                         for (int64_t d = 0; d < head_dim; ++d) oh[d] += p * vh[d];
