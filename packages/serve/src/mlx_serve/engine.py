@@ -202,7 +202,8 @@ class LLMEngine:
                         break
                 else:
                     self._append(seq, tokens[-1])
-                    self.blocks.register_full_blocks(seq)
+                    if len(tokens) > 1 and not seq.is_finished:  # kept drafts may fill a block
+                        self.blocks.register_full_blocks(seq)
                 touched[seq.request_id] = self.requests[seq.request_id]
         for request_id, request in list(self.requests.items()):
             if request.finished:

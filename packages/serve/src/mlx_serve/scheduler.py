@@ -5,7 +5,8 @@ unfinished prompt continues with its next chunk); then waiting sequences join wh
 ``max_num_seqs`` and free blocks allow. A prompt longer than what is left of the budget is split
 into chunks (chunked prefill). When a running sequence needs a block and none is free, the
 lowest-priority running sequence (the latest arrival under FCFS) is preempted: its blocks are
-freed and it waits to be recomputed.
+freed and it waits to be recomputed. With a proposer (speculative decoding), a decoding sequence
+also gets draft tokens, as many as the budget and the free blocks allow (drafts never preempt).
 """
 
 from __future__ import annotations
