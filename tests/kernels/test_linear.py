@@ -107,3 +107,110 @@ def test_zoo_mlps_let_the_gate_and_up_outputs_out_uncopied():
             patch.setenv("MLX_KERNELS", "torch")  # plain F.linear everywhere
             want = mlp(x)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _packed_module():
+    module = _linear_module()
+    if not module.packing_available():
+        pytest.fail("this torch has no oneDNN (mkldnn): the packed CPU linear cannot run here")
+    return module
+
+
+@pytest.mark.parametrize("rows", [1, 4, 24, 64, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_weight_equals_f_linear(rows, bias):
+    module = _packed_module()
+    torch.manual_seed(rows)
+    x, w = torch.randn(2, rows, 96), torch.randn(40, 96)
+    b = torch.randn(40) if bias else None
+    packed = module.pack_weight(w)
+    reads = []
+    packed.for_weight = lambda weight: reads.append(weight) or module.PackedWeight.for_weight(packed, weight)
+    with torch.inference_mode():
+        got = linear(x, w, b, packed=packed, contiguous=False)
+        strided = linear(x.transpose(0, 1), w, b, packed=packed)  # a non-contiguous input
+    assert got.shape == (2, rows, 40) and got.is_contiguous() and len(reads) == 2
+    torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-5, rtol=1e-5)  # fp32 rounding
+    torch.testing.assert_close(strided, F.linear(x.transpose(0, 1), w, b), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_weight_follows_the_weight_and_stays_out_of_autograd(monkeypatch):
+    """An in-place change or another tensor repacks before use; with autograd on, in another
+    dtype or under MLX_KERNELS=torch the packed copy is not read."""
+    module = _packed_module()
+    w = torch.randn(16, 32)
+    packed = module.pack_weight(w)
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        before = packed.data
+        w.mul_(2)  # e.g. load_state_dict, or an adapter merged into the weight
+        torch.testing.assert_close(linear(x, w, packed=packed), F.linear(x, w), atol=1e-5, rtol=1e-5)
+        assert packed.data is not before
+        other = torch.randn(16, 32)
+        torch.testing.assert_close(linear(x, other, packed=packed), F.linear(x, other),
+                                   atol=1e-5, rtol=1e-5)
+    calls = []
+    monkeypatch.setattr(module.torch.ops, "mkldnn", types.SimpleNamespace(
+        _linear_pointwise=lambda *a: calls.append(a) or pytest.fail("packed path taken")))
+    trained = torch.randn(16, 32, requires_grad=True)
+    linear(x, trained, packed=packed).sum().backward()
+    assert trained.grad is not None
+    with torch.no_grad():
+        linear(x.double(), w.double(), packed=packed)
+        monkeypatch.setenv("MLX_KERNELS", "torch")
+        assert torch.equal(linear(x, w, packed=packed), F.linear(x, w))
+    assert calls == []
+
+
+def test_pack_weight_only_where_the_packed_path_runs():
+    module = _packed_module()
+    assert module.pack_weight(torch.randn(8, 4)) is not None
+    assert module.pack_weight(torch.randn(8, 4, dtype=torch.bfloat16)) is None
+    assert module.pack_weight(torch.randn(8, 4, 2)) is None
+
+
+def test_prepacked_zoo_model_gives_the_same_logits_and_checkpoint():
+    import copy
+
+    from mlx_core import build_model, get_preset, prepack_linear_weights
+    from mlx_core.models.linear import Linear
+
+    _packed_module()
+    model = build_model(get_preset("tiny-llama")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    keys = set(model.state_dict())
+    with torch.inference_mode():
+        want = model(ids)
+        linears = [m for m in model.modules() if isinstance(m, Linear)]
+        weights = sum(m.weight.numel() * 4 for m in linears)
+        assert prepack_linear_weights(model, calibrate=False) == weights
+        assert all(m.packed_weight is not None for m in linears)
+        assert prepack_linear_weights(model, calibrate=False) == 0  # packed already
+        torch.testing.assert_close(model(ids), want, atol=1e-4, rtol=1e-4)  # fp32 rounding
+        twin = copy.deepcopy(model)  # the copy packs its own weights on first use
+        torch.testing.assert_close(twin(ids), want, atol=1e-4, rtol=1e-4)
+    assert set(model.state_dict()) == keys
+    bf16 = build_model(get_preset("tiny-llama")).to(torch.bfloat16)
+    assert prepack_linear_weights(bf16, calibrate=False) == 0
+
+
+def test_calibrated_prepacking_packs_the_shapes_that_measure_faster(monkeypatch):
+    from mlx_core import build_model, get_preset, prepack_linear_weights
+    from mlx_core.models import linear as zoo_linear
+
+    module = _packed_module()
+    assert module.packing_pays_off(torch.randn(64, 32), rows=(2, 9), repeats=1) in (True, False)
+    timed = []
+
+    def square_only(weight):  # the decision, one timing per shape
+        timed.append(tuple(weight.shape))
+        return weight.shape[0] == weight.shape[1]
+
+    monkeypatch.setattr(zoo_linear, "packing_pays_off", square_only)
+    model = build_model(get_preset("tiny-llama")).eval()
+    packed_bytes = prepack_linear_weights(model)
+    linears = [m for m in model.modules() if isinstance(m, zoo_linear.Linear)]
+    square = [m for m in linears if m.in_features == m.out_features]
+    assert square and len(square) < len(linears) and len(timed) == len(set(timed))
+    assert all((m.packed_weight is not None) == (m in square) for m in linears)
+    assert packed_bytes == sum(m.weight.numel() * 4 for m in square)

@@ -36,9 +36,10 @@ def test_bench_serve_with_ngram_drafts_reports_them(tiny_model_dir, tmp_path):
         "--prompt-len", "4:12", "--output-len", "8:16", "--request-rate", "0",
         "--hf-batch-sizes", "4", "--kv-cache-memory", "4MiB", "--json", str(out),
         "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2, '
-                                '"prompt_lookup_min": 1}'])
+                                '"prompt_lookup_min": 1}', "--no-prepack-weights"])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
+    assert report["engine"]["prepack_weights"] is False
     spec = report["speculative"]
     assert spec["config"]["num_speculative_tokens"] == 2 and spec["draft_tokens"] > 0
     assert 0 <= spec["accepted_tokens"] <= spec["draft_tokens"]

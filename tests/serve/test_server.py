@@ -475,13 +475,15 @@ def test_serve_command_passes_the_engine_options(tiny_model_dir, monkeypatch):
         "serve", "--model", str(tiny_model_dir), "--kv-cache-memory", "1MiB",
         "--no-enable-prefix-caching", "--no-enable-chunked-prefill",
         "--max-num-batched-tokens", "64", "--scheduling-policy", "priority",
-        "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}'])
+        "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}',
+        "--no-prepack-weights"])
     assert result.exit_code == 0, result.output
     engine = started[0].state.engine.engine
     config = engine.scheduler.config
     assert not engine.blocks.enable_prefix_caching and not config.enable_chunked_prefill
     assert config.max_num_batched_tokens == 64 and config.policy == "priority"
     assert engine.scheduler.proposer.config.num_speculative_tokens == 2
+    assert not engine.config.prepack_weights and engine.runner.packed_bytes == 0
     for option, value, message in [
             ("--scheduling-policy", "lifo", "scheduling policy must be 'fcfs' or 'priority'"),
             ("--speculative-config", "{ngram}", "--speculative-config takes a JSON object"),

@@ -17,6 +17,7 @@ _TORCH_API = {
     "Transformer": "mlx_core.models.transformer",
     "generate": "mlx_core.models.generation",
     "stream_generate": "mlx_core.models.generation",
+    "prepack_linear_weights": "mlx_core.models.linear",
 }
 _LAZY = {
     "load_tokenizer": "mlx_core.tokenizer",

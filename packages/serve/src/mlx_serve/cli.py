@@ -35,6 +35,10 @@ def serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m",
           enable_chunked_prefill: bool = typer.Option(
               True, "--enable-chunked-prefill/--no-enable-chunked-prefill",
               help="Split long prompts over steps (off: a prompt must fit one step's tokens)."),
+          prepack_weights: bool = typer.Option(
+              True, "--prepack-weights/--no-prepack-weights",
+              help="CPU fp32: a packed copy of each linear weight for faster GEMMs (as much "
+              "memory again as the linear weights)."),
           scheduling_policy: str = typer.Option(
               "fcfs", "--scheduling-policy",
               help="fcfs, or priority: requests' 'priority' field (lower first) orders admission "
@@ -71,7 +75,7 @@ def serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m",
                    enable_prefix_caching=enable_prefix_caching,
                    enable_chunked_prefill=enable_chunked_prefill,
                    scheduling_policy=scheduling_policy, max_loras=max_loras,
-                   max_lora_rank=max_lora_rank)
+                   max_lora_rank=max_lora_rank, prepack_weights=prepack_weights)
     if kv_cache_memory is not None:
         options["kv_cache_memory"] = kv_cache_memory
     if speculative_config is not None:
@@ -141,6 +145,9 @@ def bench_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
                 speculative_config: str | None = typer.Option(
                     None, "--speculative-config",
                     help="Our engine with speculative decoding, as mlx serve's option."),
+                prepack_weights: bool = typer.Option(
+                    True, "--prepack-weights/--no-prepack-weights",
+                    help="Our engine with/without prepacked linear weights, as mlx serve's."),
                 json_path: str = typer.Option("", "--json", help="Also write the result here.")):
     """Serving throughput, TTFT and TPOT: the engine vs HF transformers generate in static
     batches, same seeded workload, same process; prints the ratio."""
@@ -156,7 +163,7 @@ def bench_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
     except ValueError:
         raise typer.BadParameter(f"--hf-batch-sizes takes e.g. 8,16; got {hf_batch_sizes!r}") \
             from None
-    options = {"max_num_seqs": max_num_seqs}
+    options = {"max_num_seqs": max_num_seqs, "prepack_weights": prepack_weights}
     if kv_cache_memory is not None:
         options["kv_cache_memory"] = kv_cache_memory
     if speculative_config is not None:

@@ -58,6 +58,9 @@ class EngineConfig:
     max_loras: int = 4  # LoRA adapters loaded at once (slots)
     max_lora_rank: int = 64
     seed: int = 0
+    # CPU fp32: a oneDNN-packed copy of each linear weight beside it (as much memory again as
+    # the linear weights) for faster GEMMs, most at a decode step's few rows
+    prepack_weights: bool = True
     # vLLM's form, e.g. {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
     speculative_config: SpeculativeConfig | dict | None = None
 

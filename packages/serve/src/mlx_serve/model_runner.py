@@ -8,9 +8,12 @@ the positions of its speculative drafts, whose tokens follow its own in the pack
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
+from mlx_core.models.linear import prepack_linear_weights
 from mlx_core.models.paged import PagedAttentionMetadata, PagedKVCache
 from mlx_serve.sequence import Sequence
 
@@ -21,9 +24,18 @@ def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
     return 2 * config.num_layers * block_size * config.kv_heads * config.dim_per_head * item
 
 
+logger = logging.getLogger("mlx_serve")
+
+
 class ModelRunner:
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int):
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int,
+                 prepack_weights: bool = True):
         self.model = model
+        # on CPU in fp32 only; elsewhere nothing is packed (0 bytes)
+        self.packed_bytes = prepack_linear_weights(model) if prepack_weights else 0
+        if self.packed_bytes:
+            logger.info("prepacked the linear weights for CPU inference (%.0f MiB more memory; "
+                        "prepack_weights=False to save it)", self.packed_bytes / 2**20)
         weight = model.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype=self.dtype,
