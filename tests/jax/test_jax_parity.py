@@ -1,8 +1,12 @@
 """The Flax Transformer equals the torch zoo: same registry names, same weights, same logits.
 
 Tolerances: max |logits difference| <= 1e-4 for tiny random fp32 models (differences are
-float rounding, ~3e-7 observed), <= 1e-3 for the built-in model (logits up to ~30 in size,
-~1.5e-4 observed).
+float rounding, ~3e-7 observed), <= 2e-3 for the built-in model (logits up to ~31 in size:
+6.5e-5 relative). Observed there: ~1.5e-4 on an Intel AVX-512 machine, 1.1-1.3e-3 on an AMD
+AVX2 one, where XLA's and MKL's fp32 GEMMs round differently: at the worst position (the token
+after the first real one, whose activations are the model's largest) a float64 torch forward is
+8.8e-4 from JAX's logits and 2.1e-4 from torch's fp32 ones; at the other positions JAX and
+torch differ by at most 2.2e-4.
 """
 
 import numpy as np
@@ -87,7 +91,7 @@ def test_builtin_model_logits_match_torch_zoo(builtin_pair):
     ids, mask = _batch(torch_model.config.vocab_size, length=12)
     ref = _torch_logits(torch_model, ids, mask)
     out = np.asarray(_jax_logits(jax_model, ids, mask))
-    assert np.abs(out - ref).max() <= 1e-3
+    assert np.abs(out - ref).max() <= 2e-3  # fp32 rounding: see the module docstring
     assert (out.argmax(-1) == ref.argmax(-1)).all()
 
 
