@@ -65,8 +65,13 @@ def test_inference_skips_the_functions_with_the_references_values(dtype_tol, no_
                "no_requires_grad": torch.enable_grad}[no_graph]
     with context():
         # torch's fused rms_norm kernel for fp32 (held to the reference at fp32 rounding), the
-        # reference's own arithmetic for the rest
+        # reference's own arithmetic for the rest, but for fp32 swiglu in inference mode: the
+        # native C loop (test_swiglu.py: within 5e-7 of float64; 1e-6 of torch's fp32 silu here)
         assert_close(rms_norm(x, w, 1e-5), rms_norm_reference(x, w, 1e-5), 1e-6, 1e-6)
         assert torch.equal(rope(q, cos, sin), rope_reference(q, cos, sin))
-        assert torch.equal(swiglu(g, u), F.silu(g) * u)
-        assert torch.equal(swiglu(g.t(), u.t()), (F.silu(g) * u).t())  # any layout in, same out
+        if dtype == torch.float32 and no_graph == "inference_mode":
+            assert_close(swiglu(g, u), F.silu(g) * u, 1e-7, 1e-6)
+            assert_close(swiglu(g.t(), u.t()), (F.silu(g) * u).t(), 1e-7, 1e-6)
+        else:
+            assert torch.equal(swiglu(g, u), F.silu(g) * u)
+            assert torch.equal(swiglu(g.t(), u.t()), (F.silu(g) * u).t())  # any layout, same out

@@ -24,3 +24,59 @@ def test_triton_matches_plain_torch_forward_and_backward(shape, dtype_tol, trito
 def test_shape_mismatch_is_named():
     with pytest.raises(ValueError, match="differ"):
         swiglu(torch.randn(2, 3), torch.randn(3, 2))
+
+
+def _native_library():
+    from mlx_kernels import _cpu_native
+
+    if _cpu_native.library() is None:
+        pytest.fail("the native CPU kernels did not build here (a C compiler is needed)")
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 1536), (64, 1536), (40, 1000)])  # odd, 1 or 2 threads
+def test_native_cpu_inference_forward_equals_silu_times_up(shape):
+    """fp32 CPU inference runs the C loop (one pass): within 5e-7 relative of float64
+    silu(g) * u, 0 where g < -87, inf and nan carried as torch carries them."""
+    _native_library()
+    torch.manual_seed(1)
+    g, u = torch.randn(shape) * 8, torch.randn(shape)
+    flat = g.view(-1)
+    flat[:7] = torch.tensor([0.0, 30.0, -30.0, 88.0, -88.0, float("inf"), float("nan")])[:flat.numel()]
+    with torch.inference_mode():
+        got = swiglu(g, u)
+    want = F.silu(g.double()) * u.double()
+    finite = torch.isfinite(want)
+    error = (got.double() - want).abs()[finite]
+    assert (error <= 5e-7 * want.abs()[finite] + 1.5e-36 * u.double().abs()[finite]).all()
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    infinite = torch.isinf(want)  # g = inf
+    assert infinite.any() and torch.equal(got[infinite], (F.silu(g) * u)[infinite])
+
+
+def test_native_forward_only_for_contiguous_fp32_cpu_inference(monkeypatch):
+    import importlib
+
+    module = importlib.import_module("mlx_kernels.swiglu")  # the attribute is the op
+    _native_library()
+    ran = []
+    monkeypatch.setattr(module, "_swiglu_native", lambda g, u: ran.append(1) or F.silu(g) * u)
+    g, u = torch.randn(4, 6), torch.randn(4, 6)
+    with torch.no_grad():  # no graph, but maybe a recomputed activation: torch's ops, bit-exact
+        swiglu(g, u)
+    with torch.inference_mode():
+        swiglu(g, u)
+        swiglu(g.t(), u.t())  # a dense transposed layout, as linear(contiguous=False) returns
+        swiglu(g[:, ::2], u[:, ::2])  # gaps: torch's ops
+        swiglu(g.t(), u.t().contiguous())  # two layouts: torch's ops
+        swiglu(g.double(), u.double())
+        monkeypatch.setenv("MLX_KERNELS", "torch")
+        swiglu(g, u)
+        monkeypatch.delenv("MLX_KERNELS")
+    trained = g.clone().requires_grad_()
+    swiglu(trained, u).sum().backward()  # autograd: the Function
+    assert ran == [1, 1] and trained.grad is not None
+    g, u = torch.randn(8, 96), torch.randn(8, 96)
+    with torch.inference_mode():
+        out = module._swiglu_native(g.t(), u.t())  # the real kernel on the transposed layout
+    assert out.stride() == (1, 96)
+    torch.testing.assert_close(out, F.silu(g.t()) * u.t(), atol=1e-6, rtol=1e-6)

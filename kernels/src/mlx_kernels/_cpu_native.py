@@ -98,4 +98,19 @@ def library() -> ctypes.CDLL | None:
     # group, head_dim, block_size, table_width, num_blocks, window; scale
     lib.paged_attention_f32.restype = ctypes.c_int
     lib.paged_attention_f32.argtypes = [ptr] * 7 + [i64] * 8 + [f32]
+    lib.swiglu_f32.restype = None
+    lib.swiglu_f32.argtypes = [ptr] * 3 + [i64]  # gate, up, out; elements
     return lib
+
+
+def applies(*tensors) -> bool:
+    """Whether the native kernels run on ``tensors``: fp32 on CPU, under ``MLX_KERNELS=auto``,
+    with the kernels built."""
+    import torch
+
+    from mlx_kernels.dispatch import setting
+
+    if setting() != "auto" or not all(t.device.type == "cpu" and t.dtype == torch.float32
+                                      for t in tensors):
+        return False
+    return library() is not None

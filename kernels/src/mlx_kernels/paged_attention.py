@@ -12,7 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mlx_kernels.dispatch import backend_for, setting
+from mlx_kernels import _cpu_native
+from mlx_kernels.dispatch import backend_for
 
 
 def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -75,22 +76,11 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_c
 
         return _paged_attention_triton.decode(query, key_cache, value_cache, block_tables,
                                               context_lens, scale, sliding_window)
-    if _native_applies(query, key_cache, value_cache):
+    if _cpu_native.applies(query, key_cache, value_cache):
         return _decode_native(query, key_cache, value_cache, block_tables, context_lens, scale,
                               sliding_window)
     return paged_attention_decode_reference(query, key_cache, value_cache, block_tables,
                                             context_lens, scale=scale, sliding_window=sliding_window)
-
-
-def _native_applies(query, key_cache, value_cache) -> bool:
-    """fp32 CPU tensors under ``MLX_KERNELS=auto``, with the native kernels built."""
-    if setting() != "auto" or query.device.type != "cpu":
-        return False
-    if not all(t.dtype == torch.float32 for t in (query, key_cache, value_cache)):
-        return False
-    from mlx_kernels import _cpu_native
-
-    return _cpu_native.library() is not None
 
 
 def _decode_native(query, key_cache, value_cache, block_tables, context_lens, scale,
@@ -114,8 +104,6 @@ def native_paged_attention(query, key_cache, value_cache, tables, lens, cu_q, sc
     ``tables [B, max_blocks]``, ``lens [B]`` and ``cu_q [B + 1]`` (or None: one query per
     sequence) int32 contiguous; ``query [total_q, heads, head_dim]``. Returns ``out`` like
     ``query``; a table entry in use outside the cache raises ValueError."""
-    from mlx_kernels import _cpu_native
-
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1 (or None), got {sliding_window}")
     num_blocks, block_size, kv_heads, dim = key_cache.shape
