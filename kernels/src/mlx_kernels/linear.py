@@ -90,9 +90,9 @@ def packing_pays_off(weight: torch.Tensor, rows: tuple[int, ...] = CALIBRATION_R
                      repeats: int = 3) -> bool:
     """Whether ``linear`` on this weight runs faster packed than as it is on this machine, at
     every row count in ``rows`` (the best of ``repeats`` interleaved timings each: the least
-    disturbed by other work). Which wins depends on the CPU: on this project's AMD (AVX2) dev
-    machines packed wins at 1-512 rows; on an AVX-512 Intel one, MKL's transposed GEMM won at 24
-    rows (packed 1.2x slower)."""
+    disturbed by other work). Which wins depends on the CPU: on an AMD EPYC (AVX2) dev machine
+    packed won at 1-512 rows; on an Intel AVX-512 one, MKL's transposed GEMM won at 24 rows
+    (packed 1.2x slower)."""
     packed = pack_weight(weight)
     if packed is None:
         return False
