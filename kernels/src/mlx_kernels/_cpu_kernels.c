@@ -253,3 +253,42 @@ int paged_attention_f32(const float *query, const float *keys, const float *valu
     }
     return failed;
 }
+
+/* W8A8's dynamic activation quantization: each row of x [rows, k] to int8 with its own scale,
+ * q = rint(x * (127 / max|x|)), scale = max|x| / 127 (a zero row: q = 0, scale = 0). The same
+ * float operations as the torch reference, so the two agree bit for bit. */
+void quantize_rows_s8(const float *restrict x, int8_t *restrict q, float *restrict scale,
+                      int64_t rows, int64_t k) {
+#pragma omp parallel for schedule(static) if (rows * k >= 65536)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *xr = x + r * k;
+        float amax = 0.0f;
+#pragma omp simd reduction(max : amax)
+        for (int64_t i = 0; i < k; ++i) amax = fmaxf(amax, fabsf(xr[i]));
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int8_t *qr = q + r * k;
+#pragma omp simd
+        for (int64_t i = 0; i < k; ++i) qr[i] = (int8_t)rintf(xr[i] * inv);
+        scale[r] = amax / 127.0f;
+    }
+}
+
+/* W8A8's epilogue: out[r, n] = acc[r, n] * (row_scale[r] * col_scale[n]) (+ bias[n]), from the
+ * int32 product of the quantized activations and weights. */
+void dequantize_s32_f32(const int32_t *restrict acc, const float *restrict row_scale,
+                        const float *restrict col_scale, const float *restrict bias,
+                        float *restrict out, int64_t rows, int64_t n) {
+#pragma omp parallel for schedule(static) if (rows * n >= 65536)
+    for (int64_t r = 0; r < rows; ++r) {
+        const int32_t *ar = acc + r * n;
+        float *o = out + r * n;
+        const float rs = row_scale[r];
+        if (bias) {
+#pragma omp simd
+            for (int64_t i = 0; i < n; ++i) o[i] = (float)ar[i] * (rs * col_scale[i]) + bias[i];
+        } else {
+#pragma omp simd
+            for (int64_t i = 0; i < n; ++i) o[i] = (float)ar[i] * (rs * col_scale[i]);
+        }
+    }
+}

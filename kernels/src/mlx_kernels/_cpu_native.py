@@ -100,6 +100,11 @@ def library() -> ctypes.CDLL | None:
     lib.paged_attention_f32.argtypes = [ptr] * 7 + [i64] * 8 + [f32]
     lib.swiglu_f32.restype = None
     lib.swiglu_f32.argtypes = [ptr] * 3 + [i64]  # gate, up, out; elements
+    lib.quantize_rows_s8.restype = None
+    lib.quantize_rows_s8.argtypes = [ptr] * 3 + [i64] * 2  # x, q, scale; rows, k
+    lib.dequantize_s32_f32.restype = None
+    # acc, row_scale, col_scale, bias (NULL: none), out; rows, n
+    lib.dequantize_s32_f32.argtypes = [ptr] * 5 + [i64] * 2
     return lib
 
 

@@ -18,6 +18,7 @@ _TORCH_API = {
     "generate": "mlx_core.models.generation",
     "stream_generate": "mlx_core.models.generation",
     "prepack_linear_weights": "mlx_core.models.linear",
+    "quantize": "mlx_core.transforms.quantize",
 }
 _LAZY = {
     "load_tokenizer": "mlx_core.tokenizer",

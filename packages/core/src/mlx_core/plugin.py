@@ -21,6 +21,8 @@ def register() -> None:
                           ("chat", generate.chat), ("doctor", doctor.doctor)):
         if name not in registry.cli_commands:
             registry.cli_commands.register(name, command)
+    if "quant" not in registry.benchmarks:
+        registry.benchmarks.register("quant", generate.bench_quant)
     for model_type in HF_MODEL_TYPES:
         if model_type not in registry.architectures or "torch" not in registry.architectures.get(model_type):
             registry.register_architecture(model_type, "torch", _torch_transformer)

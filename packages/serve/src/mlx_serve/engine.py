@@ -59,11 +59,10 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         self.model = model.eval()
         self.tokenizer = tokenizer
-        weight = model.lm_head.weight
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         num_blocks = config.resolve_num_blocks(
-            kv_bytes_per_block(model.config, config.block_size, weight.dtype), self.max_model_len,
-            weight.device)
+            kv_bytes_per_block(model.config, config.block_size, model.dtype), self.max_model_len,
+            model.device)
         self.blocks = BlockManager(num_blocks, config.block_size,
                                    enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config(), self.blocks,

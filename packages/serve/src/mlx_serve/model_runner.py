@@ -36,8 +36,7 @@ class ModelRunner:
         if self.packed_bytes:
             logger.info("prepacked the linear weights for CPU inference (%.0f MiB more memory; "
                         "prepack_weights=False to save it)", self.packed_bytes / 2**20)
-        weight = model.lm_head.weight
-        self.device, self.dtype = weight.device, weight.dtype
+        self.device, self.dtype = model.device, model.dtype
         self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype=self.dtype,
                                   device=self.device)
         self.block_size = block_size

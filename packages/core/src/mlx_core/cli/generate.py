@@ -20,12 +20,18 @@ SEED = typer.Option(None, "--seed", help="Seed for reproducible sampling.")
 BACKEND = typer.Option("torch", "--backend",
                        help="torch (the model zoo) or jax (mlx-jax's Flax model, jit-compiled).")
 BACKENDS = ("torch", "jax")
+QUANTIZATION = typer.Option(
+    None, "--quantization", "-q",
+    help="Quantize the weights as they load: int8, int4 (groups of 32; int4-g64, int4-g128) or "
+         "w8a8 (int8 weights and activations). See docs/quantization.md.")
 
 
-def _load(model: str, backend: str = "torch"):
+def _load(model: str, backend: str = "torch", quantization: str | None = None):
     """(model, tokenizer, its stream_generate function) for ``backend``."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown --backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if quantization is not None and backend != "torch":
+        raise ValueError("--quantization runs on the torch backend only; drop --backend jax")
     from mlx_core import load_tokenizer
 
     if backend == "jax":
@@ -40,7 +46,7 @@ def _load(model: str, backend: str = "torch"):
     require_torch(f"running {model}")
     from mlx_core import load_model
 
-    return load_model(model), load_tokenizer(model), None
+    return load_model(model, quantization=quantization), load_tokenizer(model), None
 
 
 def _options(backend: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
@@ -78,9 +84,9 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt 
              chat: bool | None = typer.Option(
                  None, "--chat/--no-chat",
                  help="Wrap the prompt in the chat template (default: when the model has one)."),
-             backend: str = BACKEND):
+             backend: str = BACKEND, quantization: str | None = QUANTIZATION):
     """Generate a continuation of PROMPT, streamed to stdout."""
-    lm, tokenizer, stream = _load(model, backend)
+    lm, tokenizer, stream = _load(model, backend, quantization)
     use_chat = tokenizer.has_chat_template if chat is None else chat
     ids = (tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if use_chat
            else tokenizer.encode(prompt))
@@ -92,9 +98,10 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt 
 def chat(model: str = MODEL, system: str | None = typer.Option(None, "--system", help="A system prompt."),
          max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n"),
          temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P,
-         seed: int | None = SEED, backend: str = BACKEND):
+         seed: int | None = SEED, backend: str = BACKEND,
+         quantization: str | None = QUANTIZATION):
     """Chat with a model. /reset clears the conversation; /exit or Ctrl-D leaves."""
-    lm, tokenizer, stream = _load(model, backend)
+    lm, tokenizer, stream = _load(model, backend, quantization)
     if not tokenizer.has_chat_template:
         raise ValueError(f"{model} has no chat template; use `mlx generate --no-chat` instead")
     start = [{"role": "system", "content": system}] if system else []
@@ -123,3 +130,34 @@ def chat(model: str = MODEL, system: str | None = typer.Option(None, "--system",
             messages.pop()
             continue
         messages.append({"role": "assistant", "content": reply})
+
+
+@clean_errors
+def bench_quant(model: str = MODEL,
+                schemes: str = typer.Option("int8,int4,w8a8", "--schemes",
+                                            help="Comma-separated schemes to compare with fp32."),
+                prompt_len: int = typer.Option(256, "--prompt-len"),
+                new_tokens: int = typer.Option(64, "--new-tokens"),
+                rounds: int = typer.Option(3, "--rounds", help="Interleaved rounds; best kept."),
+                json_path: str = typer.Option("", "--json", help="Also write the result here.")):
+    """Quantized vs fp32: single-stream decode tok/s and resident weight memory, as ratios."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    require_torch("mlx bench quant")
+    from mlx_core.transforms import bench
+
+    result = bench.run(model, schemes=tuple(s.strip() for s in schemes.split(",") if s.strip()),
+                       prompt_len=prompt_len, new_tokens=new_tokens, rounds=rounds)
+    table = Table("scheme", "decode tok/s", "vs fp32", "weights (MiB)", "vs fp32",
+                  title=f"mlx bench quant: {model}, decode after {prompt_len} prompt tokens, "
+                        f"{result['threads']} threads")
+    for name, row in result["schemes"].items():
+        table.add_row(name, f"{row['decode_tokens_per_s']:.1f}", f"{row['decode_ratio']:.2f}x",
+                      f"{row['weight_mib']:.0f}", f"{row['weight_ratio']:.2f}x")
+    Console().print(table)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2)

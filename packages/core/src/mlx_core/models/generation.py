@@ -65,7 +65,7 @@ def generate_steps(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
     _check_options(max_new_tokens, temperature, top_k, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    device = model.lm_head.weight.device
+    device = model.device if hasattr(model, "device") else next(model.parameters()).device
     longest = max(len(p) for p in prompts)
     total = longest + max_new_tokens
     limit = model.config.max_position_embeddings

@@ -35,12 +35,17 @@ def build_model(config: ModelConfig, *, dtype=torch.float32, device="cpu", init:
 
 
 def load_model(source: str | Path, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> nn.Module:
+               device: str | torch.device = "cpu", quantization: str | None = None) -> nn.Module:
     """Load a registered model name, an HF-format directory or a ``.gguf`` file.
 
     Returns the zoo ``Transformer`` in eval mode with ``model.source_dir`` set to the HF
-    directory the weights came from.
+    directory the weights came from. ``quantization`` (``"int8"``, ``"int4"``, ``"int4-g64"``,
+    ``"w8a8"``, ...: ``mlx_core.transforms.quantize``) quantizes it as it loads.
     """
+    if quantization is not None:  # a bad scheme fails before any weights are read
+        from mlx_core.transforms import parse_scheme
+
+        parse_scheme(quantization)
     load_plugins()
     directory = resolve_model_dir(source)
     config = ModelConfig.from_pretrained(directory)
@@ -52,6 +57,10 @@ def load_model(source: str | Path, *, dtype: torch.dtype = torch.float32,
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     model.source_dir = directory
+    if quantization is not None:
+        from mlx_core.transforms import quantize
+
+        quantize(model, quantization)
     return model.eval()
 
 

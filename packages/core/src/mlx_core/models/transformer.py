@@ -235,8 +235,18 @@ class Transformer(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        # a quantized model (mlx_core.transforms) keeps its own tying
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in (its final norm's), quantized or not."""
+        return self.model.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
 
     def reset_parameters(self, std: float = 0.02) -> None:
         """HF-style init: normal(0, std) weights, zero biases, unit norms."""
@@ -265,8 +275,7 @@ class Transformer(nn.Module):
         self.model.checkpoint_layers = num_layers
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
-        p = self.lm_head.weight
-        return KVCache(self.config, batch_size, max_length, dtype=p.dtype, device=p.device)
+        return KVCache(self.config, batch_size, max_length, dtype=self.dtype, device=self.device)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, *, inputs_embeds=None,
                 position_ids=None, kv_cache: KVCache | None = None, logits_to_keep: int | torch.Tensor = 0,
@@ -292,7 +301,9 @@ class Transformer(nn.Module):
             )
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         y = labels[:, 1:].reshape(-1).to(h.device)
-        return fused_linear_cross_entropy(h, self.lm_head.weight, y, bias=self.lm_head.bias)
+        head = self.lm_head
+        weight = head.weight if isinstance(head, nn.Linear) else head.dequantized_weight()
+        return fused_linear_cross_entropy(h, weight, y, bias=head.bias)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

@@ -1,0 +1,22 @@
+"""Transforms: functions from a loaded model to a model that runs differently.
+
+The zoo's modules describe the model and nothing else. A transform swaps some of its modules for
+its own (``swap_linears``, the seam): quantization (``quantize``: int8/int4 weight-only, W8A8)
+changes what the model computes, within a stated quality budget; whoever wants a transform
+applies it (``load_model(..., quantization=...)``, the serving engine, a script).
+"""
+
+from mlx_core.transforms.quantize import (
+    SCHEMES,
+    Int4Linear,
+    Int8Linear,
+    QuantizationScheme,
+    QuantizedEmbedding,
+    W8A8Linear,
+    parse_scheme,
+    quantize,
+)
+from mlx_core.transforms.swap import swap_linears
+
+__all__ = ["SCHEMES", "Int4Linear", "Int8Linear", "QuantizationScheme", "QuantizedEmbedding",
+           "W8A8Linear", "parse_scheme", "quantize", "swap_linears"]

@@ -1,0 +1,197 @@
+"""Quantization as a transform: a model's linear layers swapped for int8 / int4 / W8A8 ones.
+
+Schemes (``parse_scheme``): ``int8`` (weight-only, per output channel), ``int4`` (weight-only,
+groups of 32 inputs; ``int4-g64``, ``int4-g128`` for larger groups) and ``w8a8`` (int8 weights,
+activations quantized per token on the fly). The token embedding becomes an int8 lookup table in
+every scheme (a lookup dequantizes only the rows it reads). The LM head is int8 under int4 too,
+as llama.cpp's 4-bit mixes keep their output matrix at 6-8 bits: on the built-in model a 4-bit
+head alone costs more perplexity than every other layer's 4 bits together. With tied embeddings
+the head and the table share one int8 copy. MoE routers stay in full precision (a router's few
+weights decide which experts run). The quantized weights are buffers, not
+parameters: nothing trains them, and they travel with ``.to(device)`` and the state dict.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mlx_core.transforms.swap import swap_linears
+from mlx_kernels import quantized_linear as ql
+
+SCHEMES = ("int8", "int4", "w8a8")
+_SPELLINGS = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128", "w8a8")
+_ROUTER = re.compile(r"(^|\.)block_sparse_moe\.gate$")
+
+
+@dataclass(frozen=True)
+class QuantizationScheme:
+    name: str  # one of SCHEMES
+    group_size: int | None = None  # int4 only
+
+    def __str__(self) -> str:
+        return self.name if self.group_size in (None, 32) else f"{self.name}-g{self.group_size}"
+
+
+def parse_scheme(scheme: str | QuantizationScheme, group_size: int | None = None) -> QuantizationScheme:
+    """``"int8"``, ``"w8a8"``, ``"int4"`` (group 32) or ``"int4-g64"`` (or ``group_size=64``)."""
+    if isinstance(scheme, QuantizationScheme):
+        return scheme
+    text = str(scheme).strip().lower()
+    m = re.fullmatch(r"int4-g(\d+)", text)
+    name, size = ("int4", int(m.group(1))) if m else (text, None)
+    if name not in SCHEMES:
+        raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of "
+                         f"{', '.join(_SPELLINGS)}")
+    if group_size is not None and size is not None and group_size != size:
+        raise ValueError(f"scheme {scheme!r} and group_size={group_size} disagree; give one")
+    size = size or group_size
+    if name != "int4":
+        if size is not None:
+            raise ValueError(f"group_size applies to int4 only ({name} scales each output "
+                             "channel as a whole)")
+        return QuantizationScheme(name)
+    size = size or 32
+    if size not in ql.INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group size {size} is not supported; choose one of "
+                         f"{', '.join(map(str, ql.INT4_GROUP_SIZES))}")
+    return QuantizationScheme(name, size)
+
+
+class QuantizedLinear(nn.Module):
+    """What every quantized linear layer has: the shape, the bias (a buffer) and its scheme."""
+
+    scheme = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._cpu_layout = ql.CpuLayout()
+
+    def dequantized_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, scheme={self.scheme}")
+
+
+class Int8Linear(QuantizedLinear):
+    scheme = "int8"
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__(qweight.shape[1], qweight.shape[0], bias)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, shared: tuple | None = None):
+        return cls(*(shared or ql.quantize_int8(layer.weight)), layer.bias)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return ql.dequantize_int8(self.qweight, self.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ql.int8_linear(x, self.qweight, self.scale, self.bias, cpu_layout=self._cpu_layout)
+
+
+class W8A8Linear(Int8Linear):
+    scheme = "w8a8"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ql.w8a8_linear(x, self.qweight, self.scale, self.bias)
+
+
+class Int4Linear(QuantizedLinear):
+    scheme = "int4"
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                 bias: torch.Tensor | None = None):
+        super().__init__(2 * qweight.shape[1], qweight.shape[0], bias)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("mins", mins)
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, group_size: int):
+        return cls(*ql.quantize_int4(layer.weight, group_size), layer.bias)
+
+    @property
+    def group_size(self) -> int:
+        return self.in_features // self.scales.shape[1]
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return ql.dequantize_int4(self.qweight, self.scales, self.mins)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ql.int4_linear(x, self.qweight, self.scales, self.mins, self.bias,
+                              cpu_layout=self._cpu_layout)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """A token embedding kept as int8 rows with a scale each; a lookup dequantizes its rows."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return (self.qweight[ids].to(torch.float32) * self.scale[ids, None]).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, scheme=int8"
+
+
+def _check_fits(model: nn.Module, scheme: QuantizationScheme) -> None:
+    """Every int4 layer's inputs split into whole groups, or one error naming the first that
+    does not (before any layer is touched)."""
+    if scheme.name != "int4":
+        return
+    head = getattr(model, "lm_head", None)
+    for name, layer in model.named_modules():
+        if isinstance(layer, nn.Linear) and layer is not head and not _ROUTER.search(name):
+            ql.check_int4_shape(layer.in_features, scheme.group_size, name)
+
+
+def quantize(model: nn.Module, scheme: str | QuantizationScheme = "int8", *,
+             group_size: int | None = None) -> nn.Module:
+    """Quantize ``model``'s linear layers (and its token embedding) in place; returns it.
+
+    ``model.quantization`` records the scheme (e.g. ``"int4"``, ``"int4-g64"``)."""
+    scheme = parse_scheme(scheme, group_size)
+    if getattr(model, "quantization", None):
+        raise ValueError(f"this model is quantized already ({model.quantization}); load it "
+                         "again in full precision to quantize it another way")
+    _check_fits(model, scheme)
+    backbone = getattr(model, "model", None)
+    embedding = getattr(backbone, "embed_tokens", None)
+    head = getattr(model, "lm_head", None)
+    table = None
+    if isinstance(embedding, nn.Embedding):
+        table = ql.quantize_int8(embedding.weight)
+    tied = (table is not None and isinstance(head, nn.Linear) and head.weight is embedding.weight)
+
+    def build(name: str, layer: nn.Linear) -> nn.Module | None:
+        if _ROUTER.search(name):
+            return None
+        if scheme.name == "int4" and layer is not head:
+            return Int4Linear.from_linear(layer, scheme.group_size)
+        kind = W8A8Linear if scheme.name == "w8a8" else Int8Linear
+        return kind.from_linear(layer, table if tied and layer is head else None)
+
+    with torch.no_grad():
+        swap_linears(model, build)
+        if table is not None:
+            backbone.embed_tokens = QuantizedEmbedding(*table, dtype=embedding.weight.dtype)
+    model.quantization = str(scheme)
+    return model

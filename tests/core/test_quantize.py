@@ -1,0 +1,210 @@
+"""``mlx_core.quantize`` / ``load_model(quantization=...)``: the transform on every zoo family.
+
+The reference for a quantized model is the same model in fp32 with each linear weight replaced
+by its dequantized value (and the embedding by its dequantized table): under MLX_KERNELS=torch
+the quantized model computes exactly that (1e-5); with the CPU fast paths (bf16 activations in
+the weight-only kernels, int8 activations in W8A8) it stays within 2% of the logits' scale.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import mlx_core
+from mlx_core import build_model, generate, get_preset, load_model
+from mlx_core.transforms import (
+    Int4Linear,
+    Int8Linear,
+    QuantizedEmbedding,
+    W8A8Linear,
+    parse_scheme,
+    quantize,
+)
+from mlx_kernels import quantized_linear as ql
+
+FAMILIES = ["tiny-llama", "tiny-gpt2", "tiny-mixtral", "tiny-qwen2", "tiny-mistral"]
+KINDS = {"int8": Int8Linear, "int4": Int4Linear, "w8a8": W8A8Linear}
+
+
+def _model(family):
+    torch.manual_seed(0)
+    return build_model(get_preset(family)).eval()
+
+
+def _dequantized_twin(fp32: nn.Module, quantized: nn.Module) -> nn.Module:
+    """``fp32`` with every quantized weight replaced by its dequantized value."""
+    twin = copy.deepcopy(fp32)
+    modules = dict(quantized.named_modules())
+    with torch.no_grad():
+        for name, layer in twin.named_modules():
+            q = modules.get(name)
+            if isinstance(layer, nn.Linear) and hasattr(q, "dequantized_weight"):
+                layer.weight = nn.Parameter(q.dequantized_weight())
+        emb = quantized.model.embed_tokens
+        twin.model.embed_tokens.weight.copy_(ql.dequantize_int8(emb.qweight, emb.scale))
+    return twin
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("scheme", ["int8", "int4", "w8a8"])
+def test_quantized_logits_equal_the_dequantized_reference(family, scheme, monkeypatch):
+    fp32 = _model(family)
+    model = quantize(copy.deepcopy(fp32), scheme)
+    assert model.quantization == scheme
+    linears = [m for n, m in model.named_modules() if isinstance(m, KINDS[scheme])]
+    assert type(model.lm_head) is (W8A8Linear if scheme == "w8a8" else Int8Linear)
+    assert linears and not any(type(m) is nn.Linear or type(m).__name__ == "Linear"
+                               for n, m in model.named_modules() if not n.endswith("moe.gate"))
+    assert isinstance(model.model.embed_tokens, QuantizedEmbedding)
+    ids = torch.randint(0, fp32.config.vocab_size, (2, 11))
+    twin = _dequantized_twin(fp32, model)
+    with torch.inference_mode():
+        fast = model(ids)
+        if scheme != "w8a8":  # W8A8 also quantizes activations: no fp32 twin computes that
+            monkeypatch.setenv("MLX_KERNELS", "torch")
+            torch.testing.assert_close(model(ids), twin(ids), atol=1e-5, rtol=1e-5)
+            monkeypatch.delenv("MLX_KERNELS")
+        want = twin(ids)
+    assert (fast - want).abs().max() <= 0.02 * want.abs().max()
+    # and the quantization error against fp32 itself stays small on these random models
+    with torch.inference_mode():
+        full = fp32(ids)
+    budget = {"int8": 0.03, "w8a8": 0.05, "int4": 0.25}[scheme]
+    assert (fast - full).abs().max() <= budget * full.abs().max()
+
+
+def test_moe_routers_stay_full_precision():
+    model = quantize(_model("tiny-mixtral"), "int8")
+    for layer in model.model.layers:
+        assert type(layer.block_sparse_moe.gate).__name__ == "Linear"
+        assert isinstance(layer.block_sparse_moe.experts[0].w1, Int8Linear)
+
+
+def test_tied_head_and_embedding_share_one_int8_copy():
+    model = quantize(_model("tiny-qwen2"), "int8")
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.qweight is model.model.embed_tokens.qweight
+    int4 = quantize(_model("tiny-qwen2"), "int4")  # the head stays int8 (as llama.cpp's mixes)
+    assert type(int4.lm_head) is Int8Linear
+    assert int4.lm_head.qweight is int4.model.embed_tokens.qweight
+    untied = quantize(_model("tiny-llama"), "int8")
+    assert untied.lm_head.qweight is not untied.model.embed_tokens.qweight
+
+
+def test_quantized_weights_are_buffers_in_the_state_dict():
+    model = quantize(_model("tiny-llama"), "int4")
+    assert not list(model.parameters())[0].dtype == torch.uint8
+    state = model.state_dict()
+    assert state["model.layers.0.self_attn.q_proj.qweight"].dtype == torch.uint8
+    assert "model.layers.0.self_attn.q_proj.scales" in state
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # only the norms are left
+
+
+def test_generate_runs_on_every_scheme_and_greedy_int8_follows_fp32():
+    fp32 = _model("tiny-llama")
+    prompt = [1, 5, 9, 3, 7]
+    want = generate(fp32, prompt, max_new_tokens=8, stop_token_ids=[])
+    for scheme in ("int8", "int4", "w8a8"):
+        got = generate(quantize(copy.deepcopy(fp32), scheme), prompt, max_new_tokens=8,
+                       stop_token_ids=[])
+        assert len(got) == 8
+        if scheme == "int8":
+            assert got[:4] == want[:4]
+
+
+def test_load_model_quantizes_and_bad_schemes_fail_before_loading(tiny_model_dir, monkeypatch):
+    model = load_model(tiny_model_dir, quantization="int4")
+    assert model.quantization == "int4"
+    assert model.model.layers[0].self_attn.q_proj.group_size == 32
+    assert not model.training
+    import mlx_core.models.loading as loading
+
+    monkeypatch.setattr(loading, "read_safetensors", lambda *_: pytest.fail("read weights"))
+    with pytest.raises(ValueError, match="unknown quantization scheme 'int3'; choose one of int8, "
+                                         "int4, int4-g32, int4-g64, int4-g128, w8a8"):
+        load_model(tiny_model_dir, quantization="int3")
+
+
+def test_scheme_spellings_and_errors():
+    assert str(parse_scheme("INT4")) == "int4" and parse_scheme("int4").group_size == 32
+    assert parse_scheme("int4", group_size=128).group_size == 128
+    assert str(parse_scheme("int4-g128")) == "int4-g128"
+    with pytest.raises(ValueError, match="group_size applies to int4 only"):
+        parse_scheme("int8", group_size=64)
+    with pytest.raises(ValueError, match="disagree"):
+        parse_scheme("int4-g64", group_size=32)
+    with pytest.raises(ValueError, match="choose one of 32, 64, 128"):
+        parse_scheme("int4-g16")
+
+
+def test_a_group_size_that_does_not_divide_a_layer_is_named_before_any_work():
+    model = _model("tiny-llama")  # intermediate 96: down_proj's inputs do not split into 64s
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"96 input features of model\.layers\.0\.mlp\.down_proj; "
+                                         "choose 32"):
+        quantize(model, "int4-g64")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not hasattr(model, "quantization")
+
+
+def test_quantizing_twice_is_refused():
+    model = quantize(_model("tiny-llama"), "int8")
+    with pytest.raises(ValueError, match="quantized already"):
+        mlx_core.quantize(model, "int4")
+
+
+def test_training_loss_runs_on_a_quantized_base():
+    """Autograd takes the reference paths; the loss equals the dequantized twin's."""
+    fp32 = _model("tiny-llama")
+    model = quantize(copy.deepcopy(fp32), "int4")
+    twin = _dequantized_twin(fp32, model)
+    ids = torch.randint(0, fp32.config.vocab_size, (2, 9))
+    torch.testing.assert_close(model(ids, labels=ids), twin(ids, labels=ids))
+
+
+def test_cli_generate_and_chat_take_quantization(tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from mlx_core import load_tokenizer
+    from mlx_core.cli.app import build_app
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    ids = generate(load_model(tiny_model_dir, quantization="w8a8"), tokenizer.encode("hello there"),
+                   max_new_tokens=5, stop_token_ids=tokenizer.eos_token_ids)
+    runner = CliRunner()
+    done = runner.invoke(build_app(), ["generate", "-m", str(tiny_model_dir), "-p", "hello there",
+                                       "-n", "5", "--no-chat", "--quantization", "w8a8"])
+    assert done.exit_code == 0, done.output
+    assert done.output == tokenizer.decode(ids) + "\n"
+    bad = runner.invoke(build_app(), ["chat", "-m", str(tiny_model_dir), "-q", "int2"], input="hi\n")
+    assert bad.exit_code == 1 and "unknown quantization scheme 'int2'" in bad.output
+    jax = runner.invoke(build_app(), ["generate", "-m", str(tiny_model_dir), "-p", "hi", "-q",
+                                      "int8", "--backend", "jax"])
+    assert jax.exit_code == 1 and "torch backend only" in jax.output
+
+
+def test_bench_quant_reports_ratios_against_fp32(tiny_model_dir, tmp_path):
+    """The bench's bookkeeping on a tiny model (its figures are measured on the built-in one)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from mlx_core.cli.app import build_app
+    from mlx_core.transforms import bench
+
+    out = tmp_path / "quant.json"
+    done = CliRunner().invoke(build_app(), ["bench", "quant", "-m", str(tiny_model_dir),
+                                            "--prompt-len", "8", "--new-tokens", "4", "--rounds",
+                                            "1", "--json", str(out)])
+    assert done.exit_code == 0, done.output
+    result = json.loads(out.read_text())
+    rows = result["schemes"]
+    assert set(rows) == {"fp32", "int8", "int4", "w8a8"} and rows["fp32"]["decode_ratio"] == 1.0
+    assert all(row["decode_tokens_per_s"] > 0 for row in rows.values())
+    fp32 = load_model(tiny_model_dir)
+    assert rows["fp32"]["weight_mib"] == round(bench.weight_bytes(fp32) / 2**20, 1)
+    assert rows["int8"]["weight_ratio"] < 0.35 and rows["int4"]["weight_ratio"] < 0.5
+    bad = CliRunner().invoke(build_app(), ["bench", "quant", "--schemes", "int8,fp8"])
+    assert bad.exit_code == 1 and "unknown quantization scheme 'fp8'" in bad.output

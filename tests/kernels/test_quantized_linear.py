@@ -1,0 +1,158 @@
+"""Quantized linear ops against their torch references (dequantize + ``F.linear``), odd shapes.
+
+Tolerances: the references are exact (dequantized weights, fp32 GEMM). The CPU int8/int4 fast
+paths run torch's kernels on bf16 activations (8 mantissa bits): each input rounds by up to 2^-9
+relative and the output is returned from bf16, so they agree with the reference to ~1e-2 of the
+output's scale, which is what the tests allow. W8A8's native quantize/epilogue agree with its
+reference to fp32 rounding (an FMA in the epilogue), 1e-6 relative.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlx_kernels import quantized_linear as ql
+
+SHAPES = [(35, 96), (64, 64), (130, 192)]  # (out, in): odd outputs; inputs split into 32-groups
+
+
+def _close_to_scale(got, want, fraction):
+    scale = want.abs().max().item()
+    assert (got - want).abs().max().item() <= fraction * scale, (got - want).abs().max()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_int8_quantization_error_is_at_most_half_a_step(shape):
+    torch.manual_seed(0)
+    w = torch.randn(shape)
+    w[3] = 0  # a zero row gets scale 0 and zeros, not nan
+    q, scale = ql.quantize_int8(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127 and scale.shape == (shape[0],)
+    err = (ql.dequantize_int8(q, scale) - w).abs()
+    assert torch.all(err <= scale[:, None] / 2 + 1e-7)
+    assert torch.all(ql.dequantize_int8(q, scale)[3] == 0)
+
+
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_int4_quantization_error_is_at_most_half_a_step(group_size):
+    torch.manual_seed(0)
+    w = torch.randn(33, 128)
+    w[5, :group_size] = 0.25  # a constant group: step 0, exact
+    qweight, scales, mins = ql.quantize_int4(w, group_size)
+    assert qweight.shape == (33, 64) and scales.shape == (33, 128 // group_size)
+    q = ql.unpack_int4(qweight)
+    assert q.max() <= 15
+    deq = ql.dequantize_int4(qweight, scales, mins)
+    step = scales.repeat_interleave(group_size, dim=1)
+    assert torch.all((deq - w).abs() <= step / 2 + 1e-6)
+    assert torch.all(deq[5, :group_size] == 0.25)
+    # the packing: element 2j in byte j's low nibble, 2j+1 in its high one
+    assert torch.equal(qweight[:, 0] & 15, q[:, 0]) and torch.equal(qweight[:, 0] >> 4, q[:, 1])
+
+
+def test_bad_int4_group_sizes_name_the_choices():
+    with pytest.raises(ValueError, match="choose one of 32, 64, 128"):
+        ql.quantize_int4(torch.randn(8, 64), 48)
+    with pytest.raises(ValueError, match="does not divide the 96 input features.*choose 32"):
+        ql.quantize_int4(torch.randn(8, 96), 64)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rows", [1, 5, 64, 65])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_matches_its_reference(shape, rows, bias):
+    torch.manual_seed(rows)
+    w, x = torch.randn(shape), torch.randn(2, rows, shape[1])
+    b = torch.randn(shape[0]) if bias else None
+    q, scale = ql.quantize_int8(w)
+    want = F.linear(x, ql.dequantize_int8(q, scale), b)
+    with torch.inference_mode():
+        got = ql.int8_linear(x, q, scale, b, cpu_layout=ql.CpuLayout())
+    assert got.shape == want.shape and got.dtype == torch.float32
+    if 2 * rows > ql.FAST_ROWS:  # the reference itself
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:
+        _close_to_scale(got, want, 1e-2)
+
+
+@pytest.mark.parametrize("shape,group_size", [(s, 32) for s in SHAPES] + [((64, 64), 64),
+                                              ((130, 192), 64), ((48, 256), 128)])
+@pytest.mark.parametrize("rows", [1, 7, 32])
+def test_int4_linear_matches_its_reference(shape, rows, group_size):
+    """Outputs not in whole blocks of 16 (35, 130) take the reference: torch's CPU layout
+    packs them in 16s."""
+    torch.manual_seed(rows)
+    w, x, b = torch.randn(shape), torch.randn(rows, shape[1]), torch.randn(shape[0])
+    packed = ql.quantize_int4(w, group_size)
+    want = F.linear(x, ql.dequantize_int4(*packed), b)
+    with torch.inference_mode():
+        got = ql.int4_linear(x, *packed, b, cpu_layout=ql.CpuLayout())
+    _close_to_scale(got, want, 1e-2)
+
+
+def test_reference_paths_under_autograd_and_mlx_kernels_torch(monkeypatch):
+    """Under autograd (QLoRA-style training) and with MLX_KERNELS=torch the ops are the exact
+    references, and gradients reach the input."""
+    torch.manual_seed(0)
+    w = torch.randn(40, 64)
+    q8, q4 = ql.quantize_int8(w), ql.quantize_int4(w, 32)
+    for op, args, deq in ((ql.int8_linear, q8, ql.dequantize_int8(*q8)),
+                          (ql.int4_linear, q4, ql.dequantize_int4(*q4))):
+        x = torch.randn(3, 64, requires_grad=True)
+        y = op(x, *args, cpu_layout=ql.CpuLayout())
+        y.square().sum().backward()
+        x2 = x.detach().clone().requires_grad_()
+        F.linear(x2, deq).square().sum().backward()
+        torch.testing.assert_close(x.grad, x2.grad)
+        monkeypatch.setenv("MLX_KERNELS", "torch")
+        with torch.inference_mode():
+            assert torch.equal(op(x.detach(), *args, cpu_layout=ql.CpuLayout()), F.linear(x.detach(), deq))
+        monkeypatch.delenv("MLX_KERNELS")
+
+
+def test_cpu_layout_is_made_again_after_the_weight_changes():
+    torch.manual_seed(0)
+    layout = ql.CpuLayout()
+    q, scale = ql.quantize_int8(torch.randn(16, 32))
+    x = torch.randn(1, 32)
+    with torch.inference_mode():
+        first = ql.int8_linear(x, q, scale, cpu_layout=layout)
+    q.mul_(-1)  # in place: the version counter moves
+    with torch.inference_mode():
+        second = ql.int8_linear(x, q, scale, cpu_layout=layout)
+    _close_to_scale(second, -first, 1e-2)
+
+
+def _native():
+    from mlx_kernels import _cpu_native
+
+    if _cpu_native.library() is None:
+        pytest.fail("the native CPU kernels did not build here (a C compiler is needed)")
+
+
+@pytest.mark.parametrize("rows,k", [(1, 64), (7, 130), (300, 576)])
+def test_native_row_quantization_equals_the_reference_bit_for_bit(rows, k):
+    _native()
+    torch.manual_seed(k)
+    x = torch.randn(rows, k) * torch.logspace(-3, 3, rows)[:, None]
+    x[0] = 0  # a zero row: q 0, scale 0
+    got, want = ql.quantize_rows(x), ql.quantize_rows_reference(x)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.all(got[0][0] == 0) and got[1][0] == 0
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rows", [1, 17, 200])
+@pytest.mark.parametrize("bias", [False, True])
+def test_w8a8_linear_matches_its_reference_and_fp32(shape, rows, bias):
+    _native()
+    torch.manual_seed(rows)
+    w, x = torch.randn(shape), torch.randn(rows, shape[1])
+    b = torch.randn(shape[0]) if bias else None
+    q, scale = ql.quantize_int8(w)
+    want = ql.w8a8_linear_reference(x, q, scale, b)
+    with torch.inference_mode():
+        got = ql.w8a8_linear(x, q, scale, b)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
+    # int8 weights and activations: within a few percent of the fp32 product's scale
+    _close_to_scale(want, F.linear(x, w, b), 3e-2)
