@@ -75,6 +75,23 @@ def test_triton_multi_adapter_matches_reference(triton_backend):
     assert_close(got, want, 1e-4, 1e-5)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_add_lora_multi_to_any_base_output(layout, triton_backend):
+    """The adapters added to a base layer's output (e.g. a quantized layer's, or the transposed
+    view a zoo Linear may return) equal the fused op; the result is what to use."""
+    from mlx_kernels import add_lora_multi
+
+    torch.manual_seed(0)
+    x, w = torch.randn(9, 45), torch.randn(70, 45)
+    a, b = torch.randn(3, 6, 45), torch.randn(3, 70, 6)
+    ids = torch.tensor([0, 2, -1, 1, 1, 0, -1, 2, 2])
+    scalings = torch.tensor([0.5, 1.0, 2.0])
+    base = F.linear(x, w) if layout == "contiguous" else (w @ x.t()).t()
+    got = add_lora_multi(x, base, a, b, ids, scalings)
+    assert_close(got, lora_linear_multi_reference(x, w, a, b, ids, scalings), 1e-4, 1e-5)
+
+
 def test_multi_reference_equals_one_adapter_per_row():
     torch.manual_seed(0)
     x, w = torch.randn(5, 12), torch.randn(8, 12)

@@ -24,6 +24,7 @@ _API = {
     "linear": "linear",
     "lora_linear": "lora",
     "lora_linear_multi": "lora",
+    "add_lora_multi": "lora",
     "moe_grouped_matmul": "moe",
     "moe_route": "moe",
     "NF4Weight": "nf4",

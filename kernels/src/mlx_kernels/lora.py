@@ -112,8 +112,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
     return LoRALinearTorchFunction.apply(x, weight, lora_a, lora_b, float(scaling), bias)
 
 
-def lora_linear_multi_reference(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=None):
-    y = F.linear(x, weight, bias)
+def add_lora_multi_reference(x, y, lora_a, lora_b, adapter_ids, scalings):
     for adapter in adapter_ids.unique().tolist():
         if adapter < 0:
             continue
@@ -123,12 +122,17 @@ def lora_linear_multi_reference(x, weight, lora_a, lora_b, adapter_ids, scalings
     return y
 
 
-def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
-                      lora_b: torch.Tensor, adapter_ids: torch.Tensor, scalings: torch.Tensor,
-                      bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-row adapters: ``x [N, in]``, stacks ``lora_a [n, r, in]``, ``lora_b [n, out, r]``,
-    ``adapter_ids [N]`` (int, -1 = none), ``scalings [n]``. Returns ``[N, out]``. Inference only."""
-    if lora_a.dim() != 3 or lora_b.shape != (lora_a.shape[0], weight.shape[0], lora_a.shape[1]):
+def lora_linear_multi_reference(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=None):
+    return add_lora_multi_reference(x, F.linear(x, weight, bias), lora_a, lora_b, adapter_ids,
+                                    scalings)
+
+
+def add_lora_multi(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                   adapter_ids: torch.Tensor, scalings: torch.Tensor) -> torch.Tensor:
+    """Add each row's adapter to a base layer's output ``y [N, out]`` in place and return it:
+    ``y[i] += scalings[s] * B[s] A[s] x[i]`` for ``s = adapter_ids[i]`` (-1: none). The base may
+    be any layer (a quantized one included). Inference only."""
+    if lora_a.dim() != 3 or lora_b.shape != (lora_a.shape[0], y.shape[1], lora_a.shape[1]):
         raise ValueError(f"lora_linear_multi: stacks must be lora_a [n, r, in] and lora_b "
                          f"[n, out, r]; got {tuple(lora_a.shape)}, {tuple(lora_b.shape)}")
     if adapter_ids.shape != x.shape[:1] or scalings.shape != lora_a.shape[:1]:
@@ -136,8 +140,17 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tenso
     if backend_for(x.device) == "triton":
         from mlx_kernels import _lora_triton
 
-        y = F.linear(x, weight, bias)
+        if not y.is_contiguous():
+            y = y.contiguous()
         _lora_triton.add_multi(x.contiguous(), lora_a.contiguous(), lora_b.contiguous(),
                                adapter_ids.contiguous(), scalings.float().contiguous(), y)
         return y
-    return lora_linear_multi_reference(x, weight, lora_a, lora_b, adapter_ids, scalings, bias)
+    return add_lora_multi_reference(x, y, lora_a, lora_b, adapter_ids, scalings)
+
+
+def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                      lora_b: torch.Tensor, adapter_ids: torch.Tensor, scalings: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row adapters: ``x [N, in]``, stacks ``lora_a [n, r, in]``, ``lora_b [n, out, r]``,
+    ``adapter_ids [N]`` (int, -1 = none), ``scalings [n]``. Returns ``[N, out]``. Inference only."""
+    return add_lora_multi(x, F.linear(x, weight, bias), lora_a, lora_b, adapter_ids, scalings)

@@ -161,12 +161,14 @@ def matmul_gflops(size: int = 1024, repeats: int = 10) -> float:
 
 
 def flops_per_token(model) -> float:
-    """2 x the parameters a token's forward multiplies by (the embedding lookup is free)."""
-    params = sum(p.numel() for p in model.parameters())
-    embedding = model.model.embed_tokens.weight
-    if model.lm_head.weight is not embedding:  # untied: the lookup table is not a matmul
-        params -= embedding.numel()
-    return 2.0 * params
+    """2 x the weights of the linear layers a token's forward multiplies by (quantized ones
+    included; an untied embedding is a lookup, not a matmul; norms are negligible)."""
+    from torch import nn
+
+    from mlx_core.transforms import QuantizedLinear
+
+    return 2.0 * sum(m.in_features * m.out_features for m in model.modules()
+                     if isinstance(m, (nn.Linear, QuantizedLinear)))
 
 
 def run(model: str = "smollm2-135m-instruct", *, num_requests: int = 64,

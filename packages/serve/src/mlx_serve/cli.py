@@ -61,6 +61,10 @@ def serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m",
           allow_runtime_lora: bool = typer.Option(
               False, "--allow-runtime-lora",
               help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter."),
+          quantization: str | None = typer.Option(
+              None, "--quantization", "-q",
+              help="Quantize the weights at start: int8, int4 (int4-g64, int4-g128) or w8a8; "
+                   "LoRA adapters stay in full precision (docs/quantization.md)."),
           dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
           device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
           log_level: str = typer.Option("info", "--log-level")):
@@ -75,7 +79,8 @@ def serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m",
                    enable_prefix_caching=enable_prefix_caching,
                    enable_chunked_prefill=enable_chunked_prefill,
                    scheduling_policy=scheduling_policy, max_loras=max_loras,
-                   max_lora_rank=max_lora_rank, prepack_weights=prepack_weights)
+                   max_lora_rank=max_lora_rank, prepack_weights=prepack_weights,
+                   quantization=quantization)
     if kv_cache_memory is not None:
         options["kv_cache_memory"] = kv_cache_memory
     if speculative_config is not None:
@@ -148,6 +153,9 @@ def bench_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
                 prepack_weights: bool = typer.Option(
                     True, "--prepack-weights/--no-prepack-weights",
                     help="Our engine with/without prepacked linear weights, as mlx serve's."),
+                quantization: str | None = typer.Option(
+                    None, "--quantization", "-q",
+                    help="Our engine on quantized weights (int8, int4, w8a8), as mlx serve's."),
                 json_path: str = typer.Option("", "--json", help="Also write the result here.")):
     """Serving throughput, TTFT and TPOT: the engine vs HF transformers generate in static
     batches, same seeded workload, same process; prints the ratio."""
@@ -163,7 +171,8 @@ def bench_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
     except ValueError:
         raise typer.BadParameter(f"--hf-batch-sizes takes e.g. 8,16; got {hf_batch_sizes!r}") \
             from None
-    options = {"max_num_seqs": max_num_seqs, "prepack_weights": prepack_weights}
+    options = {"max_num_seqs": max_num_seqs, "prepack_weights": prepack_weights,
+               "quantization": quantization}
     if kv_cache_memory is not None:
         options["kv_cache_memory"] = kv_cache_memory
     if speculative_config is not None:

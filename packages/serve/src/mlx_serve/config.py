@@ -63,6 +63,9 @@ class EngineConfig:
     prepack_weights: bool = True
     # vLLM's form, e.g. {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
     speculative_config: SpeculativeConfig | dict | None = None
+    # quantize the model's weights at start: "int8", "int4", "int4-g64", "w8a8", ...
+    # (mlx_core.transforms.quantize); None serves them as they are
+    quantization: str | None = None
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -71,6 +74,10 @@ class EngineConfig:
             raise ValueError(f"kv_cache_fraction must be in (0, 1] (got {self.kv_cache_fraction})")
         self.scheduler_config()  # checks the policy and the limits now, not once a model loaded
         self.speculative_config = SpeculativeConfig.of(self.speculative_config)
+        if self.quantization is not None:
+            from mlx_core.transforms import parse_scheme
+
+            self.quantization = str(parse_scheme(self.quantization))
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens,

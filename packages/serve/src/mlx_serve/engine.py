@@ -54,10 +54,27 @@ class EngineStats:
     num_accepted_tokens: int = 0
 
 
+def _quantized(model: nn.Module, config: EngineConfig) -> nn.Module:
+    """The model with ``config.quantization`` applied (in place), which then names what the
+    model runs: a model quantized before it came here is served as it is."""
+    done = getattr(model, "quantization", None)
+    if config.quantization is None:
+        config.quantization = done
+    elif done is None:
+        from mlx_core.transforms import quantize
+
+        quantize(model, config.quantization)
+    elif done != config.quantization:
+        raise ValueError(f"the model is quantized with {done} already; quantization="
+                         f"{config.quantization!r} cannot apply: pass the model in full "
+                         "precision, or leave quantization unset")
+    return model
+
+
 class LLMEngine:
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
-        self.model = model.eval()
+        self.model = model = _quantized(model.eval(), config)
         self.tokenizer = tokenizer
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         num_blocks = config.resolve_num_blocks(

@@ -27,7 +27,9 @@ class LLM:
     Engine options (``EngineConfig``): ``block_size``, ``num_blocks``, ``kv_cache_memory``,
     ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``, ``enable_prefix_caching``,
     ``enable_chunked_prefill``, ``scheduling_policy``, ``seed``, ``max_loras``,
-    ``max_lora_rank``, ``speculative_config`` (vLLM's dict for n-gram drafts, mlx_serve.spec_decode). ``loras``: ``{name: PEFT LoRA directory}`` to load at start (more with
+    ``max_lora_rank``, ``speculative_config`` (vLLM's dict for n-gram drafts, mlx_serve.spec_decode),
+    ``quantization`` (``"int8"``, ``"int4"``, ``"w8a8"``, ...: the weights are quantized at start;
+    LoRA adapters stay in full precision). ``loras``: ``{name: PEFT LoRA directory}`` to load at start (more with
     ``add_lora``); ``generate(..., lora=name)`` picks one per call or per prompt.
     """
 
@@ -40,7 +42,7 @@ class LLM:
                             f"{sorted(_engine_fields())}")
         config = EngineConfig(**engine_options)  # bad options fail before a model loads
         if isinstance(model, nn.Module):
-            if model.lm_head.weight.dtype != default_dtype(dtype):
+            if model.dtype != default_dtype(dtype):
                 model = model.to(default_dtype(dtype))
         else:
             from mlx_core import load_model, load_tokenizer

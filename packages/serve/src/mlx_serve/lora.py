@@ -1,6 +1,7 @@
 """Multi-LoRA serving: PEFT-format LoRA adapters live in slots of stacked A/B tensors inside the
 targeted linear layers; every token row of the packed batch names its slot, so requests for
-different adapters and for the base model share one forward (``mlx_kernels.lora_linear_multi``).
+different adapters and for the base model share one forward (the base layer, fp32 or quantized,
+then ``mlx_kernels.add_lora_multi``).
 
 An adapter is loaded by name from a PEFT directory (``adapter_config.json`` +
 ``adapter_model.safetensors``), and can be unloaded when no request uses it. Ranks below
@@ -9,6 +10,7 @@ An adapter is loaded by name from a PEFT directory (``adapter_config.json`` +
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -17,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mlx_kernels import lora_linear_multi
+from mlx_core.transforms import QuantizedLinear
+from mlx_kernels import add_lora_multi
 
 _KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B)\.weight$")
 
@@ -31,21 +34,20 @@ class LoraBatch:
 
 
 class MultiLoraLinear(nn.Module):
-    """``base(x)`` plus, for each row, ``scaling[s] * B[s] A[s] x`` of the row's slot ``s``."""
+    """``base(x)`` plus, for each row, ``scaling[s] * B[s] A[s] x`` of the row's slot ``s``.
+    The base is an ``nn.Linear`` or a quantized linear layer (``mlx_core.transforms``): the
+    adapters stay in the model's compute dtype either way."""
 
-    def __init__(self, base: nn.Linear, max_loras: int, max_rank: int, batch: LoraBatch):
+    def __init__(self, base: nn.Module, max_loras: int, max_rank: int, batch: LoraBatch,
+                 dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.base = base
         self.batch = batch
-        w = base.weight
-        self.register_buffer("lora_a", w.new_zeros(max_loras, max_rank, base.in_features))
-        self.register_buffer("lora_b", w.new_zeros(max_loras, base.out_features, max_rank))
-        self.register_buffer("scalings", w.new_zeros(max_loras))
+        zeros = functools.partial(torch.zeros, dtype=dtype, device=device)
+        self.register_buffer("lora_a", zeros(max_loras, max_rank, base.in_features))
+        self.register_buffer("lora_b", zeros(max_loras, base.out_features, max_rank))
+        self.register_buffer("scalings", zeros(max_loras))
         self.loaded: set[int] = set()  # slots whose adapter targets this layer
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         r = a.shape[0]
@@ -72,9 +74,8 @@ class MultiLoraLinear(nn.Module):
             mine[list(self.loaded)] = True
             slots = torch.where(mine[slots], slots, -1)  # index -1 reads the spare False entry
         flat = x.reshape(-1, x.shape[-1])
-        out = lora_linear_multi(flat, self.base.weight, self.lora_a, self.lora_b, slots,
-                                self.scalings, self.base.bias)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        out = add_lora_multi(flat, self.base(flat), self.lora_a, self.lora_b, slots, self.scalings)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 @dataclass
@@ -125,10 +126,10 @@ class LoraManager:
         plan = []
         for module_name, (a, b) in sorted(pairs.items()):
             layer = modules.get(module_name)
-            if not isinstance(layer, (nn.Linear, MultiLoraLinear)):
+            if not isinstance(layer, (nn.Linear, QuantizedLinear, MultiLoraLinear)):
                 kind = "no such module" if layer is None else type(layer).__name__
                 raise ValueError(f"adapter {name!r} targets {module_name} ({kind}); serving "
-                                 "applies LoRA to the model's nn.Linear layers only")
+                                 "applies LoRA to the model's linear layers only")
             base = layer.base if isinstance(layer, MultiLoraLinear) else layer
             if module_name.split(".")[-1] == "lm_head":
                 raise ValueError(f"adapter {name!r} targets lm_head, which serving does not "
@@ -149,8 +150,9 @@ class LoraManager:
         slot = free[0]
         for module_name, a, b, scaling in plan:
             layer = self._wrapped(module_name)
-            w = layer.base.weight
-            layer.set_slot(slot, a.to(w.device, w.dtype), b.to(w.device, w.dtype), scaling)
+            like = layer.lora_a
+            layer.set_slot(slot, a.to(like.device, like.dtype), b.to(like.device, like.dtype),
+                           scaling)
         loaded = LoadedLora(name, str(path), slot, next(self._ids), rank, [m for m, *_ in plan])
         self.adapters[name] = loaded
         return loaded
@@ -172,7 +174,8 @@ class LoraManager:
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
         layer = getattr(parent, child)
         if not isinstance(layer, MultiLoraLinear):
-            layer = MultiLoraLinear(layer, self.max_loras, self.max_rank, self.batch)
+            layer = MultiLoraLinear(layer, self.max_loras, self.max_rank, self.batch,
+                                    self.model.dtype, self.model.device)
             setattr(parent, child, layer)
         return layer
 

@@ -12,6 +12,7 @@ from mlx_core.transforms.quantize import (
     Int8Linear,
     QuantizationScheme,
     QuantizedEmbedding,
+    QuantizedLinear,
     W8A8Linear,
     parse_scheme,
     quantize,
@@ -19,4 +20,4 @@ from mlx_core.transforms.quantize import (
 from mlx_core.transforms.swap import swap_linears
 
 __all__ = ["SCHEMES", "Int4Linear", "Int8Linear", "QuantizationScheme", "QuantizedEmbedding",
-           "W8A8Linear", "parse_scheme", "quantize", "swap_linears"]
+           "QuantizedLinear", "W8A8Linear", "parse_scheme", "quantize", "swap_linears"]
