@@ -91,15 +91,25 @@ def test_uncopied_output_is_the_same_values_and_feeds_the_next_linear(rows):
         torch.testing.assert_close(down, want, atol=1e-4, rtol=1e-5)
 
 
-def test_zoo_mlps_let_the_gate_and_up_outputs_out_uncopied():
+def test_uncopied_mlp_outputs_lets_the_gate_and_up_outputs_out_uncopied():
+    """A transform: the zoo's modules carry no layout flag; the transform swaps the MLPs'
+    gate/up projections for FastLinears over the same parameters."""
     from mlx_core import build_model, get_preset
+    from mlx_core.transforms import FastLinear, uncopied_mlp_outputs
 
     for preset in ("tiny-llama", "tiny-gpt2"):
         model = build_model(get_preset(preset)).eval()
+        assert not any(isinstance(m, FastLinear) for m in model.modules())
+        keys = {k: v for k, v in model.state_dict().items()}
+        assert uncopied_mlp_outputs(model) is model
+        assert {k: v for k, v in model.state_dict().items()}.keys() == keys.keys()
+        assert all(model.state_dict()[k] is v or torch.equal(model.state_dict()[k], v)
+                   for k, v in keys.items())
         mlp = model.model.layers[0].mlp
         uncopied = [p for p in ("gate_proj", "up_proj") if hasattr(mlp, p)]
         assert uncopied and all(not getattr(mlp, p).contiguous_output for p in uncopied)
-        assert mlp.down_proj.contiguous_output and model.model.layers[0].self_attn.q_proj.contiguous_output
+        assert not isinstance(mlp.down_proj, FastLinear)
+        assert not isinstance(model.model.layers[0].self_attn.q_proj, FastLinear)
         x = torch.randn(1, 24, mlp.down_proj.out_features)
         with torch.inference_mode():
             got = mlp(x)
@@ -173,7 +183,7 @@ def test_prepacked_zoo_model_gives_the_same_logits_and_checkpoint():
     import copy
 
     from mlx_core import build_model, get_preset, prepack_linear_weights
-    from mlx_core.models.linear import Linear
+    from mlx_core.transforms import FastLinear
 
     _packed_module()
     model = build_model(get_preset("tiny-llama")).eval()
@@ -181,10 +191,13 @@ def test_prepacked_zoo_model_gives_the_same_logits_and_checkpoint():
     keys = set(model.state_dict())
     with torch.inference_mode():
         want = model(ids)
-        linears = [m for m in model.modules() if isinstance(m, Linear)]
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         weights = sum(m.weight.numel() * 4 for m in linears)
         assert prepack_linear_weights(model, calibrate=False) == weights
-        assert all(m.packed_weight is not None for m in linears)
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        assert all(isinstance(m, FastLinear) and m.packed_weight is not None for m in linears)
+        assert model.lm_head.weight is model.model.embed_tokens.weight or \
+            not model.config.tie_word_embeddings
         assert prepack_linear_weights(model, calibrate=False) == 0  # packed already
         torch.testing.assert_close(model(ids), want, atol=1e-4, rtol=1e-4)  # fp32 rounding
         twin = copy.deepcopy(model)  # the copy packs its own weights on first use
@@ -196,7 +209,7 @@ def test_prepacked_zoo_model_gives_the_same_logits_and_checkpoint():
 
 def test_calibrated_prepacking_packs_the_shapes_that_measure_faster(monkeypatch):
     from mlx_core import build_model, get_preset, prepack_linear_weights
-    from mlx_core.models import linear as zoo_linear
+    from mlx_core.transforms import fast_linear as zoo_linear
 
     module = _packed_module()
     assert module.packing_pays_off(torch.randn(64, 32), rows=(2, 9), repeats=1) in (True, False)
@@ -209,8 +222,8 @@ def test_calibrated_prepacking_packs_the_shapes_that_measure_faster(monkeypatch)
     monkeypatch.setattr(zoo_linear, "packing_pays_off", square_only)
     model = build_model(get_preset("tiny-llama")).eval()
     packed_bytes = prepack_linear_weights(model)
-    linears = [m for m in model.modules() if isinstance(m, zoo_linear.Linear)]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     square = [m for m in linears if m.in_features == m.out_features]
     assert square and len(square) < len(linears) and len(timed) == len(set(timed))
-    assert all((m.packed_weight is not None) == (m in square) for m in linears)
+    assert all((getattr(m, "packed_weight", None) is not None) == (m in square) for m in linears)
     assert packed_bytes == sum(m.weight.numel() * 4 for m in square)

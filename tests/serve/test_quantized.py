@@ -11,25 +11,17 @@ import copy
 import peft
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file
 from torch import nn
 
 from mlx_core import generate, load_model
 from mlx_serve import LLM, SamplingParams
 
+from .test_engine import FAMILIES as ENGINE_FAMILIES
+
 NEW_TOKENS = 10
-_TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-FAMILIES = {
-    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**_TINY)),
-    "qwen2": lambda: transformers.Qwen2ForCausalLM(
-        transformers.Qwen2Config(tie_word_embeddings=True, **_TINY)),
-    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128)),
-    "mixtral": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(
-        num_local_experts=4, num_experts_per_tok=2, **_TINY)),
-}
+# the engine tests' tiny HF families (sliding window aside: covered there)
+FAMILIES = {name: ENGINE_FAMILIES[name] for name in ("llama", "qwen2", "gpt2", "mixtral")}
 
 
 def _prompts():

@@ -17,7 +17,7 @@ _TORCH_API = {
     "Transformer": "mlx_core.models.transformer",
     "generate": "mlx_core.models.generation",
     "stream_generate": "mlx_core.models.generation",
-    "prepack_linear_weights": "mlx_core.models.linear",
+    "prepack_linear_weights": "mlx_core.transforms.fast_linear",
     "quantize": "mlx_core.transforms.quantize",
 }
 _LAZY = {

@@ -13,8 +13,8 @@ import logging
 import torch
 from torch import nn
 
-from mlx_core.models.linear import prepack_linear_weights
 from mlx_core.models.paged import PagedAttentionMetadata, PagedKVCache
+from mlx_core.transforms import prepack_linear_weights, uncopied_mlp_outputs
 from mlx_serve.sequence import Sequence
 
 
@@ -30,7 +30,7 @@ logger = logging.getLogger("mlx_serve")
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int,
                  prepack_weights: bool = True):
-        self.model = model
+        self.model = uncopied_mlp_outputs(model)
         # on CPU in fp32 only; elsewhere nothing is packed (0 bytes)
         self.packed_bytes = prepack_linear_weights(model) if prepack_weights else 0
         if self.packed_bytes:

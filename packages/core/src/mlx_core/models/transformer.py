@@ -72,8 +72,6 @@ class GatedMLP(nn.Module):
         self.gate_proj = Linear(h, i, bias=bias)
         self.up_proj = Linear(h, i, bias=bias)
         self.down_proj = Linear(i, h, bias=bias)
-        # read only by swiglu and down_proj: any layout (see Linear)
-        self.gate_proj.contiguous_output = self.up_proj.contiguous_output = False
 
     def forward(self, x):
         gate, up = self.gate_proj(x), self.up_proj(x)
@@ -92,7 +90,6 @@ class GeluMLP(nn.Module):
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
         self.up_proj = Linear(h, i, bias=bias)
         self.down_proj = Linear(i, h, bias=bias)
-        self.up_proj.contiguous_output = False  # read only by gelu_tanh and down_proj
 
     def forward(self, x):
         up = self.up_proj(x)

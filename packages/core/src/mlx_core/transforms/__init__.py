@@ -1,11 +1,17 @@
 """Transforms: functions from a loaded model to a model that runs differently.
 
 The zoo's modules describe the model and nothing else. A transform swaps some of its modules for
-its own (``swap_linears``, the seam): quantization (``quantize``: int8/int4 weight-only, W8A8)
-changes what the model computes, within a stated quality budget; whoever wants a transform
-applies it (``load_model(..., quantization=...)``, the serving engine, a script).
+its own (``swap_linears``, the seam): prepacked weights and uncopied output layouts
+(``fast_linear``) change how it runs and not what it computes; quantization (``quantize``:
+int8/int4 weight-only, W8A8) changes what it computes, within a stated quality budget. Whoever
+wants a transform applies it (``load_model(..., quantization=...)``, the serving engine, a script).
 """
 
+from mlx_core.transforms.fast_linear import (
+    FastLinear,
+    prepack_linear_weights,
+    uncopied_mlp_outputs,
+)
 from mlx_core.transforms.quantize import (
     SCHEMES,
     Int4Linear,
@@ -19,5 +25,5 @@ from mlx_core.transforms.quantize import (
 )
 from mlx_core.transforms.swap import swap_linears
 
-__all__ = ["SCHEMES", "Int4Linear", "Int8Linear", "QuantizationScheme", "QuantizedEmbedding",
+__all__ = ["FastLinear", "prepack_linear_weights", "uncopied_mlp_outputs", "SCHEMES", "Int4Linear", "Int8Linear", "QuantizationScheme", "QuantizedEmbedding",
            "QuantizedLinear", "W8A8Linear", "parse_scheme", "quantize", "swap_linears"]
