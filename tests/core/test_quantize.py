@@ -22,7 +22,6 @@ from mlx_core.transforms import (
     parse_scheme,
     quantize,
 )
-from mlx_kernels import quantized_linear as ql
 
 FAMILIES = ["tiny-llama", "tiny-gpt2", "tiny-mixtral", "tiny-qwen2", "tiny-mistral"]
 KINDS = {"int8": Int8Linear, "int4": Int4Linear, "w8a8": W8A8Linear}
@@ -42,8 +41,7 @@ def _dequantized_twin(fp32: nn.Module, quantized: nn.Module) -> nn.Module:
             q = modules.get(name)
             if isinstance(layer, nn.Linear) and hasattr(q, "dequantized_weight"):
                 layer.weight = nn.Parameter(q.dequantized_weight())
-        emb = quantized.model.embed_tokens
-        twin.model.embed_tokens.weight.copy_(ql.dequantize_int8(emb.qweight, emb.scale))
+        twin.model.embed_tokens.weight.copy_(quantized.model.embed_tokens.dequantized_weight())
     return twin
 
 

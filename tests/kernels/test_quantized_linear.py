@@ -156,3 +156,22 @@ def test_w8a8_linear_matches_its_reference_and_fp32(shape, rows, bias):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
     # int8 weights and activations: within a few percent of the fp32 product's scale
     _close_to_scale(want, F.linear(x, w, b), 3e-2)
+
+
+@pytest.mark.parametrize("shape,group_size", [((35, 96), 32), ((64, 64), 64), ((130, 192), 32)])
+@pytest.mark.parametrize("rows", [1, 5, 64, 65])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_with_group_scales_matches_its_reference(shape, group_size, rows, bias):
+    """GGUF Q8_0's form (a scale per group of inputs): the native C loop up to FAST_ROWS rows
+    (fp32 activations, so fp32 summation-order differences only), the reference beyond."""
+    _native()
+    torch.manual_seed(rows)
+    n, k = shape
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    scale = torch.rand(n, k // group_size) * 0.01
+    w = ql.dequantize_int8(q, scale)
+    assert torch.equal(w.view(n, -1, group_size), q.float().view(n, -1, group_size) * scale[..., None])
+    x, b = torch.randn(rows, k), (torch.randn(n) if bias else None)
+    with torch.inference_mode():
+        got = ql.int8_linear(x, q, scale, b)
+    torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-5, rtol=1e-5)

@@ -114,3 +114,22 @@ def test_lora_adapters_on_a_quantized_base(tmp_path, scheme):
     # the adapter's tensors stay fp32 beside the quantized base
     layer = llm.engine.model.model.layers[0].self_attn.q_proj
     assert layer.lora_a.dtype == torch.float32 and type(layer.base).__name__.endswith("Linear")
+
+
+@pytest.mark.builtin_model
+def test_serving_the_builtin_models_gguf_tensors_as_shipped():
+    """``quantization="gguf"``: the engine serves the Q4_1/Q8_0 tensors the built-in model ships,
+    greedy equal to ``mlx_core.generate`` on the same model."""
+    from mlx_core import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}])
+               for text in ("What is the capital of France?", "Name a color.")]
+    model = load_model("smollm2-135m-instruct", quantization="gguf")
+    refs = [generate(model, p, max_new_tokens=8, stop_token_ids=[]) for p in prompts]
+    llm = LLM("smollm2-135m-instruct", quantization="gguf", max_num_batched_tokens=16,
+              max_num_seqs=4)
+    assert llm.engine.model.quantization == "gguf"
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs] == refs

@@ -292,3 +292,46 @@ void dequantize_s32_f32(const int32_t *restrict acc, const float *restrict row_s
         }
     }
 }
+
+/* y[m, n] = sum over groups g of scale[n, g] * (x[m, g*G:(g+1)*G] . q[n, g*G:(g+1)*G]) (+ bias[n]):
+ * int8 weights with a scale per group of G inputs (GGUF's Q8_0: G = 32), for which torch has no
+ * CPU kernel (its _weight_int8pack_mm takes one scale per output channel). Four weight rows at a
+ * time: four independent FMA chains over each input row, converted int8 -> fp32 in registers.
+ * For few input rows (decode); the weight is read once per input row. */
+void int8_group_linear_f32(const float *restrict x, const int8_t *restrict q,
+                           const float *restrict scale, const float *restrict bias,
+                           float *restrict y, int64_t rows, int64_t n, int64_t k, int64_t group) {
+    const int64_t groups = k / group;
+#pragma omp parallel for schedule(static)
+    for (int64_t n0 = 0; n0 < n; n0 += 4) {
+        const int64_t width = n - n0 < 4 ? n - n0 : 4;
+        /* rows past the end repeat the last one (computed, not stored) */
+        const int8_t *q0 = q + n0 * k, *q1 = q0 + (width > 1) * k, *q2 = q0 + (width > 2) * 2 * k,
+                     *q3 = q0 + (width > 3) * 3 * k;
+        const float *s0 = scale + n0 * groups, *s1 = s0 + (width > 1) * groups,
+                    *s2 = s0 + (width > 2) * 2 * groups, *s3 = s0 + (width > 3) * 3 * groups;
+        for (int64_t m = 0; m < rows; ++m) {
+            const float *xm = x + m * k;
+            float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f, t3 = 0.0f;
+            for (int64_t g = 0; g < groups; ++g) {
+                const int64_t o = g * group;
+                float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+                for (int64_t i = 0; i < group; ++i) {
+                    const float xv = xm[o + i];
+                    a0 += xv * (float)q0[o + i];
+                    a1 += xv * (float)q1[o + i];
+                    a2 += xv * (float)q2[o + i];
+                    a3 += xv * (float)q3[o + i];
+                }
+                t0 += a0 * s0[g];
+                t1 += a1 * s1[g];
+                t2 += a2 * s2[g];
+                t3 += a3 * s3[g];
+            }
+            float *ym = y + m * n + n0;
+            const float t[4] = {t0, t1, t2, t3};
+            for (int64_t j = 0; j < width; ++j) ym[j] = t[j] + (bias ? bias[n0 + j] : 0.0f);
+        }
+    }
+}

@@ -105,6 +105,9 @@ def library() -> ctypes.CDLL | None:
     lib.dequantize_s32_f32.restype = None
     # acc, row_scale, col_scale, bias (NULL: none), out; rows, n
     lib.dequantize_s32_f32.argtypes = [ptr] * 5 + [i64] * 2
+    lib.int8_group_linear_f32.restype = None
+    # x, q, scale, bias (NULL: none), y; rows, n, k, group
+    lib.int8_group_linear_f32.argtypes = [ptr] * 5 + [i64] * 4
     return lib
 
 

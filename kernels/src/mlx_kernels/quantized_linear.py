@@ -2,8 +2,9 @@
 
 Layouts (what a quantized model's buffers and checkpoints hold; ``N`` outputs, ``K`` inputs):
 
-- int8 (per output channel, symmetric): ``qweight`` int8 ``[N, K]`` in -127..127 and ``scale``
-  fp32 ``[N]``; ``w = qweight * scale[:, None]``.
+- int8 (symmetric): ``qweight`` int8 ``[N, K]`` in -127..127 and ``scale`` fp32 ``[N]`` (one per
+  output channel) or ``[N, K // G]`` (one per group of ``G`` inputs: GGUF's Q8_0, ``G = 32``);
+  ``w = qweight * scale``.
 - int4 (groups of ``G`` inputs, asymmetric): ``qweight`` uint8 ``[N, K // 2]``, element ``2j`` of
   a row in byte ``j``'s low nibble and ``2j + 1`` in its high one, values 0..15; ``scales`` and
   ``mins`` fp32 ``[N, K // G]``; ``w = q * scale + min`` per group (GGUF's Q4_1 form; its Q4_0 is
@@ -17,7 +18,8 @@ CPU kernels: ``torch._weight_int8pack_mm`` / ``torch._weight_int4pack_mm_for_cpu
 ``FAST_ROWS`` rows (their fast kernels take bf16 activations: the input is rounded to bf16 and
 the output comes back from bf16, as torchao's CPU int8/int4 layouts run them), and
 ``torch._int_mm`` for W8A8, with the activation quantization and the int32 -> fp32 epilogue as
-native C loops (``_cpu_kernels.c``; torch's elementwise ops take several passes each).
+native C loops (``_cpu_kernels.c``; torch's elementwise ops take several passes each). int8 with
+group scales has no torch CPU kernel: a native C loop runs it (fp32 activations).
 Measured on the built-in model's 211 weights (2 threads, Sapphire Rapids): one row fp32 19.5 ms,
 int8 10.7, int4 (G=32) 5.0; 64 rows 92.7 / 117.5 / 102.7 (beyond that a dequantized fp32 GEMM
 wins, so larger inputs take the reference).
@@ -48,7 +50,12 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    return (qweight.to(torch.float32) * scale[:, None]).to(dtype)
+    """``qweight [..., K]`` times its scales: ``[...]`` (one per row) or ``[..., K // G]``."""
+    q = qweight.to(torch.float32)
+    if scale.dim() == qweight.dim() - 1:
+        return (q * scale[..., None]).to(dtype)
+    grouped = q.reshape(*q.shape[:-1], scale.shape[-1], -1) * scale[..., None]
+    return grouped.reshape(q.shape).to(dtype)
 
 
 def check_int4_shape(in_features: int, group_size: int, name: str = "the weight") -> None:
@@ -159,8 +166,10 @@ def _rows(x: torch.Tensor) -> tuple[int, torch.Tensor]:
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None, *, cpu_layout: CpuLayout | None = None) -> torch.Tensor:
-    """``F.linear(x, qweight * scale[:, None], bias)``."""
+    """``F.linear(x, dequantize_int8(qweight, scale), bias)``."""
     rows, flat = _rows(x)
+    if scale.dim() == 2:
+        return _int8_group_linear(x, flat, rows, qweight, scale, bias)
     if cpu_layout is not None and _fast_cpu(x, rows):
         q, scale16 = cpu_layout.get(_int8_cpu_layout, qweight, scale)
         y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), q, scale16).float()
@@ -168,6 +177,22 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
             y = y.add_(bias)
         return y.view(*x.shape[:-1], qweight.shape[0])
     return F.linear(x, dequantize_int8(qweight, scale, x.dtype), bias)
+
+
+def _int8_group_linear(x, flat, rows, qweight, scale, bias):
+    from mlx_kernels import _cpu_native
+
+    if not (_fast_cpu(x, rows) and _cpu_native.applies(x, scale)
+            and (bias is None or _cpu_native.applies(bias))):
+        return F.linear(x, dequantize_int8(qweight, scale, x.dtype), bias)
+    flat, qweight, scale = flat.contiguous(), qweight.contiguous(), scale.contiguous()
+    bias = None if bias is None else bias.contiguous()  # held: the kernel reads its memory
+    n, k = qweight.shape
+    y = torch.empty(rows, n, dtype=torch.float32)
+    _cpu_native.library().int8_group_linear_f32(
+        flat.data_ptr(), qweight.data_ptr(), scale.data_ptr(),
+        None if bias is None else bias.data_ptr(), y.data_ptr(), rows, n, k, k // scale.shape[1])
+    return y.view(*x.shape[:-1], n)
 
 
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,

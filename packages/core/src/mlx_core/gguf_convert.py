@@ -69,7 +69,7 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _hf_config(meta: dict[str, Any], vocab_size: int, tied: bool) -> dict[str, Any]:
+def hf_config(meta: dict[str, Any], vocab_size: int, tied: bool) -> dict[str, Any]:
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"GGUF architecture {arch!r} is not supported yet; supported: {SUPPORTED_ARCHS}")
@@ -111,10 +111,10 @@ class GGUFModel(NamedTuple):
     metadata: dict[str, Any]  # the GGUF key/value metadata (tokenizer included)
 
 
-def read_gguf(path: str | Path) -> GGUFModel:
-    """Read, de-quantize and rename every tensor of a GGUF file."""
-    import gguf
-
+def named_tensors(path: str | Path, description: str):
+    """``(metadata, [(HF name, reader tensor, heads or None)])`` of a GGUF file: each tensor under
+    its HF Llama name, with the head count to undo llama.cpp's Q/K row permutation by (None for
+    other tensors). Raises on an unsupported architecture or an unexpected tensor."""
     path = Path(path)
     reader = _open(path)
     meta = _metadata(reader)
@@ -124,22 +124,36 @@ def read_gguf(path: str | Path) -> GGUFModel:
                          f"supported: {', '.join(SUPPORTED_ARCHS)}")
     heads = meta[f"{arch}.attention.head_count"]
     kv_heads = meta.get(f"{arch}.attention.head_count_kv", heads)
-    tensors: dict[str, np.ndarray] = {}
-    for t in _progress(reader.tensors, f"de-quantizing {path.name}"):
+    named = []
+    for t in reader.tensors:
         if t.name in _IGNORED:
             continue
         m = re.fullmatch(r"blk\.(\d+)\.(.+)", t.name)
         template, layer = (f"blk.{{}}.{m.group(2)}", m.group(1)) if m else (t.name, None)
         if template not in _NAMES:
             raise ValueError(f"{path.name}: unexpected GGUF tensor {t.name!r} for architecture {arch!r}")
+        permuted = (heads if template.endswith("attn_q.weight")
+                    else kv_heads if template.endswith("attn_k.weight") else None)
+        named.append((_NAMES[template].format(layer), t, permuted))
+    return meta, _progress(named, description)
+
+
+def unpermute_rows(w: np.ndarray, heads: int | None) -> np.ndarray:
+    return w if heads is None else _unpermute(w, heads)
+
+
+def read_gguf(path: str | Path) -> GGUFModel:
+    """Read, de-quantize and rename every tensor of a GGUF file."""
+    import gguf
+
+    path = Path(path)
+    meta, named = named_tensors(path, f"de-quantizing {path.name}")
+    tensors: dict[str, np.ndarray] = {}
+    for name, t, heads in named:
         w = np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-        if template.endswith("attn_q.weight"):
-            w = _unpermute(w, heads)
-        elif template.endswith("attn_k.weight"):
-            w = _unpermute(w, kv_heads)
-        tensors[_NAMES[template].format(layer)] = w
+        tensors[name] = unpermute_rows(w, heads)
     vocab_size = tensors["model.embed_tokens.weight"].shape[0]
-    config = _hf_config(meta, vocab_size, tied="lm_head.weight" not in tensors)
+    config = hf_config(meta, vocab_size, tied="lm_head.weight" not in tensors)
     return GGUFModel(config, tensors, meta)
 
 

@@ -8,6 +8,7 @@ HF-format directory: ``config.json`` + ``*.safetensors`` + tokenizer files.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -148,7 +149,42 @@ def pull(name: str, *, force: bool = False) -> Path:
         _status(f"mlx: converting {fetched.name} into {source.cache_dir}")
         with atomic_directory(source.cache_dir, overwrite=True) as out:
             convert_to_hf_dir(fetched, out)
+            if fetched.suffix == ".gguf":  # its quantized form stays available (quantization="gguf")
+                _link_or_copy(fetched, out / fetched.name)
     return source.cache_dir
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # no second copy where both lie on one file system
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def gguf_file(source: str | Path) -> Path:
+    """The GGUF file behind a model source, whose quantized tensors ``load_model(...,
+    quantization="gguf")`` loads as they are: a ``.gguf`` path itself, a directory holding one,
+    or a registered model pulled from one (kept beside its converted weights)."""
+    text = str(source)
+    if text in registry.model_sources:
+        directory = pull(text)
+        found = sorted(directory.glob("*.gguf"))
+        if not found:  # pulled before the file was kept: fetch it again
+            src: ModelSource = registry.model_sources.get(text)
+            with tempfile.TemporaryDirectory(prefix="mlx-fetch-") as work:
+                fetched = src.fetch(Path(work))
+                if fetched.suffix == ".gguf":
+                    with atomic_file(directory / fetched.name) as dst, open(fetched, "rb") as f:
+                        shutil.copyfileobj(f, dst)
+                    found = [directory / fetched.name]
+    else:
+        path = Path(text).expanduser()
+        found = [path] if path.suffix == ".gguf" and path.is_file() else (
+            sorted(path.glob("*.gguf")) if path.is_dir() else [])
+    if not found:
+        raise ValueError(f"quantization='gguf' loads a GGUF file's tensors as they are shipped, and "
+                         f"{text} comes from none; quantize it with 'int8', 'int4' or 'w8a8' instead")
+    return found[0]
 
 
 def _gguf_cache_dir(path: Path) -> Path:

@@ -29,7 +29,7 @@ class LLM:
     ``enable_chunked_prefill``, ``scheduling_policy``, ``seed``, ``max_loras``,
     ``max_lora_rank``, ``speculative_config`` (vLLM's dict for n-gram drafts, mlx_serve.spec_decode),
     ``quantization`` (``"int8"``, ``"int4"``, ``"w8a8"``, ...: the weights are quantized at start;
-    LoRA adapters stay in full precision). ``loras``: ``{name: PEFT LoRA directory}`` to load at start (more with
+    ``"gguf"``: a GGUF source's tensors as shipped; LoRA adapters stay in full precision). ``loras``: ``{name: PEFT LoRA directory}`` to load at start (more with
     ``add_lora``); ``generate(..., lora=name)`` picks one per call or per prompt.
     """
 
@@ -48,7 +48,8 @@ class LLM:
             from mlx_core import load_model, load_tokenizer
 
             source = model
-            model = load_model(source, dtype=default_dtype(dtype), device=device)
+            model = load_model(source, dtype=default_dtype(dtype), device=device,
+                               quantization=config.quantization)
             tokenizer = tokenizer or load_tokenizer(model.source_dir)
         self.engine = LLMEngine(model, tokenizer, config)
         for name, path in (loras or {}).items():

@@ -134,8 +134,9 @@ def chat(model: str = MODEL, system: str | None = typer.Option(None, "--system",
 
 @clean_errors
 def bench_quant(model: str = MODEL,
-                schemes: str = typer.Option("int8,int4,w8a8", "--schemes",
-                                            help="Comma-separated schemes to compare with fp32."),
+                schemes: str = typer.Option(
+                    "", "--schemes", help="Comma-separated schemes to compare with fp32 (default: "
+                                          "int8, int4, w8a8, and gguf for a GGUF-born model)."),
                 prompt_len: int = typer.Option(256, "--prompt-len"),
                 new_tokens: int = typer.Option(64, "--new-tokens"),
                 rounds: int = typer.Option(3, "--rounds", help="Interleaved rounds; best kept."),
@@ -149,7 +150,8 @@ def bench_quant(model: str = MODEL,
     require_torch("mlx bench quant")
     from mlx_core.transforms import bench
 
-    result = bench.run(model, schemes=tuple(s.strip() for s in schemes.split(",") if s.strip()),
+    result = bench.run(model, schemes=tuple(s.strip() for s in schemes.split(",") if s.strip())
+                       or None,
                        prompt_len=prompt_len, new_tokens=new_tokens, rounds=rounds)
     table = Table("scheme", "decode tok/s", "vs fp32", "weights (MiB)", "vs fp32",
                   title=f"mlx bench quant: {model}, decode after {prompt_len} prompt tokens, "

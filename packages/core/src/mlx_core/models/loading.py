@@ -41,13 +41,17 @@ def load_model(source: str | Path, *, dtype: torch.dtype = torch.float32,
 
     Returns the zoo ``Transformer`` in eval mode with ``model.source_dir`` set to the HF
     directory the weights came from, its MLPs' gate/up outputs allowed out uncopied
-    (``mlx_core.transforms.uncopied_mlp_outputs``: the same values, a faster layout). ``quantization`` (``"int8"``, ``"int4"``, ``"int4-g64"``,
-    ``"w8a8"``, ...: ``mlx_core.transforms.quantize``) quantizes it as it loads.
+    (``mlx_core.transforms.uncopied_mlp_outputs``: the same values, a faster layout).
+    ``quantization`` (``"int8"``, ``"int4"``, ``"int4-g64"``, ``"w8a8"``, ...:
+    ``mlx_core.transforms.quantize``) quantizes it as it loads; ``"gguf"`` loads a GGUF source's
+    quantized tensors as they are shipped (Q4_0, Q4_1 -> int4, Q8_0 -> int8 in groups of 32),
+    with no full-precision copy of them.
     """
     if quantization is not None:  # a bad scheme fails before any weights are read
         from mlx_core.transforms import parse_scheme
 
-        parse_scheme(quantization)
+        if parse_scheme(quantization).name == "gguf":
+            return _load_gguf_as_shipped(source, dtype, device)
     load_plugins()
     directory = resolve_model_dir(source)
     config = ModelConfig.from_pretrained(directory)
@@ -65,6 +69,26 @@ def load_model(source: str | Path, *, dtype: torch.dtype = torch.float32,
 
         quantize(model, quantization)
     return model.eval()
+
+
+def _load_gguf_as_shipped(source, dtype, device) -> nn.Module:
+    from mlx_core.gguf_blocks import read_gguf_blocks
+    from mlx_core.sources import gguf_file
+    from mlx_core.transforms.quantize import load_quantized_state
+
+    load_plugins()
+    path = gguf_file(source)
+    read = read_gguf_blocks(path)
+    config = ModelConfig.from_hf_config(read.hf_config)
+    with torch.device("meta"):
+        model = registry.architectures.get(config.model_type)["torch"](config)
+    state = {k: torch.from_numpy(v).to(device=device, dtype=dtype if v.dtype.kind == "f" else None)
+             for k, v in read.tensors.items()}
+    load_quantized_state(model, state, "gguf")
+    # the tokenizer files (and a converted copy for full-precision use) live in the HF directory
+    model.source_dir = resolve_model_dir(source)
+    model.gguf_path = path
+    return uncopied_mlp_outputs(model).eval()
 
 
 def _check_state(model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from mlx_core.transforms.quantize import QuantizedLinear
 
-SCHEMES = ("int8", "int4", "w8a8")
+SCHEMES = ("int8", "int4", "w8a8", "gguf")
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -40,19 +40,27 @@ def decode_tokens_per_s(model: nn.Module, prompt: list[int], new_tokens: int) ->
     return count / (time.perf_counter() - start)
 
 
-def run(model: str = "smollm2-135m-instruct", *, schemes: tuple[str, ...] = SCHEMES,
+def run(model: str = "smollm2-135m-instruct", *, schemes: tuple[str, ...] | None = None,
         prompt_len: int = 256, new_tokens: int = 64, rounds: int = 3, seed: int = 0) -> dict:
     import copy
 
     from mlx_core import load_model
+    from mlx_core.sources import gguf_file
     from mlx_core.transforms import parse_scheme, quantize
 
+    if schemes is None:  # every scheme; "gguf" where the model comes from a GGUF file
+        try:
+            gguf_file(model)
+            schemes = SCHEMES
+        except ValueError:
+            schemes = SCHEMES[:-1]
     for scheme in schemes:  # bad names fail before any model loads
         parse_scheme(scheme)
     fp32 = load_model(model)
     models = {"fp32": fp32}
-    for scheme in schemes:
-        models[scheme] = quantize(copy.deepcopy(fp32), scheme)
+    for scheme in schemes:  # "gguf": the source's GGUF tensors as shipped
+        models[scheme] = (load_model(model, quantization=scheme) if scheme == "gguf"
+                          else quantize(copy.deepcopy(fp32), scheme))
     rng = random.Random(seed)
     low = min(100, fp32.config.vocab_size // 2)
     prompt = [rng.randrange(low, fp32.config.vocab_size) for _ in range(prompt_len)]

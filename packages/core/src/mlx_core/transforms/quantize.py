@@ -23,7 +23,9 @@ from mlx_core.transforms.swap import swap_linears
 from mlx_kernels import quantized_linear as ql
 
 SCHEMES = ("int8", "int4", "w8a8")
-_SPELLINGS = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128", "w8a8")
+# "gguf": a GGUF file's quantized tensors loaded as they are shipped (load_model), not a transform
+LOADED_AS_SHIPPED = "gguf"
+_SPELLINGS = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128", "w8a8", LOADED_AS_SHIPPED)
 _ROUTER = re.compile(r"(^|\.)block_sparse_moe\.gate$")
 
 
@@ -43,6 +45,8 @@ def parse_scheme(scheme: str | QuantizationScheme, group_size: int | None = None
     text = str(scheme).strip().lower()
     m = re.fullmatch(r"int4-g(\d+)", text)
     name, size = ("int4", int(m.group(1))) if m else (text, None)
+    if name == LOADED_AS_SHIPPED and group_size is None:
+        return QuantizationScheme(name)
     if name not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of "
                          f"{', '.join(_SPELLINGS)}")
@@ -136,20 +140,43 @@ class Int4Linear(QuantizedLinear):
 
 
 class QuantizedEmbedding(nn.Module):
-    """A token embedding kept as int8 rows with a scale each; a lookup dequantizes its rows."""
+    """A token embedding kept quantized; a lookup dequantizes only its rows. int8 rows with a
+    scale each (or per group of a row's values: GGUF's Q8_0), or int4 rows (``scales`` and
+    ``mins`` per group: GGUF's Q4_0/Q4_1 embeddings)."""
 
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32):
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor | None = None, *,
+                 scales: torch.Tensor | None = None, mins: torch.Tensor | None = None,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.int4 = mins is not None
+        self.num_embeddings = qweight.shape[0]
+        self.embedding_dim = qweight.shape[1] * (2 if self.int4 else 1)
         self.register_buffer("qweight", qweight)
-        self.register_buffer("scale", scale)
+        if self.int4:
+            self.register_buffer("scales", scales)
+            self.register_buffer("mins", mins)
+        else:
+            self.register_buffer("scale", scale)
         self.dtype = dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return (self.qweight[ids].to(torch.float32) * self.scale[ids, None]).to(self.dtype)
+        if self.int4:
+            rows = ql.dequantize_int4(self.qweight[ids.reshape(-1)], self.scales[ids.reshape(-1)],
+                                      self.mins[ids.reshape(-1)], self.dtype)
+            return rows.view(*ids.shape, self.embedding_dim)
+        return ql.dequantize_int8(self.qweight[ids], self.scale[ids], self.dtype)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self(torch.arange(self.num_embeddings, device=self.qweight.device))
+
+    def as_linear(self, scheme: str) -> QuantizedLinear:
+        """The LM head over the same quantized tensors (tied embeddings)."""
+        if self.int4:
+            return Int4Linear(self.qweight, self.scales, self.mins)
+        return (W8A8Linear if scheme == "w8a8" else Int8Linear)(self.qweight, self.scale)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, scheme=int8"
+        return f"{self.num_embeddings}, {self.embedding_dim}, scheme={'int4' if self.int4 else 'int8'}"
 
 
 def _check_fits(model: nn.Module, scheme: QuantizationScheme) -> None:
@@ -169,6 +196,10 @@ def quantize(model: nn.Module, scheme: str | QuantizationScheme = "int8", *,
 
     ``model.quantization`` records the scheme (e.g. ``"int4"``, ``"int4-g64"``)."""
     scheme = parse_scheme(scheme, group_size)
+    if scheme.name == LOADED_AS_SHIPPED:
+        raise ValueError("'gguf' loads a GGUF file's quantized tensors as they are shipped: "
+                         "load_model(path_or_name, quantization='gguf'); an already loaded model "
+                         "is quantized with int8, int4 or w8a8")
     if getattr(model, "quantization", None):
         raise ValueError(f"this model is quantized already ({model.quantization}); load it "
                          "again in full precision to quantize it another way")
@@ -195,3 +226,55 @@ def quantize(model: nn.Module, scheme: str | QuantizationScheme = "int8", *,
             backbone.embed_tokens = QuantizedEmbedding(*table, dtype=embedding.weight.dtype)
     model.quantization = str(scheme)
     return model
+
+
+def load_quantized_state(model: nn.Module, state: dict[str, torch.Tensor], scheme: str) -> nn.Module:
+    """Fill ``model`` (built on the meta device) from a quantized state: ``NAME.qweight`` with
+    ``.scales`` + ``.mins`` (int4) or ``.scale`` (int8; W8A8 when ``scheme`` is ``"w8a8"``) make
+    quantized layers, ``model.embed_tokens.qweight`` + ``.scale`` the int8 table (shared by a
+    tied head), everything else loads as it is. Raises on a missing or unexpected tensor."""
+    state = dict(state)
+    backbone, head = model.model, getattr(model, "lm_head", None)
+
+    def take(prefix: str, *names: str):
+        return [state.pop(f"{prefix}.{n}") for n in names]
+
+    table = None
+    if "model.embed_tokens.qweight" in state:
+        dtype = state_dtype(state)
+        if "model.embed_tokens.mins" in state:
+            q, scales, mins = take("model.embed_tokens", "qweight", "scales", "mins")
+            table = QuantizedEmbedding(q, scales=scales, mins=mins, dtype=dtype)
+        else:
+            table = QuantizedEmbedding(*take("model.embed_tokens", "qweight", "scale"), dtype=dtype)
+        backbone.embed_tokens = table
+
+    def build(name: str, layer: nn.Linear) -> nn.Module | None:
+        bias = state.pop(f"{name}.bias", None)
+        if f"{name}.qweight" not in state:
+            if layer is head and table is not None and model.config.tie_word_embeddings:
+                return table.as_linear(scheme)
+            if bias is not None:
+                state[f"{name}.bias"] = bias  # a full-precision layer: loaded below
+            return None
+        if f"{name}.mins" in state:
+            return Int4Linear(*take(name, "qweight", "scales", "mins"), bias)
+        return (W8A8Linear if scheme == "w8a8" else Int8Linear)(*take(name, "qweight", "scale"), bias)
+
+    swap_linears(model, build)
+    expected = set(model.state_dict())
+    quantized = {k for k, v in model.state_dict().items() if v.device.type != "meta"}
+    missing = sorted(expected - quantized - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"the quantized weights do not match the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.quantization = scheme
+    return model
+
+
+def state_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    """The compute dtype a quantized state implies: that of its floating full-precision tensors."""
+    return next((v.dtype for k, v in state.items() if k.endswith(".weight") and v.is_floating_point()),
+                torch.float32)
