@@ -206,3 +206,68 @@ def test_bench_quant_reports_ratios_against_fp32(tiny_model_dir, tmp_path):
     assert rows["int8"]["weight_ratio"] < 0.35 and rows["int4"]["weight_ratio"] < 0.5
     bad = CliRunner().invoke(build_app(), ["bench", "quant", "--schemes", "int8,fp8"])
     assert bad.exit_code == 1 and "unknown quantization scheme 'fp8'" in bad.output
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-mixtral"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "w8a8"])
+def test_save_and_load_a_quantized_checkpoint_round_trip(tmp_path, family, scheme):
+    """The saved tensors are the quantized ones (no fp32 weight), the scheme is in config.json,
+    and the model loads back computing exactly what it computed."""
+    import json
+
+    from safetensors import safe_open
+
+    from mlx_core import save_model
+
+    model = quantize(_model(family), scheme)
+    save_model(model, tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "mlx", "scheme": scheme}
+    with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert not any(k.endswith("proj.weight") for k in dtypes)
+    assert dtypes["model.layers.0.self_attn.q_proj.qweight"] in ("I8", "U8")
+    loaded = load_model(tmp_path / "q")
+    assert loaded.quantization == scheme
+    assert type(loaded.lm_head) is type(model.lm_head)
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(ids), model(ids), atol=0, rtol=0)
+    with pytest.raises(ValueError, match=f"quantized with {scheme} already"):
+        load_model(tmp_path / "q", quantization="int4-g64")
+
+
+def test_a_checkpoint_quantized_by_another_tool_is_named(tiny_model_dir):
+    import json
+
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (tiny_model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="quantized by 'gptq', which mlx does not read yet"):
+        load_model(tiny_model_dir)
+
+
+def test_mlx_models_quantize_writes_what_mlx_generate_reads(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from mlx_core import load_tokenizer
+    from mlx_core.cli.app import build_app
+
+    runner = CliRunner()
+    out = tmp_path / "int4"
+    done = runner.invoke(build_app(), ["models", "quantize", str(tiny_model_dir), str(out),
+                                       "--scheme", "int4"])
+    assert done.exit_code == 0, done.output
+    tokenizer = load_tokenizer(out)  # the tokenizer files travel along
+    want = generate(load_model(tiny_model_dir, quantization="int4"), tokenizer.encode("hello there"),
+                    max_new_tokens=5, stop_token_ids=tokenizer.eos_token_ids)
+    done = runner.invoke(build_app(), ["generate", "-m", str(out), "-p", "hello there", "-n", "5",
+                                       "--no-chat"])
+    assert done.exit_code == 0 and done.output == tokenizer.decode(want) + "\n", done.output
+    again = runner.invoke(build_app(), ["models", "quantize", str(tiny_model_dir), str(out),
+                                        "--scheme", "int8"])
+    assert again.exit_code == 1 and "pass --overwrite" in again.output
+    bad = runner.invoke(build_app(), ["models", "quantize", str(tiny_model_dir), str(tmp_path / "x"),
+                                      "--scheme", "int3"])
+    assert bad.exit_code == 1 and "unknown quantization scheme" in bad.output
+    assert not (tmp_path / "x").exists()

@@ -175,3 +175,18 @@ def test_int8_with_group_scales_matches_its_reference(shape, group_size, rows, b
     with torch.inference_mode():
         got = ql.int8_linear(x, q, scale, b)
     torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+def test_weights_at_unaligned_addresses_run():
+    """A tensor read out of a safetensors file can start at any byte; torch's int8 CPU kernel
+    crashes on one that is not 64-byte aligned, so its layout is an aligned copy then."""
+    torch.manual_seed(0)
+    q, scale = ql.quantize_int8(torch.randn(128, 64))
+    buffer = torch.empty(q.numel() + 24, dtype=torch.int8)
+    unaligned = buffer[24:].view(128, 64)
+    unaligned.copy_(q)
+    assert unaligned.data_ptr() % 64 != 0 and ql.aligned(unaligned).data_ptr() % 64 == 0
+    x = torch.randn(14, 64)
+    with torch.inference_mode():
+        got = ql.int8_linear(x, unaligned, scale, cpu_layout=ql.CpuLayout())
+    _close_to_scale(got, F.linear(x, ql.dequantize_int8(q, scale)), 1e-2)

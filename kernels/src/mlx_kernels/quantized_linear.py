@@ -140,8 +140,16 @@ class CpuLayout:
         return CpuLayout()
 
 
+def aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
+    """``t`` contiguous at an address torch's vectorised CPU kernels can load from: a tensor read
+    out of a safetensors file can start at any byte, and ``_weight_int8pack_mm`` crashes on one
+    that is not 64-byte aligned (a fresh torch allocation always is)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % alignment == 0 else t.clone()
+
+
 def _int8_cpu_layout(qweight, scale):
-    return qweight.contiguous(), scale.to(torch.bfloat16)
+    return aligned(qweight), scale.to(torch.bfloat16)
 
 
 def _int4_cpu_layout(qweight, scales, mins):

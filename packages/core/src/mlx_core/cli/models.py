@@ -114,3 +114,26 @@ def convert(src: str = typer.Argument(..., help="A .gguf file, an HF directory o
     with atomic_directory(dst, overwrite=overwrite) as out:
         convert_to_hf_dir(src_path, out)
     typer.echo(dst)
+
+
+@app.command()
+@clean_errors
+def quantize(src: str = typer.Argument(..., help="A registered model, an HF directory or a .gguf file."),
+             dst: Path = typer.Argument(..., help="The directory to write."),
+             scheme: str = typer.Option(..., "--scheme", "-s",
+                                        help="int8, int4 (int4-g64, int4-g128), w8a8, or gguf "
+                                             "(a GGUF source's tensors as shipped)."),
+             overwrite: bool = typer.Option(False, "--overwrite", help="Replace DST if it exists.")):
+    """Write SRC with quantized weights: safetensors + config.json recording the scheme, which
+    `mlx generate -m DST` (load_model) reads back as it is."""
+    from mlx_core import require_torch
+    from mlx_core.transforms import parse_scheme
+
+    parse_scheme(scheme)  # a bad scheme fails before anything loads
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
+    require_torch("mlx models quantize")
+    from mlx_core import load_model, save_model
+
+    save_model(load_model(src, quantization=scheme), dst, overwrite=overwrite)
+    typer.echo(dst)

@@ -57,6 +57,9 @@ def load_model(source: str | Path, *, dtype: torch.dtype = torch.float32,
     config = ModelConfig.from_pretrained(directory)
     with torch.device("meta"):
         model = registry.architectures.get(config.model_type)["torch"](config)
+    saved_scheme = _saved_quantization(directory)
+    if saved_scheme is not None:
+        return _load_quantized_dir(model, directory, saved_scheme, quantization, dtype, device)
     state = hf_to_ours(config.model_type, read_safetensors(directory))
     _check_state(model, state, directory)
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
@@ -69,6 +72,39 @@ def load_model(source: str | Path, *, dtype: torch.dtype = torch.float32,
 
         quantize(model, quantization)
     return model.eval()
+
+
+# config.json's "quantization_config" for a checkpoint of mlx's quantized layers (our tensor names)
+QUANT_METHOD = "mlx"
+
+
+def _saved_quantization(directory: Path) -> str | None:
+    """The scheme a quantized checkpoint was saved with, or None for full precision."""
+    found = json.loads((directory / "config.json").read_text()).get("quantization_config")
+    if found is None:
+        return None
+    method = found.get("quant_method")
+    if method != QUANT_METHOD:
+        raise ValueError(f"{directory} holds weights quantized by {method!r}, which mlx does not "
+                         f"read yet; it reads its own ({QUANT_METHOD!r}, from save_model or `mlx "
+                         "models quantize`) and GGUF files (quantization='gguf')")
+    return found["scheme"]
+
+
+def _load_quantized_dir(model, directory, scheme, asked, dtype, device) -> nn.Module:
+    from mlx_core.transforms.quantize import load_quantized_state
+
+    if asked is not None and asked != scheme:
+        raise ValueError(f"{directory} is quantized with {scheme} already; load it with "
+                         f"quantization=None (or {scheme!r}), or quantize its full-precision source")
+    from mlx_kernels.quantized_linear import aligned
+
+    # aligned: a tensor from the file may start at any byte, which the CPU kernels cannot take
+    state = {k: aligned(v.to(device=device, dtype=dtype if v.is_floating_point() else None))
+             for k, v in read_safetensors(directory).items()}
+    load_quantized_state(model, state, scheme)
+    model.source_dir = directory
+    return uncopied_mlp_outputs(model).eval()
 
 
 def _load_gguf_as_shipped(source, dtype, device) -> nn.Module:
@@ -118,7 +154,9 @@ def _check_state(model: nn.Module, state: dict[str, torch.Tensor], directory: Pa
 
 def save_model(model: nn.Module, directory: str | Path, *, tokenizer=None, overwrite: bool = False,
                max_shard_size: int | None = None) -> Path:
-    """Write ``model`` as an HF-format directory that transformers loads as it is.
+    """Write ``model`` as an HF-format directory that transformers loads as it is (a quantized
+    model: its quantized tensors, under the zoo's names, with ``"quantization_config":
+    {"quant_method": "mlx", "scheme": ...}`` in config.json, which ``load_model`` reads back).
 
     Tokenizer files come from ``tokenizer`` (an ``mlx_core.Tokenizer`` or HF tokenizer) or, if
     None, are copied from the directory the model was loaded from. The write is atomic: on any
@@ -126,12 +164,20 @@ def save_model(model: nn.Module, directory: str | Path, *, tokenizer=None, overw
     """
     config: ModelConfig = model.config
     state = dict(model.state_dict())
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+    hf = config.to_hf_config()
+    scheme = getattr(model, "quantization", None)
+    if scheme is not None:  # our layers' tensors under our names, the scheme in config.json
+        hf["quantization_config"] = {"quant_method": QUANT_METHOD, "scheme": scheme}
+        if config.tie_word_embeddings:  # the head is the table's tensors: rebuilt on load
+            state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
+    else:
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        state = ours_to_hf(config.model_type, state)
     directory = Path(directory)
     with atomic_directory(directory, overwrite=overwrite) as out:
-        (out / "config.json").write_text(json.dumps(config.to_hf_config(), indent=2))
-        write_safetensors(out, ours_to_hf(config.model_type, state), max_shard_size)
+        (out / "config.json").write_text(json.dumps(hf, indent=2))
+        write_safetensors(out, state, max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
         elif (src := getattr(model, "source_dir", None)) is not None:
