@@ -245,6 +245,9 @@ def test_bad_requests_and_options_fail_clearly(tiny):
         llm.generate([[]])
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 128\)"):
         llm.generate([[5, 900]])
+    for stop in (128, -1, 2**63):  # once crashed the step loop (with min_tokens)
+        with pytest.raises(ValueError, match=r"stop_token_ids must be in \[0, 128\)"):
+            llm.generate([[5, 6]], SamplingParams(stop_token_ids=[stop], min_tokens=2))
     with pytest.raises(ValueError, match="at most 256"):
         llm.generate([[5] * 300])
     small = LLMEngine(llm.engine.model, llm.get_tokenizer(), EngineConfig(num_blocks=8, block_size=4))

@@ -137,6 +137,9 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         if max(ids) >= vocab or min(ids) < 0:
             raise ValueError(f"prompt token ids must be in [0, {vocab}) for this model")
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            # found by the server fuzz test: an id past int64 crashed the step loop's sampler
+            raise ValueError(f"stop_token_ids must be in [0, {vocab}) for this model")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; this model takes at most "
                              f"{self.max_model_len} (prompt + output): shorten the prompt")
