@@ -204,6 +204,10 @@ def test_bench_quant_reports_ratios_against_fp32(tiny_model_dir, tmp_path):
     fp32 = load_model(tiny_model_dir)
     assert rows["fp32"]["weight_mib"] == round(bench.weight_bytes(fp32) / 2**20, 1)
     assert rows["int8"]["weight_ratio"] < 0.35 and rows["int4"]["weight_ratio"] < 0.5
+    assert rows["fp32"]["perplexity_ratio"] == 1.0 and rows["fp32"]["greedy_token_agreement"] == 1.0
+    assert rows["fp32"]["greedy_prompts_identical"] == 32
+    assert all(0 <= row["greedy_token_agreement"] <= 1 and row["perplexity"] > 1
+               for row in rows.values())
     bad = CliRunner().invoke(build_app(), ["bench", "quant", "--schemes", "int8,fp8"])
     assert bad.exit_code == 1 and "unknown quantization scheme 'fp8'" in bad.output
 
@@ -271,3 +275,19 @@ def test_mlx_models_quantize_writes_what_mlx_generate_reads(tiny_model_dir, tmp_
                                       "--scheme", "int3"])
     assert bad.exit_code == 1 and "unknown quantization scheme" in bad.output
     assert not (tmp_path / "x").exists()
+
+
+def test_chunked_perplexity_equals_one_full_forward():
+    """The bench's perplexity, fed 32 tokens at a time over a KV cache, is the full sequence's
+    mean next-token loss (fp32 model: the same to fp32 rounding)."""
+    import math
+
+    from mlx_core.transforms.bench import greedy_prompts, perplexity
+
+    model = _model("tiny-llama")
+    ids = torch.randint(0, model.config.vocab_size, (100,), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        loss = torch.nn.functional.cross_entropy(model(ids[None])[0, :-1], ids[1:])
+    assert math.isclose(perplexity(model, ids.tolist()), math.exp(loss.item()), rel_tol=1e-5)
+    prompts = greedy_prompts(list(range(600)))
+    assert len(prompts) == 32 and all(len(p) == 16 for p in prompts) and prompts[1][0] == 18

@@ -190,3 +190,28 @@ def test_weights_at_unaligned_addresses_run():
     with torch.inference_mode():
         got = ql.int8_linear(x, unaligned, scale, cpu_layout=ql.CpuLayout())
     _close_to_scale(got, F.linear(x, ql.dequantize_int8(q, scale)), 1e-2)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("kind", ["int8", "int8-groups", "int4"])
+@pytest.mark.parametrize("shape,rows", [((35, 96), 5), ((64, 64), 1), ((130, 192), 33)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_triton_dequant_matmul_matches_the_reference(kind, shape, rows, bias, triton_backend):
+    """The weight de-quantized in registers inside the GEMM (fp32, IEEE dots): equal to the
+    reference's dequantize + F.linear to fp32 summation order."""
+    torch.manual_seed(rows)
+    n, k = shape
+    w, x = torch.randn(n, k), torch.randn(rows, k)
+    b = torch.randn(n) if bias else None
+    with torch.inference_mode():
+        if kind == "int4":
+            packed = ql.quantize_int4(w, 32)
+            got = ql.int4_linear(x, *packed, b)
+            want = F.linear(x, ql.dequantize_int4(*packed), b)
+        else:
+            q, scale = ql.quantize_int8(w)
+            if kind == "int8-groups":
+                scale = scale[:, None].repeat(1, k // 32) * torch.rand(n, k // 32)
+            got = ql.int8_linear(x, q, scale, b)
+            want = F.linear(x, ql.dequantize_int8(q, scale), b)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)

@@ -13,7 +13,8 @@ Layouts (what a quantized model's buffers and checkpoints hold; ``N`` outputs, `
   scale (``max |x| / 127``) and the product runs on int8 with int32 sums.
 
 The torch references dequantize and call ``F.linear`` (autograd flows to the input, as QLoRA
-needs). On CPU, in fp32 inference under ``MLX_KERNELS=auto``, the fast paths are torch's own
+needs). On GPUs (and under ``MLX_KERNELS=triton``) int8 and int4 run a Triton dequant-matmul
+(``_quantized_linear_triton``) in inference; W8A8 runs its reference there. On CPU, in fp32 inference under ``MLX_KERNELS=auto``, the fast paths are torch's own
 CPU kernels: ``torch._weight_int8pack_mm`` / ``torch._weight_int4pack_mm_for_cpu`` for up to
 ``FAST_ROWS`` rows (their fast kernels take bf16 activations: the input is rounded to bf16 and
 the output comes back from bf16, as torchao's CPU int8/int4 layouts run them), and
@@ -30,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mlx_kernels.dispatch import setting
+from mlx_kernels.dispatch import backend_for, setting
 
 # up to this many rows the CPU int8/int4 weight-only kernels beat dequantize + fp32 GEMM
 FAST_ROWS = 64
@@ -170,12 +171,25 @@ def _rows(x: torch.Tensor) -> tuple[int, torch.Tensor]:
     return rows, x.reshape(rows, x.shape[-1])
 
 
+def _triton(x: torch.Tensor, rows: int) -> bool:
+    return rows > 0 and not torch.is_grad_enabled() and backend_for(x.device) == "triton"
+
+
+def _triton_matmul(x, flat, qweight, scales, mins, bias):
+    from mlx_kernels import _quantized_linear_triton
+
+    y = _quantized_linear_triton.matmul(flat, qweight, scales, mins, bias)
+    return y.view(*x.shape[:-1], qweight.shape[0])
+
+
 # ---- the linear ops ---------------------------------------------------------------------------
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None, *, cpu_layout: CpuLayout | None = None) -> torch.Tensor:
     """``F.linear(x, dequantize_int8(qweight, scale), bias)``."""
     rows, flat = _rows(x)
+    if _triton(x, rows):
+        return _triton_matmul(x, flat, qweight, scale, None, bias)
     if scale.dim() == 2:
         return _int8_group_linear(x, flat, rows, qweight, scale, bias)
     if cpu_layout is not None and _fast_cpu(x, rows):
@@ -207,6 +221,8 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mi
                 bias: torch.Tensor | None = None, *, cpu_layout: CpuLayout | None = None) -> torch.Tensor:
     """``F.linear(x, dequantize_int4(qweight, scales, mins), bias)``."""
     rows, flat = _rows(x)
+    if _triton(x, rows):
+        return _triton_matmul(x, flat, qweight, scales, mins, bias)
     # torch's int4 CPU layout packs outputs in blocks of 16
     if cpu_layout is not None and _fast_cpu(x, rows) and qweight.shape[0] % 16 == 0:
         packed, scales_and_zeros = cpu_layout.get(_int4_cpu_layout, qweight, scales, mins)

@@ -140,8 +140,11 @@ def bench_quant(model: str = MODEL,
                 prompt_len: int = typer.Option(256, "--prompt-len"),
                 new_tokens: int = typer.Option(64, "--new-tokens"),
                 rounds: int = typer.Option(3, "--rounds", help="Interleaved rounds; best kept."),
+                measure_quality: bool = typer.Option(
+                    True, "--quality/--no-quality",
+                    help="Also perplexity and greedy agreement with fp32 (the built-in text)."),
                 json_path: str = typer.Option("", "--json", help="Also write the result here.")):
-    """Quantized vs fp32: single-stream decode tok/s and resident weight memory, as ratios."""
+    """Quantized vs fp32: single-stream decode tok/s, resident weight memory and quality."""
     import json
 
     from rich.console import Console
@@ -152,13 +155,18 @@ def bench_quant(model: str = MODEL,
 
     result = bench.run(model, schemes=tuple(s.strip() for s in schemes.split(",") if s.strip())
                        or None,
-                       prompt_len=prompt_len, new_tokens=new_tokens, rounds=rounds)
-    table = Table("scheme", "decode tok/s", "vs fp32", "weights (MiB)", "vs fp32",
+                       prompt_len=prompt_len, new_tokens=new_tokens, rounds=rounds,
+                       measure_quality=measure_quality)
+    table = Table("scheme", "decode tok/s", "vs fp32", "weights (MiB)", "vs fp32", "perplexity",
+                  "vs fp32", "greedy = fp32",
                   title=f"mlx bench quant: {model}, decode after {prompt_len} prompt tokens, "
                         f"{result['threads']} threads")
     for name, row in result["schemes"].items():
+        quality = ([f"{row['perplexity']:.2f}", f"{row['perplexity_ratio']:.3f}x",
+                    f"{row['greedy_token_agreement']:.0%} ({row['greedy_prompts_identical']}/32)"]
+                   if "perplexity" in row else ["-"] * 3)
         table.add_row(name, f"{row['decode_tokens_per_s']:.1f}", f"{row['decode_ratio']:.2f}x",
-                      f"{row['weight_mib']:.0f}", f"{row['weight_ratio']:.2f}x")
+                      f"{row['weight_mib']:.0f}", f"{row['weight_ratio']:.2f}x", *quality)
     Console().print(table)
     if json_path:
         with open(json_path, "w") as f:

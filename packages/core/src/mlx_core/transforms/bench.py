@@ -2,14 +2,20 @@
 
 Per scheme: single-stream decode speed (``mlx_core.generate``'s path: one new token per forward
 after a prompt of ``prompt_len`` random token ids, greedy, ``new_tokens`` tokens; the rounds of
-all schemes interleaved, the best round of each kept: the least disturbed by other work) and the
-resident weight memory (parameters, buffers and the CPU kernels' own copies of the weights).
+all schemes interleaved, the best round of each kept: the least disturbed by other work), the
+resident weight memory (parameters, buffers and the CPU kernels' own copies of the weights), and
+quality: perplexity on an English text the package ships (``mlx_core/data/heldout_english.txt``,
+public-domain speeches and novel openings, ~1,700 tokens), scored in chunks of 32 tokens over a
+KV cache so the decode-sized kernels run, and greedy agreement with fp32 on 32 prompts cut from
+that text (16 tokens each, 16 new tokens).
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -40,8 +46,49 @@ def decode_tokens_per_s(model: nn.Module, prompt: list[int], new_tokens: int) ->
     return count / (time.perf_counter() - start)
 
 
+TEXT = Path(__file__).resolve().parents[1] / "data" / "heldout_english.txt"
+
+
+@torch.inference_mode()
+def perplexity(model: nn.Module, ids: list[int], chunk: int = 32) -> float:
+    """exp(mean next-token loss) over ``ids``, fed ``chunk`` tokens at a time over a KV cache."""
+    cache = model.new_cache(1, len(ids))
+    total = 0.0
+    for start in range(0, len(ids) - 1, chunk):
+        piece = ids[start:start + chunk]
+        targets = torch.tensor(ids[start + 1:start + chunk + 1])
+        logits = model(torch.tensor([piece]), kv_cache=cache)[0, :len(targets)].float()
+        total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+    return math.exp(total / (len(ids) - 1))
+
+
+def greedy_prompts(ids: list[int], count: int = 32, length: int = 16) -> list[list[int]]:
+    step = max(1, (len(ids) - length) // count)
+    return [ids[i * step:i * step + length] for i in range(count)]
+
+
+def quality(models: dict[str, nn.Module], ids: list[int], new_tokens: int = 16) -> dict:
+    """Per model: perplexity on ``ids`` (and its ratio to the first model's, the fp32 one),
+    the fraction of greedy tokens equal to the first model's, and the prompts fully equal."""
+    from mlx_core import generate
+
+    prompts = greedy_prompts(ids)
+    out, reference = {}, None
+    for name, model in models.items():
+        ppl = perplexity(model, ids)
+        tokens = generate(model, prompts, max_new_tokens=new_tokens, stop_token_ids=[])
+        if reference is None:
+            reference = (ppl, tokens)
+        same = [sum(a == b for a, b in zip(t, r)) for t, r in zip(tokens, reference[1])]
+        out[name] = {"perplexity": round(ppl, 3), "perplexity_ratio": round(ppl / reference[0], 4),
+                     "greedy_token_agreement": round(sum(same) / (len(prompts) * new_tokens), 3),
+                     "greedy_prompts_identical": sum(n == new_tokens for n in same)}
+    return out
+
+
 def run(model: str = "smollm2-135m-instruct", *, schemes: tuple[str, ...] | None = None,
-        prompt_len: int = 256, new_tokens: int = 64, rounds: int = 3, seed: int = 0) -> dict:
+        prompt_len: int = 256, new_tokens: int = 64, rounds: int = 3, seed: int = 0,
+        measure_quality: bool = True) -> dict:
     import copy
 
     from mlx_core import load_model
@@ -71,12 +118,19 @@ def run(model: str = "smollm2-135m-instruct", *, schemes: tuple[str, ...] | None
         for name, m in models.items():
             best[name] = max(best[name], decode_tokens_per_s(m, prompt, new_tokens))
     memory = {name: weight_bytes(m) for name, m in models.items()}
+    scores = {}
+    if measure_quality:
+        from mlx_core import load_tokenizer
+
+        text_ids = load_tokenizer(model).encode(TEXT.read_text())
+        scores = quality(models, text_ids)
     return {
         "model": model, "threads": torch.get_num_threads(), "prompt_len": prompt_len,
         "new_tokens": new_tokens, "rounds": rounds,
         "schemes": {name: {"decode_tokens_per_s": round(best[name], 2),
                            "decode_ratio": round(best[name] / best["fp32"], 3),
                            "weight_mib": round(memory[name] / 2**20, 1),
-                           "weight_ratio": round(memory[name] / memory["fp32"], 3)}
+                           "weight_ratio": round(memory[name] / memory["fp32"], 3),
+                           **scores.get(name, {})}
                     for name in models},
     }

@@ -1,0 +1,68 @@
+"""Triton dequant-matmul for the int8 and int4 weight layouts (``quantized_linear``).
+
+``y = x Wᵀ (+ b)`` with ``W`` read as it is stored: each (out, in) tile is de-quantized in
+registers inside the GEMM's loop (int8 times its group's scale; int4 unpacked from its byte's
+nibble, times the group's scale plus its min), so a full-precision weight never exists in
+memory. One kernel serves int8 per output channel (one group of ``K``), int8 in groups (GGUF
+Q8_0) and int4 in groups. Inference only: under autograd the torch reference runs.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from mlx_kernels.dispatch import interpreter_on
+
+BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 32
+
+
+@triton.jit
+def _quantized_matmul(X, Q, SCALES, MINS, BIAS, Y, M, N, K, GROUP, GROUPS,
+                      INT4: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(X + rows[:, None] * K + ks[None, :],
+                    mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
+        w_mask = (cols[:, None] < N) & (ks[None, :] < K)
+        group = cols[:, None] * GROUPS + ks[None, :] // GROUP
+        scale = tl.load(SCALES + group, mask=w_mask, other=0.0).to(tl.float32)
+        if INT4:
+            byte = tl.load(Q + cols[:, None] * (K // 2) + ks[None, :] // 2, mask=w_mask,
+                           other=0).to(tl.int32)
+            q = tl.where(ks[None, :] % 2 == 0, byte & 15, byte >> 4).to(tl.float32)
+            w = q * scale + tl.load(MINS + group, mask=w_mask, other=0.0).to(tl.float32)
+        else:
+            q = tl.load(Q + cols[:, None] * K + ks[None, :], mask=w_mask, other=0).to(tl.float32)
+            w = q * scale
+        w = tl.where(w_mask, w, 0.0)
+        if IEEE:
+            acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None] * N + cols[None, :], acc.to(Y.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def matmul(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+           mins: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x2d [M, K] @ Wᵀ (+ bias)`` in x's dtype; int4 when ``mins`` is given, else int8 with
+    ``scales`` ``[N]`` (per channel) or ``[N, K // G]``."""
+    m, k = x2d.shape
+    n = qweight.shape[0]
+    scales = scales.reshape(n, -1).contiguous()
+    groups = scales.shape[1]
+    y = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
+    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))
+    _quantized_matmul[grid](
+        x2d.contiguous(), qweight.contiguous(), scales,
+        scales if mins is None else mins.contiguous(), x2d if bias is None else bias.contiguous(),
+        y, m, n, k, k // groups, groups, INT4=mins is not None, HAS_BIAS=bias is not None,
+        IEEE=x2d.dtype == torch.float32 or interpreter_on(), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K)
+    return y
