@@ -79,7 +79,8 @@ def quality(models: dict[str, nn.Module], ids: list[int], new_tokens: int = 16) 
         tokens = generate(model, prompts, max_new_tokens=new_tokens, stop_token_ids=[])
         if reference is None:
             reference = (ppl, tokens)
-        same = [sum(a == b for a, b in zip(t, r)) for t, r in zip(tokens, reference[1])]
+        same = [sum(a == b for a, b in zip(t, r, strict=True))
+                for t, r in zip(tokens, reference[1], strict=True)]
         out[name] = {"perplexity": round(ppl, 3), "perplexity_ratio": round(ppl / reference[0], 4),
                      "greedy_token_agreement": round(sum(same) / (len(prompts) * new_tokens), 3),
                      "greedy_prompts_identical": sum(n == new_tokens for n in same)}
