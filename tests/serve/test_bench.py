@@ -53,3 +53,22 @@ def test_bench_serve_rejects_a_bad_range(tiny_model_dir):
                                       "--prompt-len", "50:10"])
     assert result.exit_code != 0
     assert "--prompt-len needs 1 <= LOW <= HIGH" in result.output
+
+
+def test_bench_quant_serve_reports_ratios_to_the_fp32_engine(tiny_model_dir, tmp_path):
+    """The bookkeeping on a tiny model (the figures are measured on the built-in one)."""
+    out = tmp_path / "quant.json"
+    result = CliRunner().invoke(build_app(), [
+        "bench", "quant-serve", "--model", str(tiny_model_dir), "--schemes", "w8a8,int4",
+        "--num-requests", "5", "--prompt-len", "4:12", "--output-len", "2:6", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    rows = report["schemes"]
+    assert list(rows) == ["fp32", "w8a8", "int4"] and rows["fp32"]["ratio_to_fp32"] == 1.0
+    assert rows["w8a8"]["ceiling"] == "int8" and rows["int4"]["ceiling"] == "fp32"
+    assert len({row["output_tokens"] for row in rows.values()}) == 1  # every token, every engine
+    assert all(row["leaked_blocks"] == 0 and row["fraction_of_ceiling_all_tokens"] > 0
+               for row in rows.values())
+    assert report["int8_matmul_tops"] > 0
+    bad = CliRunner().invoke(build_app(), ["bench", "quant-serve", "--schemes", "int3"])
+    assert bad.exit_code == 1 and "unknown quantization scheme" in bad.output

@@ -231,3 +231,60 @@ def run(model: str = "smollm2-135m-instruct", *, num_requests: int = 64,
         if engine.config.speculative_config else None,
         "engine": asdict(engine.config),
     }
+
+
+def int8_matmul_tops(size: int = 1024, repeats: int = 10) -> float:
+    """This machine's int8 x int8 -> int32 matmul rate (``torch._int_mm``), W8A8's ceiling."""
+    a = torch.randint(-127, 128, (size, size), dtype=torch.int8)
+    b = torch.randint(-127, 128, (size, size), dtype=torch.int8)
+    torch._int_mm(a, b)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch._int_mm(a, b)
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def run_quantized(model: str = "smollm2-135m-instruct", *, schemes: tuple[str, ...] = ("w8a8",),
+                  num_requests: int = 64, prompt_len: tuple[int, int] = (32, 256),
+                  output_len: tuple[int, int] = (16, 128), rounds: int = 1, seed: int = 0,
+                  engine_options: dict | None = None) -> dict:
+    """The serving workload of ``run`` (all requests at once) on our engine in fp32 and on each
+    quantization scheme, in one process (rounds interleaved, each from a cold prefix cache, the
+    best kept), reported as ratios to fp32, with the fraction of the machine's fp32 GEMM ceiling
+    (fp32 and weight-only schemes, whose large GEMMs run in fp32) or int8 GEMM ceiling (W8A8)
+    reached, counting prompt and output tokens."""
+    from mlx_serve.llm import LLM
+
+    options = {"kv_cache_memory": "1GiB", **(engine_options or {})}
+    engines = {"fp32": LLM(model, **options).engine}
+    for scheme in schemes:
+        engines[scheme] = LLM(model, quantization=scheme, **options).engine
+    vocab = engines["fp32"].model.config.vocab_size
+    workload = make_workload(num_requests, prompt_len, output_len, vocab, 0.0, seed)
+    warm = make_workload(2, (8, 16), (2, 4), vocab, 0.0, seed + 1)
+    best: dict[str, RunResult] = {}
+    for engine in engines.values():
+        run_engine(engine, warm, use_arrivals=False)
+    for _ in range(rounds):
+        for name, engine in engines.items():
+            engine.reset_prefix_cache()
+            result = run_engine(engine, workload, use_arrivals=False)
+            if name not in best or result.tokens_per_s > best[name].tokens_per_s:
+                best[name] = result
+    gflops, tops = matmul_gflops(), int8_matmul_tops()
+    per_token = flops_per_token(engines["fp32"].model)
+    prompt_tokens = sum(map(len, workload.prompts))
+    out = {"model": model, "num_requests": num_requests, "prompt_tokens": prompt_tokens,
+           "threads": torch.get_num_threads(), "rounds": rounds,
+           "matmul_gflops": round(gflops, 1), "int8_matmul_tops": round(tops, 2),
+           "gflop_per_token": round(per_token / 1e9, 3), "schemes": {}}
+    for name, result in best.items():
+        ceiling = (tops * 1e12 if name == "w8a8" else gflops * 1e9) / per_token
+        processed = (prompt_tokens + result.output_tokens) / result.seconds
+        out["schemes"][name] = {
+            **result.summary(),
+            "ratio_to_fp32": round(result.tokens_per_s / best["fp32"].tokens_per_s, 3),
+            "ceiling": "int8" if name == "w8a8" else "fp32",
+            "fraction_of_ceiling_all_tokens": round(processed / ceiling, 3),
+            "leaked_blocks": engines[name].blocks.num_blocks - engines[name].blocks.num_free_blocks}
+    return out

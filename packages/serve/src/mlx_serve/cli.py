@@ -213,3 +213,44 @@ def bench_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
     if json_path:
         with open(json_path, "w") as f:
             f.write(json.dumps(result, indent=2))
+
+
+@clean_errors
+def bench_quant_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
+                      schemes: str = typer.Option("w8a8", "--schemes",
+                                                  help="Comma-separated schemes to run beside fp32."),
+                      num_requests: int = typer.Option(64, "--num-requests", min=1),
+                      prompt_len: str = typer.Option("32:256", "--prompt-len"),
+                      output_len: str = typer.Option("16:128", "--output-len"),
+                      rounds: int = typer.Option(1, "--rounds", min=1),
+                      max_num_seqs: int = typer.Option(64, "--max-num-seqs"),
+                      json_path: str = typer.Option("", "--json", help="Also write the result here.")):
+    """The serving workload (all requests at once) on our engine in fp32 and quantized, same
+    process: output tok/s ratios and the fraction of the fp32 / int8 GEMM ceiling reached."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from mlx_core.transforms import parse_scheme
+    from mlx_serve import bench
+
+    names = tuple(s.strip() for s in schemes.split(",") if s.strip())
+    for name in names:
+        parse_scheme(name)
+    result = bench.run_quantized(model, schemes=names, num_requests=num_requests,
+                                 prompt_len=_int_range(prompt_len, "--prompt-len"),
+                                 output_len=_int_range(output_len, "--output-len"), rounds=rounds,
+                                 engine_options={"max_num_seqs": max_num_seqs})
+    table = Table("engine", "output tok/s", "vs fp32", "seconds", "ceiling", "of ceiling",
+                  title=f"mlx bench quant-serve: {model}, {num_requests} requests at once, "
+                        f"{result['threads']} threads (fp32 GEMM {result['matmul_gflops']} "
+                        f"GFLOP/s, int8 GEMM {result['int8_matmul_tops']} TOPS)")
+    for name, row in result["schemes"].items():
+        table.add_row(name, f"{row['output_tokens_per_s']:.1f}", f"{row['ratio_to_fp32']:.2f}x",
+                      f"{row['seconds']:.1f}", row["ceiling"],
+                      f"{row['fraction_of_ceiling_all_tokens']:.0%}")
+    Console().print(table)
+    if json_path:
+        with open(json_path, "w") as f:
+            f.write(json.dumps(result, indent=2))

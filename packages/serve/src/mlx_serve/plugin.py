@@ -1,4 +1,5 @@
-"""mlx-serve's registrations (``mlx.plugins`` entry point): ``mlx serve`` and ``mlx bench serve``."""
+"""mlx-serve's registrations (``mlx.plugins`` entry point): ``mlx serve``, ``mlx bench serve``
+and ``mlx bench quant-serve``."""
 
 
 def register() -> None:
@@ -12,3 +13,7 @@ def register() -> None:
         from mlx_serve.cli import bench_serve
 
         registry.benchmarks.register("serve", bench_serve)
+    if "quant-serve" not in registry.benchmarks:
+        from mlx_serve.cli import bench_quant_serve
+
+        registry.benchmarks.register("quant-serve", bench_quant_serve)
