@@ -152,8 +152,10 @@ def test_w8a8_linear_matches_its_reference_and_fp32(shape, rows, bias):
     q, scale = ql.quantize_int8(w)
     want = ql.w8a8_linear_reference(x, q, scale, b)
     with torch.inference_mode():
-        got = ql.w8a8_linear(x, q, scale, b)
+        got = ql.w8a8_linear(x, q, scale, b)  # torch._int_mm
+        packed = ql.w8a8_linear(x, q, scale, b, cpu_layout=ql.CpuLayout())  # oneDNN's packed
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(packed, want, atol=1e-5, rtol=1e-5)
     # int8 weights and activations: within a few percent of the fp32 product's scale
     _close_to_scale(want, F.linear(x, w, b), 3e-2)
 

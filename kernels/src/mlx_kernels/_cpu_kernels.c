@@ -335,3 +335,21 @@ void int8_group_linear_f32(const float *restrict x, const int8_t *restrict q,
         }
     }
 }
+
+/* W8A8's epilogue after oneDNN's int8 GEMM (which applies the weight scales): y[r, n] *=
+ * row_scale[r] (the activation row's scale), then + bias[n], in place. */
+void scale_rows_f32(float *restrict y, const float *restrict row_scale,
+                    const float *restrict bias, int64_t rows, int64_t n) {
+#pragma omp parallel for schedule(static) if (rows * n >= 65536)
+    for (int64_t r = 0; r < rows; ++r) {
+        float *yr = y + r * n;
+        const float rs = row_scale[r];
+        if (bias) {
+#pragma omp simd
+            for (int64_t i = 0; i < n; ++i) yr[i] = yr[i] * rs + bias[i];
+        } else {
+#pragma omp simd
+            for (int64_t i = 0; i < n; ++i) yr[i] *= rs;
+        }
+    }
+}

@@ -105,6 +105,8 @@ def library() -> ctypes.CDLL | None:
     lib.dequantize_s32_f32.restype = None
     # acc, row_scale, col_scale, bias (NULL: none), out; rows, n
     lib.dequantize_s32_f32.argtypes = [ptr] * 5 + [i64] * 2
+    lib.scale_rows_f32.restype = None
+    lib.scale_rows_f32.argtypes = [ptr] * 3 + [i64] * 2  # y, row_scale, bias (NULL: none); rows, n
     lib.int8_group_linear_f32.restype = None
     # x, q, scale, bias (NULL: none), y; rows, n, k, group
     lib.int8_group_linear_f32.argtypes = [ptr] * 5 + [i64] * 4

@@ -28,10 +28,13 @@ SCHEMES = ("int8", "int4", "w8a8", "gguf")
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the tensors the model holds: parameters, buffers (shared ones once) and the
     layouts the CPU kernels made from them."""
-    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    def key(t: torch.Tensor):  # oneDNN's packed weights are opaque: no storage to point at
+        return t.data_ptr() if t.layout == torch.strided and not t.is_mkldnn else id(t)
+
+    tensors = {key(t): t for t in [*model.parameters(), *model.buffers()]}
     for module in model.modules():
         if isinstance(module, QuantizedLinear) and module._cpu_layout.data is not None:
-            tensors.update((t.data_ptr(), t) for t in module._cpu_layout.data)
+            tensors.update((key(t), t) for t in module._cpu_layout.data)
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 

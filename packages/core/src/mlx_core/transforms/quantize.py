@@ -107,7 +107,7 @@ class W8A8Linear(Int8Linear):
     scheme = "w8a8"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ql.w8a8_linear(x, self.qweight, self.scale, self.bias)
+        return ql.w8a8_linear(x, self.qweight, self.scale, self.bias, cpu_layout=self._cpu_layout)
 
 
 class Int4Linear(QuantizedLinear):
