@@ -142,7 +142,7 @@ def test_native_row_quantization_equals_the_reference_bit_for_bit(rows, k):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("rows", [1, 17, 200])
+@pytest.mark.parametrize("rows", [1, 2, 17, 200])
 @pytest.mark.parametrize("bias", [False, True])
 def test_w8a8_linear_matches_its_reference_and_fp32(shape, rows, bias):
     _native()
