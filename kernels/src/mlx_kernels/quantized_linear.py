@@ -161,18 +161,20 @@ def _int4_cpu_layout(qweight, scales, mins):
     return packed, scales_and_zeros.to(torch.bfloat16)
 
 
-def _fast_cpu(x: torch.Tensor, rows: int) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and 0 < rows <= FAST_ROWS and setting() == "auto")
+def _path(x: torch.Tensor, rows: int) -> str:
+    """Where a weight-only op runs: ``"cpu"`` (torch's CPU kernels: fp32 inference, up to
+    FAST_ROWS rows, MLX_KERNELS=auto), ``"triton"`` or ``"reference"``. The setting is read once
+    per call: at a decode step's one row the op itself takes only some 25 us."""
+    if rows == 0 or torch.is_grad_enabled():
+        return "reference"
+    if x.device.type == "cpu" and setting() == "auto":
+        return "cpu" if x.dtype == torch.float32 and rows <= FAST_ROWS else "reference"
+    return "triton" if backend_for(x.device) == "triton" else "reference"
 
 
 def _rows(x: torch.Tensor) -> tuple[int, torch.Tensor]:
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return rows, x.reshape(rows, x.shape[-1])
-
-
-def _triton(x: torch.Tensor, rows: int) -> bool:
-    return rows > 0 and not torch.is_grad_enabled() and backend_for(x.device) == "triton"
 
 
 def _triton_matmul(x, flat, qweight, scales, mins, bias):
@@ -188,11 +190,12 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None, *, cpu_layout: CpuLayout | None = None) -> torch.Tensor:
     """``F.linear(x, dequantize_int8(qweight, scale), bias)``."""
     rows, flat = _rows(x)
-    if _triton(x, rows):
+    path = _path(x, rows)
+    if path == "triton":
         return _triton_matmul(x, flat, qweight, scale, None, bias)
     if scale.dim() == 2:
-        return _int8_group_linear(x, flat, rows, qweight, scale, bias)
-    if cpu_layout is not None and _fast_cpu(x, rows):
+        return _int8_group_linear(x, flat, rows, qweight, scale, bias, path == "cpu")
+    if cpu_layout is not None and path == "cpu":
         q, scale16 = cpu_layout.get(_int8_cpu_layout, qweight, scale)
         y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), q, scale16).float()
         if bias is not None:
@@ -201,10 +204,10 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     return F.linear(x, dequantize_int8(qweight, scale, x.dtype), bias)
 
 
-def _int8_group_linear(x, flat, rows, qweight, scale, bias):
+def _int8_group_linear(x, flat, rows, qweight, scale, bias, fast_cpu):
     from mlx_kernels import _cpu_native
 
-    if not (_fast_cpu(x, rows) and _cpu_native.applies(x, scale)
+    if not (fast_cpu and _cpu_native.applies(x, scale)
             and (bias is None or _cpu_native.applies(bias))):
         return F.linear(x, dequantize_int8(qweight, scale, x.dtype), bias)
     flat, qweight, scale = flat.contiguous(), qweight.contiguous(), scale.contiguous()
@@ -221,10 +224,11 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mi
                 bias: torch.Tensor | None = None, *, cpu_layout: CpuLayout | None = None) -> torch.Tensor:
     """``F.linear(x, dequantize_int4(qweight, scales, mins), bias)``."""
     rows, flat = _rows(x)
-    if _triton(x, rows):
+    path = _path(x, rows)
+    if path == "triton":
         return _triton_matmul(x, flat, qweight, scales, mins, bias)
     # torch's int4 CPU layout packs outputs in blocks of 16
-    if cpu_layout is not None and _fast_cpu(x, rows) and qweight.shape[0] % 16 == 0:
+    if cpu_layout is not None and path == "cpu" and qweight.shape[0] % 16 == 0:
         packed, scales_and_zeros = cpu_layout.get(_int4_cpu_layout, qweight, scales, mins)
         group_size = 2 * qweight.shape[1] // scales.shape[1]
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), packed, group_size,
