@@ -61,6 +61,7 @@ def test_bad_int4_group_sizes_name_the_choices():
 @pytest.mark.parametrize("rows", [1, 5, 64, 65])
 @pytest.mark.parametrize("bias", [False, True])
 def test_int8_linear_matches_its_reference(shape, rows, bias):
+    """2 x rows: up to INT8_FAST_ROWS torch's kernel (bf16 activations), beyond the reference."""
     torch.manual_seed(rows)
     w, x = torch.randn(shape), torch.randn(2, rows, shape[1])
     b = torch.randn(shape[0]) if bias else None
@@ -69,7 +70,7 @@ def test_int8_linear_matches_its_reference(shape, rows, bias):
     with torch.inference_mode():
         got = ql.int8_linear(x, q, scale, b, cpu_layout=ql.CpuLayout())
     assert got.shape == want.shape and got.dtype == torch.float32
-    if 2 * rows > ql.FAST_ROWS:  # the reference itself
+    if 2 * rows > ql.INT8_FAST_ROWS:  # the reference itself
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     else:
         _close_to_scale(got, want, 1e-2)
@@ -161,10 +162,10 @@ def test_w8a8_linear_matches_its_reference_and_fp32(shape, rows, bias):
 
 
 @pytest.mark.parametrize("shape,group_size", [((35, 96), 32), ((64, 64), 64), ((130, 192), 32)])
-@pytest.mark.parametrize("rows", [1, 5, 64, 65])
+@pytest.mark.parametrize("rows", [1, 5, 128, 129])
 @pytest.mark.parametrize("bias", [False, True])
 def test_int8_with_group_scales_matches_its_reference(shape, group_size, rows, bias):
-    """GGUF Q8_0's form (a scale per group of inputs): the native C loop up to FAST_ROWS rows
+    """GGUF Q8_0's form (a scale per group of inputs): the native C loop up to INT8_FAST_ROWS rows
     (fp32 activations, so fp32 summation-order differences only), the reference beyond."""
     _native()
     torch.manual_seed(rows)

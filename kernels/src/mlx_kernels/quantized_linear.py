@@ -14,16 +14,17 @@ Layouts (what a quantized model's buffers and checkpoints hold; ``N`` outputs, `
 
 The torch references dequantize and call ``F.linear`` (autograd flows to the input, as QLoRA
 needs). On GPUs (and under ``MLX_KERNELS=triton``) int8 and int4 run a Triton dequant-matmul
-(``_quantized_linear_triton``) in inference; W8A8 runs its reference there. On CPU, in fp32 inference under ``MLX_KERNELS=auto``, the fast paths are torch's own
-CPU kernels: ``torch._weight_int8pack_mm`` / ``torch._weight_int4pack_mm_for_cpu`` for up to
-``FAST_ROWS`` rows (their fast kernels take bf16 activations: the input is rounded to bf16 and
-the output comes back from bf16, as torchao's CPU int8/int4 layouts run them), and
-``torch._int_mm`` for W8A8, with the activation quantization and the int32 -> fp32 epilogue as
-native C loops (``_cpu_kernels.c``; torch's elementwise ops take several passes each). int8 with
-group scales has no torch CPU kernel: a native C loop runs it (fp32 activations).
-Measured on the built-in model's 211 weights (2 threads, Sapphire Rapids): one row fp32 19.5 ms,
-int8 10.7, int4 (G=32) 5.0; 64 rows 92.7 / 117.5 / 102.7 (beyond that a dequantized fp32 GEMM
-wins, so larger inputs take the reference).
+(``_quantized_linear_triton``) in inference; W8A8 runs its reference there.
+
+On CPU, in fp32 inference under ``MLX_KERNELS=auto``: int8 / int4 run torch's own kernels
+``torch._weight_int8pack_mm`` / ``torch._weight_int4pack_mm_for_cpu`` up to ``INT8_FAST_ROWS`` /
+``INT4_FAST_ROWS`` rows. Their fast kernels take bf16 activations (the input is rounded to bf16
+and the output comes back from bf16, as torchao's CPU layouts run them). Measured on the
+built-in model's 211 weights (2 threads, Sapphire Rapids), one row: fp32 19.5 ms, int8 10.7,
+int4 (G=32) 5.0. Beyond those row counts a dequantized fp32 GEMM wins. int8 with a scale per
+group (GGUF's Q8_0) has no torch CPU kernel: a native C loop runs it (fp32 activations). W8A8
+quantizes each activation row in a native C loop and runs oneDNN's int8 GEMM on a prepacked
+weight (``torch._int_mm`` for a single row), scaling back in a second C loop.
 """
 
 from __future__ import annotations
@@ -33,8 +34,11 @@ import torch.nn.functional as F
 
 from mlx_kernels.dispatch import backend_for, setting
 
-# up to this many rows the CPU int8/int4 weight-only kernels beat dequantize + fp32 GEMM
-FAST_ROWS = 64
+# up to this many rows torch's CPU int8 / int4 weight-only kernels beat dequantize + fp32 GEMM
+# (28 of the built-in model's weights, 2 threads, Sapphire Rapids: int8 12.7 vs 22.4 ms at 64
+# rows, even at 128, 44 vs 38 at 256; int4 42 vs 66 ms at 256, 63 vs 72 at 384, 86 vs 78 at 512)
+INT8_FAST_ROWS = 128
+INT4_FAST_ROWS = 384
 INT4_GROUP_SIZES = (32, 64, 128)
 
 
@@ -161,14 +165,14 @@ def _int4_cpu_layout(qweight, scales, mins):
     return packed, scales_and_zeros.to(torch.bfloat16)
 
 
-def _path(x: torch.Tensor, rows: int) -> str:
+def _path(x: torch.Tensor, rows: int, fast_rows: int) -> str:
     """Where a weight-only op runs: ``"cpu"`` (torch's CPU kernels: fp32 inference, up to
-    FAST_ROWS rows, MLX_KERNELS=auto), ``"triton"`` or ``"reference"``. The setting is read once
-    per call: at a decode step's one row the op itself takes only some 25 us."""
+    ``fast_rows`` rows, MLX_KERNELS=auto), ``"triton"`` or ``"reference"``. The setting is read
+    once per call: at a decode step's one row the op itself takes only some 25 us."""
     if rows == 0 or torch.is_grad_enabled():
         return "reference"
     if x.device.type == "cpu" and setting() == "auto":
-        return "cpu" if x.dtype == torch.float32 and rows <= FAST_ROWS else "reference"
+        return "cpu" if x.dtype == torch.float32 and rows <= fast_rows else "reference"
     return "triton" if backend_for(x.device) == "triton" else "reference"
 
 
@@ -190,7 +194,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None, *, cpu_layout: CpuLayout | None = None) -> torch.Tensor:
     """``F.linear(x, dequantize_int8(qweight, scale), bias)``."""
     rows, flat = _rows(x)
-    path = _path(x, rows)
+    path = _path(x, rows, INT8_FAST_ROWS)
     if path == "triton":
         return _triton_matmul(x, flat, qweight, scale, None, bias)
     if scale.dim() == 2:
@@ -224,7 +228,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mi
                 bias: torch.Tensor | None = None, *, cpu_layout: CpuLayout | None = None) -> torch.Tensor:
     """``F.linear(x, dequantize_int4(qweight, scales, mins), bias)``."""
     rows, flat = _rows(x)
-    path = _path(x, rows)
+    path = _path(x, rows, INT4_FAST_ROWS)
     if path == "triton":
         return _triton_matmul(x, flat, qweight, scales, mins, bias)
     # torch's int4 CPU layout packs outputs in blocks of 16
