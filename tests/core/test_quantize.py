@@ -291,3 +291,49 @@ def test_chunked_perplexity_equals_one_full_forward():
     assert math.isclose(perplexity(model, ids.tolist()), math.exp(loss.item()), rel_tol=1e-5)
     prompts = greedy_prompts(list(range(600)))
     assert len(prompts) == 32 and all(len(p) == 16 for p in prompts) and prompts[1][0] == 18
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_smoothquant_leaves_the_full_precision_function_unchanged(family):
+    """Scales moved from activations to weights: fp32 logits equal to rounding (1e-4)."""
+    from mlx_core.transforms.smoothquant import smooth
+
+    model = _model(family)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.inference_mode():
+        want = model(ids)
+    calibration = torch.randint(0, model.config.vocab_size, (3, 16)).tolist()
+    assert smooth(model, calibration, 0.65) >= model.config.num_layers
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids), want, atol=1e-4, rtol=1e-4)
+
+
+def test_smoothquant_shrinks_w8a8_error_on_an_outlier_channel():
+    """An input channel 50x larger than the rest (folded into the weights, so the fp32 model is
+    unchanged): per-token int8 activations lose the others; smoothing first wins it back."""
+    from mlx_core.transforms.smoothquant import smooth
+
+    fp32 = _model("tiny-llama")
+    with torch.no_grad():
+        for layer in fp32.model.layers:
+            layer.input_layernorm.weight[3] *= 50
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.weight[:, 3] /= 50
+    ids = torch.randint(0, fp32.config.vocab_size, (2, 24))
+    calibration = torch.randint(0, fp32.config.vocab_size, (4, 32)).tolist()
+    with torch.inference_mode():
+        want = fp32(ids)
+        plain = quantize(copy.deepcopy(fp32), "w8a8")(ids)
+        smoothed = quantize(copy.deepcopy(fp32), "w8a8", calibration=calibration)(ids)
+    assert (smoothed - want).abs().mean() < 0.7 * (plain - want).abs().mean()
+    with pytest.raises(ValueError, match="calibration applies to w8a8"):
+        quantize(copy.deepcopy(fp32), "int8", calibration=calibration)
+    with pytest.raises(ValueError, match="alpha must be in"):
+        smooth(copy.deepcopy(fp32), calibration, 1.5)
+
+
+def test_load_model_w8a8_calibrates_on_the_shipped_text(tiny_model_dir):
+    full = load_model(tiny_model_dir)
+    w8a8 = load_model(tiny_model_dir, quantization="w8a8")
+    assert not torch.equal(w8a8.model.layers[0].input_layernorm.weight,
+                           full.model.layers[0].input_layernorm.weight)  # smoothed

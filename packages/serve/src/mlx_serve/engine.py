@@ -54,16 +54,21 @@ class EngineStats:
     num_accepted_tokens: int = 0
 
 
-def _quantized(model: nn.Module, config: EngineConfig) -> nn.Module:
+def _quantized(model: nn.Module, config: EngineConfig, tokenizer) -> nn.Module:
     """The model with ``config.quantization`` applied (in place), which then names what the
-    model runs: a model quantized before it came here is served as it is."""
+    model runs: a model quantized before it came here is served as it is. W8A8 calibrates
+    SmoothQuant on the shipped calibration text in the tokenizer's ids."""
     done = getattr(model, "quantization", None)
     if config.quantization is None:
         config.quantization = done
     elif done is None:
-        from mlx_core.transforms import quantize
+        from mlx_core.transforms import parse_scheme, quantize
+        from mlx_core.transforms.smoothquant import default_calibration
 
-        quantize(model, config.quantization)
+        calibration = (default_calibration(tokenizer)
+                       if tokenizer is not None and parse_scheme(config.quantization).name == "w8a8"
+                       else None)
+        quantize(model, config.quantization, calibration=calibration)
     elif done != config.quantization:
         raise ValueError(f"the model is quantized with {done} already; quantization="
                          f"{config.quantization!r} cannot apply: pass the model in full "
@@ -74,7 +79,7 @@ def _quantized(model: nn.Module, config: EngineConfig) -> nn.Module:
 class LLMEngine:
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
-        self.model = model = _quantized(model.eval(), config)
+        self.model = model = _quantized(model.eval(), config, tokenizer)
         self.tokenizer = tokenizer
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         num_blocks = config.resolve_num_blocks(

@@ -70,8 +70,25 @@ def load_model(source: str | Path, *, dtype: torch.dtype = torch.float32,
     if quantization is not None:
         from mlx_core.transforms import quantize
 
-        quantize(model, quantization)
+        quantize(model.eval(), quantization, calibration=_calibration(quantization, directory))
     return model.eval()
+
+
+def _calibration(scheme: str, directory: Path):
+    """W8A8's SmoothQuant calibration: the shipped text in the model's own tokens (None for the
+    other schemes, or where the directory has no tokenizer)."""
+    from mlx_core.transforms import parse_scheme
+
+    if parse_scheme(scheme).name != "w8a8":
+        return None
+    from mlx_core.tokenizer import load_tokenizer
+    from mlx_core.transforms.smoothquant import default_calibration
+
+    try:
+        tokenizer = load_tokenizer(directory)
+    except (OSError, ValueError):
+        return None
+    return default_calibration(tokenizer)
 
 
 # config.json's "quantization_config" for a checkpoint of mlx's quantized layers (our tensor names)
