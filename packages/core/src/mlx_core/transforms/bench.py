@@ -107,11 +107,16 @@ def run(model: str = "smollm2-135m-instruct", *, schemes: tuple[str, ...] | None
             schemes = SCHEMES[:-1]
     for scheme in schemes:  # bad names fail before any model loads
         parse_scheme(scheme)
+    from mlx_core import load_tokenizer
+    from mlx_core.transforms.smoothquant import default_calibration
+
     fp32 = load_model(model)
+    tokenizer = load_tokenizer(model)
     models = {"fp32": fp32}
-    for scheme in schemes:  # "gguf": the source's GGUF tensors as shipped
+    for scheme in schemes:  # "gguf": the source's GGUF tensors as shipped; w8a8: SmoothQuant'd
+        calibration = default_calibration(tokenizer) if parse_scheme(scheme).name == "w8a8" else None
         models[scheme] = (load_model(model, quantization=scheme) if scheme == "gguf"
-                          else quantize(copy.deepcopy(fp32), scheme))
+                          else quantize(copy.deepcopy(fp32), scheme, calibration=calibration))
     rng = random.Random(seed)
     low = min(100, fp32.config.vocab_size // 2)
     prompt = [rng.randrange(low, fp32.config.vocab_size) for _ in range(prompt_len)]
@@ -124,9 +129,7 @@ def run(model: str = "smollm2-135m-instruct", *, schemes: tuple[str, ...] | None
     memory = {name: weight_bytes(m) for name, m in models.items()}
     scores = {}
     if measure_quality:
-        from mlx_core import load_tokenizer
-
-        text_ids = load_tokenizer(model).encode(TEXT.read_text())
+        text_ids = tokenizer.encode(TEXT.read_text())
         scores = quality(models, text_ids)
     return {
         "model": model, "threads": torch.get_num_threads(), "prompt_len": prompt_len,
