@@ -7,7 +7,7 @@ Layouts (what a quantized model's buffers and checkpoints hold; ``N`` outputs, `
   ``w = qweight * scale``.
 - int4 (groups of ``G`` inputs, asymmetric): ``qweight`` uint8 ``[N, K // 2]``, element ``2j`` of
   a row in byte ``j``'s low nibble and ``2j + 1`` in its high one, values 0..15; ``scales`` and
-  ``mins`` fp32 ``[N, K // G]``; ``w = q * scale + min`` per group (GGUF's Q4_1 form; its Q4_0 is
+  ``mins`` fp16 ``[N, K // G]``; ``w = q * scale + min`` per group (GGUF's Q4_1 form; its Q4_0 is
   ``min = -8 * scale``).
 - W8A8: the int8 weight layout; each activation row is quantized on the fly to int8 with its own
   scale (``max |x| / 127``) and the product runs on int8 with int32 sums.
@@ -97,16 +97,22 @@ def check_int4_shape(in_features: int, group_size: int, name: str = "the weight"
 def quantize_int4(weight: torch.Tensor, group_size: int = 32
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(qweight uint8 [N, K // 2], scales [N, K // G], mins [N, K // G])``: each group of
-    ``group_size`` inputs spans its own [min, max] in 16 steps."""
+    ``group_size`` inputs spans its own [min, max] in 16 steps. Scales and mins are fp16 (as
+    GGUF stores them: a quarter of the 4-bit data's size in fp32, an eighth in fp16); the values
+    are rounded on the fp16 grid they define."""
     n, k = weight.shape
     check_int4_shape(k, group_size)
     w = weight.detach().float().reshape(n, k // group_size, group_size)
     low, high = w.amin(dim=-1), w.amax(dim=-1)
-    scales = (high - low) / 15.0
-    inv = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
-    q = torch.round((w - low[..., None]) * inv[..., None]).clamp_(0, 15).to(torch.uint8)
+    if max(high.abs().max().item(), low.abs().max().item()) > torch.finfo(torch.float16).max / 2:
+        raise ValueError("weights beyond +-32752 do not fit int4's fp16 scales and minimums; "
+                         "quantize this model with int8")
+    scales, mins = ((high - low) / 15.0).half(), low.half()
+    scale32 = scales.float()
+    inv = torch.where(scale32 > 0, 1.0 / scale32, torch.zeros_like(scale32))
+    q = torch.round((w - mins.float()[..., None]) * inv[..., None]).clamp_(0, 15).to(torch.uint8)
     q = q.reshape(n, k)
-    return q[:, 0::2] | (q[:, 1::2] << 4), scales, low
+    return q[:, 0::2] | (q[:, 1::2] << 4), scales, mins
 
 
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
@@ -118,7 +124,7 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
                     dtype=torch.float32) -> torch.Tensor:
     n, groups = scales.shape
     q = unpack_int4(qweight).reshape(n, groups, -1).to(torch.float32)
-    return (q * scales[..., None] + mins[..., None]).reshape(n, -1).to(dtype)
+    return (q * scales.float()[..., None] + mins.float()[..., None]).reshape(n, -1).to(dtype)
 
 
 # ---- quantization (activations, W8A8) ---------------------------------------------------------
@@ -178,6 +184,7 @@ def _int8_cpu_layout(qweight, scale):
 def _int4_cpu_layout(qweight, scales, mins):
     # torch's convention per group: w = (q - 8) * scale + zero
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(qweight).to(torch.int32), 1)
+    scales, mins = scales.float(), mins.float()
     zeros = mins + 8.0 * scales
     scales_and_zeros = torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous()
     return packed, scales_and_zeros.to(torch.bfloat16)

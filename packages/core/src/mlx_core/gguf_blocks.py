@@ -21,14 +21,14 @@ NATIVE_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q8_0")
 
 
 def _fp16(block_bytes: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(block_bytes).view(np.float16)[..., 0].astype(np.float32)
+    return np.ascontiguousarray(np.ascontiguousarray(block_bytes).view(np.float16)[..., 0])
 
 
 def q4_blocks(data: np.ndarray, rows: int, cols: int, with_min: bool):
     """``(qweight, scales, mins)`` from Q4_1 (``with_min``) or Q4_0 blocks."""
     blocks = data.reshape(rows, cols // BLOCK, 20 if with_min else 18)
     scales = _fp16(blocks[..., 0:2])
-    mins = _fp16(blocks[..., 2:4]) if with_min else -8.0 * scales
+    mins = _fp16(blocks[..., 2:4]) if with_min else (-8.0 * scales).astype(np.float16)  # exact
     nibbles = blocks[..., 4:] if with_min else blocks[..., 2:]
     q = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1).reshape(rows, cols)
     return q[:, 0::2] | (q[:, 1::2] << 4), scales, mins
@@ -38,7 +38,7 @@ def q8_blocks(data: np.ndarray, rows: int, cols: int):
     """``(qweight, scale)`` from Q8_0 blocks."""
     blocks = data.reshape(rows, cols // BLOCK, 34)
     q = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(rows, cols)
-    return q, _fp16(blocks[..., 0:2])
+    return q, _fp16(blocks[..., 0:2]).astype(np.float32)
 
 
 def read_gguf_blocks(path: str | Path) -> GGUFModel:

@@ -108,6 +108,12 @@ def _saved_quantization(directory: Path) -> str | None:
     return found["scheme"]
 
 
+def _dtype_for(name: str, floating: bool, dtype: torch.dtype) -> torch.dtype | None:
+    """The model's dtype for its full-precision tensors; quantization parameters (scales, mins)
+    keep the dtype they were stored in."""
+    return dtype if floating and name.endswith((".weight", ".bias")) else None
+
+
 def _load_quantized_dir(model, directory, scheme, asked, dtype, device) -> nn.Module:
     from mlx_core.transforms.quantize import load_quantized_state
 
@@ -117,7 +123,7 @@ def _load_quantized_dir(model, directory, scheme, asked, dtype, device) -> nn.Mo
     from mlx_kernels.quantized_linear import aligned
 
     # aligned: a tensor from the file may start at any byte, which the CPU kernels cannot take
-    state = {k: aligned(v.to(device=device, dtype=dtype if v.is_floating_point() else None))
+    state = {k: aligned(v.to(device=device, dtype=_dtype_for(k, v.is_floating_point(), dtype)))
              for k, v in read_safetensors(directory).items()}
     load_quantized_state(model, state, scheme)
     model.source_dir = directory
@@ -135,7 +141,7 @@ def _load_gguf_as_shipped(source, dtype, device) -> nn.Module:
     config = ModelConfig.from_hf_config(read.hf_config)
     with torch.device("meta"):
         model = registry.architectures.get(config.model_type)["torch"](config)
-    state = {k: torch.from_numpy(v).to(device=device, dtype=dtype if v.dtype.kind == "f" else None)
+    state = {k: torch.from_numpy(v).to(device=device, dtype=_dtype_for(k, v.dtype.kind == "f", dtype))
              for k, v in read.tensors.items()}
     load_quantized_state(model, state, "gguf")
     # the tokenizer files (and a converted copy for full-precision use) live in the HF directory
