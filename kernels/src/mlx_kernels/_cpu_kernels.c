@@ -353,3 +353,21 @@ void scale_rows_f32(float *restrict y, const float *restrict row_scale,
         }
     }
 }
+
+/* RMSNorm of each row of x [rows, h]: out = (x * rsqrt(mean(x^2) + eps)) * w, HF's order of
+ * operations in fp32 (the sum of squares in another order than torch's: within ~1e-7). torch's
+ * CPU rms_norm runs pow, mean, add, rsqrt, mul and mul as separate passes; this is one. */
+void rms_norm_f32(const float *restrict x, const float *restrict w, float *restrict out,
+                  int64_t rows, int64_t h, float eps) {
+#pragma omp parallel for schedule(static) if (rows * h >= 65536)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *xr = x + r * h;
+        float *o = out + r * h;
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < h; ++i) ss += xr[i] * xr[i];
+        const float rstd = 1.0f / sqrtf(ss / (float)h + eps);
+#pragma omp simd
+        for (int64_t i = 0; i < h; ++i) o[i] = (xr[i] * rstd) * w[i];
+    }
+}

@@ -105,6 +105,8 @@ def library() -> ctypes.CDLL | None:
     lib.dequantize_s32_f32.restype = None
     # acc, row_scale, col_scale, bias (NULL: none), out; rows, n
     lib.dequantize_s32_f32.argtypes = [ptr] * 5 + [i64] * 2
+    lib.rms_norm_f32.restype = None
+    lib.rms_norm_f32.argtypes = [ptr] * 3 + [i64] * 2 + [f32]  # x, w, out; rows, h; eps
     lib.scale_rows_f32.restype = None
     lib.scale_rows_f32.argtypes = [ptr] * 3 + [i64] * 2  # y, row_scale, bias (NULL: none); rows, n
     lib.int8_group_linear_f32.restype = None
