@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mlx_kernels._gemm_triton import add_x_wt, store_plus_bias
 from mlx_kernels.dispatch import interpreter_on
 from mlx_kernels.nf4_format import ABSMAX_BLOCK, BLOCK_SIZE, NF4_CODEBOOK
 
@@ -76,14 +77,8 @@ def _nf4_matmul(X, CODES, ABSMAX_Q, ABSMAX_SCALE, ABSMAX_OFFSET, CODEBOOK, BIAS,
         x = tl.load(X + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
         w = _nf4_tile(CODES, ABSMAX_Q, ABSMAX_SCALE, ABSMAX_OFFSET, CODEBOOK, cols, ks, N, K,
                       W_DTYPE, GROUP, ABSMAX_GROUP)
-        if IEEE:
-            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-    if HAS_BIAS:
-        acc += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + rows[:, None] * N + cols[None, :], acc.to(Y.dtype.element_ty),
-             mask=(rows[:, None] < M) & (cols[None, :] < N))
+        acc = add_x_wt(acc, x, w, IEEE)
+    store_plus_bias(Y, BIAS, acc, rows, cols, M, N, HAS_BIAS)
 
 
 @triton.jit

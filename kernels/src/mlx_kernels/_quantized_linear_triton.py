@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mlx_kernels._gemm_triton import add_x_wt, store_plus_bias
 from mlx_kernels.dispatch import interpreter_on
 
 BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 32
@@ -39,14 +40,8 @@ def _quantized_matmul(X, Q, SCALES, MINS, BIAS, Y, M, N, K, GROUP, GROUPS,
             q = tl.load(Q + cols[:, None] * K + ks[None, :], mask=w_mask, other=0).to(tl.float32)
             w = q * scale
         w = tl.where(w_mask, w, 0.0)
-        if IEEE:
-            acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-    if HAS_BIAS:
-        acc += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + rows[:, None] * N + cols[None, :], acc.to(Y.dtype.element_ty),
-             mask=(rows[:, None] < M) & (cols[None, :] < N))
+        acc = add_x_wt(acc, x, w, IEEE)
+    store_plus_bias(Y, BIAS, acc, rows, cols, M, N, HAS_BIAS)
 
 
 def matmul(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
