@@ -1,4 +1,5 @@
-"""The fused LoRA-backward and NF4-matmul kernels compile for a real GPU, with no GPU present.
+"""The fused LoRA-backward, NF4-matmul and int8/int4 dequant-matmul kernels compile for a real
+GPU, with no GPU present.
 
 The interpreter runs every kernel's fp32 ("ieee") branch only; the bf16 ``tl.dot`` branches that
 CUDA runs are checked here by compiling them to a cubin for sm_90 with Triton's bundled ptxas.
@@ -19,7 +20,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mlx_kernels import _lora_triton as L, _nf4_triton as Q
+from mlx_kernels import _lora_triton as L, _nf4_triton as Q, _quantized_linear_triton as I
 
 BLOCKS = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
 NF4 = dict(CODES="*u8", ABSMAX_Q="*u8", ABSMAX_SCALE="*fp32", ABSMAX_OFFSET="*fp32", CODEBOOK="*fp32")
@@ -38,6 +39,12 @@ CASES = [
      dict(HAS_BIAS=True, IEEE=False, W_DTYPE=tl.bfloat16, GROUP=64, ABSMAX_GROUP=256, **BLOCKS)),
     (Q._nf4_matmul_dx, dict(DY="*bf16", **NF4, DX="*bf16", **SIZES),
      dict(IEEE=False, W_DTYPE=tl.float32, GROUP=64, ABSMAX_GROUP=256, **BLOCKS)),
+    (I._quantized_matmul, dict(X="*bf16", Q="*u8", SCALES="*fp16", MINS="*fp16", BIAS="*bf16",
+                               Y="*bf16", **SIZES, GROUP="i32", GROUPS="i32"),
+     dict(INT4=True, HAS_BIAS=True, IEEE=False, **BLOCKS)),
+    (I._quantized_matmul, dict(X="*bf16", Q="*i8", SCALES="*fp32", MINS="*fp32", BIAS="*bf16",
+                               Y="*bf16", **SIZES, GROUP="i32", GROUPS="i32"),
+     dict(INT4=False, HAS_BIAS=False, IEEE=False, **BLOCKS)),
 ]
 for fn, signature, constants in CASES:
     signature = {**signature, **dict.fromkeys(constants, "constexpr")}
@@ -55,4 +62,4 @@ def test_bf16_branches_compile_for_sm90():
     done = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True,
                           timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "compiled 5" in done.stdout
+    assert "compiled 7" in done.stdout
