@@ -10,7 +10,11 @@ import torch
 from torch import nn
 
 from mlx_adapters.nf4_linear import NF4Linear
-from mlx_kernels import nf4_dequantize
+from mlx_core.transforms import QuantizedLinear
+
+# frozen bases stored quantized: QLoRA's NF4, and mlx_core's int8 / int4 / W8A8 layers; adapters
+# train beside them in the compute dtype, and merging first replaces them by full precision
+QUANTIZED_BASES = (NF4Linear, QuantizedLinear)
 
 
 class AdapterLayer(nn.Module, abc.ABC):
@@ -33,12 +37,13 @@ class AdapterLayer(nn.Module, abc.ABC):
 
     def _device_dtype(self):
         """Where new adapter weights go: the base's device, in its compute dtype."""
-        ref = self.base_layer.weight if isinstance(self.base_layer, nn.Linear) else self.base_layer.absmax_scale
-        return ref.device, getattr(self.base_layer, "compute_dtype", ref.dtype)
+        if isinstance(self.base_layer, nn.Linear):
+            return self.base_layer.weight.device, self.base_layer.weight.dtype
+        return next(self.base_layer.buffers()).device, self.base_layer.compute_dtype
 
     def base_weight(self) -> torch.Tensor:
-        if isinstance(self.base_layer, NF4Linear):
-            return nf4_dequantize(self.base_layer.nf4)
+        if isinstance(self.base_layer, QUANTIZED_BASES):
+            return self.base_layer.dequantized_weight()
         return self.base_layer.weight
 
     def adapter_names(self) -> list[str]:
@@ -58,7 +63,7 @@ class AdapterLayer(nn.Module, abc.ABC):
             return
         if keep_original and not self.merged_adapters:  # kept off the module tree and state_dict
             object.__setattr__(self, "_original", self._original_tensors())
-        if isinstance(self.base_layer, NF4Linear):  # merging into 4 bits would be lossy
+        if isinstance(self.base_layer, QUANTIZED_BASES):  # merging into 4/8 bits would be lossy
             self.base_layer = self.base_layer.dequantized()
         with torch.no_grad():
             for name in names:
@@ -66,8 +71,9 @@ class AdapterLayer(nn.Module, abc.ABC):
                 self.merged_adapters.append(name)
 
     def _original_tensors(self):
-        """The base layer itself when merging replaces it (NF4), else clones of its tensors."""
-        if isinstance(self.base_layer, NF4Linear):
+        """The base layer itself when merging replaces it (quantized), else clones of its
+        tensors."""
+        if isinstance(self.base_layer, QUANTIZED_BASES):
             return self.base_layer
         return {k: t.detach().clone() for k, t in self.base_layer.named_parameters(recurse=False)}
 
@@ -76,7 +82,7 @@ class AdapterLayer(nn.Module, abc.ABC):
             while self.merged_adapters:  # per-adapter bookkeeping (e.g. DoRA's factors) too
                 self._unmerge_one(self.merged_adapters.pop())
             original = self.__dict__.pop("_original", None)
-            if isinstance(original, NF4Linear):
+            if isinstance(original, QUANTIZED_BASES):
                 self.base_layer = original
             elif original is not None:
                 for key, tensor in self.base_layer.named_parameters(recurse=False):

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlx_adapters.config import LoraConfig, pissa_iterations
-from mlx_adapters.layer import AdapterLayer, wrapped_targets
-from mlx_adapters.nf4_linear import NF4Linear
+from mlx_adapters.layer import QUANTIZED_BASES, AdapterLayer, wrapped_targets
 from mlx_kernels import lora_linear
 
 
@@ -30,8 +29,9 @@ class DoraMagnitude(nn.Module):
 class LoraLinear(AdapterLayer):
     """``base_layer(x) + sum over active adapters of scaling * B(A(dropout(x)))``.
 
-    The base is an ``nn.Linear`` or, for QLoRA, an ``NF4Linear``; merging into a 4-bit base
-    first replaces it by its de-quantized ``nn.Linear``.
+    The base is an ``nn.Linear`` or a quantized layer (QLoRA's ``NF4Linear``, mlx_core's
+    int8/int4 layers); merging into a quantized base first replaces it by its de-quantized
+    ``nn.Linear``.
     """
 
     tables = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
@@ -81,8 +81,8 @@ class LoraLinear(AdapterLayer):
         """PiSSA (Meng et al. 2024) or OLoRA (Büyükakyüz 2024): A and B from a factorisation of
         the base weight W, and W replaced by the residual ``W - s B A`` so the adapted layer
         starts out equal to the original. Computed in fp32, as PEFT does."""
-        if isinstance(self.base_layer, NF4Linear):
-            raise ValueError(f"init_lora_weights={how!r} rewrites the base weight, which an NF4 base "
+        if isinstance(self.base_layer, QUANTIZED_BASES):
+            raise ValueError(f"init_lora_weights={how!r} rewrites the base weight, which a quantized base "
                              "cannot hold exactly: initialise the adapter on the full-precision model "
                              "first, then quantize the residual (quantize_nf4)")
         weight = self.base_layer.weight

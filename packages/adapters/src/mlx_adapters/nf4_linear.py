@@ -30,6 +30,9 @@ class NF4Linear(nn.Module):
         return NF4Weight(self.codes, self.absmax_q, self.absmax_scale, self.absmax_offset,
                          (self.out_features, self.in_features), self.compute_dtype)
 
+    def dequantized_weight(self) -> torch.Tensor:
+        return nf4_dequantize(self.nf4)
+
     def dequantized(self) -> nn.Linear:
         """An ``nn.Linear`` holding the de-quantized weight (for merging adapters into it)."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,

@@ -7,8 +7,7 @@ import re
 from torch import nn
 
 from mlx_adapters.config import PeftConfig
-from mlx_adapters.layer import AdapterLayer
-from mlx_adapters.nf4_linear import NF4Linear
+from mlx_adapters.layer import QUANTIZED_BASES, AdapterLayer
 
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 _OUTPUT_HEADS = {"lm_head", "score", "classifier"}
@@ -54,7 +53,7 @@ def _linear_modules(model: nn.Module) -> list[str]:
         if isinstance(module, AdapterLayer):
             wrapped.append(name)
             names.append(name)
-        elif isinstance(module, (nn.Linear, NF4Linear)):
+        elif isinstance(module, (nn.Linear, *QUANTIZED_BASES)):
             names.append(name)
     return names
 

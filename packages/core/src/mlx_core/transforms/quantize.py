@@ -66,9 +66,11 @@ def parse_scheme(scheme: str | QuantizationScheme, group_size: int | None = None
 
 
 class QuantizedLinear(nn.Module):
-    """What every quantized linear layer has: the shape, the bias (a buffer) and its scheme."""
+    """What every quantized linear layer has: the shape, the bias (a buffer), its scheme, and
+    the dtype it computes in (adapters trained beside it use that dtype)."""
 
     scheme = ""
+    compute_dtype = torch.float32
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
         super().__init__()
@@ -78,6 +80,16 @@ class QuantizedLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def dequantized(self) -> nn.Linear:
+        """A frozen ``nn.Linear`` with the de-quantized weight (to merge adapters into)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.qweight.device, dtype=self.compute_dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.dequantized_weight())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear.requires_grad_(False)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
