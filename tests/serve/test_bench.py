@@ -67,8 +67,9 @@ def test_bench_quant_serve_reports_ratios_to_the_fp32_engine(tiny_model_dir, tmp
     assert list(rows) == ["fp32", "w8a8", "int4"] and rows["fp32"]["ratio_to_fp32"] == 1.0
     assert rows["w8a8"]["ceiling"] == "int8" and rows["int4"]["ceiling"] == "fp32"
     assert len({row["output_tokens"] for row in rows.values()}) == 1  # every token, every engine
-    assert all(row["leaked_blocks"] == 0 and row["fraction_of_ceiling_all_tokens"] > 0
-               for row in rows.values())
+    assert all(row["leaked_blocks"] == 0 for row in rows.values())
+    # a tiny model's ceiling is far off (rounded, the fraction may read 0.0), but never negative
+    assert all(row["fraction_of_ceiling_all_tokens"] >= 0 for row in rows.values())
     assert report["int8_matmul_tops"] > 0
     bad = CliRunner().invoke(build_app(), ["bench", "quant-serve", "--schemes", "int3"])
     assert bad.exit_code == 1 and "unknown quantization scheme" in bad.output
