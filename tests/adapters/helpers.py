@@ -101,3 +101,28 @@ def assert_prompt_generate_refusals(ours, zoo, zoo_fix: str) -> None:
     assert "prepare_inputs_for_generation" not in vars(ours.base_model.model)  # put back
     with pytest.raises(ValueError, match=zoo_fix):
         zoo.generate(ids)
+
+
+def assert_trains_saves_and_merges(quantized_base, frozen_suffix: str, ids, path):
+    """LoRA over ``quantized_base()`` (a fresh quantized model per call): training moves the loss
+    and only the adapter (the buffers ending in ``frozen_suffix`` stay as they were); the saved
+    adapter reloads onto a fresh base with the same output; merging keeps it. Returns the merged
+    model for the caller's own checks."""
+    from mlx_adapters import LoraConfig, PeftModel, get_peft_model
+
+    model = get_peft_model(quantized_base(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    frozen = {n: b.clone() for n, b in model.named_buffers() if n.endswith(frozen_suffix)}
+    losses = train_losses(model, ids, steps=8)
+    assert losses[-1] < losses[0] - 0.1
+    assert frozen and all(torch.equal(b, frozen[n]) for n, b in model.named_buffers() if n in frozen)
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        adapted = model(ids)
+    model.save_pretrained(path)
+    reloaded = PeftModel.from_pretrained(quantized_base(), path).eval()
+    with torch.no_grad():
+        assert (reloaded(ids) - adapted).abs().max() < 1e-5
+        merged = reloaded.merge_and_unload()
+        assert (merged(ids) - adapted).abs().max() < 1e-5
+    return merged

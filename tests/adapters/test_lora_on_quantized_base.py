@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from mlx_adapters import LoraConfig, PeftModel, get_peft_model
+from mlx_adapters import LoraConfig, get_peft_model
 from mlx_core import build_model, get_preset
 from mlx_core.transforms import Int4Linear, Int8Linear, QuantizedLinear, quantize
 
-from .helpers import train_losses
+from .helpers import assert_trains_saves_and_merges, train_losses
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 CONFIG = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
@@ -57,20 +57,7 @@ def test_adapter_trains_saves_and_merges_over_a_quantized_base(tmp_path, scheme,
     """Compared with the reference kernels (the CPU fast paths round activations to bf16, the
     merged fp32 layers do not)."""
     monkeypatch.setenv("MLX_KERNELS", "torch")
-    model = get_peft_model(quantize(_model(), scheme), LoraConfig(r=4, lora_alpha=8,
-                                                                  target_modules="all-linear"))
-    frozen = {n: b.clone() for n, b in model.named_buffers() if n.endswith("qweight")}
-    losses = train_losses(model, IDS, steps=8)
-    assert losses[-1] < losses[0] - 0.1
-    assert all(torch.equal(b, frozen[n]) for n, b in model.named_buffers() if n in frozen)
-    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
-    model.eval()
-    with torch.no_grad():
-        adapted = model(IDS)
-    model.save_pretrained(tmp_path / "adapter")
-    reloaded = PeftModel.from_pretrained(quantize(_model(), scheme), tmp_path / "adapter").eval()
-    with torch.no_grad():
-        assert (reloaded(IDS) - adapted).abs().max() < 1e-5
-        merged = reloaded.merge_and_unload()  # de-quantized: 4/8 bits cannot hold the sum
-        assert not any(isinstance(m, QuantizedLinear) for m in merged.model.layers.modules())
-        assert (merged(IDS) - adapted).abs().max() < 1e-5
+    merged = assert_trains_saves_and_merges(lambda: quantize(_model(), scheme), "qweight", IDS,
+                                            tmp_path / "adapter")
+    # de-quantized: 4/8 bits cannot hold the sum
+    assert not any(isinstance(m, QuantizedLinear) for m in merged.model.layers.modules())

@@ -2,11 +2,11 @@
 
 import torch
 
-from mlx_adapters import LoraConfig, NF4Linear, PeftModel, get_peft_model, quantize_nf4
+from mlx_adapters import LoraConfig, NF4Linear, get_peft_model, quantize_nf4
 from mlx_core import build_model, get_preset
 from mlx_kernels.nf4 import ABSMAX_BLOCK, BLOCK_SIZE
 
-from .helpers import loss_and_grads_under_autocast, train_losses
+from .helpers import assert_trains_saves_and_merges, loss_and_grads_under_autocast
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -39,21 +39,7 @@ def test_quantized_model_stays_close_to_the_original():
 
 
 def test_qlora_trains_only_the_adapter_and_merges_exactly(tmp_path):
-    model = get_peft_model(quantize_nf4(_model()), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    codes_before = {n: b.clone() for n, b in model.named_buffers() if n.endswith("codes")}
-    losses = train_losses(model, IDS, steps=8)
-    assert losses[-1] < losses[0] - 0.1
-    assert all(torch.equal(b, codes_before[n]) for n, b in model.named_buffers() if n in codes_before)
-    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
-    model.eval()
-    with torch.no_grad():
-        adapted = model(IDS)
-    model.save_pretrained(tmp_path / "qlora")
-    reloaded = PeftModel.from_pretrained(quantize_nf4(_model()), tmp_path / "qlora").eval()
-    with torch.no_grad():
-        assert (reloaded(IDS) - adapted).abs().max() < 1e-5
-        merged = reloaded.merge_and_unload()
-        assert (merged(IDS) - adapted).abs().max() < 1e-5
+    assert_trains_saves_and_merges(lambda: quantize_nf4(_model()), "codes", IDS, tmp_path / "qlora")
 
 
 def test_qlora_unmerge_gives_back_the_nf4_base():
