@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from mlx_kernels.dispatch import backend_for, setting
+from mlx_kernels.linear import PACKED_ROWS_HINT, _identity
 
 # up to this many rows torch's CPU int8 / int4 weight-only kernels beat dequantize + fp32 GEMM
 # (28 of the built-in model's weights, 2 threads, Sapphire Rapids: int8 12.7 vs 22.4 ms at 64
@@ -160,7 +161,7 @@ class CpuLayout:
         self._source, self.data = None, None
 
     def get(self, make, *tensors):
-        source = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
+        source = tuple(map(_identity, tensors))  # as PackedWeight tells its weight apart
         if source != self._source:
             self.data, self._source = make(*tensors), source
         return self.data
@@ -289,9 +290,6 @@ def _w8a8_cpu_layout(qweight, scale):
         return None
     zeros = torch.zeros(qweight.shape[0], dtype=torch.int64)
     return packed, scale.float().contiguous(), zeros
-
-
-PACKED_ROWS_HINT = 64
 
 
 def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,

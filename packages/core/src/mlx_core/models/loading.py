@@ -120,10 +120,7 @@ def _load_quantized_dir(model, directory, scheme, asked, dtype, device) -> nn.Mo
     if asked is not None and asked != scheme:
         raise ValueError(f"{directory} is quantized with {scheme} already; load it with "
                          f"quantization=None (or {scheme!r}), or quantize its full-precision source")
-    from mlx_kernels.quantized_linear import aligned
-
-    # aligned: a tensor from the file may start at any byte, which the CPU kernels cannot take
-    state = {k: aligned(v.to(device=device, dtype=_dtype_for(k, v.is_floating_point(), dtype)))
+    state = {k: v.to(device=device, dtype=_dtype_for(k, v.is_floating_point(), dtype))
              for k, v in read_safetensors(directory).items()}
     load_quantized_state(model, state, scheme)
     model.source_dir = directory

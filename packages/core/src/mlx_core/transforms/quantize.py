@@ -13,6 +13,7 @@ parameters: nothing trains them, and they travel with ``.to(device)`` and the st
 
 from __future__ import annotations
 
+import abc
 import re
 from dataclasses import dataclass
 
@@ -65,7 +66,7 @@ def parse_scheme(scheme: str | QuantizationScheme, group_size: int | None = None
     return QuantizationScheme(name, size)
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(nn.Module, abc.ABC):
     """What every quantized linear layer has: the shape, the bias (a buffer), its scheme, and
     the dtype it computes in (adapters trained beside it use that dtype)."""
 
@@ -78,8 +79,13 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self._cpu_layout = ql.CpuLayout()
 
+    def computing_in(self, dtype: torch.dtype) -> QuantizedLinear:
+        self.compute_dtype = dtype
+        return self
+
+    @abc.abstractmethod
     def dequantized_weight(self) -> torch.Tensor:
-        raise NotImplementedError
+        """The weight ``[out, in]`` in fp32, as the layer's reference computes with it."""
 
     def dequantized(self) -> nn.Linear:
         """A frozen ``nn.Linear`` with the de-quantized weight (to merge adapters into)."""
@@ -105,8 +111,8 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("scale", scale)
 
     @classmethod
-    def from_linear(cls, layer: nn.Linear, shared: tuple | None = None):
-        return cls(*(shared or ql.quantize_int8(layer.weight)), layer.bias)
+    def from_linear(cls, layer: nn.Linear):
+        return cls(*ql.quantize_int8(layer.weight), layer.bias).computing_in(layer.weight.dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
         return ql.dequantize_int8(self.qweight, self.scale)
@@ -134,7 +140,8 @@ class Int4Linear(QuantizedLinear):
 
     @classmethod
     def from_linear(cls, layer: nn.Linear, group_size: int):
-        return cls(*ql.quantize_int4(layer.weight, group_size), layer.bias)
+        return cls(*ql.quantize_int4(layer.weight, group_size), layer.bias).computing_in(
+            layer.weight.dtype)
 
     @property
     def group_size(self) -> int:
@@ -181,14 +188,19 @@ class QuantizedEmbedding(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return self(torch.arange(self.num_embeddings, device=self.qweight.device))
 
-    def as_linear(self, scheme: str) -> QuantizedLinear:
+    def as_linear(self, scheme: str, bias: torch.Tensor | None = None) -> QuantizedLinear:
         """The LM head over the same quantized tensors (tied embeddings)."""
         if self.int4:
-            return Int4Linear(self.qweight, self.scales, self.mins)
-        return (W8A8Linear if scheme == "w8a8" else Int8Linear)(self.qweight, self.scale)
+            return Int4Linear(self.qweight, self.scales, self.mins, bias)
+        return _int8_layer(scheme)(self.qweight, self.scale, bias)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, scheme={'int4' if self.int4 else 'int8'}"
+
+
+def _int8_layer(scheme: str) -> type[Int8Linear]:
+    """The layer for int8 weights under ``scheme``: W8A8's quantizes the activations too."""
+    return W8A8Linear if scheme == "w8a8" else Int8Linear
 
 
 def _check_fits(model: nn.Module, scheme: QuantizationScheme) -> None:
@@ -231,21 +243,22 @@ def quantize(model: nn.Module, scheme: str | QuantizationScheme = "int8", *,
     head = getattr(model, "lm_head", None)
     table = None
     if isinstance(embedding, nn.Embedding):
-        table = ql.quantize_int8(embedding.weight)
+        table = QuantizedEmbedding(*ql.quantize_int8(embedding.weight), dtype=embedding.weight.dtype)
     tied = (table is not None and isinstance(head, nn.Linear) and head.weight is embedding.weight)
 
     def build(name: str, layer: nn.Linear) -> nn.Module | None:
         if _ROUTER.search(name):
             return None
+        if tied and layer is head:
+            return table.as_linear(scheme.name, layer.bias)
         if scheme.name == "int4" and layer is not head:
             return Int4Linear.from_linear(layer, scheme.group_size)
-        kind = W8A8Linear if scheme.name == "w8a8" else Int8Linear
-        return kind.from_linear(layer, table if tied and layer is head else None)
+        return _int8_layer(scheme.name).from_linear(layer)
 
     with torch.no_grad():
         swap_linears(model, build)
         if table is not None:
-            backbone.embed_tokens = QuantizedEmbedding(*table, dtype=embedding.weight.dtype)
+            backbone.embed_tokens = table
     model.quantization = str(scheme)
     return model
 
@@ -254,8 +267,10 @@ def load_quantized_state(model: nn.Module, state: dict[str, torch.Tensor], schem
     """Fill ``model`` (built on the meta device) from a quantized state: ``NAME.qweight`` with
     ``.scales`` + ``.mins`` (int4) or ``.scale`` (int8; W8A8 when ``scheme`` is ``"w8a8"``) make
     quantized layers, ``model.embed_tokens.qweight`` + ``.scale`` the int8 table (shared by a
-    tied head), everything else loads as it is. Raises on a missing or unexpected tensor."""
-    state = dict(state)
+    tied head), everything else loads as it is. Raises on a missing or unexpected tensor.
+    Tensors are first made 64-byte aligned: one read out of a file may start at any byte, which
+    torch's CPU kernels cannot take (``quantized_linear.aligned``)."""
+    state = {k: ql.aligned(v) for k, v in state.items()}
     backbone, head = model.model, getattr(model, "lm_head", None)
 
     def take(prefix: str, *names: str):
@@ -275,13 +290,13 @@ def load_quantized_state(model: nn.Module, state: dict[str, torch.Tensor], schem
         bias = state.pop(f"{name}.bias", None)
         if f"{name}.qweight" not in state:
             if layer is head and table is not None and model.config.tie_word_embeddings:
-                return table.as_linear(scheme)
+                return table.as_linear(scheme, bias)
             if bias is not None:
                 state[f"{name}.bias"] = bias  # a full-precision layer: loaded below
             return None
         if f"{name}.mins" in state:
             return Int4Linear(*take(name, "qweight", "scales", "mins"), bias)
-        return (W8A8Linear if scheme == "w8a8" else Int8Linear)(*take(name, "qweight", "scale"), bias)
+        return _int8_layer(scheme)(*take(name, "qweight", "scale"), bias)
 
     swap_linears(model, build)
     expected = set(model.state_dict())
