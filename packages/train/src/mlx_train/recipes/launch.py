@@ -89,5 +89,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_now(code: int) -> None:
+    """End this process with ``code`` once its output is flushed, skipping interpreter teardown.
+
+    ``destroy_process_group`` drops c10d's references, but a gloo group still held elsewhere
+    (FSDP2's device mesh, a DDP reducer) is freed only at interpreter finalization, where its
+    C++ worker threads have aborted a rank now and then ("terminate called without an active
+    exception", SIGABRT) after a run that fully succeeded (pytorch/pytorch#179291 describes it).
+    A worker has nothing else to clean up by then: rank 0 wrote its files before returning."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
