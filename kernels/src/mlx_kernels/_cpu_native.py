@@ -117,12 +117,12 @@ def library() -> ctypes.CDLL | None:
 
 def applies(*tensors) -> bool:
     """Whether the native kernels run on ``tensors``: fp32 on CPU, under ``MLX_KERNELS=auto``,
-    with the kernels built."""
+    with the kernels built, outside ``torch.compile`` (which cannot trace a raw pointer)."""
     import torch
 
     from mlx_kernels.dispatch import setting
 
-    if setting() != "auto" or not all(t.device.type == "cpu" and t.dtype == torch.float32
+    if torch.compiler.is_compiling() or setting() != "auto" or not all(t.device.type == "cpu" and t.dtype == torch.float32
                                       for t in tensors):
         return False
     return library() is not None

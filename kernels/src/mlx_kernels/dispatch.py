@@ -52,6 +52,15 @@ def backend_for(device) -> str:
     return "triton" if device_type == "cuda" and triton_available() else "torch"
 
 
+def eager_inference() -> bool:
+    """Inference mode, outside ``torch.compile``: where the native CPU kernels and the weight
+    layouts made on first use may run. The compiler cannot trace raw pointers, nor ask about
+    inference mode; under it the torch references run, and inductor fuses them."""
+    import torch  # here, not at the top: this module must import without torch
+
+    return not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
+
+
 def records_autograd(*tensors) -> bool:
     """Whether an op on ``tensors`` joins an autograd graph: grad mode is on and one of them
     requires grad. Where it does not, the torch paths skip their ``autograd.Function`` (whose

@@ -57,6 +57,8 @@ class PackedWeight:
         self._source = _identity(weight)
 
     def for_weight(self, weight: torch.Tensor):
+        if torch.compiler.is_compiling():  # packed by the eager calls before compiling
+            return self.data
         if self._source != _identity(weight):
             self._pack(weight)
         return self.data

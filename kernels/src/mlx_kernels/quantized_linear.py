@@ -161,6 +161,11 @@ class CpuLayout:
         self._source, self.data = None, None
 
     def get(self, make, *tensors):
+        if torch.compiler.is_compiling():  # the compiler cannot tell tensors apart by address
+            if self.data is None:
+                raise RuntimeError("a quantized layer's CPU layout is made on its first eager "
+                                   "call: run the model once before compiling it")
+            return self.data
         source = tuple(map(_identity, tensors))  # as PackedWeight tells its weight apart
         if source != self._source:
             self.data, self._source = make(*tensors), source
@@ -261,12 +266,30 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mi
     if cpu_layout is not None and path == "cpu" and qweight.shape[0] % 16 == 0:
         packed, scales_and_zeros = cpu_layout.get(_int4_cpu_layout, qweight, scales, mins)
         group_size = 2 * qweight.shape[1] // scales.shape[1]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), packed, group_size,
-                                                       scales_and_zeros).float()
+        mm = int4pack_mm_opaque if torch.compiler.is_compiling() else _int4pack_mm
+        y = mm(flat.to(torch.bfloat16), packed, group_size, scales_and_zeros).float()
         if bias is not None:
             y = y.add_(bias)
         return y.view(*x.shape[:-1], qweight.shape[0])
     return F.linear(x, dequantize_int4(qweight, scales, mins, x.dtype), bias)
+
+
+_int4pack_mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+
+
+@torch.library.custom_op("mlx_kernels::int4pack_mm", mutates_args=())
+def int4pack_mm_opaque(x: torch.Tensor, packed: torch.Tensor, group_size: int,
+                       scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """torch's int4 CPU matmul, opaque to inductor: inductor would swap in its
+    ``quantized.int4mm_packed_weight_cpu``, measured 4x slower here at one row (116 vs 28 us per
+    call over the built-in model's weights). Eager calls go to the aten op directly (a custom
+    op's dispatch costs as much as a one-row matmul)."""
+    return _int4pack_mm(x, packed, group_size, scales_and_zeros)
+
+
+@int4pack_mm_opaque.register_fake
+def _(x, packed, group_size, scales_and_zeros):
+    return x.new_empty(x.shape[0], packed.shape[0])
 
 
 def w8a8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
@@ -303,6 +326,14 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     from mlx_kernels import _cpu_native
 
     rows, flat = _rows(x)
+    if torch.compiler.is_compiling() and rows and not torch.is_grad_enabled():
+        # the reference's arithmetic with the int32 sums of torch._int_mm; inductor fuses the
+        # activations' quantization and the scaling around it
+        xq, xscale = quantize_rows_reference(flat)
+        y = torch._int_mm(xq, qweight.t()) * (xscale[:, None] * scale[None, :].float())
+        if bias is not None:
+            y = y + bias
+        return y.to(x.dtype).view(*x.shape[:-1], qweight.shape[0])
     if not (rows and not torch.is_grad_enabled() and _cpu_native.applies(x, scale)
             and (bias is None or _cpu_native.applies(bias))):
         return w8a8_linear_reference(x, qweight, scale, bias)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mlx_kernels import _cpu_native
-from mlx_kernels.dispatch import backend_for, records_autograd
+from mlx_kernels.dispatch import backend_for, eager_inference, records_autograd
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -74,7 +74,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     if not records_autograd(x, weight):
         # inference mode only: under plain no_grad the value may be a recomputed activation
         # (recompute.py), which must equal the autograd forward's bit for bit
-        if (torch.is_inference_mode_enabled() and x.is_contiguous() and weight.is_contiguous()
+        if (eager_inference() and x.is_contiguous() and weight.is_contiguous()
                 and x.numel() and _cpu_native.applies(x, weight)):
             out = torch.empty_like(x)
             _cpu_native.library().rms_norm_f32(x.data_ptr(), weight.data_ptr(), out.data_ptr(),

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mlx_kernels import _cpu_native
-from mlx_kernels.dispatch import backend_for, records_autograd
+from mlx_kernels.dispatch import backend_for, eager_inference, records_autograd
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if not records_autograd(gate, up):  # the Function's forward, without its bookkeeping
         # inference mode only: under plain no_grad the value may be a recomputed activation
         # (recompute.py), which must equal the autograd forward's bit for bit
-        if (torch.is_inference_mode_enabled() and _same_dense_layout(gate, up)
+        if (eager_inference() and _same_dense_layout(gate, up)
                 and _cpu_native.applies(gate, up)):
             return _swiglu_native(gate, up)
         return F.silu(gate).mul_(up) if gate.dtype == up.dtype else swiglu_reference(gate, up)

@@ -2,7 +2,10 @@
 
 ``AttentionMetadata`` says how keys and values are stored for this forward pass: nowhere
 (training: causal over the batch), or in a contiguous ``KVCache`` (generation). The paged layout
-of the serving engine plugs in here as one more kind of metadata.
+of the serving engine plugs in here as one more kind of metadata, and so does
+``FixedShapeDecode``: one new token per row written at a slot given as a tensor and attending
+over the whole cache under a mask, so that every step has the same shapes and no host sync
+(``mlx_core.models.decode_step`` compiles it).
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from mlx_core.config import ModelConfig
 
 
 class KVCache:
-    """A static contiguous cache: keys/values ``[layers, B, kv_heads, max_length, head_dim]``.
+    """A static contiguous cache: per layer, keys/values ``[B, kv_heads, max_length, head_dim]``
+    (one tensor each, not views of one: a compiled step writes a slot of each in place, where a
+    write through a view of a shared tensor would be compiled as a copy of all of it).
 
     Rows share one write position (``length``); which cached slots hold real tokens (not left
     padding) is kept in ``key_valid [B, max_length]``.
@@ -24,9 +29,9 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, batch_size: int, max_length: int, *,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        shape = (config.num_layers, batch_size, config.kv_heads, max_length, config.dim_per_head)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, config.kv_heads, max_length, config.dim_per_head)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.key_valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
         self.max_length = max_length
         self.length = 0
@@ -44,9 +49,18 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write this step's ``k, v [B, kv_heads, T, D]``; return all keys/values so far."""
         end = self.length + k.shape[2]
-        self.keys[layer, :, :, self.length:end] = k
-        self.values[layer, :, :, self.length:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, :, self.length:end] = k
+        values[:, :, self.length:end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
+    def write_at(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor):
+        """Write one step's ``k, v [B, kv_heads, 1, D]`` at cache slot ``slot`` (a 1-element long
+        tensor); return the layer's whole keys/values ``[B, kv_heads, max_length, D]``."""
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, :, slot] = k
+        values[:, :, slot] = v
+        return keys, values
 
     def advance(self, n: int) -> None:
         self.length += n
@@ -58,6 +72,16 @@ class AttentionMetadata:
 
     mask: torch.Tensor | None
     cache: KVCache | None = None
+
+
+@dataclass
+class FixedShapeDecode:
+    """One new query per row, written at ``slot`` (long ``[1]``) of ``cache``; ``mask`` is bool
+    ``[B, 1, 1, max_length]`` over every slot of the cache (True: may attend)."""
+
+    cache: KVCache
+    slot: torch.Tensor
+    mask: torch.Tensor
 
 
 def build_mask(
@@ -86,6 +110,10 @@ def build_mask(
 def attend(q, k, v, meta, layer: int) -> torch.Tensor:
     """``q [B, Hq, T, D]``, ``k, v [B, Hkv, T, D]`` -> ``[B, Hq, T, D]``; ``meta`` is an
     ``AttentionMetadata`` or a ``paged.PagedAttentionMetadata``."""
+    if isinstance(meta, FixedShapeDecode):
+        k, v = meta.cache.write_at(layer, k, v, meta.slot)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=meta.mask,
+                                              enable_gqa=q.shape[1] != k.shape[1])
     if not isinstance(meta, AttentionMetadata):
         from mlx_core.models.paged import paged_attend
 

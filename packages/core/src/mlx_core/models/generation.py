@@ -11,6 +11,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from mlx_core.models.decode_step import compiled_cache_length, compiled_decode_step
+
 
 def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 0,
                 top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -57,10 +59,13 @@ def _stop_ids(model: nn.Module, stop_token_ids) -> set[int]:
 @torch.inference_mode()
 def generate_steps(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                   seed: int | None = None, stop_token_ids=None) -> Iterator[torch.Tensor]:
+                   seed: int | None = None, stop_token_ids=None,
+                   compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield each step's new tokens ``[B]`` (-1 for rows that already stopped).
 
-    Prompts are left-padded into one batch; positions count real tokens only.
+    Prompts are left-padded into one batch; positions count real tokens only. ``compile``:
+    decode with the compiled fixed-shape step (``mlx_core.models.decode_step``; compiled on
+    first use per model, batch size and cache length, rounded up to a multiple of 128).
     """
     _check_options(max_new_tokens, temperature, top_k, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -79,9 +84,10 @@ def generate_steps(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
         mask[row, longest - len(prompt):] = 1
     stops = torch.tensor(sorted(_stop_ids(model, stop_token_ids)), dtype=torch.long, device=device)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    cache = model.new_cache(len(prompts), total)
+    cache = model.new_cache(len(prompts), compiled_cache_length(total) if compile else total)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     logits = model(ids, attention_mask=mask, kv_cache=cache, logits_to_keep=1)[:, -1]
+    decode = _compiled_decode(model, cache) if compile else None
     for _ in range(max_new_tokens):
         token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                             generator=generator)
@@ -89,14 +95,31 @@ def generate_steps(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
         finished |= torch.isin(token, stops)
         if bool(finished.all()):
             return
-        logits = model(token[:, None], kv_cache=cache)[:, -1]
+        logits = model(token[:, None], kv_cache=cache)[:, -1] if decode is None else decode(token)
+
+
+def _compiled_decode(model: nn.Module, cache):
+    """``token [B] -> logits [B, V]`` by the compiled step, which then advances the cache."""
+    step = compiled_decode_step(model, cache)
+    positions = cache.key_valid.sum(-1)  # the next token's: real tokens so far, per row
+    slot = torch.tensor([cache.length], device=positions.device)
+
+    def decode(token: torch.Tensor) -> torch.Tensor:
+        logits = step(token, positions, slot)
+        cache.advance(1)
+        positions.add_(1)
+        slot.add_(1)
+        return logits
+
+    return decode
 
 
 def stream_generate(model: nn.Module, prompt_ids: Sequence[int], **options) -> Iterator[int]:
     """Yield new token ids one at a time; the stop token, if reached, is the last one yielded.
 
     Options: ``max_new_tokens=128, temperature=0.0 (greedy), top_k=0, top_p=1.0, seed=None,
-    stop_token_ids=None`` (None: the model's eos ids).
+    stop_token_ids=None`` (None: the model's eos ids), ``compile=False`` (True: decode with the
+    compiled fixed-shape step, see ``generate_steps``).
     """
     for step in generate_steps(model, [prompt_ids], **options):
         yield int(step[0])

@@ -1,0 +1,76 @@
+"""The fixed-shape decode step (``mlx_core.models.decode_step``): eager, it gives the logits of
+the eager forward over a growing cache (fp32: 1e-5) for every dense family (RoPE and learned
+positions, a sliding window, biases, tied heads, left-padded batches); compiled whole
+(``fullgraph=True``), ``generate(compile=True)`` gives the tokens of eager generation, on fp32
+and quantized models, and one compiled graph serves every prompt of a cache length."""
+
+import pytest
+import torch
+
+from mlx_core import build_model, generate, get_preset
+from mlx_core.models import decode_step
+from mlx_core.models.decode_step import DecodeStep, compiled_cache_length
+from mlx_core.transforms import quantize
+
+DENSE = ["tiny-llama", "tiny-mistral", "tiny-gpt2", "tiny-qwen2", "tiny-llama3"]
+
+
+def _model(preset):
+    torch.manual_seed(0)
+    return build_model(get_preset(preset)).eval()
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(3, 128, (n,), generator=g).tolist() for n in (7, 3, 12)]
+
+
+@pytest.mark.parametrize("preset", DENSE)
+@torch.inference_mode()
+def test_step_gives_the_eager_forwards_logits(preset):
+    model = _model(preset)
+    prompts = _prompts()
+    longest, steps = max(map(len, prompts)), 10  # past tiny-mistral's window of 8
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, longest - len(p):], mask[row, longest - len(p):] = torch.tensor(p), 1
+    eager, fixed = model.new_cache(3, longest + steps), model.new_cache(3, longest + steps + 5)
+    token = model(ids, attention_mask=mask, kv_cache=eager, logits_to_keep=1)[:, -1].argmax(-1)
+    model(ids, attention_mask=mask, kv_cache=fixed, logits_to_keep=1)
+    step = DecodeStep(model, fixed)
+    positions, slot = fixed.key_valid.sum(-1), torch.tensor([fixed.length])
+    for _ in range(steps):
+        want = model(token[:, None], kv_cache=eager)[:, -1]
+        got = step(token, positions, slot)
+        fixed.advance(1), positions.add_(1), slot.add_(1)
+        assert (got - want).abs().max() < 1e-5
+        token = want.argmax(-1)
+
+
+def test_step_refuses_what_it_cannot_run():
+    with pytest.raises(ValueError, match="mixture of experts.*compile=False"):
+        DecodeStep(_model("tiny-mixtral"))
+    with pytest.raises(ValueError, match="zoo's Transformer"):
+        DecodeStep(torch.nn.Linear(2, 2))
+
+
+def test_cache_lengths_round_up_to_the_step():
+    assert [compiled_cache_length(n) for n in (1, 128, 129, 300)] == [128, 128, 256, 384]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", [None, "int4", "int8", "w8a8"])
+def test_compiled_generation_equals_eager(scheme):
+    model = _model("tiny-llama")
+    if scheme is not None:
+        quantize(model, scheme)
+    prompts = _prompts()
+    eager = generate(model, prompts, max_new_tokens=12, stop_token_ids=[])
+    assert generate(model, prompts, max_new_tokens=12, stop_token_ids=[], compile=True) == eager
+    # other prompts of the same batch size and cache length: the same compiled graph, no recompile
+    compiled = decode_step._COMPILED[model]
+    again = [p[:-2] for p in prompts]
+    assert (generate(model, again, max_new_tokens=12, stop_token_ids=[], compile=True)
+            == generate(model, again, max_new_tokens=12, stop_token_ids=[]))
+    assert decode_step._COMPILED[model] is compiled and len(compiled) == 1
