@@ -5,7 +5,14 @@ import triton
 import triton.language as tl
 
 BLOCK = 1024
-SQRT_2_OVER_PI = 0.7978845608028654
+
+
+@triton.jit
+def _sqrt_2_over_pi():
+    # a function, not a module global: a jit function may read only constexpr globals on a GPU
+    # (a plain float runs under the interpreter, which does not check; a tl.constexpr global
+    # fails there instead)
+    return 0.7978845608028654
 
 
 @triton.jit
@@ -18,7 +25,7 @@ def _geglu_fwd(G, U, Y, N, HAS_UP: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-    act = 0.5 * g * (1.0 + _tanh(SQRT_2_OVER_PI * (g + 0.044715 * g * g * g)))
+    act = 0.5 * g * (1.0 + _tanh(_sqrt_2_over_pi() * (g + 0.044715 * g * g * g)))
     if HAS_UP:
         u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
         act = act.to(G.dtype.element_ty).to(tl.float32) * u  # rounded as F.gelu(g) * u is
@@ -31,10 +38,10 @@ def _geglu_bwd(DY, G, U, DG, DU, N, HAS_UP: tl.constexpr, BLOCK: tl.constexpr):
     mask = offs < N
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-    inner = SQRT_2_OVER_PI * (g + 0.044715 * g * g * g)
+    inner = _sqrt_2_over_pi() * (g + 0.044715 * g * g * g)
     t = _tanh(inner)
     act = 0.5 * g * (1.0 + t)
-    d_act = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * g * g)
+    d_act = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * _sqrt_2_over_pi() * (1.0 + 3 * 0.044715 * g * g)
     if HAS_UP:
         u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(DU + offs, (dy * act).to(DU.dtype.element_ty), mask=mask)
