@@ -240,3 +240,34 @@ def test_triton_dequant_matmul_matches_the_reference(kind, shape, rows, bias, tr
             got = ql.int8_linear(x, q, scale, b)
             want = F.linear(x, ql.dequantize_int8(q, scale), b)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int8-groups", "int4", "w8a8"])
+def test_each_op_compiles_whole_and_equals_its_eager_call(kind):
+    """Under torch.compile(fullgraph=True) (the compiled decode step): torch's int8 kernel, the
+    int4 and per-group int8 kernels as opaque ops (inductor would swap in a slower int4 kernel
+    and could not trace the native loop), W8A8 with torch._int_mm; the eager call's result to
+    the bf16 activations' rounding (W8A8: fp32 rounding, ~1e-6 relative)."""
+    torch.manual_seed(0)
+    n, k = 64, 96
+    w, x, b = torch.randn(n, k) * 0.05, torch.randn(1, k), torch.randn(n)
+    if kind == "int4":
+        tensors, op = ql.quantize_int4(w, 32), ql.int4_linear
+    elif kind == "int8-groups":
+        q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        tensors, op = (q, torch.rand(n, k // 32) * 0.01), ql.int8_linear
+    else:
+        tensors, op = ql.quantize_int8(w), ql.w8a8_linear if kind == "w8a8" else ql.int8_linear
+    layout = ql.CpuLayout()
+    with torch.inference_mode():
+        eager = op(x, *tensors, b, cpu_layout=layout)  # makes the CPU layout a compiled call reads
+        compiled = torch.compile(lambda x: op(x, *tensors, b, cpu_layout=layout), fullgraph=True)(x)
+    _close_to_scale(compiled, eager, 1e-5 if kind in ("w8a8", "int8-groups") else 1e-2)
+
+
+def test_compiling_before_any_eager_call_names_the_fix():
+    q, s = ql.quantize_int8(torch.randn(32, 64))
+    layout = ql.CpuLayout()
+    step = torch.compile(lambda x: ql.int8_linear(x, q, s, cpu_layout=layout), fullgraph=True)
+    with torch.inference_mode(), pytest.raises(Exception, match="run the model once before compiling"):
+        step(torch.randn(1, 64))

@@ -242,6 +242,9 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 def _int8_group_linear(x, flat, rows, qweight, scale, bias, fast_cpu):
     from mlx_kernels import _cpu_native
 
+    if fast_cpu and torch.compiler.is_compiling():
+        y = int8_group_linear_opaque(flat, qweight, scale, bias)
+        return y.view(*x.shape[:-1], qweight.shape[0])
     if not (fast_cpu and _cpu_native.applies(x, scale)
             and (bias is None or _cpu_native.applies(bias))):
         return F.linear(x, dequantize_int8(qweight, scale, x.dtype), bias)
@@ -272,6 +275,19 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mi
             y = y.add_(bias)
         return y.view(*x.shape[:-1], qweight.shape[0])
     return F.linear(x, dequantize_int4(qweight, scales, mins, x.dtype), bias)
+
+
+@torch.library.custom_op("mlx_kernels::int8_group_linear", mutates_args=())
+def int8_group_linear_opaque(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                             bias: torch.Tensor | None) -> torch.Tensor:
+    """The native per-group int8 linear as one op a compiled graph calls (inductor cannot trace
+    its raw pointers, and without it would de-quantize the whole weight at every step)."""
+    return _int8_group_linear(x, x, x.shape[0], qweight, scale, bias, True)
+
+
+@int8_group_linear_opaque.register_fake
+def _(x, qweight, scale, bias):
+    return x.new_empty(x.shape[0], qweight.shape[0])
 
 
 _int4pack_mm = torch.ops.aten._weight_int4pack_mm_for_cpu

@@ -143,6 +143,10 @@ def bench_quant(model: str = MODEL,
                 measure_quality: bool = typer.Option(
                     True, "--quality/--no-quality",
                     help="Also perplexity and greedy agreement with fp32 (the built-in text)."),
+                compile: bool = typer.Option(
+                    False, "--compile/--no-compile",
+                    help="Also decode by the compiled fixed-shape step (generate(compile=True)); "
+                         "compiling takes up to a minute per scheme."),
                 json_path: str = typer.Option("", "--json", help="Also write the result here.")):
     """Quantized vs fp32: single-stream decode tok/s, resident weight memory and quality."""
     import json
@@ -156,17 +160,21 @@ def bench_quant(model: str = MODEL,
     result = bench.run(model, schemes=tuple(s.strip() for s in schemes.split(",") if s.strip())
                        or None,
                        prompt_len=prompt_len, new_tokens=new_tokens, rounds=rounds,
-                       measure_quality=measure_quality)
-    table = Table("scheme", "decode tok/s", "vs fp32", "weights (MiB)", "vs fp32", "perplexity",
-                  "vs fp32", "greedy = fp32",
+                       measure_quality=measure_quality, compile=compile)
+    compiled = ["compiled tok/s", "vs fp32", "vs compiled fp32"] if compile else []
+    table = Table("scheme", "decode tok/s", "vs fp32", *compiled, "weights (MiB)", "vs fp32",
+                  "perplexity", "vs fp32", "greedy = fp32",
                   title=f"mlx bench quant: {model}, decode after {prompt_len} prompt tokens, "
                         f"{result['threads']} threads")
     for name, row in result["schemes"].items():
         quality = ([f"{row['perplexity']:.2f}", f"{row['perplexity_ratio']:.3f}x",
                     f"{row['greedy_token_agreement']:.0%} ({row['greedy_prompts_identical']}/32)"]
                    if "perplexity" in row else ["-"] * 3)
+        speeds = ([f"{row['compiled_decode_tokens_per_s']:.1f}",
+                   f"{row['compiled_decode_ratio']:.2f}x", f"{row['compiled_vs_compiled_fp32']:.2f}x"]
+                  if compile else [])
         table.add_row(name, f"{row['decode_tokens_per_s']:.1f}", f"{row['decode_ratio']:.2f}x",
-                      f"{row['weight_mib']:.0f}", f"{row['weight_ratio']:.2f}x", *quality)
+                      *speeds, f"{row['weight_mib']:.0f}", f"{row['weight_ratio']:.2f}x", *quality)
     Console().print(table)
     if json_path:
         with open(json_path, "w") as f:

@@ -2,7 +2,8 @@
 
 Per scheme: single-stream decode speed (``mlx_core.generate``'s path: one new token per forward
 after a prompt of ``prompt_len`` random token ids, greedy, ``new_tokens`` tokens; the rounds of
-all schemes interleaved, the best round of each kept: the least disturbed by other work), the
+all schemes interleaved, the best round of each kept: the least disturbed by other work; with
+``compile``, also by the compiled fixed-shape decode step, ``generate(compile=True)``), the
 resident weight memory (parameters, buffers and the CPU kernels' own copies of the weights), and
 quality: perplexity on an English text the package ships (``mlx_core/data/heldout_english.txt``,
 public-domain speeches and novel openings, ~1,700 tokens), scored in chunks of 32 tokens over a
@@ -38,11 +39,14 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def decode_tokens_per_s(model: nn.Module, prompt: list[int], new_tokens: int) -> float:
-    """Tokens per second after the first (the prompt's forward is not counted)."""
+def decode_tokens_per_s(model: nn.Module, prompt: list[int], new_tokens: int,
+                        compile: bool = False) -> float:
+    """Tokens per second after the first (the prompt's forward is not counted); ``compile``:
+    by the compiled decode step (compiled on the first call, before any timing starts)."""
     from mlx_core.models.generation import generate_steps
 
-    steps = generate_steps(model, [prompt], max_new_tokens=new_tokens + 1, stop_token_ids=[])
+    steps = generate_steps(model, [prompt], max_new_tokens=new_tokens + 1, stop_token_ids=[],
+                           compile=compile)
     next(steps)
     start = time.perf_counter()
     count = sum(1 for _ in steps)
@@ -92,7 +96,7 @@ def quality(models: dict[str, nn.Module], ids: list[int], new_tokens: int = 16) 
 
 def run(model: str = "smollm2-135m-instruct", *, schemes: tuple[str, ...] | None = None,
         prompt_len: int = 256, new_tokens: int = 64, rounds: int = 3, seed: int = 0,
-        measure_quality: bool = True) -> dict:
+        measure_quality: bool = True, compile: bool = False) -> dict:
     import copy
 
     from mlx_core import load_model
@@ -120,12 +124,16 @@ def run(model: str = "smollm2-135m-instruct", *, schemes: tuple[str, ...] | None
     rng = random.Random(seed)
     low = min(100, fp32.config.vocab_size // 2)
     prompt = [rng.randrange(low, fp32.config.vocab_size) for _ in range(prompt_len)]
-    for m in models.values():  # first-call costs (allocator, CPU layouts) out of the timings
-        decode_tokens_per_s(m, prompt[:8], 2)
-    best = dict.fromkeys(models, 0.0)
+    ways = (False, True) if compile else (False,)
+    for m in models.values():  # first-call costs (allocator, CPU layouts, compiling) out of the timings
+        for way in ways:
+            decode_tokens_per_s(m, prompt, 2, compile=way)
+    best = {(name, way): 0.0 for name in models for way in ways}
     for _ in range(rounds):
         for name, m in models.items():
-            best[name] = max(best[name], decode_tokens_per_s(m, prompt, new_tokens))
+            for way in ways:
+                best[name, way] = max(best[name, way],
+                                      decode_tokens_per_s(m, prompt, new_tokens, compile=way))
     memory = {name: weight_bytes(m) for name, m in models.items()}
     scores = {}
     if measure_quality:
@@ -134,8 +142,13 @@ def run(model: str = "smollm2-135m-instruct", *, schemes: tuple[str, ...] | None
     return {
         "model": model, "threads": torch.get_num_threads(), "prompt_len": prompt_len,
         "new_tokens": new_tokens, "rounds": rounds,
-        "schemes": {name: {"decode_tokens_per_s": round(best[name], 2),
-                           "decode_ratio": round(best[name] / best["fp32"], 3),
+        "schemes": {name: {"decode_tokens_per_s": round(best[name, False], 2),
+                           "decode_ratio": round(best[name, False] / best["fp32", False], 3),
+                           **({"compiled_decode_tokens_per_s": round(best[name, True], 2),
+                               # against eager fp32 (generate's default) and compiled fp32
+                               "compiled_decode_ratio": round(best[name, True] / best["fp32", False], 3),
+                               "compiled_vs_compiled_fp32": round(best[name, True] / best["fp32", True], 3)}
+                              if compile else {}),
                            "weight_mib": round(memory[name] / 2**20, 1),
                            "weight_ratio": round(memory[name] / memory["fp32"], 3),
                            **scores.get(name, {})}
