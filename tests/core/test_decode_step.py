@@ -74,3 +74,21 @@ def test_compiled_generation_equals_eager(scheme):
     assert (generate(model, again, max_new_tokens=12, stop_token_ids=[], compile=True)
             == generate(model, again, max_new_tokens=12, stop_token_ids=[]))
     assert decode_step._COMPILED[model] is compiled and len(compiled) == 1
+
+
+@pytest.mark.slow
+def test_cli_generate_compile_prints_the_eager_text(tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from mlx_core.cli.app import build_app
+
+    runner = CliRunner()
+    args = ["generate", "-m", str(tiny_model_dir), "-p", "hello there", "-n", "6", "--no-chat",
+            "-q", "int4"]
+    eager = runner.invoke(build_app(), args)
+    compiled = runner.invoke(build_app(), [*args, "--compile"])
+    assert eager.exit_code == 0 and compiled.exit_code == 0, compiled.output
+    assert compiled.output == eager.output
+    jax = runner.invoke(build_app(), ["generate", "-m", str(tiny_model_dir), "-p", "hi",
+                                      "--backend", "jax", "--compile"])
+    assert jax.exit_code == 1 and "drop --compile" in jax.output

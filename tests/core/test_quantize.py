@@ -337,3 +337,24 @@ def test_load_model_w8a8_calibrates_on_the_shipped_text(tiny_model_dir):
     w8a8 = load_model(tiny_model_dir, quantization="w8a8")
     assert not torch.equal(w8a8.model.layers[0].input_layernorm.weight,
                            full.model.layers[0].input_layernorm.weight)  # smoothed
+
+
+@pytest.mark.slow
+def test_bench_quant_compile_reports_compiled_decode(tiny_model_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from mlx_core.cli.app import build_app
+
+    out = tmp_path / "quant.json"
+    done = CliRunner().invoke(build_app(), ["bench", "quant", "-m", str(tiny_model_dir),
+                                            "--schemes", "int4", "--compile", "--no-quality",
+                                            "--prompt-len", "8", "--new-tokens", "4", "--rounds",
+                                            "1", "--json", str(out)])
+    assert done.exit_code == 0, done.output
+    rows = json.loads(out.read_text())["schemes"]
+    assert rows["fp32"]["compiled_vs_compiled_fp32"] == 1.0
+    assert all(row["compiled_decode_tokens_per_s"] > 0 and row["compiled_decode_ratio"] > 0
+               for row in rows.values())
+    assert "compiled tok/s" in done.output

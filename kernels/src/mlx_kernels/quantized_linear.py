@@ -331,6 +331,25 @@ def _w8a8_cpu_layout(qweight, scale):
     return packed, scale.float().contiguous(), zeros
 
 
+def _int_mm_on_gpu(x: torch.Tensor, qweight: torch.Tensor) -> bool:
+    # torch._int_mm on CUDA takes K and N in multiples of 8
+    return x.device.type == "cuda" and qweight.shape[0] % 8 == 0 and qweight.shape[1] % 8 == 0
+
+
+def _w8a8_int_mm(x, flat, rows, qweight, scale, bias):
+    """The reference's arithmetic with the int32 sums of ``torch._int_mm``: on a GPU (cuBLAS's
+    int8 GEMM, 0.9-1.5x bf16 cuBLAS on an H200) and in a compiled graph (inductor fuses the
+    activations' quantization and the scaling around it)."""
+    xq, xscale = quantize_rows_reference(flat)
+    if x.device.type == "cuda" and rows <= 16:  # cuBLAS's int8 GEMM takes more than 16 rows
+        xq = torch.cat([xq, xq.new_zeros(32 - rows, xq.shape[1])])
+    acc = torch._int_mm(xq, qweight.t())[:rows]
+    y = acc * (xscale[:, None] * scale[None, :].float())
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype).view(*x.shape[:-1], qweight.shape[0])
+
+
 def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None, *, cpu_layout: CpuLayout | None = None) -> torch.Tensor:
     """``x`` quantized per row to int8 (dynamic), times the int8 weight, in int32, scaled back.
@@ -338,18 +357,13 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     On CPU with a ``cpu_layout`` the GEMM runs on oneDNN's prepacked int8 weight
     (``onednn.qlinear_pointwise``, which also applies the weight scales: up to 2x
     ``torch._int_mm`` at 256-2048 rows here, the same int32 sums), else (and for a single row)
-    ``torch._int_mm``."""
+    ``torch._int_mm``. On a GPU, ``torch._int_mm`` (cuBLAS's int8 GEMM)."""
     from mlx_kernels import _cpu_native
 
     rows, flat = _rows(x)
-    if torch.compiler.is_compiling() and rows and not torch.is_grad_enabled():
-        # the reference's arithmetic with the int32 sums of torch._int_mm; inductor fuses the
-        # activations' quantization and the scaling around it
-        xq, xscale = quantize_rows_reference(flat)
-        y = torch._int_mm(xq, qweight.t()) * (xscale[:, None] * scale[None, :].float())
-        if bias is not None:
-            y = y + bias
-        return y.to(x.dtype).view(*x.shape[:-1], qweight.shape[0])
+    if rows and not torch.is_grad_enabled() and (
+            torch.compiler.is_compiling() or _int_mm_on_gpu(x, qweight)):
+        return _w8a8_int_mm(x, flat, rows, qweight, scale, bias)
     if not (rows and not torch.is_grad_enabled() and _cpu_native.applies(x, scale)
             and (bias is None or _cpu_native.applies(bias))):
         return w8a8_linear_reference(x, qweight, scale, bias)

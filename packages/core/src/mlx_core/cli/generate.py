@@ -24,6 +24,10 @@ QUANTIZATION = typer.Option(
     None, "--quantization", "-q",
     help="Quantize the weights as they load: int8, int4 (groups of 32; int4-g64, int4-g128) or "
          "w8a8 (int8 weights and activations). See docs/quantization.md.")
+COMPILE = typer.Option(
+    False, "--compile/--no-compile",
+    help="Decode with the compiled fixed-shape step (torch.compile; up to a minute to compile on "
+         "first use, then faster steps). Torch backend only.")
 
 
 def _load(model: str, backend: str = "torch", quantization: str | None = None):
@@ -50,13 +54,17 @@ def _load(model: str, backend: str = "torch", quantization: str | None = None):
 
 
 def _options(backend: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-             seed: int | None) -> dict:
+             seed: int | None, compile: bool = False) -> dict:
+    if compile and backend != "torch":
+        raise ValueError("--compile compiles the torch backend's decode step; --backend jax is "
+                         "jit-compiled already: drop --compile")
     if backend == "jax" and seed is None and temperature > 0:
         import random  # mlx-jax samples from explicit keys only: draw a fresh seed, as torch does
 
         seed = random.SystemRandom().randrange(2**31)
-    return dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                seed=seed)
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p, seed=seed)
+    return {**options, "compile": True} if compile else options
 
 
 def _stream(model, tokenizer, prompt_ids, options, stream_generate=None) -> str:
@@ -84,14 +92,15 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt 
              chat: bool | None = typer.Option(
                  None, "--chat/--no-chat",
                  help="Wrap the prompt in the chat template (default: when the model has one)."),
-             backend: str = BACKEND, quantization: str | None = QUANTIZATION):
+             backend: str = BACKEND, quantization: str | None = QUANTIZATION,
+             compile: bool = COMPILE):
     """Generate a continuation of PROMPT, streamed to stdout."""
+    options = _options(backend, max_new_tokens, temperature, top_k, top_p, seed, compile)
     lm, tokenizer, stream = _load(model, backend, quantization)
     use_chat = tokenizer.has_chat_template if chat is None else chat
     ids = (tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if use_chat
            else tokenizer.encode(prompt))
-    _stream(lm, tokenizer, ids, _options(backend, max_new_tokens, temperature, top_k, top_p, seed),
-            stream)
+    _stream(lm, tokenizer, ids, options, stream)
 
 
 @clean_errors
@@ -99,14 +108,14 @@ def chat(model: str = MODEL, system: str | None = typer.Option(None, "--system",
          max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n"),
          temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P,
          seed: int | None = SEED, backend: str = BACKEND,
-         quantization: str | None = QUANTIZATION):
+         quantization: str | None = QUANTIZATION, compile: bool = COMPILE):
     """Chat with a model. /reset clears the conversation; /exit or Ctrl-D leaves."""
+    options = _options(backend, max_new_tokens, temperature, top_k, top_p, seed, compile)
     lm, tokenizer, stream = _load(model, backend, quantization)
     if not tokenizer.has_chat_template:
         raise ValueError(f"{model} has no chat template; use `mlx generate --no-chat` instead")
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
-    options = _options(backend, max_new_tokens, temperature, top_k, top_p, seed)
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
