@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mlx_core.models.sampling import filter_logits
 from mlx_serve.sequence import Sequence
 
 
@@ -50,31 +51,9 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p for rows that sample; all rows at once."""
-    device = logits.device
-    temperature = torch.tensor([s.params.temperature for s in seqs], device=device)
-    logits = logits / temperature[:, None]
-    top_k = [s.params.top_k for s in seqs]
-    top_p = [s.params.top_p for s in seqs]
-    if any(0 < k < logits.shape[1] for k in top_k) or any(p < 1.0 for p in top_p):
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        vocab = logits.shape[1]
-        k = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=device)
-        ranks = torch.arange(vocab, device=device)[None, :]
-        remove = ranks >= k[:, None]
-        probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
-        # drop a token when the ones ranked above it already hold top_p of the mass
-        before = probs.cumsum(dim=-1) - probs
-        p = torch.tensor(top_p, device=device)[:, None]
-        remove |= (before >= p) & (p < 1.0)  # at p=1 float rounding must not drop the tail
-        remove[:, 0] = False  # always keep the most likely token
-        logits = torch.full_like(logits, float("-inf")).scatter(
-            1, order, sorted_logits.masked_fill(remove, float("-inf")))
-    min_p = torch.tensor([s.params.min_p for s in seqs], device=device)
-    if bool((min_p > 0).any()):
-        probs = logits.softmax(dim=-1)
-        threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
-        logits = logits.masked_fill(probs < threshold, float("-inf"))
-    return logits
+    params = [s.params for s in seqs]
+    return filter_logits(logits, [p.temperature for p in params], [p.top_k for p in params],
+                         [p.top_p for p in params], [p.min_p for p in params])
 
 
 def _mask_stops_before_min_tokens(logits: torch.Tensor, seqs: list[Sequence],

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mlx_core.models.sampling import sampling_problems
+
 
 @dataclass
 class SamplingParams:
@@ -44,12 +46,7 @@ class SamplingParams:
         problems = []
         if self.n < 1:
             problems.append(f"n must be >= 1 (got {self.n})")
-        if self.temperature < 0:
-            problems.append(f"temperature must be >= 0 (got {self.temperature}); 0 means greedy")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1] (got {self.top_p}); 1 disables it")
-        if not 0 <= self.min_p <= 1:
-            problems.append(f"min_p must be in [0, 1] (got {self.min_p}); 0 disables it")
+        problems += sampling_problems(self.temperature, self.top_p, self.min_p)
         if self.repetition_penalty <= 0:
             problems.append(f"repetition_penalty must be > 0 (got {self.repetition_penalty}); "
                             "1 disables it")

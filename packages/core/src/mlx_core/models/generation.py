@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from mlx_core.models.decode_step import compiled_cache_length, compiled_decode_step
+from mlx_core.models.sampling import filter_logits, sampling_problems
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 0,
@@ -20,17 +21,7 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 
     otherwise temperature, then top-k, then top-p (nucleus) filtering, then sampling."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative <= 1 - top_p
-        remove[:, -1] = False  # always keep the most likely token
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(remove, float("-inf")))
-    probs = logits.softmax(dim=-1)
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
@@ -38,12 +29,9 @@ def _check_options(max_new_tokens: int, temperature: float, top_k: int, top_p: f
     problems = []
     if max_new_tokens < 1:
         problems.append(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
-    if temperature < 0:
-        problems.append(f"temperature must be >= 0 (got {temperature}); 0 means greedy")
+    problems += sampling_problems(temperature, top_p)
     if top_k < 0:
         problems.append(f"top_k must be >= 0 (got {top_k}); 0 disables it")
-    if not 0 < top_p <= 1:
-        problems.append(f"top_p must be in (0, 1] (got {top_p}); 1 disables it")
     if problems:
         raise ValueError("; ".join(problems))
 
