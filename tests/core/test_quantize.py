@@ -208,6 +208,10 @@ def test_bench_quant_reports_ratios_against_fp32(tiny_model_dir, tmp_path):
     assert rows["fp32"]["greedy_prompts_identical"] == 32
     assert all(0 <= row["greedy_token_agreement"] <= 1 and row["perplexity"] > 1
                for row in rows.values())
+    # peers: CTranslate2 (a dev requirement) ran on the same prompt; llama.cpp needs a GGUF file
+    peers = result["peers"]
+    assert all(peers[f"ctranslate2 {c}"]["decode_tokens_per_s"] > 0 for c in ("float32", "int8"))
+    assert peers["llama.cpp"] == {"skipped": f"{tiny_model_dir} has no GGUF file to run"}
     bad = CliRunner().invoke(build_app(), ["bench", "quant", "--schemes", "int8,fp8"])
     assert bad.exit_code == 1 and "unknown quantization scheme 'fp8'" in bad.output
 

@@ -156,6 +156,10 @@ def bench_quant(model: str = MODEL,
                     False, "--compile/--no-compile",
                     help="Also decode by the compiled fixed-shape step (generate(compile=True)); "
                          "compiling takes up to a minute per scheme."),
+                peers: bool = typer.Option(
+                    True, "--peers/--no-peers",
+                    help="Also CTranslate2 (float32, int8) and llama.cpp (the GGUF file) where "
+                         "installed; a missing one is listed with its install command."),
                 json_path: str = typer.Option("", "--json", help="Also write the result here.")):
     """Quantized vs fp32: single-stream decode tok/s, resident weight memory and quality."""
     import json
@@ -169,7 +173,7 @@ def bench_quant(model: str = MODEL,
     result = bench.run(model, schemes=tuple(s.strip() for s in schemes.split(",") if s.strip())
                        or None,
                        prompt_len=prompt_len, new_tokens=new_tokens, rounds=rounds,
-                       measure_quality=measure_quality, compile=compile)
+                       measure_quality=measure_quality, compile=compile, peers=peers)
     compiled = ["compiled tok/s", "vs fp32", "vs compiled fp32"] if compile else []
     table = Table("scheme", "decode tok/s", "vs fp32", *compiled, "weights (MiB)", "vs fp32",
                   "perplexity", "vs fp32", "greedy = fp32",
@@ -185,6 +189,14 @@ def bench_quant(model: str = MODEL,
         table.add_row(name, f"{row['decode_tokens_per_s']:.1f}", f"{row['decode_ratio']:.2f}x",
                       *speeds, f"{row['weight_mib']:.0f}", f"{row['weight_ratio']:.2f}x", *quality)
     Console().print(table)
+    if result["peers"]:
+        others = Table("engine", "decode tok/s", "vs our fp32", title="peers, same prompt")
+        for name, row in result["peers"].items():
+            if "skipped" in row:
+                others.add_row(name, "skipped", row["skipped"])
+            else:
+                others.add_row(name, f"{row['decode_tokens_per_s']:.1f}", f"{row['vs_fp32']:.2f}x")
+        Console().print(others)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(result, f, indent=2)

@@ -96,7 +96,7 @@ def quality(models: dict[str, nn.Module], ids: list[int], new_tokens: int = 16) 
 
 def run(model: str = "smollm2-135m-instruct", *, schemes: tuple[str, ...] | None = None,
         prompt_len: int = 256, new_tokens: int = 64, rounds: int = 3, seed: int = 0,
-        measure_quality: bool = True, compile: bool = False) -> dict:
+        measure_quality: bool = True, compile: bool = False, peers: bool = True) -> dict:
     import copy
 
     from mlx_core import load_model
@@ -135,6 +135,14 @@ def run(model: str = "smollm2-135m-instruct", *, schemes: tuple[str, ...] | None
                 best[name, way] = max(best[name, way],
                                       decode_tokens_per_s(m, prompt, new_tokens, compile=way))
     memory = {name: weight_bytes(m) for name, m in models.items()}
+    others = {}
+    if peers:  # after ours, their rounds not interleaved with ours
+        from mlx_core.transforms import peers as peer_engines
+
+        others = peer_engines.run(model, prompt, new_tokens, rounds, torch.get_num_threads())
+        for row in others.values():
+            if "decode_tokens_per_s" in row:
+                row["vs_fp32"] = round(row["decode_tokens_per_s"] / best["fp32", False], 3)
     scores = {}
     if measure_quality:
         text_ids = tokenizer.encode(TEXT.read_text())
@@ -153,4 +161,5 @@ def run(model: str = "smollm2-135m-instruct", *, schemes: tuple[str, ...] | None
                            "weight_ratio": round(memory[name] / memory["fp32"], 3),
                            **scores.get(name, {})}
                     for name in models},
+        "peers": others,
     }
