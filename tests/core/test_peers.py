@@ -13,3 +13,9 @@ def test_a_missing_peer_is_skipped_with_its_install_command(tiny_model_dir, monk
     assert out == {"ctranslate2": {"skipped": "not installed: pip install ctranslate2"},
                    "llama.cpp": {"skipped": "not installed: pip install llama-cpp-python  "
                                             "(builds llama.cpp from source: minutes)"}}
+
+
+def test_a_peer_that_crashes_is_reported_as_failed(tmp_path):
+    """A peer runs in a process of its own: native code that dies takes only that process."""
+    out = peers._in_own_process("no_such_engine", tmp_path, [1], 1, 1, 1)
+    assert out["no_such_engine"]["failed"].startswith("exit status 1: KeyError")

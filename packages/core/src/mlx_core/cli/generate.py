@@ -192,8 +192,9 @@ def bench_quant(model: str = MODEL,
     if result["peers"]:
         others = Table("engine", "decode tok/s", "vs our fp32", title="peers, same prompt")
         for name, row in result["peers"].items():
-            if "skipped" in row:
-                others.add_row(name, "skipped", row["skipped"])
+            if "skipped" in row or "failed" in row:
+                why = "skipped" if "skipped" in row else "failed"
+                others.add_row(name, why, row[why])
             else:
                 others.add_row(name, f"{row['decode_tokens_per_s']:.1f}", f"{row['vs_fp32']:.2f}x")
         Console().print(others)

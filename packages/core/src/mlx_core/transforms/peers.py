@@ -4,12 +4,18 @@ through llama-cpp-python (the model's GGUF file as it ships). Both are optional:
 not installed is reported as skipped, with the command that installs it.
 
 Each is timed as ``mlx_core.generate`` is in ``bench``: greedy, after the same prompt token ids,
-the tokens after the first counted, the best of ``rounds``.
+the tokens after the first counted, the best of ``rounds``. Each runs in a process of its own
+(``python -m mlx_core.transforms.peers ENGINE ARGS_JSON``): a peer's native code that crashes
+(a llama.cpp build that segfaults on this machine's CPU, say) is reported as failed, with the
+bench's own figures intact.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -66,16 +72,30 @@ def llama_cpp_decode(gguf_path: Path, prompt: list[int], new_tokens: int, rounds
         for _ in range(rounds))}
 
 
+ENGINES = {"ctranslate2": ctranslate2_decode, "llama_cpp": llama_cpp_decode}
+
+
+def _in_own_process(engine: str, source: Path, *args) -> dict[str, dict]:
+    """``ENGINES[engine](source, *args)`` in a child process: its rates, or a failure named."""
+    done = subprocess.run([sys.executable, "-m", "mlx_core.transforms.peers", engine,
+                           json.dumps([str(source), *args])], capture_output=True, text=True)
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        return {engine: {"failed": f"exit status {done.returncode}: {last}"}}
+    rates = json.loads(done.stdout.strip().splitlines()[-1])
+    return {name: {"decode_tokens_per_s": round(r, 2)} for name, r in rates.items()}
+
+
 def run(model: str, prompt: list[int], new_tokens: int, rounds: int, threads: int) -> dict:
-    """Per peer: ``{"decode_tokens_per_s": ...}``, or ``{"skipped": why}``."""
+    """Per peer: ``{"decode_tokens_per_s": ...}``, ``{"skipped": why}`` or ``{"failed": how}``."""
     from mlx_core.sources import gguf_file, resolve_model_dir
 
     out: dict[str, dict] = {}
+    args = (prompt, new_tokens, rounds, threads)
     if importlib.util.find_spec("ctranslate2") is None:
         out["ctranslate2"] = {"skipped": f"not installed: {INSTALL['ctranslate2']}"}
     else:
-        rates = ctranslate2_decode(resolve_model_dir(model), prompt, new_tokens, rounds, threads)
-        out.update({name: {"decode_tokens_per_s": round(r, 2)} for name, r in rates.items()})
+        out.update(_in_own_process("ctranslate2", resolve_model_dir(model), *args))
     try:
         gguf = gguf_file(model)
     except ValueError:
@@ -85,6 +105,10 @@ def run(model: str, prompt: list[int], new_tokens: int, rounds: int, threads: in
     elif importlib.util.find_spec("llama_cpp") is None:
         out["llama.cpp"] = {"skipped": f"not installed: {INSTALL['llama_cpp']}"}
     else:
-        rates = llama_cpp_decode(gguf, prompt, new_tokens, rounds, threads)
-        out.update({name: {"decode_tokens_per_s": round(r, 2)} for name, r in rates.items()})
+        out.update(_in_own_process("llama_cpp", gguf, *args))
     return out
+
+
+if __name__ == "__main__":  # ENGINE ARGS_JSON: one peer's rates as one JSON line
+    source, *rest = json.loads(sys.argv[2])
+    print(json.dumps(ENGINES[sys.argv[1]](Path(source), *rest)))
