@@ -244,10 +244,10 @@ def test_triton_dequant_matmul_matches_the_reference(kind, shape, rows, bias, tr
 
 @pytest.mark.parametrize("kind", ["int8", "int8-groups", "int4", "w8a8"])
 def test_each_op_compiles_whole_and_equals_its_eager_call(kind):
-    """Under torch.compile(fullgraph=True) (the compiled decode step): torch's int8 kernel, the
-    int4 and per-group int8 kernels as opaque ops (inductor would swap in a slower int4 kernel
-    and could not trace the native loop), W8A8 with torch._int_mm; the eager call's result to
-    the bf16 activations' rounding (W8A8: fp32 rounding, ~1e-6 relative)."""
+    """Under torch.compile(fullgraph=True) (the compiled decode step): torch's int8 and int4
+    kernels, the per-group int8 loop as an opaque op (inductor cannot trace the native loop),
+    W8A8 with torch._int_mm; the eager call's result to the bf16 activations' rounding (W8A8:
+    fp32 rounding, ~1e-6 relative)."""
     torch.manual_seed(0)
     n, k = 64, 96
     w, x, b = torch.randn(n, k) * 0.05, torch.randn(1, k), torch.randn(n)

@@ -122,7 +122,8 @@ def applies(*tensors) -> bool:
 
     from mlx_kernels.dispatch import setting
 
-    if torch.compiler.is_compiling() or setting() != "auto" or not all(t.device.type == "cpu" and t.dtype == torch.float32
-                                      for t in tensors):
+    if torch.compiler.is_compiling() or setting() != "auto":
+        return False
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
         return False
     return library() is not None

@@ -269,8 +269,8 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mi
     if cpu_layout is not None and path == "cpu" and qweight.shape[0] % 16 == 0:
         packed, scales_and_zeros = cpu_layout.get(_int4_cpu_layout, qweight, scales, mins)
         group_size = 2 * qweight.shape[1] // scales.shape[1]
-        mm = int4pack_mm_opaque if torch.compiler.is_compiling() else _int4pack_mm
-        y = mm(flat.to(torch.bfloat16), packed, group_size, scales_and_zeros).float()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), packed, group_size,
+                                                       scales_and_zeros).float()
         if bias is not None:
             y = y.add_(bias)
         return y.view(*x.shape[:-1], qweight.shape[0])
@@ -290,33 +290,21 @@ def _(x, qweight, scale, bias):
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 
-_int4pack_mm = torch.ops.aten._weight_int4pack_mm_for_cpu
-
-
-@torch.library.custom_op("mlx_kernels::int4pack_mm", mutates_args=())
-def int4pack_mm_opaque(x: torch.Tensor, packed: torch.Tensor, group_size: int,
-                       scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """torch's int4 CPU matmul, opaque to inductor: inductor would swap in its
-    ``quantized.int4mm_packed_weight_cpu``, measured 4x slower here at one row (116 vs 28 us per
-    call over the built-in model's weights). Eager calls go to the aten op directly (a custom
-    op's dispatch costs as much as a one-row matmul)."""
-    return _int4pack_mm(x, packed, group_size, scales_and_zeros)
-
-
-@int4pack_mm_opaque.register_fake
-def _(x, packed, group_size, scales_and_zeros):
-    return x.new_empty(x.shape[0], packed.shape[0])
-
-
 def w8a8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                           bias: torch.Tensor | None = None) -> torch.Tensor:
     rows, flat = _rows(x)
     xq, xscale = quantize_rows_reference(flat)
     acc = (xq.double() @ qweight.double().t()).float()  # exact: the int32 sum
+    return _scaled_back(acc, xscale, scale, bias, x)
+
+
+def _scaled_back(acc, xscale, scale, bias, x):
+    """W8A8's int32 sums ``[rows, out]`` times the row and output scales, plus the bias, in
+    x's dtype and shape."""
     y = acc * (xscale[:, None] * scale[None, :].float())
     if bias is not None:
         y = y + bias
-    return y.to(x.dtype).view(*x.shape[:-1], qweight.shape[0])
+    return y.to(x.dtype).view(*x.shape[:-1], acc.shape[1])
 
 
 def _w8a8_cpu_layout(qweight, scale):
@@ -343,11 +331,7 @@ def _w8a8_int_mm(x, flat, rows, qweight, scale, bias):
     xq, xscale = quantize_rows_reference(flat)
     if x.device.type == "cuda" and rows <= 16:  # cuBLAS's int8 GEMM takes more than 16 rows
         xq = torch.cat([xq, xq.new_zeros(32 - rows, xq.shape[1])])
-    acc = torch._int_mm(xq, qweight.t())[:rows]
-    y = acc * (xscale[:, None] * scale[None, :].float())
-    if bias is not None:
-        y = y + bias
-    return y.to(x.dtype).view(*x.shape[:-1], qweight.shape[0])
+    return _scaled_back(torch._int_mm(xq, qweight.t())[:rows], xscale, scale, bias, x)
 
 
 def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
