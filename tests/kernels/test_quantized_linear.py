@@ -183,11 +183,12 @@ def test_w8a8_linear_matches_its_reference_and_fp32(shape, rows, bias):
     _close_to_scale(want, F.linear(x, w, b), 3e-2)
 
 
-@pytest.mark.parametrize("shape,group_size", [((35, 96), 32), ((64, 64), 64), ((130, 192), 32)])
+@pytest.mark.parametrize("shape,group_size", [((35, 96), 32), ((64, 64), 64), ((130, 192), 32),
+                                              ((48, 80), 16)])
 @pytest.mark.parametrize("rows", [1, 5, 128, 129])
 @pytest.mark.parametrize("bias", [False, True])
 def test_int8_with_group_scales_matches_its_reference(shape, group_size, rows, bias):
-    """GGUF Q8_0's form (a scale per group of inputs): the native C loop up to INT8_FAST_ROWS rows
+    """GGUF Q8_0's / Q5_0's form (a scale per 32 inputs; Q6_K's per 16): the native C loop up to INT8_FAST_ROWS rows
     (fp32 activations, so fp32 summation-order differences only), the reference beyond."""
     _native()
     torch.manual_seed(rows)
@@ -218,25 +219,29 @@ def test_weights_at_unaligned_addresses_run():
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("kind", ["int8", "int8-groups", "int4"])
+@pytest.mark.parametrize("kind", ["int8", "int8-groups", "int8-groups16", "int4", "int4-fp32-scales"])
 @pytest.mark.parametrize("shape,rows", [((35, 96), 5), ((64, 64), 1), ((130, 192), 33)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_triton_dequant_matmul_matches_the_reference(kind, shape, rows, bias, triton_backend):
     """The weight de-quantized in registers inside the GEMM (fp32, IEEE dots): equal to the
-    reference's dequantize + F.linear to fp32 summation order."""
+    reference's dequantize + F.linear to fp32 summation order. Groups of 16 and fp32 scales
+    and minimums are GGUF's Q6_K and Q4_K forms."""
     torch.manual_seed(rows)
     n, k = shape
     w, x = torch.randn(n, k), torch.randn(rows, k)
     b = torch.randn(n) if bias else None
     with torch.inference_mode():
-        if kind == "int4":
+        if kind.startswith("int4"):
             packed = ql.quantize_int4(w, 32)
+            if kind == "int4-fp32-scales":
+                packed = (packed[0], packed[1].float() * 1.001, packed[2].float())
             got = ql.int4_linear(x, *packed, b)
             want = F.linear(x, ql.dequantize_int4(*packed), b)
         else:
             q, scale = ql.quantize_int8(w)
-            if kind == "int8-groups":
-                scale = scale[:, None].repeat(1, k // 32) * torch.rand(n, k // 32)
+            if kind.startswith("int8-groups"):
+                group = 16 if kind == "int8-groups16" else 32
+                scale = scale[:, None].repeat(1, k // group) * torch.rand(n, k // group)
             got = ql.int8_linear(x, q, scale, b)
             want = F.linear(x, ql.dequantize_int8(q, scale), b)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)

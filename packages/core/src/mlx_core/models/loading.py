@@ -44,8 +44,8 @@ def load_model(source: str | Path, *, dtype: torch.dtype = torch.float32,
     (``mlx_core.transforms.uncopied_mlp_outputs``: the same values, a faster layout).
     ``quantization`` (``"int8"``, ``"int4"``, ``"int4-g64"``, ``"w8a8"``, ...:
     ``mlx_core.transforms.quantize``) quantizes it as it loads; ``"gguf"`` loads a GGUF source's
-    quantized tensors as they are shipped (Q4_0, Q4_1 -> int4, Q8_0 -> int8 in groups of 32),
-    with no full-precision copy of them.
+    quantized tensors as they are shipped (Q4_0, Q4_1, Q4_K -> int4 in groups of 32; Q8_0,
+    Q5_0 -> int8 in groups of 32, Q6_K in groups of 16), with no full-precision copy of them.
     """
     if quantization is not None:  # a bad scheme fails before any weights are read
         from mlx_core.transforms import parse_scheme

@@ -160,8 +160,8 @@ class Int4Linear(QuantizedLinear):
 
 class QuantizedEmbedding(nn.Module):
     """A token embedding kept quantized; a lookup dequantizes only its rows. int8 rows with a
-    scale each (or per group of a row's values: GGUF's Q8_0), or int4 rows (``scales`` and
-    ``mins`` per group: GGUF's Q4_0/Q4_1 embeddings)."""
+    scale each (or per group of a row's values: GGUF's Q8_0, Q5_0, Q6_K), or int4 rows
+    (``scales`` and ``mins`` per group: GGUF's Q4_0/Q4_1/Q4_K embeddings)."""
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor | None = None, *,
                  scales: torch.Tensor | None = None, mins: torch.Tensor | None = None,
