@@ -1,8 +1,10 @@
 """HF checkpoint names and safetensors reading as numpy, with no torch import.
 
-The torch zoo's ``models/checkpoint.py`` and torch-free backends (mlx-jax) share the name tables
-here, so GPT-2's mapping is written once. bf16 tensors are widened to fp32 exactly (numpy has
-no bf16); callers cast to the dtype they compute in.
+The HF <-> zoo name maps (``map_hf_to_ours`` / ``map_ours_to_hf``) and the loaders' tensor
+check (``check_tensors``) are written once here for any array type: the torch zoo
+(``models/checkpoint.py``, ``models/loading.py``) and torch-free backends (mlx-jax) call them
+with their own ``ArrayOps``. bf16 tensors are widened to fp32 exactly (numpy has no bf16);
+callers cast to the dtype they compute in.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -104,44 +108,86 @@ def read_safetensors_numpy(directory: str | Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def hf_to_ours_numpy(model_type: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """HF checkpoint names -> the zoo's names (the numpy twin of ``checkpoint.hf_to_ours``)."""
-    arrays = {k: v for k, v in arrays.items() if not IGNORED.search(k)}
+@dataclass(frozen=True)
+class ArrayOps:
+    """The two array operations the name maps need, for one array library."""
+
+    transposed: Callable  # a 2-D array transposed, contiguous
+    stacked_rows: Callable  # a list of arrays concatenated along their first axis
+
+
+NUMPY_OPS = ArrayOps(lambda a: np.ascontiguousarray(a.T), lambda parts: np.concatenate(parts, axis=0))
+
+
+def map_hf_to_ours(model_type: str, tensors: dict, ops: ArrayOps) -> dict:
+    """HF checkpoint names -> the zoo's names (GPT-2's Conv1D weights transposed and its packed
+    q/k/v split; the other families share our names). Unknown names pass through, for the
+    loader to report as unexpected."""
+    tensors = {k: v for k, v in tensors.items() if not IGNORED.search(k)}
     if model_type != "gpt2":
-        return arrays
+        return tensors
     out = {}
-    for name, a in arrays.items():
+    for name, a in tensors.items():
         if not name.startswith(("transformer.", "lm_head.")):
             name = "transformer." + name  # GPT2Model saves without the prefix
         template, layer = name_template(name)
         if template.startswith("transformer.h.{}.attn.c_attn."):
             kind = template.rsplit(".", 1)[1]
-            parts = np.split(a.T if kind == "weight" else a, 3, axis=0)
-            for proj, part in zip("qkv", parts, strict=True):
-                out[OUR_QKV.format(layer, proj, kind)] = np.ascontiguousarray(part)
+            packed = ops.transposed(a) if kind == "weight" else a
+            rows = packed.shape[0] // 3
+            for i, proj in enumerate("qkv"):
+                out[OUR_QKV.format(layer, proj, kind)] = packed[i * rows:(i + 1) * rows]
         elif template in GPT2_TABLE:
             ours, transpose = GPT2_TABLE[template]
-            out[ours.format(layer)] = np.ascontiguousarray(a.T) if transpose else a
+            out[ours.format(layer)] = ops.transposed(a) if transpose else a
         else:
-            out[name] = a  # reported as unexpected by the loader, with its name
+            out[name] = a
     return out
 
 
-def ours_to_hf_numpy(model_type: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The zoo's names -> HF checkpoint names (the numpy twin of ``checkpoint.ours_to_hf``)."""
+def map_ours_to_hf(model_type: str, tensors: dict, ops: ArrayOps) -> dict:
+    """The zoo's names -> HF checkpoint names (the inverse of ``map_hf_to_ours``)."""
     if model_type != "gpt2":
-        return dict(arrays)
+        return dict(tensors)
     reverse = {ours: (hf, transpose) for hf, (ours, transpose) in GPT2_TABLE.items()}
     out, qkv = {}, {}
-    for name, a in arrays.items():
+    for name, a in tensors.items():
         template, layer = name_template(name)
         m = re.fullmatch(r"model\.layers\.\{\}\.self_attn\.([qkv])_proj\.(weight|bias)", template)
         if m:
             qkv.setdefault((layer, m.group(2)), {})[m.group(1)] = a
             continue
         hf, transpose = reverse[template]
-        out[hf.format(layer)] = np.ascontiguousarray(a.T) if transpose else a
+        out[hf.format(layer)] = ops.transposed(a) if transpose else a
     for (layer, kind), parts in qkv.items():
-        packed = np.concatenate([parts[p] for p in "qkv"], axis=0)
-        out[GPT2_QKV.format(layer, kind)] = np.ascontiguousarray(packed.T) if kind == "weight" else packed
+        packed = ops.stacked_rows([parts[p] for p in "qkv"])
+        out[GPT2_QKV.format(layer, kind)] = ops.transposed(packed) if kind == "weight" else packed
     return out
+
+
+def hf_to_ours_numpy(model_type: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return map_hf_to_ours(model_type, arrays, NUMPY_OPS)
+
+
+def ours_to_hf_numpy(model_type: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return map_ours_to_hf(model_type, arrays, NUMPY_OPS)
+
+
+def check_tensors(expected: dict[str, tuple], found: dict[str, tuple], *, where: str,
+                  model_type: str) -> None:
+    """Raise, naming them, if the tensors ``found`` (name -> shape) are not exactly those a model
+    ``expected``: the missing, the unexpected, then the first of another shape."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[:5]}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensor(s), e.g. {unexpected[:5]}")
+        raise ValueError(f"weights in {where} do not match its config.json ({model_type}): "
+                         + "; ".join(parts))
+    for name, shape in expected.items():
+        if tuple(found[name]) != tuple(shape):
+            raise ValueError(f"tensor {name} in {where} has shape {tuple(found[name])}, but the "
+                             f"config expects {tuple(shape)}: the weights and config.json disagree")

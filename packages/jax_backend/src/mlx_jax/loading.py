@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from mlx_core import registry
-from mlx_core.checkpoint_numpy import hf_to_ours_numpy, read_safetensors_numpy
+from mlx_core.checkpoint_numpy import check_tensors, hf_to_ours_numpy, read_safetensors_numpy
 from mlx_core.config import ModelConfig
 from mlx_core.plugins import load_plugins
 from mlx_core.sources import resolve_model_dir
@@ -59,29 +59,14 @@ def fill_params(abstract: nnx.Module, arrays: dict[str, np.ndarray], *, where: s
     """Merge ``arrays`` (zoo names -> numpy) into an abstract model, strictly by name and shape."""
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
-    expected = {param_name(path): var for path, var in flat}
+    expected = {param_name(path): tuple(var.get_value().shape) for path, var in flat}
     arrays = dict(arrays)
     if abstract.config.tie_word_embeddings:
         arrays.pop("lm_head.weight", None)  # some writers save the tied copy too
-    missing = sorted(set(expected) - set(arrays))
-    unexpected = sorted(set(arrays) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[:5]}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensor(s), e.g. {unexpected[:5]}")
-        raise ValueError(f"weights in {where} do not match its config.json "
-                         f"({abstract.config.model_type}): " + "; ".join(parts))
-    filled = []
-    for path, var in flat:
-        name = param_name(path)
-        spec = var.get_value()
-        if tuple(arrays[name].shape) != tuple(spec.shape):
-            raise ValueError(f"tensor {name} in {where} has shape {tuple(arrays[name].shape)}, "
-                             f"but the config expects {tuple(spec.shape)}: the weights and "
-                             "config.json disagree")
-        filled.append((path, var.replace(jnp.asarray(arrays[name], dtype=spec.dtype))))
+    check_tensors(expected, {name: tuple(a.shape) for name, a in arrays.items()}, where=where,
+                  model_type=abstract.config.model_type)
+    filled = [(path, var.replace(jnp.asarray(arrays[param_name(path)], dtype=var.get_value().dtype)))
+              for path, var in flat]
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 

@@ -1,16 +1,16 @@
 """Rotary position embeddings: inverse frequencies (with Llama 3 / linear scaling) and cos/sin.
 
-The same math as ``mlx_core.models.rope``, in fp32 like the torch zoo, so angles agree.
+The scaling is mlx_core's (``mlx_core.rope_scaling``), shared with the torch zoo; the table is
+fp32 like the torch zoo's, so angles agree to fp32 rounding.
 """
 
 from __future__ import annotations
-
-import math
 
 import jax.numpy as jnp
 import numpy as np
 
 from mlx_core.config import ModelConfig
+from mlx_core.rope_scaling import scaled_inverse_frequencies
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
@@ -18,27 +18,7 @@ def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
     dim = config.dim_per_head
     exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
     inv_freq = (np.float32(1.0) / np.power(np.float32(config.rope_theta), exponents)).astype(np.float32)
-    scaling = config.rope_scaling or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type == "linear":
-        return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
-    if rope_type == "llama3":
-        return _llama3_scaled(inv_freq, scaling)
-    return inv_freq
-
-
-def _llama3_scaled(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
-    """Llama 3.1's frequency-dependent scaling: long wavelengths slowed, short ones kept."""
-    factor = scaling["factor"]
-    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old_context = scaling["original_max_position_embeddings"]
-    low_freq_wavelen, high_freq_wavelen = old_context / low, old_context / high
-    wavelen = np.float32(2 * math.pi) / inv_freq
-    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(factor), inv_freq)
-    smooth = (old_context / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+    return scaled_inverse_frequencies(inv_freq, config.rope_scaling, np.where).astype(np.float32)
 
 
 def rope_cos_sin(inv_freq, position_ids, dtype):

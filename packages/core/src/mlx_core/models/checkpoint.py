@@ -7,61 +7,23 @@ maps through one table. Nothing here unpickles: weights are read from safetensor
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-# The name tables live in the torch-free module, shared with mlx-jax.
-from mlx_core.checkpoint_numpy import GPT2_QKV as _GPT2_QKV
-from mlx_core.checkpoint_numpy import GPT2_TABLE as _GPT2_TABLE
-from mlx_core.checkpoint_numpy import IGNORED as _IGNORED
-from mlx_core.checkpoint_numpy import OUR_QKV as _OUR_QKV
-from mlx_core.checkpoint_numpy import name_template as _template
-from mlx_core.checkpoint_numpy import safetensors_files
+from mlx_core.checkpoint_numpy import ArrayOps, map_hf_to_ours, map_ours_to_hf, safetensors_files
+
+TORCH_OPS = ArrayOps(lambda t: t.t().contiguous(), lambda parts: torch.cat(parts, dim=0))
 
 
 def hf_to_ours(model_type: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    tensors = {k: v for k, v in tensors.items() if not _IGNORED.search(k)}
-    if model_type != "gpt2":
-        return tensors
-    out = {}
-    for name, t in tensors.items():
-        if not name.startswith(("transformer.", "lm_head.")):
-            name = "transformer." + name  # GPT2Model saves without the prefix
-        template, layer = _template(name)
-        if template.startswith("transformer.h.{}.attn.c_attn."):
-            kind = template.rsplit(".", 1)[1]
-            parts = (t.t() if kind == "weight" else t).chunk(3, dim=0)
-            for proj, part in zip("qkv", parts, strict=True):
-                out[_OUR_QKV.format(layer, proj, kind)] = part.contiguous()
-        elif template in _GPT2_TABLE:
-            ours, transpose = _GPT2_TABLE[template]
-            out[ours.format(layer)] = t.t().contiguous() if transpose else t
-        else:
-            out[name] = t  # reported as unexpected by the loader, with its name
-    return out
+    return map_hf_to_ours(model_type, tensors, TORCH_OPS)
 
 
 def ours_to_hf(model_type: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if model_type != "gpt2":
-        return dict(tensors)
-    reverse = {ours: (hf, transpose) for hf, (ours, transpose) in _GPT2_TABLE.items()}
-    out, qkv = {}, {}
-    for name, t in tensors.items():
-        template, layer = _template(name)
-        m = re.fullmatch(r"model\.layers\.\{\}\.self_attn\.([qkv])_proj\.(weight|bias)", template)
-        if m:
-            qkv.setdefault((layer, m.group(2)), {})[m.group(1)] = t
-            continue
-        hf, transpose = reverse[template]
-        out[hf.format(layer)] = t.t().contiguous() if transpose else t
-    for (layer, kind), parts in qkv.items():
-        packed = torch.cat([parts[p] for p in "qkv"], dim=0)
-        out[_GPT2_QKV.format(layer, kind)] = packed.t().contiguous() if kind == "weight" else packed
-    return out
+    return map_ours_to_hf(model_type, tensors, TORCH_OPS)
 
 
 def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mlx_core import registry
+from mlx_core.checkpoint_numpy import check_tensors
 from mlx_core.config import ModelConfig
 from mlx_core.models.checkpoint import hf_to_ours, ours_to_hf, read_safetensors, write_safetensors
 from mlx_core.paths import atomic_directory
@@ -152,24 +153,8 @@ def _check_state(model: nn.Module, state: dict[str, torch.Tensor], directory: Pa
     if model.config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
         state.pop("lm_head.weight", None)  # some writers save the tied copy too
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[:5]}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensor(s), e.g. {unexpected[:5]}")
-        raise ValueError(
-            f"weights in {directory} do not match its config.json ({model.config.model_type}): "
-            + "; ".join(parts)
-        )
-    for name, shape in expected.items():
-        if tuple(state[name].shape) != shape:
-            raise ValueError(
-                f"tensor {name} in {directory} has shape {tuple(state[name].shape)}, but the "
-                f"config expects {shape}: the weights and config.json disagree"
-            )
+    check_tensors(expected, {k: tuple(v.shape) for k, v in state.items()}, where=str(directory),
+                  model_type=model.config.model_type)
 
 
 def save_model(model: nn.Module, directory: str | Path, *, tokenizer=None, overwrite: bool = False,
