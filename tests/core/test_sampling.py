@@ -11,7 +11,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from mlx_core.models.sampling import filter_logits, sampling_problems
+from mlx_core.models.sampling import filter_logits
+from mlx_core.sampling_options import sampling_problems
 
 # (temperature, top_k, top_p, min_p) per row; 0 / 1.0 / 0.0 switch a filter off
 ROWS = [(1.0, 0, 1.0, 0.0), (0.7, 5, 1.0, 0.0), (1.3, 0, 0.9, 0.0), (0.5, 0, 0.0001, 0.0),

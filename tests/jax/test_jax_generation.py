@@ -64,6 +64,28 @@ def test_top_k_and_top_p_keep_the_tokens_torch_keeps():
         assert set(np.nonzero(kept_p[row])[0]) == set(order[:n])
 
 
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.0, 5, 1.0), (0.8, 0, 0.9),
+                                                     (1.3, 12, 0.6), (1.0, 0, 0.05)])
+def test_filters_equal_the_torch_filters_tested_against_hf(temperature, top_k, top_p):
+    """mlx_core's filter_logits is equal to HF's warpers (tests/core/test_sampling.py); the jitted
+    JAX filters keep the same tokens with the same values (fp32)."""
+    import torch
+
+    from mlx_core.models.sampling import filter_logits as torch_filter_logits
+
+    logits = np.random.RandomState(1).randn(4, 300).astype(np.float32) * 3
+    got = np.asarray(filter_logits(jnp.asarray(logits), SamplingOptions(temperature, top_k, top_p)))
+    want = torch_filter_logits(torch.from_numpy(logits), temperature, top_k, top_p).numpy()
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=1e-6)
+
+
+def test_bad_options_are_named_as_the_torch_zoo_names_them():
+    with pytest.raises(ValueError, match=r"temperature must be >= 0 \(got -1\).*top_k must be >= 0 "
+                                         r"\(got -2\).*top_p must be in \(0, 1\] \(got 1.5\)"):
+        SamplingOptions(-1, top_k=-2, top_p=1.5)
+
+
 @pytest.mark.builtin_model
 @pytest.mark.slow
 def test_builtin_model_greedy_equals_torch_zoo_on_chat_prompts(builtin_pair):

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from mlx_core.sampling_options import sampling_problems
+
 
 @dataclass(frozen=True)
 class SamplingOptions:
@@ -18,13 +20,7 @@ class SamplingOptions:
     top_p: float = 1.0
 
     def __post_init__(self):
-        problems = []
-        if self.temperature < 0:
-            problems.append(f"temperature must be >= 0 (got {self.temperature}); 0 means greedy")
-        if self.top_k < 0:
-            problems.append(f"top_k must be >= 0 (got {self.top_k}); 0 disables it")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1] (got {self.top_p}); 1 disables it")
+        problems = sampling_problems(self.temperature, self.top_p, top_k=self.top_k)
         if problems:
             raise ValueError("; ".join(problems))
 

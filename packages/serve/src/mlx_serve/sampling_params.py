@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mlx_core.models.sampling import sampling_problems
+from mlx_core.sampling_options import sampling_problems
 
 
 @dataclass

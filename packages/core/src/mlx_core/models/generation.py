@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from mlx_core.models.decode_step import compiled_cache_length, compiled_decode_step
-from mlx_core.models.sampling import filter_logits, sampling_problems
+from mlx_core.models.sampling import filter_logits
+from mlx_core.sampling_options import sampling_problems
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 0,
@@ -29,9 +30,7 @@ def _check_options(max_new_tokens: int, temperature: float, top_k: int, top_p: f
     problems = []
     if max_new_tokens < 1:
         problems.append(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
-    problems += sampling_problems(temperature, top_p)
-    if top_k < 0:
-        problems.append(f"top_k must be >= 0 (got {top_k}); 0 disables it")
+    problems += sampling_problems(temperature, top_p, top_k=top_k)
     if problems:
         raise ValueError("; ".join(problems))
 

@@ -1,7 +1,7 @@
 """The sampling filters, once for ``mlx_core.generate`` and the serving engine's sampler:
 temperature, then top-k, then top-p (nucleus), then min-p, as HF's logits warpers apply them
 and with their arithmetic (tests/core/test_sampling.py compares every filter with HF's), each
-row with its own settings.
+row with its own settings. The options' checks are torch-free: ``mlx_core.sampling_options``.
 """
 
 from __future__ import annotations
@@ -9,18 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
-
-def sampling_problems(temperature: float, top_p: float, min_p: float = 0.0) -> list[str]:
-    """What is wrong with these settings (empty: nothing), each with the valid range."""
-    problems = []
-    if temperature < 0:
-        problems.append(f"temperature must be >= 0 (got {temperature}); 0 means greedy")
-    if not 0 < top_p <= 1:
-        problems.append(f"top_p must be in (0, 1] (got {top_p}); 1 disables it")
-    if not 0 <= min_p <= 1:
-        problems.append(f"min_p must be in [0, 1] (got {min_p}); 0 disables it")
-    return problems
 
 
 def _per_row(values, rows: int, device, dtype) -> torch.Tensor:
