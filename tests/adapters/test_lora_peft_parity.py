@@ -80,6 +80,24 @@ def test_parameter_names_match_peft(hf_dir, tmp_path, config):
     assert (_logits(ours.eval()) - _logits(loaded)).abs().max() < 1e-5
 
 
+def test_rank_and_alpha_patterns_follow_peft(hf_dir, tmp_path):
+    """PEFT's rule (the first pattern p for which ``(.*\\.)?(p)$`` matches, regexes included),
+    checked against PEFT on the same model: the ranks of every lora_A, then the logits. (PEFT
+    saves the patterns sorted by key, so patterns that overlap are given here in that order.)"""
+    torch.manual_seed(3)
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                  rank_pattern={r"layers\.1\.self_attn\.q_proj": 2, "q_proj": 6, "v_.*": 3},
+                  alpha_pattern={r"model\.layers\.0\.mlp\.down_proj": 5, "v_proj": 7})
+    theirs = hf_get_peft_model(_hf(hf_dir), HFLoraConfig(init_lora_weights=False, **config))
+    ours = get_peft_model(load_model(hf_dir), LoraConfig(init_lora_weights=False, **config))
+    shapes = {n: tuple(p.shape) for n, p in theirs.named_parameters() if "lora_A" in n}
+    assert {n: tuple(p.shape) for n, p in ours.named_parameters() if "lora_A" in n} == shapes
+    assert {s[0] for s in shapes.values()} == {2, 3, 4, 6}
+    theirs.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(load_model(hf_dir), tmp_path / "adapter").eval()
+    assert (_logits(loaded) - _logits(theirs.eval())).abs().max() < 1e-5
+
+
 def test_layers_to_transform_with_a_str_target_is_refused_as_in_peft():
     for targets in ("all-linear", r".*q_proj"):
         with pytest.raises(ValueError, match="layers_to_transform cannot be used when "

@@ -115,7 +115,7 @@ def test_a_fresh_adapter_leaves_the_output_unchanged(tiny_pair):
 def test_bad_adapters_are_refused_by_name(tiny_pair, tmp_path):
     torch_model, directory, _ = tiny_pair("tiny-llama")
     model = mlx_jax.load_model(directory)
-    with pytest.raises(ValueError, match=r"matches no linear layer.*down_proj, gate_proj, k_proj"):
+    with pytest.raises(ValueError, match=r"matches no linear module.*down_proj, gate_proj, k_proj"):
         lora.apply_lora(model, lora.LoraConfig(target_modules=["c_attn"]))
     with pytest.raises(ValueError, match="output head"):
         lora.apply_lora(model, lora.LoraConfig(target_modules=["lm_head"]))

@@ -34,12 +34,12 @@ def inspect(directory: Path = typer.Argument(..., help="A PEFT adapter directory
     from safetensors import safe_open
 
     from mlx_adapters.config import load_config
-    from mlx_adapters.peft_format import WEIGHTS_NAME
+    from mlx_core.peft_rules import KEY_PREFIX, WEIGHTS_NAME
 
     config = load_config(directory)
     with safe_open(directory / WEIGHTS_NAME, "np") as f:
         shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
-    modules = sorted({k.rsplit(".lora_", 1)[0].removeprefix("base_model.model.") for k in shapes})
+    modules = sorted({k.rsplit(".lora_", 1)[0].removeprefix(KEY_PREFIX) for k in shapes})
     table = Table("field", "value", title=str(directory))
     table.add_row("method", config.peft_type)
     table.add_row("target_modules", str(config.target_modules))

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-CONFIG_NAME = "adapter_config.json"
+from mlx_core.peft_rules import CONFIG_NAME, IGNORED_FIELDS, pattern_value, target_field_problems
 
 
 @dataclass
@@ -28,16 +28,10 @@ class PeftConfig:
     inference_mode: bool = False
 
     def __post_init__(self):
-        # PEFT's own checks: an adapter saved with these would not load into PEFT
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("layers_to_transform cannot be used when target_modules is a str (a "
-                             "regex or 'all-linear'), as in PEFT: list the module names instead, "
-                             "or match the layers in the regex")
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ValueError("layers_pattern cannot be used when target_modules is a str, as in "
-                             "PEFT: list the module names instead")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("layers_pattern needs layers_to_transform (which layers to adapt)")
+        problems = target_field_problems(self.target_modules, self.layers_to_transform,
+                                         self.layers_pattern)
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -53,16 +47,11 @@ class PeftConfig:
         config = cls(**{k: v for k, v in data.items() if k in known})
         unsupported = {k: v for k, v in data.items()
                        if k not in known and v not in (None, False, {}, [], "none")
-                       and k not in _IGNORED_PEFT_FIELDS}
+                       and k not in IGNORED_FIELDS}
         if unsupported:
             raise ValueError(f"this {cls.__name__} uses PEFT features mlx_adapters does not "
                              f"support yet: {unsupported}")
         return config
-
-
-# Fields PEFT writes that carry no meaning for the adapter weights.
-_IGNORED_PEFT_FIELDS = {"peft_version", "auto_mapping", "megatron_core", "qalora_group_size",
-                        "loftq_config", "ensure_weight_tying"}
 
 
 @dataclass
@@ -121,15 +110,10 @@ class LoraConfig(PeftConfig):
         return problems
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, int]:
-        """Per-module overrides from ``rank_pattern`` / ``alpha_pattern`` (PEFT's suffix match)."""
-        r, alpha = self.r, self.lora_alpha
-        for pattern, value in self.rank_pattern.items():
-            if module_name == pattern or module_name.endswith("." + pattern):
-                r = value
-        for pattern, value in self.alpha_pattern.items():
-            if module_name == pattern or module_name.endswith("." + pattern):
-                alpha = value
-        return r, alpha
+        """Per-module overrides from ``rank_pattern`` / ``alpha_pattern`` (PEFT's rule:
+        ``mlx_core.peft_rules.pattern_value``)."""
+        return (pattern_value(module_name, self.rank_pattern, self.r),
+                pattern_value(module_name, self.alpha_pattern, self.lora_alpha))
 
 
 def pissa_iterations(init) -> int | None:

@@ -11,7 +11,7 @@ from torch import nn
 
 from mlx_adapters.config import PeftConfig
 from mlx_adapters.layer import AdapterLayer, wrapped_targets
-from mlx_adapters.targets import _matches
+from mlx_core.peft_rules import module_matches
 
 
 @dataclass
@@ -79,7 +79,7 @@ class IA3Tuner:
     @staticmethod
     def inject(model: nn.Module, config: IA3Config, adapter_name: str, targets: list[str]) -> None:
         def make(name, module):
-            return IA3Linear(module, _matches(name, config.feedforward_modules))
+            return IA3Linear(module, module_matches(name, config.feedforward_modules))
 
         for _, layer in wrapped_targets(model, targets, IA3Linear, make):
             layer.add(adapter_name, config)

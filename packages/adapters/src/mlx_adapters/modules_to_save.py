@@ -9,7 +9,7 @@ import copy
 from torch import nn
 
 from mlx_adapters.layer import wrapped_targets
-from mlx_adapters.targets import _matches
+from mlx_core.peft_rules import module_matches
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -47,7 +47,7 @@ class ModulesToSaveWrapper(nn.Module):
 def wrap_modules_to_save(model: nn.Module, patterns: list[str], adapter_name: str) -> None:
     """Wrap (once) each module whose name is or ends with one of ``patterns``; give it a
     trainable copy for ``adapter_name``."""
-    targets = [n for n, _ in model.named_modules() if _matches(n, patterns)]
+    targets = [n for n, _ in model.named_modules() if module_matches(n, patterns)]
     if not targets:
         names = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n})
         raise ValueError(f"modules_to_save={patterns} matches no module; module names include: "

@@ -20,7 +20,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from mlx_adapters.config import LoraConfig
-from mlx_adapters.peft_format import WEIGHTS_NAME, adapter_state
+from mlx_adapters.peft_format import adapter_state
+from mlx_core.peft_rules import WEIGHTS_NAME
 
 
 def _initial_tensors(directory: Path) -> dict[str, torch.Tensor]:

@@ -6,9 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mlx_core.peft_rules import OUTPUT_HEADS
 from mlx_kernels import NF4Weight, nf4_dequantize, nf4_matmul, nf4_quantize
-
-_OUTPUT_HEADS = ("lm_head", "score", "classifier")
 
 
 class NF4Linear(nn.Module):
@@ -51,7 +50,7 @@ class NF4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4"
 
 
-def quantize_nf4(model: nn.Module, skip: tuple[str, ...] = _OUTPUT_HEADS) -> nn.Module:
+def quantize_nf4(model: nn.Module, skip: tuple[str, ...] = tuple(sorted(OUTPUT_HEADS))) -> nn.Module:
     """Replace every ``nn.Linear`` (except output heads) by an ``NF4Linear``, in place."""
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and name.split(".")[-1] not in skip:

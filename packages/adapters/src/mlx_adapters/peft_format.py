@@ -13,9 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mlx_core.paths import atomic_directory
-
-WEIGHTS_NAME = "adapter_model.safetensors"
-
+from mlx_core.peft_rules import WEIGHTS_NAME
 
 # How PEFT names each table's entries when saving: "<table>.<adapter>.weight" becomes
 # "<table>.weight" (keep; an entry that is itself a parameter, "<table>.<adapter>", becomes

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +30,26 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mlx_core.peft_rules import (
+    CONFIG_NAME,
+    IGNORED_FIELDS,
+    KEY_PREFIX,
+    OUTPUT_HEADS,
+    WEIGHTS_NAME,
+    choose_targets,
+    lora_key,
+    pattern_value,
+    target_field_problems,
+)
 from mlx_jax import ops
 from mlx_jax.loading import param_name
 from mlx_jax.modules import Linear
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."  # PEFT's prefix on saved keys
 LoraParam = nnx.LoRAParam
 
-_LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
-_OUTPUT_HEADS = {"lm_head", "score", "classifier"}
-# Fields PEFT writes that carry no meaning for the adapter weights.
-_IGNORED = {"peft_version", "auto_mapping", "megatron_core", "qalora_group_size", "loftq_config",
-            "ensure_weight_tying", "task_type", "inference_mode", "revision", "layers_pattern",
-            "base_model_name_or_path"}
+# PEFT's fields with no bearing on a LoRA adapter's weights as mlx_jax applies them
+_IGNORED = IGNORED_FIELDS | {"task_type", "inference_mode", "revision", "layers_pattern",
+                             "base_model_name_or_path"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +88,7 @@ class LoraConfig:
         if self.init_lora_weights not in (True, False, "gaussian"):
             problems.append("init_lora_weights must be True, False or 'gaussian', got "
                             f"{self.init_lora_weights!r}")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            problems.append("layers_to_transform cannot be used when target_modules is a str "
-                            "(as in PEFT): list the module names instead")
+        problems += target_field_problems(self.target_modules, self.layers_to_transform)
         if problems:
             raise ValueError("invalid LoRA config: " + "; ".join(problems))
 
@@ -125,11 +127,9 @@ class LoraConfig:
                 "inference_mode": True, **out}
 
     def rank_and_alpha(self, name: str) -> tuple[int, float]:
-        """PEFT's per-module overrides: the first pattern ``p`` with ``(.*\\.)?p$`` matching."""
-        r = next((v for p, v in self.rank_pattern.items() if re.match(rf"(.*\.)?{p}$", name)), self.r)
-        alpha = next((v for p, v in self.alpha_pattern.items() if re.match(rf"(.*\.)?{p}$", name)),
-                     self.lora_alpha)
-        return r, alpha
+        """PEFT's per-module overrides (``mlx_core.peft_rules.pattern_value``)."""
+        return (pattern_value(name, self.rank_pattern, self.r),
+                pattern_value(name, self.alpha_pattern, self.lora_alpha))
 
 
 class _LoraWeight(nnx.Module):
@@ -181,34 +181,11 @@ def linear_modules(model: nnx.Module) -> dict[str, nnx.Module]:
             if isinstance(m, (Linear, LoraLinear))}
 
 
-def _matches(name: str, patterns) -> bool:
-    if patterns is None:
-        return False
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
-def _short_names(names) -> str:
-    return ", ".join(sorted({n.split(".")[-1] for n in names})) or "(none)"
-
-
 def find_targets(model: nnx.Module, config: LoraConfig) -> list[str]:
     """The names of the linear layers ``config`` targets; errors name the candidates."""
-    linear = list(linear_modules(model))
-    if config.target_modules == "all-linear":
-        chosen = [n for n in linear if n.split(".")[-1] not in _OUTPUT_HEADS]
-    else:
-        chosen = [n for n in linear if _matches(n, config.target_modules)]
-    chosen = [n for n in chosen if not _matches(n, config.exclude_modules)]
-    if config.layers_to_transform is not None:
-        layers = set(config.layers_to_transform)
-        chosen = [n for n in chosen
-                  if (m := _LAYER_INDEX.search("." + n)) and int(m.group(1)) in layers]
-    if not chosen:
-        raise ValueError(f"target_modules={config.target_modules!r} matches no linear layer of "
-                         f"this model; its linear layers are: {_short_names(linear)}")
-    heads = [n for n in chosen if n.split(".")[-1] in _OUTPUT_HEADS]
+    chosen = choose_targets(list(linear_modules(model)), config.target_modules,
+                            config.exclude_modules, config.layers_to_transform)
+    heads = [n for n in chosen if n.split(".")[-1] in OUTPUT_HEADS]
     if heads:
         raise ValueError(f"LoRA on the output head ({heads[0]}) is not supported by mlx_jax; "
                          "target the decoder's linear layers")
@@ -246,7 +223,7 @@ def apply_lora(model: nnx.Module, config: LoraConfig | dict, *, seed: int = 0) -
 def lora_arrays(model: nnx.Module) -> dict[str, np.ndarray]:
     """The LoRA weights under PEFT's saved names (``base_model.model.<path>.lora_A.weight``)."""
     state = nnx.state(model, LoraParam)
-    return {PREFIX + param_name(path): np.asarray(v.get_value())
+    return {KEY_PREFIX + param_name(path): np.asarray(v.get_value())
             for path, v in nnx.to_flat_state(state)}
 
 
@@ -274,8 +251,8 @@ def load_lora(model: nnx.Module, directory: str | Path) -> nnx.Module:
     for name in find_targets(model, config):
         out_features, in_features = layers[name].weight[...].shape
         r, _ = config.rank_and_alpha(name)
-        expected[f"{PREFIX}{name}.lora_A.weight"] = (r, in_features)
-        expected[f"{PREFIX}{name}.lora_B.weight"] = (out_features, r)
+        expected[lora_key(name, "lora_A")] = (r, in_features)
+        expected[lora_key(name, "lora_B")] = (out_features, r)
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     if missing or unexpected:
         raise ValueError(f"adapter in {directory} does not fit this model: missing {missing[:4]}, "
@@ -286,7 +263,7 @@ def load_lora(model: nnx.Module, directory: str | Path) -> nnx.Module:
                              f"{tuple(saved[key].shape)}, but this model and the adapter's r "
                              f"expect {shape} (a different base model or rank?)")
     apply_lora(model, config)
-    filled = [(path, var.replace(jnp.asarray(saved[PREFIX + param_name(path)], var.get_value().dtype)))
+    filled = [(path, var.replace(jnp.asarray(saved[KEY_PREFIX + param_name(path)], var.get_value().dtype)))
               for path, var in nnx.to_flat_state(nnx.state(model, LoraParam))]
     nnx.update(model, nnx.from_flat_state(filled))
     return model

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import functools
 import itertools
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from mlx_core.peft_rules import WEIGHTS_NAME, parse_lora_key
 from mlx_core.transforms import QuantizedLinear
 from mlx_kernels import add_lora_multi
-
-_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B)\.weight$")
 
 
 class LoraBatch:
@@ -216,9 +214,9 @@ def _read_adapter(path: Path):
         what = f"bias={config.bias!r}" if config.bias != "none" else "lora_bias=True"
         raise ValueError(f"{path} is a LoRA adapter with {what}, whose trained biases serving "
                          "cannot apply per request: merge it into the model (`mlx adapters merge`)")
-    weights = path / "adapter_model.safetensors"
+    weights = path / WEIGHTS_NAME
     if not weights.is_file():
-        raise FileNotFoundError(f"no adapter_model.safetensors in {path}")
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}")
     try:
         return config, load_file(weights)
     except (SafetensorError, OSError) as e:
@@ -228,11 +226,12 @@ def _read_adapter(path: Path):
 def _pair_tensors(tensors: dict, path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     found: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        match = _KEY.match(key)
-        if match is None:
+        parsed = parse_lora_key(key)
+        if parsed is None:
             raise ValueError(f"{path}: tensor {key} is not a LoRA A/B weight (modules_to_save and "
                              "embedding LoRA cannot be served per request; merge the adapter)")
-        found.setdefault(match.group(1), {})[match.group(2)] = tensor
+        module_name, part = parsed
+        found.setdefault(module_name, {})[part] = tensor
     pairs = {}
     for module_name, parts in found.items():
         if set(parts) != {"lora_A", "lora_B"}:
