@@ -48,3 +48,27 @@ def test_allocator_settings_take_effect_on_linux():
     """)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ("True" if sys.platform.startswith("linux") else "False")
+
+
+def test_framework_neutral_pieces_work_without_torch():
+    """What torch, serve and JAX share lives torch-free in mlx_core: PEFT's configs and rules,
+    the sampling options' checks, RoPE's scaling, the HF name maps and the loaders' check."""
+    done = _run("""
+        import numpy as np
+        from mlx_core import checkpoint_numpy, peft_config, peft_rules, rope_scaling, sampling_options
+        config = peft_config.LoraConfig(target_modules=["q_proj"], rank_pattern={"q_.*": 2})
+        assert config.rank_and_alpha("model.layers.0.self_attn.q_proj") == (2, 8)
+        assert peft_rules.choose_targets(["a.layers.0.q_proj", "a.layers.1.k_proj"], ["q_proj"]) \\
+            == ["a.layers.0.q_proj"]
+        assert peft_rules.parse_lora_key("base_model.model.x.q_proj.lora_B.weight") == ("x.q_proj", "lora_B")
+        assert sampling_options.sampling_problems(0.5, 1.0, top_k=-1)
+        scaled = rope_scaling.scaled_inverse_frequencies(np.ones(4, np.float32),
+                                                         {"rope_type": "linear", "factor": 2.0}, np.where)
+        assert scaled.dtype == np.float32 and (scaled == 0.5).all()
+        table = checkpoint_numpy.hf_to_ours_numpy("gpt2", {"h.0.attn.c_attn.bias": np.arange(6.0)})
+        assert list(table["model.layers.0.self_attn.v_proj.bias"]) == [4.0, 5.0]
+        assert "torch" not in sys.modules or sys.modules["torch"] is None
+        print("ok")
+    """)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"

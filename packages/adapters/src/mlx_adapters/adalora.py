@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mlx_adapters.config import LoraConfig, PeftConfig
 from mlx_adapters.layer import AdapterLayer, wrapped_targets
+from mlx_core.peft_config import LoraConfig, PeftConfig
 
 
 @dataclass

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mlx_adapters.config import PeftConfig
 from mlx_adapters.layer import AdapterLayer, wrapped_targets
+from mlx_core.peft_config import PeftConfig
 from mlx_core.peft_rules import module_matches
 
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlx_adapters.config import LoraConfig, pissa_iterations
 from mlx_adapters.layer import QUANTIZED_BASES, AdapterLayer, wrapped_targets
+from mlx_core.peft_config import LoraConfig, pissa_iterations
 from mlx_kernels import lora_linear
 
 

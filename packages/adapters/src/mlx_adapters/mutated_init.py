@@ -19,8 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from mlx_adapters.config import LoraConfig
 from mlx_adapters.peft_format import adapter_state
+from mlx_core.peft_config import LoraConfig
 from mlx_core.peft_rules import WEIGHTS_NAME
 
 

@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mlx_adapters.config import PeftConfig, load_config
+from mlx_adapters.config import load_config
 from mlx_adapters.layer import AdapterLayer, replace_module
 from mlx_adapters.modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
 from mlx_adapters.peft_format import bias_names, load_adapter_weights, save_adapter_weights
 from mlx_adapters.targets import find_targets
+from mlx_core.peft_config import PeftConfig
 
 
 def _method(config: PeftConfig):

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mlx_adapters.config import PeftConfig
 from mlx_adapters.prompt_tuning import (
     SUBMODULES_RULE,
     extend_mask,
@@ -39,6 +38,7 @@ from mlx_adapters.prompt_tuning import (
     is_encoder_decoder,
 )
 from mlx_core.models.attention import KVCache
+from mlx_core.peft_config import PeftConfig
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mlx_adapters.config import PeftConfig
+from mlx_core.peft_config import PeftConfig
 
 SUBMODULES_RULE = ("num_transformer_submodules must be None (from task_type), 1 (decoder-only) "
                    "or 2 (encoder-decoder, task_type='SEQ_2_SEQ_LM')")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from mlx_adapters.config import PeftConfig
 from mlx_adapters.layer import QUANTIZED_BASES, AdapterLayer
+from mlx_core.peft_config import PeftConfig
 from mlx_core.peft_rules import choose_targets
 
 

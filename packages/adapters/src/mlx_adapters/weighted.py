@@ -15,9 +15,9 @@ import math
 import torch
 
 from mlx_adapters import task_merging
-from mlx_adapters.config import LoraConfig
 from mlx_adapters.lora import LoraLinear
 from mlx_adapters.modules_to_save import ModulesToSaveWrapper
+from mlx_core.peft_config import LoraConfig
 
 AB_SPACE = tuple(task_merging.METHODS)  # linear, magnitude_prune, ties, dare_linear, dare_ties
 DELTA_SPACE = ("svd",) + tuple(f"{m}_svd" for m in AB_SPACE if m != "linear")

@@ -191,17 +191,17 @@ def _read_adapter(path: Path):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from mlx_adapters.config import LoraConfig, load_config, pissa_iterations
+    from mlx_core.peft_config import LoraConfig, pissa_iterations, read_config_json
 
     if not path.is_dir():
         raise FileNotFoundError(f"LoRA adapter directory {path} does not exist")
-    config = load_config(path)
-    if not isinstance(config, LoraConfig):
-        raise ValueError(f"{path} holds a {config.peft_type} adapter; serving loads LoRA adapters "
-                         "only (merge other methods into the model with `mlx adapters merge`)")
-    if config.peft_type != "LORA":  # AdaLoRA's config is a LoraConfig too
-        raise ValueError(f"{path} holds a {config.peft_type} adapter; serving loads LoRA adapters "
-                         "only (merge other methods into the model with `mlx adapters merge`)")
+    data = read_config_json(path)
+    kind = str(data.get("peft_type", "")).upper()
+    if kind != "LORA":  # AdaLoRA, IA3, prompt learning, ...
+        raise ValueError(f"{path} holds a {kind or 'typeless'} adapter; serving loads LoRA "
+                         "adapters only (merge other methods into the model with `mlx adapters "
+                         "merge`)")
+    config = LoraConfig.from_dict(data)
     if config.use_dora:
         raise ValueError(f"{path} is a DoRA adapter, which serving cannot apply per request: "
                          "merge it into the model (`mlx adapters merge`) and serve that")
