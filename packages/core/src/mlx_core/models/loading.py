@@ -58,9 +58,9 @@ def load_model(source: str | Path, *, dtype: torch.dtype = torch.float32,
     config = ModelConfig.from_pretrained(directory)
     with torch.device("meta"):
         model = registry.architectures.get(config.model_type)["torch"](config)
-    saved_scheme = _saved_quantization(directory)
-    if saved_scheme is not None:
-        return _load_quantized_dir(model, directory, saved_scheme, quantization, dtype, device)
+    saved = _saved_quantization(directory)
+    if saved is not None:
+        return _load_quantized_dir(model, directory, saved, quantization, dtype, device)
     state = hf_to_ours(config.model_type, read_safetensors(directory))
     _check_state(model, state, directory)
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
@@ -96,17 +96,21 @@ def _calibration(scheme: str, directory: Path):
 QUANT_METHOD = "mlx"
 
 
-def _saved_quantization(directory: Path) -> str | None:
-    """The scheme a quantized checkpoint was saved with, or None for full precision."""
+def _saved_quantization(directory: Path) -> dict | None:
+    """The "quantization_config" of a quantized checkpoint mlx reads (its own, or
+    compressed-tensors), or None for full precision."""
+    from mlx_core.transforms import compressed_tensors
+
     found = json.loads((directory / "config.json").read_text()).get("quantization_config")
     if found is None:
         return None
     method = found.get("quant_method")
-    if method != QUANT_METHOD:
+    if method not in (QUANT_METHOD, compressed_tensors.QUANT_METHOD):
         raise ValueError(f"{directory} holds weights quantized by {method!r}, which mlx does not "
                          f"read yet; it reads its own ({QUANT_METHOD!r}, from save_model or `mlx "
-                         "models quantize`) and GGUF files (quantization='gguf')")
-    return found["scheme"]
+                         "models quantize`), int8 / W8A8 compressed-tensors checkpoints and GGUF "
+                         "files (quantization='gguf')")
+    return found
 
 
 def _dtype_for(name: str, floating: bool, dtype: torch.dtype) -> torch.dtype | None:
@@ -115,15 +119,22 @@ def _dtype_for(name: str, floating: bool, dtype: torch.dtype) -> torch.dtype | N
     return dtype if floating and name.endswith((".weight", ".bias")) else None
 
 
-def _load_quantized_dir(model, directory, scheme, asked, dtype, device) -> nn.Module:
+def _load_quantized_dir(model, directory, saved, asked, dtype, device) -> nn.Module:
+    from mlx_core.transforms import compressed_tensors
     from mlx_core.transforms.quantize import load_quantized_state
 
+    theirs = saved["quant_method"] == compressed_tensors.QUANT_METHOD
+    scheme = compressed_tensors.read_scheme(saved, directory) if theirs else saved["scheme"]
     if asked is not None and asked != scheme:
         raise ValueError(f"{directory} is quantized with {scheme} already; load it with "
                          f"quantization=None (or {scheme!r}), or quantize its full-precision source")
+    tensors = read_safetensors(directory)
+    if theirs:
+        tensors = compressed_tensors.mlx_state(tensors, model.config, directory)
     state = {k: v.to(device=device, dtype=_dtype_for(k, v.is_floating_point(), dtype))
-             for k, v in read_safetensors(directory).items()}
+             for k, v in tensors.items()}
     load_quantized_state(model, state, scheme)
+    model.tie_weights()  # a full-precision head tied to a full-precision embedding
     model.source_dir = directory
     return uncopied_mlp_outputs(model).eval()
 
@@ -159,19 +170,29 @@ def _check_state(model: nn.Module, state: dict[str, torch.Tensor], directory: Pa
 
 def save_model(model: nn.Module, directory: str | Path, *, tokenizer=None, overwrite: bool = False,
                max_shard_size: int | None = None) -> Path:
-    """Write ``model`` as an HF-format directory that transformers loads as it is (a quantized
-    model: its quantized tensors, under the zoo's names, with ``"quantization_config":
-    {"quant_method": "mlx", "scheme": ...}`` in config.json, which ``load_model`` reads back).
+    """Write ``model`` as an HF-format directory that transformers loads as it is.
+
+    A quantized model keeps its quantized tensors, and ``load_model`` reads it back computing
+    what it computed. ``int8`` and ``w8a8`` (Llama family, Mixtral) are written as
+    compressed-tensors checkpoints (``"quant_method": "compressed-tensors"``, which transformers
+    and vLLM read; ``mlx_core.transforms.compressed_tensors``: the int8 table and LM head as
+    their de-quantized values in fp32, the head in ``ignore``). ``int4``, ``gguf`` and GPT-2
+    models, which compressed-tensors cannot hold, keep mlx's own form: our layers' buffers under
+    the zoo's names and ``{"quant_method": "mlx", "scheme": ...}`` (transformers refuses it).
 
     Tokenizer files come from ``tokenizer`` (an ``mlx_core.Tokenizer`` or HF tokenizer) or, if
     None, are copied from the directory the model was loaded from. The write is atomic: on any
     failure ``directory`` is left as it was.
     """
+    from mlx_core.transforms import compressed_tensors
+
     config: ModelConfig = model.config
     state = dict(model.state_dict())
     hf = config.to_hf_config()
     scheme = getattr(model, "quantization", None)
-    if scheme is not None:  # our layers' tensors under our names, the scheme in config.json
+    if compressed_tensors.writes(model):
+        hf["quantization_config"], state = compressed_tensors.checkpoint(model)
+    elif scheme is not None:  # our layers' tensors under our names, the scheme in config.json
         hf["quantization_config"] = {"quant_method": QUANT_METHOD, "scheme": scheme}
         if config.tie_word_embeddings:  # the head is the table's tensors: rebuilt on load
             state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
