@@ -93,6 +93,9 @@ recipes: Registry = Registry("recipe")  # from mlx_train
 adapter_methods: Registry = Registry("adapter method")  # from mlx_adapters
 cli_commands: Registry = Registry("command group")  # name -> typer.Typer or a command function
 benchmarks: Registry = Registry("benchmark")  # name -> command function, run as `mlx bench NAME`
+# name -> load(source) -> (model, stream_generate), for `mlx generate/chat --backend NAME`; the
+# torch zoo is mlx_core's own ("torch"), the others come from their packages (mlx-jax: "jax")
+generation_backends: Registry = Registry("generation backend")
 
 
 def register_architecture(name: str, backend: str, builder: Callable) -> None:

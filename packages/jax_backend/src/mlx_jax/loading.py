@@ -47,12 +47,20 @@ def load_model(source: str | Path, *, dtype=jnp.float32) -> nnx.Module:
     """
     directory = resolve_model_dir(source)
     config = ModelConfig.from_pretrained(directory)
-    builder = _builder(config)
-    abstract = nnx.eval_shape(lambda: builder(config, dtype=dtype, rngs=nnx.Rngs(0)))
     arrays = hf_to_ours_numpy(config.model_type, read_safetensors_numpy(directory))
-    model = fill_params(abstract, arrays, where=str(directory))
+    model = model_from_arrays(config, arrays, where=str(directory), dtype=dtype)
     model.source_dir = Path(directory)
     return model
+
+
+def model_from_arrays(config: ModelConfig, arrays: dict[str, np.ndarray], *, where: str,
+                      dtype=jnp.float32) -> nnx.Module:
+    """The Flax model for ``config`` with ``arrays`` (zoo names -> numpy, e.g. a torch model's
+    state dict) as its parameters, strictly by name and shape (``where`` names their source in
+    errors); built abstractly, so no random initialisation runs."""
+    builder = _builder(config)
+    abstract = nnx.eval_shape(lambda: builder(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    return fill_params(abstract, arrays, where=where)
 
 
 def fill_params(abstract: nnx.Module, arrays: dict[str, np.ndarray], *, where: str) -> nnx.Module:

@@ -1,5 +1,6 @@
 """mlx-jax's registrations: the Flax ``Transformer`` as backend ``flax`` of every zoo
-architecture, and ``mlx bench jax``.
+architecture, generation backend ``jax`` (``mlx generate/chat --backend jax``) and
+``mlx bench jax``.
 
 Registering imports neither jax nor flax (nor torch): the builder imports them when a model is
 built, the benchmark when it runs.
@@ -17,7 +18,17 @@ def _flax_transformer(config, **options):
     return Transformer(config, **options)
 
 
+def _load_for_generation(source):
+    """(the Flax model, its jitted ``stream_generate``) for ``mlx generate/chat --backend jax``."""
+    from mlx_jax.generation import stream_generate  # imports jax and flax
+    from mlx_jax.loading import load_model
+
+    return load_model(source), stream_generate
+
+
 def register() -> None:
+    if "jax" not in registry.generation_backends:
+        registry.generation_backends.register("jax", _load_for_generation)
     for model_type in HF_MODEL_TYPES:
         if model_type not in registry.architectures or "flax" not in registry.architectures.get(model_type):
             registry.register_architecture(model_type, "flax", _flax_transformer)

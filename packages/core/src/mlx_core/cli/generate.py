@@ -19,7 +19,10 @@ TOP_P = typer.Option(1.0, "--top-p", help="Sample from the smallest nucleus of t
 SEED = typer.Option(None, "--seed", help="Seed for reproducible sampling.")
 BACKEND = typer.Option("torch", "--backend",
                        help="torch (the model zoo) or jax (mlx-jax's Flax model, jit-compiled).")
-BACKENDS = ("torch", "jax")
+# backends other packages register (registry.generation_backends), named with their install
+# command where the package is absent
+BACKEND_PACKAGES = {"jax": "mlx-jax with jax and flax: install it with  pip install mlx-jax  "
+                           "(from a checkout: pip install -e packages/jax_backend)"}
 QUANTIZATION = typer.Option(
     None, "--quantization", "-q",
     help="Quantize the weights as they load: int8, int4 (groups of 32; int4-g64, int4-g128) or "
@@ -31,22 +34,26 @@ COMPILE = typer.Option(
 
 
 def _load(model: str, backend: str = "torch", quantization: str | None = None):
-    """(model, tokenizer, its stream_generate function) for ``backend``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown --backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
-    if quantization is not None and backend != "torch":
-        raise ValueError("--quantization runs on the torch backend only; drop --backend jax")
-    from mlx_core import load_tokenizer
+    """(model, tokenizer, its stream_generate function) for ``backend``: ``torch`` (None: mlx_core's
+    own generation), or a backend another package registered (``registry.generation_backends``)."""
+    from mlx_core import load_tokenizer, registry
+    from mlx_core.plugins import load_plugins
 
-    if backend == "jax":
+    if backend != "torch":
+        load_plugins()
+        known = ["torch", *sorted(set(registry.generation_backends.names()) | set(BACKEND_PACKAGES))]
+        if backend not in known:
+            raise ValueError(f"unknown --backend {backend!r}; choose one of: {', '.join(known)}")
+        if quantization is not None:
+            raise ValueError(f"--quantization runs on the torch backend only; drop --backend {backend}")
+        if backend not in registry.generation_backends:
+            raise ImportError(f"--backend {backend} needs {BACKEND_PACKAGES[backend]}")
         try:
-            import mlx_jax
-            from mlx_jax.generation import stream_generate  # imports jax and flax
-        except ImportError as e:
-            raise ImportError(f"--backend jax needs mlx-jax with jax and flax ({e}): install it "
-                              "with  pip install mlx-jax  (from a checkout: "
-                              "pip install -e packages/jax_backend)") from None
-        return mlx_jax.load_model(model), load_tokenizer(model), stream_generate
+            loaded, stream_generate = registry.generation_backends.get(backend)(model)
+        except ImportError as e:  # the package is there, the libraries it runs on are not
+            raise ImportError(f"--backend {backend} needs {BACKEND_PACKAGES.get(backend, backend)} "
+                              f"({e})") from None
+        return loaded, load_tokenizer(model), stream_generate
     require_torch(f"running {model}")
     from mlx_core import load_model
 

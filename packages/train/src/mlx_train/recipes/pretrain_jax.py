@@ -73,14 +73,10 @@ def _optimizer(cfg: DictConfig, tables: dict[str, list[float]], max_grad_norm: f
 
 def _jax_model(torch_model):
     """The Flax mirror of ``torch_model`` with the same weights (fp32)."""
-    from flax import nnx
+    from mlx_jax.loading import model_from_arrays
 
-    from mlx_jax.loading import _builder, fill_params
-
-    config = torch_model.config
-    abstract = nnx.eval_shape(lambda: _builder(config)(config, rngs=nnx.Rngs(0)))
     arrays = {name: t.detach().float().cpu().numpy() for name, t in torch_model.state_dict().items()}
-    return fill_params(abstract, arrays, where="the preset's initial weights")
+    return model_from_arrays(torch_model.config, arrays, where="the preset's initial weights")
 
 
 def _batches(loader, grad_accum: int):
