@@ -65,11 +65,16 @@ def serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m",
               None, "--quantization", "-q",
               help="Quantize the weights at start: int8, int4 (int4-g64, int4-g128) or w8a8; "
                    "LoRA adapters stay in full precision (docs/quantization.md)."),
+          pooling: str = typer.Option(
+              "last", "--pooling",
+              help="/v1/embeddings: the last token's final hidden state, or the mean over the "
+                   "input's tokens (last, mean); unit length either way."),
           dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
           device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
           log_level: str = typer.Option("info", "--log-level")):
     """Serve MODEL over HTTP with the OpenAI API (/v1/completions, /v1/chat/completions,
-    /v1/models, /health, /metrics). Ctrl-C stops it, aborting unfinished requests."""
+    /v1/embeddings, /v1/models, /health, /metrics). Ctrl-C stops it, aborting unfinished
+    requests."""
     from mlx_serve.llm import LLM
     from mlx_serve.server import build_app, run_server
 
@@ -80,7 +85,7 @@ def serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m",
                    enable_chunked_prefill=enable_chunked_prefill,
                    scheduling_policy=scheduling_policy, max_loras=max_loras,
                    max_lora_rank=max_lora_rank, prepack_weights=prepack_weights,
-                   quantization=quantization)
+                   quantization=quantization, pooling=pooling)
     if kv_cache_memory is not None:
         options["kv_cache_memory"] = kv_cache_memory
     if speculative_config is not None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mlx_serve.embedding import check_pooling
 from mlx_serve.scheduler import SchedulerConfig
 from mlx_serve.spec_decode import SpeculativeConfig
 
@@ -66,6 +67,8 @@ class EngineConfig:
     # quantize the model's weights at start: "int8", "int4", "int4-g64", "w8a8", ...
     # (mlx_core.transforms.quantize); None serves them as they are
     quantization: str | None = None
+    # embeddings (LLM.embed, /v1/embeddings): the last token's final hidden state, or the mean
+    pooling: str = "last"
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -78,6 +81,7 @@ class EngineConfig:
             from mlx_core.transforms import parse_scheme
 
             self.quantization = str(parse_scheme(self.quantization))
+        check_pooling(self.pooling)
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens,

@@ -16,6 +16,7 @@ from torch import nn
 from mlx_core.tokenizer import IncrementalDecoder, Tokenizer
 from mlx_serve.block_manager import BlockManager
 from mlx_serve.config import EngineConfig
+from mlx_serve.embedding import embed
 from mlx_serve.lora import LoadedLora, LoraManager
 from mlx_serve.model_runner import ModelRunner, kv_bytes_per_block
 from mlx_serve.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -135,6 +136,25 @@ class LLMEngine:
         self.requests[request_id] = request
         self.prompt_tokens += len(ids) * params.n
         return request_id
+
+    # -- embeddings -------------------------------------------------------------------------
+    def embed(self, prompts: list[str | list[int]]) -> tuple[torch.Tensor, list[list[int]]]:
+        """``(embeddings [N, hidden], the inputs' token ids)``: each input (text, or token ids)
+        pooled as ``config.pooling`` says (``mlx_serve.embedding``), on the base model. Runs
+        between steps (the async engine calls it on its thread); needs no KV blocks."""
+        token_lists = [self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p]
+                       for p in prompts]
+        vocab = self.model.config.vocab_size
+        for i, ids in enumerate(token_lists):
+            if not ids:
+                raise ValueError(f"input {i} is empty: give at least one token")
+            if max(ids) >= vocab or min(ids) < 0:
+                raise ValueError(f"input {i}: token ids must be in [0, {vocab}) for this model")
+            if len(ids) > self.max_model_len:
+                raise ValueError(f"input {i} has {len(ids)} tokens; this model takes at most "
+                                 f"{self.max_model_len}: shorten it")
+        self.loras.set_batch(None, self.model.device)  # the base model, whatever ran before
+        return embed(self.model, token_lists, self.config.pooling), token_lists
 
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:

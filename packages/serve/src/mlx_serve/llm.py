@@ -9,7 +9,7 @@ from torch import nn
 
 from mlx_serve.config import EngineConfig
 from mlx_serve.engine import LLMEngine, default_dtype
-from mlx_serve.outputs import RequestOutput
+from mlx_serve.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from mlx_serve.sampling_params import SamplingParams
 
 PromptType = str | list[int] | dict
@@ -105,6 +105,16 @@ class LLM:
                 self.engine.abort_request(request_id)
             self.engine.step()
             raise
+
+    def embed(self, prompts: PromptType | Sequence[PromptType]) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt (text, token ids or a prompt dict), in order: the final
+        hidden states pooled as ``EngineConfig.pooling`` says (``last`` or ``mean``), unit
+        length (``mlx_serve.embedding``)."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        vectors, token_lists = self.engine.embed([_prompt(p) for p in prompts])
+        return [EmbeddingRequestOutput(str(i), ids, EmbeddingOutput(v.tolist()))
+                for i, (ids, v) in enumerate(zip(token_lists, vectors, strict=True))]
 
     def chat(self, messages, sampling_params: SamplingParams | None = None, *,
              add_generation_prompt: bool = True, lora: str | None = None) -> list[RequestOutput]:

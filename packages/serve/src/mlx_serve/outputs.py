@@ -1,4 +1,5 @@
-"""What a request gives back, in vLLM's shapes: ``RequestOutput`` with ``CompletionOutput``s."""
+"""What a request gives back, in vLLM's shapes: ``RequestOutput`` with ``CompletionOutput``s;
+``EmbeddingRequestOutput`` with an ``EmbeddingOutput``."""
 
 from __future__ import annotations
 
@@ -38,3 +39,15 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     metrics: RequestMetrics | None = None
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput

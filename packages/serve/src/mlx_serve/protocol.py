@@ -121,15 +121,31 @@ class CompletionRequest(_SamplingRequest):
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt(s) as a list: text, or token ids."""
-        prompt = self.prompt
-        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-            prompts = [prompt]
-        else:
-            prompts = list(prompt)
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise OpenAIError(400, "the prompt is empty: give some text or token ids",
-                              param="prompt")
-        return prompts
+        return _listed(self.prompt, "prompt")
+
+
+def _listed(value: str | list[str] | list[int] | list[list[int]], param: str) -> list[str | list[int]]:
+    """One text or token-id list, or a list of them, as a list; 400 if any is empty."""
+    if isinstance(value, str) or (value and isinstance(value[0], int)):
+        items = [value]
+    else:
+        items = list(value)
+    if not items or any(len(p) == 0 for p in items):
+        raise OpenAIError(400, f"the {param} is empty: give some text or token ids", param=param)
+    return items
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+    def inputs(self) -> list[str | list[int]]:
+        return _listed(self.input, "input")
 
 
 class TextPart(BaseModel):
@@ -265,6 +281,24 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: Usage | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # base64: the float32 values' little-endian bytes
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ModelCard(BaseModel):

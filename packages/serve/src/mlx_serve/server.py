@@ -8,6 +8,7 @@ error object with the matching status; a client that disconnects aborts its requ
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hmac
 import json
@@ -38,6 +39,10 @@ from mlx_serve.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    Embedding,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
     ErrorResponse,
     LoadLoraAdapterRequest,
     ModelCard,
@@ -95,6 +100,10 @@ def build_app(engine: LLMEngine, served_model_name: str, api_key: str | None = N
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=errors)
     async def create_chat_completion(body: ChatCompletionRequest, raw: Request):
         return await handler.chat(body, raw)
+
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=errors)
+    async def create_embeddings(body: EmbeddingRequest, raw: Request):
+        return await handler.embeddings(body, raw)
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models():
@@ -237,6 +246,13 @@ class _SSE(StreamingResponse):
                 await self.body_iterator.aclose()
 
 
+def _encoded(vector, encoding_format: str) -> list[float] | str:
+    """An embedding as JSON floats, or base64 of its float32 little-endian bytes (OpenAI's)."""
+    if encoding_format == "base64":
+        return base64.b64encode(vector.float().cpu().numpy().astype("<f4").tobytes()).decode()
+    return vector.tolist()
+
+
 def _sse(payload) -> str:
     text = payload.model_dump_json() if hasattr(payload, "model_dump_json") else json.dumps(payload)
     return f"data: {text}\n\n"
@@ -320,6 +336,30 @@ class _Handler:
 
     def _piece(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    # /v1/embeddings
+    async def embeddings(self, body: EmbeddingRequest, raw: Request):
+        if self._adapter_for(body.model) is not None:
+            raise OpenAIError(400, f"embeddings come from the base model; LoRA adapters apply to "
+                              f"generation only: send model='{self.model_name}'", param="model")
+        hidden = self.engine.model.config.hidden_size
+        if body.dimensions is not None and body.dimensions != hidden:
+            raise OpenAIError(400, f"this model's embeddings have {hidden} dimensions; shortened "
+                              f"embeddings (dimensions={body.dimensions}) are not supported",
+                              param="dimensions")
+        inputs = body.inputs()
+        try:
+            vectors, token_lists = await _unless_disconnected(
+                raw, self.async_engine.call(lambda engine: engine.embed(inputs)))
+        except ValueError as e:
+            raise OpenAIError(400, str(e), param="input") from None
+        except EngineDead as e:
+            raise OpenAIError(503, str(e), "server_error") from None
+        data = [Embedding(index=i, embedding=_encoded(v, body.encoding_format))
+                for i, v in enumerate(vectors)]
+        tokens = sum(len(ids) for ids in token_lists)
+        return EmbeddingResponse(data=data, model=body.model,
+                                 usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
 
     # /v1/completions
     async def completion(self, body: CompletionRequest, raw: Request):
