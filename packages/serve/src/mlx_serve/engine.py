@@ -25,6 +25,7 @@ from mlx_serve.sampling_params import SamplingParams
 from mlx_serve.scheduler import Scheduler
 from mlx_serve.sequence import Sequence, SequenceStatus
 from mlx_serve.spec_decode import NgramProposer
+from mlx_serve.structured import GrammarCompiler
 
 
 @dataclass
@@ -98,6 +99,7 @@ class LLMEngine:
             eos = [configured] if isinstance(configured, int) else list(configured)
         self.eos_token_ids = eos
         self.sampler = Sampler(eos, seed=config.seed)
+        self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size, self.eos_token_ids)
         self.loras = LoraManager(model, config.max_loras, config.max_lora_rank)
         self.runner.loras = self.loras
         self.requests: dict[str, Request] = {}
@@ -123,12 +125,15 @@ class LLMEngine:
         else:
             text, ids = None, [int(t) for t in prompt]
         self._check_prompt(ids, params)
+        guides = ([self.grammars.matcher(params.guided_decoding) for _ in range(params.n)]
+                  if params.guided_decoding is not None else [None] * params.n)
         request = Request(request_id, text, ids, params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         for index in range(params.n):
             seed = None if params.seed is None else params.seed + index
             seq = Sequence(request_id, ids, params, index=index, priority=priority,
                            lora=lora, arrival_time=arrival, seed=seed)
+            seq.guide = guides[index]
             request.sequences.append(seq)
             request.decoders.append(IncrementalDecoder(self.tokenizer, params.skip_special_tokens)
                                     if self.tokenizer is not None else None)
@@ -267,6 +272,8 @@ class LLMEngine:
         before = len(seq.text)
         if decoder is not None:
             seq.text += decoder.push(token)
+        if seq.guide is not None:
+            seq.guide.consume_token(token)  # masked to what the grammar allows: never refused
         if token in params.stop_token_ids:
             seq.stop_reason = token
             return self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
@@ -278,6 +285,8 @@ class LLMEngine:
                 seq.text = seq.text[:at + (len(stop) if params.include_stop_str_in_output else 0)]
                 seq.stop_reason = stop
                 return self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
+        if seq.guide is not None and seq.guide.is_stopped():  # complete: only EOS could follow
+            return self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
         if (params.max_tokens is not None and len(seq.output_token_ids) >= params.max_tokens) \
                 or seq.num_tokens >= self.max_model_len:
             self.scheduler.finish(seq, SequenceStatus.FINISHED_LENGTH)

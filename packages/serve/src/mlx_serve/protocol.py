@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from mlx_serve.sampling_params import SamplingParams
+from mlx_serve.structured import GuidedDecodingParams
 
 
 class OpenAIError(Exception):
@@ -51,6 +52,20 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _SamplingRequest(BaseModel):
     """Fields completions and chat completions share."""
 
@@ -77,6 +92,39 @@ class _SamplingRequest(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0  # lower runs first; only under --scheduling-policy priority
+    # structured outputs: OpenAI's response_format, or one of vLLM's guided_* extras
+    response_format: ResponseFormat | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def guided_decoding(self) -> GuidedDecodingParams | None:
+        """The one output constraint this request sets (400 if it sets several)."""
+        found = {}
+        if self.response_format is not None and self.response_format.type != "text":
+            if self.response_format.type == "json_object":
+                found["response_format"] = {"json_object": True}
+            else:
+                spec = self.response_format.json_schema
+                if spec is None or spec.schema_ is None:
+                    raise OpenAIError(400, "response_format json_schema needs json_schema.schema",
+                                      param="response_format")
+                found["response_format"] = {"json": spec.schema_}
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"),
+                          ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                found[name] = {key: getattr(self, name)}
+        if len(found) > 1:
+            raise OpenAIError(400, f"give one output constraint, not {', '.join(found)}",
+                              param=next(iter(found)))
+        if not found:
+            return None
+        param, fields = next(iter(found.items()))
+        try:
+            return GuidedDecodingParams(**fields)
+        except ValueError as e:
+            raise OpenAIError(400, str(e), param=param) from None
 
     @property
     def include_usage(self) -> bool:
@@ -93,7 +141,8 @@ class _SamplingRequest(BaseModel):
                 max_tokens=max_tokens, min_tokens=min(self.min_tokens, max_tokens), stop=self.stop,
                 stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
                 skip_special_tokens=self.skip_special_tokens,
-                include_stop_str_in_output=self.include_stop_str_in_output)
+                include_stop_str_in_output=self.include_stop_str_in_output,
+                guided_decoding=self.guided_decoding())
         except ValueError as e:
             raise OpenAIError(400, str(e)) from None
 

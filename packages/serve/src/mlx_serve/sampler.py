@@ -22,6 +22,7 @@ import torch
 
 from mlx_core.models.sampling import filter_logits
 from mlx_serve.sequence import Sequence
+from mlx_serve.structured import mask_disallowed
 
 
 @dataclass
@@ -101,6 +102,9 @@ class Sampler:
         raw = logits.float()
         logits = apply_penalties(raw.clone(), rows)
         _mask_stops_before_min_tokens(logits, rows, self.eos_token_ids)
+        guided = [i for i, r in enumerate(rows) if getattr(r, "guide", None) is not None]
+        if guided:  # constrained rows (never drafted): what their grammar forbids is -inf
+            mask_disallowed(logits, guided, [rows[i].guide for i in guided])
         tokens = logits.argmax(dim=-1)
         sampling = [i for i, r in enumerate(rows) if not r.params.greedy]
         if sampling:

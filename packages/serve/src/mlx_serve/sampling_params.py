@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mlx_core.sampling_options import sampling_problems
+from mlx_serve.structured import GuidedDecodingParams
 
 
 @dataclass
@@ -19,6 +20,8 @@ class SamplingParams:
     the model's raw distribution, before penalties, temperature and filters).
     ``stop`` strings end the text (excluded unless ``include_stop_str_in_output``);
     ``stop_token_ids`` end it after that token; EOS ends it unless ``ignore_eos``.
+    ``guided_decoding`` constrains the output to a JSON schema, a regex, a list of choices or a
+    grammar (``mlx_serve.structured.GuidedDecodingParams``, or a dict of its fields).
     """
 
     n: int = 1
@@ -38,12 +41,17 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    guided_decoding: GuidedDecodingParams | dict | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self):
         self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         problems = []
+        try:
+            self.guided_decoding = GuidedDecodingParams.of(self.guided_decoding)
+        except (TypeError, ValueError) as e:
+            problems.append(f"guided_decoding: {e}")
         if self.n < 1:
             problems.append(f"n must be >= 1 (got {self.n})")
         problems += sampling_problems(self.temperature, self.top_p, self.min_p)

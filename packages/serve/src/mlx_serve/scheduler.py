@@ -118,6 +118,8 @@ class Scheduler:
     def _schedule_drafts(self, seq: Sequence, budget: int) -> bool:
         """Give a decoding sequence its drafts and their blocks; False (no drafts) when there are
         none, or no free blocks for them: drafts never preempt anyone."""
+        if seq.guide is not None:  # a draft would have to be checked against the grammar too
+            return False
         drafts = self.proposer.propose(seq, budget - 1)
         if not drafts or not self.blocks.allocate(seq, 1 + len(drafts)):
             return False

@@ -68,6 +68,7 @@ class Sequence:
         self.num_computed_tokens = 0
         # speculative tokens computed with this step's last token, verified by the sampler
         self.draft_token_ids: list[int] = []
+        self.guide = None  # structured outputs: the grammar's matcher (mlx_serve.structured)
         self.num_cached_tokens = 0  # prefix-cache hit at the first admission
         self.num_preemptions = 0
         self.seed = seed  # keys a seeded request's sampling noise (mlx_serve.sampler)
