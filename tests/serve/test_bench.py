@@ -73,3 +73,20 @@ def test_bench_quant_serve_reports_ratios_to_the_fp32_engine(tiny_model_dir, tmp
     assert report["int8_matmul_tops"] > 0
     bad = CliRunner().invoke(build_app(), ["bench", "quant-serve", "--schemes", "int3"])
     assert bad.exit_code == 1 and "unknown quantization scheme" in bad.output
+
+
+def test_bench_serve_reports_the_grammar_share_of_a_structured_run(tmp_path):
+    from tests.serve.helpers import byte_level_model_dir
+
+    model = byte_level_model_dir(tmp_path)
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(build_app(), [
+        "bench", "serve", "--model", str(model), "--num-requests", "6", "--prompt-len", "4:12",
+        "--output-len", "8:16", "--request-rate", "0", "--hf-batch-sizes", "4",
+        "--kv-cache-memory", "4MiB", "--structured-fraction", "0.5", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    structured = json.loads(out.read_text())["structured"]
+    assert structured["fraction"] == 0.5 and structured["grammar_seconds"] > 0
+    assert 0 < structured["grammar_share_of_run"] < 1
+    assert structured["run"]["output_tokens"] > 0 and structured["step_time_ratio"] > 0
+    assert "grammar masking" in result.output

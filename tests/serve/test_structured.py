@@ -4,30 +4,24 @@ choice list, regex or grammar allows, sampled or greedy, n > 1 included; constra
 requests share batches without changing the free ones; the official client's ``parse`` returns
 the Pydantic object; a constraint that does not compile is a 400 before any work.
 
-The model is a random tiny Llama with a byte-level BPE tokenizer trained here (the tokenizer
-kind real models use, whose tokens llguidance reads as bytes). Its outputs are random, so the
+The model is a random tiny Llama with a byte-level BPE tokenizer (``helpers.byte_level_model_dir``:
+the tokenizer kind real models use, whose tokens llguidance reads as bytes). Its outputs are random, so the
 constraints used here bound the output's length: whatever it samples, it finishes."""
 
-import dataclasses
 import json
 import re
 from typing import Literal
 
 import openai
 import pytest
-import torch
 from pydantic import BaseModel
 
 from mlx_serve import LLM, SamplingParams
 from mlx_serve.server import build_app
 from mlx_serve.structured import GuidedDecodingParams
-from tests.serve.helpers import LiveServer
+from tests.serve.helpers import LiveServer, byte_level_model_dir
 
 MODEL = "tiny-structured"
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-CORPUS = ['{"color": "red", "count": 3, "ok": true}', "The quick brown fox jumps over the lazy dog.",
-          "yes no maybe (555) 123-4567 abc def", '[1, 2, 3] {"a": null}'] * 20
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["color", "ok"],
           "properties": {"color": {"enum": ["red", "green", "blue"]}, "ok": {"type": "boolean"}}}
 
@@ -37,31 +31,9 @@ class Answer(BaseModel):
     ok: bool
 
 
-def _byte_level_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|im_end|>", "<|im_start|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                 bos_token="<|im_start|>")
-    hf.chat_template = TEMPLATE
-    return hf
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from mlx_core import build_model, get_preset, save_model
-
-    tokenizer = _byte_level_tokenizer()
-    torch.manual_seed(0)
-    config = dataclasses.replace(get_preset("tiny-llama"), vocab_size=len(tokenizer))
-    return save_model(build_model(config), tmp_path_factory.mktemp("structured") / "m",
-                      tokenizer=tokenizer)
+    return byte_level_model_dir(tmp_path_factory.mktemp("structured"))
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,7 @@ class RunResult:
     seconds: float
     ttft_s: list[float] = field(default_factory=list)
     tpot_s: list[float] = field(default_factory=list)
+    steps: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -74,25 +75,37 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def run_engine(engine: LLMEngine, workload: Workload, *, use_arrivals: bool) -> RunResult:
-    """Drive the engine step by step; requests join when their arrival time has passed."""
+# what --structured-fraction constrains its requests to: JSON that never has to end, so a
+# constrained request runs as long as a free one
+STRUCTURED_SCHEMA = {"type": "object", "properties": {"items": {"type": "array",
+                                                                "items": {"type": "string"}}}}
+
+
+def run_engine(engine: LLMEngine, workload: Workload, *, use_arrivals: bool,
+               guided: dict | None = None, guided_every: int = 0) -> RunResult:
+    """Drive the engine step by step; requests join when their arrival time has passed. With
+    ``guided``, every ``guided_every``-th request is constrained by it (structured outputs)."""
     pending = list(range(len(workload.prompts)))
     start = time.monotonic()
     finished = []
+    steps = 0
     while pending or engine.has_unfinished_requests():
         now = time.monotonic()
         while pending and (not use_arrivals or workload.arrival_offsets[pending[0]] <= now - start):
             i = pending.pop(0)
             arrival = start + workload.arrival_offsets[i] if use_arrivals else now
+            constrained = guided is not None and i % guided_every == 0
             engine.add_request(workload.prompts[i], SamplingParams(
-                temperature=0, max_tokens=workload.output_lens[i], ignore_eos=True),
+                temperature=0, max_tokens=workload.output_lens[i], ignore_eos=True,
+                guided_decoding=guided if constrained else None),
                 request_id=f"bench-{i}", arrival_time=arrival)
         if not engine.has_unfinished_requests():
             time.sleep(max(0.0, start + workload.arrival_offsets[pending[0]] - time.monotonic()))
             continue
         finished.extend(out for out in engine.step() if out.finished)
+        steps += 1
     seconds = time.monotonic() - start
-    result = RunResult(sum(len(o.outputs[0].token_ids) for o in finished), seconds)
+    result = RunResult(sum(len(o.outputs[0].token_ids) for o in finished), seconds, steps=steps)
     for out in finished:
         m, n = out.metrics, len(out.outputs[0].token_ids)
         result.ttft_s.append(m.first_token_time - m.arrival_time)
@@ -174,7 +187,7 @@ def flops_per_token(model) -> float:
 def run(model: str = "smollm2-135m-instruct", *, num_requests: int = 64,
         prompt_len: tuple[int, int] = (32, 256), output_len: tuple[int, int] = (16, 128),
         request_rate: float = 4.0, hf_batch_sizes: tuple[int, ...] = (8, 16), seed: int = 0,
-        engine_options: dict | None = None) -> dict:
+        engine_options: dict | None = None, structured_fraction: float = 0.0) -> dict:
     from transformers import AutoModelForCausalLM
 
     from mlx_serve.llm import LLM
@@ -190,6 +203,8 @@ def run(model: str = "smollm2-135m-instruct", *, num_requests: int = 64,
     drafted, kept = engine.num_draft_tokens, engine.num_accepted_tokens
     all_at_once = run_engine(engine, workload, use_arrivals=False)
     drafted, kept = engine.num_draft_tokens - drafted, engine.num_accepted_tokens - kept
+    structured = (run_structured(engine, workload, structured_fraction, all_at_once)
+                  if structured_fraction > 0 else None)
     # the same prompts again: from a cold prefix cache, or every prompt would be a cache hit
     engine.reset_prefix_cache()
     at_rate = run_engine(engine, workload, use_arrivals=True) if request_rate > 0 else None
@@ -223,7 +238,7 @@ def run(model: str = "smollm2-135m-instruct", *, num_requests: int = 64,
         "ceiling_output_tokens_per_s": round(ceiling, 1),
         "fraction_of_ceiling_output": round(all_at_once.tokens_per_s / ceiling, 3),
         "fraction_of_ceiling_all_tokens": round(processed / ceiling, 3),
-        "prefix_caching": prefix, "leaked_blocks": leaked,
+        "prefix_caching": prefix, "leaked_blocks": leaked, "structured": structured,
         "speculative": {"config": asdict(engine.config.speculative_config),
                         "draft_tokens": drafted,
                         "accepted_tokens": kept,
@@ -231,6 +246,27 @@ def run(model: str = "smollm2-135m-instruct", *, num_requests: int = 64,
         if engine.config.speculative_config else None,
         "engine": asdict(engine.config),
     }
+
+
+def run_structured(engine: LLMEngine, workload: Workload, fraction: float,
+                   free: RunResult) -> dict:
+    """The all-at-once workload again (cold prefix cache) with ``fraction`` of its requests
+    constrained to ``STRUCTURED_SCHEMA``: the grammar's share of the run (masking in the
+    sampler), and the mean step time against ``free`` (the same workload unconstrained)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"--structured-fraction must be in (0, 1] (got {fraction})")
+    every = max(1, round(1 / fraction))
+    engine.reset_prefix_cache()
+    before = engine.sampler.grammar_seconds
+    run = run_engine(engine, workload, use_arrivals=False, guided={"json": STRUCTURED_SCHEMA},
+                     guided_every=every)
+    grammar = engine.sampler.grammar_seconds - before
+    step_ms, free_step_ms = 1000 * run.seconds / run.steps, 1000 * free.seconds / free.steps
+    return {"fraction": round(1 / every, 3), "schema": STRUCTURED_SCHEMA,
+            "run": run.summary(), "grammar_seconds": round(grammar, 3),
+            "grammar_share_of_run": round(grammar / run.seconds, 4),
+            "step_ms": round(step_ms, 2), "unconstrained_step_ms": round(free_step_ms, 2),
+            "step_time_ratio": round(step_ms / free_step_ms, 3)}
 
 
 def int8_matmul_tops(size: int = 1024, repeats: int = 10) -> float:

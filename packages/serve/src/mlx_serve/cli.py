@@ -161,6 +161,10 @@ def bench_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
                 quantization: str | None = typer.Option(
                     None, "--quantization", "-q",
                     help="Our engine on quantized weights (int8, int4, w8a8), as mlx serve's."),
+                structured_fraction: float = typer.Option(
+                    0.0, "--structured-fraction", min=0, max=1,
+                    help="Also run the workload with this fraction of its requests constrained "
+                         "to a JSON schema: the grammar masking's share of the run."),
                 json_path: str = typer.Option("", "--json", help="Also write the result here.")):
     """Serving throughput, TTFT and TPOT: the engine vs HF transformers generate in static
     batches, same seeded workload, same process; prints the ratio."""
@@ -186,7 +190,7 @@ def bench_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
                        prompt_len=_int_range(prompt_len, "--prompt-len"),
                        output_len=_int_range(output_len, "--output-len"),
                        request_rate=request_rate, hf_batch_sizes=batch_sizes, seed=seed,
-                       engine_options=options)
+                       engine_options=options, structured_fraction=structured_fraction)
     table = Table("run", "output tok/s", "seconds", "TTFT p50/p99 (ms)", "TPOT p50/p99 (ms)",
                   title=f"mlx bench serve: {model}, {num_requests} requests, prompts "
                         f"{prompt_len}, outputs {output_len}, {result['threads']} threads")
@@ -214,6 +218,12 @@ def bench_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
         print(f"speculative decoding ({spec['config']}): {spec['accepted_tokens']} of "
               f"{spec['draft_tokens']} draft tokens kept ({spec['acceptance_rate']:.0%}) in the "
               "all-at-once run")
+    if result["structured"]:
+        st = result["structured"]
+        print(f"structured outputs ({st['fraction']:.0%} of the requests constrained to a JSON "
+              f"schema): grammar masking {st['grammar_seconds']} s = "
+              f"{st['grammar_share_of_run']:.1%} of the run; mean step {st['step_ms']} ms vs "
+              f"{st['unconstrained_step_ms']} ms unconstrained ({st['step_time_ratio']}x)")
     print(f"KV blocks still held after the runs: {result['leaked_blocks']}")
     if json_path:
         with open(json_path, "w") as f:

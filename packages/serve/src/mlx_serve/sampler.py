@@ -16,6 +16,7 @@ with probability ``p(draft)``, as speculative sampling's rejection rule keeps a 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,7 @@ class Sampler:
     def __init__(self, eos_token_ids: list[int], seed: int = 0):
         self.eos_token_ids = eos_token_ids  # the engine's own list, not a copy
         self.generator = torch.Generator().manual_seed(seed)  # for unseeded requests
+        self.grammar_seconds = 0.0  # spent masking constrained rows (structured outputs)
 
     def _noise_source(self, row) -> torch.Generator:
         if row.seed is None:
@@ -104,7 +106,9 @@ class Sampler:
         _mask_stops_before_min_tokens(logits, rows, self.eos_token_ids)
         guided = [i for i, r in enumerate(rows) if getattr(r, "guide", None) is not None]
         if guided:  # constrained rows (never drafted): what their grammar forbids is -inf
+            started = time.perf_counter()
             mask_disallowed(logits, guided, [rows[i].guide for i in guided])
+            self.grammar_seconds += time.perf_counter() - started
         tokens = logits.argmax(dim=-1)
         sampling = [i for i, r in enumerate(rows) if not r.params.greedy]
         if sampling:
