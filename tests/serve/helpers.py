@@ -56,5 +56,6 @@ def byte_level_model_dir(directory):
                                         bos_token="<|im_start|>")
     tokenizer.chat_template = CHAT_TEMPLATE
     torch.manual_seed(0)
-    config = dataclasses.replace(get_preset("tiny-llama"), vocab_size=len(tokenizer))
+    config = dataclasses.replace(get_preset("tiny-llama"), vocab_size=len(tokenizer),
+                                 max_position_embeddings=2048)  # room for tool descriptions
     return save_model(build_model(config), directory / "m", tokenizer=tokenizer)

@@ -50,12 +50,14 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tokenize: bool = True):
-        """Token ids (or the text, with ``tokenize=False``) of a conversation."""
+                            tokenize: bool = True, tools: list[dict] | None = None):
+        """Token ids (or the text, with ``tokenize=False``) of a conversation; ``tools`` (OpenAI's
+        function definitions) are handed to templates that read them, as HF transformers does."""
         if not self.has_chat_template:
             raise ValueError("this tokenizer has no chat template; pass plain text prompts instead")
+        extra = {"tools": tools} if tools else {}
         text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                           tokenize=False)
+                                           tokenize=False, **extra)
         # The template writes its own special tokens; encoding must not add a second BOS.
         return self.encode(text, add_special_tokens=False) if tokenize else text
 

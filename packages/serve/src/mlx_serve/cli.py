@@ -65,6 +65,10 @@ def serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m",
               None, "--quantization", "-q",
               help="Quantize the weights at start: int8, int4 (int4-g64, int4-g128) or w8a8; "
                    "LoRA adapters stay in full precision (docs/quantization.md)."),
+          tool_call_parser: str = typer.Option(
+              "hermes", "--tool-call-parser",
+              help="How the model writes tool calls: hermes (<tool_call> JSON blocks) or "
+                   "llama3_json (a JSON object per call)."),
           pooling: str = typer.Option(
               "last", "--pooling",
               help="/v1/embeddings: the last token's final hidden state, or the mean over the "
@@ -77,6 +81,7 @@ def serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m",
     requests."""
     from mlx_serve.llm import LLM
     from mlx_serve.server import build_app, run_server
+    from mlx_serve.tools import check_parser
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     options = dict(max_num_seqs=max_num_seqs, block_size=block_size, max_model_len=max_model_len,
@@ -90,6 +95,7 @@ def serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m",
         options["kv_cache_memory"] = kv_cache_memory
     if speculative_config is not None:
         options["speculative_config"] = _json_option(speculative_config, "--speculative-config")
+    check_parser(tool_call_parser)  # before the model loads
     loras = dict(_lora_option(spec) for spec in lora)
     name = served_model_name or model
     if name in loras:
@@ -97,7 +103,7 @@ def serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m",
                                  "choose another")
     engine = LLM(model, dtype=dtype, device=device, loras=loras, **options).engine
     app = build_app(engine, name, api_key=api_key, max_waiting_seqs=max_waiting_seqs,
-                    allow_runtime_lora=allow_runtime_lora)
+                    allow_runtime_lora=allow_runtime_lora, tool_call_parser=tool_call_parser)
     blocks = engine.blocks
     typer.echo(f"serving {name!r} on http://{host}:{port}/v1 ({blocks.num_blocks} KV blocks of "
                f"{blocks.block_size} tokens, max_model_len {engine.max_model_len})")

@@ -38,40 +38,58 @@ from mlx_serve.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
     Embedding,
     EmbeddingRequest,
     EmbeddingResponse,
     EmbeddingUsage,
     ErrorResponse,
+    FunctionCall,
     LoadLoraAdapterRequest,
     ModelCard,
     ModelList,
     OpenAIError,
     PromptTokensDetails,
     TokenLogprob,
+    ToolCallModel,
     TopLogprob,
     UnloadLoraAdapterRequest,
     Usage,
     error_body,
 )
 from mlx_serve.sampling_params import SamplingParams
+from mlx_serve.structured import GuidedDecodingParams
+from mlx_serve.tools import (
+    ToolCall,
+    allowed_tools,
+    call_constraint,
+    check_parser,
+    held_back,
+    parse_tool_calls,
+    prompt_messages,
+    template_reads_tools,
+)
 
 logger = logging.getLogger("mlx_serve")
 
 
 def build_app(engine: LLMEngine, served_model_name: str, api_key: str | None = None, *,
-              max_waiting_seqs: int | None = None, allow_runtime_lora: bool = False) -> FastAPI:
+              max_waiting_seqs: int | None = None, allow_runtime_lora: bool = False,
+              tool_call_parser: str = "hermes") -> FastAPI:
     """A FastAPI app serving ``engine`` as model ``served_model_name``. The engine thread starts
     and stops with the app's lifespan. ``api_key``: clients must send ``Authorization: Bearer
     KEY`` to ``/v1/*``. ``max_waiting_seqs``: beyond this many waiting sequences new requests get
     503 with ``Retry-After``. LoRA adapters loaded in the engine are served under their names;
     ``allow_runtime_lora`` adds ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``
-    (vLLM's routes; they read adapter directories on the server, so they are off by default)."""
+    (vLLM's routes; they read adapter directories on the server, so they are off by default).
+    ``tool_call_parser`` (``hermes``, ``llama3_json``): how chat outputs' tool calls are written
+    (``mlx_serve.tools``)."""
     async_engine = AsyncEngine(engine, max_waiting_seqs=max_waiting_seqs)
     metrics = ServerMetrics()
     metrics.attach(async_engine)
-    handler = _Handler(async_engine, served_model_name)
+    handler = _Handler(async_engine, served_model_name, check_parser(tool_call_parser))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -260,8 +278,9 @@ def _sse(payload) -> str:
 
 # -- the two endpoints -----------------------------------------------------------------------
 class _Handler:
-    def __init__(self, async_engine: AsyncEngine, served_model_name: str):
+    def __init__(self, async_engine: AsyncEngine, served_model_name: str, tool_call_parser: str):
         self.async_engine = async_engine
+        self.tool_call_parser = tool_call_parser
         self.engine = async_engine.engine
         self.tokenizer = self.engine.tokenizer
         self.model_name = served_model_name
@@ -446,30 +465,48 @@ class _Handler:
     async def chat(self, body: ChatCompletionRequest, raw: Request):
         lora_name = self._adapter_for(body.model)
         body.check_supported()
-        messages = [m.as_template_message() for m in body.messages]
+        tools = body.tool_dicts()
+        messages, template_tools = prompt_messages(
+            [m.as_template_message() for m in body.messages], tools,
+            template_reads_tools(self.tokenizer))
         try:
             prompt = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=body.add_generation_prompt)
+                messages, add_generation_prompt=body.add_generation_prompt, tools=template_tools)
         except Exception as e:  # no template, or the template refuses these messages
             raise OpenAIError(400, f"cannot apply the chat template: {e}",
                               param="messages") from None
         max_tokens = self._max_tokens([prompt], body.requested_max_tokens, "messages")
         params = body.sampling_params(max_tokens, body.num_logprobs)
+        parser = self.tool_call_parser if tools else None
+        if tools and body.tool_choice_value != "auto":  # required, or one named function
+            if params.guided_decoding is not None:
+                raise OpenAIError(400, "a required tool call and response_format (or guided_*) "
+                                  "both constrain the output: give one", param="tool_choice")
+            try:
+                allowed = allowed_tools(tools, body.tool_choice_value)
+            except ValueError as e:
+                raise OpenAIError(400, str(e), param="tool_choice") from None
+            params.guided_decoding = GuidedDecodingParams(
+                **call_constraint(allowed, parser, body.parallel_tool_calls))
         try:
             request_id, stream, first = await self._start(raw, "chatcmpl", [prompt], params,
                                                           lora_name, self._priority(body))
         except _Disconnected:
             return Response(status_code=499)
         if body.stream:
-            return _SSE(self._chat_events(body, request_id, stream, first, params))
+            return _SSE(self._chat_events(body, request_id, stream, first, params, parser))
         try:
             final = (await self._collect(raw, stream, first))[0]
         except _Disconnected:
             return Response(status_code=499)
-        choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
-                              finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                              logprobs=self._chat_logprobs(c, 0, body.num_logprobs))
-                   for c in final.outputs]
+        choices = []
+        for c in final.outputs:
+            content, calls = parse_tool_calls(c.text, parser) if parser else (c.text, [])
+            choices.append(ChatChoice(
+                index=c.index, message=ChatResponseMessage(
+                    content=content, tool_calls=[_tool_call(t) for t in calls] or None),
+                finish_reason="tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason,
+                stop_reason=c.stop_reason, logprobs=self._chat_logprobs(c, 0, body.num_logprobs)))
         return ChatCompletionResponse(id=request_id, model=body.model, choices=choices,
                                       usage=_usage([final]))
 
@@ -487,8 +524,8 @@ class _Handler:
         return ChatLogprobs(content=content)
 
     async def _chat_events(self, body: ChatCompletionRequest, request_id: str, stream,
-                           first: RequestOutput, params: SamplingParams):
-        deltas = _Deltas(params)
+                           first: RequestOutput, params: SamplingParams, parser: str | None):
+        deltas = _Deltas(params, parser)
 
         def chunk(choices, usage=None):
             return _sse(ChatCompletionChunk(id=request_id, model=body.model,
@@ -504,6 +541,17 @@ class _Handler:
                 for c in out.outputs:
                     text, start = deltas.take(c.index, c)
                     if text is None:
+                        continue
+                    calls = parse_tool_calls(c.text, parser)[1] if parser and c.finished else []
+                    if calls:  # the held-back text was the calls: they go as tool_calls deltas
+                        choices.append(ChatStreamChoice(
+                            index=c.index, delta=DeltaMessage(tool_calls=[
+                                DeltaToolCall(index=i, id=t.id, type="function",
+                                              function=DeltaFunctionCall(name=t.name,
+                                                                         arguments=t.arguments))
+                                for i, t in enumerate(calls)]),
+                            finish_reason="tool_calls" if c.finish_reason == "stop"
+                            else c.finish_reason, stop_reason=c.stop_reason))
                         continue
                     choices.append(ChatStreamChoice(
                         index=c.index, delta=DeltaMessage(content=text or None),
@@ -528,8 +576,9 @@ class _Deltas:
     characters are held back: a stop string completed by a later token cuts the text there, and
     what was sent must stay a prefix of the final text."""
 
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, tool_parser: str | None = None):
         self.hold = max((len(s) for s in params.stop_strings), default=1) - 1
+        self.tool_parser = tool_parser  # text that may be a tool call waits for the end
         self.wants_tokens = params.logprobs is not None
         self.text: dict = {}
         self.tokens: dict = {}
@@ -543,6 +592,8 @@ class _Deltas:
             return None, 0
         sent, start = self.text.get(key, 0), self.tokens.get(key, 0)
         end = len(c.text) if c.finished else max(sent, len(c.text) - self.hold)
+        if self.tool_parser and not c.finished:
+            end = max(sent, min(end, len(c.text) - held_back(c.text, self.tool_parser)))
         text = c.text[sent:end]
         new_tokens = len(c.token_ids) > start
         if not text and not c.finished and not (new_tokens and self.wants_tokens):
@@ -551,6 +602,10 @@ class _Deltas:
         if c.finished:
             self.done.add(key)
         return text, start
+
+
+def _tool_call(call: ToolCall) -> ToolCallModel:
+    return ToolCallModel(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
 
 
 def _usage(finals: list[RequestOutput]) -> Usage:
