@@ -158,16 +158,30 @@ class CompletionRequest(_SamplingRequest):
     logit_bias: dict[str, float] | None = None
 
     def check_supported(self) -> None:
-        if self.echo:
-            raise OpenAIError(400, "echo is not supported by this server", param="echo")
+        if self.echo and self.logprobs is not None:
+            raise OpenAIError(400, "echo with logprobs needs the prompt's log-probabilities, "
+                              "which this server does not compute: drop one of them",
+                              param="echo")
         if self.suffix:
             raise OpenAIError(400, "suffix is not supported by this server", param="suffix")
         if self.logit_bias:
             raise OpenAIError(400, "logit_bias is not supported by this server",
                               param="logit_bias")
-        if self.best_of is not None and self.best_of != self.n:
-            raise OpenAIError(400, "best_of must equal n (or be left out): this server returns "
-                              "every sequence it generates", param="best_of")
+        if self.best_of is not None and self.best_of < self.n:
+            raise OpenAIError(400, f"best_of ({self.best_of}) must be at least n ({self.n})",
+                              param="best_of")
+        if self.best_of is not None and self.best_of > 64:
+            raise OpenAIError(400, f"best_of must be at most 64 (got {self.best_of})",
+                              param="best_of")
+        if self.stream and self.best_of is not None and self.best_of != self.n:
+            raise OpenAIError(400, "best_of above n cannot be streamed (the best are known only "
+                              "at the end), as in OpenAI's API", param="best_of")
+
+    @property
+    def candidates(self) -> int:
+        """Sequences generated per prompt: ``best_of``, of which the ``n`` with the highest
+        cumulative log-probability are returned."""
+        return self.best_of or self.n
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt(s) as a list: text, or token ids."""
@@ -453,3 +467,30 @@ class UnloadLoraAdapterRequest(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's ``/tokenize``: a prompt, or chat messages through the chat template."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

@@ -41,6 +41,8 @@ from mlx_serve.protocol import (
     DeltaFunctionCall,
     DeltaMessage,
     DeltaToolCall,
+    DetokenizeRequest,
+    DetokenizeResponse,
     Embedding,
     EmbeddingRequest,
     EmbeddingResponse,
@@ -52,6 +54,8 @@ from mlx_serve.protocol import (
     ModelList,
     OpenAIError,
     PromptTokensDetails,
+    TokenizeRequest,
+    TokenizeResponse,
     TokenLogprob,
     ToolCallModel,
     TopLogprob,
@@ -122,6 +126,14 @@ def build_app(engine: LLMEngine, served_model_name: str, api_key: str | None = N
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=errors)
     async def create_embeddings(body: EmbeddingRequest, raw: Request):
         return await handler.embeddings(body, raw)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=errors)
+    async def tokenize(body: TokenizeRequest):
+        return handler.tokenize(body)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=errors)
+    async def detokenize(body: DetokenizeRequest):
+        return handler.detokenize(body)
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models():
@@ -356,6 +368,34 @@ class _Handler:
     def _piece(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
+    # /tokenize, /detokenize (vLLM's)
+    def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+        if body.model is not None:
+            self._adapter_for(body.model)  # 404 for a model this server does not serve
+        if (body.prompt is None) == (body.messages is None):
+            raise OpenAIError(400, "give a prompt or messages (one of them)", param="prompt")
+        if body.messages is not None:
+            try:
+                tokens = self.tokenizer.apply_chat_template(
+                    [m.as_template_message() for m in body.messages],
+                    add_generation_prompt=body.add_generation_prompt)
+            except Exception as e:
+                raise OpenAIError(400, f"cannot apply the chat template: {e}",
+                                  param="messages") from None
+        else:
+            tokens = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return TokenizeResponse(tokens=tokens, count=len(tokens),
+                                max_model_len=self.engine.max_model_len)
+
+    def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        if body.model is not None:
+            self._adapter_for(body.model)
+        vocab = self.engine.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise OpenAIError(400, f"token ids must be in [0, {vocab}) for this model",
+                              param="tokens")
+        return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens))
+
     # /v1/embeddings
     async def embeddings(self, body: EmbeddingRequest, raw: Request):
         if self._adapter_for(body.model) is not None:
@@ -388,23 +428,31 @@ class _Handler:
                    for p in body.prompts()]
         max_tokens = self._max_tokens(prompts, body.max_tokens, "prompt")
         params = body.sampling_params(max_tokens, body.logprobs)
+        ranking = body.candidates > body.n
+        if ranking:  # best_of: more candidates, ranked by their cumulative log-probability
+            params.n, params.logprobs = body.candidates, params.logprobs or 0
+        echoed = [self.tokenizer.decode(p, skip_special_tokens=False) if body.echo else ""
+                  for p in prompts]
         try:
             request_id, stream, first = await self._start(raw, "cmpl", prompts, params, lora_name,
                                                           self._priority(body))
         except _Disconnected:
             return Response(status_code=499)
         if body.stream:
-            return _SSE(self._completion_events(body, request_id, stream, first, params))
+            return _SSE(self._completion_events(body, request_id, stream, first, params, echoed))
         try:
             finals = await self._collect(raw, stream, first)
         except _Disconnected:
             return Response(status_code=499)
         choices = []
         for i, out in enumerate(finals):
-            for c in out.outputs:
+            kept = out.outputs
+            if ranking:
+                kept = sorted(kept, key=lambda c: c.cumulative_logprob, reverse=True)[:body.n]
+            for rank, c in enumerate(kept):
                 choices.append(CompletionChoice(
-                    index=i * params.n + c.index, text=c.text, finish_reason=c.finish_reason,
-                    stop_reason=c.stop_reason,
+                    index=i * body.n + (rank if ranking else c.index), text=echoed[i] + c.text,
+                    finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                     logprobs=self._completion_logprobs(c, 0, 0, body.logprobs)))
         return CompletionResponse(id=request_id, model=body.model, choices=choices,
                                   usage=_usage(finals))
@@ -425,7 +473,7 @@ class _Handler:
         return out
 
     async def _completion_events(self, body: CompletionRequest, request_id: str, stream,
-                                 first: RequestOutput, params: SamplingParams):
+                                 first: RequestOutput, params: SamplingParams, echoed: list[str]):
         deltas = _Deltas(params)
         finals: dict[str, RequestOutput] = {}
         try:
@@ -438,6 +486,8 @@ class _Handler:
                     text, start = deltas.take(key, c)
                     if text is None:
                         continue
+                    if key not in deltas.offsets:  # a choice's first chunk: the echoed prompt first
+                        text = echoed[prompt_index] + text
                     offset = deltas.offsets.get(key, 0)
                     deltas.offsets[key] = offset + len(text)
                     choices.append(CompletionChoice(
