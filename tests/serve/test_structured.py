@@ -165,3 +165,20 @@ def test_builtin_model_parses_20_of_20_through_the_official_client():
         server.stop()
     people = [r.choices[0].message.parsed for r in replies]
     assert sum(isinstance(p, Person) for p in people) == 20, people
+
+
+def test_jump_forward_appends_forced_tokens_without_a_step_each(model_dir):
+    """Tokens the grammar forces (the keys, quotes, colons) are appended at once and computed in
+    the next step as a chunk: the same JSON, fewer steps."""
+    runs = {}
+    for jump in (False, True):
+        llm = LLM(model_dir, num_blocks=128, block_size=4, jump_forward=jump)
+        step, steps = llm.engine.step, []
+        llm.engine.step = lambda step=step, steps=steps: steps.append(1) or step()
+        params = SamplingParams(temperature=0, max_tokens=64, guided_decoding={"json": SCHEMA})
+        out = llm.generate(["Answer:"], params)[0].outputs[0]
+        runs[jump] = (out.text, len(steps), llm.engine.num_forced_tokens)
+    Answer.model_validate_json(runs[True][0])
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][2] > 0 and runs[False][2] == 0
+    assert runs[True][1] < runs[False][1]

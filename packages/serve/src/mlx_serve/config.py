@@ -69,6 +69,8 @@ class EngineConfig:
     quantization: str | None = None
     # embeddings (LLM.embed, /v1/embeddings): the last token's final hidden state, or the mean
     pooling: str = "last"
+    # structured outputs: append the tokens a grammar forces without a forward pass each
+    jump_forward: bool = True
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

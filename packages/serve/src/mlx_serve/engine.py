@@ -108,6 +108,7 @@ class LLMEngine:
         self.generation_tokens = 0
         self.num_draft_tokens = 0  # speculative drafts proposed, and kept
         self.num_accepted_tokens = 0
+        self.num_forced_tokens = 0  # structured outputs: appended by jump-forward, not drawn
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
@@ -263,7 +264,7 @@ class LLMEngine:
                 del self.requests[out.request_id]
         return outputs
 
-    def _append(self, seq: Sequence, sampled: SampledToken) -> None:
+    def _append(self, seq: Sequence, sampled: SampledToken, jump_forward: bool = True) -> None:
         token, params = sampled.token_id, seq.params
         seq.append_token(token, sampled.logprob, sampled.top_logprobs)
         self.generation_tokens += 1
@@ -289,7 +290,15 @@ class LLMEngine:
             return self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
         if (params.max_tokens is not None and len(seq.output_token_ids) >= params.max_tokens) \
                 or seq.num_tokens >= self.max_model_len:
-            self.scheduler.finish(seq, SequenceStatus.FINISHED_LENGTH)
+            return self.scheduler.finish(seq, SequenceStatus.FINISHED_LENGTH)
+        if jump_forward and seq.guide is not None and self.config.jump_forward:
+            # jump-forward: tokens the grammar forces (a JSON key, its quote and colon) are
+            # appended without a draw; the next step computes them with the rest, as a chunk
+            for forced in seq.guide.compute_ff_tokens():
+                self.num_forced_tokens += 1
+                self._append(seq, SampledToken(forced), jump_forward=False)
+                if seq.is_finished:
+                    break
 
     def _output(self, request: Request) -> RequestOutput:
         completions = [
