@@ -182,3 +182,12 @@ def test_jump_forward_appends_forced_tokens_without_a_step_each(model_dir):
     assert runs[True][0] == runs[False][0]
     assert runs[True][2] > 0 and runs[False][2] == 0
     assert runs[True][1] < runs[False][1]
+
+
+def test_logprobs_stay_one_per_token_under_a_grammar(llm):
+    """A request that asks for logprobs draws every token (no jump-forward), so each output token
+    has its entry."""
+    params = SamplingParams(temperature=0, max_tokens=64, logprobs=2, guided_decoding={"json": SCHEMA})
+    out = llm.generate(["Answer:"], params)[0].outputs[0]
+    Answer.model_validate_json(out.text)
+    assert len(out.logprobs) == len(out.token_ids)

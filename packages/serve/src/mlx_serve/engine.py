@@ -291,7 +291,8 @@ class LLMEngine:
         if (params.max_tokens is not None and len(seq.output_token_ids) >= params.max_tokens) \
                 or seq.num_tokens >= self.max_model_len:
             return self.scheduler.finish(seq, SequenceStatus.FINISHED_LENGTH)
-        if jump_forward and seq.guide is not None and self.config.jump_forward:
+        if jump_forward and seq.guide is not None and self.config.jump_forward \
+                and params.logprobs is None:  # a forced token has no distribution to report
             # jump-forward: tokens the grammar forces (a JSON key, its quote and colon) are
             # appended without a draw; the next step computes them with the rest, as a chunk
             for forced in seq.guide.compute_ff_tokens():
