@@ -204,6 +204,22 @@ def test_n_completions_and_seeds_are_reproducible_in_any_batch(tiny):
     _assert_no_leaks(llm.engine)
 
 
+def test_n_choices_compute_their_shared_prompt_once(tiny):
+    """The other choices of an n > 1 request wait for the first one's prompt, then take its
+    full prompt blocks from the prefix cache instead of computing them again."""
+    llm, _ = tiny
+    llm.reset_prefix_cache()
+    prompt = list(range(11, 53))  # 42 tokens: 10 full blocks of 4
+    request_id = llm.engine.add_request(prompt, SamplingParams(n=4, temperature=1.0, seed=5,
+                                                               max_tokens=4, ignore_eos=True))
+    sequences = llm.engine.requests[request_id].sequences
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+    assert sequences[0].num_cached_tokens == 0
+    assert all(s.num_cached_tokens >= 40 for s in sequences[1:])
+    _assert_no_leaks(llm.engine)
+
+
 def test_logprobs_equal_the_full_forward(tiny):
     llm, _ = tiny
     model = llm.engine.model

@@ -100,6 +100,8 @@ class Scheduler:
             return step
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if self._twin_in_prefill(seq):  # n > 1: wait, then take the twin's prompt blocks
+                break
             cached = self.blocks.find_cached_prefix(seq)
             n = seq.num_tokens - cached.num_tokens(self.blocks.block_size)
             if n > budget:
@@ -114,6 +116,14 @@ class Scheduler:
             step.sequences.append((seq, n))
             budget -= n
         return step
+
+    def _twin_in_prefill(self, seq: Sequence) -> bool:
+        """Another sequence of the same request (``n`` > 1) is still computing the prompt: once
+        it has, its full prompt blocks are in the prefix cache and ``seq`` reuses them instead
+        of computing the same prompt again."""
+        return self.blocks.enable_prefix_caching and any(
+            s.request_id == seq.request_id and s.num_computed_tokens < s.num_prompt_tokens
+            for s in self.running)
 
     def _schedule_drafts(self, seq: Sequence, budget: int) -> bool:
         """Give a decoding sequence its drafts and their blocks; False (no drafts) when there are
