@@ -27,6 +27,10 @@ FAMILIES = {
         transformers.MistralConfig(sliding_window=6, **_TINY)),
     "qwen2": lambda: transformers.Qwen2ForCausalLM(
         transformers.Qwen2Config(tie_word_embeddings=True, **_TINY)),
+    "qwen3": lambda: transformers.Qwen3ForCausalLM(
+        transformers.Qwen3Config(tie_word_embeddings=True, head_dim=32, **_TINY)),
+    "qwen3-untied-bias": lambda: transformers.Qwen3ForCausalLM(
+        transformers.Qwen3Config(attention_bias=True, **_TINY)),
     "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)),
     "mixtral": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(

@@ -1,7 +1,7 @@
 """``ModelConfig``: the one description of a decoder that every backend builds from.
 
 It round-trips through JSON (our own form) and through HF ``config.json`` for the families the
-zoo covers: Llama (2/3), Mistral, Qwen2, SmolLM2 (a Llama), GPT-2 and Mixtral.
+zoo covers: Llama (2/3), Mistral, Qwen2, Qwen3, SmolLM2 (a Llama), GPT-2 and Mixtral.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ MLP_KINDS = ("swiglu", "gelu")  # gated SiLU (Llama) | GELU-tanh up/down (GPT-2)
 NORM_KINDS = ("rms", "layer")
 POSITION_KINDS = ("rope", "learned")
 ROPE_TYPES = ("default", "linear", "llama3")
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2", "mixtral")
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral")
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2, GPT-2)
     attention_out_bias: bool = False  # bias on the output projection (GPT-2)
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     sliding_window: int | None = None  # Mistral: each token sees at most this many keys
@@ -102,6 +103,8 @@ class ModelConfig:
             attn += q + 2 * kv
         if self.attention_out_bias:
             attn += h
+        if self.qk_norm:
+            attn += 2 * d
         n_mats = 3 if self.mlp_kind == "swiglu" else 2
         mlp = n_mats * h * self.intermediate_size
         if self.mlp_bias:

@@ -14,6 +14,7 @@ _HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
     "mixtral": "MixtralForCausalLM",
 }
@@ -66,7 +67,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise ValueError(f"hidden_act {act!r} is not supported for {model_type} (silu only)")
     theta, scaling = _rope_from_hf(hf)
     sliding = hf.get("sliding_window")
-    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
         sliding = None
     if model_type == "llama":
         sliding = None
@@ -84,7 +85,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         rope_scaling=scaling,
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         attention_bias=True if model_type == "qwen2" else hf.get("attention_bias", False),
-        attention_out_bias=(model_type == "llama" and hf.get("attention_bias", False)),
+        attention_out_bias=(model_type in ("llama", "qwen3") and hf.get("attention_bias", False)),
+        qk_norm=model_type == "qwen3",
         mlp_bias=hf.get("mlp_bias", False),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         sliding_window=sliding,
@@ -135,8 +137,10 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         hf.update(attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
     if c.model_type in ("mistral", "mixtral"):
         hf["sliding_window"] = c.sliding_window
-    if c.model_type == "qwen2":
+    if c.model_type in ("qwen2", "qwen3"):
         hf.update(use_sliding_window=c.sliding_window is not None, sliding_window=c.sliding_window)
+    if c.model_type == "qwen3":
+        hf["attention_bias"] = c.attention_bias
     if c.model_type == "mixtral":
         hf.update(num_local_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok)
     return hf

@@ -15,7 +15,7 @@ from flax import nnx
 from mlx_core.config import ModelConfig
 from mlx_jax import ops
 from mlx_jax.attention import KVCache, build_mask
-from mlx_jax.modules import Embedding, Linear, StaticConfig, make_norm
+from mlx_jax.modules import Embedding, Linear, RMSNorm, StaticConfig, make_norm
 from mlx_jax.moe import SparseMoE
 from mlx_jax.rope import rope_cos_sin, rope_inverse_frequencies
 
@@ -32,13 +32,20 @@ class Attention(nnx.Module):
         self.k_proj = Linear(h, kv, bias=config.attention_bias, dtype=dtype, rngs=rngs)
         self.v_proj = Linear(h, kv, bias=config.attention_bias, dtype=dtype, rngs=rngs)
         self.o_proj = Linear(q, h, bias=config.attention_out_bias, dtype=dtype, rngs=rngs)
+        if config.qk_norm:  # Qwen3: each head's queries and keys RMS-normalised before RoPE
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps, dtype=dtype)
+        self.qk_norm = config.qk_norm
 
     def __call__(self, x, cos_sin, mask, layer_cache=None):
         """``layer_cache``: (keys, values ``[B, Hkv, S, D]``, write position) or None.
         Returns the output and the updated (keys, values), or None without a cache."""
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         if cos_sin is not None:
             q, k = ops.rope(q, *cos_sin), ops.rope(k, *cos_sin)

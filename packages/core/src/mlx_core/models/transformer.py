@@ -1,4 +1,5 @@
-"""ONE config-driven decoder for every family: Llama 2/3, Mistral, Qwen2, SmolLM2, GPT-2, Mixtral.
+"""ONE config-driven decoder for every family: Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2, GPT-2,
+Mixtral.
 
 Module and parameter names follow HF's Llama layout (``model.layers.0.self_attn.q_proj.weight``)
 so Llama-family checkpoints and PEFT adapters map with no renaming; MoE layers use Mixtral's
@@ -51,11 +52,18 @@ class Attention(nn.Module):
         self.k_proj = Linear(h, kv, bias=config.attention_bias)
         self.v_proj = Linear(h, kv, bias=config.attention_bias)
         self.o_proj = Linear(q, h, bias=config.attention_out_bias)
+        if config.qk_norm:  # Qwen3: each head's queries and keys RMS-normalised before RoPE
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        self.qk_norm = config.qk_norm
 
     def forward(self, x, cos_sin, meta: AttentionMetadata) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if cos_sin is not None:
             q, k = rope(q, *cos_sin), rope(k, *cos_sin)
