@@ -31,6 +31,9 @@ FAMILIES = {
         transformers.Qwen3Config(tie_word_embeddings=True, head_dim=32, **_TINY)),
     "qwen3-untied-bias": lambda: transformers.Qwen3ForCausalLM(
         transformers.Qwen3Config(attention_bias=True, **_TINY)),
+    "olmo2": lambda: transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**_TINY)),
+    "olmo2-bias-tied": lambda: transformers.Olmo2ForCausalLM(
+        transformers.Olmo2Config(attention_bias=True, tie_word_embeddings=True, **_TINY)),
     "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)),
     "mixtral": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(

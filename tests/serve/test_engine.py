@@ -22,6 +22,7 @@ FAMILIES = {
         transformers.Qwen2Config(tie_word_embeddings=True, **_TINY)),
     "qwen3": lambda: transformers.Qwen3ForCausalLM(
         transformers.Qwen3Config(tie_word_embeddings=True, head_dim=32, **_TINY)),
+    "olmo2": lambda: transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**_TINY)),
     "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128)),
     "mixtral": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(

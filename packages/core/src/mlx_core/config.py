@@ -1,7 +1,7 @@
 """``ModelConfig``: the one description of a decoder that every backend builds from.
 
 It round-trips through JSON (our own form) and through HF ``config.json`` for the families the
-zoo covers: Llama (2/3), Mistral, Qwen2, Qwen3, SmolLM2 (a Llama), GPT-2 and Mixtral.
+zoo covers: Llama (2/3), Mistral, Qwen2, Qwen3, OLMo 2, SmolLM2 (a Llama), GPT-2 and Mixtral.
 """
 
 from __future__ import annotations
@@ -16,7 +16,11 @@ MLP_KINDS = ("swiglu", "gelu")  # gated SiLU (Llama) | GELU-tanh up/down (GPT-2)
 NORM_KINDS = ("rms", "layer")
 POSITION_KINDS = ("rope", "learned")
 ROPE_TYPES = ("default", "linear", "llama3")
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral")
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "gpt2", "mixtral")
+# q/k normalisation: over each head's vector (Qwen3) or the whole projection (OLMo 2)
+QK_NORMS = (None, "head", "projection")
+# norms before each block, on its input (Llama), or after it, on its output (OLMo 2)
+NORM_PLACEMENTS = ("pre", "post")
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,8 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2, GPT-2)
     attention_out_bias: bool = False  # bias on the output projection (GPT-2)
-    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
+    qk_norm: str | None = None  # RMSNorm of queries and keys before RoPE: QK_NORMS
+    norm_placement: str = "pre"  # NORM_PLACEMENTS
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     sliding_window: int | None = None  # Mistral: each token sees at most this many keys
@@ -63,6 +68,9 @@ class ModelConfig:
             (self.mlp_kind in MLP_KINDS, f"mlp_kind must be one of {MLP_KINDS}"),
             (self.norm_kind in NORM_KINDS, f"norm_kind must be one of {NORM_KINDS}"),
             (self.position_kind in POSITION_KINDS, f"position_kind must be one of {POSITION_KINDS}"),
+            (self.qk_norm in QK_NORMS, f"qk_norm must be one of {QK_NORMS}"),
+            (self.norm_placement in NORM_PLACEMENTS,
+             f"norm_placement must be one of {NORM_PLACEMENTS}"),
             (self.num_heads % self.kv_heads == 0, "num_heads must be a multiple of num_kv_heads"),
             (self.num_experts == 0 or 0 < self.num_experts_per_tok <= self.num_experts,
              "num_experts_per_tok must be between 1 and num_experts"),
@@ -103,8 +111,10 @@ class ModelConfig:
             attn += q + 2 * kv
         if self.attention_out_bias:
             attn += h
-        if self.qk_norm:
+        if self.qk_norm == "head":
             attn += 2 * d
+        elif self.qk_norm == "projection":
+            attn += q + kv
         n_mats = 3 if self.mlp_kind == "swiglu" else 2
         mlp = n_mats * h * self.intermediate_size
         if self.mlp_bias:

@@ -15,6 +15,7 @@ _HF_ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
     "mixtral": "MixtralForCausalLM",
 }
@@ -69,7 +70,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     sliding = hf.get("sliding_window")
     if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
         sliding = None
-    if model_type == "llama":
+    if model_type in ("llama", "olmo2"):
         sliding = None
     return ModelConfig(
         model_type=model_type,
@@ -85,8 +86,10 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         rope_scaling=scaling,
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         attention_bias=True if model_type == "qwen2" else hf.get("attention_bias", False),
-        attention_out_bias=(model_type in ("llama", "qwen3") and hf.get("attention_bias", False)),
-        qk_norm=model_type == "qwen3",
+        attention_out_bias=(model_type in ("llama", "qwen3", "olmo2")
+                            and hf.get("attention_bias", False)),
+        qk_norm={"qwen3": "head", "olmo2": "projection"}.get(model_type),
+        norm_placement="post" if model_type == "olmo2" else "pre",
         mlp_bias=hf.get("mlp_bias", False),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         sliding_window=sliding,
@@ -139,7 +142,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         hf["sliding_window"] = c.sliding_window
     if c.model_type in ("qwen2", "qwen3"):
         hf.update(use_sliding_window=c.sliding_window is not None, sliding_window=c.sliding_window)
-    if c.model_type == "qwen3":
+    if c.model_type in ("qwen3", "olmo2"):
         hf["attention_bias"] = c.attention_bias
     if c.model_type == "mixtral":
         hf.update(num_local_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok)

@@ -19,8 +19,10 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny-mistral": ModelConfig(model_type="mistral", sliding_window=8, **_TINY),
     "tiny-qwen2": ModelConfig(model_type="qwen2", attention_bias=True, tie_word_embeddings=True,
                               norm_eps=1e-6, **_TINY),
-    "tiny-qwen3": ModelConfig(model_type="qwen3", qk_norm=True, tie_word_embeddings=True,
+    "tiny-qwen3": ModelConfig(model_type="qwen3", qk_norm="head", tie_word_embeddings=True,
                               norm_eps=1e-6, head_dim=32, **_TINY),
+    "tiny-olmo2": ModelConfig(model_type="olmo2", qk_norm="projection", norm_placement="post",
+                              **_TINY),
     "tiny-mixtral": ModelConfig(model_type="mixtral", num_experts=4, num_experts_per_tok=2, **_TINY),
     "tiny-gpt2": ModelConfig(
         model_type="gpt2", vocab_size=128, hidden_size=64, num_layers=2, num_heads=4,
@@ -54,7 +56,7 @@ PRESETS: dict[str, ModelConfig] = {
     "qwen3-0.6b": ModelConfig(
         model_type="qwen3", vocab_size=151936, hidden_size=1024, num_layers=28, num_heads=16,
         num_kv_heads=8, head_dim=128, intermediate_size=3072, norm_eps=1e-6,
-        rope_theta=1000000.0, max_position_embeddings=40960, qk_norm=True,
+        rope_theta=1000000.0, max_position_embeddings=40960, qk_norm="head",
         tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645),
     "mixtral-8x7b": ModelConfig(
         model_type="mixtral", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,

@@ -32,18 +32,23 @@ class Attention(nnx.Module):
         self.k_proj = Linear(h, kv, bias=config.attention_bias, dtype=dtype, rngs=rngs)
         self.v_proj = Linear(h, kv, bias=config.attention_bias, dtype=dtype, rngs=rngs)
         self.o_proj = Linear(q, h, bias=config.attention_out_bias, dtype=dtype, rngs=rngs)
-        if config.qk_norm:  # Qwen3: each head's queries and keys RMS-normalised before RoPE
-            self.q_norm = RMSNorm(self.head_dim, config.norm_eps, dtype=dtype)
-            self.k_norm = RMSNorm(self.head_dim, config.norm_eps, dtype=dtype)
+        # queries and keys RMS-normalised before RoPE: per head (Qwen3) or whole (OLMo 2)
         self.qk_norm = config.qk_norm
+        if self.qk_norm is not None:
+            per_head = self.qk_norm == "head"
+            self.q_norm = RMSNorm(self.head_dim if per_head else q, config.norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(self.head_dim if per_head else kv, config.norm_eps, dtype=dtype)
 
     def __call__(self, x, cos_sin, mask, layer_cache=None):
         """``layer_cache``: (keys, values ``[B, Hkv, S, D]``, write position) or None.
         Returns the output and the updated (keys, values), or None without a cache."""
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.reshape(b, t, self.num_heads, self.head_dim)
+        k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
@@ -87,9 +92,14 @@ class GeluMLP(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
-        self.input_layernorm = make_norm(config, dtype)
+        self.post_norm = config.norm_placement == "post"
+        if not self.post_norm:
+            self.input_layernorm = make_norm(config, dtype)
         self.self_attn = Attention(config, dtype=dtype, rngs=rngs)
+        # pre-norm: the MLP's input norm (HF's name for it); post-norm: the attention output's
         self.post_attention_layernorm = make_norm(config, dtype)
+        if self.post_norm:  # OLMo 2: each block's output normalised before the residual add
+            self.post_feedforward_layernorm = make_norm(config, dtype)
         # Only one of the two exists, under the name its checkpoints use.
         if config.is_moe:
             self.block_sparse_moe = SparseMoE(config, dtype=dtype, rngs=rngs)
@@ -100,9 +110,13 @@ class DecoderLayer(nnx.Module):
         self.is_moe = config.is_moe
 
     def __call__(self, x, cos_sin, mask, layer_cache=None):
+        ff = self.block_sparse_moe if self.is_moe else self.mlp
+        if self.post_norm:
+            attn, updated = self.self_attn(x, cos_sin, mask, layer_cache)
+            x = x + self.post_attention_layernorm(attn)
+            return x + self.post_feedforward_layernorm(ff(x)), updated
         attn, updated = self.self_attn(self.input_layernorm(x), cos_sin, mask, layer_cache)
         x = x + attn
-        ff = self.block_sparse_moe if self.is_moe else self.mlp
         return x + ff(self.post_attention_layernorm(x)), updated
 
 

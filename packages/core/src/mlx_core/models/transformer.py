@@ -1,5 +1,5 @@
-"""ONE config-driven decoder for every family: Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2, GPT-2,
-Mixtral.
+"""ONE config-driven decoder for every family: Llama 2/3, Mistral, Qwen2, Qwen3, OLMo 2,
+SmolLM2, GPT-2, Mixtral.
 
 Module and parameter names follow HF's Llama layout (``model.layers.0.self_attn.q_proj.weight``)
 so Llama-family checkpoints and PEFT adapters map with no renaming; MoE layers use Mixtral's
@@ -52,16 +52,21 @@ class Attention(nn.Module):
         self.k_proj = Linear(h, kv, bias=config.attention_bias)
         self.v_proj = Linear(h, kv, bias=config.attention_bias)
         self.o_proj = Linear(q, h, bias=config.attention_out_bias)
-        if config.qk_norm:  # Qwen3: each head's queries and keys RMS-normalised before RoPE
-            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        # queries and keys RMS-normalised before RoPE: per head (Qwen3) or whole (OLMo 2)
         self.qk_norm = config.qk_norm
+        if self.qk_norm is not None:
+            per_head = self.qk_norm == "head"
+            self.q_norm = RMSNorm(self.head_dim if per_head else q, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim if per_head else kv, config.norm_eps)
 
     def forward(self, x, cos_sin, meta: AttentionMetadata) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, t, self.num_heads, self.head_dim)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -111,9 +116,14 @@ class GeluMLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        self.input_layernorm = make_norm(config)
+        self.post_norm = config.norm_placement == "post"
+        if not self.post_norm:
+            self.input_layernorm = make_norm(config)
         self.self_attn = Attention(config, layer)
+        # pre-norm: the MLP's input norm (HF's name for it); post-norm: the attention output's
         self.post_attention_layernorm = make_norm(config)
+        if self.post_norm:  # OLMo 2: each block's output normalised before the residual add
+            self.post_feedforward_layernorm = make_norm(config)
         self.is_moe = config.is_moe
         if config.is_moe:
             self.block_sparse_moe = SparseMoE(config)
@@ -121,8 +131,11 @@ class DecoderLayer(nn.Module):
             self.mlp = GatedMLP(config) if config.mlp_kind == "swiglu" else GeluMLP(config)
 
     def forward(self, x, cos_sin, meta):
-        x = x + _normed_into(self.input_layernorm, x, lambda h: self.self_attn(h, cos_sin, meta))
         ff = self.block_sparse_moe if self.is_moe else self.mlp
+        if self.post_norm:
+            x = x + self.post_attention_layernorm(self.self_attn(x, cos_sin, meta))
+            return x + self.post_feedforward_layernorm(ff(x))
+        x = x + _normed_into(self.input_layernorm, x, lambda h: self.self_attn(h, cos_sin, meta))
         return x + _normed_into(self.post_attention_layernorm, x, ff)
 
 
@@ -147,7 +160,10 @@ class Backbone(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # HF's padding_idx: the pad token's row gets no gradient from lookups (and starts at 0)
+        pad = config.pad_token_id
+        padding_idx = pad if pad is not None and 0 <= pad < config.vocab_size else None
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=padding_idx)
         if config.position_kind == "learned":
             self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
@@ -254,12 +270,16 @@ class Transformer(nn.Module):
         return self.model.norm.weight.device
 
     def reset_parameters(self, std: float = 0.02) -> None:
-        """HF-style init: normal(0, std) weights, zero biases, unit norms."""
+        """HF-style init: normal(0, std) weights (the pad token's embedding zero), zero biases,
+        unit norms."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+                if getattr(module, "padding_idx", None) is not None:
+                    with torch.no_grad():
+                        module.weight[module.padding_idx].zero_()
             elif isinstance(module, (RMSNorm, nn.LayerNorm)):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:

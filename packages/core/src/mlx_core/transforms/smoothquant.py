@@ -76,12 +76,16 @@ def smooth(model: nn.Module, calibration: Sequence[Sequence[int]], alpha: float 
     groups = []  # (producer: norm module or up_proj, linears reading its output, is_norm)
     for layer in model.model.layers:
         attn = layer.self_attn
-        groups.append((layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], True))
         mlp = getattr(layer, "mlp", None)  # MoE layers' experts are left alone
+        # post-norm layers (OLMo 2) read the residual stream itself: no norm to fold scales into
+        pre_norm = hasattr(layer, "input_layernorm")
+        if pre_norm:
+            groups.append((layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], True))
         if isinstance(mlp, GatedMLP):
-            groups.append((layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], True))
+            if pre_norm:
+                groups.append((layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], True))
             groups.append((mlp.up_proj, [mlp.down_proj], False))
-        elif mlp is not None:
+        elif mlp is not None and pre_norm:
             groups.append((layer.post_attention_layernorm, [mlp.up_proj], True))
     readers = {f"g{i}": linears[0] for i, (_, linears, _) in enumerate(groups)}
     maxima = activation_maxima(model, calibration, readers)
