@@ -49,6 +49,9 @@ def test_models_list_and_presets():
 def test_models_info_preset_and_unknown_name():
     done = invoke("models", "info", "tiny-gpt2")
     assert done.exit_code == 0 and "learned" in done.output
+    qwen3 = invoke("models", "info", "qwen3-0.6b")  # 28 layers x 8 kv heads x 128 x k+v x 2 bytes
+    assert qwen3.exit_code == 0 and "114,688 bytes bf16" in qwen3.output
+    assert "train, tune, serve (torch); jax (mlx-jax)" in qwen3.output
     bad = invoke("models", "info", "smollm2-135")
     assert bad.exit_code == 1
     assert "Did you mean: smollm2-135m-instruct" in bad.output

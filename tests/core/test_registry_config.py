@@ -60,6 +60,8 @@ def test_config_validation_names_the_field():
         ModelConfig.from_dict({"hidden": 3})
     with pytest.raises(ValueError, match="model_type 'bert'"):
         ModelConfig.from_hf_config({"model_type": "bert"})
+    with pytest.raises(ValueError, match=r"'qwen3_moe'.*supported: .*olmo2.*\(closest: qwen3"):
+        ModelConfig.from_hf_config({"model_type": "qwen3_moe"})
 
 
 def test_reads_transformers5_rope_parameters():

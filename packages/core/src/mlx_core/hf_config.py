@@ -36,9 +36,13 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type not in HF_MODEL_TYPES:
+        from mlx_core.registry import close_matches
+
+        near = close_matches(str(model_type), list(HF_MODEL_TYPES))
         raise ValueError(
             f"config.json has model_type {model_type!r}, which mlx does not support yet; "
             f"supported: {', '.join(HF_MODEL_TYPES)}"
+            + (f" (closest: {', '.join(near)})" if near else "")
         )
     tokens = {k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     if model_type == "gpt2":

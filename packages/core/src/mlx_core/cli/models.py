@@ -88,9 +88,21 @@ def _describe(name: str) -> tuple[ModelConfig, dict[str, str]]:
 @clean_errors
 def info(name: str = typer.Argument(..., help="A registered model, a preset or an HF directory.")):
     """Config, size and cache state of a model."""
+    from mlx_core.plugins import load_plugins
+
     config, facts = _describe(name)
+    load_plugins()
+    backends = (registry.architectures.get(config.model_type)
+                if config.model_type in registry.architectures else {})
+    runs_on = [path for backend, path in (("torch", "train, tune, serve (torch)"),
+                                          ("flax", "jax (mlx-jax)")) if backend in backends]
+    kv_per_token = 2 * config.num_layers * config.kv_heads * config.dim_per_head  # keys + values
     table = Table("field", "value", title=name)
+    table.add_row("family", config.model_type)
     table.add_row("parameters", f"{human_count(config.num_parameters())} ({config.num_parameters():,})")
+    table.add_row("KV cache per token", f"{kv_per_token * 4:,} bytes fp32, {kv_per_token * 2:,} "
+                                        "bytes bf16")
+    table.add_row("runs on", "; ".join(runs_on) or "no installed backend")
     for key, value in facts.items():
         table.add_row(key, value)
     for key, value in config.to_dict().items():
