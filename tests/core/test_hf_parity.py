@@ -34,6 +34,10 @@ FAMILIES = {
     "olmo2": lambda: transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**_TINY)),
     "olmo2-bias-tied": lambda: transformers.Olmo2ForCausalLM(
         transformers.Olmo2Config(attention_bias=True, tie_word_embeddings=True, **_TINY)),
+    "phi3": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, **_TINY)),
+    "phi3-sliding-window": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=6, **_TINY)),
     "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)),
     "mixtral": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(

@@ -55,6 +55,7 @@ def test_framework_neutral_pieces_work_without_torch():
     the sampling options' checks, RoPE's scaling, the HF name maps and the loaders' check."""
     done = _run("""
         import numpy as np
+        import mlx_core
         from mlx_core import checkpoint_numpy, peft_config, peft_rules, rope_scaling, sampling_options
         config = peft_config.LoraConfig(target_modules=["q_proj"], rank_pattern={"q_.*": 2})
         assert config.rank_and_alpha("model.layers.0.self_attn.q_proj") == (2, 8)
@@ -65,7 +66,8 @@ def test_framework_neutral_pieces_work_without_torch():
         scaled = rope_scaling.scaled_inverse_frequencies(np.ones(4, np.float32),
                                                          {"rope_type": "linear", "factor": 2.0}, np.where)
         assert scaled.dtype == np.float32 and (scaled == 0.5).all()
-        table = checkpoint_numpy.hf_to_ours_numpy("gpt2", {"h.0.attn.c_attn.bias": np.arange(6.0)})
+        gpt2 = mlx_core.get_preset("tiny-gpt2")
+        table = checkpoint_numpy.hf_to_ours_numpy(gpt2, {"h.0.attn.c_attn.bias": np.arange(6.0)})
         assert list(table["model.layers.0.self_attn.v_proj.bias"]) == [4.0, 5.0]
         assert "torch" not in sys.modules or sys.modules["torch"] is None
         print("ok")

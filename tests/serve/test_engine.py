@@ -23,6 +23,8 @@ FAMILIES = {
     "qwen3": lambda: transformers.Qwen3ForCausalLM(
         transformers.Qwen3Config(tie_word_embeddings=True, head_dim=32, **_TINY)),
     "olmo2": lambda: transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**_TINY)),
+    "phi3": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, **_TINY)),
     "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128)),
     "mixtral": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(

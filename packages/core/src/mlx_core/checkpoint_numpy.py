@@ -119,11 +119,55 @@ class ArrayOps:
 NUMPY_OPS = ArrayOps(lambda a: np.ascontiguousarray(a.T), lambda parts: np.concatenate(parts, axis=0))
 
 
-def map_hf_to_ours(model_type: str, tensors: dict, ops: ArrayOps) -> dict:
-    """HF checkpoint names -> the zoo's names (GPT-2's Conv1D weights transposed and its packed
-    q/k/v split; the other families share our names). Unknown names pass through, for the
+# Phi-3 packs q/k/v into one projection and gate/up into another: split on load, joined on save
+PHI3_QKV = "model.layers.{}.self_attn.qkv_proj.weight"
+PHI3_GATE_UP = "model.layers.{}.mlp.gate_up_proj.weight"
+
+
+def _phi3_to_ours(config, tensors: dict) -> dict:
+    q = config.num_heads * config.dim_per_head
+    kv = config.kv_heads * config.dim_per_head
+    out = {}
+    for name, a in tensors.items():
+        template, layer = name_template(name)
+        if template == PHI3_QKV:
+            for proj, (start, end) in zip("qkv", ((0, q), (q, q + kv), (q + kv, q + 2 * kv)),
+                                          strict=True):
+                out[OUR_QKV.format(layer, proj, "weight")] = a[start:end]
+        elif template == PHI3_GATE_UP:
+            half = a.shape[0] // 2  # gate rows first, then up
+            out[f"model.layers.{layer}.mlp.gate_proj.weight"] = a[:half]
+            out[f"model.layers.{layer}.mlp.up_proj.weight"] = a[half:]
+        else:
+            out[name] = a
+    return out
+
+
+def _phi3_to_hf(tensors: dict, ops: ArrayOps) -> dict:
+    out, packed = {}, {}
+    for name, a in tensors.items():
+        template, layer = name_template(name)
+        m = re.fullmatch(r"model\.layers\.\{\}\.(self_attn\.([qkv])_proj|mlp\.(gate|up)_proj)\.weight",
+                         template)
+        if m:
+            packed.setdefault(layer, {})[m.group(2) or m.group(3)] = a
+        else:
+            out[name] = a
+    for layer, parts in packed.items():
+        out[PHI3_QKV.format(layer)] = ops.stacked_rows([parts[p] for p in "qkv"])
+        out[PHI3_GATE_UP.format(layer)] = ops.stacked_rows([parts["gate"], parts["up"]])
+    return out
+
+
+def map_hf_to_ours(config, tensors: dict, ops: ArrayOps) -> dict:
+    """HF checkpoint names -> the zoo's names, for a model of ``config`` (a ``ModelConfig``):
+    GPT-2's Conv1D weights transposed and its packed q/k/v split, Phi-3's packed q/k/v and
+    gate/up split; the other families share our names. Unknown names pass through, for the
     loader to report as unexpected."""
+    model_type = config.model_type
     tensors = {k: v for k, v in tensors.items() if not IGNORED.search(k)}
+    if model_type == "phi3":
+        return _phi3_to_ours(config, tensors)
     if model_type != "gpt2":
         return tensors
     out = {}
@@ -145,8 +189,11 @@ def map_hf_to_ours(model_type: str, tensors: dict, ops: ArrayOps) -> dict:
     return out
 
 
-def map_ours_to_hf(model_type: str, tensors: dict, ops: ArrayOps) -> dict:
+def map_ours_to_hf(config, tensors: dict, ops: ArrayOps) -> dict:
     """The zoo's names -> HF checkpoint names (the inverse of ``map_hf_to_ours``)."""
+    model_type = config.model_type
+    if model_type == "phi3":
+        return _phi3_to_hf(tensors, ops)
     if model_type != "gpt2":
         return dict(tensors)
     reverse = {ours: (hf, transpose) for hf, (ours, transpose) in GPT2_TABLE.items()}
@@ -165,12 +212,12 @@ def map_ours_to_hf(model_type: str, tensors: dict, ops: ArrayOps) -> dict:
     return out
 
 
-def hf_to_ours_numpy(model_type: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return map_hf_to_ours(model_type, arrays, NUMPY_OPS)
+def hf_to_ours_numpy(config, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return map_hf_to_ours(config, arrays, NUMPY_OPS)
 
 
-def ours_to_hf_numpy(model_type: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return map_ours_to_hf(model_type, arrays, NUMPY_OPS)
+def ours_to_hf_numpy(config, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return map_ours_to_hf(config, arrays, NUMPY_OPS)
 
 
 def check_tensors(expected: dict[str, tuple], found: dict[str, tuple], *, where: str,

@@ -1,7 +1,8 @@
 """``ModelConfig``: the one description of a decoder that every backend builds from.
 
 It round-trips through JSON (our own form) and through HF ``config.json`` for the families the
-zoo covers: Llama (2/3), Mistral, Qwen2, Qwen3, OLMo 2, SmolLM2 (a Llama), GPT-2 and Mixtral.
+zoo covers: Llama (2/3), Mistral, Qwen2, Qwen3, OLMo 2, Phi-3, SmolLM2 (a Llama), GPT-2 and
+Mixtral.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ MLP_KINDS = ("swiglu", "gelu")  # gated SiLU (Llama) | GELU-tanh up/down (GPT-2)
 NORM_KINDS = ("rms", "layer")
 POSITION_KINDS = ("rope", "learned")
 ROPE_TYPES = ("default", "linear", "llama3")
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "gpt2", "mixtral")
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "gpt2", "mixtral")
 # q/k normalisation: over each head's vector (Qwen3) or the whole projection (OLMo 2)
 QK_NORMS = (None, "head", "projection")
 # norms before each block, on its input (Llama), or after it, on its output (OLMo 2)

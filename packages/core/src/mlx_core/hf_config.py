@@ -16,6 +16,7 @@ _HF_ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "olmo2": "Olmo2ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
     "mixtral": "MixtralForCausalLM",
 }
@@ -70,6 +71,9 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     act = hf.get("hidden_act", "silu")
     if act not in _SUPPORTED_ACTS:
         raise ValueError(f"hidden_act {act!r} is not supported for {model_type} (silu only)")
+    if model_type == "phi3" and hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"Phi-3 partial_rotary_factor {hf['partial_rotary_factor']} is not "
+                         "supported yet (RoPE over the whole head only)")
     theta, scaling = _rope_from_hf(hf)
     sliding = hf.get("sliding_window")
     if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
@@ -142,7 +146,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     }
     if c.model_type == "llama":
         hf.update(attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
-    if c.model_type in ("mistral", "mixtral"):
+    if c.model_type in ("mistral", "mixtral", "phi3"):
         hf["sliding_window"] = c.sliding_window
     if c.model_type in ("qwen2", "qwen3"):
         hf.update(use_sliding_window=c.sliding_window is not None, sliding_window=c.sliding_window)

@@ -23,6 +23,7 @@ PRESETS: dict[str, ModelConfig] = {
                               norm_eps=1e-6, head_dim=32, **_TINY),
     "tiny-olmo2": ModelConfig(model_type="olmo2", qk_norm="projection", norm_placement="post",
                               **_TINY),
+    "tiny-phi3": ModelConfig(model_type="phi3", **_TINY),
     "tiny-mixtral": ModelConfig(model_type="mixtral", num_experts=4, num_experts_per_tok=2, **_TINY),
     "tiny-gpt2": ModelConfig(
         model_type="gpt2", vocab_size=128, hidden_size=64, num_layers=2, num_heads=4,

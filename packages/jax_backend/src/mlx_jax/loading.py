@@ -47,7 +47,7 @@ def load_model(source: str | Path, *, dtype=jnp.float32) -> nnx.Module:
     """
     directory = resolve_model_dir(source)
     config = ModelConfig.from_pretrained(directory)
-    arrays = hf_to_ours_numpy(config.model_type, read_safetensors_numpy(directory))
+    arrays = hf_to_ours_numpy(config, read_safetensors_numpy(directory))
     model = model_from_arrays(config, arrays, where=str(directory), dtype=dtype)
     model.source_dir = Path(directory)
     return model

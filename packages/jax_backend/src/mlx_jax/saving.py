@@ -33,7 +33,7 @@ def save_model(model, directory: str | Path, *, tokenizer=None, overwrite: bool 
     directory = Path(directory)
     with atomic_directory(directory, overwrite=overwrite) as out:
         (out / "config.json").write_text(json.dumps(config.to_hf_config(), indent=2))
-        tensors = ours_to_hf_numpy(config.model_type, model_arrays(model))
+        tensors = ours_to_hf_numpy(config, model_arrays(model))
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(out)

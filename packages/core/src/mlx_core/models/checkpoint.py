@@ -18,12 +18,12 @@ from mlx_core.checkpoint_numpy import ArrayOps, map_hf_to_ours, map_ours_to_hf, 
 TORCH_OPS = ArrayOps(lambda t: t.t().contiguous(), lambda parts: torch.cat(parts, dim=0))
 
 
-def hf_to_ours(model_type: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return map_hf_to_ours(model_type, tensors, TORCH_OPS)
+def hf_to_ours(config, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return map_hf_to_ours(config, tensors, TORCH_OPS)
 
 
-def ours_to_hf(model_type: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return map_ours_to_hf(model_type, tensors, TORCH_OPS)
+def ours_to_hf(config, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return map_ours_to_hf(config, tensors, TORCH_OPS)
 
 
 def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:

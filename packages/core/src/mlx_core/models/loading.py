@@ -61,7 +61,7 @@ def load_model(source: str | Path, *, dtype: torch.dtype = torch.float32,
     saved = _saved_quantization(directory)
     if saved is not None:
         return _load_quantized_dir(model, directory, saved, quantization, dtype, device)
-    state = hf_to_ours(config.model_type, read_safetensors(directory))
+    state = hf_to_ours(config, read_safetensors(directory))
     _check_state(model, state, directory)
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
@@ -199,7 +199,7 @@ def save_model(model: nn.Module, directory: str | Path, *, tokenizer=None, overw
     else:
         if config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
-        state = ours_to_hf(config.model_type, state)
+        state = ours_to_hf(config, state)
     directory = Path(directory)
     with atomic_directory(directory, overwrite=overwrite) as out:
         (out / "config.json").write_text(json.dumps(hf, indent=2))

@@ -87,7 +87,7 @@ def checkpoint(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
         "quantization_status": "compressed", "config_groups": {"group_0": group},
         "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None,
     }
-    return quantization_config, ours_to_hf(config.model_type, state)
+    return quantization_config, ours_to_hf(config, state)
 
 
 def pack_int8(q: torch.Tensor) -> torch.Tensor:
@@ -187,7 +187,7 @@ def mlx_state(tensors: dict[str, torch.Tensor], config, source: Path | str
     if config.model_type == "gpt2":
         raise ValueError(f"{source}: mlx reads compressed-tensors checkpoints of the Llama "
                          "family and Mixtral, not gpt2 (HF's GPT-2 linears are Conv1D)")
-    state = hf_to_ours(config.model_type, tensors)
+    state = hf_to_ours(config, tensors)
     for key in [k for k in state if k.endswith(".weight_scale")]:
         name = key.removesuffix(".weight_scale")
         scale = state.pop(key)
