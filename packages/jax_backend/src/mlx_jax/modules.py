@@ -38,11 +38,22 @@ class Linear(nnx.Module):
 
 
 class Embedding(nnx.Module):
-    def __init__(self, num: int, features: int, *, dtype, rngs: nnx.Rngs):
-        self.weight = nnx.Param(INIT_STD * jax.random.normal(rngs.params(), (num, features), dtype))
+    """A lookup table; ``padding_idx`` (the pad token, as torch's and HF's): its row starts at
+    zero and takes no gradient from lookups."""
+
+    def __init__(self, num: int, features: int, *, dtype, rngs: nnx.Rngs,
+                 padding_idx: int | None = None):
+        weight = INIT_STD * jax.random.normal(rngs.params(), (num, features), dtype)
+        if padding_idx is not None:
+            weight = weight.at[padding_idx].set(0)
+        self.weight = nnx.Param(weight)
+        self.padding_idx = padding_idx
 
     def __call__(self, ids):
-        return jnp.take(self.weight[...], ids, axis=0)
+        weight = self.weight[...]
+        if self.padding_idx is not None:
+            weight = weight.at[self.padding_idx].set(jax.lax.stop_gradient(weight[self.padding_idx]))
+        return jnp.take(weight, ids, axis=0)
 
 
 class RMSNorm(nnx.Module):

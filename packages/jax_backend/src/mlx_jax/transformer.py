@@ -125,7 +125,10 @@ class Backbone(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
         self.static_config = StaticConfig(config)
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
+        pad = config.pad_token_id  # as the torch zoo's: no gradient to the pad row from lookups
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs,
+                                      padding_idx=pad if pad is not None and 0 <= pad < config.vocab_size
+                                      else None)
         if config.position_kind == "learned":
             self.embed_positions = Embedding(config.max_position_embeddings, config.hidden_size,
                                              dtype=dtype, rngs=rngs)
