@@ -73,14 +73,14 @@ def serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m",
               "last", "--pooling",
               help="/v1/embeddings: the last token's final hidden state, or the mean over the "
                    "input's tokens (last, mean); unit length either way."),
+          ui: bool = typer.Option(True, "--ui/--no-ui",
+                                  help="The playground page at / (chat, arena, engine panel)."),
           dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
           device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
           log_level: str = typer.Option("info", "--log-level")):
     """Serve MODEL over HTTP with the OpenAI API (/v1/completions, /v1/chat/completions,
-    /v1/embeddings, /v1/models, /health, /metrics). Ctrl-C stops it, aborting unfinished
-    requests."""
-    from mlx_serve.llm import LLM
-    from mlx_serve.server import build_app, run_server
+    /v1/embeddings, /v1/models, /health, /metrics) and the playground page at /. Ctrl-C stops
+    it, aborting unfinished requests."""
     from mlx_serve.tools import check_parser
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -96,20 +96,101 @@ def serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m",
     if speculative_config is not None:
         options["speculative_config"] = _json_option(speculative_config, "--speculative-config")
     check_parser(tool_call_parser)  # before the model loads
+    _serve_model(model, served_model_name, lora, options, host=host, port=port, api_key=api_key,
+                 dtype=dtype, device=device, log_level=log_level, ui=ui,
+                 max_waiting_seqs=max_waiting_seqs, allow_runtime_lora=allow_runtime_lora,
+                 tool_call_parser=tool_call_parser)
+
+
+@clean_errors
+def playground(model: str = typer.Argument(BUILTIN_MODEL,
+                                           help="A registered model, an HF directory or a .gguf "
+                                                "file."),
+               lora: list[str] = typer.Option(
+                   [], "--lora", help="NAME=DIR: a PEFT LoRA adapter to chat with beside the "
+                   "base (repeat for more)."),
+               host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+               port: int = typer.Option(8000, "--port", help="Port to listen on."),
+               api_key: str | None = typer.Option(
+                   None, "--api-key", envvar="MLX_API_KEY",
+                   help="Require 'Authorization: Bearer KEY' on /v1/* (the page opened here "
+                        "carries it)."),
+               quantization: str | None = typer.Option(
+                   None, "--quantization", "-q", help="int8, int4 or w8a8, as mlx serve's."),
+               kv_cache_memory: str | None = typer.Option(
+                   None, "--kv-cache-memory", help="KV-cache size, e.g. 2GiB."),
+               open_browser: bool = typer.Option(
+                   True, "--open/--no-open", help="Open the page in the default browser."),
+               dtype: str = typer.Option("float32", "--dtype"),
+               device: str = typer.Option("cpu", "--device"),
+               log_level: str = typer.Option("warning", "--log-level")):
+    """Chat with MODEL and its LoRA adapters in the browser: starts `mlx serve` (adapters
+    loadable at run time) and opens the playground page, where arena mode sends one prompt to
+    the base and adapters side by side in one batch. Ctrl-C stops it."""
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    options = {"quantization": quantization}
+    if kv_cache_memory is not None:
+        options["kv_cache_memory"] = kv_cache_memory
+    url = f"http://{host}:{port}/" + (f"#api_key={api_key}" if api_key else "")
+    _serve_model(model, None, lora, options, host=host, port=port, api_key=api_key, dtype=dtype,
+                 device=device, log_level=log_level, ui=True, allow_runtime_lora=True,
+                 on_ready=lambda: _open_page(url, open_browser))
+
+
+def _serve_model(model: str, served_model_name: str | None, lora: list[str], options: dict, *,
+                 host: str, port: int, api_key: str | None, dtype: str, device: str,
+                 log_level: str, ui: bool, on_ready=None, **app_options) -> None:
+    """Load ``model`` with its ``--lora`` adapters into an engine and serve it until Ctrl-C;
+    ``on_ready`` is called (in a thread) once the server answers."""
+    from mlx_serve.llm import LLM
+    from mlx_serve.server import build_app, run_server
+
     loras = dict(_lora_option(spec) for spec in lora)
     name = served_model_name or model
     if name in loras:
         raise typer.BadParameter(f"--lora {name}=...: the adapter name is the model's name; "
                                  "choose another")
     engine = LLM(model, dtype=dtype, device=device, loras=loras, **options).engine
-    app = build_app(engine, name, api_key=api_key, max_waiting_seqs=max_waiting_seqs,
-                    allow_runtime_lora=allow_runtime_lora, tool_call_parser=tool_call_parser)
+    app = build_app(engine, name, api_key=api_key, ui=ui, **app_options)
     blocks = engine.blocks
     typer.echo(f"serving {name!r} on http://{host}:{port}/v1 ({blocks.num_blocks} KV blocks of "
                f"{blocks.block_size} tokens, max_model_len {engine.max_model_len})")
     if loras:
         typer.echo(f"LoRA adapters: {', '.join(loras)}")
+    if ui:
+        typer.echo(f"playground: http://{host}:{port}/")
+    if on_ready is not None:
+        _when_listening(host, port, on_ready)
     run_server(app, host, port, log_level.lower())
+
+
+def _when_listening(host: str, port: int, callback, timeout_s: float = 120.0) -> None:
+    """Call ``callback`` from a daemon thread once ``host:port`` accepts connections."""
+    import socket
+    import threading
+    import time
+
+    def wait():
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection((host, port), timeout=1):
+                    return callback()
+            except OSError:
+                time.sleep(0.2)
+
+    threading.Thread(target=wait, daemon=True, name="mlx-playground-open").start()
+
+
+def _open_page(url: str, open_browser: bool) -> None:
+    import webbrowser
+
+    shown = url.split("#")[0]
+    if open_browser and webbrowser.open(url):
+        typer.echo(f"opened {shown} in the browser")
+    else:
+        typer.echo(f"open {shown} in a browser" + (" (the API key travels in the URL's "
+                                                    "#fragment)" if "#" in url else ""))
 
 
 def _lora_option(spec: str) -> tuple[str, str]:

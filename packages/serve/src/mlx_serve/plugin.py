@@ -1,5 +1,5 @@
-"""mlx-serve's registrations (``mlx.plugins`` entry point): ``mlx serve``, ``mlx bench serve``
-and ``mlx bench quant-serve``."""
+"""mlx-serve's registrations (``mlx.plugins`` entry point): ``mlx serve``, ``mlx playground``,
+``mlx bench serve`` and ``mlx bench quant-serve``."""
 
 
 def register() -> None:
@@ -9,6 +9,10 @@ def register() -> None:
         from mlx_serve.cli import serve
 
         registry.cli_commands.register("serve", serve)
+    if "playground" not in registry.cli_commands:
+        from mlx_serve.cli import playground
+
+        registry.cli_commands.register("playground", playground)
     if "serve" not in registry.benchmarks:
         from mlx_serve.cli import bench_serve
 

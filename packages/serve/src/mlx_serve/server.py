@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP server over an ``LLMEngine``: ``build_app(engine, name)``.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both streaming with SSE),
-``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus). Every error is OpenAI's
+``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus), and the playground page at
+``GET /``. Every error is OpenAI's
 error object with the matching status; a client that disconnects aborts its requests.
 """
 
@@ -26,6 +27,7 @@ from mlx_serve.async_engine import AsyncEngine, EngineDead, EngineOverloaded
 from mlx_serve.engine import LLMEngine
 from mlx_serve.metrics import CONTENT_TYPE, ServerMetrics
 from mlx_serve.outputs import CompletionOutput, RequestOutput
+from mlx_serve.playground import add_playground
 from mlx_serve.protocol import (
     ChatChoice,
     ChatCompletionChunk,
@@ -81,7 +83,7 @@ logger = logging.getLogger("mlx_serve")
 
 def build_app(engine: LLMEngine, served_model_name: str, api_key: str | None = None, *,
               max_waiting_seqs: int | None = None, allow_runtime_lora: bool = False,
-              tool_call_parser: str = "hermes") -> FastAPI:
+              tool_call_parser: str = "hermes", ui: bool = True) -> FastAPI:
     """A FastAPI app serving ``engine`` as model ``served_model_name``. The engine thread starts
     and stops with the app's lifespan. ``api_key``: clients must send ``Authorization: Bearer
     KEY`` to ``/v1/*``. ``max_waiting_seqs``: beyond this many waiting sequences new requests get
@@ -89,7 +91,7 @@ def build_app(engine: LLMEngine, served_model_name: str, api_key: str | None = N
     ``allow_runtime_lora`` adds ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``
     (vLLM's routes; they read adapter directories on the server, so they are off by default).
     ``tool_call_parser`` (``hermes``, ``llama3_json``): how chat outputs' tool calls are written
-    (``mlx_serve.tools``)."""
+    (``mlx_serve.tools``). ``ui``: the playground page at ``/`` (``mlx_serve.playground``)."""
     async_engine = AsyncEngine(engine, max_waiting_seqs=max_waiting_seqs)
     metrics = ServerMetrics()
     metrics.attach(async_engine)
@@ -178,6 +180,8 @@ def build_app(engine: LLMEngine, served_model_name: str, api_key: str | None = N
     async def prometheus_metrics():
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    if ui:
+        add_playground(app)
     return app
 
 
