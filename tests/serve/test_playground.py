@@ -4,10 +4,16 @@ no console errors, Enter / Shift+Enter, arena mode with an adapter loaded from t
 time (its answer equals the offline engine's), Stop aborting the request on the server, the
 engine panel, a wrong API key shown in the page, and a 360 px wide screen."""
 
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -280,3 +286,42 @@ def test_readable_on_a_360_px_screen(browser, served, tmp_path):
     save_screenshot(page, tmp_path, "narrow")
     assert errors.messages == []
     context.close()
+
+
+def test_mlx_playground_starts_the_server_and_opens_the_page_with_the_key(model_dirs, tmp_path):
+    """`mlx playground DIR --lora NAME=DIR --api-key KEY` serves the page with the adapter,
+    allows loading more at run time, and hands the browser the URL with the key in its
+    #fragment ($BROWSER stands in for the user's browser)."""
+    directory, adapter = model_dirs
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    opened = tmp_path / "opened.txt"
+    env = {**os.environ, "BROWSER": f"{sys.executable} -c \"import sys; open('{opened}', 'w')"
+                                     f".write(sys.argv[1])\" %s"}
+    mlx = Path(sys.executable).parent / "mlx"
+    proc = subprocess.Popen([str(mlx), "playground", str(directory), "--lora", f"{ADAPTER}={adapter}",
+                             "--port", str(port), "--api-key", KEY], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not opened.exists() or not opened.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.2)
+        url = f"http://127.0.0.1:{port}"
+        assert opened.read_text() == f"{url}/#api_key={KEY}"
+        assert _get(url + "/")[0] == 200
+        auth = {"Authorization": f"Bearer {KEY}"}
+        status, _, body = _get(url + "/v1/models", auth)
+        assert status == 200 and ADAPTER in body
+        request = urllib.request.Request(
+            url + "/v1/load_lora_adapter", method="POST", headers={**auth, "Content-Type":
+                                                                   "application/json"},
+            data=b'{"lora_name": "other", "lora_path": "/no/such/dir"}')
+        with pytest.raises(urllib.error.HTTPError) as refused:  # the route exists: 400, not 404
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 400
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=60)[0]
+    assert f"playground: http://127.0.0.1:{port}/" in output and proc.returncode in (0, 130)
