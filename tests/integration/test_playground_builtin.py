@@ -106,6 +106,7 @@ def test_arena_shows_the_base_and_the_code_book_adapter_side_by_side(page, code_
         new MutationObserver(() => window.updates++).observe(
             document.getElementById('panes'), {subtree: true, characterData: true, childList: true}); }""")
     page.fill("#prompt", held_out["instruction"])
+    save_screenshot(page, tmp_path, "playground-loaded", also_to=SCREENSHOTS)
     page.keyboard.press("Enter")
     page.wait_for_function("document.querySelectorAll('.msg.assistant[data-done]').length >= 2",
                            timeout=300_000)
