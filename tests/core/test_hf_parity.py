@@ -38,11 +38,32 @@ FAMILIES = {
         pad_token_id=0, bos_token_id=1, eos_token_id=2, **_TINY)),
     "phi3-sliding-window": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
         pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=6, **_TINY)),
+    # a window shorter than the test inputs, a query scale other than head_dim's, and norm
+    # weights away from their zero init, so that each Gemma 3 difference shows in the logits
+    "gemma3": lambda: _norms_perturbed(transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"], **_TINY))),
+    "gemma3-linear-rope-untied": lambda: _norms_perturbed(transformers.Gemma3ForCausalLM(
+        transformers.Gemma3TextConfig(
+            head_dim=32, sliding_window=5, tie_word_embeddings=False, num_hidden_layers=3,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+            **{k: v for k, v in _TINY.items() if k != "num_hidden_layers"}))),
     "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)),
     "mixtral": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(
         num_local_experts=4, num_experts_per_tok=2, **_TINY)),
 }
+
+
+def _norms_perturbed(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.3)
+    return model
 
 
 def _inputs(seed=0, batch=2, length=20, pad_to=13):

@@ -25,6 +25,10 @@ FAMILIES = {
     "olmo2": lambda: transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**_TINY)),
     "phi3": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
         pad_token_id=0, bos_token_id=1, eos_token_id=2, **_TINY)),
+    # a sliding layer whose window (6) the prompts pass, then a full one; its own RoPE base
+    "gemma3": lambda: transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"], **_TINY)),
     "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128)),
     "mixtral": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(

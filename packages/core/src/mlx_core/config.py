@@ -1,8 +1,8 @@
 """``ModelConfig``: the one description of a decoder that every backend builds from.
 
 It round-trips through JSON (our own form) and through HF ``config.json`` for the families the
-zoo covers: Llama (2/3), Mistral, Qwen2, Qwen3, OLMo 2, Phi-3, SmolLM2 (a Llama), GPT-2 and
-Mixtral.
+zoo covers: Llama (2/3), Mistral, Qwen2, Qwen3, OLMo 2, Phi-3, Gemma 3 (text), SmolLM2 (a
+Llama), GPT-2 and Mixtral.
 """
 
 from __future__ import annotations
@@ -13,15 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MLP_KINDS = ("swiglu", "gelu")  # gated SiLU (Llama) | GELU-tanh up/down (GPT-2)
+MLP_KINDS = ("swiglu", "gelu", "geglu")  # gated SiLU (Llama) | GELU-tanh (GPT-2) | gated GELU-tanh (Gemma)
 NORM_KINDS = ("rms", "layer")
 POSITION_KINDS = ("rope", "learned")
 ROPE_TYPES = ("default", "linear", "llama3")
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "gpt2", "mixtral")
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "gemma3_text", "gpt2",
+                  "mixtral")
 # q/k normalisation: over each head's vector (Qwen3) or the whole projection (OLMo 2)
 QK_NORMS = (None, "head", "projection")
-# norms before each block, on its input (Llama), or after it, on its output (OLMo 2)
-NORM_PLACEMENTS = ("pre", "post")
+# norms before each block, on its input (Llama), after it, on its output (OLMo 2), or both (Gemma)
+NORM_PLACEMENTS = ("pre", "post", "sandwich")
+# per-layer attention (Gemma 3): full, or over the last ``sliding_window`` keys only
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,12 @@ class ModelConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     sliding_window: int | None = None  # Mistral: each token sees at most this many keys
+    # which layers the window applies to (HF's layer_types); None: every layer (Mistral)
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None  # RoPE base of the sliding layers (Gemma 3), unscaled
+    norm_weight_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma's 1 + weight
+    embedding_multiplier: float | None = None  # embeddings times this (Gemma: sqrt(hidden_size))
+    query_pre_attn_scalar: float | None = None  # attention scale its ** -0.5; None: head_dim's
     num_experts: int = 0  # > 0: Mixtral-style MoE feed-forward
     num_experts_per_tok: int = 2
     bos_token_id: int | None = 1
@@ -64,6 +73,8 @@ class ModelConfig:
         # Canonical form: head counts and sizes explicit, so equal models compare equal.
         object.__setattr__(self, "num_kv_heads", self.num_kv_heads or self.num_heads)
         object.__setattr__(self, "head_dim", self.head_dim or self.hidden_size // self.num_heads)
+        if self.layer_types is not None:  # JSON gives a list; a tuple keeps the config hashable
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
         checks = [
             (self.model_type in HF_MODEL_TYPES, f"model_type must be one of {HF_MODEL_TYPES}"),
             (self.mlp_kind in MLP_KINDS, f"mlp_kind must be one of {MLP_KINDS}"),
@@ -75,6 +86,11 @@ class ModelConfig:
             (self.num_heads % self.kv_heads == 0, "num_heads must be a multiple of num_kv_heads"),
             (self.num_experts == 0 or 0 < self.num_experts_per_tok <= self.num_experts,
              "num_experts_per_tok must be between 1 and num_experts"),
+            (self.layer_types is None or (len(self.layer_types) == self.num_layers
+                                          and set(self.layer_types) <= set(LAYER_TYPES)),
+             f"layer_types must name one of {LAYER_TYPES} per layer"),
+            (self.layer_types is None or self.sliding_window is not None,
+             "layer_types needs a sliding_window for its sliding layers"),
         ]
         for ok, message in checks:
             if not ok:
@@ -100,6 +116,19 @@ class ModelConfig:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
+    def is_sliding(self, layer: int) -> bool:
+        """Whether ``layer`` attends over the last ``sliding_window`` keys only."""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
+
+    def layer_window(self, layer: int) -> int | None:
+        return self.sliding_window if self.is_sliding(layer) else None
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.dim_per_head) ** -0.5
+
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
@@ -116,14 +145,15 @@ class ModelConfig:
             attn += 2 * d
         elif self.qk_norm == "projection":
             attn += q + kv
-        n_mats = 3 if self.mlp_kind == "swiglu" else 2
+        n_mats = 2 if self.mlp_kind == "gelu" else 3
         mlp = n_mats * h * self.intermediate_size
         if self.mlp_bias:
             mlp += (n_mats - 1) * self.intermediate_size + h
         if self.is_moe:
             mlp = self.num_experts * mlp + h * self.num_experts
         norm = h if self.norm_kind == "rms" else 2 * h
-        total = layers * (attn + mlp + 2 * norm) + norm + self.vocab_size * h
+        layer_norms = 4 if self.norm_placement == "sandwich" else 2
+        total = layers * (attn + mlp + layer_norms * norm) + norm + self.vocab_size * h
         if not self.tie_word_embeddings:
             total += self.vocab_size * h
         if self.position_kind == "learned":

@@ -24,6 +24,13 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny-olmo2": ModelConfig(model_type="olmo2", qk_norm="projection", norm_placement="post",
                               pad_token_id=88, **_TINY),  # a pad row (no gradient) the test batches use
     "tiny-phi3": ModelConfig(model_type="phi3", **_TINY),
+    # Gemma 3: a window shorter than test prompts on the first layer, full attention on the second
+    "tiny-gemma3": ModelConfig(
+        model_type="gemma3_text", mlp_kind="geglu", norm_placement="sandwich", qk_norm="head",
+        norm_weight_offset=1.0, embedding_multiplier=64**0.5, query_pre_attn_scalar=24.0,
+        head_dim=16, norm_eps=1e-6, tie_word_embeddings=True, sliding_window=6,
+        layer_types=("sliding_attention", "full_attention"), rope_theta=1e6,
+        rope_local_theta=1e4, pad_token_id=0, bos_token_id=2, eos_token_id=1, **_TINY),
     "tiny-mixtral": ModelConfig(model_type="mixtral", num_experts=4, num_experts_per_tok=2, **_TINY),
     "tiny-gpt2": ModelConfig(
         model_type="gpt2", vocab_size=128, hidden_size=64, num_layers=2, num_heads=4,

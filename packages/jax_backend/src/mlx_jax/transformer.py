@@ -120,6 +120,21 @@ class DecoderLayer(nnx.Module):
         return x + ff(self.post_attention_layernorm(x)), updated
 
 
+def check_mirrored(config: ModelConfig) -> None:
+    """Refuse what the Flax mirror does not build yet (it would run a different model)."""
+    missing = [what for what, used in (
+        ("gated GELU MLP", config.mlp_kind == "geglu"),
+        ("norms before and after each block", config.norm_placement == "sandwich"),
+        ("(1 + weight) norms", config.norm_weight_offset != 0.0),
+        ("scaled embeddings", config.embedding_multiplier is not None),
+        ("per-layer sliding windows", config.layer_types is not None),
+        ("a local RoPE base", config.rope_local_theta is not None),
+        ("query_pre_attn_scalar", config.query_pre_attn_scalar is not None)) if used]
+    if missing:
+        raise ValueError(f"mlx-jax does not mirror {config.model_type} yet ({', '.join(missing)}); "
+                         "run it on the torch zoo (mlx_core.load_model, --backend torch)")
+
+
 class Backbone(nnx.Module):
     """Embeddings, decoder layers and the final norm (HF's ``model.`` prefix)."""
 
@@ -191,6 +206,7 @@ class Transformer(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        check_mirrored(config)
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.static_config = StaticConfig(config)
         self.model = Backbone(config, dtype=dtype, rngs=rngs)

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from mlx_core.models.attention import FixedShapeDecode, KVCache
-from mlx_core.models.rope import rope_cos_sin
 
 
 class DecodeStep(nn.Module):
@@ -50,20 +49,22 @@ class DecodeStep(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         backbone, cache = self.backbone, self.cache
-        config = backbone.config
         cache.key_valid.index_fill_(1, slot, True)
         key_slots = torch.arange(cache.max_length, device=slot.device)
-        allowed = key_slots <= slot
-        if config.sliding_window is not None:
-            allowed = allowed & (slot - key_slots < config.sliding_window)
-        meta = FixedShapeDecode(cache, slot, (cache.key_valid & allowed)[:, None, None, :])
+        causal = key_slots <= slot
+        metas = {}
+        for window in set(backbone.layer_windows):  # a mask per attention window
+            allowed = causal if window is None else causal & (slot - key_slots < window)
+            metas[window] = FixedShapeDecode(cache, slot,
+                                             (cache.key_valid & allowed)[:, None, None, :])
         x = backbone.embed_tokens(tokens[:, None])
-        cos_sin = None
+        tables = None
         if backbone.rope_inv_freq is not None:
-            cos_sin = rope_cos_sin(backbone.rope_inv_freq, positions[:, None], x.dtype)
+            tables = backbone.rope_tables(positions[:, None], x.dtype)
         else:
             x = x + backbone.embed_positions(positions[:, None])
-        for layer in backbone.layers:
+        for layer, (cos_sin, meta) in zip(backbone.layers, backbone.layer_inputs(tables, metas),
+                                          strict=True):
             x = layer(x, cos_sin, meta)
         return self.lm_head(backbone.norm(x))[:, 0]
 

@@ -8,11 +8,14 @@ from mlx_core.config import ModelConfig
 from mlx_core.rope_scaling import scaled_inverse_frequencies
 
 
-def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
-    """``[head_dim // 2]`` fp32 inverse frequencies, scaled as ``config.rope_scaling`` says."""
+def rope_inverse_frequencies(config: ModelConfig, local: bool = False) -> torch.Tensor:
+    """``[head_dim // 2]`` fp32 inverse frequencies, scaled as ``config.rope_scaling`` says;
+    ``local``: the sliding layers' own base ``config.rope_local_theta``, unscaled (Gemma 3)."""
     dim = config.dim_per_head
     # Explicitly on CPU: models are built under torch.device("meta") before loading weights.
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+    if local:
+        return 1.0 / (config.rope_local_theta**exponents)
     return scaled_inverse_frequencies(1.0 / (config.rope_theta**exponents), config.rope_scaling,
                                       torch.where)
 

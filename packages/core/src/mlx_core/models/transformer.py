@@ -1,5 +1,5 @@
 """ONE config-driven decoder for every family: Llama 2/3, Mistral, Qwen2, Qwen3, OLMo 2,
-SmolLM2, GPT-2, Mixtral.
+Phi-3, Gemma 3 (text), SmolLM2, GPT-2, Mixtral.
 
 Module and parameter names follow HF's Llama layout (``model.layers.0.self_attn.q_proj.weight``)
 so Llama-family checkpoints and PEFT adapters map with no renaming; MoE layers use Mixtral's
@@ -7,6 +7,8 @@ checkpoint names (``block_sparse_moe.experts.0.w1``); GPT-2 maps through ``check
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.utils.checkpoint
@@ -22,23 +24,45 @@ from mlx_core.models.recompute import (
     worth_recomputing,
 )
 from mlx_core.models.rope import rope_cos_sin, rope_inverse_frequencies
-from mlx_kernels import fused_linear_cross_entropy, gelu_tanh, rms_norm, rope, swiglu
+from mlx_kernels import fused_linear_cross_entropy, geglu, gelu_tanh, rms_norm, rope, swiglu
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden: int, eps: float):
+    """Scales by ``weight`` (Llama), or by ``offset + weight`` (Gemma: 1 + weight, the weight
+    starting at zero)."""
+
+    def __init__(self, hidden: int, eps: float, offset: float = 0.0):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden))
+        self.weight = nn.Parameter(torch.full((hidden,), 1.0 - offset))
         self.eps = eps
+        self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.offset:
+            # Gemma's order: normalised and scaled in fp32, then cast (HF's Gemma3RMSNorm)
+            scale = self.weight.float() + self.offset
+            return rms_norm(x.float(), scale, self.eps).to(x.dtype)
         return rms_norm(x, self.weight, self.eps)
 
 
-def make_norm(config: ModelConfig) -> nn.Module:
+def make_norm(config: ModelConfig, size: int | None = None) -> nn.Module:
     if config.norm_kind == "rms":
-        return RMSNorm(config.hidden_size, config.norm_eps)
-    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        return RMSNorm(size or config.hidden_size, config.norm_eps, config.norm_weight_offset)
+    return nn.LayerNorm(size or config.hidden_size, eps=config.norm_eps)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Embeddings times ``multiplier`` rounded to the weight's dtype (Gemma's sqrt(hidden_size),
+    as HF's ``Gemma3TextScaledWordEmbedding``); part of the module, so every caller of
+    ``embed_tokens`` (prompt tuning included) sees the scaled vectors."""
+
+    def __init__(self, *args, multiplier: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.multiplier = multiplier
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = super().forward(input_ids)
+        return out * torch.tensor(self.multiplier, dtype=out.dtype)
 
 
 class Attention(nn.Module):
@@ -56,8 +80,11 @@ class Attention(nn.Module):
         self.qk_norm = config.qk_norm
         if self.qk_norm is not None:
             per_head = self.qk_norm == "head"
-            self.q_norm = RMSNorm(self.head_dim if per_head else q, config.norm_eps)
-            self.k_norm = RMSNorm(self.head_dim if per_head else kv, config.norm_eps)
+            self.q_norm = make_norm(config, self.head_dim if per_head else q)
+            self.k_norm = make_norm(config, self.head_dim if per_head else kv)
+        # a scale other than 1/sqrt(head_dim) (Gemma's query_pre_attn_scalar) goes into the
+        # queries, so every attention path (SDPA, paged, varlen kernels) runs unchanged
+        self.query_scale = config.attention_scale * self.head_dim**0.5
 
     def forward(self, x, cos_sin, meta: AttentionMetadata) -> torch.Tensor:
         b, t, _ = x.shape
@@ -72,12 +99,14 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if cos_sin is not None:
             q, k = rope(q, *cos_sin), rope(k, *cos_sin)
+        if self.query_scale != 1.0:
+            q = q * self.query_scale
         out = attend(q, k, v, meta, self.layer)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
 class GatedMLP(nn.Module):
-    """Llama's ``down(silu(gate x) * up x)``."""
+    """Llama's ``down(silu(gate x) * up x)``; Gemma's with GELU-tanh for SiLU (``geglu``)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -85,13 +114,14 @@ class GatedMLP(nn.Module):
         self.gate_proj = Linear(h, i, bias=bias)
         self.up_proj = Linear(h, i, bias=bias)
         self.down_proj = Linear(i, h, bias=bias)
+        self.gated = geglu if config.mlp_kind == "geglu" else swiglu
 
     def forward(self, x):
         gate, up = self.gate_proj(x), self.up_proj(x)
-        hidden = swiglu(gate, up)
+        hidden = self.gated(gate, up)
         if not worth_recomputing(hidden):
             return self.down_proj(hidden)
-        with recompute_when_saved(hidden, lambda: swiglu(gate, up)):  # see recompute.py
+        with recompute_when_saved(hidden, lambda: self.gated(gate, up)):  # see recompute.py
             return self.down_proj(hidden)
 
 
@@ -116,26 +146,34 @@ class GeluMLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        self.post_norm = config.norm_placement == "post"
-        if not self.post_norm:
+        self.placement = config.norm_placement
+        if self.placement != "post":
             self.input_layernorm = make_norm(config)
         self.self_attn = Attention(config, layer)
-        # pre-norm: the MLP's input norm (HF's name for it); post-norm: the attention output's
+        # pre-norm: the MLP's input norm (HF's name for it); post-norm and sandwich: the
+        # attention output's
         self.post_attention_layernorm = make_norm(config)
-        if self.post_norm:  # OLMo 2: each block's output normalised before the residual add
+        if self.placement == "sandwich":  # Gemma: the MLP's input norm
+            self.pre_feedforward_layernorm = make_norm(config)
+        if self.placement != "pre":  # OLMo 2, Gemma: the MLP's output normalised before the add
             self.post_feedforward_layernorm = make_norm(config)
         self.is_moe = config.is_moe
         if config.is_moe:
             self.block_sparse_moe = SparseMoE(config)
         else:
-            self.mlp = GatedMLP(config) if config.mlp_kind == "swiglu" else GeluMLP(config)
+            self.mlp = GeluMLP(config) if config.mlp_kind == "gelu" else GatedMLP(config)
 
     def forward(self, x, cos_sin, meta):
         ff = self.block_sparse_moe if self.is_moe else self.mlp
-        if self.post_norm:
+        if self.placement == "post":
             x = x + self.post_attention_layernorm(self.self_attn(x, cos_sin, meta))
             return x + self.post_feedforward_layernorm(ff(x))
-        x = x + _normed_into(self.input_layernorm, x, lambda h: self.self_attn(h, cos_sin, meta))
+        attended = _normed_into(self.input_layernorm, x, lambda h: self.self_attn(h, cos_sin, meta))
+        if self.placement == "sandwich":
+            x = x + self.post_attention_layernorm(attended)
+            return x + self.post_feedforward_layernorm(
+                _normed_into(self.pre_feedforward_layernorm, x, ff))
+        x = x + attended
         return x + _normed_into(self.post_attention_layernorm, x, ff)
 
 
@@ -163,7 +201,13 @@ class Backbone(nn.Module):
         # HF's padding_idx: the pad token's row gets no gradient from lookups (and starts at 0)
         pad = config.pad_token_id
         padding_idx = pad if pad is not None and 0 <= pad < config.vocab_size else None
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=padding_idx)
+        if config.embedding_multiplier is None:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                             padding_idx=padding_idx)
+        else:
+            self.embed_tokens = ScaledEmbedding(config.vocab_size, config.hidden_size,
+                                                padding_idx=padding_idx,
+                                                multiplier=config.embedding_multiplier)
         if config.position_kind == "learned":
             self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
@@ -174,6 +218,36 @@ class Backbone(nn.Module):
         self.rope_inv_freq = (
             rope_inverse_frequencies(config) if config.position_kind == "rope" else None
         )
+        # per layer: its attention window (None: all keys) and whether it takes the sliding
+        # layers' own RoPE (Gemma 3)
+        self.layer_windows = [config.layer_window(i) for i in range(config.num_layers)]
+        self.rope_local_inv_freq = (
+            rope_inverse_frequencies(config, local=True)
+            if config.position_kind == "rope" and config.rope_local_theta is not None else None
+        )
+        self.layer_local_rope = [self.rope_local_inv_freq is not None and config.is_sliding(i)
+                                 for i in range(config.num_layers)]
+
+    def rope_tables(self, position_ids: torch.Tensor, dtype: torch.dtype) -> dict:
+        """cos/sin for ``position_ids``: ``{False: the model's, True: the sliding layers' own}``
+        (the same tables when there is no local RoPE)."""
+        device = position_ids.device
+        if self.rope_inv_freq.device != device:  # moved once, not at every (compiled) step
+            self.rope_inv_freq = self.rope_inv_freq.to(device)
+        tables = {False: rope_cos_sin(self.rope_inv_freq, position_ids, dtype)}
+        if self.rope_local_inv_freq is not None:
+            if self.rope_local_inv_freq.device != device:
+                self.rope_local_inv_freq = self.rope_local_inv_freq.to(device)
+            tables[True] = rope_cos_sin(self.rope_local_inv_freq, position_ids, dtype)
+        else:
+            tables[True] = tables[False]
+        return tables
+
+    def layer_inputs(self, tables: dict | None, metas: dict):
+        """Each layer's ``(cos_sin, meta)``, from the RoPE tables (``rope_tables``; None for
+        learned positions) and the attention metadata per window (``{window: meta}``)."""
+        for i, window in enumerate(self.layer_windows):
+            yield (None if tables is None else tables[self.layer_local_rope[i]]), metas[window]
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 cache: KVCache | None = None, inputs_embeds=None, paged=None):
@@ -181,20 +255,22 @@ class Backbone(nn.Module):
             raise ValueError("pass exactly one of input_ids [B, T] and inputs_embeds [B, T, H]")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, t, device = x.shape[0], x.shape[1], x.device
+        windows = set(self.layer_windows)
         if paged is not None:  # the serving layout: packed row, positions given by the runner
             if position_ids is None or b != 1:
                 raise ValueError("paged attention takes one packed row [1, T] and its position_ids")
-            meta = paged
+            metas = {w: paged if w == paged.sliding_window
+                     else dataclasses.replace(paged, sliding_window=w) for w in windows}
         else:
             past = cache.length if cache is not None else 0
             key_valid = _key_valid(attention_mask, b, t, past, cache, device)
             if position_ids is None:
                 position_ids = _default_positions(key_valid, b, t, past, device)
-            meta = AttentionMetadata(build_mask(key_valid, t, past, self.config.sliding_window, device), cache)
-        cos_sin = None
+            metas = {w: AttentionMetadata(build_mask(key_valid, t, past, w, device), cache)
+                     for w in windows}
+        tables = None
         if self.rope_inv_freq is not None:
-            self.rope_inv_freq = self.rope_inv_freq.to(device)
-            cos_sin = rope_cos_sin(self.rope_inv_freq, position_ids, x.dtype)
+            tables = self.rope_tables(position_ids, x.dtype)
         else:
             if int(position_ids.max()) >= self.config.max_position_embeddings:
                 raise ValueError(
@@ -204,7 +280,8 @@ class Backbone(nn.Module):
             x = x + self.embed_positions(position_ids)
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         n_checkpointed = len(self.layers) if self.checkpoint_layers is None else self.checkpoint_layers
-        for i, layer in enumerate(self.layers):
+        for i, (layer, (cos_sin, meta)) in enumerate(zip(self.layers, self.layer_inputs(tables, metas),
+                                                          strict=True)):
             if checkpointed and i < n_checkpointed:
                 x = torch.utils.checkpoint.checkpoint(run_checkpointed_layer, layer, x, cos_sin, meta,
                                                       use_reentrant=False)
@@ -280,7 +357,9 @@ class Transformer(nn.Module):
                 if getattr(module, "padding_idx", None) is not None:
                     with torch.no_grad():
                         module.weight[module.padding_idx].zero_()
-            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+            elif isinstance(module, RMSNorm):
+                nn.init.constant_(module.weight, 1.0 - module.offset)
+            elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)

@@ -165,8 +165,9 @@ class QuantizedEmbedding(nn.Module):
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor | None = None, *,
                  scales: torch.Tensor | None = None, mins: torch.Tensor | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, multiplier: float | None = None):
         super().__init__()
+        self.multiplier = multiplier  # the scaled embedding's (Gemma), kept through quantization
         self.int4 = mins is not None
         self.num_embeddings = qweight.shape[0]
         self.embedding_dim = qweight.shape[1] * (2 if self.int4 else 1)
@@ -179,6 +180,12 @@ class QuantizedEmbedding(nn.Module):
         self.dtype = dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self._rows(ids)
+        if self.multiplier is None:
+            return rows
+        return rows * torch.tensor(self.multiplier, dtype=rows.dtype)
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
         if self.int4:
             rows = ql.dequantize_int4(self.qweight[ids.reshape(-1)], self.scales[ids.reshape(-1)],
                                       self.mins[ids.reshape(-1)], self.dtype)
@@ -186,7 +193,8 @@ class QuantizedEmbedding(nn.Module):
         return ql.dequantize_int8(self.qweight[ids], self.scale[ids], self.dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
-        return self(torch.arange(self.num_embeddings, device=self.qweight.device))
+        """The table itself (no multiplier): what a checkpoint stores."""
+        return self._rows(torch.arange(self.num_embeddings, device=self.qweight.device))
 
     def as_linear(self, scheme: str, bias: torch.Tensor | None = None) -> QuantizedLinear:
         """The LM head over the same quantized tensors (tied embeddings)."""
@@ -243,7 +251,8 @@ def quantize(model: nn.Module, scheme: str | QuantizationScheme = "int8", *,
     head = getattr(model, "lm_head", None)
     table = None
     if isinstance(embedding, nn.Embedding):
-        table = QuantizedEmbedding(*ql.quantize_int8(embedding.weight), dtype=embedding.weight.dtype)
+        table = QuantizedEmbedding(*ql.quantize_int8(embedding.weight), dtype=embedding.weight.dtype,
+                                   multiplier=getattr(embedding, "multiplier", None))
     tied = (table is not None and isinstance(head, nn.Linear) and head.weight is embedding.weight)
 
     def build(name: str, layer: nn.Linear) -> nn.Module | None:
@@ -279,11 +288,14 @@ def load_quantized_state(model: nn.Module, state: dict[str, torch.Tensor], schem
     table = None
     if "model.embed_tokens.qweight" in state:
         dtype = state_dtype(state)
+        multiplier = getattr(backbone.embed_tokens, "multiplier", None)
         if "model.embed_tokens.mins" in state:
             q, scales, mins = take("model.embed_tokens", "qweight", "scales", "mins")
-            table = QuantizedEmbedding(q, scales=scales, mins=mins, dtype=dtype)
+            table = QuantizedEmbedding(q, scales=scales, mins=mins, dtype=dtype,
+                                       multiplier=multiplier)
         else:
-            table = QuantizedEmbedding(*take("model.embed_tokens", "qweight", "scale"), dtype=dtype)
+            table = QuantizedEmbedding(*take("model.embed_tokens", "qweight", "scale"), dtype=dtype,
+                                       multiplier=multiplier)
         backbone.embed_tokens = table
 
     def build(name: str, layer: nn.Linear) -> nn.Module | None:

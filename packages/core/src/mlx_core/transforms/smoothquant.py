@@ -79,14 +79,16 @@ def smooth(model: nn.Module, calibration: Sequence[Sequence[int]], alpha: float 
         mlp = getattr(layer, "mlp", None)  # MoE layers' experts are left alone
         # post-norm layers (OLMo 2) read the residual stream itself: no norm to fold scales into
         pre_norm = hasattr(layer, "input_layernorm")
+        # the MLP's input norm: Gemma's sandwich layers have one of their own
+        mlp_norm = getattr(layer, "pre_feedforward_layernorm", layer.post_attention_layernorm)
         if pre_norm:
             groups.append((layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], True))
         if isinstance(mlp, GatedMLP):
             if pre_norm:
-                groups.append((layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], True))
+                groups.append((mlp_norm, [mlp.gate_proj, mlp.up_proj], True))
             groups.append((mlp.up_proj, [mlp.down_proj], False))
         elif mlp is not None and pre_norm:
-            groups.append((layer.post_attention_layernorm, [mlp.up_proj], True))
+            groups.append((mlp_norm, [mlp.up_proj], True))
     readers = {f"g{i}": linears[0] for i, (_, linears, _) in enumerate(groups)}
     maxima = activation_maxima(model, calibration, readers)
     for i, (producer, linears, is_norm) in enumerate(groups):
@@ -94,7 +96,9 @@ def smooth(model: nn.Module, calibration: Sequence[Sequence[int]], alpha: float 
         for lin in linears:
             lin.weight.mul_(s.to(lin.weight.dtype))
         if is_norm:
-            producer.weight.div_(s.to(producer.weight.dtype))
+            # the norm scales by (offset + weight) (Gemma: 1 + weight): divide that
+            offset = getattr(producer, "offset", 0.0)
+            producer.weight.copy_((producer.weight + offset) / s.to(producer.weight.dtype) - offset)
             if getattr(producer, "bias", None) is not None:
                 producer.bias.div_(s.to(producer.bias.dtype))
         else:  # up_proj's output channel j feeds down_proj's input j (times silu(gate_j))
