@@ -87,11 +87,14 @@ class BlockManager:
     def find_cached_prefix(self, seq: Sequence) -> CachedPrefix:
         """The longest cached prefix of ``seq``: whole blocks, then the longest run of leading
         tokens of a cached block that follows them. Never the last token: it must be computed
-        to give the logits of the next one."""
+        to give the logits of the next one, nor a position whose logits give a prompt
+        log-probability the request asks for (``SamplingParams.prompt_logprobs``)."""
         if not self.enable_prefix_caching:
             return NO_PREFIX
         tokens = seq.all_token_ids
         usable = len(tokens) - 1
+        if seq.first_scored_logit is not None:
+            usable = min(usable, seq.first_scored_logit)
         found: list[int] = []
         previous = None
         for start in range(0, usable - self.block_size + 1, self.block_size):

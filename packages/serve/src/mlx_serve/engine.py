@@ -171,6 +171,10 @@ class LLMEngine:
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
             # found by the server fuzz test: an id past int64 crashed the step loop's sampler
             raise ValueError(f"stop_token_ids must be in [0, {vocab}) for this model")
+        if params.prompt_logprobs is not None and params.prompt_logprobs_start >= len(ids):
+            raise ValueError(f"prompt_logprobs_start={params.prompt_logprobs_start} is past the "
+                             f"prompt's last position ({len(ids) - 1}): score from a position "
+                             "inside the prompt")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; this model takes at most "
                              f"{self.max_model_len} (prompt + output): shorten the prompt")
@@ -236,7 +240,9 @@ class LLMEngine:
         if step:
             for source, destination, num_tokens in self.blocks.take_pending_copies():
                 self.runner.cache.copy_tokens(source, destination, num_tokens)
-            logits, due = self.runner.execute(step.sequences)
+            logits, due, prompt_logits = self.runner.execute(step.sequences)
+            if prompt_logits is not None:
+                _record_prompt_logprobs(prompt_logits)
             for seq, n in step.sequences:
                 seq.num_computed_tokens += n - len(seq.draft_token_ids)  # drafts: once kept
                 self.blocks.register_full_blocks(seq)
@@ -315,7 +321,9 @@ class LLMEngine:
                                  max(finished_times) if request.finished else None,
                                  first.num_cached_tokens)
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
-                             completions, request.finished, metrics)
+                             completions, request.finished, metrics,
+                             list(first.prompt_logprobs) if first.prompt_logprobs is not None
+                             else None)
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -325,6 +333,25 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions, prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens, num_draft_tokens=self.num_draft_tokens,
             num_accepted_tokens=self.num_accepted_tokens)
+
+
+def _record_prompt_logprobs(prompt_logits) -> None:
+    """Write each scored prompt position's log-probabilities (the raw distribution's, as
+    ``logprobs``) into its sequence: the token's own, then the ``prompt_logprobs`` most likely."""
+    logprobs = torch.log_softmax(prompt_logits.logits.float(), dim=-1)
+    row = 0
+    for seq, first, count in prompt_logits.spans:
+        rows = logprobs[row:row + count]
+        targets = seq.prompt_token_ids[first + 1:first + 1 + count]
+        chosen = rows.gather(1, torch.tensor(targets, device=rows.device)[:, None])[:, 0].tolist()
+        k = seq.params.prompt_logprobs
+        top = rows.topk(k) if k else None
+        for j, (token, value) in enumerate(zip(targets, chosen, strict=True)):
+            entry = {token: value}
+            if top is not None:
+                entry.update(zip(top.indices[j].tolist(), top.values[j].tolist(), strict=True))
+            seq.prompt_logprobs[first + 1 + j] = entry
+        row += count
 
 
 def default_dtype(dtype: str | torch.dtype) -> torch.dtype:

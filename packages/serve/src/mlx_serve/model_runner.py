@@ -3,12 +3,14 @@
 Decodes (one new token) go first and run the paged-decode kernel; prompt chunks follow and run
 varlen attention, which also reads each sequence's already-cached prefix from the paged cache.
 Only the last position of each sequence that is due a new token goes through the LM head (and
-the positions of its speculative drafts, whose tokens follow its own in the packed row).
+the positions of its speculative drafts, whose tokens follow its own in the packed row), plus
+the prompt positions whose log-probabilities a request asks for (``prompt_logprobs``).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -44,22 +46,31 @@ class ModelRunner:
         self.loras = None  # the engine's LoraManager, if any adapter may be used
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
+    def execute(self, scheduled: list[tuple[Sequence, int]]
+                ) -> tuple[torch.Tensor, list[Sequence], PromptLogits | None]:
         """Run ``(sequence, num_new_tokens)`` pairs; return logits for the sequences whose new
         tokens reach their end (they sample next), and those sequences: one row each, or
         ``1 + len(draft_token_ids)`` rows for a sequence with drafts (its drafts are computed
-        after its last token)."""
+        after its last token); and the logits of the prompt positions scored this step
+        (``PromptLogits``; None when no request asks for prompt log-probabilities)."""
         # decodes by context length: the attention then reads less padding (decode_groups)
         decodes = sorted(((s, n) for s, n in scheduled if n == 1),
                          key=lambda pair: pair[0].num_computed_tokens)
         prefills = [(s, n) for s, n in scheduled if n > 1]
         ordered = decodes + prefills
         ids, positions, slots, last, due = [], [], [], [], []
+        scored_rows, spans = [], []  # prompt positions whose logits give prompt logprobs
         bs = self.block_size
         for seq, n in ordered:
             start = seq.num_computed_tokens
             tokens = seq.all_token_ids + seq.draft_token_ids if seq.draft_token_ids \
                 else seq.all_token_ids
+            first = seq.first_scored_logit
+            if first is not None:  # logits at p score prompt token p + 1
+                lo, hi = max(start, first), min(start + n, seq.num_prompt_tokens - 1)
+                if lo < hi:
+                    scored_rows += range(len(ids) + lo - start, len(ids) + hi - start)
+                    spans.append((seq, lo, hi - lo))
             ids += tokens[start:start + n]
             span = range(start, start + n)
             positions += span
@@ -85,13 +96,23 @@ class ModelRunner:
             sliding_window=self.sliding_window)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
-        keep = torch.tensor(last, dtype=torch.long, device=self.device)
+        keep = torch.tensor(last + scored_rows, dtype=torch.long, device=self.device)
         if self.loras is not None:
             self.loras.set_batch([s.lora_slot for s, n in ordered for _ in range(n)]
                                  if any(s.lora_slot >= 0 for s, _ in ordered) else None,
                                  self.device)
-        logits = self.model(input_ids, position_ids=position_ids, paged=meta, logits_to_keep=keep)
-        return logits[0], due
+        logits = self.model(input_ids, position_ids=position_ids, paged=meta, logits_to_keep=keep)[0]
+        prompt = PromptLogits(spans, logits[len(last):]) if spans else None
+        return logits[:len(last)], due, prompt
+
+
+@dataclass
+class PromptLogits:
+    """``logits`` rows of prompt positions, in ``spans`` order: ``(sequence, first position,
+    count)``; row ``j`` of a span scores the sequence's prompt token ``first + j + 1``."""
+
+    spans: list[tuple[Sequence, int, int]]
+    logits: torch.Tensor
 
 
 def _cumulative(lengths: list[int], device) -> torch.Tensor:

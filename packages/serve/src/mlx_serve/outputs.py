@@ -39,6 +39,9 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     metrics: RequestMetrics | None = None
+    # with SamplingParams.prompt_logprobs: per prompt position, its token and the top ids ->
+    # logprob (None before prompt_logprobs_start), as vLLM's RequestOutput.prompt_logprobs
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 @dataclass

@@ -18,6 +18,10 @@ class SamplingParams:
     ``seed`` makes this request's samples reproducible whatever else shares its batch.
     ``logprobs=k`` returns the chosen token's log-probability and the ``k`` most likely ones (of
     the model's raw distribution, before penalties, temperature and filters).
+    ``prompt_logprobs=k`` returns each prompt token's log-probability (and the ``k`` most likely
+    at its position) in ``RequestOutput.prompt_logprobs``, from position
+    ``prompt_logprobs_start`` on (earlier positions are None, and may come from the prefix
+    cache: scoring several continuations of one context computes the context once).
     ``stop`` strings end the text (excluded unless ``include_stop_str_in_output``);
     ``stop_token_ids`` end it after that token; EOS ends it unless ``ignore_eos``.
     ``guided_decoding`` constrains the output to a JSON schema, a regex, a list of choices or a
@@ -39,6 +43,8 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    prompt_logprobs_start: int = 1  # position 0 has no log-probability: nothing precedes it
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     guided_decoding: GuidedDecodingParams | dict | None = None
@@ -67,6 +73,12 @@ class SamplingParams:
             problems.append(f"min_tokens must be in [0, max_tokens] (got {self.min_tokens})")
         if self.logprobs is not None and self.logprobs < 0:
             problems.append(f"logprobs must be >= 0 (got {self.logprobs})")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            problems.append(f"prompt_logprobs must be >= 0 (got {self.prompt_logprobs})")
+        if self.prompt_logprobs_start < 1:
+            problems.append(f"prompt_logprobs_start must be >= 1 (got "
+                            f"{self.prompt_logprobs_start}): the first token has no "
+                            "log-probability")
         if any(not s for s in self.stop_strings):
             problems.append("stop strings must not be empty")
         if problems:

@@ -74,6 +74,10 @@ class Sequence:
         self.seed = seed  # keys a seeded request's sampling noise (mlx_serve.sampler)
         self.text = ""
         self.logprobs: list[dict[int, float]] = []  # per output token: id -> logprob
+        # per prompt position (SamplingParams.prompt_logprobs): id -> logprob, filled as the
+        # prompt is computed; a recomputation after preemption writes the same values again
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            [None] * len(self.prompt_token_ids) if params.prompt_logprobs is not None else None)
         self.cumulative_logprob = 0.0
         self.stop_reason: int | str | None = None
         self.first_token_time: float | None = None
@@ -86,6 +90,14 @@ class Sequence:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def first_scored_logit(self) -> int | None:
+        """The first position whose logits give a wanted prompt log-probability (that of the
+        token after it), or None when the request wants none."""
+        if self.prompt_logprobs is None:
+            return None
+        return self.params.prompt_logprobs_start - 1
 
     @property
     def num_tokens(self) -> int:
