@@ -46,8 +46,41 @@ def test_echo_returns_the_prompt_before_the_completion(served):
     streamed = "".join(c.choices[0].text for c in
                        client.completions.create(**params, echo=True, stream=True) if c.choices)
     assert streamed == echoed
-    with pytest.raises(openai.BadRequestError, match="echo with logprobs"):
-        client.completions.create(**params, echo=True, logprobs=1)
+
+
+def test_echo_with_logprobs_scores_the_prompt_tokens_too(served):
+    """OpenAI's form: the prompt's tokens, the first without a log-probability, then the
+    completion's; each prompt token's value is the model's own log-softmax at the position
+    before it (to 1e-4)."""
+    import torch
+
+    _, client, engine = served
+    prompt = "The quick brown fox"
+    params = dict(model=MODEL, prompt=prompt, max_tokens=5, temperature=0, logprobs=2)
+    plain = client.completions.create(**params).choices[0].logprobs
+    echoed = client.completions.create(**params, echo=True).choices[0]
+    ids = engine.tokenizer.encode(prompt)
+    n, lp = len(ids), echoed.logprobs
+    assert echoed.text.startswith(prompt) and len(lp.tokens) == n + len(plain.tokens)
+    assert "".join(lp.tokens[:n]) == prompt and lp.tokens[n:] == plain.tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[n:] == pytest.approx(plain.token_logprobs, abs=1e-5)
+    assert lp.text_offset[0] == 0 and lp.text_offset[n] == len(prompt)
+    assert lp.text_offset[n + 1] == len(prompt) + len(plain.tokens[0])
+    with torch.inference_mode():
+        logits = engine.runner.model(torch.tensor([ids]))[0].float()
+    reference = torch.log_softmax(logits, -1)
+    for p in range(1, n):
+        assert lp.token_logprobs[p] == pytest.approx(reference[p - 1, ids[p]].item(), abs=1e-4)
+        assert 1 <= len(lp.top_logprobs[p]) <= 2  # two byte tokens may both print as U+FFFD
+        assert max(lp.top_logprobs[p].values()) == pytest.approx(
+            reference[p - 1].max().item(), abs=1e-4)
+    streamed = [c.choices[0].logprobs for c in
+                client.completions.create(**params, echo=True, stream=True) if c.choices]
+    assert [t for chunk in streamed for t in chunk.tokens] == lp.tokens
+    assert [o for chunk in streamed for o in chunk.text_offset] == lp.text_offset
+    assert [v for chunk in streamed for v in chunk.token_logprobs][1:] == pytest.approx(
+        lp.token_logprobs[1:], abs=1e-5)
 
 
 def test_best_of_returns_the_most_likely_of_its_candidates(served):

@@ -158,10 +158,6 @@ class CompletionRequest(_SamplingRequest):
     logit_bias: dict[str, float] | None = None
 
     def check_supported(self) -> None:
-        if self.echo and self.logprobs is not None:
-            raise OpenAIError(400, "echo with logprobs needs the prompt's log-probabilities, "
-                              "which this server does not compute: drop one of them",
-                              param="echo")
         if self.suffix:
             raise OpenAIError(400, "suffix is not supported by this server", param="suffix")
         if self.logit_bias:

@@ -435,6 +435,8 @@ class _Handler:
         ranking = body.candidates > body.n
         if ranking:  # best_of: more candidates, ranked by their cumulative log-probability
             params.n, params.logprobs = body.candidates, params.logprobs or 0
+        if body.echo and body.logprobs is not None:  # the echoed prompt's tokens get theirs too
+            params.prompt_logprobs = body.logprobs
         echoed = [self.tokenizer.decode(p, skip_special_tokens=False) if body.echo else ""
                   for p in prompts]
         try:
@@ -457,7 +459,8 @@ class _Handler:
                 choices.append(CompletionChoice(
                     index=i * body.n + (rank if ranking else c.index), text=echoed[i] + c.text,
                     finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                    logprobs=self._completion_logprobs(c, 0, 0, body.logprobs)))
+                    logprobs=self._echoed_logprobs(out, body.logprobs, self._completion_logprobs(
+                        c, 0, len(echoed[i]), body.logprobs))))
         return CompletionResponse(id=request_id, model=body.model, choices=choices,
                                   usage=_usage(finals))
 
@@ -465,16 +468,36 @@ class _Handler:
                              k: int | None) -> CompletionLogprobs | None:
         if k is None or c.logprobs is None:
             return None
+        return self._token_logprobs(c.token_ids[start:], c.logprobs[start:], offset, k)
+
+    def _token_logprobs(self, token_ids, entries, offset: int, k: int) -> CompletionLogprobs:
+        """OpenAI's completion logprobs of ``token_ids``, each with its ``{id: logprob}`` entry
+        (None: a token with no log-probability, the prompt's first), text offsets from
+        ``offset``."""
         out = CompletionLogprobs()
-        for token_id, entry in zip(c.token_ids[start:], c.logprobs[start:], strict=False):
+        for token_id, entry in zip(token_ids, entries, strict=False):
             piece = self._piece(token_id)
             out.tokens.append(piece)
-            out.token_logprobs.append(entry.get(token_id))
-            top = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
-            out.top_logprobs.append({self._piece(t): v for t, v in top} if k else None)
+            out.token_logprobs.append(None if entry is None else entry.get(token_id))
+            top = {}  # pieces may coincide (two byte tokens print as U+FFFD): the likelier stays
+            for t, v in ([] if entry is None else sorted(entry.items(), key=lambda kv: -kv[1])[:k]):
+                top.setdefault(self._piece(t), v)
+            out.top_logprobs.append(top if k and entry else None)
             out.text_offset.append(offset)
             offset += len(piece)
         return out
+
+    def _echoed_logprobs(self, out: RequestOutput, k: int | None,
+                         completion: CompletionLogprobs | None) -> CompletionLogprobs | None:
+        """With ``echo`` and ``logprobs``: the prompt's tokens (the first has no log-probability,
+        as OpenAI's) before the completion's."""
+        if k is None or out.prompt_logprobs is None:
+            return completion
+        merged = self._token_logprobs(out.prompt_token_ids, out.prompt_logprobs, 0, k)
+        if completion is not None:
+            for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                getattr(merged, field).extend(getattr(completion, field))
+        return merged
 
     async def _completion_events(self, body: CompletionRequest, request_id: str, stream,
                                  first: RequestOutput, params: SamplingParams, echoed: list[str]):
@@ -490,14 +513,19 @@ class _Handler:
                     text, start = deltas.take(key, c)
                     if text is None:
                         continue
-                    if key not in deltas.offsets:  # a choice's first chunk: the echoed prompt first
+                    first_chunk = key not in deltas.offsets
+                    if first_chunk:  # a choice's first chunk: the echoed prompt first
                         text = echoed[prompt_index] + text
-                    offset = deltas.offsets.get(key, 0)
-                    deltas.offsets[key] = offset + len(text)
+                    offset = deltas.offsets.get(key, len(echoed[prompt_index]))
+                    deltas.offsets[key] = offset + len(text) - (
+                        len(echoed[prompt_index]) if first_chunk else 0)
+                    logprobs = self._completion_logprobs(c, start, offset, body.logprobs)
+                    if first_chunk:
+                        logprobs = self._echoed_logprobs(out, body.logprobs, logprobs)
                     choices.append(CompletionChoice(
                         index=prompt_index * params.n + c.index, text=text,
                         finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                        logprobs=self._completion_logprobs(c, start, offset, body.logprobs)))
+                        logprobs=logprobs))
                 if choices:
                     yield _sse(CompletionResponse(id=request_id, model=body.model,
                                                   choices=choices))
