@@ -67,6 +67,22 @@ def test_peft_adapter_on_qwen3_loads_into_the_zoo(tmp_path):
     assert (_logits(ours) - _logits(theirs.eval())).abs().max() < 1e-5
 
 
+def test_peft_adapter_on_gemma3_loads_into_the_zoo(tmp_path):
+    """Gemma 3 (scaled embeddings, sandwich norms, a sliding layer shorter than the input): a
+    PEFT adapter over every linear layer gives the same logits on the zoo model (1e-5)."""
+    torch.manual_seed(5)
+    hf = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+        sliding_window=4, layer_types=["sliding_attention", "full_attention"]))
+    hf.save_pretrained(tmp_path / "base")
+    theirs = hf_get_peft_model(hf.eval(), HFLoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                       init_lora_weights=False))
+    theirs.save_pretrained(tmp_path / "adapter")
+    ours = PeftModel.from_pretrained(load_model(tmp_path / "base"), tmp_path / "adapter").eval()
+    assert (_logits(ours) - _logits(theirs.eval())).abs().max() < 1e-5
+
+
 def test_our_adapter_loads_into_hf_peft(hf_dir, tmp_path):
     torch.manual_seed(2)
     ours = get_peft_model(load_model(hf_dir), LoraConfig(

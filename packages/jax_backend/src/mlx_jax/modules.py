@@ -39,10 +39,12 @@ class Linear(nnx.Module):
 
 class Embedding(nnx.Module):
     """A lookup table; ``padding_idx`` (the pad token, as torch's and HF's): its row starts at
-    zero and takes no gradient from lookups."""
+    zero and takes no gradient from lookups; ``multiplier``: looked-up rows times it, rounded to
+    their dtype (Gemma's sqrt(hidden_size), as the torch zoo's ``ScaledEmbedding``)."""
 
     def __init__(self, num: int, features: int, *, dtype, rngs: nnx.Rngs,
-                 padding_idx: int | None = None):
+                 padding_idx: int | None = None, multiplier: float | None = None):
+        self.multiplier = multiplier
         weight = INIT_STD * jax.random.normal(rngs.params(), (num, features), dtype)
         if padding_idx is not None:
             weight = weight.at[padding_idx].set(0)
@@ -53,15 +55,22 @@ class Embedding(nnx.Module):
         weight = self.weight[...]
         if self.padding_idx is not None:
             weight = weight.at[self.padding_idx].set(jax.lax.stop_gradient(weight[self.padding_idx]))
-        return jnp.take(weight, ids, axis=0)
+        rows = jnp.take(weight, ids, axis=0)
+        return rows if self.multiplier is None else rows * jnp.asarray(self.multiplier, rows.dtype)
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, features: int, eps: float, *, dtype):
-        self.weight = nnx.Param(jnp.ones((features,), dtype))
+    """Scales by ``weight``, or by ``offset + weight`` (Gemma: 1 + weight, from zero)."""
+
+    def __init__(self, features: int, eps: float, *, dtype, offset: float = 0.0):
+        self.weight = nnx.Param(jnp.full((features,), 1.0 - offset, dtype))
         self.eps = eps
+        self.offset = offset
 
     def __call__(self, x):
+        if self.offset:  # normalised and scaled in fp32, then cast (as the torch zoo's)
+            scale = self.weight[...].astype(jnp.float32) + self.offset
+            return ops.rms_norm(x.astype(jnp.float32), scale, self.eps).astype(x.dtype)
         return ops.rms_norm(x, self.weight[...], self.eps)
 
 
@@ -75,10 +84,11 @@ class LayerNorm(nnx.Module):
         return ops.layer_norm(x, self.weight[...], self.bias[...], self.eps)
 
 
-def make_norm(config, dtype) -> RMSNorm | LayerNorm:
+def make_norm(config, dtype, size: int | None = None) -> RMSNorm | LayerNorm:
     if config.norm_kind == "rms":
-        return RMSNorm(config.hidden_size, config.norm_eps, dtype=dtype)
-    return LayerNorm(config.hidden_size, config.norm_eps, dtype=dtype)
+        return RMSNorm(size or config.hidden_size, config.norm_eps, dtype=dtype,
+                       offset=config.norm_weight_offset)
+    return LayerNorm(size or config.hidden_size, config.norm_eps, dtype=dtype)
 
 
 class StaticConfig:

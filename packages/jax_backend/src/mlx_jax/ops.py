@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from mlx_kernels.jax import (
     attention,
     fused_linear_cross_entropy,
+    geglu,
     gelu_tanh,
     lora_linear,
     moe_route,
@@ -26,5 +27,5 @@ def layer_norm(x, weight, bias, eps: float):
     return ((h - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype) * weight + bias
 
 
-__all__ = ["attention", "fused_linear_cross_entropy", "gelu_tanh", "layer_norm", "lora_linear",
+__all__ = ["attention", "fused_linear_cross_entropy", "geglu", "gelu_tanh", "layer_norm", "lora_linear",
            "moe_route", "rms_norm", "rope", "swiglu"]

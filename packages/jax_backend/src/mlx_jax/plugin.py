@@ -1,5 +1,5 @@
-"""mlx-jax's registrations: the Flax ``Transformer`` as backend ``flax`` of the zoo
-architectures it mirrors (all but Gemma 3), generation backend ``jax`` (``mlx generate/chat --backend jax``) and
+"""mlx-jax's registrations: the Flax ``Transformer`` as backend ``flax`` of every zoo
+architecture, generation backend ``jax`` (``mlx generate/chat --backend jax``) and
 ``mlx bench jax``.
 
 Registering imports neither jax nor flax (nor torch): the builder imports them when a model is
@@ -10,9 +10,6 @@ from __future__ import annotations
 
 from mlx_core import registry
 from mlx_core.config import HF_MODEL_TYPES
-
-# the zoo families the Flax mirror builds (Gemma 3 runs on torch only so far)
-FLAX_MODEL_TYPES = tuple(t for t in HF_MODEL_TYPES if t != "gemma3_text")
 
 
 def _flax_transformer(config, **options):
@@ -32,7 +29,7 @@ def _load_for_generation(source):
 def register() -> None:
     if "jax" not in registry.generation_backends:
         registry.generation_backends.register("jax", _load_for_generation)
-    for model_type in FLAX_MODEL_TYPES:
+    for model_type in HF_MODEL_TYPES:
         if model_type not in registry.architectures or "flax" not in registry.architectures.get(model_type):
             registry.register_architecture(model_type, "flax", _flax_transformer)
     if "jax" not in registry.benchmarks:

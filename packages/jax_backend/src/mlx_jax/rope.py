@@ -13,11 +13,15 @@ from mlx_core.config import ModelConfig
 from mlx_core.rope_scaling import scaled_inverse_frequencies
 
 
-def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
-    """``[head_dim // 2]`` fp32 inverse frequencies, scaled as ``config.rope_scaling`` says."""
+def rope_inverse_frequencies(config: ModelConfig, local: bool = False) -> np.ndarray:
+    """``[head_dim // 2]`` fp32 inverse frequencies, scaled as ``config.rope_scaling`` says;
+    ``local``: the sliding layers' own base ``config.rope_local_theta``, unscaled (Gemma 3)."""
     dim = config.dim_per_head
     exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
-    inv_freq = (np.float32(1.0) / np.power(np.float32(config.rope_theta), exponents)).astype(np.float32)
+    theta = config.rope_local_theta if local else config.rope_theta
+    inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponents)).astype(np.float32)
+    if local:
+        return inv_freq
     return scaled_inverse_frequencies(inv_freq, config.rope_scaling, np.where).astype(np.float32)
 
 

@@ -1,5 +1,6 @@
 """ONE config-driven Flax NNX decoder mirroring the torch zoo's ``Transformer``: Llama 2/3,
-Mistral, Qwen2, SmolLM2, GPT-2 and Mixtral, built from the same ``ModelConfig``.
+Mistral, Qwen2, Qwen3, OLMo 2, Phi-3, Gemma 3 (text), SmolLM2, GPT-2 and Mixtral, built from
+the same ``ModelConfig``.
 
 Attribute names follow the torch module tree (HF's Llama layout), so the flattened NNX state
 paths ARE the zoo's parameter names (``model.layers.0.self_attn.q_proj.weight``) and loading is
@@ -15,7 +16,7 @@ from flax import nnx
 from mlx_core.config import ModelConfig
 from mlx_jax import ops
 from mlx_jax.attention import KVCache, build_mask
-from mlx_jax.modules import Embedding, Linear, RMSNorm, StaticConfig, make_norm
+from mlx_jax.modules import Embedding, Linear, StaticConfig, make_norm
 from mlx_jax.moe import SparseMoE
 from mlx_jax.rope import rope_cos_sin, rope_inverse_frequencies
 
@@ -36,8 +37,10 @@ class Attention(nnx.Module):
         self.qk_norm = config.qk_norm
         if self.qk_norm is not None:
             per_head = self.qk_norm == "head"
-            self.q_norm = RMSNorm(self.head_dim if per_head else q, config.norm_eps, dtype=dtype)
-            self.k_norm = RMSNorm(self.head_dim if per_head else kv, config.norm_eps, dtype=dtype)
+            self.q_norm = make_norm(config, dtype, self.head_dim if per_head else q)
+            self.k_norm = make_norm(config, dtype, self.head_dim if per_head else kv)
+        # a scale other than 1/sqrt(head_dim) (Gemma's query_pre_attn_scalar), in the queries
+        self.query_scale = config.attention_scale * self.head_dim**0.5
 
     def __call__(self, x, cos_sin, mask, layer_cache=None):
         """``layer_cache``: (keys, values ``[B, Hkv, S, D]``, write position) or None.
@@ -54,6 +57,8 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         if cos_sin is not None:
             q, k = ops.rope(q, *cos_sin), ops.rope(k, *cos_sin)
+        if self.query_scale != 1.0:
+            q = q * jnp.asarray(self.query_scale, q.dtype)
         updated = None
         if layer_cache is not None:
             keys, values, start = layer_cache
@@ -66,16 +71,18 @@ class Attention(nnx.Module):
 
 
 class GatedMLP(nnx.Module):
-    """Llama's ``down(silu(gate x) * up x)``."""
+    """Llama's ``down(silu(gate x) * up x)``; Gemma's with GELU-tanh for SiLU (``geglu``)."""
 
     def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
         self.gate_proj = Linear(h, i, bias=bias, dtype=dtype, rngs=rngs)
         self.up_proj = Linear(h, i, bias=bias, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(i, h, bias=bias, dtype=dtype, rngs=rngs)
+        self.gelu = config.mlp_kind == "geglu"
 
     def __call__(self, x):
-        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+        gated = ops.geglu if self.gelu else ops.swiglu
+        return self.down_proj(gated(self.gate_proj(x), self.up_proj(x)))
 
 
 class GeluMLP(nnx.Module):
@@ -92,47 +99,38 @@ class GeluMLP(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
-        self.post_norm = config.norm_placement == "post"
-        if not self.post_norm:
+        self.placement = config.norm_placement
+        if self.placement != "post":
             self.input_layernorm = make_norm(config, dtype)
         self.self_attn = Attention(config, dtype=dtype, rngs=rngs)
-        # pre-norm: the MLP's input norm (HF's name for it); post-norm: the attention output's
+        # pre-norm: the MLP's input norm (HF's name for it); post-norm and sandwich: the
+        # attention output's
         self.post_attention_layernorm = make_norm(config, dtype)
-        if self.post_norm:  # OLMo 2: each block's output normalised before the residual add
+        if self.placement == "sandwich":  # Gemma: the MLP's input norm
+            self.pre_feedforward_layernorm = make_norm(config, dtype)
+        if self.placement != "pre":  # OLMo 2, Gemma: the MLP's output normalised before the add
             self.post_feedforward_layernorm = make_norm(config, dtype)
         # Only one of the two exists, under the name its checkpoints use.
         if config.is_moe:
             self.block_sparse_moe = SparseMoE(config, dtype=dtype, rngs=rngs)
-        elif config.mlp_kind == "swiglu":
-            self.mlp = GatedMLP(config, dtype=dtype, rngs=rngs)
-        else:
+        elif config.mlp_kind == "gelu":
             self.mlp = GeluMLP(config, dtype=dtype, rngs=rngs)
+        else:
+            self.mlp = GatedMLP(config, dtype=dtype, rngs=rngs)
         self.is_moe = config.is_moe
 
     def __call__(self, x, cos_sin, mask, layer_cache=None):
         ff = self.block_sparse_moe if self.is_moe else self.mlp
-        if self.post_norm:
+        if self.placement == "post":
             attn, updated = self.self_attn(x, cos_sin, mask, layer_cache)
             x = x + self.post_attention_layernorm(attn)
             return x + self.post_feedforward_layernorm(ff(x)), updated
         attn, updated = self.self_attn(self.input_layernorm(x), cos_sin, mask, layer_cache)
+        if self.placement == "sandwich":
+            x = x + self.post_attention_layernorm(attn)
+            return x + self.post_feedforward_layernorm(ff(self.pre_feedforward_layernorm(x))), updated
         x = x + attn
         return x + ff(self.post_attention_layernorm(x)), updated
-
-
-def check_mirrored(config: ModelConfig) -> None:
-    """Refuse what the Flax mirror does not build yet (it would run a different model)."""
-    missing = [what for what, used in (
-        ("gated GELU MLP", config.mlp_kind == "geglu"),
-        ("norms before and after each block", config.norm_placement == "sandwich"),
-        ("(1 + weight) norms", config.norm_weight_offset != 0.0),
-        ("scaled embeddings", config.embedding_multiplier is not None),
-        ("per-layer sliding windows", config.layer_types is not None),
-        ("a local RoPE base", config.rope_local_theta is not None),
-        ("query_pre_attn_scalar", config.query_pre_attn_scalar is not None)) if used]
-    if missing:
-        raise ValueError(f"mlx-jax does not mirror {config.model_type} yet ({', '.join(missing)}); "
-                         "run it on the torch zoo (mlx_core.load_model, --backend torch)")
 
 
 class Backbone(nnx.Module):
@@ -143,7 +141,7 @@ class Backbone(nnx.Module):
         pad = config.pad_token_id  # as the torch zoo's: no gradient to the pad row from lookups
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs,
                                       padding_idx=pad if pad is not None and 0 <= pad < config.vocab_size
-                                      else None)
+                                      else None, multiplier=config.embedding_multiplier)
         if config.position_kind == "learned":
             self.embed_positions = Embedding(config.max_position_embeddings, config.hidden_size,
                                              dtype=dtype, rngs=rngs)
@@ -173,20 +171,25 @@ class Backbone(nnx.Module):
             key_valid = jax.lax.dynamic_update_slice(cache.key_valid, new, (0, past))
         slots = key_valid.shape[1]
         q_pos = past + jnp.arange(t)
-        mask = build_mask(key_valid, q_pos, jnp.arange(slots), self.config.sliding_window)
+        config = self.config
+        windows = [config.layer_window(i) for i in range(config.num_layers)]
+        masks = {w: build_mask(key_valid, q_pos, jnp.arange(slots), w) for w in set(windows)}
         if position_ids is None:
             # Positions count real tokens only, so left-padded rows start at 0 (as HF does).
             counted = jnp.maximum(jnp.cumsum(key_valid.astype(jnp.int32), axis=-1) - 1, 0)
             position_ids = jax.lax.dynamic_slice_in_dim(counted, past, t, axis=1)
-        cos_sin = None
-        if self.config.position_kind == "rope":
-            cos_sin = rope_cos_sin(rope_inverse_frequencies(self.config), position_ids, x.dtype)
+        tables = {False: None, True: None}  # cos/sin: the model's, the sliding layers' own
+        if config.position_kind == "rope":
+            tables[False] = rope_cos_sin(rope_inverse_frequencies(config), position_ids, x.dtype)
+            tables[True] = tables[False] if config.rope_local_theta is None else rope_cos_sin(
+                rope_inverse_frequencies(config, local=True), position_ids, x.dtype)
         else:
             x = x + self.embed_positions(position_ids)
         keys, values = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i], past)
-            x, updated = layer(self._constrain(x), cos_sin, mask, layer_cache)
+            cos_sin = tables[config.rope_local_theta is not None and config.is_sliding(i)]
+            x, updated = layer(self._constrain(x), cos_sin, masks[windows[i]], layer_cache)
             if updated is not None:
                 keys.append(updated[0])
                 values.append(updated[1])
@@ -206,7 +209,6 @@ class Transformer(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
-        check_mirrored(config)
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.static_config = StaticConfig(config)
         self.model = Backbone(config, dtype=dtype, rngs=rngs)
