@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mlx_core import registry
 from mlx_core.config import ModelConfig
+from mlx_core.hf_config import config_from_hf
 
 _TINY = dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
              intermediate_size=96, max_position_embeddings=256)
@@ -66,6 +67,14 @@ PRESETS: dict[str, ModelConfig] = {
         num_kv_heads=8, head_dim=128, intermediate_size=3072, norm_eps=1e-6,
         rope_theta=1000000.0, max_position_embeddings=40960, qk_norm="head",
         tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645),
+    # google/gemma-3-1b-it's config.json, through the HF reader (one sliding layer form)
+    "gemma-3-1b": config_from_hf({
+        "model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 1152,
+        "intermediate_size": 6912, "num_hidden_layers": 26, "num_attention_heads": 4,
+        "num_key_value_heads": 1, "head_dim": 256, "max_position_embeddings": 32768,
+        "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "rope_local_base_freq": 10000.0, "sliding_window": 512, "sliding_window_pattern": 6,
+        "bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0}),
     "mixtral-8x7b": ModelConfig(
         model_type="mixtral", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
         num_kv_heads=8, intermediate_size=14336, rope_theta=1000000.0,
