@@ -16,9 +16,11 @@ import numpy as np
 
 from mlx_core.config import ModelConfig
 
-SUPPORTED_ARCHS = ("llama",)  # llama.cpp's "llama" covers Llama 2/3, Mistral and SmolLM2
+# llama.cpp's "llama" covers Llama 2/3, Mistral and SmolLM2; its model_type here for each
+_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+SUPPORTED_ARCHS = tuple(_MODEL_TYPES)
 
-# GGUF name (``{}`` = layer) -> HF Llama name.
+# GGUF name (``{}`` = layer) -> HF Llama name: every architecture's, then each one's own.
 _NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -33,7 +35,21 @@ _NAMES = {
     "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
     "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
 }
+_ARCH_NAMES = {
+    "qwen2": {f"blk.{{}}.attn_{p}.bias": f"model.layers.{{}}.self_attn.{p}_proj.bias"
+              for p in "qkv"},
+    "qwen3": {f"blk.{{}}.attn_{p}_norm.weight": f"model.layers.{{}}.self_attn.{p}_norm.weight"
+              for p in "qk"},
+}
 _IGNORED = ("rope_freqs.weight",)  # llama.cpp's precomputed RoPE factors; we derive them
+# llama.cpp permutes Q/K rows for its "llama" RoPE layout only; qwen2/qwen3 keep HF's (NeoX) one
+_PERMUTED_ARCHS = ("llama",)
+
+
+def _check_arch(arch, where: str) -> None:
+    if arch not in SUPPORTED_ARCHS:
+        raise ValueError(f"{where}GGUF architecture {arch!r} is not supported yet; supported: "
+                         f"{', '.join(SUPPORTED_ARCHS)}")
 
 
 def _open(path: Path):
@@ -71,8 +87,7 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def hf_config(meta: dict[str, Any], vocab_size: int, tied: bool) -> dict[str, Any]:
     arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise ValueError(f"GGUF architecture {arch!r} is not supported yet; supported: {SUPPORTED_ARCHS}")
+    _check_arch(arch, "")
 
     def get(key, default=None):
         return meta.get(f"{arch}.{key}", default)
@@ -80,7 +95,7 @@ def hf_config(meta: dict[str, Any], vocab_size: int, tied: bool) -> dict[str, An
     heads = get("attention.head_count")
     hidden = get("embedding_length")
     hf = {
-        "model_type": "llama",
+        "model_type": _MODEL_TYPES[arch],
         "vocab_size": vocab_size,
         "hidden_size": hidden,
         "intermediate_size": get("feed_forward_length"),
@@ -119,9 +134,8 @@ def named_tensors(path: str | Path, description: str):
     reader = _open(path)
     meta = _metadata(reader)
     arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise ValueError(f"{path.name}: GGUF architecture {arch!r} is not supported yet; "
-                         f"supported: {', '.join(SUPPORTED_ARCHS)}")
+    _check_arch(arch, f"{path.name}: ")
+    names = {**_NAMES, **_ARCH_NAMES.get(arch, {})}
     heads = meta[f"{arch}.attention.head_count"]
     kv_heads = meta.get(f"{arch}.attention.head_count_kv", heads)
     named = []
@@ -130,11 +144,13 @@ def named_tensors(path: str | Path, description: str):
             continue
         m = re.fullmatch(r"blk\.(\d+)\.(.+)", t.name)
         template, layer = (f"blk.{{}}.{m.group(2)}", m.group(1)) if m else (t.name, None)
-        if template not in _NAMES:
+        if template not in names:
             raise ValueError(f"{path.name}: unexpected GGUF tensor {t.name!r} for architecture {arch!r}")
-        permuted = (heads if template.endswith("attn_q.weight")
-                    else kv_heads if template.endswith("attn_k.weight") else None)
-        named.append((_NAMES[template].format(layer), t, permuted))
+        permuted = None
+        if arch in _PERMUTED_ARCHS:
+            permuted = (heads if template.endswith("attn_q.weight")
+                        else kv_heads if template.endswith("attn_k.weight") else None)
+        named.append((names[template].format(layer), t, permuted))
     return meta, _progress(named, description)
 
 

@@ -18,6 +18,7 @@ _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2/3: digits one by one
 
 
 def _pre_tokenizer(pre: str | None):
@@ -26,13 +27,15 @@ def _pre_tokenizer(pre: str | None):
         return byte_level
     if pre == "smollm":  # SmolLM: digits one by one, then GPT-2's split
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    if pre in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe"):
+    split = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
+             "smaug-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}.get(pre)
+    if split is not None:
         return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
     raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported yet; "
-                     "supported: gpt2/default, smollm, llama3")
+                     "supported: gpt2/default, smollm, llama3, qwen2")
 
 
 def _token(meta: dict[str, Any], key: str) -> str | None:

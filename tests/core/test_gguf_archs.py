@@ -1,0 +1,133 @@
+"""GGUF beyond llama: Qwen2 (q/k/v biases) and Qwen3 (q/k norms) files, written here the way
+llama.cpp lays them out (the gguf package's own HF -> GGUF tensor names; no Q/K row permutation
+for these architectures; a byte-level BPE tokenizer with the "qwen2" pre-tokenizer), load into
+the zoo with the logits of transformers' own GGUF loader (1e-4) and of the model they came from,
+and with the tokenizer they were written with."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from mlx_core import load_model, load_tokenizer
+
+pytestmark = pytest.mark.hf_parity
+
+CORPUS = ["The quick brown fox jumps over the lazy dog 12345.", "Qwen writes digits 2024 one by one",
+          "hello world, hello GGUF!"] * 20
+CONFIGS = {  # transformers config class, HF model class, GGUF architecture, extra options
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(tie_word_embeddings=False)),
+}
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
+def _write_gguf(path, hf, tok, arch: str):
+    import gguf
+
+    c = hf.config
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    writer.add_key_length(head_dim)  # Qwen3's 128 is not hidden / heads here
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_freq_base(c.rope_parameters["rope_theta"] if getattr(c, "rope_parameters", None)
+                              else c.rope_theta)
+    model = json.loads(tok.to_str())["model"]
+    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(2)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
+    for name, tensor in hf.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")),
+                          tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def written(request, tmp_path_factory):
+    config_class, model_class, extra = CONFIGS[request.param]
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    hf = model_class(config_class(
+        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        **extra)).eval()
+    with torch.no_grad():  # biases and norms away from their zero / one init
+        for name, p in hf.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    directory = tmp_path_factory.mktemp(request.param)
+    path = _write_gguf(directory / f"tiny-{request.param}.gguf", hf, tok, request.param)
+    return request.param, hf, tok, path
+
+
+@torch.no_grad()
+def test_logits_equal_transformers_gguf_loading_and_the_source_model(written):
+    arch, hf, _, path = written
+    ours = load_model(path)
+    assert ours.config.model_type == arch
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+    ids = torch.randint(0, hf.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    logits = ours(ids)
+    assert (logits - theirs(ids).logits).abs().max() < 1e-4
+    assert (logits - hf(ids).logits).abs().max() < 1e-4
+
+
+def test_tokenizer_equals_transformers_gguf_tokenizer(written):
+    """Ids equal transformers' tokenizer from the same file ("qwen2": digits one by one), and,
+    where no digit tells the pre-tokenizers apart, the tokenizer the file was written from."""
+    _, _, tok, path = written
+    ours = load_tokenizer(path)
+    theirs = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for text in ("The quick brown fox 2024!", "hello GGUF, digits 12345 one by one", " spaced  out ",
+                 "line one\n\nline two's"):
+        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), text
+        assert ours.decode(ours.encode(text)) == text
+    assert ours.encode("hello world, the lazy dog") == tok.encode("hello world, the lazy dog").ids
+
+
+def test_an_unsupported_architecture_is_named(tmp_path):
+    import gguf
+
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "deepseek2")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="GGUF architecture 'deepseek2' is not supported yet; "
+                                         "supported: llama, qwen2, qwen3"):
+        load_model(tmp_path / "m.gguf")
