@@ -9,6 +9,8 @@ Nothing is pickled, so nothing runs on load except code you name:
 - any other model is rebuilt by a *factory*: ``export(model_factory="my_pkg.models:make_net",
   model_kwargs={"width": 64})`` records an importable function and JSON arguments (checked at
   export time by building the model and comparing parameter names and shapes);
+- a learner that knows how its model was built (``vision_learner``: ``learn.model_recipe``)
+  records that factory without being asked;
 - otherwise the file records the class name only, and ``load_learner`` needs ``model=`` (a
   module, or a zero-argument callable that builds one).
 """
@@ -137,7 +139,10 @@ def build_loss(desc: dict, tensors: dict, activation: str, decodes: str):
 def export(learn, fname: str | Path = "export.safetensors", model_factory: str | None = None,
            model_kwargs: dict | None = None) -> Path:
     """Write the model and what inference needs to ``learn.path / fname`` (see the module doc).
-    No optimizer, no training data."""
+    No optimizer, no training data. Without ``model_factory``, the learner's own
+    ``model_recipe`` (set by ``vision_learner``) names the factory, if it has one."""
+    if model_factory is None and getattr(learn, "model_recipe", None) is not None:
+        model_factory, model_kwargs = learn.model_recipe
     path = Path(fname)
     path = (path if path.suffix else path.with_suffix(".safetensors"))
     path = path if path.is_absolute() else Path(learn.path) / path

@@ -98,6 +98,9 @@ class Learner:
         self.path, self.model_dir = Path(path), model_dir
         self.wd_bn_bias, self.train_bn, self.show_bar = wd_bn_bias, train_bn, progress
         self.metrics = metrics
+        # ("package.module:factory", kwargs) that rebuild the model, set by the learners that
+        # know (vision_learner): export records it when given no model_factory of its own.
+        self.model_recipe: tuple[str, dict] | None = None
         self.opt: LayerGroupOptimizer | None = None
         self.logger = print_row
         self.training = self.in_fit = False

@@ -58,16 +58,13 @@ def tabular(dls, learner_kwargs: dict, layers: list[int] | None = None, ps: floa
 
 def vision(dls, learner_kwargs: dict, arch: str = "simple_cnn", pretrained: bool = False,
            lin_ftrs: list[int] | None = None, ps: float = 0.5, concat_pool: bool = True):
-    """``vision_learner`` (``arch``: ``simple_cnn``, or a torchvision name) and its export
-    recipe (``vision_model``)."""
+    """``vision_learner`` (``arch``: ``simple_cnn``, a torchvision name, or ``timm/<name>``) and
+    its export recipe (``learn.model_recipe``)."""
     from mlx_train.vision import vision_learner
 
-    n_in = int(dls.one_batch()[0].shape[1])
     learn = vision_learner(dls, arch, pretrained=pretrained, lin_ftrs=lin_ftrs, ps=ps,
                            concat_pool=concat_pool, **learner_kwargs)
-    kwargs = {"arch": arch, "n_in": n_in, "n_out": len(dls.vocab), "lin_ftrs": lin_ftrs,
-              "ps": ps, "concat_pool": concat_pool}
-    return learn, ("mlx_train.recipes.classify:vision_model", kwargs)
+    return learn, learn.model_recipe
 
 
 def text(dls, tokenizer, learner_kwargs: dict, model: str = "tiny-llama",
@@ -105,15 +102,12 @@ def text(dls, tokenizer, learner_kwargs: dict, model: str = "tiny-llama",
 def vision_model(arch: str = "simple_cnn", n_in: int = 3, n_out: int = 2,
                  lin_ftrs: list[int] | None = None, ps: float = 0.5, concat_pool: bool = True):
     """The ``nn.Sequential(body, head)`` ``vision_learner`` builds (no pretrained weights: the
-    export's weights are loaded into it)."""
-    from torch import nn
+    export's weights are loaded into it). Exports now name ``mlx_train.vision:create_vision_model``;
+    this name stays for the files written before."""
+    from mlx_train.vision import create_vision_model
 
-    from mlx_train.vision import create_body, create_head, num_features, resolve_arch
-
-    model, is_body = resolve_arch(arch, False, n_in)
-    body = model if is_body else create_body(model, n_in, False)
-    return nn.Sequential(body, create_head(num_features(body, n_in), n_out, lin_ftrs, ps,
-                                           concat_pool))
+    return create_vision_model(arch, n_out, n_in, lin_ftrs=lin_ftrs, ps=ps,
+                               concat_pool=concat_pool)
 
 
 def text_model(lm_config: dict, n_out: int, drop: float = 0.1):
