@@ -1,5 +1,5 @@
 """``mlx recipes list|show|copy``, ``mlx train RECIPE [key=value ...]``,
-``mlx tune lora|qlora|full|dpo|distill`` and ``mlx quickstart``."""
+``mlx tune lora|qlora|full|dpo|distill|search`` and ``mlx quickstart``."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ console = Console()
 recipes_app = typer.Typer(help="torchtune-style recipes: list them, show a composed config, copy "
                                "one to edit.", no_args_is_help=True)
 tune_app = typer.Typer(help="Shortcuts: `mlx tune lora ARGS` is `mlx train lora_finetune ARGS` "
-                            "(also qlora, full, dpo, distill).", no_args_is_help=True)
+                            "(also qlora, full, dpo, distill); `mlx tune search`: an Optuna "
+                            "search, shareable across processes.", no_args_is_help=True)
 
 OVERRIDES_HELP = ("Config overrides in Hydra's syntax: key=value, group=option, +new_key=value, "
                   "~key; with -m, comma lists sweep (optimizer.lr=1e-4,3e-4).")
@@ -25,6 +26,8 @@ CONFIG_DIR_HELP = ("A directory searched before the package's configs (see `mlx 
 NPROC_HELP = ("Processes to train on (torchrun, data-parallel: DDP, or FSDP2 with "
               "train.strategy=fsdp); data.bs stays the global batch. With -m, each sweep job "
               "runs on N processes, one job after another.")
+JOBS_HELP = ("With -m: run N sweep jobs at a time on this machine, each with 1/N of the cores "
+             "(its output in output_dir/<job>/job.log). For a cluster: hydra/launcher=submitit_slurm.")
 
 
 @recipes_app.command("list")
@@ -67,13 +70,16 @@ def copy(recipe: str = typer.Argument(..., help="A recipe name (mlx recipes list
 
 
 def run_recipe(recipe: str, overrides: list[str] | None, config_dir: Path | None,
-               multirun: bool, nproc: int = 1) -> None:
+               multirun: bool, nproc: int = 1, jobs: int = 1) -> None:
     from mlx_train import recipes
     from mlx_train.recipes import optuna_search
 
     if not multirun:
         if optuna_search.requested(overrides):
             raise ValueError("hydra/sweeper=optuna runs a search of several trials: add -m")
+        if jobs != 1:
+            raise ValueError("--jobs N runs N sweep jobs at a time: add -m and sweep something "
+                             "(e.g. optimizer.lr=1e-4,3e-4), or drop --jobs")
         if nproc != 1:
             from mlx_train.recipes.launch import launch
 
@@ -84,26 +90,40 @@ def run_recipe(recipe: str, overrides: list[str] | None, config_dir: Path | None
     from mlx_train.recipes.multirun import table
 
     if optuna_search.requested(overrides):  # an Optuna search instead of the grid
-        if nproc != 1:
-            raise ValueError("--nproc runs the jobs of a grid sweep on several processes; an "
-                             "Optuna search (hydra/sweeper=optuna) runs its trials in this "
-                             "process: drop --nproc")
-        jobs, best = optuna_search.run_search(recipes.get(recipe), overrides, config_dir)
-        Console().print(table(jobs, title=f"mlx train {recipe} -m hydra/sweeper=optuna"))
-        if best is not None:
-            metric = optuna_search.parse(overrides).settings["metric"]
-            shown = " ".join(f"{k}={v}" for k, v in jobs[best].swept.items())
-            console.print(f"[bold]best trial {best}[/bold]: {escape(shown)}, {metric}="
-                          f"{jobs[best].metrics[metric]:.4g} ({escape(jobs[best].output_dir)})",
-                          highlight=False)
-        optuna_search.check_failures(jobs, overrides)
+        if nproc != 1 or jobs != 1:
+            raise ValueError("an Optuna search (hydra/sweeper=optuna) runs its trials in this "
+                             "process: drop --nproc/--jobs, and for trials in parallel start "
+                             "several `mlx tune search ... --storage FILE` processes on one study")
+        run_optuna(recipe, overrides, config_dir)
         return
-    jobs = recipes.sweep(recipe, overrides or [], config_dir, nproc)
-    title = f"mlx train {recipe} -m" + (f" --nproc {nproc}" if nproc != 1 else "")
-    Console().print(table(jobs, title=title))  # the terminal's width now
-    failed = [i for i, job in enumerate(jobs) if job.error]
+    done = recipes.sweep(recipe, overrides or [], config_dir, nproc, jobs)
+    title = f"mlx train {recipe} -m" + (f" --nproc {nproc}" if nproc != 1 else "") + \
+        (f" --jobs {jobs}" if jobs != 1 else "")
+    Console().print(table(done, title=title))  # the terminal's width now
+    failed = [i for i, job in enumerate(done) if job.error]
     if failed:
-        raise RuntimeError(f"{len(failed)} of {len(jobs)} sweep jobs failed: {failed}")
+        raise RuntimeError(f"{len(failed)} of {len(done)} sweep jobs failed: {failed}")
+
+
+def run_optuna(recipe: str, overrides: list[str], config_dir: Path | None) -> None:
+    """An Optuna search (or one worker of a shared one): trials, table, plots, best config."""
+    from mlx_train import recipes
+    from mlx_train.recipes import optuna_search
+    from mlx_train.recipes.multirun import table
+
+    entry = recipes.get(recipe)
+    study = optuna_search.open_study(entry, overrides)
+    trials, best = optuna_search.run_search(entry, overrides, config_dir, study)
+    Console().print(table(trials, title=f"mlx train {recipe} -m hydra/sweeper=optuna"))
+    for path in optuna_search.finish_search(entry, overrides, trials, best, config_dir, study):
+        console.print(f"wrote {escape(str(path))}", highlight=False)
+    if best is not None:
+        metric = optuna_search.parse(overrides).settings["metric"]
+        shown = " ".join(f"{k}={v}" for k, v in trials[best].swept.items())
+        console.print(f"[bold]best trial {trials[best].number}[/bold]: {escape(shown)}, "
+                      f"{metric}={trials[best].metrics[metric]:.4g} "
+                      f"({escape(trials[best].output_dir)})", highlight=False)
+    optuna_search.check_failures(trials, overrides)
 
 
 @clean_errors
@@ -112,9 +132,10 @@ def train(recipe: str = typer.Argument(..., help="A recipe name (mlx recipes lis
           config_dir: Path = typer.Option(None, "--config-dir", help=CONFIG_DIR_HELP),
           multirun: bool = typer.Option(False, "-m", "--multirun",
                                         help="Sweep: run every combination of comma lists."),
-          nproc: int = typer.Option(1, "--nproc", help=NPROC_HELP)):
+          nproc: int = typer.Option(1, "--nproc", help=NPROC_HELP),
+          jobs: int = typer.Option(1, "--jobs", "-j", help=JOBS_HELP)):
     """Compose a recipe's Hydra config with key=value overrides and run it."""
-    run_recipe(recipe, overrides, config_dir, multirun, nproc)
+    run_recipe(recipe, overrides, config_dir, multirun, nproc, jobs)
 
 
 def _tune_command(alias: str, recipe: str):
@@ -123,8 +144,9 @@ def _tune_command(alias: str, recipe: str):
                 config_dir: Path = typer.Option(None, "--config-dir", help=CONFIG_DIR_HELP),
                 multirun: bool = typer.Option(False, "-m", "--multirun",
                                               help="Sweep: run every combination of comma lists."),
-                nproc: int = typer.Option(1, "--nproc", help=NPROC_HELP)):
-        run_recipe(recipe, overrides, config_dir, multirun, nproc)
+                nproc: int = typer.Option(1, "--nproc", help=NPROC_HELP),
+                jobs: int = typer.Option(1, "--jobs", "-j", help=JOBS_HELP)):
+        run_recipe(recipe, overrides, config_dir, multirun, nproc, jobs)
 
     command.__doc__ = f"`mlx train {recipe}`: the same arguments."
     command.__name__ = alias
@@ -136,6 +158,44 @@ def _add_tune_commands() -> None:
 
     for alias, recipe in TUNE_ALIASES.items():
         tune_app.command(alias)(_tune_command(alias, recipe))
+    tune_app.command("search")(search)
+
+
+@clean_errors
+def search(recipe: str = typer.Argument(..., help="A recipe (mlx recipes list) or a tune alias "
+                                        "(lora, qlora, full, dpo, distill)."),
+           overrides: list[str] = typer.Argument(None, help="Overrides; the search space in "
+                                                 "Hydra's sweep syntax: 'optimizer.lr=tag(log, "
+                                                 "interval(1e-4,1e-2))' adapter.r=4,8."),
+           storage: str = typer.Option(None, "--storage", help="Share the study: an SQLAlchemy "
+                                       "URL (sqlite:///study.db) or a journal file "
+                                       "(journal:study.journal or *.journal). Every process "
+                                       "started with it works on the same study."),
+           study_name: str = typer.Option(None, "--study-name", help="The study's name (with "
+                                          "--storage, default mlx-RECIPE)."),
+           n_trials: int = typer.Option(None, "--n-trials", help="Trials in total, over every "
+                                        "process sharing the study (default 20)."),
+           pruner: str = typer.Option(None, "--pruner", help="median, hyperband, "
+                                      "successive_halving or nop: stop bad trials early on "
+                                      "their per-epoch metric."),
+           metric: str = typer.Option(None, "--metric", help="The metric to optimise (default "
+                                      "valid_loss)."),
+           direction: str = typer.Option(None, "--direction", help="minimize (default) or "
+                                         "maximize."),
+           config_dir: Path = typer.Option(None, "--config-dir", help=CONFIG_DIR_HELP)):
+    """An Optuna search: `mlx train RECIPE -m hydra/sweeper=optuna ...` with its settings as
+    options; start it several times with one --storage to search in parallel."""
+    from mlx_train.recipes import TUNE_ALIASES
+    from mlx_train.recipes.config import quote
+
+    recipe = TUNE_ALIASES.get(recipe, recipe)
+    settings = {"storage": storage, "study_name": study_name, "n_trials": n_trials,
+                "metric": metric, "direction": direction}
+    args = ["hydra/sweeper=optuna", *(overrides or [])]
+    args += [f"hydra.sweeper.{k}={quote(v)}" for k, v in settings.items() if v is not None]
+    if pruner is not None:
+        args.append(f"hydra/sweeper/pruner={pruner}")
+    run_optuna(recipe, args, config_dir)
 
 
 _add_tune_commands()

@@ -1,18 +1,24 @@
 """mlx-train's registrations (through the ``mlx.plugins`` entry point): the recipes, the
-``mlx recipes``, ``mlx train``, ``mlx tune`` and ``mlx quickstart`` commands, and
-``mlx bench learner``."""
+``mlx recipes``, ``mlx train``, ``mlx tune``, ``mlx quickstart`` and ``mlx eval`` commands,
+and the ``mlx bench learner`` and ``mlx bench sweep`` benchmarks."""
 
 
 def register() -> None:
     from mlx_core import registry
     from mlx_train import cli, recipes
+    from mlx_train.lm_eval.cli import eval_command  # imports lm_eval only when it runs
 
     recipes.register()
     for name, command in (("recipes", cli.recipes_app), ("train", cli.train),
-                          ("tune", cli.tune_app), ("quickstart", cli.quickstart)):
+                          ("tune", cli.tune_app), ("quickstart", cli.quickstart),
+                          ("eval", eval_command)):
         if name not in registry.cli_commands:
             registry.cli_commands.register(name, command)
     if "learner" not in registry.benchmarks:
         from mlx_train.bench import bench_learner
 
         registry.benchmarks.register("learner", bench_learner)
+    if "sweep" not in registry.benchmarks:
+        from mlx_train.bench_sweep import bench_sweep
+
+        registry.benchmarks.register("sweep", bench_sweep)

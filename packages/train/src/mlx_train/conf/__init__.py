@@ -2,5 +2,5 @@
 
 ``recipe/`` holds one primary config per recipe; the other folders are the config groups the
 recipes compose from their defaults lists: ``model/``, ``data/``, ``optimizer/``,
-``scheduler/``, ``adapter/``, ``logger/``.
+``scheduler/``, ``adapter/``, ``logger/``, ``eval/`` (``eval=lm_eval``).
 """

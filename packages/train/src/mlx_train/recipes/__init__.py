@@ -92,12 +92,12 @@ def run(name: str, overrides=(), config_dir=None) -> dict:
     return recipe(compose_config(recipe, overrides, config_dir))
 
 
-def sweep(name: str, overrides=(), config_dir=None, nproc: int = 1):
+def sweep(name: str, overrides=(), config_dir=None, nproc: int = 1, jobs: int = 1):
     """Run the cartesian product of comma-list overrides (see ``mlx_train.recipes.multirun``),
-    each job on ``nproc`` processes when ``nproc > 1``."""
+    each job on ``nproc`` processes when ``nproc > 1``, ``jobs`` jobs at a time."""
     from mlx_train.recipes.multirun import run_sweep
 
-    return run_sweep(get(name), overrides, config_dir, nproc)
+    return run_sweep(get(name), overrides, config_dir, nproc, jobs)
 
 
 def config_file(config_module: str, config_name: str) -> Path:

@@ -7,6 +7,7 @@ checkpoint. The steps here are the parts that do not differ between recipes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -144,6 +145,21 @@ def optimizer_and_lr(cfg: DictConfig):
     return instantiate(node), float(lr)
 
 
+# Callbacks a caller adds to every Learner a recipe builds while ``added_callbacks`` is active
+# (the Optuna search's pruning callback): factories called with the config.
+_ADDED_CALLBACKS: list[Callable[[DictConfig], list]] = []
+
+
+@contextlib.contextmanager
+def added_callbacks(factory: Callable[[DictConfig], list]):
+    """Within the block, every recipe's Learner also gets ``factory(cfg)``'s callbacks."""
+    _ADDED_CALLBACKS.append(factory)
+    try:
+        yield
+    finally:
+        _ADDED_CALLBACKS.remove(factory)
+
+
 def training_callbacks(cfg: DictConfig, dls) -> list:
     """The callbacks the config asks every recipe's Learner for: the last checkpoint, gradient
     clipping and accumulation, and the loggers (``logger=``; ``default`` is several)."""
@@ -162,6 +178,7 @@ def training_callbacks(cfg: DictConfig, dls) -> list:
     if has_node(cfg, "logger") and scaleout.is_main_process():  # rank 0 logs for all
         logger = instantiate(cfg.logger)
         cbs += logger if isinstance(logger, list) else [logger]
+    cbs += [cb for factory in _ADDED_CALLBACKS for cb in factory(cfg)]
     return cbs + scaleout.callbacks(cfg)  # under torchrun: global-batch data parallelism
 
 
@@ -278,7 +295,7 @@ def show_samples(examples, answers: dict[str, list[str]], n: int) -> None:
                 say(f"  {label:>14}: {escape(repr(outs[i]))}")
 
 
-__all__ = ["Recipe", "RunDir", "announce_logs", "build_learner", "evaluate_exact_match",
+__all__ = ["Recipe", "RunDir", "added_callbacks", "announce_logs", "build_learner", "evaluate_exact_match",
            "final_metrics", "fit", "has_node", "instantiate", "last_values", "metrics_before", "optimizer_and_lr",
            "save_trained", "say",
            "seed_everything",

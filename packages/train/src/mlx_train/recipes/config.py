@@ -44,12 +44,25 @@ class TrainSettings:
 
 
 @dataclasses.dataclass
+class LmEvalSettings:
+    """``eval=lm_eval`` (conf/eval/lm_eval.yaml): harness tasks run on the trained result."""
+
+    tasks: list[str] = dataclasses.field(default_factory=lambda: ["mlx_code_book"])
+    limit: float | None = None
+    chat_template: bool = True
+    backend: str = "torch"
+    include_path: list[str] = dataclasses.field(default_factory=list)
+    before: bool = False
+
+
+@dataclasses.dataclass
 class EvalSettings:
     before: bool = False
     exact_match: bool = True
     max_examples: int = 48
     max_new_tokens: int = 32
     samples: int = 1
+    lm_eval: LmEvalSettings | None = None
 
 
 @dataclasses.dataclass

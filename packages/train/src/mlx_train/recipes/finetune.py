@@ -12,6 +12,7 @@ import time
 
 from omegaconf import DictConfig
 
+from mlx_train.lm_eval import recipe as lm_eval_recipe
 from mlx_train.recipes.base import (
     RunDir,
     build_learner,
@@ -108,6 +109,9 @@ def finetune(cfg: DictConfig) -> dict:
     metrics = final_metrics(learn, started, exact_match=acc, base_exact_match=base_acc,
                             train_s=train_s)
     metrics["saved"] = str(saved)
+    if lm_eval_recipe.requested(cfg):  # eval=lm_eval
+        metrics.update(lm_eval_recipe.scores_after_training(cfg, cfg.model.get("source"), saved,
+                                                            peft))
     return write_metrics(run, metrics)
 
 

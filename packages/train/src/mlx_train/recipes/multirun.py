@@ -2,9 +2,13 @@
 
 Overrides are parsed with Hydra's own override grammar (``OverridesParser``): comma lists,
 ``choice(...)``, ``range(...)``; the jobs are their cartesian product, as Hydra's basic sweeper
-makes them. They run one after another, each in ``output_dir/<job number>``: in this process,
-or with ``--nproc N`` each on N processes through ``launch`` (torchrun). Every job's config is
-composed and validated before the first one starts.
+makes them. Each runs in ``output_dir/<job number>``: one after another in this process, or
+with ``--nproc N`` each on N processes through ``launch`` (torchrun); with ``--jobs N``, N at a
+time in worker processes of this machine (``mlx_train.recipes.parallel``); with
+``hydra/launcher=...``, through that Hydra launcher plugin (Slurm through submitit, joblib, ...;
+``mlx_train.recipes.launchers``). Every job's config is composed and validated before the first
+one starts. Afterwards ``output_dir`` holds ``sweep.csv`` (the table) and ``sweep.png`` (the
+metric against each swept value; ``mlx_train.recipes.sweep_plots``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,13 @@ class Job:
     output_dir: str = ""
     metrics: dict = field(default_factory=dict)
     error: str = ""
+    state: str = ""  # besides ok / failed, e.g. an Optuna trial's "pruned at epoch 1"
+    number: int | None = None  # an Optuna trial's number (several workers share a study)
+
+    def status(self) -> str:
+        if self.error:
+            return f"failed: {self.error}"
+        return self.state or "ok"
 
 
 def expand(overrides) -> tuple[list[dict[str, str]], list[str]]:
@@ -75,42 +86,77 @@ def plan(recipe, overrides, config_dir=None) -> list[Job]:
     return jobs
 
 
-def run_sweep(recipe, overrides, config_dir=None, nproc: int = 1) -> list[Job]:
-    """Run every job of the sweep (a failing job is recorded and the next one runs); with
-    ``nproc > 1``, each job on ``nproc`` processes (``mlx_train.recipes.launch``)."""
+def run_sweep(recipe, overrides, config_dir=None, nproc: int = 1, jobs: int = 1) -> list[Job]:
+    """Run every job of the sweep (a failing job is recorded and the others run): with
+    ``nproc > 1`` each job on ``nproc`` processes (``mlx_train.recipes.launch``); with
+    ``jobs > 1``, that many at a time; with ``hydra/launcher=...`` among the overrides, through
+    that Hydra launcher. Writes ``sweep.csv`` and ``sweep.png`` into the sweep's output_dir."""
+    from mlx_train.recipes import launchers
     from mlx_train.recipes.base import say
     from mlx_train.recipes.config import compose_config
     from mlx_train.recipes.launch import launch
+    from mlx_train.recipes.sweep_plots import write_results
 
     if nproc < 1:
         raise ValueError(f"--nproc must be at least 1, got {nproc}")
-    jobs = plan(recipe, overrides, config_dir)
+    if jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {jobs}")
+    launcher, overrides = launchers.split(overrides)
+    if launcher and (jobs > 1 or nproc > 1):
+        raise ValueError(f"{launcher[0]} runs the jobs where its launcher puts them: drop "
+                         "--jobs/--nproc and set the launcher's options (e.g. "
+                         "hydra.launcher.n_jobs for joblib, hydra.launcher.cpus_per_task)")
+    if jobs > 1 and nproc > 1:
+        raise ValueError("--jobs N runs N one-process jobs at a time; --nproc runs each job on "
+                         "several processes: choose one")
+    planned = plan(recipe, overrides, config_dir)
     on = f" on {nproc} processes each" if nproc > 1 else ""
-    say(f"sweep: {len(jobs)} job(s) of {recipe.name}{on}")
-    for i, job in enumerate(jobs):
-        shown = " ".join(f"{k}={v}" for k, v in job.swept.items())
-        say(f"[bold]job {i}[/bold]: {shown}")
-        try:
-            if nproc > 1:
-                job.metrics = launch(recipe.name, job.overrides, config_dir, nproc)
-            else:
-                job.metrics = recipe(compose_config(recipe, job.overrides, config_dir))
-        except Exception as e:  # noqa: BLE001 - one failed job must not lose the others' results
-            job.error = f"{type(e).__name__}: {e}"
-            say(f"[red]job {i} failed[/red]: {job.error}")
-    return jobs
+    say(f"sweep: {len(planned)} job(s) of {recipe.name}{on}")
+    if launcher:
+        launchers.launch_jobs(recipe, planned, launcher, config_dir)
+    elif jobs > 1:
+        from mlx_train.recipes.parallel import run_parallel
+
+        run_parallel(recipe, planned, config_dir, jobs)
+    else:
+        for i, job in enumerate(planned):
+            shown = " ".join(f"{k}={v}" for k, v in job.swept.items())
+            say(f"[bold]job {i}[/bold]: {escape(shown)}")
+            try:
+                if nproc > 1:
+                    job.metrics = launch(recipe.name, job.overrides, config_dir, nproc)
+                else:
+                    job.metrics = recipe(compose_config(recipe, job.overrides, config_dir))
+            except Exception as e:  # noqa: BLE001 - one failed job must not lose the others' results
+                job.error = f"{type(e).__name__}: {e}"
+                say(f"[red]job {i} failed[/red]: {escape(job.error)}")
+    if planned:
+        for path in write_results(planned, sweep_dir(planned)):
+            say(f"wrote {escape(str(path))}")
+    return planned
+
+
+def sweep_dir(jobs: list[Job]) -> str:
+    """Where a sweep's own files go: the directory above its jobs' (``output_dir``)."""
+    import os
+
+    parents = {os.path.dirname(j.output_dir.rstrip("/")) or "." for j in jobs}
+    return parents.pop() if len(parents) == 1 else os.path.commonpath(sorted(parents)) or "."
 
 
 def table(jobs: list[Job], title: str = "sweep") -> Table:
     """A rich table: one row per job, its swept overrides and final metrics."""
     keys = list(dict.fromkeys(k for job in jobs for k in job.swept))
     metrics = [m for m in METRIC_COLUMNS if any(m in job.metrics for job in jobs)]
+    # eval=lm_eval: the harness's scores, named lm_eval/<task>/<metric> (mlx_train.lm_eval)
+    metrics += sorted({k for job in jobs for k in job.metrics if k.startswith("lm_eval")})
     t = Table(title=title)
     for column in ["#", *keys, *metrics, "status", "output_dir"]:
         t.add_column(column)
     for i, job in enumerate(jobs):
-        status = f"[red]failed: {escape(job.error)}[/red]" if job.error else "ok"
-        t.add_row(str(i), *(job.swept.get(k, "") for k in keys),
+        status = f"[red]{escape(job.status())}[/red]" if job.error else escape(job.status())
+        number = str(job.number) if job.number is not None else str(i)
+        t.add_row(number, *(job.swept.get(k, "") for k in keys),
                   *(_fmt(job.metrics.get(m)) for m in metrics), status, job.output_dir)
     return t
 
@@ -121,4 +167,4 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-__all__ = ["Job", "expand", "plan", "run_sweep", "table"]
+__all__ = ["Job", "expand", "plan", "run_sweep", "sweep_dir", "table"]
