@@ -66,6 +66,22 @@ def _batches(order: list[int], rows, vocab: int, batch_size: int):
         yield batch
 
 
+def _score_in_batches(rows, tokenizer, vocab_size: int, batch_size: int, last_logits
+                      ) -> list[tuple[float, bool]]:
+    """Score ``rows`` (``(tokens, continuation length)``) longest first in left-padded batches;
+    ``last_logits(ids, mask, keep)`` gives a batch's logits at its last ``keep`` positions (a
+    torch tensor on the CPU), whatever the backend."""
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    pad = tokenizer.pad_token_id or 0
+    for batch in _batches(order, rows, vocab_size, batch_size):
+        ids, mask = _left_padded([rows[i][0][:-1] for i in batch], pad)
+        logits = last_logits(ids, mask, max(rows[i][1] for i in batch))
+        for i, result in zip(batch, _score_logits(logits, [rows[i] for i in batch]), strict=True):
+            results[i] = result
+    return results
+
+
 def _left_padded(inputs: list[list[int]], pad: int):
     """``(ids [B, L], mask [B, L])`` as numpy arrays, rows left-padded to the longest."""
     import numpy as np
@@ -130,22 +146,18 @@ class TorchRunner:
     def score(self, rows: Sequence[tuple[list[int], int]]) -> list[tuple[float, bool]]:
         import torch
 
-        results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-        pad = self.tokenizer.pad_token_id or 0
         device = self.generator.device
-        for batch in _batches(order, rows, self.config.vocab_size, self.batch_size):
-            ids, mask = _left_padded([rows[i][0][:-1] for i in batch], pad)
-            keep = max(rows[i][1] for i in batch)
+
+        def last_logits(ids, mask, keep):
             with torch.inference_mode():
                 logits = self.model(torch.from_numpy(ids).to(device),
                                     attention_mask=None if mask.all()
                                     else torch.from_numpy(mask).to(device),
                                     logits_to_keep=keep)
-            for i, result in zip(batch, _score_logits(logits.cpu(), [rows[i] for i in batch]),
-                                 strict=True):
-                results[i] = result
-        return results
+            return logits.cpu()
+
+        return _score_in_batches(rows, self.tokenizer, self.config.vocab_size, self.batch_size,
+                                 last_logits)
 
     def generate(self, prompts: list[list[int]], options: GenerationOptions) -> list[list[int]]:
         """Greedy (or sampled) tokens, batched and left-padded; a batch stops early once every
@@ -209,18 +221,12 @@ class JaxRunner:
         import numpy as np
         import torch
 
-        results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-        pad = self.tokenizer.pad_token_id or 0
-        for batch in _batches(order, rows, self.config.vocab_size, self.batch_size):
-            ids, mask = _left_padded([rows[i][0][:-1] for i in batch], pad)
-            keep = max(rows[i][1] for i in batch)
+        def last_logits(ids, mask, keep):
             logits = self.model(ids, attention_mask=None if mask.all() else mask)[:, -keep:]
-            logits = torch.from_numpy(np.array(logits, dtype=np.float32))  # a writable copy
-            for i, result in zip(batch, _score_logits(logits, [rows[i] for i in batch]),
-                                 strict=True):
-                results[i] = result
-        return results
+            return torch.from_numpy(np.array(logits, dtype=np.float32))  # a writable copy
+
+        return _score_in_batches(rows, self.tokenizer, self.config.vocab_size, self.batch_size,
+                                 last_logits)
 
     def generate(self, prompts: list[list[int]], options: GenerationOptions) -> list[list[int]]:
         """Jitted generation (``mlx_jax.generate``) of ``max_new_tokens`` per batch; stop
