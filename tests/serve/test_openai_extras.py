@@ -135,3 +135,18 @@ def test_an_abort_storm_of_constrained_streams_leaves_every_block_free(served):
     while engine.requests or engine.blocks.num_free_blocks != engine.blocks.num_blocks:
         assert time.monotonic() < deadline, (len(engine.requests), engine.blocks.num_free_blocks)
         time.sleep(0.05)
+
+
+def test_max_completion_tokens_and_user_through_the_client(served):
+    """Chat's max_completion_tokens (OpenAI's newer name) bounds the answer, and wins over
+    max_tokens; ``user`` is accepted (and ignored, as vLLM does)."""
+    _, client, _ = served
+    params = dict(model=MODEL, messages=[{"role": "user", "content": "count"}], temperature=0,
+                  user="alice", extra_body={"ignore_eos": True})
+    short = client.chat.completions.create(**params, max_completion_tokens=3)
+    assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
+    both = client.chat.completions.create(**params, max_completion_tokens=2, max_tokens=9)
+    assert both.usage.completion_tokens == 2
+    completion = client.completions.create(model=MODEL, prompt="count", max_tokens=2, user="bob",
+                                           extra_body={"ignore_eos": True})
+    assert completion.usage.completion_tokens == 2
