@@ -21,6 +21,15 @@ FAMILIES = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
         **_TINY)),
+    # YaRN: a ramp across the head's dimensions (original context short enough that it is not
+    # all one side) and cos/sin times its attention factor; with mscale/mscale_all_dim as well
+    "llama-yarn": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+        **_TINY)),
+    "qwen2-yarn-mscale": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        rope_scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32,
+                      "beta_fast": 16, "mscale": 1.0, "mscale_all_dim": 0.5},
+        **_TINY)),
     "llama-tied-smollm2-like": lambda: transformers.LlamaForCausalLM(
         transformers.LlamaConfig(tie_word_embeddings=True, rope_theta=100000.0, **_TINY)),
     "mistral-sliding-window": lambda: transformers.MistralForCausalLM(

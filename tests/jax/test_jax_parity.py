@@ -59,6 +59,21 @@ def test_logits_match_torch_zoo(tiny_pair, tiny_preset):
         assert np.abs(out - ref).max() <= 1e-4
 
 
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 16,
+     "mscale": 1.0, "mscale_all_dim": 0.5}], ids=["yarn", "yarn-mscale"])
+def test_yarn_rope_matches_torch_zoo(scaling, tmp_path):
+    """YaRN's ramped frequencies and its attention factor on cos/sin: one shared table, the
+    same logits."""
+    torch.manual_seed(0)
+    torch_model = build_model(get_preset("tiny-llama").replace(rope_scaling=scaling)).eval()
+    jax_model = mlx_jax.load_model(save_model(torch_model, tmp_path / "m"))
+    ids, mask = _batch(torch_model.config.vocab_size)
+    assert np.abs(np.asarray(_jax_logits(jax_model, ids, mask))
+                  - _torch_logits(torch_model, ids, mask)).max() <= 1e-4
+
+
 def test_parameters_equal_the_checkpoint_tensors(tiny_pair):
     torch_model, _, jax_model = tiny_pair("tiny-gpt2")  # GPT-2: the one family renamed on disk
     ours = mlx_jax.model_arrays(jax_model)

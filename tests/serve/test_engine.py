@@ -16,6 +16,9 @@ _TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_la
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 FAMILIES = {
     "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**_TINY)),
+    "llama-yarn": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+        **_TINY)),
     "mistral-sliding-window": lambda: transformers.MistralForCausalLM(
         transformers.MistralConfig(sliding_window=6, **_TINY)),
     "qwen2": lambda: transformers.Qwen2ForCausalLM(

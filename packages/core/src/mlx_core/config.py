@@ -16,7 +16,7 @@ from typing import Any
 MLP_KINDS = ("swiglu", "gelu", "geglu")  # gated SiLU (Llama) | GELU-tanh (GPT-2) | gated GELU-tanh (Gemma)
 NORM_KINDS = ("rms", "layer")
 POSITION_KINDS = ("rope", "learned")
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "gemma3_text", "gpt2",
                   "mixtral")
 # q/k normalisation: over each head's vector (Qwen3) or the whole projection (OLMo 2)

@@ -22,11 +22,18 @@ def rope_inverse_frequencies(config: ModelConfig, local: bool = False) -> np.nda
     inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponents)).astype(np.float32)
     if local:
         return inv_freq
-    return scaled_inverse_frequencies(inv_freq, config.rope_scaling, np.where).astype(np.float32)
+    return scaled_inverse_frequencies(
+        inv_freq, config.rope_scaling, np.where, arange=lambda n: np.arange(n, dtype=np.float32),
+        theta=config.rope_theta, max_position_embeddings=config.max_position_embeddings,
+    ).astype(np.float32)
 
 
-def rope_cos_sin(inv_freq, position_ids, dtype):
-    """cos/sin ``[B, T, head_dim]`` for ``position_ids [B, T]`` (computed in fp32, then cast)."""
+def rope_cos_sin(inv_freq, position_ids, dtype, scale: float = 1.0):
+    """cos/sin ``[B, T, head_dim]`` for ``position_ids [B, T]`` (computed in fp32, times
+    ``scale``, YaRN's attention factor, then cast)."""
     freqs = position_ids[:, :, None].astype(jnp.float32) * jnp.asarray(inv_freq)[None, None, :]
     emb = jnp.concatenate((freqs, freqs), axis=-1)
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos.astype(dtype), sin.astype(dtype)

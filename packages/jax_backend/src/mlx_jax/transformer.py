@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mlx_core.config import ModelConfig
+from mlx_core.rope_scaling import rope_attention_factor
 from mlx_jax import ops
 from mlx_jax.attention import KVCache, build_mask
 from mlx_jax.modules import Embedding, Linear, StaticConfig, make_norm
@@ -180,7 +181,9 @@ class Backbone(nnx.Module):
             position_ids = jax.lax.dynamic_slice_in_dim(counted, past, t, axis=1)
         tables = {False: None, True: None}  # cos/sin: the model's, the sliding layers' own
         if config.position_kind == "rope":
-            tables[False] = rope_cos_sin(rope_inverse_frequencies(config), position_ids, x.dtype)
+            tables[False] = rope_cos_sin(rope_inverse_frequencies(config), position_ids, x.dtype,
+                                         rope_attention_factor(config.rope_scaling,
+                                                               config.max_position_embeddings))
             tables[True] = tables[False] if config.rope_local_theta is None else rope_cos_sin(
                 rope_inverse_frequencies(config, local=True), position_ids, x.dtype)
         else:

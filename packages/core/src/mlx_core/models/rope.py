@@ -16,14 +16,20 @@ def rope_inverse_frequencies(config: ModelConfig, local: bool = False) -> torch.
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
     if local:
         return 1.0 / (config.rope_local_theta**exponents)
-    return scaled_inverse_frequencies(1.0 / (config.rope_theta**exponents), config.rope_scaling,
-                                      torch.where)
+    return scaled_inverse_frequencies(
+        1.0 / (config.rope_theta**exponents), config.rope_scaling, torch.where,
+        arange=lambda n: torch.arange(n, dtype=torch.float32, device="cpu"),
+        theta=config.rope_theta, max_position_embeddings=config.max_position_embeddings)
 
 
 def rope_cos_sin(
-    inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype
+    inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype, scale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin ``[B, T, head_dim]`` for ``position_ids [B, T]`` (computed in fp32, then cast)."""
+    """cos/sin ``[B, T, head_dim]`` for ``position_ids [B, T]`` (computed in fp32, times
+    ``scale``, YaRN's attention factor, then cast)."""
     freqs = position_ids[:, :, None].float() * inv_freq[None, None, :].float()
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = emb.cos(), emb.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos.to(dtype), sin.to(dtype)

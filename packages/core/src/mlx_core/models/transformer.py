@@ -24,6 +24,7 @@ from mlx_core.models.recompute import (
     worth_recomputing,
 )
 from mlx_core.models.rope import rope_cos_sin, rope_inverse_frequencies
+from mlx_core.rope_scaling import rope_attention_factor
 from mlx_kernels import fused_linear_cross_entropy, geglu, gelu_tanh, rms_norm, rope, swiglu
 
 
@@ -227,6 +228,8 @@ class Backbone(nn.Module):
         )
         self.layer_local_rope = [self.rope_local_inv_freq is not None and config.is_sliding(i)
                                  for i in range(config.num_layers)]
+        self.rope_attention_factor = rope_attention_factor(config.rope_scaling,
+                                                           config.max_position_embeddings)
 
     def rope_tables(self, position_ids: torch.Tensor, dtype: torch.dtype) -> dict:
         """cos/sin for ``position_ids``: ``{False: the model's, True: the sliding layers' own}``
@@ -234,7 +237,8 @@ class Backbone(nn.Module):
         device = position_ids.device
         if self.rope_inv_freq.device != device:  # moved once, not at every (compiled) step
             self.rope_inv_freq = self.rope_inv_freq.to(device)
-        tables = {False: rope_cos_sin(self.rope_inv_freq, position_ids, dtype)}
+        tables = {False: rope_cos_sin(self.rope_inv_freq, position_ids, dtype,
+                                      self.rope_attention_factor)}
         if self.rope_local_inv_freq is not None:
             if self.rope_local_inv_freq.device != device:
                 self.rope_local_inv_freq = self.rope_local_inv_freq.to(device)
