@@ -67,11 +67,17 @@ def test_peft_adapter_on_qwen3_loads_into_the_zoo(tmp_path):
     assert (_logits(ours) - _logits(theirs.eval())).abs().max() < 1e-5
 
 
-def test_peft_adapter_on_gemma3_loads_into_the_zoo(tmp_path):
-    """Gemma 3 (scaled embeddings, sandwich norms, a sliding layer shorter than the input): a
-    PEFT adapter over every linear layer gives the same logits on the zoo model (1e-5)."""
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_peft_adapter_on_gemma_loads_into_the_zoo(tmp_path, family):
+    """Gemma 2 and 3 (scaled embeddings, sandwich norms, a sliding layer shorter than the input;
+    Gemma 2's soft-capping): a PEFT adapter over every linear layer gives the same logits on the
+    zoo model (1e-5)."""
     torch.manual_seed(5)
-    hf = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+    model_class, config_class, extra = {
+        "gemma2": (transformers.Gemma2ForCausalLM, transformers.Gemma2Config,
+                   dict(attn_logit_softcapping=2.0, final_logit_softcapping=5.0)),
+        "gemma3": (transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig, {})}[family]
+    hf = model_class(config_class(**extra,
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
         sliding_window=4, layer_types=["sliding_attention", "full_attention"]))

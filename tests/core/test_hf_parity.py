@@ -52,6 +52,10 @@ FAMILIES = {
     "gemma3": lambda: _norms_perturbed(transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
         head_dim=16, query_pre_attn_scalar=24, sliding_window=6,
         layer_types=["sliding_attention", "full_attention"], **_TINY))),
+    # soft-capped scores and logits (small caps, so that they bite on random weights)
+    "gemma2": lambda: _norms_perturbed(transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=6, attn_logit_softcapping=1.5,
+        final_logit_softcapping=0.5, **_TINY))),
     "gemma3-linear-rope-untied": lambda: _norms_perturbed(transformers.Gemma3ForCausalLM(
         transformers.Gemma3TextConfig(
             head_dim=32, sliding_window=5, tie_word_embeddings=False, num_hidden_layers=3,

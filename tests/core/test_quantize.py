@@ -23,7 +23,7 @@ from mlx_core.transforms import (
     quantize,
 )
 
-FAMILIES = ["tiny-llama", "tiny-gpt2", "tiny-mixtral", "tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-mistral", "tiny-gemma3"]
+FAMILIES = ["tiny-llama", "tiny-gpt2", "tiny-mixtral", "tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-mistral", "tiny-gemma3", "tiny-gemma2"]
 KINDS = {"int8": Int8Linear, "int4": Int4Linear, "w8a8": W8A8Linear}
 
 

@@ -34,7 +34,7 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float(np.abs(a[k] - b[k]).max()) for k in a)
 
 
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-gemma3",
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-gemma2", "tiny-gemma3",
                                     "tiny-gpt2", "tiny-mixtral"])
 def test_loss_and_gradients_equal_torch_autograd(tiny_pair, preset, lm_batch):
     torch_model, _, jax_model = tiny_pair(preset)

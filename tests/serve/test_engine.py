@@ -32,6 +32,9 @@ FAMILIES = {
     "gemma3": lambda: transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
         head_dim=16, query_pre_attn_scalar=24, sliding_window=6,
         layer_types=["sliding_attention", "full_attention"], **_TINY)),
+    "gemma2": lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        head_dim=16, sliding_window=6, attn_logit_softcapping=1.5, final_logit_softcapping=3.0,
+        **_TINY)),
     "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128)),
     "mixtral": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(

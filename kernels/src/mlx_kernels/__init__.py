@@ -36,6 +36,7 @@ _API = {
     "int4_linear": "quantized_linear",
     "w8a8_linear": "quantized_linear",
     "rms_norm": "rms_norm",
+    "softcap_attention": "softcap_attention",
     "rope": "rope",
     "swiglu": "swiglu",
     "varlen_attention": "varlen_attention",

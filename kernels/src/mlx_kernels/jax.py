@@ -83,9 +83,10 @@ def write_kv_cache(key, value, key_cache, value_cache, slot_mapping):
     return kc, vc
 
 
-def attention(q, k, v, mask, scale=None):
+def attention(q, k, v, mask, scale=None, softcap=None):
     """``q [B, Hq, T, D]``, ``k, v [B, Hkv, S, D]``, ``mask`` bool ``[B, 1, T, S]`` (True: may
-    attend) -> ``[B, Hq, T, D]`` in ``q``'s dtype; scores, softmax and the weighted sum in fp32.
+    attend) -> ``[B, Hq, T, D]`` in ``q``'s dtype; scores, softmax and the weighted sum in fp32;
+    ``softcap`` (Gemma 2): scores become ``softcap * tanh(scores / softcap)`` before the mask.
 
     GQA groups query heads over their shared key head instead of repeating k and v. ``scale``:
     None divides the scores by ``sqrt(D)``, a number multiplies them. A query row with no
@@ -96,6 +97,8 @@ def attention(q, k, v, mask, scale=None):
     qg = q.reshape(b, hkv, hq // hkv, t, d).astype(jnp.float32)
     scores = jnp.einsum("bkgtd,bksd->bkgts", qg, k.astype(jnp.float32))
     scores = scores / math.sqrt(d) if scale is None else scores * scale
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(mask[:, :, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgts,bksd->bkgtd", probs, v.astype(jnp.float32))

@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from mlx_kernels import _cpu_native
 from mlx_kernels.dispatch import backend_for
+from mlx_kernels.softcap_attention import softcap_attention
 
 
 def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -23,7 +23,7 @@ def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, length: int) ->
 
 
 def paged_attention_decode_reference(query, key_cache, value_cache, block_tables, context_lens, *,
-                                     scale=None, sliding_window=None):
+                                     scale=None, sliding_window=None, softcap=None):
     b, heads, dim = query.shape
     max_len = block_tables.shape[1] * key_cache.shape[1]
     # index_select copies whole blocks about twice as fast as advanced indexing on CPU, and
@@ -36,9 +36,9 @@ def paged_attention_decode_reference(query, key_cache, value_cache, block_tables
     mask = pos < lens
     if sliding_window is not None:
         mask &= pos >= lens - sliding_window
-    out = F.scaled_dot_product_attention(
+    out = softcap_attention(
         query[:, :, None].to(keys.dtype), keys, values, attn_mask=mask[:, None, None, :],
-        scale=scale, enable_gqa=heads != keys.shape[1])
+        scale=scale, softcap=softcap, enable_gqa=heads != keys.shape[1])
     return out[:, :, 0].to(query.dtype)
 
 
@@ -62,15 +62,21 @@ def _check(query, key_cache, value_cache, block_tables, context_lens):
 def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, *,
                            scale: float | None = None,
-                           sliding_window: int | None = None) -> torch.Tensor:
+                           sliding_window: int | None = None,
+                           softcap: float | None = None) -> torch.Tensor:
     """``query [B, heads, head_dim]`` attends to its sequence's ``context_lens[b]`` cached tokens.
 
     GQA when ``heads`` is a multiple of the caches' ``kv_heads``; ``sliding_window`` keeps only
-    the last that many keys. ``scale`` defaults to ``1/sqrt(head_dim)``. fp32/bf16/fp16; returns
+    the last that many keys. ``scale`` defaults to ``1/sqrt(head_dim)``; ``softcap`` (Gemma 2)
+    caps the scores, on the torch reference only (no kernel has it yet). fp32/bf16/fp16; returns
     ``[B, heads, head_dim]`` in the query's dtype. Inference only (no gradient).
     """
     _check(query, key_cache, value_cache, block_tables, context_lens)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    if softcap is not None:
+        return paged_attention_decode_reference(query, key_cache, value_cache, block_tables,
+                                                context_lens, scale=scale,
+                                                sliding_window=sliding_window, softcap=softcap)
     if backend_for(query.device) == "triton":
         from mlx_kernels import _paged_attention_triton
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from mlx_kernels import _cpu_native, paged_attention
 from mlx_kernels.dispatch import backend_for
 from mlx_kernels.paged_attention import gather_paged
+from mlx_kernels.softcap_attention import softcap_attention
 
 # fp32 CPU calls with block_tables, causal, at least two sequences and at most this many queries
 # in each take the native loop of ``_cpu_kernels.c`` (paged decode's, with a few queries per
@@ -51,7 +51,7 @@ def _bottom_right_mask(lq, lk, causal, sliding_window, device) -> torch.Tensor |
 
 
 def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=True,
-                               sliding_window=None, scale=None, block_tables=None):
+                               sliding_window=None, scale=None, block_tables=None, softcap=None):
     out = torch.empty_like(q)
     cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for i in range(len(cu_q) - 1):
@@ -65,9 +65,9 @@ def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=Tr
         mask = None  # plain causal over the whole sequence: SDPA's own mask skips masked tiles
         if (causal and lq != lk) or sliding_window is not None:
             mask = _bottom_right_mask(lq, lk, causal, sliding_window, q.device)
-        o = F.scaled_dot_product_attention(
+        o = softcap_attention(
             q[cu_q[i]:cu_q[i + 1]].transpose(0, 1)[None].to(keys.dtype), keys.transpose(0, 1)[None],
-            values.transpose(0, 1)[None], attn_mask=mask, scale=scale,
+            values.transpose(0, 1)[None], attn_mask=mask, scale=scale, softcap=softcap,
             is_causal=causal and mask is None, enable_gqa=q.shape[1] != keys.shape[1])
         out[cu_q[i]:cu_q[i + 1]] = o[0].transpose(0, 1).to(q.dtype)
     return out
@@ -77,10 +77,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      cu_seqlens_k: torch.Tensor, *, max_seqlen_q: int | None = None,
                      causal: bool = True, sliding_window: int | None = None,
                      scale: float | None = None,
-                     block_tables: torch.Tensor | None = None) -> torch.Tensor:
+                     block_tables: torch.Tensor | None = None,
+                     softcap: float | None = None) -> torch.Tensor:
     """Packed attention; see the module docstring for the layouts. Returns ``[total_q, heads,
     head_dim]`` in q's dtype. GQA when ``heads`` is a multiple of ``kv_heads``; ``scale``
-    defaults to ``1/sqrt(head_dim)``. Inference only (no gradient)."""
+    defaults to ``1/sqrt(head_dim)``; ``softcap`` (Gemma 2) caps the scores, on the torch
+    reference only (no kernel has it yet). Inference only (no gradient)."""
     if q.dim() != 3 or k.shape != v.shape or q.shape[1] % k.shape[-2] or q.shape[2] != k.shape[-1]:
         raise ValueError(f"varlen_attention: q [total_q, heads, D] and k/v [..., kv_heads, D] with "
                          f"heads a multiple of kv_heads; got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -91,6 +93,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         raise ValueError("with block_tables, k and v are paged caches [num_blocks, block_size, "
                          "kv_heads, head_dim] with a power-of-two block_size")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if softcap is not None:
+        return varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal,
+                                          sliding_window=sliding_window, scale=scale,
+                                          block_tables=block_tables, softcap=softcap)
     if backend_for(q.device) == "triton":
         from mlx_kernels import _varlen_attention_triton
 

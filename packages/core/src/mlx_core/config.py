@@ -1,7 +1,7 @@
 """``ModelConfig``: the one description of a decoder that every backend builds from.
 
 It round-trips through JSON (our own form) and through HF ``config.json`` for the families the
-zoo covers: Llama (2/3), Mistral, Qwen2, Qwen3, OLMo 2, Phi-3, Gemma 3 (text), SmolLM2 (a
+zoo covers: Llama (2/3), Mistral, Qwen2, Qwen3, OLMo 2, Phi-3, Gemma 2 and 3, SmolLM2 (a
 Llama), GPT-2 and Mixtral.
 """
 
@@ -17,8 +17,8 @@ MLP_KINDS = ("swiglu", "gelu", "geglu")  # gated SiLU (Llama) | GELU-tanh (GPT-2
 NORM_KINDS = ("rms", "layer")
 POSITION_KINDS = ("rope", "learned")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "gemma3_text", "gpt2",
-                  "mixtral")
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "gemma2", "gemma3_text",
+                  "gpt2", "mixtral")
 # q/k normalisation: over each head's vector (Qwen3) or the whole projection (OLMo 2)
 QK_NORMS = (None, "head", "projection")
 # norms before each block, on its input (Llama), after it, on its output (OLMo 2), or both (Gemma)
@@ -59,6 +59,8 @@ class ModelConfig:
     norm_weight_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma's 1 + weight
     embedding_multiplier: float | None = None  # embeddings times this (Gemma: sqrt(hidden_size))
     query_pre_attn_scalar: float | None = None  # attention scale its ** -0.5; None: head_dim's
+    attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcapping: float | None = None  # the same on the output logits (Gemma 2)
     num_experts: int = 0  # > 0: Mixtral-style MoE feed-forward
     num_experts_per_tok: int = 2
     bos_token_id: int | None = 1

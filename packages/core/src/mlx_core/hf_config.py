@@ -17,6 +17,7 @@ _HF_ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "olmo2": "Olmo2ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
     "mixtral": "MixtralForCausalLM",
@@ -69,8 +70,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             tie_word_embeddings=hf.get("tie_word_embeddings", True),
             **tokens,
         )
-    if model_type == "gemma3_text":
-        return _gemma3_from_hf(hf)
+    if model_type in ("gemma2", "gemma3_text"):
+        return _gemma_from_hf(hf, model_type)
     act = hf.get("hidden_act", "silu")
     if act not in _SUPPORTED_ACTS:
         raise ValueError(f"hidden_act {act!r} is not supported for {model_type} (silu only)")
@@ -110,29 +111,32 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
-def _gemma3_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """Gemma 3's text model: gated GELU-tanh, (1 + weight) RMSNorms before and after each block,
-    embeddings times sqrt(hidden_size), per-head q/k norms, sliding layers with their own RoPE
-    base (scaling applies to the full-attention layers only)."""
+def _gemma_from_hf(hf: dict[str, Any], model_type: str) -> ModelConfig:
+    """Gemma 2 and Gemma 3's text model: gated GELU-tanh, (1 + weight) RMSNorms before and after
+    each block, embeddings times sqrt(hidden_size), alternating sliding and full layers. Gemma
+    2: soft-capped attention scores and logits, one RoPE. Gemma 3: per-head q/k norms instead of
+    the caps, and sliding layers with their own RoPE base (scaling applies to the full-attention
+    layers only)."""
+    gemma2 = model_type == "gemma2"
+    name = "Gemma 2" if gemma2 else "Gemma 3"
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise ValueError(f"Gemma 3 hidden_activation {act!r} is not supported "
+        raise ValueError(f"{name} hidden_activation {act!r} is not supported "
                          "(gelu_pytorch_tanh only)")
-    for field in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if hf.get(field) is not None:
-            raise ValueError(f"Gemma 3 {field}={hf[field]} is not supported yet (Gemma 3 "
-                             "checkpoints ship without soft-capping; Gemma 2's need it)")
     if hf.get("use_bidirectional_attention"):
-        raise ValueError("Gemma 3 use_bidirectional_attention=true (an encoder) is not "
+        raise ValueError(f"{name} use_bidirectional_attention=true (an encoder) is not "
                          "supported: mlx runs causal decoders")
     layers = hf["num_hidden_layers"]
     layer_types = hf.get("layer_types")
     if layer_types is None:  # the older form: every N-th layer full, the others sliding
-        pattern = hf.get("sliding_window_pattern", 6)
+        pattern = 2 if gemma2 else hf.get("sliding_window_pattern", 6)
         layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
                        for i in range(layers)]
     nested = hf.get("rope_parameters") or {}
-    if "full_attention" in nested:  # transformers 5: one RoPE block per layer type
+    local_theta = None
+    if gemma2:
+        theta, scaling = _rope_from_hf(hf)
+    elif "full_attention" in nested:  # transformers 5: one RoPE block per layer type
         full, local = dict(nested["full_attention"]), dict(nested.get("sliding_attention") or {})
         theta = float(full.pop("rope_theta", 1_000_000.0))
         rope_type = full.pop("rope_type", "default")
@@ -142,16 +146,20 @@ def _gemma3_from_hf(hf: dict[str, Any]) -> ModelConfig:
         theta, scaling = _rope_from_hf({"rope_theta": 1_000_000.0, **hf})
         local_theta = float(hf.get("rope_local_base_freq", 10_000.0))
     hidden = hf["hidden_size"]
+    defaults = (50.0, 30.0) if gemma2 else (None, None)  # HF's, per family
+    caps = {field: hf.get(field, default) for field, default in
+            zip(("attn_logit_softcapping", "final_logit_softcapping"), defaults, strict=True)}
     return ModelConfig(
-        model_type="gemma3_text", vocab_size=hf["vocab_size"], hidden_size=hidden,
+        model_type=model_type, vocab_size=hf["vocab_size"], hidden_size=hidden,
         num_layers=layers, num_heads=hf["num_attention_heads"],
         num_kv_heads=hf.get("num_key_value_heads"), head_dim=hf.get("head_dim", 256),
         intermediate_size=hf["intermediate_size"], mlp_kind="geglu",
-        norm_eps=hf.get("rms_norm_eps", 1e-6), norm_placement="sandwich", qk_norm="head",
+        norm_eps=hf.get("rms_norm_eps", 1e-6), norm_placement="sandwich",
+        qk_norm=None if gemma2 else "head", **caps,
         norm_weight_offset=1.0, embedding_multiplier=hidden**0.5,
         query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
         rope_theta=theta, rope_scaling=scaling, rope_local_theta=local_theta,
-        max_position_embeddings=hf.get("max_position_embeddings", 131_072),
+        max_position_embeddings=hf.get("max_position_embeddings", 8192 if gemma2 else 131_072),
         attention_bias=hf.get("attention_bias", False),
         attention_out_bias=hf.get("attention_bias", False),
         tie_word_embeddings=hf.get("tie_word_embeddings", True),
@@ -208,15 +216,17 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         hf["attention_bias"] = c.attention_bias
     if c.model_type == "mixtral":
         hf.update(num_local_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok)
-    if c.model_type == "gemma3_text":
+    if c.model_type in ("gemma2", "gemma3_text"):
         del hf["hidden_act"]
         hf.update(hidden_activation="gelu_pytorch_tanh", attention_bias=c.attention_bias,
                   query_pre_attn_scalar=_int_if_whole(c.query_pre_attn_scalar or c.dim_per_head),
-                  rope_local_base_freq=c.rope_local_theta or c.rope_theta,
                   sliding_window=c.sliding_window,
                   layer_types=list(c.layer_types) if c.layer_types else
                   ["sliding_attention" if c.sliding_window else "full_attention"] * c.num_layers,
-                  final_logit_softcapping=None, attn_logit_softcapping=None)
+                  final_logit_softcapping=c.final_logit_softcapping,
+                  attn_logit_softcapping=c.attn_logit_softcapping)
+    if c.model_type == "gemma3_text":
+        hf["rope_local_base_freq"] = c.rope_local_theta or c.rope_theta
     return hf
 
 

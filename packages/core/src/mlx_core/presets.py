@@ -26,6 +26,12 @@ PRESETS: dict[str, ModelConfig] = {
                               pad_token_id=88, **_TINY),  # a pad row (no gradient) the test batches use
     "tiny-phi3": ModelConfig(model_type="phi3", **_TINY),
     # Gemma 3: a window shorter than test prompts on the first layer, full attention on the second
+    "tiny-gemma2": ModelConfig(  # caps small enough to bite on random weights
+        model_type="gemma2", mlp_kind="geglu", norm_placement="sandwich", norm_weight_offset=1.0,
+        embedding_multiplier=64**0.5, query_pre_attn_scalar=24.0, head_dim=16, norm_eps=1e-6,
+        tie_word_embeddings=True, sliding_window=6,
+        layer_types=("sliding_attention", "full_attention"), attn_logit_softcapping=1.5,
+        final_logit_softcapping=3.0, pad_token_id=0, bos_token_id=2, eos_token_id=1, **_TINY),
     "tiny-gemma3": ModelConfig(
         model_type="gemma3_text", mlp_kind="geglu", norm_placement="sandwich", qk_norm="head",
         norm_weight_offset=1.0, embedding_multiplier=64**0.5, query_pre_attn_scalar=24.0,

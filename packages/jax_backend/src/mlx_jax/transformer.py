@@ -42,6 +42,7 @@ class Attention(nnx.Module):
             self.k_norm = make_norm(config, dtype, self.head_dim if per_head else kv)
         # a scale other than 1/sqrt(head_dim) (Gemma's query_pre_attn_scalar), in the queries
         self.query_scale = config.attention_scale * self.head_dim**0.5
+        self.softcap = config.attn_logit_softcapping
 
     def __call__(self, x, cos_sin, mask, layer_cache=None):
         """``layer_cache``: (keys, values ``[B, Hkv, S, D]``, write position) or None.
@@ -66,7 +67,7 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, 0, start, 0))
             v = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, 0, start, 0))
             updated = (k, v)
-        out = ops.attention(q, k, v, mask)
+        out = ops.attention(q, k, v, mask, softcap=self.softcap)
         out = self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, t, self.num_heads * self.head_dim))
         return out, updated
 
@@ -253,7 +254,9 @@ class Transformer(nnx.Module):
         return logits if cache is None else (logits, new_cache)
 
     def logits(self, hidden):
-        return hidden @ self.output_weight().T
+        logits = hidden @ self.output_weight().T
+        cap = self.config.final_logit_softcapping  # Gemma 2's cap on the output logits
+        return logits if cap is None else jnp.tanh(logits / cap) * cap
 
     def output_weight(self):
         """The ``[vocab, hidden]`` output projection (the embedding matrix when tied)."""
@@ -271,6 +274,12 @@ class Transformer(nnx.Module):
                              f"{tuple(hidden.shape[:2])} (the same as input_ids)")
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         y = labels[:, 1:].reshape(-1).astype(jnp.int32)
+        if self.config.final_logit_softcapping is not None:
+            # the fused loss takes no cap on the logits: they are built, capped, then scored
+            logp = jax.nn.log_softmax(self.logits(h).astype(jnp.float32), axis=-1)
+            keep = y != ignore_index
+            picked = jnp.take_along_axis(logp, jnp.where(keep, y, 0)[:, None], axis=-1)[:, 0]
+            return -(picked * keep).sum(), keep.sum()
         total = ops.fused_linear_cross_entropy(h, self.output_weight(), y, ignore_index=ignore_index,
                                                reduction="sum")
         return total, (y != ignore_index).sum()

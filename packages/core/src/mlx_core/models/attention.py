@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from mlx_core.config import ModelConfig
+from mlx_kernels import softcap_attention
 
 
 class KVCache:
@@ -107,22 +107,24 @@ def build_mask(
     return mask | (k_pos == q_pos)[None, None]
 
 
-def attend(q, k, v, meta, layer: int) -> torch.Tensor:
+def attend(q, k, v, meta, layer: int, softcap: float | None = None) -> torch.Tensor:
     """``q [B, Hq, T, D]``, ``k, v [B, Hkv, T, D]`` -> ``[B, Hq, T, D]``; ``meta`` is an
-    ``AttentionMetadata`` or a ``paged.PagedAttentionMetadata``."""
+    ``AttentionMetadata`` or a ``paged.PagedAttentionMetadata``; ``softcap``: Gemma 2's cap on
+    the scores."""
     if isinstance(meta, FixedShapeDecode):
         k, v = meta.cache.write_at(layer, k, v, meta.slot)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=meta.mask,
-                                              enable_gqa=q.shape[1] != k.shape[1])
+        return softcap_attention(q, k, v, attn_mask=meta.mask, softcap=softcap,
+                                 enable_gqa=q.shape[1] != k.shape[1])
     if not isinstance(meta, AttentionMetadata):
         from mlx_core.models.paged import paged_attend
 
-        return paged_attend(q, k, v, meta, layer)
+        return paged_attend(q, k, v, meta, layer, softcap)
     if meta.cache is not None:
         k, v = meta.cache.update(layer, k, v)
-    return F.scaled_dot_product_attention(
+    return softcap_attention(
         q, k, v,
         attn_mask=meta.mask,
         is_causal=meta.mask is None and q.shape[2] > 1,
+        softcap=softcap,
         enable_gqa=q.shape[1] != k.shape[1],
     )

@@ -66,7 +66,9 @@ class DecodeStep(nn.Module):
         for layer, (cos_sin, meta) in zip(backbone.layers, backbone.layer_inputs(tables, metas),
                                           strict=True):
             x = layer(x, cos_sin, meta)
-        return self.lm_head(backbone.norm(x))[:, 0]
+        logits = self.lm_head(backbone.norm(x))[:, 0]
+        cap = backbone.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 # compiled steps per model, per (batch size, cache length); dropped with their model

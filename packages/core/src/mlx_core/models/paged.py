@@ -112,7 +112,8 @@ class PagedAttentionMetadata:
 _DECODE_GROUPS = 4
 
 
-def paged_attend(q, k, v, meta: PagedAttentionMetadata, layer: int) -> torch.Tensor:
+def paged_attend(q, k, v, meta: PagedAttentionMetadata, layer: int,
+                 softcap: float | None = None) -> torch.Tensor:
     """``q [1, Hq, T, D]``, ``k, v [1, Hkv, T, D]`` (packed) -> ``[1, Hq, T, D]``."""
     q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # -> [T, heads, D]
     key_cache, value_cache = meta.cache.keys[layer], meta.cache.values[layer]
@@ -122,14 +123,14 @@ def paged_attend(q, k, v, meta: PagedAttentionMetadata, layer: int) -> torch.Ten
     for start, end, columns in meta.decode_groups if d else ():
         parts.append(paged_attention_decode(
             q[start:end], key_cache, value_cache, meta.block_tables[start:end, :columns],
-            meta.context_lens[start:end], sliding_window=meta.sliding_window))
+            meta.context_lens[start:end], sliding_window=meta.sliding_window, softcap=softcap))
     if meta.cu_seqlens_q is not None and meta.prefills_are_whole:
         # no cached prefix: attend over the packed new keys/values, no read-back from the cache
         parts.append(varlen_attention(q[d:], k[d:], v[d:], meta.cu_seqlens_q, meta.cu_seqlens_q,
-                                      sliding_window=meta.sliding_window))
+                                      sliding_window=meta.sliding_window, softcap=softcap))
     elif meta.cu_seqlens_q is not None:
         parts.append(varlen_attention(q[d:], key_cache, value_cache, meta.cu_seqlens_q,
                                       meta.cu_seqlens_k, sliding_window=meta.sliding_window,
-                                      block_tables=meta.block_tables[d:]))
+                                      block_tables=meta.block_tables[d:], softcap=softcap))
     out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out.transpose(0, 1)[None]

@@ -1,5 +1,5 @@
 """ONE config-driven decoder for every family: Llama 2/3, Mistral, Qwen2, Qwen3, OLMo 2,
-Phi-3, Gemma 3 (text), SmolLM2, GPT-2, Mixtral.
+Phi-3, Gemma 2 and 3 (text), SmolLM2, GPT-2, Mixtral.
 
 Module and parameter names follow HF's Llama layout (``model.layers.0.self_attn.q_proj.weight``)
 so Llama-family checkpoints and PEFT adapters map with no renaming; MoE layers use Mixtral's
@@ -86,6 +86,7 @@ class Attention(nn.Module):
         # a scale other than 1/sqrt(head_dim) (Gemma's query_pre_attn_scalar) goes into the
         # queries, so every attention path (SDPA, paged, varlen kernels) runs unchanged
         self.query_scale = config.attention_scale * self.head_dim**0.5
+        self.softcap = config.attn_logit_softcapping
 
     def forward(self, x, cos_sin, meta: AttentionMetadata) -> torch.Tensor:
         b, t, _ = x.shape
@@ -102,7 +103,7 @@ class Attention(nn.Module):
             q, k = rope(q, *cos_sin), rope(k, *cos_sin)
         if self.query_scale != 1.0:
             q = q * self.query_scale
-        out = attend(q, k, v, meta, self.layer)
+        out = attend(q, k, v, meta, self.layer, self.softcap)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -399,7 +400,12 @@ class Transformer(nn.Module):
             hidden = hidden[:, logits_to_keep]
         elif logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return self.lm_head(hidden)
+        return self.capped(self.lm_head(hidden))
+
+    def capped(self, logits: torch.Tensor) -> torch.Tensor:
+        """The output logits, soft-capped where the config says so (Gemma 2)."""
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if labels.shape != hidden.shape[:2]:
@@ -409,6 +415,10 @@ class Transformer(nn.Module):
             )
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         y = labels[:, 1:].reshape(-1).to(h.device)
+        if self.config.final_logit_softcapping is not None:
+            # the fused loss takes no cap on the logits: they are built, capped, then scored
+            logits = self.capped(self.lm_head(h)).float()
+            return torch.nn.functional.cross_entropy(logits, y, ignore_index=-100)
         head = self.lm_head
         weight = head.weight if isinstance(head, nn.Linear) else head.dequantized_weight()
         return fused_linear_cross_entropy(h, weight, y, bias=head.bias)
