@@ -73,6 +73,14 @@ PRESETS: dict[str, ModelConfig] = {
         num_kv_heads=8, head_dim=128, intermediate_size=3072, norm_eps=1e-6,
         rope_theta=1000000.0, max_position_embeddings=40960, qk_norm="head",
         tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645),
+    # google/gemma-2-2b's config.json (HF's Gemma2Config defaults), through the HF reader
+    "gemma-2-2b": config_from_hf({
+        "model_type": "gemma2", "vocab_size": 256000, "hidden_size": 2304,
+        "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8,
+        "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 8192,
+        "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "sliding_window": 4096, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+        "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}),
     # google/gemma-3-1b-it's config.json, through the HF reader (one sliding layer form)
     "gemma-3-1b": config_from_hf({
         "model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 1152,
