@@ -52,6 +52,17 @@ def test_hf_peft_adapter_loads_into_ours(hf_dir, tmp_path, targets, use_rslora):
         assert (_logits(ours) - _logits(theirs)).abs().max() < 1e-5
 
 
+def _assert_all_linear_adapter_matches_peft(hf, tmp_path):
+    """A PEFT LoRA over every linear layer of ``hf``, loaded into the zoo model of the same
+    checkpoint, gives PEFT's logits (1e-5)."""
+    hf.save_pretrained(tmp_path / "base")
+    theirs = hf_get_peft_model(hf.eval(), HFLoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                       init_lora_weights=False))
+    theirs.save_pretrained(tmp_path / "adapter")
+    ours = PeftModel.from_pretrained(load_model(tmp_path / "base"), tmp_path / "adapter").eval()
+    assert (_logits(ours) - _logits(theirs.eval())).abs().max() < 1e-5
+
+
 def test_peft_adapter_on_qwen3_loads_into_the_zoo(tmp_path):
     """Qwen3's q/k norms sit between the projections LoRA wraps and RoPE: a PEFT adapter over
     every linear layer of an HF Qwen3 gives the same logits on the zoo model (1e-5)."""
@@ -59,12 +70,7 @@ def test_peft_adapter_on_qwen3_loads_into_the_zoo(tmp_path):
     hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=64))
-    hf.save_pretrained(tmp_path / "base")
-    theirs = hf_get_peft_model(hf.eval(), HFLoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                       init_lora_weights=False))
-    theirs.save_pretrained(tmp_path / "adapter")
-    ours = PeftModel.from_pretrained(load_model(tmp_path / "base"), tmp_path / "adapter").eval()
-    assert (_logits(ours) - _logits(theirs.eval())).abs().max() < 1e-5
+    _assert_all_linear_adapter_matches_peft(hf, tmp_path)
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
@@ -81,12 +87,7 @@ def test_peft_adapter_on_gemma_loads_into_the_zoo(tmp_path, family):
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
         sliding_window=4, layer_types=["sliding_attention", "full_attention"]))
-    hf.save_pretrained(tmp_path / "base")
-    theirs = hf_get_peft_model(hf.eval(), HFLoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                       init_lora_weights=False))
-    theirs.save_pretrained(tmp_path / "adapter")
-    ours = PeftModel.from_pretrained(load_model(tmp_path / "base"), tmp_path / "adapter").eval()
-    assert (_logits(ours) - _logits(theirs.eval())).abs().max() < 1e-5
+    _assert_all_linear_adapter_matches_peft(hf, tmp_path)
 
 
 def test_our_adapter_loads_into_hf_peft(hf_dir, tmp_path):
