@@ -1,8 +1,8 @@
-"""TensorBoard, MLflow and W&B logger callbacks: event files read back, the logging calls made
-(with stand-in modules for packages that are not installed) and the install hint when missing."""
+"""TensorBoard, MLflow and W&B logger callbacks, each with its real library (offline / local):
+what the run logged, read back (TensorBoard's event files, MLflow's store through its client,
+W&B's offline run file), and the install hint when the package is missing."""
 
 import sys
-import types
 
 import pytest
 import torch
@@ -10,6 +10,7 @@ import torch
 from mlx_train.callback.loggers import MLflowCallback, TensorBoardCallback, WandbCallback
 
 from ..helpers import make_learner, two_groups
+from ..trackers import mlflow_history, mlflow_runs, wandb_runs
 
 
 def test_tensorboard_writes_event_files_with_the_recorders_values(tmp_path):
@@ -48,83 +49,47 @@ def test_missing_package_names_the_pip_install(monkeypatch, cls, module, pip):
         cls()
 
 
-def _fake_mlflow():
-    calls = []
-    mod = types.ModuleType("mlflow")
-    state = {"run": None}
-    mod.set_tracking_uri = lambda uri: calls.append(("uri", uri))
-    mod.set_experiment = lambda name: calls.append(("experiment", name))
-    mod.active_run = lambda: state["run"]
+def test_mlflow_logs_a_local_run(mlflow_uri, tmp_path):
+    import mlflow
 
-    def start_run(run_name=None):
-        state["run"] = run_name or "run"
-        calls.append(("start", run_name))
-
-    def end_run():
-        state["run"] = None
-        calls.append(("end",))
-
-    mod.start_run, mod.end_run = start_run, end_run
-    mod.log_params = lambda params: calls.append(("params", params))
-    mod.log_metrics = lambda metrics, step: calls.append(("metrics", metrics, step))
-    return mod, calls
-
-
-def test_mlflow_calls(monkeypatch, tmp_path):
-    mod, calls = _fake_mlflow()
-    monkeypatch.setitem(sys.modules, "mlflow", mod)
     torch.manual_seed(0)
     learn = make_learner(path=tmp_path)
     with learn.no_logging():
-        learn.fit(2, lr=1e-3, cbs=MLflowCallback("exp", run_name="r1", tracking_uri="file:x",
+        learn.fit(2, lr=1e-3, cbs=MLflowCallback("exp", run_name="r1", tracking_uri=mlflow_uri,
                                                  log_every=2, params={"note": "hi"}))
-    assert calls[:3] == [("uri", "file:x"), ("experiment", "exp"), ("start", "r1")]
-    params = calls[3][1]
-    assert params["note"] == "hi" and params["n_epoch"] == 2 and params["lr_0"] == 1e-3
-    batch = [c for c in calls if c[0] == "metrics" and "train/loss" in c[1]]
-    assert [c[2] for c in batch] == [2, 4, 6, 8, 10, 12]  # every 2nd batch
-    assert [c[1]["train/loss"] for c in batch] == pytest.approx(learn.recorder.raw_losses[1::2])
-    epochs = [c for c in calls if c[0] == "metrics" and "epoch/valid_loss" in c[1]]
-    assert [(c[2], c[1]["epoch/valid_loss"]) for c in epochs] == \
+    (run,) = mlflow_runs(mlflow_uri, "exp")
+    assert run.info.run_name == "r1" and run.info.status == "FINISHED"  # started, then ended
+    params = run.data.params  # strings, as MLflow keeps them
+    assert params["note"] == "hi" and params["n_epoch"] == "2" and float(params["lr_0"]) == 1e-3
+    batch = mlflow_history(mlflow_uri, run.info.run_id, "train/loss")
+    assert [step for step, _ in batch] == [2, 4, 6, 8, 10, 12]  # every 2nd batch
+    assert [v for _, v in batch] == pytest.approx(learn.recorder.raw_losses[1::2])
+    assert mlflow_history(mlflow_uri, run.info.run_id, "epoch/valid_loss") == \
         [(i, pytest.approx(row[1])) for i, row in enumerate(learn.recorder.values)]
-    assert calls[-1] == ("end",)
     # inside an active run: logs into it and leaves it open
-    calls.clear()
-    mod.start_run("outer")
-    with learn.no_logging():
-        learn.fit(1, lr=1e-3, cbs=MLflowCallback())
-    assert ("end",) not in calls and mod.active_run() == "outer"
+    with mlflow.start_run(run_name="outer") as outer:
+        with learn.no_logging():
+            learn.fit(1, lr=1e-3, cbs=MLflowCallback())
+        assert mlflow.active_run().info.run_id == outer.info.run_id
+    assert len(mlflow_history(mlflow_uri, outer.info.run_id, "train/loss")) == 6
+    assert len(mlflow_runs(mlflow_uri, "exp")) == 2
 
 
-def test_wandb_calls(monkeypatch, tmp_path):
-    calls = []
-    mod = types.ModuleType("wandb")
-    mod.run = None
-
-    def init(**kwargs):
-        mod.run = "run"
-        calls.append(("init", kwargs))
-
-    def finish():
-        mod.run = None
-        calls.append(("finish",))
-
-    mod.init, mod.finish = init, finish
-    mod.log = lambda values, step: calls.append(("log", values, step))
-    monkeypatch.setitem(sys.modules, "wandb", mod)
+def test_wandb_logs_an_offline_run(wandb_offline, tmp_path):
     torch.manual_seed(0)
     learn = make_learner(path=tmp_path)
     with learn.no_logging():
-        learn.fit(1, lr=1e-3, cbs=WandbCallback(project="p", name="n", mode="offline",
+        learn.fit(1, lr=1e-3, cbs=WandbCallback(project="p", name="n", tags=["offline"],
                                                 config={"extra": 1}))
-    kind, kwargs = calls[0]
-    assert kind == "init" and kwargs["project"] == "p" and kwargs["mode"] == "offline"
-    assert kwargs["config"]["extra"] == 1 and kwargs["config"]["model"] == "MLP"
-    logs = [c for c in calls if c[0] == "log"]
-    assert [c[2] for c in logs] == [1, 2, 3, 4, 5, 6, 6]  # six batches, then the epoch row
-    assert logs[-1][1]["epoch"] == 0 and logs[-1][1]["epoch/valid_loss"] == \
+    (run,) = wandb_runs(wandb_offline)
+    assert (run["project"], run["name"], run["tags"]) == ("p", "n", ["offline"])  # init kwargs
+    assert run["config"]["extra"] == 1 and run["config"]["model"] == "MLP"
+    assert run["finished"]  # the run it started is finished
+    steps = run["history"]
+    assert [s["_step"] for s in steps] == [1, 2, 3, 4, 5, 6]  # six batches; the epoch row at 6
+    assert [s["train/loss"] for s in steps] == pytest.approx(learn.recorder.raw_losses)
+    assert steps[-1]["epoch"] == 0 and steps[-1]["epoch/valid_loss"] == \
         pytest.approx(learn.recorder.values[0][1])
-    assert calls[-1] == ("finish",)
 
 
 def test_log_every_is_checked():

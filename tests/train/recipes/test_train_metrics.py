@@ -3,14 +3,15 @@ TensorBoard files they reach (read back with TensorBoard's own reader), and the 
 
 import csv
 import json
+import sys
 
 import pytest
 import torch
 
 from mlx_train import GradientAccumulation, GradientClip, TensorBoardCallback, recipes
 from mlx_train.callback import train_metrics
+from mlx_train.callback.loggers import MetricsCSVLogger
 from mlx_train.callback.train_metrics import (
-    MetricsCSVLogger,
     TrainMetrics,
     count_tokens,
     peak_memory_mib,
@@ -126,13 +127,15 @@ def test_count_tokens():
         TrainMetrics(0)
 
 
-def test_run_loggers_options():
+def test_run_loggers_options(monkeypatch):
+    for module in ("mlflow", "wandb"):  # as where they are not installed
+        monkeypatch.setitem(sys.modules, module, None)
     names = [type(cb).__name__ for cb in run_loggers()]
     assert names == ["TrainMetrics", "MetricsCSVLogger", "CSVLogger", "TensorBoardCallback"]
     assert [type(cb).__name__ for cb in run_loggers(tensorboard=False, history=False)] == \
         ["TrainMetrics", "MetricsCSVLogger"]
     with pytest.raises(ImportError, match="pip install mlflow"):
-        run_loggers(mlflow=True)  # not installed here; true asks for it, auto would skip it
+        run_loggers(mlflow=True)  # not installed; true asks for it, auto would skip it
     assert len(run_loggers(mlflow="auto", wandb="auto")) == 4
 
 

@@ -19,7 +19,8 @@ import torch.multiprocessing as mp
 
 from mlx_train import DistributedCallback, recipes
 from mlx_train.callback import train_metrics
-from mlx_train.callback.train_metrics import MetricsCSVLogger, TrainMetrics
+from mlx_train.callback.loggers import MetricsCSVLogger
+from mlx_train.callback.train_metrics import TrainMetrics
 from mlx_train.metrics import AvgMetric, accuracy
 
 from ..helpers import make_learner

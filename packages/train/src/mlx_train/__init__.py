@@ -49,7 +49,12 @@ from mlx_train.callback import (
     steep,
     valley,
 )
-from mlx_train.callback.loggers import MLflowCallback, TensorBoardCallback, WandbCallback
+from mlx_train.callback.loggers import (
+    MLflowCallback,
+    SinkCallback,
+    TensorBoardCallback,
+    WandbCallback,
+)
 from mlx_train.callback.mixup import CutMix, MixUp, ProgressiveResize
 from mlx_train.data import DataLoaders, Loader, Normalize, RandomSplitter, StratifiedSplitter
 from mlx_train.distributed import DistributedCallback
@@ -98,6 +103,7 @@ __all__ = [
     # data augmentation, samplers, vision / tabular / text learners, loggers, distributed
     "Augment", "BucketSampler", "ColourJitter", "DistributedCallback", "Flip", "ImageDataLoaders",
     "CutMix", "MLflowCallback", "MixUp", "ProgressiveResize", "RandomResizedCrop", "Rotate",
+    "SinkCallback",
     "TabularDataLoaders", "TensorBoardCallback", "TextDataLoaders", "WandbCallback",
     "aug_transforms", "tabular_learner", "text_classifier_learner", "vision_learner",
     "weighted_sampler",

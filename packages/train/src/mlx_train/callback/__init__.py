@@ -13,7 +13,7 @@ from mlx_train.callback.core import (
     TrainEvalCallback,
 )
 from mlx_train.callback.fp16 import MixedPrecision
-from mlx_train.callback.logger import CSVLogger
+from mlx_train.callback.loggers import CSVLogger
 from mlx_train.callback.lr_finder import LRFinder, minimum, slide, steep, valley
 from mlx_train.callback.preds import GatherPredsCallback
 from mlx_train.callback.progress import ProgressCallback

@@ -1,4 +1,5 @@
-"""``ProgressCallback``: rich progress bars (epochs, batches with the live loss) and the epoch table."""
+"""``ProgressCallback``: rich progress bars (epochs, batches with the live loss) and the epoch
+table (``mlx_train.sinks.ConsoleSink``, the table a loop without a Learner prints too)."""
 
 from __future__ import annotations
 
@@ -13,18 +14,11 @@ from rich.progress import (
 )
 
 from mlx_train.callback.core import Callback
+from mlx_train.sinks.console import ConsoleSink
 
 
 def no_log(row) -> None:
     """The learner's logger inside ``Learner.no_logging()``: drops every row."""
-
-
-def format_row(row, widths: list[int]) -> str:
-    cells = []
-    for v, w in zip(row, widths, strict=False):
-        text = f"{v:.6f}" if isinstance(v, float) else str(v)
-        cells.append(text.ljust(w))
-    return "  ".join(cells).rstrip()
 
 
 class ProgressCallback(Callback):
@@ -44,7 +38,8 @@ class ProgressCallback(Callback):
 
     def before_fit(self):
         console = self.console or Console()
-        self._console = console
+        self.table = ConsoleSink(console)
+        self.table.open()
         self.batch_task = None
         if self.learn.show_bar and console.is_terminal:  # bars are useless in logs and pipes
             self.progress = Progress(
@@ -56,19 +51,11 @@ class ProgressCallback(Callback):
             self.epoch_task = self.progress.add_task("epoch", total=self.learn.n_epoch,
                                                      completed=start, info="")
         if self.learn.logger is not no_log:
-            self._old_logger, self.learn.logger = self.learn.logger, self._write_row
-            names = self.learn.recorder.metric_names if self._has_recorder() else []
-            self._widths = [max(len(n), 9) for n in names]
-            if names:
-                console.print(format_row(names, self._widths), highlight=False)
+            self._old_logger, self.learn.logger = self.learn.logger, self.table.write
+            self.table.header(self.learn.recorder.metric_names if self._has_recorder() else [])
 
     def _has_recorder(self) -> bool:
         return any(type(cb).__name__ == "Recorder" for cb in self.learn.cbs)
-
-    def _write_row(self, row) -> None:
-        widths = getattr(self, "_widths", [])
-        widths = widths + [9] * (len(row) - len(widths))
-        self._console.print(format_row(row, widths), highlight=False)
 
     def _start_batches(self, name: str):
         if self.progress is None:

@@ -118,7 +118,7 @@ class Recorder(Callback):
         self.learn.final_record = self.log[1:]
         self.values.append(self.learn.final_record)
         if self.add_time:
-            self.log.append(_format_time(time.time() - self.start_time))
+            self.log.append(format_time(time.time() - self.start_time))
         self.learn.logger(self.log)
         self.iters.append(self.smooth_loss.count)
 
@@ -170,10 +170,11 @@ def _item(v):
         return v
 
 
-def _format_time(t: float) -> str:
+def format_time(t: float) -> str:
+    """Seconds as the epoch table's ``time`` column: ``mm:ss``, ``h:mm:ss`` from an hour."""
     t = int(t)
     h, m, s = t // 3600, (t // 60) % 60, t % 60
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
-__all__ = ["Recorder"]
+__all__ = ["Recorder", "format_time"]

@@ -7,12 +7,11 @@ the values are read to the host once per interval, so logging adds no synchronis
 steps in between. The gradient norm is taken at the interval's last step only, and then from
 ``GradientClip`` when it already computed it (the norm before clipping).
 
-A *sink* is any attached callback with ``log_batch(values, step)``: ``MetricsCSVLogger`` and
-the tracker loggers (``TensorBoardCallback``, ``MLflowCallback``, ``WandbCallback``). While
-``TrainMetrics`` is attached it is their only source of per-step values (their own per-batch
-loss / lr logging is paused), so each tag has one writer. A training loop without a Learner
-(``pretrain backend=jax``) makes its own rows and sends them through ``LoopLoggers``: the same
-CSV file and TensorBoard tags.
+Each row goes to the attached ``SinkCallback``s (``mlx_train.sinks``: ``MetricsCSVLogger``,
+``TensorBoardCallback``, ``MLflowCallback``, ``WandbCallback``). While ``TrainMetrics`` is
+attached it is their only source of per-step values (their own per-batch loss / lr logging is
+off), so each tag has one writer. A training loop without a Learner (``pretrain backend=jax``)
+makes the same rows and sends them through the same sinks (``mlx_train.sinks.Sinks``).
 
 Under ``torch.distributed`` (``mlx train RECIPE --nproc N``: DDP or FSDP2) the rows describe
 the GLOBAL batch, not rank 0's share of it: every process keeps a ``TrainMetrics`` (one
@@ -24,9 +23,7 @@ counts, the tokens or items, the ``batch_metrics``' totals and counts, the peak 
 
 from __future__ import annotations
 
-import csv
 import importlib.util
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,6 +32,15 @@ from typing import Literal
 import torch
 
 from mlx_train.callback.core import Callback
+from mlx_train.callback.loggers import (
+    CSVLogger,
+    MetricsCSVLogger,
+    MLflowCallback,
+    SinkCallback,
+    TensorBoardCallback,
+    WandbCallback,
+)
+from mlx_train.sinks import Sinks
 
 IGNORE_INDEX = -100
 
@@ -218,11 +224,7 @@ class TrainMetrics(Callback):
 
     def before_fit(self):
         self._reset()
-        self.sinks = [cb for cb in self.learn.cbs
-                      if cb is not self and callable(getattr(cb, "log_batch", None))]
-        self._paused = [cb for cb in self.sinks if hasattr(cb, "batch_values") and cb.run_train]
-        for cb in self._paused:  # trackers log loss / lr themselves per batch; we send those now
-            cb.run_train = False
+        self.sinks = [cb for cb in self.learn.cbs if isinstance(cb, SinkCallback)]
         p = next(self.learn.model.parameters(), None)
         self.device = p.device if p is not None else torch.device("cpu")
         self.rank = _rank_world()[0]
@@ -282,9 +284,6 @@ class TrainMetrics(Callback):
         self.cleanup()
 
     def cleanup(self):
-        for cb in getattr(self, "_paused", []):
-            cb.run_train = True
-        self._paused = []
         learn = self.__dict__.get("learn")
         # the fit is over (not a validate() inside it): the next fit joins again, or runs alone
         if learn is not None and not getattr(learn, "in_fit", False):
@@ -350,129 +349,11 @@ class TrainMetrics(Callback):
         self.rows.append({"step": step, "epoch": self.learn.epoch, **values})
         if not self.across_ranks or self.rank == 0:  # one writer for the processes
             for sink in self.sinks:
-                sink.log_batch(values, step)
+                sink.log_step(step, self.learn.epoch, values)
         started = self.started
         self._reset()
         self.started = started
         return values
-
-
-class MetricsCSVLogger(Callback):
-    """A sink that appends each row ``TrainMetrics`` sends to ``learn.path / fname`` (columns:
-    ``step``, ``epoch``, then the values without their ``train/`` prefix, as first logged).
-    ``append=True`` continues an existing file (a resumed run), writing no second header."""
-
-    order = 60
-
-    def __init__(self, fname: str | Path = "train_metrics.csv", append: bool = True):
-        self.fname, self.append = Path(fname), append
-        self.file = self.writer = None
-        self.columns: list[str] | None = None
-        self.directory: Path | None = None  # set by ``open``: a loop without a Learner
-
-    @property
-    def filepath(self) -> Path:
-        if self.fname.is_absolute():
-            return self.fname
-        return Path(self.learn.path if self.directory is None else self.directory) / self.fname
-
-    def before_fit(self):
-        self.open()
-
-    def open(self, directory: str | Path | None = None) -> None:
-        """Open the file for rows: in ``directory`` (a loop without a Learner), else in the
-        learner's path (``before_fit``)."""
-        if directory is not None:
-            self.directory = Path(directory)
-        path = self.filepath
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.columns = None
-        if self.append and path.exists() and path.stat().st_size > 0:
-            with path.open(newline="") as f:
-                self.columns = next(csv.reader(f), None)
-        self.file = path.open("a" if self.append else "w", newline="")
-        self.writer = csv.writer(self.file)
-
-    def log_batch(self, values: dict, step: int, epoch: int | None = None) -> None:
-        row = {"step": step, "epoch": self.learn.epoch if epoch is None else epoch,
-               **{k.removeprefix("train/"): v for k, v in values.items()}}
-        if self.columns is None:
-            self.columns = list(row)
-            self.writer.writerow(self.columns)
-        self.writer.writerow([row.get(c, "") for c in self.columns])
-        self.file.flush()  # a crashed run keeps its rows (not fsynced: that costs per interval)
-
-    def after_epoch(self):
-        if self.file is not None:
-            os.fsync(self.file.fileno())
-
-    def after_fit(self):
-        self.cleanup()
-
-    def cleanup(self):
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-
-    def read_log(self) -> list[dict]:
-        with self.filepath.open(newline="") as f:
-            return list(csv.DictReader(f))
-
-
-class LoopLoggers:
-    """The step-metric sinks of a ``logger=`` config for a training loop without a Learner
-    (``pretrain backend=jax``): its ``MetricsCSVLogger`` and ``TensorBoardCallback``, writing
-    in ``directory`` the file and tags a Learner's run writes. The loop makes each row (keys as
-    ``TrainMetrics.values``) every ``log_every`` optimizer steps (``TrainMetrics``' setting;
-    None: the config makes no step metrics) and sends it with ``log(values, step, epoch)``
-    (kept in ``rows`` too); ``close()`` at the end. MLflow / W&B describe a Learner's run and
-    are left out (``skipped``)."""
-
-    def __init__(self, loggers, directory: str | Path):
-        from mlx_train.callback.loggers import TensorBoardCallback
-
-        loggers = loggers if isinstance(loggers, list) else [loggers] if loggers else []
-        source = next((cb for cb in loggers if isinstance(cb, TrainMetrics)), None)
-        self.log_every = source.log_every if source is not None else None
-        self.csv = self.tensorboard = self.tensorboard_dir = None
-        self.skipped: list[Callback] = []
-        self.rows: list[dict] = []
-        if self.log_every is None:
-            return
-        for cb in loggers:
-            if isinstance(cb, MetricsCSVLogger):
-                self.csv = cb
-                cb.open(directory)
-            elif isinstance(cb, TensorBoardCallback):
-                self.tensorboard = cb
-                log_dir = cb.log_dir if cb.log_dir.is_absolute() else Path(directory) / cb.log_dir
-                # its before_fit also records a Learner's hyper-parameters: open the writer only
-                cb.writer = cb._writer_cls(log_dir=str(log_dir))
-                self.tensorboard_dir = log_dir
-            elif callable(getattr(cb, "log_batch", None)):
-                self.skipped.append(cb)
-
-    def where(self) -> list[str]:
-        """One line per place the rows go (as ``where_logged`` says it for a Learner)."""
-        lines = []
-        if self.csv is not None:
-            lines.append(f"step metrics every {self.log_every} optimizer steps: "
-                         f"{self.csv.filepath}")
-        if self.tensorboard is not None:
-            lines.append(f"TensorBoard: tensorboard --logdir {self.tensorboard_dir}")
-        return lines
-
-    def log(self, values: dict[str, float], step: int, epoch: int) -> None:
-        self.rows.append({"step": step, "epoch": epoch, **values})
-        if self.csv is not None:
-            self.csv.log_batch(values, step, epoch)
-        if self.tensorboard is not None:
-            self.tensorboard.log_batch(values, step)
-
-    def close(self) -> None:
-        for sink in (self.csv, self.tensorboard):
-            if sink is not None:
-                sink.cleanup()
 
 
 Switch = bool | Literal["auto"]
@@ -500,9 +381,6 @@ def run_loggers(log_every: int = 10, csv: bool = True, tensorboard: Switch = "au
 
     ``"auto"``: on when the package is installed. ``True`` fails here, before any training, when
     it is not, naming the pip install."""
-    from mlx_train.callback.logger import CSVLogger
-    from mlx_train.callback.loggers import MLflowCallback, TensorBoardCallback, WandbCallback
-
     cbs: list[Callback] = [TrainMetrics(log_every)]
     if csv:
         cbs.append(MetricsCSVLogger(csv_file, append=True))
@@ -519,27 +397,17 @@ def run_loggers(log_every: int = 10, csv: bool = True, tensorboard: Switch = "au
 
 def where_logged(learn) -> list[str]:
     """One line per place the learner's loggers write to (for the recipe to print)."""
-    from mlx_train.callback.logger import CSVLogger
-    from mlx_train.callback.loggers import MLflowCallback, TensorBoardCallback, WandbCallback
-
-    lines = []
     metrics = learn.cb("train_metrics")
-    for cb in learn.cbs:
-        if isinstance(cb, MetricsCSVLogger):
-            lines.append(f"step metrics every {metrics.log_every if metrics else '?'} "
-                         f"optimizer steps: {cb.filepath}")
-        elif isinstance(cb, CSVLogger):
-            lines.append(f"epoch table: {cb.filepath}")
-        elif isinstance(cb, TensorBoardCallback):
-            lines.append(f"TensorBoard: tensorboard --logdir {cb.path}")
-        elif isinstance(cb, MLflowCallback):
-            lines.append("MLflow: " + (f"experiment {cb.experiment}" if cb.experiment
-                                       else "the active / default experiment"))
-        elif isinstance(cb, WandbCallback):
-            lines.append("Weights & Biases: " + (f"project {cb.project}" if cb.project
-                                                 else "the default project"))
-    return lines
+    sinks = [cb.sink for cb in learn.cbs if isinstance(cb, SinkCallback)]
+    return describe_logs(sinks, Path(learn.path), metrics.log_every if metrics else None)
 
 
-__all__ = ["LoopLoggers", "MetricsCSVLogger", "TrainMetrics", "count_tokens", "full_value",
-           "grad_norm", "peak_memory_mib", "run_loggers", "summed_state", "where_logged"]
+def describe_logs(sinks, directory: Path, log_every: int | None) -> list[str]:
+    """How often step rows are made (``log_every`` optimizer steps; None: no step rows) and,
+    one line each, where ``sinks`` write under ``directory``."""
+    lines = [f"step metrics every {log_every} optimizer steps"] if log_every else []
+    return lines + Sinks(sinks).where(directory)
+
+
+__all__ = ["TrainMetrics", "count_tokens", "describe_logs", "full_value", "grad_norm",
+           "peak_memory_mib", "run_loggers", "summed_state", "where_logged"]

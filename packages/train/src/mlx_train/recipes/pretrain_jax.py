@@ -11,11 +11,13 @@ with fewer than 2 dimensions). The loss is the zoo's, through ``mlx_jax``'s jitt
 ``train_step``; gradient clipping is ``optax.clip_by_global_norm``; ``train.grad_accum=k``
 steps once per ``k`` batches (their gradients summed over tokens).
 
-What a run writes matches the torch path: ``history.csv`` (epoch, train_loss: the debiased
-moving average the Recorder keeps, valid_loss, perplexity, time), the step metrics of the
-``logger`` config (``train_metrics.csv`` and TensorBoard: loss, lr, grad_norm before clipping,
-tokens_per_s, peak_mem_mib every ``logger.log_every`` optimizer steps, as ``TrainMetrics``
-logs them; through ``LoopLoggers``), ``run_dir/model`` (HF format with the tokenizer) and
+What a run writes matches the torch path: the rows go through the sinks of the ``logger``
+config (``mlx_train.sinks``, as the Learner's logger callbacks drive them) and the console
+table: the epoch rows (epoch, train_loss: the debiased moving average the Recorder keeps,
+valid_loss, perplexity, time; ``history.csv``) and the step rows (loss, lr, grad_norm before
+clipping, tokens_per_s, peak_mem_mib every ``logger.log_every`` optimizer steps, as
+``TrainMetrics`` makes them; ``train_metrics.csv``, TensorBoard, MLflow, W&B), then
+``run_dir/model`` (HF format with the tokenizer) and
 ``checkpoints/last.safetensors`` (here: parameters, optimizer state, step and the data
 loaders' generators, in the same file the torch path uses), from which ``resume=true``
 continues exactly.
@@ -23,7 +25,6 @@ continues exactly.
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from pathlib import Path
@@ -35,7 +36,6 @@ from omegaconf import DictConfig, OmegaConf
 from mlx_train.recipes.base import RunDir, has_node, instantiate, say
 
 MOMS = (0.95, 0.85, 0.95)  # the Learner's default (fastai's): Adam's beta1 through 1cycle
-HISTORY_FIELDS = ["epoch", "train_loss", "valid_loss", "perplexity", "time"]
 
 
 def hyper_schedules(cfg: DictConfig, lr: float, total_steps: int) -> dict[str, list[float]]:
@@ -122,12 +122,13 @@ def _peak_mem_mib() -> float:
 
 class StepMetrics:
     """The rows ``TrainMetrics`` makes for a Learner, from the jitted steps: every ``log_every``
-    optimizer steps the interval's mean loss, the lr and gradient norm (before clipping) of its
-    last step, real (unmasked) tokens per second of training time, and peak memory; a last,
-    shorter interval when training ends. The step is loader batches done (``train_iter``)."""
+    optimizer steps (None: no rows) the interval's mean loss, the lr and gradient norm (before
+    clipping) of its last step, real (unmasked) tokens per second of training time, and peak
+    memory, sent to ``sinks``; a last, shorter interval when training ends. The step is loader
+    batches done (``train_iter``)."""
 
-    def __init__(self, loggers, lr_table: list[float]):
-        self.loggers, self.lr_table = loggers, lr_table
+    def __init__(self, sinks, log_every: int | None, lr_table: list[float]):
+        self.sinks, self.log_every, self.lr_table = sinks, log_every, lr_table
         self._reset()
 
     def _reset(self) -> None:
@@ -135,13 +136,13 @@ class StepMetrics:
 
     def add(self, loss: float, metrics: dict, batch: dict, seconds: float, opt_step: int,
             train_iter: int, epoch: int) -> None:
-        if self.loggers.log_every is None:
+        if self.log_every is None:
             return
         self.losses.append(loss)
         self.tokens += int(batch["attention_mask"].sum())
         self.seconds += seconds
         self.last = (metrics, opt_step, train_iter, epoch)
-        if len(self.losses) == self.loggers.log_every:
+        if len(self.losses) == self.log_every:
             self.flush()
 
     def flush(self) -> None:
@@ -153,20 +154,37 @@ class StepMetrics:
                   "train/grad_norm": float(metrics["grad_norm"]),
                   "train/tokens_per_s": self.tokens / self.seconds if self.seconds > 0 else 0.0,
                   "train/peak_mem_mib": _peak_mem_mib()}
-        self.loggers.log(values, train_iter, epoch)
+        self.sinks.log_step(train_iter, epoch, values)
         self._reset()
 
 
-def _loop_loggers(cfg: DictConfig, run: RunDir):
-    from mlx_train.callback.train_metrics import LoopLoggers
+def _loop_sinks(cfg: DictConfig, run: RunDir, hparams: dict):
+    """The console table and the sinks of the ``logger`` config's callbacks, open, and how
+    often its ``TrainMetrics`` makes step rows (None: the config makes none)."""
+    from rich.markup import escape
 
-    loggers = LoopLoggers(instantiate(cfg.logger) if has_node(cfg, "logger") else [], run.path)
-    for line in loggers.where():
-        say(f"logging {line}")
-    for cb in loggers.skipped:
-        say(f"backend=jax: {type(cb).__name__} is not supported; step metrics go to the CSV "
-            "file and TensorBoard")
-    return loggers
+    from mlx_train.callback.loggers import SinkCallback
+    from mlx_train.callback.train_metrics import TrainMetrics, describe_logs
+    from mlx_train.sinks import ConsoleSink, Sinks
+
+    loggers = instantiate(cfg.logger) if has_node(cfg, "logger") else []
+    loggers = loggers if isinstance(loggers, list) else [loggers]
+    source = next((cb for cb in loggers if isinstance(cb, TrainMetrics)), None)
+    log_every = source.log_every if source is not None else None
+    sinks = Sinks([cb.sink for cb in loggers if isinstance(cb, SinkCallback)])
+    for line in describe_logs(sinks.sinks, run.path, log_every):
+        say(f"logging {escape(line)}")
+    sinks.sinks.insert(0, ConsoleSink())
+    sinks.open(run.path, hparams)
+    return sinks, log_every
+
+
+def _hyperparams(cfg: DictConfig, torch_model, data, lr: float) -> dict:
+    """What the sinks record at the start (as ``learner_hyperparams`` does for a Learner)."""
+    return {"n_epoch": cfg.epochs, "model": type(torch_model).__name__, "backend": "jax",
+            "opt": "adamw", "lr": lr, "n_params": sum(p.numel() for p in torch_model.parameters()),
+            "bs": getattr(data.dls.train.dl, "batch_size", None),
+            "grad_accum": int(cfg.train.grad_accum), "grad_clip": cfg.train.grad_clip}
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -213,6 +231,7 @@ def pretrain_jax(cfg: DictConfig, run: RunDir, data, torch_model, tokenizer) -> 
 
     from mlx_jax import save_model
     from mlx_jax.training import create_train_state, train_step
+    from mlx_train.callback.recorder import format_time
 
     started = time.time()
     grad_accum = int(cfg.train.grad_accum)
@@ -242,8 +261,8 @@ def pretrain_jax(cfg: DictConfig, run: RunDir, data, torch_model, tokenizer) -> 
         hidden, _ = m.model(batch["input_ids"], batch["attention_mask"])
         return m.loss_terms(hidden, batch["labels"])  # (sum of token losses, token count)
 
-    loggers = _loop_loggers(cfg, run)
-    step_metrics = StepMetrics(loggers, tables["lr"])
+    sinks, log_every = _loop_sinks(cfg, run, _hyperparams(cfg, torch_model, data, lr))
+    step_metrics = StepMetrics(sinks, log_every, tables["lr"])
     opt_step, train_iter = start * n_steps, start * len(data.dls.train)  # a resumed run's
     beta, (count, val) = 0.98, smooth
     try:
@@ -267,10 +286,11 @@ def pretrain_jax(cfg: DictConfig, run: RunDir, data, torch_model, tokenizer) -> 
                 weighted += float(s) / max(int(n), 1) * ids.shape[0]
                 rows += ids.shape[0]
             valid_loss = weighted / rows
-            history.append({"epoch": epoch, "train_loss": train_loss, "valid_loss": valid_loss,
-                            "perplexity": math.exp(valid_loss),
-                            "time": round(time.time() - epoch_start, 1)})
-            say(f"epoch {epoch}: train_loss {train_loss:.4f} valid_loss {valid_loss:.4f}")
+            row = {"train_loss": train_loss, "valid_loss": valid_loss,
+                   "perplexity": math.exp(valid_loss),
+                   "time": format_time(time.time() - epoch_start)}
+            history.append({"epoch": epoch, **row})
+            sinks.log_epoch(epoch, row, train_iter)  # history.csv, the trackers, the console
             if cfg.save.checkpoint_every and ((epoch + 1) % cfg.save.checkpoint_every == 0
                                               or epoch + 1 == cfg.epochs):
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -279,8 +299,7 @@ def pretrain_jax(cfg: DictConfig, run: RunDir, data, torch_model, tokenizer) -> 
                                                            "history": history})
         step_metrics.flush()  # the last, shorter interval
     finally:
-        loggers.close()
-    _write_history(run / "history.csv", history)
+        sinks.close()
     nnx.update(model, state.params)
     saved = save_model(model, run / "model", tokenizer=tokenizer.hf, overwrite=True)
     say(f"saved {saved}")
@@ -289,13 +308,6 @@ def pretrain_jax(cfg: DictConfig, run: RunDir, data, torch_model, tokenizer) -> 
     metrics.update(epochs=len(history), backend="jax", saved=str(saved),
                    time_s=round(time.time() - started, 1))
     return metrics
-
-
-def _write_history(path: Path, history: list[dict]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
-        writer.writeheader()
-        writer.writerows(history)
 
 
 __all__ = ["hyper_schedules", "pretrain_jax"]
