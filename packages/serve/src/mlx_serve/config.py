@@ -62,6 +62,9 @@ class EngineConfig:
     # CPU fp32: a oneDNN-packed copy of each linear weight beside it (as much memory again as
     # the linear weights) for faster GEMMs, most at a decode step's few rows
     prepack_weights: bool = True
+    # q/k/v and gate/up as one GEMM each (mlx_core.transforms.fuse_projections; the same
+    # logits); a LoRA adapter loaded later splits the layers it targets again
+    fuse_projections: bool = True
     # vLLM's form, e.g. {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
     speculative_config: SpeculativeConfig | dict | None = None
     # quantize the model's weights at start: "int8", "int4", "int4-g64", "w8a8", ...

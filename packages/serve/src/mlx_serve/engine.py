@@ -92,7 +92,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler_config(), self.blocks,
                                    NgramProposer(config.speculative_config, self.max_model_len)
                                    if config.speculative_config is not None else None)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, config.prepack_weights)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.prepack_weights,
+                                  config.fuse_projections)
         eos = list(tokenizer.eos_token_ids) if tokenizer is not None else []
         if not eos and model.config.eos_token_id is not None:
             configured = model.config.eos_token_id

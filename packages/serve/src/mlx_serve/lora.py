@@ -19,8 +19,11 @@ import torch
 from torch import nn
 
 from mlx_core.peft_rules import WEIGHTS_NAME, parse_lora_key
-from mlx_core.transforms import QuantizedLinear
+from mlx_core.transforms import QuantizedLinear, unfuse_projections
 from mlx_kernels import add_lora_multi
+
+# what the refusals below point to: a command of mlx-adapters, which serving does not need
+MERGE = "`mlx adapters merge` (pip install mlx-adapters)"
 
 
 class LoraBatch:
@@ -119,6 +122,8 @@ class LoraManager:
                              f"({', '.join(self.adapters)}): unload one or raise max_loras")
         config, tensors = _read_adapter(Path(path))
         pairs = _pair_tensors(tensors, path)
+        # an adapter's layers are the zoo's separate projections: split the fused ones it reads
+        unfuse_projections(self.model, {m.rpartition(".")[0] for m in pairs})
         modules = dict(self.model.named_modules())
         rank = 0
         plan = []
@@ -131,7 +136,7 @@ class LoraManager:
             base = layer.base if isinstance(layer, MultiLoraLinear) else layer
             if module_name.split(".")[-1] == "lm_head":
                 raise ValueError(f"adapter {name!r} targets lm_head, which serving does not "
-                                 "support: merge it into the model (`mlx adapters merge`)")
+                                 f"support: merge it into the model with {MERGE}")
             if a.shape[1] != base.in_features or b.shape[0] != base.out_features \
                     or a.shape[0] != b.shape[1]:
                 raise ValueError(f"adapter {name!r}: {module_name} has lora_A {tuple(a.shape)} "
@@ -199,21 +204,20 @@ def _read_adapter(path: Path):
     kind = str(data.get("peft_type", "")).upper()
     if kind != "LORA":  # AdaLoRA, IA3, prompt learning, ...
         raise ValueError(f"{path} holds a {kind or 'typeless'} adapter; serving loads LoRA "
-                         "adapters only (merge other methods into the model with `mlx adapters "
-                         "merge`)")
+                         f"adapters only (merge other methods into the model with {MERGE})")
     config = LoraConfig.from_dict(data)
     if config.use_dora:
         raise ValueError(f"{path} is a DoRA adapter, which serving cannot apply per request: "
-                         "merge it into the model (`mlx adapters merge`) and serve that")
+                         f"merge it into the model with {MERGE} and serve that")
     if config.init_lora_weights == "olora" or pissa_iterations(config.init_lora_weights) is not None:
         raise ValueError(f"{path} is a {config.init_lora_weights!r}-initialised adapter, whose "
                          "weights only hold on its residual base model, not the served one: save "
                          "it converted to plain LoRA (PEFT's path_initial_model_for_weight_conversion)"
-                         " or merge it into the model (`mlx adapters merge`)")
+                         f" or merge it into the model with {MERGE}")
     if config.bias != "none" or config.lora_bias:
         what = f"bias={config.bias!r}" if config.bias != "none" else "lora_bias=True"
         raise ValueError(f"{path} is a LoRA adapter with {what}, whose trained biases serving "
-                         "cannot apply per request: merge it into the model (`mlx adapters merge`)")
+                         f"cannot apply per request: merge it into the model with {MERGE}")
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}")

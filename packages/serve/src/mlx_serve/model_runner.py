@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mlx_core.models.paged import PagedAttentionMetadata, PagedKVCache
-from mlx_core.transforms import prepack_linear_weights, uncopied_mlp_outputs
+from mlx_core.transforms import fuse_projections, prepack_linear_weights, uncopied_mlp_outputs
 from mlx_serve.sequence import Sequence
 
 
@@ -31,8 +31,10 @@ logger = logging.getLogger("mlx_serve")
 
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int,
-                 prepack_weights: bool = True):
+                 prepack_weights: bool = True, fuse: bool = True):
         self.model = uncopied_mlp_outputs(model)
+        if fuse:
+            fuse_projections(model)
         # on CPU in fp32 only; elsewhere nothing is packed (0 bytes)
         self.packed_bytes = prepack_linear_weights(model) if prepack_weights else 0
         if self.packed_bytes:

@@ -88,9 +88,14 @@ class Attention(nn.Module):
         self.query_scale = config.attention_scale * self.head_dim**0.5
         self.softcap = config.attn_logit_softcapping
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The queries, keys and values: three projections of ``x`` (one GEMM once
+        ``mlx_core.transforms.fuse_projections`` has fused them)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(self, x, cos_sin, meta: AttentionMetadata) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k = self.q_proj(x), self.k_proj(x)
+        q, k, v = self.project(x)
         if self.qk_norm == "projection":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(b, t, self.num_heads, self.head_dim)
@@ -98,7 +103,7 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if cos_sin is not None:
             q, k = rope(q, *cos_sin), rope(k, *cos_sin)
         if self.query_scale != 1.0:
@@ -118,8 +123,12 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(i, h, bias=bias)
         self.gated = geglu if config.mlp_kind == "geglu" else swiglu
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate and up projections of ``x`` (one GEMM once fused, as ``Attention.project``)."""
+        return self.gate_proj(x), self.up_proj(x)
+
     def forward(self, x):
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = self.project(x)
         hidden = self.gated(gate, up)
         if not worth_recomputing(hidden):
             return self.down_proj(hidden)
