@@ -52,15 +52,24 @@ def test_hf_peft_adapter_loads_into_ours(hf_dir, tmp_path, targets, use_rslora):
         assert (_logits(ours) - _logits(theirs)).abs().max() < 1e-5
 
 
-def _assert_all_linear_adapter_matches_peft(hf, tmp_path):
-    """A PEFT LoRA over every linear layer of ``hf``, loaded into the zoo model of the same
-    checkpoint, gives PEFT's logits (1e-5)."""
+def _assert_all_linear_adapter_matches_peft(hf, tmp_path, targets="all-linear"):
+    """A PEFT LoRA over every linear layer of ``hf`` (or over ``targets``), loaded into the zoo
+    model of the same checkpoint, gives PEFT's logits (1e-5); and the zoo's own adapter over the
+    same targets, loaded into PEFT, gives the zoo's."""
     hf.save_pretrained(tmp_path / "base")
-    theirs = hf_get_peft_model(hf.eval(), HFLoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+    theirs = hf_get_peft_model(hf.eval(), HFLoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                                        init_lora_weights=False))
     theirs.save_pretrained(tmp_path / "adapter")
     ours = PeftModel.from_pretrained(load_model(tmp_path / "base"), tmp_path / "adapter").eval()
     assert (_logits(ours) - _logits(theirs.eval())).abs().max() < 1e-5
+    if targets == "all-linear":
+        return
+    mine = get_peft_model(load_model(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=16, target_modules=targets, init_lora_weights=False)).eval()
+    mine.save_pretrained(tmp_path / "mine")
+    loaded = HFPeftModel.from_pretrained(type(hf).from_pretrained(tmp_path / "base"),
+                                         tmp_path / "mine").eval()
+    assert (_logits(mine) - _logits(loaded)).abs().max() < 1e-5
 
 
 def test_peft_adapter_on_qwen3_loads_into_the_zoo(tmp_path):
@@ -73,21 +82,51 @@ def test_peft_adapter_on_qwen3_loads_into_the_zoo(tmp_path):
     _assert_all_linear_adapter_matches_peft(hf, tmp_path)
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
-def test_peft_adapter_on_gemma_loads_into_the_zoo(tmp_path, family):
+_SLIDING = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+# family -> (model class, config class, its config, the adapter's targets)
+_FAMILIES = {
+    "gemma2": (transformers.Gemma2ForCausalLM, transformers.Gemma2Config,
+               dict(attn_logit_softcapping=2.0, final_logit_softcapping=5.0, **_SLIDING),
+               "all-linear"),
+    "gemma3": (transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig, _SLIDING,
+               "all-linear"),
+    # PEFT on transformers 5's Qwen3-MoE turns MLP targets into target_parameters on the fused
+    # expert tensors (which mlx_adapters does not read): the attention projections, both ways
+    "qwen3-moe": (transformers.Qwen3MoeForCausalLM, transformers.Qwen3MoeConfig,
+                  dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       norm_topk_prob=True, mlp_only_layers=[1]),
+                  ["q_proj", "k_proj", "v_proj", "o_proj"]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(_FAMILIES))
+def test_peft_adapter_on_a_family_loads_into_the_zoo(tmp_path, family):
     """Gemma 2 and 3 (scaled embeddings, sandwich norms, a sliding layer shorter than the input;
-    Gemma 2's soft-capping): a PEFT adapter over every linear layer gives the same logits on the
-    zoo model (1e-5)."""
+    Gemma 2's soft-capping), Qwen3-MoE (routed experts, then a dense layer): a PEFT adapter
+    gives the same logits on the zoo model (1e-5)."""
     torch.manual_seed(5)
-    model_class, config_class, extra = {
-        "gemma2": (transformers.Gemma2ForCausalLM, transformers.Gemma2Config,
-                   dict(attn_logit_softcapping=2.0, final_logit_softcapping=5.0)),
-        "gemma3": (transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig, {})}[family]
+    model_class, config_class, extra, targets = _FAMILIES[family]
     hf = model_class(config_class(**extra,
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-        sliding_window=4, layer_types=["sliding_attention", "full_attention"]))
-    _assert_all_linear_adapter_matches_peft(hf, tmp_path)
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64))
+    _assert_all_linear_adapter_matches_peft(hf, tmp_path, targets)
+
+
+@pytest.mark.parametrize("preset,targets", [("tiny-mixtral", ["w1", "w2", "q_proj"]),
+                                            ("tiny-qwen3-moe", ["gate_proj", "down_proj"])])
+def test_lora_on_experts_trains_and_merges(preset, targets):
+    """Experts are linear layers under their checkpoint names: an adapter on them runs the
+    experts one by one, trains every LoRA weight, and merged (the grouped matmuls again) gives
+    the same logits (1e-5)."""
+    torch.manual_seed(0)
+    model = get_peft_model(mlx_core.build_model(mlx_core.get_preset(preset)), LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    model(IDS, labels=IDS).backward()
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(".experts.3." in n for n in trained)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    adapted = _logits(model.eval())
+    assert (_logits(model.merge_and_unload()) - adapted).abs().max() < 1e-5
 
 
 def test_our_adapter_loads_into_hf_peft(hf_dir, tmp_path):

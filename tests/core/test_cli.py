@@ -52,6 +52,9 @@ def test_models_info_preset_and_unknown_name():
     qwen3 = invoke("models", "info", "qwen3-0.6b")  # 28 layers x 8 kv heads x 128 x k+v x 2 bytes
     assert qwen3.exit_code == 0 and "114,688 bytes bf16" in qwen3.output
     assert "train, tune, serve (torch); jax (mlx-jax)" in qwen3.output
+    moe = invoke("models", "info", "qwen3-30b-a3b")  # 48 layers x 4 kv heads x 128 x k+v x 2 bytes
+    assert moe.exit_code == 0 and "qwen3_moe" in moe.output and "98,304 bytes bf16" in moe.output
+    assert "30,532,122,624" in moe.output and "3,353,032,704" in moe.output  # 8 of 128 experts
     bad = invoke("models", "info", "smollm2-135")
     assert bad.exit_code == 1
     assert "Did you mean: smollm2-135m-instruct" in bad.output

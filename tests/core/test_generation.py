@@ -21,7 +21,8 @@ def _prompts():
     return [torch.randint(3, 128, (n,), generator=g).tolist() for n in (7, 3, 12)]
 
 
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-mistral", "tiny-gpt2", "tiny-mixtral"])
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-mistral", "tiny-gpt2", "tiny-mixtral",
+                                    "tiny-qwen3-moe"])
 @torch.no_grad()
 def test_cached_decoding_matches_full_forward(preset):
     torch.manual_seed(0)
@@ -46,6 +47,31 @@ def test_greedy_matches_hf_generate(tmp_path):
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
                           eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
         assert generate(ours, prompt, max_new_tokens=16, stop_token_ids=[]) == ref
+
+
+_TINY_HF = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2)
+MOE_FAMILIES = {
+    "mixtral": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        num_local_experts=4, num_experts_per_tok=2, **_TINY_HF)),
+    "qwen3-moe": lambda: transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+        mlp_only_layers=[1], **_TINY_HF)),
+}
+
+
+@pytest.mark.hf_parity
+@pytest.mark.parametrize("family", sorted(MOE_FAMILIES))
+def test_moe_greedy_matches_hf_generate(family, tmp_path):
+    """Mixtures of experts: a batch of prompts (left-padded) gives HF's greedy tokens for each
+    prompt alone."""
+    torch.manual_seed(0)
+    hf = MOE_FAMILIES[family]().eval()
+    hf.save_pretrained(tmp_path)
+    ours = load_model(tmp_path)
+    refs = [hf.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, eos_token_id=None,
+                        pad_token_id=0)[0, len(p):].tolist() for p in _prompts()]
+    assert generate(ours, _prompts(), max_new_tokens=16, stop_token_ids=[]) == refs
 
 
 def test_left_padded_batch_equals_one_by_one(tiny):

@@ -68,7 +68,22 @@ FAMILIES = {
         vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)),
     "mixtral": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(
         num_local_experts=4, num_experts_per_tok=2, **_TINY)),
+    # Qwen3-MoE: experts of moe_intermediate_size, top-k weights renormalised or not, dense
+    # layers among the sparse ones (decoder_sparse_step, mlp_only_layers), GQA ratios 2, 4, 1
+    "qwen3-moe": lambda: _qwen3_moe(norm_topk_prob=True, head_dim=32),
+    "qwen3-moe-tied-sparse-step": lambda: _qwen3_moe(
+        tie_word_embeddings=True, decoder_sparse_step=2, num_hidden_layers=3,
+        num_key_value_heads=1, num_experts=6, num_experts_per_tok=3),
+    "qwen3-moe-mlp-only-bias-window": lambda: _qwen3_moe(
+        norm_topk_prob=True, mlp_only_layers=[0], num_key_value_heads=4, attention_bias=True,
+        use_sliding_window=True, sliding_window=6),
 }
+
+
+def _qwen3_moe(**changes):
+    config = {**_TINY, "moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2,
+              **changes}
+    return transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**config))
 
 
 def _norms_perturbed(model):
@@ -135,3 +150,21 @@ def test_save_model_round_trips_to_hf(hf_and_ours, tmp_path):
     reloaded = type(hf).from_pretrained(tmp_path / "saved").eval()
     ids, mask = _inputs(seed=2)
     assert torch.equal(reloaded(ids, attention_mask=mask).logits, hf(ids, attention_mask=mask).logits)
+
+
+@pytest.mark.parametrize("preset,hf_class,published", [
+    ("qwen3-30b-a3b", transformers.Qwen3MoeForCausalLM, 30_532_122_624),  # "30.5B"
+    ("mixtral-8x7b", transformers.MixtralForCausalLM, 46_702_792_704),  # "46.7B"
+])
+def test_real_size_preset_has_the_published_parameter_count(preset, hf_class, published):
+    """The preset's config, written as config.json and built by transformers on the meta device,
+    has the parameters the zoo's model (and ``num_parameters``) has."""
+    from mlx_core import get_preset
+    from mlx_core.models.transformer import Transformer
+
+    config = get_preset(preset)
+    hf_config = hf_class.config_class(**config.to_hf_config())
+    with torch.device("meta"):
+        theirs = sum(p.numel() for p in hf_class(hf_config).parameters())
+        ours = Transformer(config).num_parameters()
+    assert theirs == ours == config.num_parameters() == published

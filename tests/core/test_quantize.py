@@ -23,7 +23,7 @@ from mlx_core.transforms import (
     quantize,
 )
 
-FAMILIES = ["tiny-llama", "tiny-gpt2", "tiny-mixtral", "tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-mistral", "tiny-gemma3", "tiny-gemma2"]
+FAMILIES = ["tiny-llama", "tiny-gpt2", "tiny-mixtral", "tiny-qwen3-moe", "tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-mistral", "tiny-gemma3", "tiny-gemma2"]
 KINDS = {"int8": Int8Linear, "int4": Int4Linear, "w8a8": W8A8Linear}
 
 
@@ -54,7 +54,8 @@ def test_quantized_logits_equal_the_dequantized_reference(family, scheme, monkey
     linears = [m for n, m in model.named_modules() if isinstance(m, KINDS[scheme])]
     assert type(model.lm_head) is (W8A8Linear if scheme == "w8a8" else Int8Linear)
     assert linears and not any(type(m) is nn.Linear or type(m).__name__ == "Linear"
-                               for n, m in model.named_modules() if not n.endswith("moe.gate"))
+                               for n, m in model.named_modules()
+                               if not n.endswith(("moe.gate", "mlp.gate")))  # MoE routers
     assert isinstance(model.model.embed_tokens, QuantizedEmbedding)
     ids = torch.randint(0, fp32.config.vocab_size, (2, 11))
     twin = _dequantized_twin(fp32, model)
@@ -78,6 +79,10 @@ def test_moe_routers_stay_full_precision():
     for layer in model.model.layers:
         assert type(layer.block_sparse_moe.gate).__name__ == "Linear"
         assert isinstance(layer.block_sparse_moe.experts[0].w1, Int8Linear)
+    qwen3_moe = quantize(_model("tiny-qwen3-moe"), "int8").model.layers
+    assert type(qwen3_moe[0].mlp.gate).__name__ == "Linear"  # the router of the sparse layer
+    assert isinstance(qwen3_moe[0].mlp.experts[0].gate_proj, Int8Linear)
+    assert isinstance(qwen3_moe[1].mlp.gate_proj, Int8Linear)  # the dense layer's MLP
 
 
 def test_tied_head_and_embedding_share_one_int8_copy():

@@ -60,8 +60,32 @@ def test_config_validation_names_the_field():
         ModelConfig.from_dict({"hidden": 3})
     with pytest.raises(ValueError, match="model_type 'bert'"):
         ModelConfig.from_hf_config({"model_type": "bert"})
-    with pytest.raises(ValueError, match=r"'qwen3_moe'.*supported: .*olmo2.*\(closest: qwen3"):
-        ModelConfig.from_hf_config({"model_type": "qwen3_moe"})
+    with pytest.raises(ValueError, match=r"'qwen2_moe'.*supported: .*olmo2.*\(closest: qwen3_moe"):
+        ModelConfig.from_hf_config({"model_type": "qwen2_moe"})
+
+
+@pytest.mark.parametrize("field,value", [("hidden_act", "gelu"), ("decoder_sparse_step", 0),
+                                         ("mlp_only_layers", [2]),
+                                         ("shared_expert_intermediate_size", 64),
+                                         ("num_experts_per_tok", 5)])
+def test_unsupported_qwen3_moe_fields_fail_at_load_naming_them(field, value, tmp_path):
+    from mlx_core import load_model
+
+    hf = {**get_preset("tiny-qwen3-moe").to_hf_config(), field: value}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=field):
+        load_model(tmp_path)
+
+
+def test_qwen3_moe_layers_follow_sparse_step_and_mlp_only_layers():
+    """HF's rule: layer i is sparse when (i + 1) % decoder_sparse_step == 0 and it is not in
+    mlp_only_layers; transformers 5 writes num_experts as num_local_experts."""
+    hf = {**get_preset("tiny-qwen3-moe").to_hf_config(), "num_hidden_layers": 6,
+          "decoder_sparse_step": 2, "mlp_only_layers": [3]}
+    config = ModelConfig.from_hf_config(hf)
+    assert [config.is_moe_layer(i) for i in range(6)] == [False, True, False, False, False, True]
+    hf["num_local_experts"] = hf.pop("num_experts")
+    assert ModelConfig.from_hf_config(hf) == config
 
 
 def test_reads_transformers5_rope_parameters():

@@ -35,7 +35,7 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-gemma2", "tiny-gemma3",
-                                    "tiny-gpt2", "tiny-mixtral"])
+                                    "tiny-gpt2", "tiny-mixtral", "tiny-qwen3-moe"])
 def test_loss_and_gradients_equal_torch_autograd(tiny_pair, preset, lm_batch):
     torch_model, _, jax_model = tiny_pair(preset)
     torch_model = copy.deepcopy(torch_model)  # the fixture's model is shared: keep it grad-free

@@ -7,7 +7,7 @@ from mlx_core import build_model, get_preset
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-mixtral"])
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-mixtral", "tiny-qwen3-moe"])
 def test_tiny_model_matches_between_backends(preset, monkeypatch):
     torch.manual_seed(0)
     model = build_model(get_preset(preset))

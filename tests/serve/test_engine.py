@@ -39,6 +39,10 @@ FAMILIES = {
         vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128)),
     "mixtral": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(
         num_local_experts=4, num_experts_per_tok=2, **_TINY)),
+    # a sparse layer, then a dense one (mlp_only_layers)
+    "qwen3-moe": lambda: transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+        mlp_only_layers=[1], head_dim=32, **_TINY)),
 }
 MODES = {
     "default": {},

@@ -113,17 +113,3 @@ def library() -> ctypes.CDLL | None:
     # x, q, scale, bias (NULL: none), y; rows, n, k, group
     lib.int8_group_linear_f32.argtypes = [ptr] * 5 + [i64] * 4
     return lib
-
-
-def applies(*tensors) -> bool:
-    """Whether the native kernels run on ``tensors``: fp32 on CPU, under ``MLX_KERNELS=auto``,
-    with the kernels built, outside ``torch.compile`` (which cannot trace a raw pointer)."""
-    import torch
-
-    from mlx_kernels.dispatch import setting
-
-    if torch.compiler.is_compiling() or setting() != "auto":
-        return False
-    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
-        return False
-    return library() is not None

@@ -1,5 +1,7 @@
-"""Triton MoE: per-row softmax + iterative top-k; grouped GEMM with one program per
-(expert, row tile, output tile) that exits early past its expert's rows."""
+"""Triton MoE: per-row softmax + iterative top-k; grouped GEMM with one program per (row
+tile, output tile) over the experts' row tiles laid end to end (counted on the device, so the
+launch needs no host sync), and its weight gradient with one program per (expert, output tile,
+input tile) looping over that expert's rows."""
 
 import torch
 import triton
@@ -47,21 +49,27 @@ BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 32
 
 
 @triton.jit
-def _grouped(X, W, OFFSETS, OUT, N, K, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+def _grouped(X, W, OFFSETS, TILE_ENDS, OUT, N, K, E, stride_we, stride_wn, stride_wk,
+             IEEE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    expert = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_n = tl.program_id(2)
-    start = tl.load(OFFSETS + expert)
-    end = tl.load(OFFSETS + expert + 1)
-    if start + pid_m * BLOCK_M < end:
-        rows = start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # program (tile, n): row tile ``tile`` of all experts' tiles laid end to end; its expert is
+    # the number of experts whose tiles end at or before it (TILE_ENDS: cumulative tile counts)
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    experts = tl.arange(0, BLOCK_E)
+    ends = tl.load(TILE_ENDS + experts, mask=experts < E, other=2**31 - 1)
+    expert = tl.sum((ends <= tile).to(tl.int32), axis=0)
+    if expert < E:
+        first_tile = tl.sum(tl.where(experts == expert - 1, ends, 0), axis=0)
+        start = tl.load(OFFSETS + expert) + (tile - first_tile) * BLOCK_M
+        end = tl.load(OFFSETS + expert + 1)
+        rows = start + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(X + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < end) & (ks[None, :] < K), other=0.0)
-            w = tl.load(W + expert * N * K + cols[:, None] * K + ks[None, :],
+            w = tl.load(W + expert * stride_we + cols[:, None] * stride_wn + ks[None, :] * stride_wk,
                         mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
             if IEEE:
                 acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
@@ -71,13 +79,51 @@ def _grouped(X, W, OFFSETS, OUT, N, K, IEEE: tl.constexpr, BLOCK_M: tl.constexpr
                  mask=(rows[:, None] < end) & (cols[None, :] < N))
 
 
+@triton.jit
+def _grouped_weight_grad(DY, X, OFFSETS, DW, N, K, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # dW[e][n, k] = sum over expert e's rows of dy[row, n] x[row, k]
+    expert = tl.program_id(0)
+    cols_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols_k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    start = tl.load(OFFSETS + expert)
+    end = tl.load(OFFSETS + expert + 1)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        dy = tl.load(DY + rows[:, None] * N + cols_n[None, :], mask=(rows[:, None] < end) & (cols_n[None, :] < N), other=0.0)
+        x = tl.load(X + rows[:, None] * K + cols_k[None, :], mask=(rows[:, None] < end) & (cols_k[None, :] < K), other=0.0)
+        if IEEE:
+            acc += tl.dot(tl.trans(dy.to(tl.float32)), x.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(tl.trans(dy), x)
+    tl.store(DW + expert * N * K + cols_n[:, None] * K + cols_k[None, :], acc,
+             mask=(cols_n[:, None] < N) & (cols_k[None, :] < K))
+
+
+def _ieee(dtype) -> bool:
+    return dtype == torch.float32 or interpreter_on()
+
+
 def grouped_matmul(x, weights, offsets):
+    """``weights [E, N, K]`` may be any strided view (the backward passes a transposed one)."""
     m, k = x.shape
     e, n = weights.shape[0], weights.shape[1]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    most = int((offsets[1:] - offsets[:-1]).max()) if m else 0
-    grid = (e, max(triton.cdiv(most, BLOCK_M), 1), triton.cdiv(n, BLOCK_N))
-    _grouped[grid](x, weights, offsets, out, n, k,
-                   IEEE=x.dtype == torch.float32 or interpreter_on(),
+    # each expert's row tiles, counted on the device: at most cdiv(m, BLOCK_M) + e in all
+    tiles = (offsets[1:] - offsets[:-1] + BLOCK_M - 1) // BLOCK_M
+    grid = (triton.cdiv(m, BLOCK_M) + e, triton.cdiv(n, BLOCK_N))
+    _grouped[grid](x, weights, offsets, tiles.cumsum(0), out, n, k, e, *weights.stride(),
+                   IEEE=_ieee(x.dtype), BLOCK_E=next_power_of_2(e),
                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     return out
+
+
+def grouped_weight_grad(dy, x, offsets, num_experts):
+    """``[E, N, K]`` fp32: each expert's ``dy[rows]ᵀ x[rows]`` (zero for an expert with none)."""
+    n, k = dy.shape[1], x.shape[1]
+    dw = torch.empty(num_experts, n, k, dtype=torch.float32, device=x.device)
+    grid = (num_experts, triton.cdiv(n, BLOCK_N), triton.cdiv(k, BLOCK_K))
+    _grouped_weight_grad[grid](dy, x.contiguous(), offsets, dw, n, k, IEEE=_ieee(x.dtype),
+                               BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    return dw

@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from mlx_kernels import _cpu_native  # stdlib only: no torch import
+
 CHOICES = ("auto", "torch", "triton")
 
 
@@ -52,6 +54,19 @@ def backend_for(device) -> str:
     return "triton" if device_type == "cuda" and triton_available() else "torch"
 
 
+def native_cpu(*tensors) -> bool:
+    """Whether the native CPU kernels (``_cpu_native``) run on ``tensors``: fp32 on CPU, under
+    ``MLX_KERNELS=auto``, with the kernels built, outside ``torch.compile`` (which cannot trace a
+    raw pointer)."""
+    import torch  # here, not at the top: this module must import without torch
+
+    if torch.compiler.is_compiling() or setting() != "auto":
+        return False
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        return False
+    return _cpu_native.library() is not None
+
+
 def eager_inference() -> bool:
     """Inference mode, outside ``torch.compile``: where the native CPU kernels and the weight
     layouts made on first use may run. The compiler cannot trace raw pointers, nor ask about
@@ -86,9 +101,7 @@ def describe() -> dict:
         "TRITON_INTERPRET": interpreter_on(),
         "MLX_KERNELS": os.environ.get("MLX_KERNELS", "auto"),
     }
-    from mlx_kernels._cpu_native import compiler  # stdlib only: no torch import
-
-    found = compiler()
+    found = _cpu_native.compiler()
     info["native CPU kernels"] = (f"built with {found} on first use" if found else
                                   "no C compiler: torch references on CPU")
     for device in ("cpu", "cuda"):

@@ -12,7 +12,7 @@ import math
 import torch
 
 from mlx_kernels import _cpu_native
-from mlx_kernels.dispatch import backend_for
+from mlx_kernels.dispatch import backend_for, native_cpu
 from mlx_kernels.softcap_attention import softcap_attention
 
 
@@ -82,7 +82,7 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_c
 
         return _paged_attention_triton.decode(query, key_cache, value_cache, block_tables,
                                               context_lens, scale, sliding_window)
-    if _cpu_native.applies(query, key_cache, value_cache):
+    if native_cpu(query, key_cache, value_cache):
         return _decode_native(query, key_cache, value_cache, block_tables, context_lens, scale,
                               sliding_window)
     return paged_attention_decode_reference(query, key_cache, value_cache, block_tables,

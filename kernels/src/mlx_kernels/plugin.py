@@ -1,5 +1,7 @@
 """Registers ``mlx bench kernels`` with mlx-core's CLI (called through ``mlx.plugins``; mlx-core
-is installed whenever this runs, so its imports stay inside ``register``).
+is installed whenever this runs, so its imports stay inside ``register``). Only mlx-core's public
+plugin API is used: ``mlx_core.registry``, ``mlx_core.require_torch`` and
+``mlx_core.cli.clean_errors``; nothing else in mlx_kernels imports mlx_core.
 
 No ``from __future__ import annotations`` here: typer reads the option types of the nested
 command at definition time, where ``Path`` is a local name."""
@@ -12,7 +14,7 @@ def register() -> None:
     import typer
 
     from mlx_core import registry
-    from mlx_core.cli.errors import clean_errors
+    from mlx_core.cli import clean_errors
 
     @clean_errors
     def kernels(ops: str = typer.Option("", "--ops", help="Comma-separated ops (default: all)."),

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mlx_kernels.dispatch import backend_for, setting
+from mlx_kernels.dispatch import backend_for, native_cpu, setting
 from mlx_kernels.linear import PACKED_ROWS_HINT, _identity
 
 # up to this many rows torch's CPU int8 / int4 weight-only kernels beat dequantize + fp32 GEMM
@@ -141,7 +141,7 @@ def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from mlx_kernels import _cpu_native
 
-    if not _cpu_native.applies(x):
+    if not native_cpu(x):
         return quantize_rows_reference(x)
     x = x.contiguous()
     q = torch.empty(x.shape, dtype=torch.int8)
@@ -245,8 +245,8 @@ def _int8_group_linear(x, flat, rows, qweight, scale, bias, fast_cpu):
     if fast_cpu and torch.compiler.is_compiling():
         y = int8_group_linear_opaque(flat, qweight, scale, bias)
         return y.view(*x.shape[:-1], qweight.shape[0])
-    if not (fast_cpu and _cpu_native.applies(x, scale)
-            and (bias is None or _cpu_native.applies(bias))):
+    if not (fast_cpu and native_cpu(x, scale)
+            and (bias is None or native_cpu(bias))):
         return F.linear(x, dequantize_int8(qweight, scale, x.dtype), bias)
     flat, qweight, scale = flat.contiguous(), qweight.contiguous(), scale.contiguous()
     bias = None if bias is None else bias.contiguous()  # held: the kernel reads its memory
@@ -348,8 +348,8 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     if rows and not torch.is_grad_enabled() and (
             torch.compiler.is_compiling() or _int_mm_on_gpu(x, qweight)):
         return _w8a8_int_mm(x, flat, rows, qweight, scale, bias)
-    if not (rows and not torch.is_grad_enabled() and _cpu_native.applies(x, scale)
-            and (bias is None or _cpu_native.applies(bias))):
+    if not (rows and not torch.is_grad_enabled() and native_cpu(x, scale)
+            and (bias is None or native_cpu(bias))):
         return w8a8_linear_reference(x, qweight, scale, bias)
     lib = _cpu_native.library()
     xq, xscale = quantize_rows(flat)

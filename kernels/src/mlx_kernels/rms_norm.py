@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mlx_kernels import _cpu_native
-from mlx_kernels.dispatch import backend_for, eager_inference, records_autograd
+from mlx_kernels.dispatch import backend_for, eager_inference, native_cpu, records_autograd
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -75,7 +75,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
         # inference mode only: under plain no_grad the value may be a recomputed activation
         # (recompute.py), which must equal the autograd forward's bit for bit
         if (eager_inference() and x.is_contiguous() and weight.is_contiguous()
-                and x.numel() and _cpu_native.applies(x, weight)):
+                and x.numel() and native_cpu(x, weight)):
             out = torch.empty_like(x)
             _cpu_native.library().rms_norm_f32(x.data_ptr(), weight.data_ptr(), out.data_ptr(),
                                                x.numel() // x.shape[-1], x.shape[-1], eps)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mlx_kernels import _cpu_native
-from mlx_kernels.dispatch import backend_for, eager_inference, records_autograd
+from mlx_kernels.dispatch import backend_for, eager_inference, native_cpu, records_autograd
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         # inference mode only: under plain no_grad the value may be a recomputed activation
         # (recompute.py), which must equal the autograd forward's bit for bit
         if (eager_inference() and _same_dense_layout(gate, up)
-                and _cpu_native.applies(gate, up)):
+                and native_cpu(gate, up)):
             return _swiglu_native(gate, up)
         return F.silu(gate).mul_(up) if gate.dtype == up.dtype else swiglu_reference(gate, up)
     return SwiGLUTorchFunction.apply(gate, up)

@@ -20,8 +20,8 @@ import math
 
 import torch
 
-from mlx_kernels import _cpu_native, paged_attention
-from mlx_kernels.dispatch import backend_for
+from mlx_kernels import paged_attention
+from mlx_kernels.dispatch import backend_for, native_cpu
 from mlx_kernels.paged_attention import gather_paged
 from mlx_kernels.softcap_attention import softcap_attention
 
@@ -104,7 +104,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
         return _varlen_attention_triton.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                 causal, sliding_window, scale, block_tables)
-    if block_tables is not None and causal and _cpu_native.applies(q, k, v):
+    if block_tables is not None and causal and native_cpu(q, k, v):
         lq = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
         if len(lq) > 1 and int(lq.max()) <= NATIVE_MAX_QUERIES:
             return _paged_native(q, k, v, cu_seqlens_q, cu_seqlens_k, lq, sliding_window, scale,

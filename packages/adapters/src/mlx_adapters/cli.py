@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mlx_core.cli.errors import clean_errors
+from mlx_core.cli import clean_errors
 
 app = typer.Typer(help="Inspect and merge PEFT-format adapters.", no_args_is_help=True)
 console = Console()

@@ -24,7 +24,7 @@ def register() -> None:
 def _make_bench_command():
     import typer
 
-    from mlx_core.cli.errors import clean_errors
+    from mlx_core.cli import clean_errors
 
     @clean_errors
     def lora(model: str = typer.Option("smollm2-135m-instruct", "--model"),

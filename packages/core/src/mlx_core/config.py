@@ -2,7 +2,7 @@
 
 It round-trips through JSON (our own form) and through HF ``config.json`` for the families the
 zoo covers: Llama (2/3), Mistral, Qwen2, Qwen3, OLMo 2, Phi-3, Gemma 2 and 3, SmolLM2 (a
-Llama), GPT-2 and Mixtral.
+Llama), GPT-2, Mixtral and Qwen3-MoE.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ NORM_KINDS = ("rms", "layer")
 POSITION_KINDS = ("rope", "learned")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "gemma2", "gemma3_text",
-                  "gpt2", "mixtral")
+                  "gpt2", "mixtral", "qwen3_moe")
 # q/k normalisation: over each head's vector (Qwen3) or the whole projection (OLMo 2)
 QK_NORMS = (None, "head", "projection")
 # norms before each block, on its input (Llama), after it, on its output (OLMo 2), or both (Gemma)
@@ -61,8 +61,12 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None  # attention scale its ** -0.5; None: head_dim's
     attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
     final_logit_softcapping: float | None = None  # the same on the output logits (Gemma 2)
-    num_experts: int = 0  # > 0: Mixtral-style MoE feed-forward
+    num_experts: int = 0  # > 0: a sparse mixture-of-experts feed-forward (Mixtral, Qwen3-MoE)
     num_experts_per_tok: int = 2
+    moe_intermediate_size: int | None = None  # each expert's; None: intermediate_size (Mixtral)
+    norm_topk_prob: bool = True  # the chosen experts' weights renormalised to sum to one
+    # MoE models: the layers with a dense MLP (of intermediate_size) instead (Qwen3-MoE)
+    mlp_only_layers: tuple[int, ...] = ()
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
@@ -77,6 +81,7 @@ class ModelConfig:
         object.__setattr__(self, "head_dim", self.head_dim or self.hidden_size // self.num_heads)
         if self.layer_types is not None:  # JSON gives a list; a tuple keeps the config hashable
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        object.__setattr__(self, "mlp_only_layers", tuple(sorted(set(self.mlp_only_layers))))
         checks = [
             (self.model_type in HF_MODEL_TYPES, f"model_type must be one of {HF_MODEL_TYPES}"),
             (self.mlp_kind in MLP_KINDS, f"mlp_kind must be one of {MLP_KINDS}"),
@@ -88,6 +93,8 @@ class ModelConfig:
             (self.num_heads % self.kv_heads == 0, "num_heads must be a multiple of num_kv_heads"),
             (self.num_experts == 0 or 0 < self.num_experts_per_tok <= self.num_experts,
              "num_experts_per_tok must be between 1 and num_experts"),
+            (all(0 <= i < self.num_layers for i in self.mlp_only_layers),
+             "mlp_only_layers must name layers 0..num_layers-1"),
             (self.layer_types is None or (len(self.layer_types) == self.num_layers
                                           and set(self.layer_types) <= set(LAYER_TYPES)),
              f"layer_types must name one of {LAYER_TYPES} per layer"),
@@ -116,7 +123,15 @@ class ModelConfig:
 
     @property
     def is_moe(self) -> bool:
-        return self.num_experts > 0
+        """Whether any layer has a mixture of experts."""
+        return self.num_experts > 0 and len(self.mlp_only_layers) < self.num_layers
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer not in self.mlp_only_layers
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        return self.moe_intermediate_size or self.intermediate_size
 
     def is_sliding(self, layer: int) -> bool:
         """Whether ``layer`` attends over the last ``sliding_window`` keys only."""
@@ -134,8 +149,10 @@ class ModelConfig:
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
-    def num_parameters(self) -> int:
-        """Parameter count of the torch ``Transformer`` built from this config."""
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameter count of the torch ``Transformer`` built from this config; ``active``: with
+        only the ``num_experts_per_tok`` experts a token runs through counted (a mixture of
+        experts' active parameters)."""
         h, d, layers = self.hidden_size, self.dim_per_head, self.num_layers
         q, kv = self.num_heads * d, self.kv_heads * d
         attn = h * (q + 2 * kv) + q * h
@@ -151,11 +168,12 @@ class ModelConfig:
         mlp = n_mats * h * self.intermediate_size
         if self.mlp_bias:
             mlp += (n_mats - 1) * self.intermediate_size + h
-        if self.is_moe:
-            mlp = self.num_experts * mlp + h * self.num_experts
+        experts = self.num_experts_per_tok if active else self.num_experts
+        moe = experts * 3 * h * self.expert_intermediate_size + self.num_experts * h  # + router
+        mlps = sum(moe if self.is_moe_layer(i) else mlp for i in range(layers))
         norm = h if self.norm_kind == "rms" else 2 * h
         layer_norms = 4 if self.norm_placement == "sandwich" else 2
-        total = layers * (attn + mlp + layer_norms * norm) + norm + self.vocab_size * h
+        total = layers * (attn + layer_norms * norm) + mlps + norm + self.vocab_size * h
         if not self.tie_word_embeddings:
             total += self.vocab_size * h
         if self.position_kind == "learned":

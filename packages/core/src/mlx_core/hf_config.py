@@ -21,6 +21,7 @@ _HF_ARCHITECTURES = {
     "gemma3_text": "Gemma3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
     "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 _SUPPORTED_ACTS = {"silu", "swish"}
 
@@ -80,7 +81,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
                          "supported yet (RoPE over the whole head only)")
     theta, scaling = _rope_from_hf(hf)
     sliding = hf.get("sliding_window")
-    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3", "qwen3_moe") and not hf.get("use_sliding_window", False):
         sliding = None
     if model_type in ("llama", "olmo2"):
         sliding = None
@@ -98,16 +99,41 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         rope_scaling=scaling,
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         attention_bias=True if model_type == "qwen2" else hf.get("attention_bias", False),
-        attention_out_bias=(model_type in ("llama", "qwen3", "olmo2")
+        attention_out_bias=(model_type in ("llama", "qwen3", "olmo2", "qwen3_moe")
                             and hf.get("attention_bias", False)),
-        qk_norm={"qwen3": "head", "olmo2": "projection"}.get(model_type),
+        qk_norm={"qwen3": "head", "qwen3_moe": "head", "olmo2": "projection"}.get(model_type),
         norm_placement="post" if model_type == "olmo2" else "pre",
         mlp_bias=hf.get("mlp_bias", False),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         sliding_window=sliding,
-        num_experts=hf.get("num_local_experts", 0) if model_type == "mixtral" else 0,
-        num_experts_per_tok=hf.get("num_experts_per_tok", 2),
+        **(_qwen3_moe_from_hf(hf) if model_type == "qwen3_moe" else {
+            "num_experts": hf.get("num_local_experts", 0) if model_type == "mixtral" else 0,
+            "num_experts_per_tok": hf.get("num_experts_per_tok", 2)}),
         **tokens,
+    )
+
+
+def _qwen3_moe_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """Qwen3-MoE's experts (HF's defaults where a field is absent): every
+    ``decoder_sparse_step``-th layer is sparse unless listed in ``mlp_only_layers``; the others
+    have a dense MLP of ``intermediate_size``. No shared expert."""
+    experts = hf.get("num_experts", hf.get("num_local_experts", 128))  # transformers 5 writes the latter
+    step, dense = hf.get("decoder_sparse_step", 1), hf.get("mlp_only_layers") or []
+    layers = hf["num_hidden_layers"]
+    if not isinstance(step, int) or step < 1:
+        raise ValueError(f"Qwen3-MoE decoder_sparse_step must be a positive integer, got {step!r}")
+    if not all(isinstance(i, int) and 0 <= i < layers for i in dense):
+        raise ValueError(f"Qwen3-MoE mlp_only_layers must list layers 0..{layers - 1}, got {dense!r}")
+    if hf.get("shared_expert_intermediate_size"):  # Qwen2-MoE's; transformers' Qwen3-MoE has none
+        raise ValueError(f"Qwen3-MoE shared_expert_intermediate_size="
+                         f"{hf['shared_expert_intermediate_size']} is not supported: Qwen3-MoE "
+                         "layers have no shared expert")
+    return dict(
+        num_experts=experts, num_experts_per_tok=hf.get("num_experts_per_tok", 8),
+        moe_intermediate_size=hf.get("moe_intermediate_size", 768),
+        norm_topk_prob=hf.get("norm_topk_prob", False),
+        mlp_only_layers=tuple(i for i in range(layers)
+                              if i in dense or experts == 0 or (i + 1) % step),
     )
 
 
@@ -210,12 +236,22 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         hf.update(attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
     if c.model_type in ("mistral", "mixtral", "phi3"):
         hf["sliding_window"] = c.sliding_window
-    if c.model_type in ("qwen2", "qwen3"):
+    if c.model_type in ("qwen2", "qwen3", "qwen3_moe"):
         hf.update(use_sliding_window=c.sliding_window is not None, sliding_window=c.sliding_window)
-    if c.model_type in ("qwen3", "olmo2"):
+    if c.model_type in ("qwen3", "olmo2", "qwen3_moe"):
         hf["attention_bias"] = c.attention_bias
     if c.model_type == "mixtral":
+        if c.moe_intermediate_size not in (None, c.intermediate_size) or not c.norm_topk_prob \
+                or c.mlp_only_layers:
+            raise ValueError("a Mixtral config.json holds experts of intermediate_size on every "
+                             "layer with renormalised weights: moe_intermediate_size, "
+                             "norm_topk_prob=False and mlp_only_layers need model_type qwen3_moe")
         hf.update(num_local_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok)
+    if c.model_type == "qwen3_moe":
+        hf.update(num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+                  moe_intermediate_size=c.expert_intermediate_size,
+                  norm_topk_prob=c.norm_topk_prob, decoder_sparse_step=1,
+                  mlp_only_layers=list(c.mlp_only_layers))
     if c.model_type in ("gemma2", "gemma3_text"):
         del hf["hidden_act"]
         hf.update(hidden_activation="gelu_pytorch_tanh", attention_bias=c.attention_bias,

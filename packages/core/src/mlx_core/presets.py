@@ -39,6 +39,10 @@ PRESETS: dict[str, ModelConfig] = {
         layer_types=("sliding_attention", "full_attention"), rope_theta=1e6,
         rope_local_theta=1e4, pad_token_id=0, bos_token_id=2, eos_token_id=1, **_TINY),
     "tiny-mixtral": ModelConfig(model_type="mixtral", num_experts=4, num_experts_per_tok=2, **_TINY),
+    # one sparse layer (4 experts of 32), then a dense one (mlp_only_layers)
+    "tiny-qwen3-moe": ModelConfig(
+        model_type="qwen3_moe", qk_norm="head", norm_eps=1e-6, head_dim=32, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=(1,), **_TINY),
     "tiny-gpt2": ModelConfig(
         model_type="gpt2", vocab_size=128, hidden_size=64, num_layers=2, num_heads=4,
         intermediate_size=256, mlp_kind="gelu", norm_kind="layer", position_kind="learned",
@@ -93,6 +97,18 @@ PRESETS: dict[str, ModelConfig] = {
         model_type="mixtral", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
         num_kv_heads=8, intermediate_size=14336, rope_theta=1000000.0,
         max_position_embeddings=32768, num_experts=8, num_experts_per_tok=2),
+    # Qwen/Qwen3-30B-A3B's config.json, through the HF reader: 30,532,122,624 parameters
+    # (3.3B active per token: 8 of 128 experts)
+    "qwen3-30b-a3b": config_from_hf({
+        "model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048,
+        "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+        "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True,
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "max_position_embeddings": 40960,
+        "max_window_layers": 48, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "rope_scaling": None, "use_sliding_window": False, "sliding_window": None,
+        "attention_bias": False, "tie_word_embeddings": False, "hidden_act": "silu",
+        "bos_token_id": 151643, "eos_token_id": 151645}),
 }
 
 for _name, _config in PRESETS.items():

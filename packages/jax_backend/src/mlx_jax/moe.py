@@ -1,51 +1,84 @@
-"""Mixtral-style mixture-of-experts feed-forward (names follow Mixtral's checkpoints).
+"""Sparse mixture-of-experts feed-forward, as the torch zoo's (``mlx_core.models.moe``): Mixtral's
+and Qwen3-MoE's, each expert's layers under the family's checkpoint names.
 
-Top-k softmax routing with weights renormalised over the chosen experts, as in the torch zoo.
-Every expert runs on every token and the unchosen ones get weight 0: exact, shape-static (so it
-jits with no data-dependent control flow), and cheap for the tiny and small MoEs we test; a
-grouped-matmul path is the optimisation for large ones.
+Top-k softmax routing (renormalised over the chosen experts unless ``norm_topk_prob`` is
+false); the (token, slot) pairs sorted by expert; the experts run as grouped matmuls
+(``mlx_kernels.jax.moe_grouped_matmul``: ``jax.lax.ragged_dot``) over the experts' weights
+stacked at call time; the outputs put back in (token, slot) order and summed with the routing
+weights. Every shape depends on the token count only, so it jits. A LoRA adapter on an expert
+(``mlx_jax.lora``) joins its weight as ``W + scaling * B A``.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mlx_core.config import ModelConfig
 from mlx_jax import ops
 from mlx_jax.modules import Linear
+from mlx_kernels.jax import moe_grouped_matmul, sort_by_expert
+
+# each expert's gate, up and down projections, as the family's checkpoints name them
+EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2")}
+_LLAMA_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+
+def moe_attribute(config: ModelConfig) -> str:
+    """The decoder layer's name for its MoE feed-forward (as the family's checkpoints have it)."""
+    return "block_sparse_moe" if config.model_type == "mixtral" else "mlp"
 
 
 class Expert(nnx.Module):
-    """One gated-SiLU expert: ``w2(silu(w1 x) * w3 x)``."""
+    """One gated-SiLU expert: ``down(silu(gate x) * up x)``, its layers named as ``names``."""
 
-    def __init__(self, hidden: int, intermediate: int, *, dtype, rngs: nnx.Rngs):
-        self.w1 = Linear(hidden, intermediate, bias=False, dtype=dtype, rngs=rngs)
-        self.w2 = Linear(intermediate, hidden, bias=False, dtype=dtype, rngs=rngs)
-        self.w3 = Linear(hidden, intermediate, bias=False, dtype=dtype, rngs=rngs)
+    def __init__(self, hidden: int, intermediate: int, names=_LLAMA_NAMES, *, dtype, rngs: nnx.Rngs):
+        self.names = names
+        gate, up, down = names
+        setattr(self, gate, Linear(hidden, intermediate, bias=False, dtype=dtype, rngs=rngs))
+        setattr(self, up, Linear(hidden, intermediate, bias=False, dtype=dtype, rngs=rngs))
+        setattr(self, down, Linear(intermediate, hidden, bias=False, dtype=dtype, rngs=rngs))
+
+    def projections(self):
+        return tuple(getattr(self, name) for name in self.names)
 
     def __call__(self, x):
-        return self.w2(ops.swiglu(self.w1(x), self.w3(x)))
+        gate, up, down = self.projections()
+        return down(ops.swiglu(gate(x), up(x)))
+
+
+def _weight(layer):
+    """A projection's effective weight ``[out, in]``: its own, plus a LoRA adapter's B A."""
+    weight = layer.weight[...]
+    if getattr(layer, "lora_A", None) is None:
+        return weight
+    delta = layer.scaling * (layer.lora_B.weight[...].astype(jnp.float32)
+                             @ layer.lora_A.weight[...].astype(jnp.float32))
+    return (weight.astype(jnp.float32) + delta).astype(weight.dtype)
 
 
 class SparseMoE(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
         self.top_k = config.num_experts_per_tok
+        self.renormalize = config.norm_topk_prob
         self.gate = Linear(config.hidden_size, config.num_experts, bias=False, dtype=dtype, rngs=rngs)
+        names = EXPERT_NAMES.get(config.model_type, _LLAMA_NAMES)
         self.experts = nnx.List(
-            Expert(config.hidden_size, config.intermediate_size, dtype=dtype, rngs=rngs)
+            Expert(config.hidden_size, config.expert_intermediate_size, names, dtype=dtype, rngs=rngs)
             for _ in range(config.num_experts)
         )
 
     def __call__(self, x):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        weights, chosen = ops.moe_route(self.gate(flat), self.top_k)  # [N, k] each
-        # [N, E]: each expert's routing weight per token, 0 where it was not chosen.
-        combine = (jax.nn.one_hot(chosen, len(self.experts), dtype=weights.dtype)
-                   * weights[..., None]).sum(axis=1)
-        out = jnp.zeros_like(flat)
-        for e, expert in enumerate(self.experts):
-            out = out + (expert(flat) * combine[:, e, None]).astype(out.dtype)
-        return out.reshape(shape)
+        weights, chosen = ops.moe_route(self.gate(flat), self.top_k, self.renormalize)  # [N, k]
+        order, offsets = sort_by_expert(chosen, len(self.experts))
+        rows = flat[order // self.top_k]  # row i: the token of pair order[i], grouped by expert
+        layers = [expert.projections() for expert in self.experts]
+        gate_up = jnp.stack([jnp.concatenate([_weight(g), _weight(u)]) for g, u, _ in layers])
+        down = jnp.stack([_weight(d) for *_, d in layers])
+        gate, up = jnp.split(moe_grouped_matmul(rows, gate_up, offsets), 2, axis=-1)
+        out = moe_grouped_matmul(ops.swiglu(gate, up), down, offsets)
+        out = jnp.zeros_like(out).at[order].set(out)  # back in (token, slot) order
+        combined = (out.reshape(-1, self.top_k, shape[-1]) * weights[..., None]).sum(axis=1)
+        return combined.astype(x.dtype).reshape(shape)

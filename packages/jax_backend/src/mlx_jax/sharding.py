@@ -52,7 +52,7 @@ PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"(gate_proj|up_proj|w1|w3)\.weight", ("mlp", "embed")),
     (r"(gate_proj|up_proj)\.bias", ("mlp",)),
     (r"(down_proj|w2)\.weight", ("embed", "mlp")),
-    (r"block_sparse_moe\.gate\.weight", ("experts", "embed")),
+    (r"(block_sparse_moe|mlp)\.gate\.weight", ("experts", "embed")),  # MoE routers
     (r"(o_proj|down_proj)\.bias", ("embed",)),
     (r"(norm|input_layernorm|post_attention_layernorm)\.(weight|bias)", ("embed",)),
 )

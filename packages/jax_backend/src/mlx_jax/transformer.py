@@ -1,6 +1,6 @@
 """ONE config-driven Flax NNX decoder mirroring the torch zoo's ``Transformer``: Llama 2/3,
-Mistral, Qwen2, Qwen3, OLMo 2, Phi-3, Gemma 3 (text), SmolLM2, GPT-2 and Mixtral, built from
-the same ``ModelConfig``.
+Mistral, Qwen2, Qwen3, OLMo 2, Phi-3, Gemma 2 and 3 (text), SmolLM2, GPT-2, Mixtral and
+Qwen3-MoE, built from the same ``ModelConfig``.
 
 Attribute names follow the torch module tree (HF's Llama layout), so the flattened NNX state
 paths ARE the zoo's parameter names (``model.layers.0.self_attn.q_proj.weight``) and loading is
@@ -18,7 +18,7 @@ from mlx_core.rope_scaling import rope_attention_factor
 from mlx_jax import ops
 from mlx_jax.attention import KVCache, build_mask
 from mlx_jax.modules import Embedding, Linear, StaticConfig, make_norm
-from mlx_jax.moe import SparseMoE
+from mlx_jax.moe import SparseMoE, moe_attribute
 from mlx_jax.rope import rope_cos_sin, rope_inverse_frequencies
 
 HIDDEN_AXES = ("batch", "length", "embed")  # logical axes of activations (mlx_jax.sharding)
@@ -100,7 +100,7 @@ class GeluMLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, layer: int = 0):
         self.placement = config.norm_placement
         if self.placement != "post":
             self.input_layernorm = make_norm(config, dtype)
@@ -112,17 +112,18 @@ class DecoderLayer(nnx.Module):
             self.pre_feedforward_layernorm = make_norm(config, dtype)
         if self.placement != "pre":  # OLMo 2, Gemma: the MLP's output normalised before the add
             self.post_feedforward_layernorm = make_norm(config, dtype)
-        # Only one of the two exists, under the name its checkpoints use.
-        if config.is_moe:
-            self.block_sparse_moe = SparseMoE(config, dtype=dtype, rngs=rngs)
+        # One feed-forward, under the name its checkpoints use (Mixtral: block_sparse_moe).
+        self.is_moe = config.is_moe_layer(layer)
+        self.ff_name = moe_attribute(config) if self.is_moe else "mlp"
+        if self.is_moe:
+            setattr(self, self.ff_name, SparseMoE(config, dtype=dtype, rngs=rngs))
         elif config.mlp_kind == "gelu":
             self.mlp = GeluMLP(config, dtype=dtype, rngs=rngs)
         else:
             self.mlp = GatedMLP(config, dtype=dtype, rngs=rngs)
-        self.is_moe = config.is_moe
 
     def __call__(self, x, cos_sin, mask, layer_cache=None):
-        ff = self.block_sparse_moe if self.is_moe else self.mlp
+        ff = getattr(self, self.ff_name)
         if self.placement == "post":
             attn, updated = self.self_attn(x, cos_sin, mask, layer_cache)
             x = x + self.post_attention_layernorm(attn)
@@ -147,8 +148,8 @@ class Backbone(nnx.Module):
         if config.position_kind == "learned":
             self.embed_positions = Embedding(config.max_position_embeddings, config.hidden_size,
                                              dtype=dtype, rngs=rngs)
-        self.layers = nnx.List(DecoderLayer(config, dtype=dtype, rngs=rngs)
-                               for _ in range(config.num_layers))
+        self.layers = nnx.List(DecoderLayer(config, dtype=dtype, rngs=rngs, layer=i)
+                               for i in range(config.num_layers))
         self.norm = make_norm(config, dtype)
         self.sharder = None  # a mlx_jax.sharding.Sharder: constrains the hidden states' layout
 

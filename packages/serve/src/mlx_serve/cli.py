@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from mlx_core.cli.errors import clean_errors
+from mlx_core.cli import clean_errors
 from mlx_core.sources import BUILTIN_MODEL
 
 

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mlx_core.cli.errors import clean_errors
+from mlx_core.cli import clean_errors
 
 console = Console()
 

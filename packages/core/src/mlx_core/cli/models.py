@@ -100,13 +100,17 @@ def info(name: str = typer.Argument(..., help="A registered model, a preset or a
     table = Table("field", "value", title=name)
     table.add_row("family", config.model_type)
     table.add_row("parameters", f"{human_count(config.num_parameters())} ({config.num_parameters():,})")
+    if config.is_moe:
+        active = config.num_parameters(active=True)
+        table.add_row("active per token", f"{human_count(active)} ({active:,}): "
+                      f"{config.num_experts_per_tok} of {config.num_experts} experts")
     table.add_row("KV cache per token", f"{kv_per_token * 4:,} bytes fp32, {kv_per_token * 2:,} "
                                         "bytes bf16")
     table.add_row("runs on", "; ".join(runs_on) or "no installed backend")
     for key, value in facts.items():
         table.add_row(key, value)
     for key, value in config.to_dict().items():
-        if value not in (None, {}, []):
+        if value not in (None, {}, [], ()):
             table.add_row(key, str(value))
     console.print(table)
 

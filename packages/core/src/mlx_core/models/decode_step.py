@@ -8,6 +8,7 @@ one compiled graph serves every step of a generation (as gpt-fast's and HF's sta
 decoding do). Compiled (``compiled_decode_step``), the per-op overhead of eager decoding is
 gone and the elementwise ops fuse; on this CPU that overhead was a third of an int4 model's
 decode step (docs/quantization.md). ``mlx_core.generate(..., compile=True)`` decodes with it.
+Mixtures of experts route with no host sync (``mlx_core.models.moe``), so they compile too.
 
 Under ``torch.compile`` the kernels' torch references run (inductor fuses them), and the
 quantized layers call torch's CPU int8/int4 ops on the layouts an eager call made: run the model
@@ -41,9 +42,6 @@ class DecodeStep(nn.Module):
         if not isinstance(getattr(model, "model", None), Backbone):
             raise ValueError(f"the fixed-shape decode step takes the zoo's Transformer "
                              f"(mlx_core.load_model), not {type(model).__name__}")
-        if model.config.is_moe:
-            raise ValueError("the fixed-shape decode step takes dense models; a mixture of experts "
-                             "routes with a host sync per expert: decode it eagerly (compile=False)")
         self.backbone, self.lm_head = model.model, model.lm_head
         self.cache = cache
 

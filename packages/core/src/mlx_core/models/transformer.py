@@ -1,9 +1,10 @@
 """ONE config-driven decoder for every family: Llama 2/3, Mistral, Qwen2, Qwen3, OLMo 2,
-Phi-3, Gemma 2 and 3 (text), SmolLM2, GPT-2, Mixtral.
+Phi-3, Gemma 2 and 3 (text), SmolLM2, GPT-2, Mixtral, Qwen3-MoE.
 
 Module and parameter names follow HF's Llama layout (``model.layers.0.self_attn.q_proj.weight``)
-so Llama-family checkpoints and PEFT adapters map with no renaming; MoE layers use Mixtral's
-checkpoint names (``block_sparse_moe.experts.0.w1``); GPT-2 maps through ``checkpoint.py``.
+so Llama-family checkpoints and PEFT adapters map with no renaming; MoE layers use their
+family's checkpoint names (Mixtral's ``block_sparse_moe.experts.0.w1``, Qwen3-MoE's
+``mlp.experts.0.gate_proj``); GPT-2 maps through ``checkpoint.py``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 from mlx_core.config import ModelConfig
 from mlx_core.models.attention import AttentionMetadata, KVCache, attend, build_mask
 from mlx_core.models.linear import Linear
-from mlx_core.models.moe import SparseMoE
+from mlx_core.models.moe import SparseMoE, moe_attribute
 from mlx_core.models.recompute import (
     recompute_when_saved,
     run_checkpointed_layer,
@@ -168,14 +169,16 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = make_norm(config)
         if self.placement != "pre":  # OLMo 2, Gemma: the MLP's output normalised before the add
             self.post_feedforward_layernorm = make_norm(config)
-        self.is_moe = config.is_moe
-        if config.is_moe:
-            self.block_sparse_moe = SparseMoE(config)
+        # the feed-forward, under the name its checkpoints use (Mixtral: block_sparse_moe)
+        self.is_moe = config.is_moe_layer(layer)
+        self.ff_name = moe_attribute(config) if self.is_moe else "mlp"
+        if self.is_moe:
+            setattr(self, self.ff_name, SparseMoE(config))
         else:
             self.mlp = GeluMLP(config) if config.mlp_kind == "gelu" else GatedMLP(config)
 
     def forward(self, x, cos_sin, meta):
-        ff = self.block_sparse_moe if self.is_moe else self.mlp
+        ff = getattr(self, self.ff_name)
         if self.placement == "post":
             x = x + self.post_attention_layernorm(self.self_attn(x, cos_sin, meta))
             return x + self.post_feedforward_layernorm(ff(x))

@@ -56,6 +56,8 @@ def prepack_linear_weights(model: nn.Module, *, calibrate: bool = True) -> int:
         nonlocal total
         if getattr(layer, "packed_weight", None) is not None:
             return None
+        if ".experts." in f".{name}":  # a full-precision MoE runs its stacked expert weights
+            return None
         shape = tuple(layer.weight.shape)
         if calibrate and shape not in pays_off:
             pays_off[shape] = packing_pays_off(layer.weight)

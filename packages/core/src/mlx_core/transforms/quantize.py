@@ -27,7 +27,7 @@ SCHEMES = ("int8", "int4", "w8a8")
 # "gguf": a GGUF file's quantized tensors loaded as they are shipped (load_model), not a transform
 LOADED_AS_SHIPPED = "gguf"
 _SPELLINGS = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128", "w8a8", LOADED_AS_SHIPPED)
-_ROUTER = re.compile(r"(^|\.)block_sparse_moe\.gate$")
+_ROUTER = re.compile(r"(^|\.)(block_sparse_moe|mlp)\.gate$")  # Mixtral, Qwen3-MoE
 
 
 @dataclass(frozen=True)

@@ -69,14 +69,14 @@ def _scales(x_max: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> t
 def smooth(model: nn.Module, calibration: Sequence[Sequence[int]], alpha: float = DEFAULT_ALPHA) -> int:
     """Apply SmoothQuant's scales to ``model`` (the zoo ``Transformer``, full precision) in place;
     returns the number of linear groups smoothed."""
-    from mlx_core.models.transformer import GatedMLP
+    from mlx_core.models.transformer import GatedMLP, GeluMLP
 
     if not 0 < alpha < 1:
         raise ValueError(f"SmoothQuant alpha must be in (0, 1), got {alpha}")
     groups = []  # (producer: norm module or up_proj, linears reading its output, is_norm)
     for layer in model.model.layers:
         attn = layer.self_attn
-        mlp = getattr(layer, "mlp", None)  # MoE layers' experts are left alone
+        mlp = getattr(layer, "mlp", None)  # MoE layers' experts (SparseMoE) are left alone
         # post-norm layers (OLMo 2) read the residual stream itself: no norm to fold scales into
         pre_norm = hasattr(layer, "input_layernorm")
         # the MLP's input norm: Gemma's sandwich layers have one of their own
@@ -87,7 +87,7 @@ def smooth(model: nn.Module, calibration: Sequence[Sequence[int]], alpha: float 
             if pre_norm:
                 groups.append((mlp_norm, [mlp.gate_proj, mlp.up_proj], True))
             groups.append((mlp.up_proj, [mlp.down_proj], False))
-        elif mlp is not None and pre_norm:
+        elif isinstance(mlp, GeluMLP) and pre_norm:
             groups.append((mlp_norm, [mlp.up_proj], True))
     readers = {f"g{i}": linears[0] for i, (_, linears, _) in enumerate(groups)}
     maxima = activation_maxima(model, calibration, readers)

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from mlx_core.cli.errors import clean_errors
+from mlx_core.cli import clean_errors
 
 console = Console()
 

@@ -204,8 +204,8 @@ class JaxRunner:
         try:
             import mlx_jax
         except ImportError:
-            raise ImportError("backend=jax needs mlx-jax: pip install mlx-jax (from a checkout: "
-                              "pip install -e packages/jax_backend)") from None
+            raise ImportError("backend=jax needs mlx-jax: pip install 'mlx-train[jax]' (from a "
+                              "checkout: pip install -e packages/jax_backend)") from None
         import jax.numpy as jnp
 
         if dtype not in DTYPES:
@@ -265,8 +265,8 @@ class ServeRunner:
         try:
             from mlx_serve import LLM
         except ImportError:
-            raise ImportError("backend=serve needs mlx-serve: pip install mlx-serve (from a "
-                              "checkout: pip install -e packages/serve)") from None
+            raise ImportError("backend=serve needs mlx-serve: pip install 'mlx-train[serve]' (from "
+                              "a checkout: pip install -e packages/serve)") from None
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         loras = {self.ADAPTER: str(check_adapter_dir(adapter))} if adapter is not None else None
