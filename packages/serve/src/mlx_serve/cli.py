@@ -39,6 +39,10 @@ def serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m",
               True, "--prepack-weights/--no-prepack-weights",
               help="CPU fp32: a packed copy of each linear weight for faster GEMMs (as much "
               "memory again as the linear weights)."),
+          fuse_projections: bool = typer.Option(
+              True, "--fuse-projections/--no-fuse-projections",
+              help="q/k/v and gate/up as one GEMM each (the same logits; a LoRA adapter splits "
+                   "the layers it targets again)."),
           scheduling_policy: str = typer.Option(
               "fcfs", "--scheduling-policy",
               help="fcfs, or priority: requests' 'priority' field (lower first) orders admission "
@@ -90,7 +94,7 @@ def serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m",
                    enable_chunked_prefill=enable_chunked_prefill,
                    scheduling_policy=scheduling_policy, max_loras=max_loras,
                    max_lora_rank=max_lora_rank, prepack_weights=prepack_weights,
-                   quantization=quantization, pooling=pooling)
+                   fuse_projections=fuse_projections, quantization=quantization, pooling=pooling)
     if kv_cache_memory is not None:
         options["kv_cache_memory"] = kv_cache_memory
     if speculative_config is not None:
@@ -245,6 +249,9 @@ def bench_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
                 prepack_weights: bool = typer.Option(
                     True, "--prepack-weights/--no-prepack-weights",
                     help="Our engine with/without prepacked linear weights, as mlx serve's."),
+                fuse_projections: bool = typer.Option(
+                    True, "--fuse-projections/--no-fuse-projections",
+                    help="Our engine with/without fused q/k/v and gate/up, as mlx serve's."),
                 quantization: str | None = typer.Option(
                     None, "--quantization", "-q",
                     help="Our engine on quantized weights (int8, int4, w8a8), as mlx serve's."),
@@ -268,7 +275,7 @@ def bench_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
         raise typer.BadParameter(f"--hf-batch-sizes takes e.g. 8,16; got {hf_batch_sizes!r}") \
             from None
     options = {"max_num_seqs": max_num_seqs, "prepack_weights": prepack_weights,
-               "quantization": quantization}
+               "fuse_projections": fuse_projections, "quantization": quantization}
     if kv_cache_memory is not None:
         options["kv_cache_memory"] = kv_cache_memory
     if speculative_config is not None:

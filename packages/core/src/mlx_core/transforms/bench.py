@@ -8,7 +8,9 @@ resident weight memory (parameters, buffers and the CPU kernels' own copies of t
 quality: perplexity on an English text the package ships (``mlx_core/data/heldout_english.txt``,
 public-domain speeches and novel openings, ~1,700 tokens), scored in chunks of 32 tokens over a
 KV cache so the decode-sized kernels run, and greedy agreement with fp32 on 32 prompts cut from
-that text (16 tokens each, 16 new tokens).
+that text (16 tokens each, 16 new tokens). With ``fuse`` (the default, as ``mlx generate`` and
+the serving engine run) every model, fp32 included, has its projections fused
+(``fuse_projections``).
 """
 
 from __future__ import annotations
@@ -96,12 +98,13 @@ def quality(models: dict[str, nn.Module], ids: list[int], new_tokens: int = 16) 
 
 def run(model: str = "smollm2-135m-instruct", *, schemes: tuple[str, ...] | None = None,
         prompt_len: int = 256, new_tokens: int = 64, rounds: int = 3, seed: int = 0,
-        measure_quality: bool = True, compile: bool = False, peers: bool = True) -> dict:
+        measure_quality: bool = True, compile: bool = False, peers: bool = True,
+        fuse: bool = True) -> dict:
     import copy
 
     from mlx_core import load_model
     from mlx_core.sources import gguf_file
-    from mlx_core.transforms import parse_scheme, quantize
+    from mlx_core.transforms import fuse_projections, parse_scheme, quantize
 
     if schemes is None:  # every scheme; "gguf" where the model comes from a GGUF file
         try:
@@ -121,6 +124,9 @@ def run(model: str = "smollm2-135m-instruct", *, schemes: tuple[str, ...] | None
         calibration = default_calibration(tokenizer) if parse_scheme(scheme).name == "w8a8" else None
         models[scheme] = (load_model(model, quantization=scheme) if scheme == "gguf"
                           else quantize(copy.deepcopy(fp32), scheme, calibration=calibration))
+    if fuse:  # as mlx generate and the serving engine run them (the same logits)
+        for m in models.values():
+            fuse_projections(m)
     rng = random.Random(seed)
     low = min(100, fp32.config.vocab_size // 2)
     prompt = [rng.randrange(low, fp32.config.vocab_size) for _ in range(prompt_len)]
