@@ -1,6 +1,8 @@
-"""The MLPs' hidden activation is rebuilt in backward instead of saved (mlx_core.models.recompute):
-the same gradients bit for bit, the activation freed after the forward, and nothing of it inside
-layers that gradient checkpointing already recomputes."""
+"""Selective recompute (``mlx_core.transforms.selective_recompute``, on mlx_core.models.recompute):
+the MLPs' hidden activation and the norm outputs are rebuilt in backward instead of saved, with
+the same gradients bit for bit, the activations freed after the forward, and nothing of them
+inside layers that gradient checkpointing already recomputes. The zoo model alone keeps them;
+whoever trains applies the transform."""
 
 import gc
 import weakref
@@ -8,9 +10,15 @@ import weakref
 import pytest
 import torch
 
-import mlx_core.models.transformer as transformer
+import mlx_core.transforms.recompute as recomputing
 from mlx_core import build_model, get_preset
 from mlx_core.models import recompute
+from mlx_core.transforms import selective_recompute
+
+
+def _model(preset):
+    torch.manual_seed(0)
+    return selective_recompute(build_model(get_preset(preset)).train())
 
 
 def _hidden_refs(model):
@@ -36,7 +44,7 @@ def _rebuilt_vs_kept(model, refs, monkeypatch):
     results = []
     for rebuild in (True, False):
         if not rebuild:
-            monkeypatch.setattr(transformer, "worth_recomputing", lambda tensor: False)
+            monkeypatch.setattr(recomputing, "worth_recomputing", lambda tensor: False)
         refs.clear()
         loss = _train_step(model, ids)
         kept = [r() is not None for r in refs]
@@ -55,7 +63,9 @@ def _rebuilt_vs_kept(model, refs, monkeypatch):
 def test_same_gradients_and_the_hidden_activation_is_not_kept(preset, lora, monkeypatch):
     torch.manual_seed(0)
     model = base = build_model(get_preset(preset)).train()
-    if lora:  # wraps base's linear layers in place
+    if not lora:
+        selective_recompute(base)
+    else:  # wraps base's linear layers in place, and applies selective recompute
         from mlx_adapters import LoraConfig, get_peft_model
 
         model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
@@ -66,14 +76,13 @@ def test_same_gradients_and_the_hidden_activation_is_not_kept(preset, lora, monk
 
 
 def test_checkpointed_layers_keep_no_recipe(monkeypatch):
-    torch.manual_seed(0)
-    model = build_model(get_preset("tiny-llama")).train()
+    model = _model("tiny-llama")
     ids = torch.randint(0, 100, (2, 12))
     _train_step(model, ids).backward()
     reference = {n: p.grad.clone() for n, p in model.named_parameters()}
     recipes = []
     real = recompute.recompute_when_saved
-    monkeypatch.setattr(transformer, "recompute_when_saved",
+    monkeypatch.setattr(recomputing, "recompute_when_saved",
                         lambda *a: recipes.append(recompute.recomputing_layer()) or real(*a))
     model.gradient_checkpointing_enable(num_layers=1)
     _train_step(model, ids).backward()
@@ -100,8 +109,7 @@ def test_inference_and_frozen_paths_are_untouched():
 def test_norm_outputs_are_rebuilt_too(preset, monkeypatch):
     """Each layer's two norm outputs (read by q/k/v and by the MLP's input projections) are freed
     after the forward and rebuilt in backward: the same gradients bit for bit."""
-    torch.manual_seed(0)
-    model = build_model(get_preset(preset)).train()
+    model = _model(preset)
     refs = []
     for layer in model.model.layers:
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
@@ -109,3 +117,26 @@ def test_norm_outputs_are_rebuilt_too(preset, monkeypatch):
     kept_a, kept_b = _rebuilt_vs_kept(model, refs, monkeypatch)
     n_norms = 2 * len(model.model.layers)
     assert kept_a == [False] * n_norms and kept_b == [True] * n_norms
+
+
+def test_the_zoo_model_alone_keeps_its_activations_and_the_transform_is_idempotent():
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny-llama")).train()
+    refs = _hidden_refs(model)
+    loss = _train_step(model, torch.randint(0, 100, (2, 12)))
+    assert all(r() is not None for r in refs)  # plain: down_proj keeps its input
+    del loss
+    selective_recompute(selective_recompute(model))
+    assert type(model.model.layers[0].mlp) is recomputing.RecomputingGatedMLP
+    assert type(model.model.layers[0]) is recomputing.RecomputingDecoderLayer
+    assert set(model.state_dict()) == set(build_model(get_preset("tiny-llama")).state_dict())
+
+
+def test_training_entry_points_apply_it():
+    from mlx_adapters import LoraConfig, get_peft_model
+    from mlx_train.recipes.components import preset_model
+    from mlx_train.text import load_lm
+
+    peft = get_peft_model(build_model(get_preset("tiny-llama")), LoraConfig(r=2, target_modules=["q_proj"]))
+    for model in (preset_model("tiny-gpt2"), load_lm("tiny-llama")[0], peft.base_model.model):
+        assert isinstance(model.model.layers[0], recomputing.RecomputingDecoderLayer)

@@ -377,8 +377,12 @@ class PeftModel(nn.Module):
 
 def get_peft_model(model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> PeftModel:
     """Wrap ``model`` (a zoo model or any ``nn.Module`` with ``nn.Linear`` layers, HF models
-    included) with a new, trainable adapter."""
-    return PeftModel(model, config, adapter_name)
+    included) with a new, trainable adapter. A zoo model also gets selective recompute
+    (``mlx_core.transforms.selective_recompute``: less activation memory in training, the same
+    gradients)."""
+    from mlx_core.transforms import selective_recompute
+
+    return PeftModel(selective_recompute(model), config, adapter_name)
 
 
 __all__ = ["PeftModel", "get_peft_model"]

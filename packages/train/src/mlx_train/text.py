@@ -190,7 +190,15 @@ def text_splitter(model: TextClassifier, n_block_groups: int = 2) -> list[list[n
 def load_lm(model_or_name, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, bool]:
     """A zoo language model and whether it holds trained weights: a ``Transformer`` (as is,
     counted as trained), a ``ModelConfig`` or preset name (random), or a model source name /
-    HF directory / GGUF file (``mlx_core.load_model``)."""
+    HF directory / GGUF file (``mlx_core.load_model``); with selective recompute applied
+    (``mlx_core.transforms.selective_recompute``: less activation memory in training)."""
+    model, trained = _lm(model_or_name, dtype)
+    from mlx_core.transforms import selective_recompute
+
+    return selective_recompute(model), trained
+
+
+def _lm(model_or_name, dtype: torch.dtype) -> tuple[nn.Module, bool]:
     from mlx_core import registry
     from mlx_core.config import ModelConfig
     from mlx_core.models.loading import build_model, load_model

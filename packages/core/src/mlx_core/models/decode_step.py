@@ -92,6 +92,11 @@ def compiled_decode_step(model: nn.Module, cache: KVCache) -> DecodeStep:
         with torch.inference_mode():  # an eager one-token forward makes the kernels' CPU layouts
             model(torch.zeros(batch, 1, dtype=torch.long, device=cache.key_valid.device),
                   kv_cache=model.new_cache(batch, 1))
+        # every model, batch size and cache length is one graph of the same code (DecodeStep's
+        # forward): dynamo's per-code limit (8) would refuse the ninth with fullgraph=True
+        limit = torch._dynamo.config
+        limit.recompile_limit = max(limit.recompile_limit, 64)
+        limit.accumulated_recompile_limit = max(limit.accumulated_recompile_limit, 1024)
         steps[batch, length] = torch.compile(DecodeStep(model), fullgraph=True, dynamic=False)
     step = steps[batch, length]
     step.cache = cache  # the compiled module forwards attribute writes to the DecodeStep

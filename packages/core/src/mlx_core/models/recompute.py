@@ -11,6 +11,9 @@ does the same for its two norm outputs, rebuilt from the norm's input (which the
 Inside a layer that ``torch.utils.checkpoint`` already recomputes, the recipe would keep inputs
 alive that checkpointing drops: ``run_checkpointed_layer`` runs a layer with
 ``recomputing_layer()`` true, so neither the MLPs nor the norms keep a recipe there.
+
+The zoo's modules do not use this themselves: ``mlx_core.transforms.selective_recompute`` swaps
+in the MLP and decoder-layer forms that do (applied by whoever trains).
 """
 
 from __future__ import annotations

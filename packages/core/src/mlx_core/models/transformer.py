@@ -19,11 +19,7 @@ from mlx_core.config import ModelConfig
 from mlx_core.models.attention import AttentionMetadata, KVCache, attend, build_mask
 from mlx_core.models.linear import Linear
 from mlx_core.models.moe import SparseMoE, moe_attribute
-from mlx_core.models.recompute import (
-    recompute_when_saved,
-    run_checkpointed_layer,
-    worth_recomputing,
-)
+from mlx_core.models.recompute import run_checkpointed_layer
 from mlx_core.models.rope import rope_cos_sin, rope_inverse_frequencies
 from mlx_core.rope_scaling import rope_attention_factor
 from mlx_kernels import fused_linear_cross_entropy, geglu, gelu_tanh, rms_norm, rope, swiglu
@@ -130,11 +126,7 @@ class GatedMLP(nn.Module):
 
     def forward(self, x):
         gate, up = self.project(x)
-        hidden = self.gated(gate, up)
-        if not worth_recomputing(hidden):
-            return self.down_proj(hidden)
-        with recompute_when_saved(hidden, lambda: self.gated(gate, up)):  # see recompute.py
-            return self.down_proj(hidden)
+        return self.down_proj(self.gated(gate, up))
 
 
 class GeluMLP(nn.Module):
@@ -147,12 +139,7 @@ class GeluMLP(nn.Module):
         self.down_proj = Linear(i, h, bias=bias)
 
     def forward(self, x):
-        up = self.up_proj(x)
-        hidden = gelu_tanh(up)
-        if not worth_recomputing(hidden):
-            return self.down_proj(hidden)
-        with recompute_when_saved(hidden, lambda: gelu_tanh(up)):  # see recompute.py
-            return self.down_proj(hidden)
+        return self.down_proj(gelu_tanh(self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -182,28 +169,19 @@ class DecoderLayer(nn.Module):
         if self.placement == "post":
             x = x + self.post_attention_layernorm(self.self_attn(x, cos_sin, meta))
             return x + self.post_feedforward_layernorm(ff(x))
-        attended = _normed_into(self.input_layernorm, x, lambda h: self.self_attn(h, cos_sin, meta))
+        attended = self.normed_into(self.input_layernorm, x,
+                                    lambda h: self.self_attn(h, cos_sin, meta))
         if self.placement == "sandwich":
             x = x + self.post_attention_layernorm(attended)
             return x + self.post_feedforward_layernorm(
-                _normed_into(self.pre_feedforward_layernorm, x, ff))
+                self.normed_into(self.pre_feedforward_layernorm, x, ff))
         x = x + attended
-        return x + _normed_into(self.post_attention_layernorm, x, ff)
+        return x + self.normed_into(self.post_attention_layernorm, x, ff)
 
-
-def _normed_into(norm: nn.Module, x: torch.Tensor, block) -> torch.Tensor:
-    """``block(norm(x))``; in training the norm's output (saved by each projection that reads it)
-    is rebuilt in backward from x, which the norm saves anyway (see recompute.py)."""
-    normed = norm(x)
-    if not worth_recomputing(normed):
-        return block(normed)
-
-    def rebuild():  # the forward exactly as training ran it: the graph-recording path
-        with torch.enable_grad():
-            return norm(x.detach().requires_grad_()).detach()
-
-    with recompute_when_saved(normed, rebuild):
-        return block(normed)
+    def normed_into(self, norm: nn.Module, x: torch.Tensor, block) -> torch.Tensor:
+        """``block(norm(x))`` (``mlx_core.transforms.selective_recompute`` rebuilds the norm's
+        output in backward instead of keeping it)."""
+        return block(norm(x))
 
 
 class Backbone(nn.Module):

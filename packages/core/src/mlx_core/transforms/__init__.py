@@ -4,7 +4,8 @@ The zoo's modules describe the model and nothing else. A transform swaps some of
 its own (``swap_linears``, the seam): prepacked weights and uncopied output layouts
 (``fast_linear``) change how it runs and not what it computes; quantization (``quantize``:
 int8/int4 weight-only, W8A8) changes what it computes, within a stated quality budget;
-``fuse_projections`` runs the projections that read one input as one GEMM. Whoever
+``fuse_projections`` runs the projections that read one input as one GEMM;
+``selective_recompute`` (training) rebuilds cheap activations in backward instead of keeping them. Whoever
 wants a transform applies it (``load_model(..., quantization=...)``, the serving engine, a script).
 """
 
@@ -25,7 +26,8 @@ from mlx_core.transforms.quantize import (
     parse_scheme,
     quantize,
 )
+from mlx_core.transforms.recompute import selective_recompute
 from mlx_core.transforms.swap import swap_linears
 
 __all__ = ["FastLinear", "fuse_projections", "unfuse_projections", "prepack_linear_weights", "uncopied_mlp_outputs", "SCHEMES", "Int4Linear", "Int8Linear", "QuantizationScheme", "QuantizedEmbedding",
-           "QuantizedLinear", "W8A8Linear", "parse_scheme", "quantize", "swap_linears"]
+           "QuantizedLinear", "W8A8Linear", "parse_scheme", "quantize", "selective_recompute", "swap_linears"]

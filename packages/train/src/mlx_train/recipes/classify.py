@@ -114,9 +114,11 @@ def text_model(lm_config: dict, n_out: int, drop: float = 0.1):
     """The ``TextClassifier`` of a zoo model with config ``lm_config`` (no weights initialised)."""
     from mlx_core.config import ModelConfig
     from mlx_core.models.loading import build_model
+    from mlx_core.transforms import selective_recompute
     from mlx_train.text import TextClassifier
 
-    return TextClassifier(build_model(ModelConfig.from_dict(lm_config), init=False), n_out, drop)
+    body = selective_recompute(build_model(ModelConfig.from_dict(lm_config), init=False))
+    return TextClassifier(body, n_out, drop)
 
 
 # -- the recipe -------------------------------------------------------------------------------

@@ -26,10 +26,13 @@ def _dtype(name: str) -> torch.dtype:
 
 # -- models ---------------------------------------------------------------------------------
 def pretrained_model(source: str, dtype: str = "float32") -> nn.Module:
-    """``mlx_core.load_model(source)``: a registered name, an HF-format directory or a ``.gguf``."""
+    """``mlx_core.load_model(source)``: a registered name, an HF-format directory or a ``.gguf``;
+    trained with selective recompute (``mlx_core.transforms.selective_recompute``), as every
+    model a recipe builds."""
     from mlx_core import load_model
+    from mlx_core.transforms import selective_recompute
 
-    return load_model(source, dtype=_dtype(dtype))
+    return selective_recompute(load_model(source, dtype=_dtype(dtype)))
 
 
 def preset_model(preset: str, overrides: dict | None = None, dtype: str = "float32",
@@ -37,6 +40,7 @@ def preset_model(preset: str, overrides: dict | None = None, dtype: str = "float
     """A randomly initialised model from the named preset, with ``overrides`` (``ModelConfig``
     fields) applied; given a ``tokenizer``, its vocabulary size and special tokens too."""
     from mlx_core import build_model, get_preset
+    from mlx_core.transforms import selective_recompute
 
     config = get_preset(preset)
     changes = dict(overrides or {})
@@ -49,7 +53,8 @@ def preset_model(preset: str, overrides: dict | None = None, dtype: str = "float
         changes.setdefault("eos_token_id", eos)
         changes.setdefault("bos_token_id", tokenizer.bos_token_id)
         changes.setdefault("pad_token_id", tokenizer.pad_token_id)
-    return build_model(dataclasses.replace(config, **changes), dtype=_dtype(dtype))
+    return selective_recompute(build_model(dataclasses.replace(config, **changes),
+                                           dtype=_dtype(dtype)))
 
 
 # -- schedules ------------------------------------------------------------------------------
