@@ -87,3 +87,12 @@ def test_freed_activations_are_reused_step_after_step():
     assert done.returncode == 0, done.stderr
     heap = [int(v) for v in done.stdout.split()]
     assert max(heap[1:]) <= heap[0], heap  # no growth after the first step (it may trim)
+
+
+def test_only_training_commands_restart_with_the_tuned_allocator():
+    from mlx_core.cli.app import trains
+
+    assert trains(["train", "lora_finetune", "model=tiny"]) and trains(["quickstart"])
+    assert trains(["bench", "lora"]) and trains(["--verbose", "adapters", "train"])
+    assert not trains(["generate", "-p", "hi"]) and not trains(["serve"])
+    assert not trains(["bench", "quant"]) and not trains([])

@@ -15,7 +15,8 @@ costs a fresh page-faulted, kernel-zeroed block per activation: 5-7 s of system 
 that workload (about 4 s of a 20 s step); a warm heap costs none.
 
 ``tune_allocator()`` sets what can change at run time; ``relaunch_with_tuned_allocator()`` runs the
-``mlx`` command again with the tcache off (as ``torch.backends.xeon.run_cpu`` relaunches with an
+``mlx`` command again with the tcache off, for the subcommands that train (``cli.app.trains``;
+as ``torch.backends.xeon.run_cpu`` relaunches with an
 allocator preloaded). ``MLX_ALLOCATOR=system`` keeps glibc's defaults.
 """
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from mlx_core import __version__, registry
@@ -38,9 +40,25 @@ def build_app() -> typer.Typer:
     return app
 
 
+# the subcommands that train (and the benchmarks of training): where the allocator setting was
+# measured to matter (mlx_core.memory); the others start once, as they are
+TRAINING_COMMANDS = frozenset({"quickstart", "train", "tune", "adapters", "recipes"})
+TRAINING_BENCHMARKS = frozenset({"lora", "learner", "sweep"})
+
+
+def trains(argv: list[str]) -> bool:
+    """Whether the ``mlx`` command line ``argv`` (without the program) runs a training command."""
+    words = [a for a in argv if not a.startswith("-")]
+    if not words:
+        return False
+    return words[0] in TRAINING_COMMANDS or (
+        words[0] == "bench" and len(words) > 1 and words[1] in TRAINING_BENCHMARKS)
+
+
 def main() -> None:
     from mlx_core.memory import relaunch_with_tuned_allocator, tune_allocator
 
-    relaunch_with_tuned_allocator()  # training's freed activations must be reusable (see memory)
-    tune_allocator()
+    if trains(sys.argv[1:]):
+        relaunch_with_tuned_allocator()  # training's freed activations must be reusable
+        tune_allocator()
     build_app()(prog_name="mlx")
