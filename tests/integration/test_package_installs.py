@@ -19,18 +19,17 @@ import graphlib
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 import tomllib
 import urllib.request
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+
+from tests.serve.process import running_mlx_serve
 
 ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = {"mlx_kernels": "kernels", "mlx_core": "packages/core",
@@ -267,26 +266,10 @@ def test_serve_installs_alone_and_serves_a_lora_adapter(tmp_path, tiny_model_dir
                         package("mlx_kernels", "[torch]"), package("mlx_serve"), torch=True)
     assert installed(python) == {"mlx_core", "mlx_kernels", "mlx_serve"}
     assert "--lora" in mlx_help(python, "serve")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([python.parent / "mlx", "serve", "--model", tiny_model_dir, "--lora",
-                                 f"tuned={lora_adapter}", "--port", str(port), "--kv-cache-memory",
-                                 "64MiB", "--no-ui", "--log-level", "warning"],
-                                stdout=out, stderr=subprocess.STDOUT, env=ENV)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=5):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.3)
+    server = running_mlx_serve(python.parent / "mlx", [
+        "--model", tiny_model_dir, "--lora", f"tuned={lora_adapter}", "--kv-cache-memory", "64MiB",
+        "--no-ui", "--log-level", "warning"], tmp_path / "serve.log", env=ENV)
+    with server as url:
         with urllib.request.urlopen(url + "/v1/models", timeout=30) as response:
             served = {m["id"] for m in json.load(response)["data"]}
         assert "tuned" in served and len(served) == 2, served
@@ -298,9 +281,6 @@ def test_serve_installs_alone_and_serves_a_lora_adapter(tmp_path, tiny_model_dir
             with urllib.request.urlopen(request, timeout=60) as response:
                 answer = json.load(response)
             assert answer["model"] == model and answer["usage"]["completion_tokens"] == 3, answer
-    finally:
-        proc.send_signal(signal.SIGINT)  # Ctrl-C
-        assert proc.wait(60) in (0, 130), log.read_text()
 
 
 @pytest.mark.slow

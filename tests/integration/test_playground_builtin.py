@@ -10,9 +10,6 @@ tests/integration/test_playground_builtin.py)."""
 
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -22,6 +19,7 @@ import pytest
 
 from mlx_core.sources import BUILTIN_MODEL
 from tests.serve.browser import PageErrors, launch, save_screenshot
+from tests.serve.process import running_mlx_serve
 
 pytestmark = [pytest.mark.builtin_model, pytest.mark.slow, pytest.mark.browser]
 
@@ -51,29 +49,12 @@ def code_adapter(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(code_adapter, tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
     mlx = Path(sys.executable).parent / "mlx"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([str(mlx), "serve", "--port", str(port), "--api-key", KEY,
-                                 "--lora", f"{ADAPTER}={code_adapter}", "--kv-cache-memory",
-                                 "512MiB", "--log-level", "warning"],
-                                stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        assert proc.poll() is None, log.read_text()
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5):
-                break
-        except OSError:
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.5)
-    yield url
-    proc.send_signal(signal.SIGINT)  # Ctrl-C
-    assert proc.wait(60) in (0, 130), log.read_text()  # 130: ended by SIGINT, as a shell sees it
+    with running_mlx_serve(mlx, ["--api-key", KEY, "--lora", f"{ADAPTER}={code_adapter}",
+                                 "--kv-cache-memory", "512MiB", "--log-level", "warning"],
+                           tmp_path_factory.mktemp("serve") / "serve.log", timeout=300,
+                           poll=0.5) as url:
+        yield url
 
 
 @pytest.fixture

@@ -119,29 +119,23 @@ def test_gguf_file_loads_the_weights_of_the_registered_name(builtin_gguf_path, b
         np.testing.assert_array_equal(from_file[name], from_name[name])
 
 
-@pytest.mark.parametrize("changes", [
-    {"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
-    {"head_dim": 32, "num_kv_heads": 4},                   # head_dim != hidden / heads, no GQA
-    {"num_kv_heads": 1, "attention_bias": True, "mlp_bias": True, "attention_out_bias": True},
-], ids=["linear-rope", "wide-heads", "mqa-all-biases"])
-def test_config_variants_match_torch_zoo(changes, tmp_path):
+@pytest.mark.parametrize("preset,changes", [
+    pytest.param("tiny-llama", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+                 id="linear-rope"),
+    pytest.param("tiny-llama", {"head_dim": 32, "num_kv_heads": 4},  # head_dim != hidden / heads
+                 id="wide-heads"),
+    pytest.param("tiny-llama", {"num_kv_heads": 1, "attention_bias": True, "mlp_bias": True,
+                                "attention_out_bias": True}, id="mqa-all-biases"),
+    # Qwen3-MoE: the routed experts (sorted by expert, grouped matmuls), jitted
+    pytest.param("tiny-qwen3-moe", {"norm_topk_prob": False, "mlp_only_layers": ()},
+                 id="unnormalised-all-sparse"),  # every layer sparse, weights as routed
+    pytest.param("tiny-qwen3-moe", {"num_experts": 6, "num_experts_per_tok": 3, "num_kv_heads": 1,
+                                    "tie_word_embeddings": True, "mlp_only_layers": (0,)},
+                 id="top3-mqa-tied-dense-first"),
+])
+def test_config_variants_match_torch_zoo(preset, changes, tmp_path):
     torch.manual_seed(0)
-    torch_model = build_model(get_preset("tiny-llama").replace(**changes)).eval()
-    jax_model = mlx_jax.load_model(save_model(torch_model, tmp_path / "model"))
-    ids, mask = _batch(128)
-    ref = _torch_logits(torch_model, ids, mask)
-    assert np.abs(np.asarray(_jax_logits(jax_model, ids, mask)) - ref).max() <= 1e-4
-
-
-@pytest.mark.parametrize("changes", [
-    {"norm_topk_prob": False, "mlp_only_layers": ()},  # every layer sparse, weights as routed
-    {"num_experts": 6, "num_experts_per_tok": 3, "num_kv_heads": 1, "tie_word_embeddings": True,
-     "mlp_only_layers": (0,)},
-], ids=["unnormalised-all-sparse", "top3-mqa-tied-dense-first"])
-def test_qwen3_moe_variants_match_torch_zoo(changes, tmp_path):
-    """The routed experts (sorted by expert, grouped matmuls) jitted: the torch zoo's logits."""
-    torch.manual_seed(0)
-    torch_model = build_model(get_preset("tiny-qwen3-moe").replace(**changes)).eval()
+    torch_model = build_model(get_preset(preset).replace(**changes)).eval()
     jax_model = mlx_jax.load_model(save_model(torch_model, tmp_path / "model"))
     ids, mask = _batch(128)
     ref = _torch_logits(torch_model, ids, mask)

@@ -60,6 +60,12 @@ def sort_by_expert(experts: torch.Tensor, num_experts: int):
     return order, torch.searchsorted(flat[order], bounds)
 
 
+def row_experts(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The expert of each of ``num_rows`` rows grouped by ``offsets [E + 1]`` (no host sync)."""
+    return torch.searchsorted(offsets[1:], torch.arange(num_rows, device=offsets.device),
+                              right=True)
+
+
 def moe_grouped_matmul_reference(x, weights, offsets):
     if offsets.device.type == "cpu" and not torch.compiler.is_compiling():
         bounds = offsets.tolist()  # a CPU tensor: reading it syncs nothing
@@ -67,8 +73,7 @@ def moe_grouped_matmul_reference(x, weights, offsets):
                  for e in range(weights.shape[0]) if bounds[e + 1] > bounds[e]]
         return torch.cat(parts) if parts else x.new_zeros(x.shape[0], weights.shape[1])
     # shape-static: each expert over every row, each row keeping its own expert's output
-    row_expert = torch.searchsorted(offsets[1:], torch.arange(x.shape[0], device=x.device),
-                                    right=True)
+    row_expert = row_experts(offsets, x.shape[0])
     out = x.new_zeros(x.shape[0], weights.shape[1])
     for e in range(weights.shape[0]):
         out = torch.where((row_expert == e)[:, None], F.linear(x, weights[e]), out)

@@ -28,7 +28,7 @@ from mlx_core.config import ModelConfig
 from mlx_core.models.linear import Linear
 from mlx_kernels import moe_grouped_matmul, moe_route, swiglu
 from mlx_kernels.dispatch import records_autograd
-from mlx_kernels.moe import sort_by_expert
+from mlx_kernels.moe import row_experts, sort_by_expert
 
 # each expert's gate, up and down projections, as the family's checkpoints name them
 EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2")}
@@ -114,8 +114,7 @@ class SparseMoE(nn.Module):
     def _one_by_one(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Each expert module on its rows: any layers (quantized, adapter-wrapped)."""
         if torch.compiler.is_compiling():
-            row_expert = torch.searchsorted(offsets[1:], torch.arange(rows.shape[0], device=rows.device),
-                                            right=True)
+            row_expert = row_experts(offsets, rows.shape[0])
             out = self.experts[0](rows)
             for e in range(1, len(self.experts)):
                 out = torch.where((row_expert == e)[:, None], self.experts[e](rows), out)

@@ -11,6 +11,7 @@ The rows, whoever makes them:
 
 from __future__ import annotations
 
+import abc
 import importlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -67,7 +68,7 @@ class Sinks:
         return [line for sink in self.sinks for line in sink.where(Path(directory))]
 
 
-class TrackerRun:
+class TrackerRun(abc.ABC):
     """What the MLflow and W&B sinks share: a run they started at ``open`` (``started``) is
     theirs to end at ``close`` (``end_run``); one that was already active is left open.
     ``where``: the tracker's ``label`` and ``place`` (its experiment or project)."""
@@ -78,8 +79,9 @@ class TrackerRun:
     def where(self, directory: Path) -> list[str]:
         return [f"{self.label}: {self.place}"]
 
+    @abc.abstractmethod
     def end_run(self) -> None:
-        raise NotImplementedError
+        """End the tracker's run (the sink started it)."""
 
     def close(self) -> None:
         if self.started:
