@@ -204,7 +204,7 @@ def test_the_builtin_model_equals_lm_evals_hf_model(builtin_model_dir):
 
 def test_eval_lm_eval_adds_the_scores_to_a_runs_metrics_and_the_sweep_table(tiny_dir, tmp_path):
     from mlx_train import recipes
-    from mlx_train.recipes.multirun import table
+    from mlx_train.runner.multirun import table
 
     overrides = ["model=pretrained", f"model.source={tiny_dir}", "data=secret_code",
                  "data.n_train=16", "data.n_valid=4", "data.bs=8", "eval.exact_match=false",

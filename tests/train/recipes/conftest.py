@@ -34,7 +34,7 @@ def tiny_overrides(tiny_model_dir, tiny_jsonl, tmp_path):
 def single_process_env(monkeypatch):
     """For tests that compare several processes with one: the in-process reference run must
     not think it is a torchrun worker, and the workers get a thread each."""
-    from mlx_train.recipes.launch import TORCHRUN_ENV
+    from mlx_train.runner.launch import TORCHRUN_ENV
 
     for key in TORCHRUN_ENV:
         monkeypatch.delenv(key, raising=False)

@@ -20,7 +20,7 @@ from mlx_train import recipes
 from mlx_train.data import Loader
 from mlx_train.distributed import SplitBatchSampler, split_loader
 from mlx_train.recipes import RecipeConfigError
-from mlx_train.recipes.launch import command, launch
+from mlx_train.runner.launch import command, launch
 from mlx_train.samplers import BucketSampler
 
 # fp32 sums in another order (two half-batch token sums, then an average over the processes,
@@ -174,6 +174,6 @@ def test_the_errors_name_the_fix(tiny_overrides):
         recipes.sweep("full_finetune", [*tiny_overrides, "optimizer.lr=1e-3,1e-2"], nproc=0)
     cmd = command("full_finetune", ["epochs=2"], "conf", nproc=4)
     assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
-                       "-m", "mlx_train.recipes.launch", "full_finetune", "--config-dir", "conf",
+                       "-m", "mlx_train.runner.launch", "full_finetune", "--config-dir", "conf",
                        "epochs=2"]
     assert os.environ.get("WORLD_SIZE") is None

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from mlx_core.cli.app import build_app
 from mlx_train import recipes
 from mlx_train.recipes import RecipeConfigError
-from mlx_train.recipes.optuna_search import parse, run_search
+from mlx_train.runner.optuna_search import parse, run_search
 
 optuna = pytest.importorskip("optuna")
 
@@ -90,7 +90,7 @@ def _journal(path):
 
 
 def test_pruning_stops_a_bad_trial_and_the_best_config_runs(tiny_overrides, tmp_path):
-    from mlx_train.recipes.optuna_search import finish_search
+    from mlx_train.runner.optuna_search import finish_search
 
     out, journal = tmp_path / "search", tmp_path / "study.journal"
     study = optuna.create_study(study_name="prune", storage=_journal(journal))

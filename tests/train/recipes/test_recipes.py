@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 
 import pytest
 import torch
@@ -130,6 +131,14 @@ def test_pretrain_from_a_text_folder(tmp_path):
 
     tok = load_tokenizer(run / "model")
     assert tok.decode(tok.encode("the lazy dog")) == "the lazy dog"
+
+
+def test_pretrain_backend_jax_without_mlx_jax_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlx_jax", None)  # as if mlx-jax were not installed
+    run = tmp_path / "pre"
+    with pytest.raises(ImportError, match=r"pip install 'mlx-train\[jax\]'"):
+        recipes.run("pretrain", [f"data.path={tmp_path}", "backend=jax", f"output_dir={run}"])
+    assert not run.exists()  # refused before any work
 
 
 def test_sweep_runs_every_combination_and_prints_a_table(tiny_overrides, tmp_path):

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from mlx_core.cli.app import build_app
 from mlx_train import recipes
 from mlx_train.recipes import RecipeConfigError
-from mlx_train.recipes.parallel import threads_per_job
+from mlx_train.runner.parallel import threads_per_job
 
 FAST = ["epochs=1", "eval.exact_match=false", "logger=none", "save.checkpoint_every=0"]
 

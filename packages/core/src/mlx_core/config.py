@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlx_core.hf_config import HF_MODEL_TYPES, config_to_hf, fields_from_hf
+
 MLP_KINDS = ("swiglu", "gelu", "geglu")  # gated SiLU (Llama) | GELU-tanh (GPT-2) | gated GELU-tanh (Gemma)
 NORM_KINDS = ("rms", "layer")
 POSITION_KINDS = ("rope", "learned")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "gemma2", "gemma3_text",
-                  "gpt2", "mixtral", "qwen3_moe")
 # q/k normalisation: over each head's vector (Qwen3) or the whole projection (OLMo 2)
 QK_NORMS = (None, "head", "projection")
 # norms before each block, on its input (Llama), after it, on its output (OLMo 2), or both (Gemma)
@@ -202,13 +202,9 @@ class ModelConfig:
     # HF config.json
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
-        from mlx_core.hf_config import config_from_hf
-
-        return config_from_hf(hf)
+        return cls(**fields_from_hf(hf))
 
     def to_hf_config(self) -> dict[str, Any]:
-        from mlx_core.hf_config import config_to_hf
-
         return config_to_hf(self)
 
     @classmethod

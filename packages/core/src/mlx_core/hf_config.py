@@ -1,4 +1,6 @@
-"""HF ``config.json`` <-> ``ModelConfig``, one small function per direction.
+"""HF ``config.json`` <-> ``ModelConfig``'s fields, one small function per direction
+(``ModelConfig.from_hf_config`` / ``to_hf_config`` call them; this module does not import
+``mlx_core.config``, so the dependency runs one way).
 
 Reads both the transformers 4.x form (``rope_theta`` + ``rope_scaling``) and the 5.x form
 (``rope_parameters``); writes the 4.x form, which both versions read.
@@ -6,9 +8,13 @@ Reads both the transformers 4.x form (``rope_theta`` + ``rope_scaling``) and the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mlx_core.config import HF_MODEL_TYPES, ModelConfig
+if TYPE_CHECKING:
+    from mlx_core.config import ModelConfig
+
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "gemma2", "gemma3_text",
+                  "gpt2", "mixtral", "qwen3_moe")
 
 _HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -37,7 +43,8 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return float(theta), {"rope_type": rope_type, **scaling}
 
 
-def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+def fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """``ModelConfig``'s keyword arguments for an HF ``config.json``."""
     model_type = hf.get("model_type")
     if model_type not in HF_MODEL_TYPES:
         from mlx_core.registry import close_matches
@@ -53,7 +60,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"GPT-2 activation_function {act!r} is not supported (gelu_new only)")
-        return ModelConfig(
+        return dict(
             model_type="gpt2",
             vocab_size=hf["vocab_size"],
             hidden_size=hf["n_embd"],
@@ -85,7 +92,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         sliding = None
     if model_type in ("llama", "olmo2"):
         sliding = None
-    return ModelConfig(
+    return dict(
         model_type=model_type,
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -137,7 +144,7 @@ def _qwen3_moe_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _gemma_from_hf(hf: dict[str, Any], model_type: str) -> ModelConfig:
+def _gemma_from_hf(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
     """Gemma 2 and Gemma 3's text model: gated GELU-tanh, (1 + weight) RMSNorms before and after
     each block, embeddings times sqrt(hidden_size), alternating sliding and full layers. Gemma
     2: soft-capped attention scores and logits, one RoPE. Gemma 3: per-head q/k norms instead of
@@ -175,7 +182,7 @@ def _gemma_from_hf(hf: dict[str, Any], model_type: str) -> ModelConfig:
     defaults = (50.0, 30.0) if gemma2 else (None, None)  # HF's, per family
     caps = {field: hf.get(field, default) for field, default in
             zip(("attn_logit_softcapping", "final_logit_softcapping"), defaults, strict=True)}
-    return ModelConfig(
+    return dict(
         model_type=model_type, vocab_size=hf["vocab_size"], hidden_size=hidden,
         num_layers=layers, num_heads=hf["num_attention_heads"],
         num_kv_heads=hf.get("num_key_value_heads"), head_dim=hf.get("head_dim", 256),
@@ -196,6 +203,7 @@ def _gemma_from_hf(hf: dict[str, Any], model_type: str) -> ModelConfig:
 
 
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """The HF ``config.json`` of ``config`` (the 4.x form)."""
     c = config
     common = {
         "architectures": [_HF_ARCHITECTURES[c.model_type]],

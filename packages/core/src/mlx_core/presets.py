@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from mlx_core import registry
 from mlx_core.config import ModelConfig
-from mlx_core.hf_config import config_from_hf
 
 _TINY = dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
              intermediate_size=96, max_position_embeddings=256)
@@ -78,7 +77,7 @@ PRESETS: dict[str, ModelConfig] = {
         rope_theta=1000000.0, max_position_embeddings=40960, qk_norm="head",
         tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645),
     # google/gemma-2-2b's config.json (HF's Gemma2Config defaults), through the HF reader
-    "gemma-2-2b": config_from_hf({
+    "gemma-2-2b": ModelConfig.from_hf_config({
         "model_type": "gemma2", "vocab_size": 256000, "hidden_size": 2304,
         "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8,
         "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 8192,
@@ -86,7 +85,7 @@ PRESETS: dict[str, ModelConfig] = {
         "sliding_window": 4096, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
         "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}),
     # google/gemma-3-1b-it's config.json, through the HF reader (one sliding layer form)
-    "gemma-3-1b": config_from_hf({
+    "gemma-3-1b": ModelConfig.from_hf_config({
         "model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 1152,
         "intermediate_size": 6912, "num_hidden_layers": 26, "num_attention_heads": 4,
         "num_key_value_heads": 1, "head_dim": 256, "max_position_embeddings": 32768,
@@ -99,7 +98,7 @@ PRESETS: dict[str, ModelConfig] = {
         max_position_embeddings=32768, num_experts=8, num_experts_per_tok=2),
     # Qwen/Qwen3-30B-A3B's config.json, through the HF reader: 30,532,122,624 parameters
     # (3.3B active per token: 8 of 128 experts)
-    "qwen3-30b-a3b": config_from_hf({
+    "qwen3-30b-a3b": ModelConfig.from_hf_config({
         "model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048,
         "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
         "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,

@@ -58,8 +58,7 @@ from mlx_train.callback.loggers import (
 from mlx_train.callback.mixup import CutMix, MixUp, ProgressiveResize
 from mlx_train.data import DataLoaders, Loader, Normalize, RandomSplitter, StratifiedSplitter
 from mlx_train.distributed import DistributedCallback
-from mlx_train.export import load_learner
-from mlx_train.learner import Learner
+from mlx_train.learner import Learner, load_learner
 from mlx_train.losses import CausalLMLoss
 from mlx_train.metrics import (
     RMSE,

@@ -44,7 +44,7 @@ def run(n_jobs_in_sweep: int = 4, jobs: int = 2, epochs: int = 3, sentences: int
         directory: str | None = None) -> dict:
     """Time the sweep with ``--jobs 1`` and ``--jobs jobs``; compare the jobs' metrics."""
     from mlx_train import recipes
-    from mlx_train.recipes.parallel import _output_to, threads_per_job
+    from mlx_train.runner.parallel import _output_to, threads_per_job
 
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         root = Path(tmp)

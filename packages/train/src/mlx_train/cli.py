@@ -72,7 +72,7 @@ def copy(recipe: str = typer.Argument(..., help="A recipe name (mlx recipes list
 def run_recipe(recipe: str, overrides: list[str] | None, config_dir: Path | None,
                multirun: bool, nproc: int = 1, jobs: int = 1) -> None:
     from mlx_train import recipes
-    from mlx_train.recipes import optuna_search
+    from mlx_train.runner import optuna_search
 
     if not multirun:
         if optuna_search.requested(overrides):
@@ -81,13 +81,13 @@ def run_recipe(recipe: str, overrides: list[str] | None, config_dir: Path | None
             raise ValueError("--jobs N runs N sweep jobs at a time: add -m and sweep something "
                              "(e.g. optimizer.lr=1e-4,3e-4), or drop --jobs")
         if nproc != 1:
-            from mlx_train.recipes.launch import launch
+            from mlx_train.runner.launch import launch
 
             launch(recipe, overrides or [], config_dir, nproc)
         else:
             recipes.run(recipe, overrides or [], config_dir)
         return
-    from mlx_train.recipes.multirun import table
+    from mlx_train.runner.multirun import table
 
     if optuna_search.requested(overrides):  # an Optuna search instead of the grid
         if nproc != 1 or jobs != 1:
@@ -108,8 +108,8 @@ def run_recipe(recipe: str, overrides: list[str] | None, config_dir: Path | None
 def run_optuna(recipe: str, overrides: list[str], config_dir: Path | None) -> None:
     """An Optuna search (or one worker of a shared one): trials, table, plots, best config."""
     from mlx_train import recipes
-    from mlx_train.recipes import optuna_search
-    from mlx_train.recipes.multirun import table
+    from mlx_train.runner import optuna_search
+    from mlx_train.runner.multirun import table
 
     entry = recipes.get(recipe)
     study = optuna_search.open_study(entry, overrides)
@@ -186,7 +186,7 @@ def search(recipe: str = typer.Argument(..., help="A recipe (mlx recipes list) o
     """An Optuna search: `mlx train RECIPE -m hydra/sweeper=optuna ...` with its settings as
     options; start it several times with one --storage to search in parallel."""
     from mlx_train.recipes import TUNE_ALIASES
-    from mlx_train.recipes.config import quote
+    from mlx_train.runner.config import quote
 
     recipe = TUNE_ALIASES.get(recipe, recipe)
     settings = {"storage": storage, "study_name": study_name, "n_trials": n_trials,

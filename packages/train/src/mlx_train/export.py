@@ -1,4 +1,5 @@
-"""``export`` / ``load_learner``: a trained model for inference, as safetensors + a JSON description.
+"""``export``: a trained model for inference, as safetensors + a JSON description (read back by
+``mlx_train.load_learner``).
 
 The file holds the model weights (``model.<key>``) and, in its metadata, JSON that says how to
 rebuild everything else: the model, the loss (hence the activation and decoding of
@@ -20,15 +21,14 @@ from __future__ import annotations
 import importlib
 import inspect
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from mlx_train.data import BATCH_TRANSFORMS, DataLoaders
+from mlx_train.data import BATCH_TRANSFORMS
 from mlx_train.losses import ACTIVATIONS, DECODES, CausalLMLoss, activation_name, decode_name
-from mlx_train.state import atomic_save, model_tensors, read, restore_model
+from mlx_train.state import atomic_save, model_tensors
 
 FORMAT = "mlx-train-export"
 _LOSS_KWARGS = ("reduction", "ignore_index", "label_smoothing", "beta", "delta", "eps", "full",
@@ -165,24 +165,4 @@ def export(learn, fname: str | Path = "export.safetensors", model_factory: str |
     return atomic_save(tensors, path, meta)
 
 
-def load_learner(fname: str | Path, model: nn.Module | Callable | None = None,
-                 loss_func: Callable | None = None, after_batch=(), device: str = "cpu"):
-    """A ``Learner`` for inference (``predict``, ``get_preds``) from a file written by ``export``.
-
-    ``model``: the module (or a function building it) when the export holds a custom model;
-    ``loss_func``: needed to validate or train when the exported loss was a custom one;
-    ``after_batch``: batch transforms that could not be exported."""
-    from mlx_train.learner import Learner
-
-    path = Path(fname)
-    tensors, meta = read(path, FORMAT)
-    net = build_model(meta["model"], model)
-    restore_model(net, tensors, meta["aliases"], strict=True)
-    net.to(device).eval()
-    loss = loss_func or build_loss(meta["loss"], tensors, meta["activation"], meta["decodes"])
-    tfms = [BATCH_TRANSFORMS[d["type"]].from_dict(d) for d in meta["after_batch"]] + list(after_batch)
-    dls = DataLoaders(after_batch=tfms, n_inp=meta["n_inp"], vocab=meta["vocab"])
-    return Learner(dls, net, loss_func=loss, path=path.parent, progress=False)
-
-
-__all__ = ["export", "import_path", "load_learner"]
+__all__ = ["build_loss", "build_model", "export", "import_path"]

@@ -512,4 +512,26 @@ class Learner:
                 f"cbs={self.cbs})")
 
 
-__all__ = ["Learner", "print_row"]
+def load_learner(fname: str | Path, model: nn.Module | Callable | None = None,
+                 loss_func: Callable | None = None, after_batch=(), device: str = "cpu"):
+    """A ``Learner`` for inference (``predict``, ``get_preds``) from a file written by ``export``.
+
+    ``model``: the module (or a function building it) when the export holds a custom model;
+    ``loss_func``: needed to validate or train when the exported loss was a custom one;
+    ``after_batch``: batch transforms that could not be exported."""
+    from mlx_train.data import BATCH_TRANSFORMS
+    from mlx_train.export import FORMAT, build_loss, build_model
+    from mlx_train.state import read, restore_model
+
+    path = Path(fname)
+    tensors, meta = read(path, FORMAT)
+    net = build_model(meta["model"], model)
+    restore_model(net, tensors, meta["aliases"], strict=True)
+    net.to(device).eval()
+    loss = loss_func or build_loss(meta["loss"], tensors, meta["activation"], meta["decodes"])
+    tfms = [BATCH_TRANSFORMS[d["type"]].from_dict(d) for d in meta["after_batch"]] + list(after_batch)
+    dls = DataLoaders(after_batch=tfms, n_inp=meta["n_inp"], vocab=meta["vocab"])
+    return Learner(dls, net, loss_func=loss, path=path.parent, progress=False)
+
+
+__all__ = ["Learner", "load_learner", "print_row"]

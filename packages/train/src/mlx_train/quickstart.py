@@ -34,7 +34,7 @@ def free_output_dir(base: str = "mlx-quickstart") -> Path:
 
 def overrides(steps: int, output: Path, quick: bool, model: str) -> list[str]:
     """The ``lora_finetune`` overrides a quickstart run uses."""
-    from mlx_train.recipes.config import quote
+    from mlx_train.runner.config import quote
 
     if steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")

@@ -201,11 +201,9 @@ class JaxRunner:
 
     def __init__(self, source: str, tokenizer, *, adapter: str | None = None,
                  dtype: str = "float32", device: str = "cpu", batch_size: int = 16):
-        try:
-            import mlx_jax
-        except ImportError:
-            raise ImportError("backend=jax needs mlx-jax: pip install 'mlx-train[jax]' (from a "
-                              "checkout: pip install -e packages/jax_backend)") from None
+        from mlx_train.extras import require_jax
+
+        mlx_jax = require_jax()
         import jax.numpy as jnp
 
         if dtype not in DTYPES:

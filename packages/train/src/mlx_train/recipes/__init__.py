@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mlx_train.recipes.base import Recipe
 from mlx_train.recipes.classify import INJECTED as CLASSIFY_INJECTED
-from mlx_train.recipes.config import RecipeConfigError, compose_config
+from mlx_train.runner.config import RecipeConfigError, compose_config
 
 RECIPES = [
     Recipe("full_finetune", "Fine-tune every weight; save an HF-format model (run_dir/model).",
@@ -93,9 +93,9 @@ def run(name: str, overrides=(), config_dir=None) -> dict:
 
 
 def sweep(name: str, overrides=(), config_dir=None, nproc: int = 1, jobs: int = 1):
-    """Run the cartesian product of comma-list overrides (see ``mlx_train.recipes.multirun``),
+    """Run the cartesian product of comma-list overrides (see ``mlx_train.runner.multirun``),
     each job on ``nproc`` processes when ``nproc > 1``, ``jobs`` jobs at a time."""
-    from mlx_train.recipes.multirun import run_sweep
+    from mlx_train.runner.multirun import run_sweep
 
     return run_sweep(get(name), overrides, config_dir, nproc, jobs)
 

@@ -105,7 +105,7 @@ class RunDir:
     ``resume=true``, and refuses ``resume=true`` when there is nothing to resume."""
 
     def __init__(self, cfg: DictConfig):
-        from mlx_train.recipes import scaleout
+        from mlx_train.runner import scaleout
 
         scaleout.start()  # under torchrun: the process group, before the ranks decide together
         self.path = Path(cfg.output_dir).expanduser()
@@ -164,8 +164,8 @@ def training_callbacks(cfg: DictConfig, dls) -> list:
     """The callbacks the config asks every recipe's Learner for: the last checkpoint, gradient
     clipping and accumulation, and the loggers (``logger=``; ``default`` is several)."""
     from mlx_train import GradientAccumulation, GradientClip
-    from mlx_train.recipes import scaleout
     from mlx_train.recipes.components import LastCheckpoint
+    from mlx_train.runner import scaleout
 
     cbs = []
     if cfg.save.checkpoint_every:
@@ -272,7 +272,7 @@ def save_trained(model, run: RunDir, tokenizer, peft: bool) -> Path:
     whole model (HF format with the tokenizer, ``run_dir/model``; gathered from the shards under
     FSDP). Under ``--nproc`` rank 0 writes and every process returns the path."""
     from mlx_train.distributed import is_main_process
-    from mlx_train.recipes.fsdp import save_full_model
+    from mlx_train.runner.fsdp import save_full_model
 
     if peft:
         saved = run / "adapter"

@@ -28,7 +28,7 @@ from mlx_train.recipes.base import (
     write_metrics,
 )
 from mlx_train.recipes.evaluate import generate_answers
-from mlx_train.recipes.fsdp import on_rank0, shard_model
+from mlx_train.runner.fsdp import on_rank0, shard_model
 
 
 def resolve_tokenizer(cfg: DictConfig):

@@ -29,11 +29,15 @@ from mlx_train.recipes.base import (
 def pretrain(cfg: DictConfig) -> dict:
     from mlx_core import generate
     from mlx_train.lm_data import as_tokenizer
-    from mlx_train.recipes import scaleout
-    from mlx_train.recipes.fsdp import on_rank0, save_full_model, shard_model
+    from mlx_train.runner import scaleout
+    from mlx_train.runner.fsdp import on_rank0, save_full_model, shard_model
 
     if cfg.backend not in ("torch", "jax"):
         raise ValueError(f"backend must be 'torch' or 'jax', got {cfg.backend!r}")
+    if cfg.backend == "jax":
+        from mlx_train.extras import require_jax
+
+        require_jax()  # before any work
     started = time.time()
     run = RunDir(cfg)
     seed_everything(cfg.seed)

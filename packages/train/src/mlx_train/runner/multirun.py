@@ -4,11 +4,11 @@ Overrides are parsed with Hydra's own override grammar (``OverridesParser``): co
 ``choice(...)``, ``range(...)``; the jobs are their cartesian product, as Hydra's basic sweeper
 makes them. Each runs in ``output_dir/<job number>``: one after another in this process, or
 with ``--nproc N`` each on N processes through ``launch`` (torchrun); with ``--jobs N``, N at a
-time in worker processes of this machine (``mlx_train.recipes.parallel``); with
+time in worker processes of this machine (``mlx_train.runner.parallel``); with
 ``hydra/launcher=...``, through that Hydra launcher plugin (Slurm through submitit, joblib, ...;
-``mlx_train.recipes.launchers``). Every job's config is composed and validated before the first
+``mlx_train.runner.launchers``). Every job's config is composed and validated before the first
 one starts. Afterwards ``output_dir`` holds ``sweep.csv`` (the table) and ``sweep.png`` (the
-metric against each swept value; ``mlx_train.recipes.sweep_plots``).
+metric against each swept value; ``mlx_train.runner.sweep_plots``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from rich.markup import escape
 from rich.table import Table
 
-from mlx_train.recipes.config import RecipeConfigError, quote
+from mlx_train.runner.config import RecipeConfigError, quote
 
 METRIC_COLUMNS = ("train_loss", "valid_loss", "perplexity", "exact_match", "base_exact_match",
                   "time_s")
@@ -68,7 +68,7 @@ def expand(overrides) -> tuple[list[dict[str, str]], list[str]]:
 
 def plan(recipe, overrides, config_dir=None) -> list[Job]:
     """The jobs of a sweep, each composed and validated (nothing runs yet)."""
-    from mlx_train.recipes.config import compose_config
+    from mlx_train.runner.config import compose_config
 
     swept, fixed = expand(overrides)
     base = compose_config(recipe, fixed, config_dir, check=False).output_dir
@@ -88,14 +88,14 @@ def plan(recipe, overrides, config_dir=None) -> list[Job]:
 
 def run_sweep(recipe, overrides, config_dir=None, nproc: int = 1, jobs: int = 1) -> list[Job]:
     """Run every job of the sweep (a failing job is recorded and the others run): with
-    ``nproc > 1`` each job on ``nproc`` processes (``mlx_train.recipes.launch``); with
+    ``nproc > 1`` each job on ``nproc`` processes (``mlx_train.runner.launch``); with
     ``jobs > 1``, that many at a time; with ``hydra/launcher=...`` among the overrides, through
     that Hydra launcher. Writes ``sweep.csv`` and ``sweep.png`` into the sweep's output_dir."""
-    from mlx_train.recipes import launchers
     from mlx_train.recipes.base import say
-    from mlx_train.recipes.config import compose_config
-    from mlx_train.recipes.launch import launch
-    from mlx_train.recipes.sweep_plots import write_results
+    from mlx_train.runner import launchers
+    from mlx_train.runner.config import compose_config
+    from mlx_train.runner.launch import launch
+    from mlx_train.runner.sweep_plots import write_results
 
     if nproc < 1:
         raise ValueError(f"--nproc must be at least 1, got {nproc}")
@@ -113,9 +113,9 @@ def run_sweep(recipe, overrides, config_dir=None, nproc: int = 1, jobs: int = 1)
     on = f" on {nproc} processes each" if nproc > 1 else ""
     say(f"sweep: {len(planned)} job(s) of {recipe.name}{on}")
     if launcher:
-        launchers.launch_jobs(recipe, planned, launcher, config_dir)
+        launchers.launch_jobs(recipe, planned, launcher, sweep_dir(planned), config_dir)
     elif jobs > 1:
-        from mlx_train.recipes.parallel import run_parallel
+        from mlx_train.runner.parallel import run_parallel
 
         run_parallel(recipe, planned, config_dir, jobs)
     else:

@@ -25,7 +25,7 @@ from mlx_train.distributed import (
     setup_distributed,
     world_info,
 )
-from mlx_train.recipes.config import STRATEGIES
+from mlx_train.runner.config import STRATEGIES
 
 
 def start() -> tuple[int, int]:

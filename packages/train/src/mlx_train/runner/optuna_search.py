@@ -41,8 +41,8 @@ from pathlib import Path
 from rich.markup import escape
 
 from mlx_train.callback.core import Callback, CancelFitException
-from mlx_train.recipes.config import RecipeConfigError, quote
-from mlx_train.recipes.multirun import Job
+from mlx_train.runner.config import RecipeConfigError, quote
+from mlx_train.runner.multirun import Job
 
 SETTINGS = {"n_trials": 20, "direction": "minimize", "metric": "valid_loss", "study_name": None,
             "storage": None, "max_failure_rate": 0.0, "n_jobs": 1, "heartbeat_interval": 10,
@@ -220,7 +220,7 @@ def _grid_values(d) -> list:
 def plan(recipe, overrides, config_dir=None) -> tuple[Search, str]:
     """The parsed search and the base output directory, every searched key checked against the
     config (each choice, and each numeric range's ends) before the first trial runs."""
-    from mlx_train.recipes.config import compose_config
+    from mlx_train.runner.config import compose_config
 
     search = parse(overrides)
     base = str(compose_config(recipe, search.fixed, config_dir, check=False).output_dir)
@@ -476,7 +476,7 @@ def _count(trials, states, below: int | None = None) -> int:
 
 def _run_trial(recipe, config_dir, search: Search, base: str, study, trial, added_callbacks):
     from mlx_train.recipes.base import say
-    from mlx_train.recipes.config import compose_config
+    from mlx_train.runner.config import compose_config
 
     optuna = _optuna()
     s = search.settings
@@ -565,7 +565,7 @@ def write_best(recipe, jobs: list[Job], best: int | None, base: str, config_dir=
     ``mlx train RECIPE --config-dir base/best``."""
     from omegaconf import OmegaConf
 
-    from mlx_train.recipes.config import compose_config
+    from mlx_train.runner.config import compose_config
 
     if best is None:
         return None
@@ -587,8 +587,8 @@ def finish_search(recipe, overrides, jobs: list[Job], best: int | None, config_d
     """After a search: the table and plots (``sweep.csv``, ``sweep.png``, Optuna's history,
     importance and intermediate-value plots of ``study``, loaded from the storage when not
     given) and the best trial's config (``best/``) in the search's output_dir."""
-    from mlx_train.recipes.config import compose_config
-    from mlx_train.recipes.sweep_plots import plot_study, write_results
+    from mlx_train.runner.config import compose_config
+    from mlx_train.runner.sweep_plots import plot_study, write_results
 
     search = parse(overrides)
     base = str(compose_config(recipe, search.fixed, config_dir, check=False).output_dir)

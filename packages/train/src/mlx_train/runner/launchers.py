@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlx_train.recipes.config import RecipeConfigError, quote
+from mlx_train.runner.config import RecipeConfigError, quote
 
 
 def split(overrides) -> tuple[list[str], list[str]]:
@@ -53,7 +53,7 @@ class RecipeTask:
     recipe: object
 
     def __call__(self, cfg) -> dict:
-        from mlx_train.recipes.config import validate
+        from mlx_train.runner.config import validate
 
         validate(cfg, self.recipe)
         return self.recipe(cfg)
@@ -68,9 +68,11 @@ def _job_overrides(job, sweep_dir: Path) -> list[str]:
     return [*keep, f"output_dir={quote(path)}", f"hydra.sweep.subdir={quote(subdir)}"]
 
 
-def launch_jobs(recipe, jobs, launcher_overrides: list[str], config_dir=None) -> None:
+def launch_jobs(recipe, jobs, launcher_overrides: list[str], sweep_dir: str,
+                config_dir=None) -> None:
     """Run the sweep's ``jobs`` (``multirun.Job``, planned and checked) through the launcher
-    plugin the overrides select; fills each job's ``metrics`` or ``error``."""
+    plugin the overrides select, with Hydra's sweep directory ``sweep_dir`` (the one above the
+    jobs'); fills each job's ``metrics`` or ``error``."""
     from hydra._internal.callbacks import Callbacks
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.plugins import Plugins
@@ -80,10 +82,9 @@ def launch_jobs(recipe, jobs, launcher_overrides: list[str], config_dir=None) ->
     from omegaconf.errors import OmegaConfBaseException
 
     from mlx_train.recipes.base import say
-    from mlx_train.recipes.config import _hydra, _search_path
-    from mlx_train.recipes.multirun import sweep_dir as common_dir
+    from mlx_train.runner.config import _hydra, _search_path
 
-    sweep_dir = Path(common_dir(jobs)).expanduser().resolve()
+    sweep_dir = Path(sweep_dir).expanduser().resolve()
     job_overrides = [_job_overrides(job, sweep_dir) for job in jobs]
     master_overrides = [*launcher_overrides, f"hydra.sweep.dir={quote(sweep_dir)}",
                         "hydra.job.chdir=false"]

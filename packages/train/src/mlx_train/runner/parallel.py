@@ -60,7 +60,7 @@ def _output_to(path: Path):
 def run_job(recipe, overrides: list[str], config_dir, output_dir: str) -> tuple[dict, str]:
     """One job in a worker: ``(metrics, "")``, or ``({}, error)`` when it failed (the traceback
     is in its log)."""
-    from mlx_train.recipes.config import compose_config
+    from mlx_train.runner.config import compose_config
 
     log = Path(output_dir).expanduser() / JOB_LOG
     log.parent.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,13 @@
 """Several processes per recipe: ``mlx train RECIPE --nproc N ...`` and the per-process entry.
 
 ``launch`` checks the config here (errors come before any process starts), then runs
-``python -m torch.distributed.run --standalone --nproc_per_node N -m mlx_train.recipes.launch
+``python -m torch.distributed.run --standalone --nproc_per_node N -m mlx_train.runner.launch
 RECIPE overrides...``: torchrun's own launcher, the same as typing it. Each process runs
 ``main``, which runs the recipe; the recipe sees ``WORLD_SIZE`` and trains data-parallel (DDP,
-or FSDP2 with ``train.strategy=fsdp``; see ``mlx_train.recipes.scaleout``). Running this module
+or FSDP2 with ``train.strategy=fsdp``; see ``mlx_train.runner.scaleout``). Running this module
 under ``torchrun`` yourself works the same (e.g. several nodes):
 
-    torchrun --nproc_per_node 2 -m mlx_train.recipes.launch full_finetune data.bs=16 ...
+    torchrun --nproc_per_node 2 -m mlx_train.runner.launch full_finetune data.bs=16 ...
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_R
 def command(recipe: str, overrides=(), config_dir=None, nproc: int = 2) -> list[str]:
     """The torchrun command line ``launch`` runs."""
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc_per_node", str(nproc), "-m", "mlx_train.recipes.launch", recipe]
+            "--nproc_per_node", str(nproc), "-m", "mlx_train.runner.launch", recipe]
     if config_dir is not None:
         args += ["--config-dir", str(config_dir)]
     return args + [str(o) for o in overrides or []]
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0].startswith("-"):
-        print("usage: python -m mlx_train.recipes.launch RECIPE [--config-dir DIR] [key=value ...]"
+        print("usage: python -m mlx_train.runner.launch RECIPE [--config-dir DIR] [key=value ...]"
               " (under torchrun)", file=sys.stderr)
         return 2
     recipe, rest, config_dir = args[0], args[1:], None

@@ -5,7 +5,7 @@ to the root (embeddings, final norm, head), as torchtune's distributed recipes d
 process holds ``1/W`` of every weight and of the optimizer state, and the layers' weights are
 gathered just in time for their forward and backward. Gradients are reduce-scattered and
 averaged over the processes, as DDP averages them, so the recipes' loss weighting
-(``mlx_train.recipes.scaleout``) gives the same steps as one process.
+(``mlx_train.runner.scaleout``) gives the same steps as one process.
 
 Checkpoints (``checkpoints/last.safetensors``) hold whole tensors (``mlx_train.state``
 gathers them), so a run resumes with any number of processes. ``save_full_model`` writes the
@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from mlx_train.distributed import is_main_process, world_info
-from mlx_train.recipes.scaleout import barrier, distributed, strategy
+from mlx_train.runner.scaleout import barrier, distributed, strategy
 
 
 def is_sharded(model: nn.Module) -> bool:
