@@ -58,15 +58,19 @@ def test_native_forward_only_for_contiguous_fp32_cpu_inference(monkeypatch):
 
     module = importlib.import_module("mlx_kernels.swiglu")  # the attribute is the op
     _native_library()
-    ran = []
+    ran, rows = [], []
     monkeypatch.setattr(module, "_swiglu_native", lambda g, u: ran.append(1) or F.silu(g) * u)
+    monkeypatch.setattr(module, "_swiglu_native_rows",
+                        lambda g, u: rows.append(1) or F.silu(g) * u)
     g, u = torch.randn(4, 6), torch.randn(4, 6)
     with torch.no_grad():  # no graph, but maybe a recomputed activation: torch's ops, bit-exact
         swiglu(g, u)
     with torch.inference_mode():
         swiglu(g, u)
         swiglu(g.t(), u.t())  # a dense transposed layout, as linear(contiguous=False) returns
-        swiglu(g[:, ::2], u[:, ::2])  # gaps: torch's ops
+        swiglu(g[:, ::2], u[:, ::2])  # gaps within rows: torch's ops
+        swiglu(*torch.randn(4, 12).split(6, dim=-1))  # a fused gate/up output's halves: rows
+        swiglu(torch.randn(4, 12)[:, :6], torch.randn(4, 8)[:, :6])  # rows apart unequally: torch
         swiglu(g.t(), u.t().contiguous())  # two layouts: torch's ops
         swiglu(g.double(), u.double())
         monkeypatch.setenv("MLX_KERNELS", "torch")
@@ -74,9 +78,24 @@ def test_native_forward_only_for_contiguous_fp32_cpu_inference(monkeypatch):
         monkeypatch.delenv("MLX_KERNELS")
     trained = g.clone().requires_grad_()
     swiglu(trained, u).sum().backward()  # autograd: the Function
-    assert ran == [1, 1] and trained.grad is not None
+    assert ran == [1, 1] and rows == [1] and trained.grad is not None
     g, u = torch.randn(8, 96), torch.randn(8, 96)
     with torch.inference_mode():
         out = module._swiglu_native(g.t(), u.t())  # the real kernel on the transposed layout
     assert out.stride() == (1, 96)
     torch.testing.assert_close(out, F.silu(g.t()) * u.t(), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 7), (64, 1536), (2, 33, 1000)])
+def test_native_rows_of_a_fused_gate_up_output(shape):
+    """The halves of one fused gate/up projection's output (rows 2 x cols apart) go through the
+    C loop where they lie; the output is contiguous and equals silu(g) * u as the flat loop."""
+    _native_library()
+    torch.manual_seed(2)
+    fused = torch.randn(*shape[:-1], 2 * shape[-1]) * 4
+    g, u = fused.split(shape[-1], dim=-1)
+    with torch.inference_mode():
+        got = swiglu(g, u)
+        flat = swiglu(g.contiguous(), u.contiguous())
+    assert got.is_contiguous() and torch.equal(got, flat)
+    torch.testing.assert_close(got, F.silu(g) * u, atol=1e-6, rtol=1e-6)

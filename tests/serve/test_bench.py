@@ -60,12 +60,15 @@ def test_bench_quant_serve_reports_ratios_to_the_fp32_engine(tiny_model_dir, tmp
     out = tmp_path / "quant.json"
     result = CliRunner().invoke(build_app(), [
         "bench", "quant-serve", "--model", str(tiny_model_dir), "--schemes", "w8a8,int4",
-        "--num-requests", "5", "--prompt-len", "4:12", "--output-len", "2:6", "--json", str(out)])
+        "--num-requests", "5", "--prompt-len", "4:12", "--output-len", "2:6", "--fusion", "both",
+        "--json", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     rows = report["schemes"]
-    assert list(rows) == ["fp32", "w8a8", "int4"] and rows["fp32"]["ratio_to_fp32"] == 1.0
-    assert rows["w8a8"]["ceiling"] == "int8" and rows["int4"]["ceiling"] == "fp32"
+    assert list(rows) == ["fp32", "fp32 unfused", "w8a8", "w8a8 unfused", "int4", "int4 unfused"]
+    assert rows["fp32"]["ratio_to_fp32"] == 1.0 and report["fusion"] == "both"
+    assert rows["w8a8"]["ceiling"] == rows["w8a8 unfused"]["ceiling"] == "int8"
+    assert rows["int4"]["ceiling"] == "fp32"
     assert len({row["output_tokens"] for row in rows.values()}) == 1  # every token, every engine
     assert all(row["leaked_blocks"] == 0 for row in rows.values())
     # a tiny model's ceiling is far off (rounded, the fraction may read 0.0), but never negative
@@ -73,6 +76,8 @@ def test_bench_quant_serve_reports_ratios_to_the_fp32_engine(tiny_model_dir, tmp
     assert report["int8_matmul_tops"] > 0
     bad = CliRunner().invoke(build_app(), ["bench", "quant-serve", "--schemes", "int3"])
     assert bad.exit_code == 1 and "unknown quantization scheme" in bad.output
+    bad = CliRunner().invoke(build_app(), ["bench", "quant-serve", "--fusion", "maybe"])
+    assert bad.exit_code != 0 and "--fusion takes on, off, both" in bad.output
 
 
 def test_bench_serve_reports_the_grammar_share_of_a_structured_run(tmp_path):

@@ -76,25 +76,31 @@ static inline float min87(float a) {
     return result.f;
 }
 
-/* SwiGLU's inference forward, out[i] = silu(gate[i]) * up[i], in one pass over the three arrays
- * (torch makes two: silu into a fresh tensor, then the product) and on vectors: the sigmoid
- * from e = exp(-|g|) in (0, 1], which never overflows: 1 / (1 + e) for g >= 0, e / (1 + e) below.
- * Within 5e-7 relative of silu * up; 0 where g < -87 (where |silu(g)| < 1.5e-36). Threads
- * split the array where it is long enough to repay waking them. */
+/* SwiGLU's inference forward, out = silu(gate) * up, in one pass over the three arrays (torch
+ * makes two: silu into a fresh tensor, then the product) and on vectors: the sigmoid from
+ * e = exp(-|g|) in (0, 1], which never overflows: 1 / (1 + e) for g >= 0, e / (1 + e) below.
+ * Within 5e-7 relative of silu * up; 0 where g < -87 (where |silu(g)| < 1.5e-36).
+ * `rows` rows of `cols` values: gate's and up's rows `ld` values apart (the two halves of a fused
+ * gate/up projection's output: ld = 2 * cols; one flat array: rows = 1), out's packed. Threads
+ * split the work where it is long enough to repay waking them. */
 void swiglu_f32(const float *restrict gate, const float *restrict up, float *restrict out,
-                int64_t n) {
+                int64_t rows, int64_t cols, int64_t ld) {
     const int64_t chunk = 8192; /* per task: a vector loop each (gcc vectorises that form) */
-#pragma omp parallel for schedule(static) if (n >= 4 * chunk)
-    for (int64_t c = 0; c < n; c += chunk) {
-        const int64_t end = c + chunk < n ? c + chunk : n;
+    const int64_t per_row = (cols + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) if (rows * cols >= 4 * chunk)
+    for (int64_t task = 0; task < rows * per_row; ++task) {
+        const int64_t r = task / per_row, c = (task % per_row) * chunk;
+        const int64_t end = c + chunk < cols ? c + chunk : cols;
+        const float *restrict g_row = gate + r * ld, *restrict u_row = up + r * ld;
+        float *restrict o_row = out + r * cols;
 #pragma omp simd
         for (int64_t i = c; i < end; ++i) {
             /* |g| capped at 87: exp stays a normal float, and an infinite g gives inf, not nan */
-            const float g = gate[i], e = exp_nonpositive(-min87(fabsf(g)));
+            const float g = g_row[i], e = exp_nonpositive(-min87(fabsf(g)));
             /* selects as arithmetic on 0/1 floats, which gcc vectorises */
             const float positive = (float)(g >= 0.0f), kept = (float)(g >= -87.0f);
             const float sigmoid = kept * (positive + (1.0f - positive) * e) / (1.0f + e);
-            out[i] = g * sigmoid * up[i];
+            o_row[i] = g * sigmoid * u_row[i];
         }
     }
 }

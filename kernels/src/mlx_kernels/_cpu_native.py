@@ -99,7 +99,7 @@ def library() -> ctypes.CDLL | None:
     lib.paged_attention_f32.restype = ctypes.c_int
     lib.paged_attention_f32.argtypes = [ptr] * 7 + [i64] * 8 + [f32]
     lib.swiglu_f32.restype = None
-    lib.swiglu_f32.argtypes = [ptr] * 3 + [i64]  # gate, up, out; elements
+    lib.swiglu_f32.argtypes = [ptr] * 3 + [i64] * 3  # gate, up, out; rows, cols, row stride
     lib.quantize_rows_s8.restype = None
     lib.quantize_rows_s8.argtypes = [ptr] * 3 + [i64] * 2  # x, q, scale; rows, k
     lib.dequantize_s32_f32.restype = None

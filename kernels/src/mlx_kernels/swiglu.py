@@ -62,9 +62,11 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if not records_autograd(gate, up):  # the Function's forward, without its bookkeeping
         # inference mode only: under plain no_grad the value may be a recomputed activation
         # (recompute.py), which must equal the autograd forward's bit for bit
-        if (eager_inference() and _same_dense_layout(gate, up)
-                and native_cpu(gate, up)):
-            return _swiglu_native(gate, up)
+        if eager_inference() and native_cpu(gate, up):
+            if _same_dense_layout(gate, up):
+                return _swiglu_native(gate, up)
+            if _row_stride(gate) is not None and _row_stride(gate) == _row_stride(up):
+                return _swiglu_native_rows(gate, up)
         return F.silu(gate).mul_(up) if gate.dtype == up.dtype else swiglu_reference(gate, up)
     return SwiGLUTorchFunction.apply(gate, up)
 
@@ -82,10 +84,33 @@ def _same_dense_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return True
 
 
+def _row_stride(t: torch.Tensor) -> int | None:
+    """``t``'s elements as rows of its last dimension, each contiguous and all a fixed stride
+    apart (the two halves of a fused gate/up projection's output): that stride, else None."""
+    if t.dim() == 0 or t.stride(-1) != 1:
+        return None
+    try:
+        rows = t.view(-1, t.shape[-1])
+    except RuntimeError:  # the leading dimensions do not collapse into one stride
+        return None
+    return rows.stride(0)
+
+
 def _swiglu_native(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``swiglu_f32`` of ``_cpu_kernels.c``: one pass, where torch makes two (fp32 CPU, inference
     mode, tensors of one dense layout, which the output keeps; within 5e-7 relative of the
     reference, see the C source)."""
     out = torch.empty_strided(gate.shape, gate.stride(), dtype=gate.dtype)
-    _cpu_native.library().swiglu_f32(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel())
+    n = gate.numel()
+    _cpu_native.library().swiglu_f32(gate.data_ptr(), up.data_ptr(), out.data_ptr(), 1, n, n)
+    return out
+
+
+def _swiglu_native_rows(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``swiglu_f32`` over rows a fixed stride apart (``_row_stride``): the slices of one fused
+    gate/up output, read where they lie; the output is contiguous."""
+    out = torch.empty(gate.shape, dtype=gate.dtype)
+    cols = gate.shape[-1]
+    _cpu_native.library().swiglu_f32(gate.data_ptr(), up.data_ptr(), out.data_ptr(),
+                                     gate.numel() // cols if cols else 0, cols, _row_stride(gate))
     return out

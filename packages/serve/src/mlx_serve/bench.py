@@ -280,21 +280,32 @@ def int8_matmul_tops(size: int = 1024, repeats: int = 10) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
+FUSION_CHOICES = ("on", "off", "both")
+
+
 def run_quantized(model: str = "smollm2-135m-instruct", *, schemes: tuple[str, ...] = ("w8a8",),
                   num_requests: int = 64, prompt_len: tuple[int, int] = (32, 256),
                   output_len: tuple[int, int] = (16, 128), rounds: int = 1, seed: int = 0,
-                  engine_options: dict | None = None) -> dict:
+                  engine_options: dict | None = None, fusion: str = "on") -> dict:
     """The serving workload of ``run`` (all requests at once) on our engine in fp32 and on each
     quantization scheme, in one process (rounds interleaved, each from a cold prefix cache, the
     best kept), reported as ratios to fp32, with the fraction of the machine's fp32 GEMM ceiling
     (fp32 and weight-only schemes, whose large GEMMs run in fp32) or int8 GEMM ceiling (W8A8)
-    reached, counting prompt and output tokens."""
+    reached, counting prompt and output tokens. ``fusion``: the engines with fused q/k/v and
+    gate/up (``on``, as ``mlx serve`` runs), without (``off``), or ``both``: each scheme also
+    unfused (``"<scheme> unfused"``), the ratio still to fused fp32."""
     from mlx_serve.llm import LLM
 
+    if fusion not in FUSION_CHOICES:
+        raise ValueError(f"fusion must be one of {', '.join(FUSION_CHOICES)}, got {fusion!r}")
     options = {"kv_cache_memory": "1GiB", **(engine_options or {})}
-    engines = {"fp32": LLM(model, **options).engine}
-    for scheme in schemes:
-        engines[scheme] = LLM(model, quantization=scheme, **options).engine
+    engines = {}
+    for scheme in ("fp32", *schemes):
+        quantization = None if scheme == "fp32" else scheme
+        for fused in {"on": (True,), "off": (False,), "both": (True, False)}[fusion]:
+            name = scheme if fused or fusion == "off" else f"{scheme} unfused"
+            engines[name] = LLM(model, quantization=quantization, fuse_projections=fused,
+                                **options).engine
     vocab = engines["fp32"].model.config.vocab_size
     workload = make_workload(num_requests, prompt_len, output_len, vocab, 0.0, seed)
     warm = make_workload(2, (8, 16), (2, 4), vocab, 0.0, seed + 1)
@@ -313,14 +324,15 @@ def run_quantized(model: str = "smollm2-135m-instruct", *, schemes: tuple[str, .
     out = {"model": model, "num_requests": num_requests, "prompt_tokens": prompt_tokens,
            "threads": torch.get_num_threads(), "rounds": rounds,
            "matmul_gflops": round(gflops, 1), "int8_matmul_tops": round(tops, 2),
-           "gflop_per_token": round(per_token / 1e9, 3), "schemes": {}}
+           "gflop_per_token": round(per_token / 1e9, 3), "fusion": fusion, "schemes": {}}
     for name, result in best.items():
-        ceiling = (tops * 1e12 if name == "w8a8" else gflops * 1e9) / per_token
+        int8 = name.split()[0] == "w8a8"
+        ceiling = (tops * 1e12 if int8 else gflops * 1e9) / per_token
         processed = (prompt_tokens + result.output_tokens) / result.seconds
         out["schemes"][name] = {
             **result.summary(),
             "ratio_to_fp32": round(result.tokens_per_s / best["fp32"].tokens_per_s, 3),
-            "ceiling": "int8" if name == "w8a8" else "fp32",
+            "ceiling": "int8" if int8 else "fp32",
             "fraction_of_ceiling_all_tokens": round(processed / ceiling, 3),
             "leaked_blocks": engines[name].blocks.num_blocks - engines[name].blocks.num_free_blocks}
     return out

@@ -333,6 +333,10 @@ def bench_quant_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
                       output_len: str = typer.Option("16:128", "--output-len"),
                       rounds: int = typer.Option(1, "--rounds", min=1),
                       max_num_seqs: int = typer.Option(64, "--max-num-seqs"),
+                      fusion: str = typer.Option(
+                          "on", "--fusion",
+                          help="Fused q/k/v and gate/up in every engine (on, as mlx serve), "
+                               "not (off), or both: each scheme also unfused."),
                       json_path: str = typer.Option("", "--json", help="Also write the result here.")):
     """The serving workload (all requests at once) on our engine in fp32 and quantized, same
     process: output tok/s ratios and the fraction of the fp32 / int8 GEMM ceiling reached."""
@@ -347,10 +351,12 @@ def bench_quant_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
     names = tuple(s.strip() for s in schemes.split(",") if s.strip())
     for name in names:
         parse_scheme(name)
+    if fusion not in bench.FUSION_CHOICES:
+        raise typer.BadParameter(f"--fusion takes {', '.join(bench.FUSION_CHOICES)}; got {fusion!r}")
     result = bench.run_quantized(model, schemes=names, num_requests=num_requests,
                                  prompt_len=_int_range(prompt_len, "--prompt-len"),
                                  output_len=_int_range(output_len, "--output-len"), rounds=rounds,
-                                 engine_options={"max_num_seqs": max_num_seqs})
+                                 engine_options={"max_num_seqs": max_num_seqs}, fusion=fusion)
     table = Table("engine", "output tok/s", "vs fp32", "seconds", "ceiling", "of ceiling",
                   title=f"mlx bench quant-serve: {model}, {num_requests} requests at once, "
                         f"{result['threads']} threads (fp32 GEMM {result['matmul_gflops']} "
