@@ -262,15 +262,24 @@ int paged_attention_f32(const float *query, const float *keys, const float *valu
 
 /* W8A8's dynamic activation quantization: each row of x [rows, k] to int8 with its own scale,
  * q = rint(x * (127 / max|x|)), scale = max|x| / 127 (a zero row: q = 0, scale = 0). The same
- * float operations as the torch reference, so the two agree bit for bit. */
+ * float operations as the torch reference, so the two agree bit for bit (finite rows). */
 void quantize_rows_s8(const float *restrict x, int8_t *restrict q, float *restrict scale,
                       int64_t rows, int64_t k) {
 #pragma omp parallel for schedule(static) if (rows * k >= 65536)
     for (int64_t r = 0; r < rows; ++r) {
         const float *xr = x + r * k;
-        float amax = 0.0f;
-#pragma omp simd reduction(max : amax)
-        for (int64_t i = 0; i < k; ++i) amax = fmaxf(amax, fabsf(xr[i]));
+        /* max|x| as the largest sign-cleared bit pattern: for non-negative floats the integer
+         * order is the float order, and the loop runs on vectors (fmaxf stays a libm call per
+         * element); a nan (above inf in that order) comes out as a nan, as torch's amax */
+        const int32_t *bits = (const int32_t *)xr;
+        int32_t amax_bits = 0;
+#pragma omp simd reduction(max : amax_bits)
+        for (int64_t i = 0; i < k; ++i) {
+            const int32_t b = bits[i] & 0x7fffffff;
+            amax_bits = b > amax_bits ? b : amax_bits;
+        }
+        union { int32_t i; float f; } amax_value = {.i = amax_bits};
+        const float amax = amax_value.f;
         const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
         int8_t *qr = q + r * k;
 #pragma omp simd
