@@ -14,7 +14,7 @@ from mlx_core.models.decode_step import DecodeStep, compiled_cache_length
 from mlx_core.transforms import quantize
 
 DENSE = ["tiny-llama", "tiny-mistral", "tiny-gpt2", "tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-llama3", "tiny-gemma3", "tiny-gemma2"]
-MOE = ["tiny-mixtral", "tiny-qwen3-moe"]
+MOE = ["tiny-mixtral", "tiny-qwen3-moe", "tiny-deepseek-v2", "tiny-deepseek-v3"]
 
 
 def _model(preset):
@@ -78,6 +78,7 @@ def test_compiled_generation_equals_eager(scheme):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset,scheme", [("tiny-mixtral", None), ("tiny-qwen3-moe", None),
+                                           ("tiny-deepseek-v3", None),
                                            ("tiny-mixtral", "int8")])
 def test_compiled_moe_generation_equals_eager(preset, scheme):
     """Routing, the sort by expert and the grouped expert matmuls compile whole

@@ -22,7 +22,7 @@ def _prompts():
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-mistral", "tiny-gpt2", "tiny-mixtral",
-                                    "tiny-qwen3-moe"])
+                                    "tiny-qwen3-moe", "tiny-deepseek-v2", "tiny-deepseek-v3"])
 @torch.no_grad()
 def test_cached_decoding_matches_full_forward(preset):
     torch.manual_seed(0)
@@ -51,12 +51,22 @@ def test_greedy_matches_hf_generate(tmp_path):
 
 _TINY_HF = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2)
+_TINY_DEEPSEEK = dict(_TINY_HF, num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=16,
+                      qk_rope_head_dim=8, v_head_dim=12, moe_intermediate_size=32,
+                      n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
+                      initializer_range=0.1)
 MOE_FAMILIES = {
     "mixtral": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(
         num_local_experts=4, num_experts_per_tok=2, **_TINY_HF)),
     "qwen3-moe": lambda: transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
         mlp_only_layers=[1], **_TINY_HF)),
+    # multi-head latent attention: its cache holds the latent, as HF's does
+    "deepseek-v2": lambda: transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(
+        q_lora_rank=None, topk_method="group_limited_greedy", n_group=2, topk_group=1,
+        **_TINY_DEEPSEEK)),
+    "deepseek-v3": lambda: transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
+        q_lora_rank=24, n_group=2, topk_group=1, **_TINY_DEEPSEEK)),
 }
 
 

@@ -77,7 +77,37 @@ FAMILIES = {
     "qwen3-moe-mlp-only-bias-window": lambda: _qwen3_moe(
         norm_topk_prob=True, mlp_only_layers=[0], num_key_value_heads=4, attention_bias=True,
         use_sliding_window=True, sliding_window=6),
+    # DeepSeek-V2/V3: multi-head latent attention with plain queries or a q bottleneck, RoPE
+    # pairs interleaved or not, YaRN's mscale in the softmax scale; dense first layers, routed
+    # experts (V2: softmax, greedy or group-limited, scaled; V3: sigmoid with a random correction
+    # bias, noaux_tc over groups) plus shared experts. Weights at std 0.1, so routing matters.
+    "deepseek-v2": lambda: _deepseek("V2", q_lora_rank=None, n_shared_experts=2),
+    "deepseek-v2-q-lora-group-limited": lambda: _deepseek(
+        "V2", q_lora_rank=24, topk_method="group_limited_greedy", n_group=2, topk_group=1,
+        routed_scaling_factor=1.5, n_shared_experts=1, num_hidden_layers=3),
+    "deepseek-v3": lambda: _deepseek("V3", q_lora_rank=24, n_group=2, topk_group=1),
+    "deepseek-v3-yarn-not-interleaved-all-sparse": lambda: _deepseek(
+        "V3", q_lora_rank=None, rope_interleave=False, first_k_dense_replace=0, n_group=1,
+        topk_group=1, norm_topk_prob=False, attention_bias=True,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 64, "beta_fast": 32,
+                         "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}),
 }
+
+_TINY_DEEPSEEK = dict(
+    _TINY, num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+    v_head_dim=12, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+    first_k_dense_replace=1, initializer_range=0.1)
+
+
+def _deepseek(version, **changes):
+    config = getattr(transformers, f"Deepseek{version}Config")(**{**_TINY_DEEPSEEK, **changes})
+    model = getattr(transformers, f"Deepseek{version}ForCausalLM")(config)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # zero at init: make it choose
+                buffer.normal_(0.0, 0.1)
+    return model
 
 
 def _qwen3_moe(**changes):
@@ -155,6 +185,7 @@ def test_save_model_round_trips_to_hf(hf_and_ours, tmp_path):
 @pytest.mark.parametrize("preset,hf_class,published", [
     ("qwen3-30b-a3b", transformers.Qwen3MoeForCausalLM, 30_532_122_624),  # "30.5B"
     ("mixtral-8x7b", transformers.MixtralForCausalLM, 46_702_792_704),  # "46.7B"
+    ("deepseek-v2-lite", transformers.DeepseekV2ForCausalLM, 15_706_484_224),  # "15.7B"
 ])
 def test_real_size_preset_has_the_published_parameter_count(preset, hf_class, published):
     """The preset's config, written as config.json and built by transformers on the meta device,

@@ -93,3 +93,50 @@ def test_reads_transformers5_rope_parameters():
     scaling = hf.pop("rope_scaling")
     hf["rope_parameters"] = {**scaling, "rope_theta": hf.pop("rope_theta")}
     assert ModelConfig.from_hf_config(hf) == get_preset("tiny-llama3")
+
+
+@pytest.mark.parametrize("preset,field,value", [
+    ("tiny-deepseek-v2", "topk_method", "best_of"), ("tiny-deepseek-v2", "topk_method", "noaux_tc"),
+    ("tiny-deepseek-v2", "scoring_func", "sigmoid"), ("tiny-deepseek-v3", "scoring_func", "tanh"),
+    ("tiny-deepseek-v3", "topk_method", "greedy"), ("tiny-deepseek-v2", "norm_topk_prob", True),
+    ("tiny-deepseek-v2", "moe_layer_freq", 0), ("tiny-deepseek-v3", "n_group", 3),
+    ("tiny-deepseek-v3", "topk_group", 3), ("tiny-deepseek-v2", "hidden_act", "gelu"),
+    ("tiny-deepseek-v2", "mlp_bias", True), ("tiny-deepseek-v2", "qk_rope_head_dim", 7)])
+def test_unsupported_deepseek_fields_fail_at_load_naming_them(preset, field, value, tmp_path):
+    from mlx_core import load_model
+
+    hf = {**get_preset(preset).to_hf_config(), field: value}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=field):
+        load_model(tmp_path)
+
+
+def test_moe_routing_fields_are_checked_by_name():
+    with pytest.raises(ValueError, match="topk_method must be one of"):
+        get_preset("tiny-qwen3-moe").replace(topk_method="best_of")
+    with pytest.raises(ValueError, match="scoring_func must be one of"):
+        get_preset("tiny-qwen3-moe").replace(scoring_func="tanh")
+    with pytest.raises(ValueError, match="attention_kind must be one of"):
+        get_preset("tiny-llama").replace(attention_kind="linear")
+    with pytest.raises(ValueError, match="kv_lora_rank"):
+        get_preset("tiny-deepseek-v2").replace(kv_lora_rank=0)
+
+
+def test_deepseek_dense_layers_follow_first_k_dense_replace_and_moe_layer_freq():
+    """DeepSeek's rule: layer i is sparse when i >= first_k_dense_replace and i % moe_layer_freq
+    == 0 (HF transformers ignores moe_layer_freq; every released checkpoint has 1)."""
+    hf = {**get_preset("tiny-deepseek-v2").to_hf_config(), "num_hidden_layers": 6,
+          "first_k_dense_replace": 2, "moe_layer_freq": 2}
+    config = ModelConfig.from_hf_config(hf)
+    assert [config.is_moe_layer(i) for i in range(6)] == [False, False, True, False, True, False]
+    assert ModelConfig.from_hf_config(config.to_hf_config()) == config
+    with pytest.raises(ValueError, match="mlp_only_layers"):
+        config.replace(mlp_only_layers=(1, 5)).to_hf_config()
+
+
+def test_mla_softmax_scale_takes_yarns_mscale_twice():
+    """DeepSeek-V2-Lite: qk_head_dim 192 and YaRN factor 40, mscale_all_dim 0.707."""
+    import math
+
+    mscale = 0.1 * 0.707 * math.log(40) + 1.0
+    assert get_preset("deepseek-v2-lite").attention_scale == pytest.approx(192**-0.5 * mscale**2)

@@ -2,7 +2,7 @@
 
 It round-trips through JSON (our own form) and through HF ``config.json`` for the families the
 zoo covers: Llama (2/3), Mistral, Qwen2, Qwen3, OLMo 2, Phi-3, Gemma 2 and 3, SmolLM2 (a
-Llama), GPT-2, Mixtral and Qwen3-MoE.
+Llama), GPT-2, Mixtral, Qwen3-MoE and DeepSeek-V2/V3.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_core.hf_config import HF_MODEL_TYPES, config_to_hf, fields_from_hf
+from mlx_core.rope_scaling import _yarn_mscale
 
 MLP_KINDS = ("swiglu", "gelu", "geglu")  # gated SiLU (Llama) | GELU-tanh (GPT-2) | gated GELU-tanh (Gemma)
 NORM_KINDS = ("rms", "layer")
@@ -25,6 +26,11 @@ QK_NORMS = (None, "head", "projection")
 NORM_PLACEMENTS = ("pre", "post", "sandwich")
 # per-layer attention (Gemma 3): full, or over the last ``sliding_window`` keys only
 LAYER_TYPES = ("full_attention", "sliding_attention")
+# attention: per-head q/k/v projections (with GQA), or DeepSeek's multi-head latent attention
+ATTENTION_KINDS = ("default", "mla")
+# MoE routing (mlx_core.models.moe_routing): the experts' scores, and how the top k are chosen
+MOE_SCORING_FUNCS = ("softmax", "sigmoid")
+MOE_TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 
 @dataclass(frozen=True)
@@ -67,12 +73,35 @@ class ModelConfig:
     norm_topk_prob: bool = True  # the chosen experts' weights renormalised to sum to one
     # MoE models: the layers with a dense MLP (of intermediate_size) instead (Qwen3-MoE)
     mlp_only_layers: tuple[int, ...] = ()
+    # DeepSeekMoE: shared experts (one dense MLP of n_shared_experts * moe_intermediate_size
+    # beside the routed ones), the routed weights times routed_scaling_factor, and the routing
+    scoring_func: str = "softmax"  # MOE_SCORING_FUNCS
+    topk_method: str = "greedy"  # MOE_TOPK_METHODS; the group methods pick topk_group of n_group
+    n_group: int | None = None
+    topk_group: int | None = None
+    n_shared_experts: int = 0
+    routed_scaling_factor: float = 1.0
+    # multi-head latent attention (attention_kind "mla", DeepSeek-V2/V3): queries from hidden
+    # (q_lora_rank None) or through a normed rank-q_lora_rank bottleneck; keys and values from one
+    # normed kv_lora_rank latent, plus a qk_rope_head_dim key part shared by all heads; RoPE on
+    # the rope part only (head_dim is qk_rope_head_dim), its pairs interleaved where
+    # rope_interleave
+    attention_kind: str = "default"
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # HF fields we keep but do not interpret
 
     def __post_init__(self):
+        if self.attention_kind == "mla":  # RoPE's width; every head has its own keys/values
+            object.__setattr__(self, "head_dim", self.head_dim or self.qk_rope_head_dim or None)
+            object.__setattr__(self, "num_kv_heads", self.num_kv_heads or self.num_heads)
         if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ValueError("invalid ModelConfig: hidden_size must be divisible by num_heads "
                              f"(or set head_dim) (got {self!r})")
@@ -100,6 +129,14 @@ class ModelConfig:
              f"layer_types must name one of {LAYER_TYPES} per layer"),
             (self.layer_types is None or self.sliding_window is not None,
              "layer_types needs a sliding_window for its sliding layers"),
+            (self.attention_kind in ATTENTION_KINDS,
+             f"attention_kind must be one of {ATTENTION_KINDS}"),
+            (self.scoring_func in MOE_SCORING_FUNCS,
+             f"scoring_func must be one of {MOE_SCORING_FUNCS}"),
+            (self.topk_method in MOE_TOPK_METHODS, f"topk_method must be one of {MOE_TOPK_METHODS}"),
+            (self.n_shared_experts >= 0, "n_shared_experts must be >= 0"),
+            *self._group_checks(),
+            *self._mla_checks(),
         ]
         for ok, message in checks:
             if not ok:
@@ -111,6 +148,47 @@ class ModelConfig:
                     f"invalid ModelConfig: rope_scaling type {rope_type!r} is not supported; "
                     f"supported: {ROPE_TYPES}"
                 )
+
+    def _group_checks(self) -> list[tuple[bool, str]]:
+        if self.topk_method == "greedy" or self.num_experts == 0:
+            return []
+        groups, chosen = self.n_group, self.topk_group
+        ok = (isinstance(groups, int) and groups > 0 and self.num_experts % groups == 0
+              and isinstance(chosen, int) and 0 < chosen <= groups)
+        checks = [(ok, f"topk_method {self.topk_method!r} needs n_group dividing num_experts "
+                       "and 1 <= topk_group <= n_group")]
+        if ok:
+            per_group = self.num_experts // groups
+            checks.append((chosen * per_group >= self.num_experts_per_tok,
+                           "topk_group groups must hold at least num_experts_per_tok experts"))
+            if self.topk_method == "noaux_tc":  # a group scores as its two best experts
+                checks.append((per_group >= 2, "noaux_tc needs at least 2 experts per group"))
+        return checks
+
+    def _mla_checks(self) -> list[tuple[bool, str]]:
+        if self.attention_kind != "mla":
+            return []
+        return [
+            (self.kv_lora_rank > 0 and self.v_head_dim > 0 and self.qk_nope_head_dim >= 0,
+             "attention_kind 'mla' needs kv_lora_rank > 0, v_head_dim > 0, qk_nope_head_dim >= 0"),
+            (self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
+             "attention_kind 'mla' needs an even qk_rope_head_dim > 0"),
+            (self.head_dim == self.qk_rope_head_dim,
+             "attention_kind 'mla' has head_dim = qk_rope_head_dim (RoPE's width)"),
+            (self.num_kv_heads == self.num_heads, "attention_kind 'mla' has num_kv_heads = num_heads"),
+            (self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank must be None or > 0"),
+            (self.position_kind == "rope" and self.qk_norm is None and not self.sliding_window,
+             "attention_kind 'mla' runs with RoPE, no qk_norm and no sliding window"),
+        ]
+
+    @property
+    def is_mla(self) -> bool:
+        return self.attention_kind == "mla"
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Each head's query/key width: the per-head head_dim, or MLA's nope + rope parts."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.is_mla else self.dim_per_head
 
     # Derived sizes, so no caller recomputes them differently.
     @property
@@ -144,6 +222,11 @@ class ModelConfig:
 
     @property
     def attention_scale(self) -> float:
+        if self.is_mla:  # over the whole query/key width, times YaRN's mscale twice (as HF)
+            scale, scaling = self.qk_head_dim**-0.5, self.rope_scaling or {}
+            if scaling.get("mscale_all_dim"):
+                scale *= _yarn_mscale(float(scaling["factor"]), scaling["mscale_all_dim"]) ** 2
+            return scale
         return (self.query_pre_attn_scalar or self.dim_per_head) ** -0.5
 
     def replace(self, **changes) -> ModelConfig:
@@ -160,6 +243,8 @@ class ModelConfig:
             attn += q + 2 * kv
         if self.attention_out_bias:
             attn += h
+        if self.is_mla:
+            attn = self._mla_parameters()
         if self.qk_norm == "head":
             attn += 2 * d
         elif self.qk_norm == "projection":
@@ -169,6 +254,7 @@ class ModelConfig:
         if self.mlp_bias:
             mlp += (n_mats - 1) * self.intermediate_size + h
         experts = self.num_experts_per_tok if active else self.num_experts
+        experts += self.n_shared_experts  # the shared MLP: as many experts' sizes
         moe = experts * 3 * h * self.expert_intermediate_size + self.num_experts * h  # + router
         mlps = sum(moe if self.is_moe_layer(i) else mlp for i in range(layers))
         norm = h if self.norm_kind == "rms" else 2 * h
@@ -179,6 +265,19 @@ class ModelConfig:
         if self.position_kind == "learned":
             total += self.max_position_embeddings * h
         return total
+
+    def _mla_parameters(self) -> int:
+        h, heads, rank, rope = self.hidden_size, self.num_heads, self.kv_lora_rank, self.qk_rope_head_dim
+        bias = self.attention_bias
+        q_out = heads * self.qk_head_dim
+        if self.q_lora_rank is None:
+            q = h * q_out
+        else:  # down, its norm, up
+            q = h * self.q_lora_rank + bias * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * q_out
+        kv = h * (rank + rope) + bias * (rank + rope) + rank + rank * heads * (self.qk_nope_head_dim
+                                                                              + self.v_head_dim)
+        out = heads * self.v_head_dim * h + self.attention_out_bias * h
+        return q + kv + out
 
     # Our own JSON form: the dataclass fields, nothing else.
     def to_dict(self) -> dict[str, Any]:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from mlx_core.config import ModelConfig
 
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "gemma2", "gemma3_text",
-                  "gpt2", "mixtral", "qwen3_moe")
+                  "gpt2", "mixtral", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 
 _HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -28,6 +28,8 @@ _HF_ARCHITECTURES = {
     "gpt2": "GPT2LMHeadModel",
     "mixtral": "MixtralForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 _SUPPORTED_ACTS = {"silu", "swish"}
 
@@ -80,6 +82,10 @@ def fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         )
     if model_type in ("gemma2", "gemma3_text"):
         return _gemma_from_hf(hf, model_type)
+    if model_type in ("deepseek_v2", "deepseek_v3"):
+        from mlx_core.hf_deepseek import deepseek_from_hf
+
+        return deepseek_from_hf(hf, _rope_from_hf(hf))
     act = hf.get("hidden_act", "silu")
     if act not in _SUPPORTED_ACTS:
         raise ValueError(f"hidden_act {act!r} is not supported for {model_type} (silu only)")
@@ -269,6 +275,10 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
                   ["sliding_attention" if c.sliding_window else "full_attention"] * c.num_layers,
                   final_logit_softcapping=c.final_logit_softcapping,
                   attn_logit_softcapping=c.attn_logit_softcapping)
+    if c.model_type in ("deepseek_v2", "deepseek_v3"):
+        from mlx_core.hf_deepseek import deepseek_to_hf
+
+        hf.update(deepseek_to_hf(c))
     if c.model_type == "gemma3_text":
         hf["rope_local_base_freq"] = c.rope_local_theta or c.rope_theta
     return hf

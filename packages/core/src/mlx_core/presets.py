@@ -8,6 +8,13 @@ from mlx_core.config import ModelConfig
 _TINY = dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
              intermediate_size=96, max_position_embeddings=256)
 
+# HF config.json fields of the tiny DeepSeek presets
+_TINY_DEEPSEEK = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=96, max_position_embeddings=256, kv_lora_rank=16,
+                      qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                      moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+                      first_k_dense_replace=1)
+
 PRESETS: dict[str, ModelConfig] = {
     # Tiny random models for tests: every family, every code path, milliseconds per forward.
     "tiny-llama": ModelConfig(model_type="llama", **_TINY),
@@ -42,6 +49,15 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny-qwen3-moe": ModelConfig(
         model_type="qwen3_moe", qk_norm="head", norm_eps=1e-6, head_dim=32, num_experts=4,
         num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=(1,), **_TINY),
+    # DeepSeek-V2: multi-head latent attention (plain queries), a dense first layer, then 4
+    # routed experts of 32 (softmax, greedy) plus 2 shared; DeepSeek-V3: queries through a
+    # rank-24 bottleneck, sigmoid routing with a bias, 2 groups of which each token sees 1
+    "tiny-deepseek-v2": ModelConfig.from_hf_config({
+        "model_type": "deepseek_v2", **_TINY_DEEPSEEK, "q_lora_rank": None,
+        "n_shared_experts": 2, "topk_method": "greedy"}),
+    "tiny-deepseek-v3": ModelConfig.from_hf_config({
+        "model_type": "deepseek_v3", **_TINY_DEEPSEEK, "q_lora_rank": 24, "n_shared_experts": 1,
+        "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5}),
     "tiny-gpt2": ModelConfig(
         model_type="gpt2", vocab_size=128, hidden_size=64, num_layers=2, num_heads=4,
         intermediate_size=256, mlp_kind="gelu", norm_kind="layer", position_kind="learned",
@@ -108,6 +124,24 @@ PRESETS: dict[str, ModelConfig] = {
         "rope_scaling": None, "use_sliding_window": False, "sliding_window": None,
         "attention_bias": False, "tie_word_embeddings": False, "hidden_act": "silu",
         "bos_token_id": 151643, "eos_token_id": 151645}),
+    # deepseek-ai/DeepSeek-V2-Lite's config.json, through the HF reader: 15.7B parameters
+    # (15,706,484,224); 2.66B run per token (6 of 64 routed experts, 2 shared), 2.45B without
+    # the embedding table: the published "2.4B activated"
+    "deepseek-v2-lite": ModelConfig.from_hf_config({
+        "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048,
+        "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "n_routed_experts": 64,
+        "n_shared_experts": 2, "num_experts_per_tok": 6, "first_k_dense_replace": 1,
+        "moe_layer_freq": 1, "n_group": 1, "topk_group": 1, "topk_method": "greedy",
+        "scoring_func": "softmax", "norm_topk_prob": False, "routed_scaling_factor": 1.0,
+        "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64, "v_head_dim": 128, "max_position_embeddings": 163840,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000,
+        "rope_scaling": {"type": "yarn", "factor": 40, "beta_fast": 32, "beta_slow": 1,
+                         "mscale": 0.707, "mscale_all_dim": 0.707,
+                         "original_max_position_embeddings": 4096},
+        "attention_bias": False, "tie_word_embeddings": False, "hidden_act": "silu",
+        "bos_token_id": 100000, "eos_token_id": 100001}),
 }
 
 for _name, _config in PRESETS.items():

@@ -25,13 +25,22 @@ class KVCache:
 
     Rows share one write position (``length``); which cached slots hold real tokens (not left
     padding) is kept in ``key_valid [B, max_length]``.
+
+    Multi-head latent attention (``mlx_core.models.mla``) caches its latent as the "keys"
+    ``[B, 1, max_length, kv_lora_rank]`` and its shared RoPE key part as the "values"
+    ``[B, 1, max_length, qk_rope_head_dim]``.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_length: int, *,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         shape = (batch_size, config.kv_heads, max_length, config.dim_per_head)
+        value_shape = shape
+        if config.is_mla:
+            shape = (batch_size, 1, max_length, config.kv_lora_rank)
+            value_shape = (batch_size, 1, max_length, config.qk_rope_head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.values = [torch.zeros(value_shape, dtype=dtype, device=device)
+                       for _ in range(config.num_layers)]
         self.key_valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
         self.max_length = max_length
         self.length = 0

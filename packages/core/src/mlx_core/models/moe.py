@@ -1,5 +1,8 @@
-"""Sparse mixture-of-experts feed-forward: Mixtral's and Qwen3-MoE's (each family's checkpoint
-names: ``block_sparse_moe.experts.0.w1`` for Mixtral, ``mlp.experts.0.gate_proj`` for Qwen3-MoE).
+"""Sparse mixture-of-experts feed-forward: Mixtral's, Qwen3-MoE's and DeepSeekMoE's (each
+family's checkpoint names: ``block_sparse_moe.experts.0.w1`` for Mixtral, ``mlp.experts.0.gate_proj``
+for Qwen3-MoE and DeepSeek, whose layers add ``mlp.shared_experts``: a dense gated MLP every token
+runs through, and whose V3 router holds ``mlp.gate.e_score_correction_bias``). How the experts are
+chosen and weighed is ``mlx_core.models.moe_routing``'s strategy for the config.
 
 Each expert keeps its own ``nn.Linear`` layers, so checkpoints, PEFT adapters and the transforms
 that swap linear layers (quantization, GGUF blocks, prepacked weights, multi-LoRA serving) see
@@ -26,7 +29,8 @@ from torch import nn
 
 from mlx_core.config import ModelConfig
 from mlx_core.models.linear import Linear
-from mlx_kernels import moe_grouped_matmul, moe_route, swiglu
+from mlx_core.models.moe_routing import Routing
+from mlx_kernels import moe_grouped_matmul, swiglu
 from mlx_kernels.dispatch import records_autograd
 from mlx_kernels.moe import row_experts, sort_by_expert
 
@@ -78,26 +82,42 @@ class _Stacks:
         return {"tensors": None, "pointers": None}
 
 
+class Router(Linear):
+    """The router's linear layer (``mlp.gate``), with DeepSeek-V3's per-expert bias on the scores
+    that choose the experts (a buffer, as HF has it: loaded and saved, never trained here)."""
+
+    def __init__(self, hidden: int, num_experts: int, correction_bias: bool = False):
+        super().__init__(hidden, num_experts, bias=False)
+        self.register_buffer("e_score_correction_bias",
+                             torch.zeros(num_experts) if correction_bias else None)
+
+
 class SparseMoE(nn.Module):
-    """Top-k softmax routing (weights renormalised over the chosen experts unless
-    ``config.norm_topk_prob`` is false), then a weighted sum of the chosen experts' outputs."""
+    """Top-k routing (``moe_routing.Routing``: Mixtral's softmax top-k, DeepSeek's grouped and
+    biased forms), then a weighted sum of the chosen experts' outputs, plus the shared experts'
+    output where the config has them (DeepSeekMoE's ``n_shared_experts``)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.routing = Routing.from_config(config)
         self.top_k = config.num_experts_per_tok
         self.renormalize = config.norm_topk_prob
-        self.gate = Linear(config.hidden_size, config.num_experts, bias=False)
+        self.gate = Router(config.hidden_size, config.num_experts,
+                           correction_bias=self.routing.uses_correction_bias)
         names = EXPERT_NAMES.get(config.model_type, _LLAMA_NAMES)
         self.experts = nn.ModuleList(
             Expert(config.hidden_size, config.expert_intermediate_size, names)
             for _ in range(config.num_experts)
         )
+        if config.n_shared_experts:
+            self.shared_experts = Expert(config.hidden_size,
+                                         config.expert_intermediate_size * config.n_shared_experts)
         self._stacks = _Stacks()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        weights, chosen = moe_route(self.gate(flat), self.top_k, self.renormalize)  # [N, k] each
+        weights, chosen = self.routing(self.gate(flat), self._correction_bias())  # [N, k] each
         order, offsets = sort_by_expert(chosen, len(self.experts))
         rows = flat[order // self.top_k]  # row i: the token of pair order[i], grouped by expert
         stacked = self._stacked_weights()
@@ -109,7 +129,20 @@ class SparseMoE(nn.Module):
             out = moe_grouped_matmul(swiglu(gate, up), down, offsets)
         out = torch.zeros_like(out).index_copy(0, order, out)  # back in (token, slot) order
         combined = (out.view(-1, self.top_k, shape[-1]) * weights[..., None]).sum(dim=1)
-        return combined.to(x.dtype).reshape(shape)
+        combined = combined.to(x.dtype).reshape(shape)
+        if hasattr(self, "shared_experts"):
+            combined = combined + self.shared_experts(x)
+        return combined
+
+    def _correction_bias(self) -> torch.Tensor | None:
+        if not self.routing.uses_correction_bias:
+            return None
+        bias = getattr(self.gate, "e_score_correction_bias", None)
+        if bias is None:
+            raise RuntimeError(f"this MoE routes with {self.routing.topk_method} but its router "
+                               f"({type(self.gate).__name__}) has no e_score_correction_bias: a "
+                               "transform replaced the router layer; leave mlp.gate as it is")
+        return bias
 
     def _one_by_one(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Each expert module on its rows: any layers (quantized, adapter-wrapped)."""

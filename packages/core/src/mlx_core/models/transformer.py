@@ -1,10 +1,11 @@
 """ONE config-driven decoder for every family: Llama 2/3, Mistral, Qwen2, Qwen3, OLMo 2,
-Phi-3, Gemma 2 and 3 (text), SmolLM2, GPT-2, Mixtral, Qwen3-MoE.
+Phi-3, Gemma 2 and 3 (text), SmolLM2, GPT-2, Mixtral, Qwen3-MoE, DeepSeek-V2/V3.
 
 Module and parameter names follow HF's Llama layout (``model.layers.0.self_attn.q_proj.weight``)
 so Llama-family checkpoints and PEFT adapters map with no renaming; MoE layers use their
 family's checkpoint names (Mixtral's ``block_sparse_moe.experts.0.w1``, Qwen3-MoE's
-``mlp.experts.0.gate_proj``); GPT-2 maps through ``checkpoint.py``.
+``mlp.experts.0.gate_proj``); GPT-2 maps through ``checkpoint.py``. DeepSeek's multi-head
+latent attention is ``mla.py``'s module under HF's names, selected by ``attention_kind``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from mlx_core.config import ModelConfig
 from mlx_core.models.attention import AttentionMetadata, KVCache, attend, build_mask
 from mlx_core.models.linear import Linear
+from mlx_core.models.mla import MultiHeadLatentAttention
 from mlx_core.models.moe import SparseMoE, moe_attribute
 from mlx_core.models.recompute import run_checkpointed_layer
 from mlx_core.models.rope import rope_cos_sin, rope_inverse_frequencies
@@ -148,7 +150,8 @@ class DecoderLayer(nn.Module):
         self.placement = config.norm_placement
         if self.placement != "post":
             self.input_layernorm = make_norm(config)
-        self.self_attn = Attention(config, layer)
+        # DeepSeek-V2/V3: multi-head latent attention
+        self.self_attn = (MultiHeadLatentAttention if config.is_mla else Attention)(config, layer)
         # pre-norm: the MLP's input norm (HF's name for it); post-norm and sandwich: the
         # attention output's
         self.post_attention_layernorm = make_norm(config)
