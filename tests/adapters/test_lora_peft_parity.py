@@ -83,6 +83,9 @@ def test_peft_adapter_on_qwen3_loads_into_the_zoo(tmp_path):
 
 
 _SLIDING = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+_DEEPSEEK = dict(num_key_value_heads=4, head_dim=8, kv_lora_rank=16, qk_nope_head_dim=16,
+                 qk_rope_head_dim=8, v_head_dim=12, moe_intermediate_size=32, n_routed_experts=4,
+                 num_experts_per_tok=2, first_k_dense_replace=1)
 # family -> (model class, config class, its config, the adapter's targets)
 _FAMILIES = {
     "gemma2": (transformers.Gemma2ForCausalLM, transformers.Gemma2Config,
@@ -96,19 +99,28 @@ _FAMILIES = {
                   dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                        norm_topk_prob=True, mlp_only_layers=[1]),
                   ["q_proj", "k_proj", "v_proj", "o_proj"]),
+    # multi-head latent attention's projections (plain queries, or the q bottleneck)
+    "deepseek-v2": (transformers.DeepseekV2ForCausalLM, transformers.DeepseekV2Config,
+                    dict(_DEEPSEEK, q_lora_rank=None),
+                    ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]),
+    "deepseek-v3": (transformers.DeepseekV3ForCausalLM, transformers.DeepseekV3Config,
+                    dict(_DEEPSEEK, q_lora_rank=24, n_group=2, topk_group=1),
+                    ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]),
 }
 
 
 @pytest.mark.parametrize("family", sorted(_FAMILIES))
 def test_peft_adapter_on_a_family_loads_into_the_zoo(tmp_path, family):
     """Gemma 2 and 3 (scaled embeddings, sandwich norms, a sliding layer shorter than the input;
-    Gemma 2's soft-capping), Qwen3-MoE (routed experts, then a dense layer): a PEFT adapter
-    gives the same logits on the zoo model (1e-5)."""
+    Gemma 2's soft-capping), Qwen3-MoE (routed experts, then a dense layer), DeepSeek-V2/V3
+    (LoRA on the latent attention's projections): a PEFT adapter gives the same logits on the
+    zoo model (1e-5), and the zoo's adapter on PEFT's."""
     torch.manual_seed(5)
     model_class, config_class, extra, targets = _FAMILIES[family]
-    hf = model_class(config_class(**extra,
+    hf = model_class(config_class(**{**dict(
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64))
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64),
+        **extra}))
     _assert_all_linear_adapter_matches_peft(hf, tmp_path, targets)
 
 

@@ -296,6 +296,19 @@ def test_bad_requests_and_options_fail_clearly(tiny):
     _assert_no_leaks(llm.engine)
 
 
+@pytest.mark.parametrize("preset", ["tiny-deepseek-v2", "tiny-deepseek-v3"])
+def test_multi_head_latent_attention_is_refused_at_load_naming_why(preset, tiny):
+    """The paged cache holds per-head keys and values; MLA's latent does not fit it yet."""
+    from mlx_core import build_model, get_preset
+
+    model = build_model(get_preset(preset))
+    _, tokenizer = tiny
+    with pytest.raises(ValueError, match="multi-head latent attention.*paged"):
+        LLM(model, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="multi-head latent attention"):
+        LLMEngine(model, tokenizer)
+
+
 def test_linear_weights_are_prepacked_for_cpu_fp32_only(tiny):
     """On CPU in fp32 the engine runs every linear on a prepacked weight (the greedy HF parity
     tests above run through it); elsewhere, or with prepack_weights=False, nothing is packed."""

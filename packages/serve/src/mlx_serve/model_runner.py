@@ -29,9 +29,20 @@ def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
 logger = logging.getLogger("mlx_serve")
 
 
+def check_servable(config) -> None:
+    """Refuse, naming the reason, a model the paged engine cannot run correctly."""
+    if getattr(config, "is_mla", False):
+        raise ValueError(
+            f"mlx serve cannot run {config.model_type} yet: its multi-head latent attention "
+            "(attention_kind='mla') caches one latent per token, and the paged KV cache stores "
+            "per-head keys and values of one head size; storing the MLA latent in paged blocks is "
+            "not implemented. Generate with mlx_core.generate (or `mlx generate`) instead")
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int,
                  prepack_weights: bool = True, fuse: bool = True):
+        check_servable(model.config)
         self.model = uncopied_mlp_outputs(model)
         if fuse:
             fuse_projections(model)
