@@ -13,7 +13,8 @@ from mlx_core.models import decode_step
 from mlx_core.models.decode_step import DecodeStep, compiled_cache_length
 from mlx_core.transforms import quantize
 
-DENSE = ["tiny-llama", "tiny-mistral", "tiny-gpt2", "tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-llama3", "tiny-gemma3", "tiny-gemma2"]
+DENSE = ["tiny-llama", "tiny-mistral", "tiny-gpt2", "tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-llama3", "tiny-gemma3", "tiny-gemma2",
+         "tiny-llama-dynamic-rope", "tiny-phi3-longrope"]  # RoPE tables switching at 16 tokens
 MOE = ["tiny-mixtral", "tiny-qwen3-moe", "tiny-deepseek-v2", "tiny-deepseek-v3"]
 
 

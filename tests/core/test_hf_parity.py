@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from mlx_core import load_model, save_model
+from mlx_core import generate, load_model, save_model
 
 pytestmark = pytest.mark.hf_parity
 
@@ -30,6 +30,25 @@ FAMILIES = {
         rope_scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32,
                       "beta_fast": 16, "mscale": 1.0, "mscale_all_dim": 0.5},
         **_TINY)),
+    # the length-dependent types (LENGTH_DEPENDENT below), with the switch inside the test
+    # inputs' lengths; weights larger than HF's init so that the tables show in greedy tokens.
+    # Dynamic NTK: the base grows past max_position_embeddings (16)
+    "llama-dynamic-rope": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        rope_scaling={"rope_type": "dynamic", "factor": 4.0}, initializer_range=0.2,
+        **{**_TINY, "max_position_embeddings": 16})),
+    # LongRoPE: short factors up to original_max_position_embeddings (16), long ones past it,
+    # cos/sin times sqrt(1 + ln(256 / 16) / ln 16) at every length
+    "phi3-longrope": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, original_max_position_embeddings=16,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0 + 0.3 * i for i in range(8)],
+                      "long_factor": [1.0 + 2.0 * i for i in range(8)]},
+        initializer_range=0.2, **_TINY)),
+    # LongRoPE on a Llama: HF's Llama generation keeps the short-factor keys it cached
+    "llama-longrope": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        rope_scaling={"rope_type": "longrope", "original_max_position_embeddings": 16,
+                      "short_factor": [1.0 + 0.3 * i for i in range(8)],
+                      "long_factor": [1.0 + 2.0 * i for i in range(8)]},
+        initializer_range=0.2, **_TINY)),
     "llama-tied-smollm2-like": lambda: transformers.LlamaForCausalLM(
         transformers.LlamaConfig(tie_word_embeddings=True, rope_theta=100000.0, **_TINY)),
     "mistral-sliding-window": lambda: transformers.MistralForCausalLM(
@@ -180,6 +199,51 @@ def test_save_model_round_trips_to_hf(hf_and_ours, tmp_path):
     reloaded = type(hf).from_pretrained(tmp_path / "saved").eval()
     ids, mask = _inputs(seed=2)
     assert torch.equal(reloaded(ids, attention_mask=mask).logits, hf(ids, attention_mask=mask).logits)
+
+
+LENGTH_DEPENDENT = ["llama-dynamic-rope", "phi3-longrope", "llama-longrope"]
+
+
+@pytest.fixture(params=LENGTH_DEPENDENT)
+def length_dependent(request, tmp_path_factory):
+    """A fresh HF model per use: HF's dynamic NTK keeps the longest table it built until a
+    sequence shorter than max_position_embeddings resets it; ours is per forward."""
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp(request.param)
+    hf = FAMILIES[request.param]()
+    hf.save_pretrained(directory)
+    return lambda: type(hf).from_pretrained(directory).eval(), load_model(directory)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("length", [5, 16, 17, 30])
+def test_length_dependent_rope_matches_hf_on_both_sides_of_the_switch(length_dependent, length):
+    fresh_hf, ours = length_dependent
+    ids = torch.randint(0, 128, (2, length), generator=torch.Generator().manual_seed(length))
+    assert (ours(ids) - fresh_hf()(ids).logits).abs().max() < 1e-4
+
+
+@torch.no_grad()
+def test_length_dependent_rope_greedy_generation_matches_hf_across_the_switch(length_dependent):
+    """Prompts shorter than the switch (16) that generate past it, one at it, one past it, and
+    a left-padded batch; eager and compiled decoding. HF's cached generation keeps each key's
+    table (dynamic NTK, LongRoPE on a Llama), or computes every token again once past the
+    switch (Phi-3)."""
+    fresh_hf, ours = length_dependent
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (4, 11, 16, 20)]
+    options = dict(max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+    for prompt in prompts:
+        ref = fresh_hf().generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
+                                  **options)[0, len(prompt):].tolist()
+        assert generate(ours, prompt, max_new_tokens=16, stop_token_ids=[]) == ref
+    batch = prompts[:2]
+    ids, mask = torch.zeros(2, 11, dtype=torch.long), torch.zeros(2, 11, dtype=torch.long)
+    for row, prompt in enumerate(batch):
+        ids[row, 11 - len(prompt):], mask[row, 11 - len(prompt):] = torch.tensor(prompt), 1
+    ref = fresh_hf().generate(ids, attention_mask=mask, **options)[:, 11:].tolist()
+    assert generate(ours, batch, max_new_tokens=16, stop_token_ids=[]) == ref
+    assert generate(ours, batch, max_new_tokens=16, stop_token_ids=[], compile=True) == ref
 
 
 @pytest.mark.parametrize("preset,hf_class,published", [

@@ -95,6 +95,54 @@ def test_reads_transformers5_rope_parameters():
     assert ModelConfig.from_hf_config(hf) == get_preset("tiny-llama3")
 
 
+@pytest.mark.parametrize("preset,hf_class", [("tiny-llama-dynamic-rope", "LlamaConfig"),
+                                             ("tiny-phi3-longrope", "Phi3Config")])
+def test_length_dependent_rope_round_trips_through_transformers(preset, hf_class, tmp_path):
+    """Written as config.json, read by transformers' own config class (which validates the
+    RoPE fields), saved in its 5.x form (rope_parameters) and read back: the same config."""
+    import transformers
+
+    config = get_preset(preset)
+    theirs = getattr(transformers, hf_class)(**config.to_hf_config())
+    assert theirs.rope_parameters["rope_type"] == config.rope_scaling["rope_type"]
+    if preset == "tiny-phi3-longrope":  # Phi3Config reads the top-level field first
+        assert theirs.rope_parameters["original_max_position_embeddings"] == 16
+    theirs.save_pretrained(tmp_path)
+    assert "rope_parameters" in json.loads((tmp_path / "config.json").read_text())
+    assert ModelConfig.from_pretrained(tmp_path) == config
+
+
+def test_phi3_longrope_reads_the_older_forms_as_transformers_does():
+    """Phi-3's checkpoints: LongRoPE as type "longrope", or its older names "su" and "yarn", the
+    pre-training context at the top level (4096 when absent)."""
+    config = get_preset("tiny-phi3-longrope")
+    hf = config.to_hf_config()
+    factors = {k: v for k, v in hf["rope_scaling"].items() if k.endswith("_factor")}
+    for name in ("longrope", "su", "yarn"):
+        hf["rope_scaling"] = {"type": name, **factors}
+        assert ModelConfig.from_hf_config(hf) == config
+    del hf["original_max_position_embeddings"]
+    assert ModelConfig.from_hf_config(hf).rope_scaling["original_max_position_embeddings"] == 4096
+
+
+@pytest.mark.parametrize("scaling,field", [
+    ({"rope_type": "ntk-by-parts", "factor": 2.0}, "rope_scaling type 'ntk-by-parts'"),
+    ({"rope_type": "dynamic"}, "factor"),
+    ({"rope_type": "longrope", "long_factor": [1.0] * 8}, "short_factor"),
+    ({"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 7},
+     "long_factor has 7 numbers; heads of 16 rotary dimensions need 8"),
+    ({"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": ["x"] * 8},
+     "long_factor"),
+])
+def test_bad_rope_scaling_fails_at_load_naming_the_field(scaling, field, tmp_path):
+    from mlx_core import load_model
+
+    hf = {**get_preset("tiny-llama").to_hf_config(), "rope_scaling": scaling}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=field):
+        load_model(tmp_path)
+
+
 @pytest.mark.parametrize("preset,field,value", [
     ("tiny-deepseek-v2", "topk_method", "best_of"), ("tiny-deepseek-v2", "topk_method", "noaux_tc"),
     ("tiny-deepseek-v2", "scoring_func", "sigmoid"), ("tiny-deepseek-v3", "scoring_func", "tanh"),

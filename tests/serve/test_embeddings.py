@@ -38,12 +38,14 @@ def _hf_embeddings(directory, token_lists, pooling):
 
 
 @pytest.mark.hf_parity
-@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2"])
+# RoPE tables switching at 16 tokens: each input gets its own length's (the last one's is past)
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2", "tiny-llama-dynamic-rope",
+                                    "tiny-phi3-longrope"])
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_embeddings_equal_hf_hidden_states_pooled(tmp_path, tiny_tokenizer, family, pooling):
     directory = _saved(tmp_path, tiny_tokenizer, family)
     llm = LLM(directory, num_blocks=16, block_size=4, pooling=pooling)
-    prompts = TEXTS + [[7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
+    prompts = TEXTS + [[7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], list(range(20, 40))]
     outputs = llm.embed(prompts)
     assert [o.prompt_token_ids for o in outputs[:4]] == [tiny_tokenizer.encode(t) for t in TEXTS]
     got = torch.tensor([o.outputs.embedding for o in outputs])

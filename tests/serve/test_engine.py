@@ -19,6 +19,19 @@ FAMILIES = {
     "llama-yarn": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
         rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
         **_TINY)),
+    # RoPE tables that depend on the length, on weights large enough that the tables show in
+    # greedy tokens: dynamic NTK past 24 tokens (prompts of 14, 18 and 23 pass it while
+    # generating, 30 starts past it; the engine takes 4 x 24 tokens by default), Phi-3's
+    # LongRoPE past 16 (prompts of 7 and 14 pass it while generating, and every token is
+    # computed again there, as HF's Phi-3 generation does)
+    "llama-dynamic-rope": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        rope_scaling={"rope_type": "dynamic", "factor": 4.0}, initializer_range=0.2,
+        **{**_TINY, "max_position_embeddings": 24})),
+    "phi3-longrope": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, original_max_position_embeddings=16,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0 + 0.3 * i for i in range(8)],
+                      "long_factor": [1.0 + 2.0 * i for i in range(8)]},
+        initializer_range=0.2, **_TINY)),
     "mistral-sliding-window": lambda: transformers.MistralForCausalLM(
         transformers.MistralConfig(sliding_window=6, **_TINY)),
     "qwen2": lambda: transformers.Qwen2ForCausalLM(
@@ -82,6 +95,8 @@ def family(request, tmp_path_factory):
     refs = []
     with torch.no_grad():
         for prompt in _prompts():
+            if request.param == "llama-dynamic-rope":  # HF keeps its longest table across calls
+                hf = type(hf).from_pretrained(directory).eval()
             out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
                               max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
                               pad_token_id=0)
@@ -141,14 +156,35 @@ def test_a_prefix_shared_to_the_middle_of_a_block_is_reused_token_by_token(famil
     llm = LLM(model, block_size=4)
     outs = [llm.generate({"prompt_token_ids": turn}, _greedy())[0] for turn in turns]
     assert [o.outputs[0].token_ids for o in outs] == expected
+    # dynamic NTK: a prompt past max_position_embeddings (24) has its own length's table, so
+    # these turns (23 to 43 tokens, of different lengths) share nothing
+    dynamic = model.config.rope_scaling and model.config.rope_scaling["rope_type"] == "dynamic"
     # later turns: the 5 whole blocks shared, the sixth's first token copied from the first turn
-    assert [o.metrics.num_cached_tokens for o in outs] == [0, 21, 21]
+    assert [o.metrics.num_cached_tokens for o in outs] == ([0, 0, 0] if dynamic else [0, 21, 21])
     # a chat's next turn: all the last turn computed is reused, its partly filled block included
     follow_up = turns[2] + outs[2].outputs[0].token_ids + tokens[35:38]
     out = llm.generate({"prompt_token_ids": follow_up}, _greedy())[0]
     assert out.outputs[0].token_ids == plain.generate({"prompt_token_ids": follow_up},
                                                       _greedy())[0].outputs[0].token_ids
-    assert out.metrics.num_cached_tokens == len(turns[2]) + NEW_TOKENS - 1
+    assert out.metrics.num_cached_tokens == (0 if dynamic else len(turns[2]) + NEW_TOKENS - 1)
+    _assert_no_leaks(llm.engine)
+
+
+@pytest.mark.hf_parity
+@pytest.mark.parametrize("family", ["llama-dynamic-rope", "phi3-longrope"], indirect=True)
+def test_prefix_cache_shares_blocks_only_under_one_rope_table(family):
+    """A long prompt's keys are not a short one's (another table): a short prompt that starts
+    like a long one computes its own, and a long one of the same table shares."""
+    model, _ = family
+    tokens = (torch.randperm(125, generator=torch.Generator().manual_seed(11)) + 3).tolist()
+    prompts = [tokens[:28], tokens[:12], tokens[:20] + tokens[40:48]]  # long, short, long
+    plain = LLM(model, block_size=4, enable_prefix_caching=False)  # held to HF above
+    expected = [o.outputs[0].token_ids
+                for o in plain.generate([{"prompt_token_ids": p} for p in prompts], _greedy())]
+    llm = LLM(model, block_size=4)
+    outs = [llm.generate({"prompt_token_ids": p}, _greedy())[0] for p in prompts]
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert [o.metrics.num_cached_tokens for o in outs] == [0, 0, 20]
     _assert_no_leaks(llm.engine)
 
 

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from mlx_core.hf_config import HF_MODEL_TYPES, config_to_hf, fields_from_hf
-from mlx_core.rope_scaling import _yarn_mscale
+from mlx_core.rope_scaling import _yarn_mscale, rope_scaling_problems
 
 MLP_KINDS = ("swiglu", "gelu", "geglu")  # gated SiLU (Llama) | GELU-tanh (GPT-2) | gated GELU-tanh (Gemma)
 NORM_KINDS = ("rms", "layer")
 POSITION_KINDS = ("rope", "learned")
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 # q/k normalisation: over each head's vector (Qwen3) or the whole projection (OLMo 2)
 QK_NORMS = (None, "head", "projection")
 # norms before each block, on its input (Llama), after it, on its output (OLMo 2), or both (Gemma)
@@ -148,6 +148,9 @@ class ModelConfig:
                     f"invalid ModelConfig: rope_scaling type {rope_type!r} is not supported; "
                     f"supported: {ROPE_TYPES}"
                 )
+            problems = rope_scaling_problems(self.rope_scaling, self.dim_per_head)
+            if problems:
+                raise ValueError(f"invalid ModelConfig: rope_scaling: {'; '.join(problems)}")
 
     def _group_checks(self) -> list[tuple[bool, str]]:
         if self.topk_method == "greedy" or self.num_experts == 0:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from mlx_core import rope_scaling
+
 if TYPE_CHECKING:
     from mlx_core.config import ModelConfig
 
@@ -42,7 +44,25 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     rope_type = scaling.pop("rope_type", scaling.pop("type", "default")) if scaling else "default"
     if rope_type == "default":
         return float(theta), None
+    if scaling.get("partial_rotary_factor") == 1.0:  # transformers 5 writes it: the whole head
+        del scaling["partial_rotary_factor"]
+    if rope_type == "longrope":  # a top-level value wins, else the model's (as transformers 5)
+        scaling["original_max_position_embeddings"] = hf.get(
+            "original_max_position_embeddings",
+            scaling.get("original_max_position_embeddings") or hf.get("max_position_embeddings"))
     return float(theta), {"rope_type": rope_type, **scaling}
+
+
+def _phi3_rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """Phi-3's RoPE as HF's ``Phi3Config`` reads it: ``su`` and ``yarn`` are LongRoPE's older
+    names, and its top-level ``original_max_position_embeddings`` is 4096 when absent."""
+    scaling = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if scaling.get("rope_type", scaling.get("type")) in ("su", "yarn"):
+        scaling = {**scaling, "rope_type": "longrope"}
+        scaling.pop("type", None)
+    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    return _rope_from_hf({**hf, key: scaling or None, "original_max_position_embeddings":
+                          hf.get("original_max_position_embeddings", 4096)})
 
 
 def fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
@@ -89,10 +109,12 @@ def fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     act = hf.get("hidden_act", "silu")
     if act not in _SUPPORTED_ACTS:
         raise ValueError(f"hidden_act {act!r} is not supported for {model_type} (silu only)")
-    if model_type == "phi3" and hf.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"Phi-3 partial_rotary_factor {hf['partial_rotary_factor']} is not "
+    partial = hf.get("partial_rotary_factor",
+                     (hf.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
+    if model_type == "phi3" and partial != 1.0:
+        raise ValueError(f"Phi-3 partial_rotary_factor {partial} is not "
                          "supported yet (RoPE over the whole head only)")
-    theta, scaling = _rope_from_hf(hf)
+    theta, scaling = (_phi3_rope_from_hf if model_type == "phi3" else _rope_from_hf)(hf)
     sliding = hf.get("sliding_window")
     if model_type in ("qwen2", "qwen3", "qwen3_moe") and not hf.get("use_sliding_window", False):
         sliding = None
@@ -250,6 +272,9 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         hf.update(attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
     if c.model_type in ("mistral", "mixtral", "phi3"):
         hf["sliding_window"] = c.sliding_window
+    if c.model_type == "phi3" and rope_scaling.rope_type(c.rope_scaling) == "longrope":
+        # Phi3Config reads it at the top level (4096 when absent) before the scaling's own
+        hf["original_max_position_embeddings"] = c.rope_scaling["original_max_position_embeddings"]
     if c.model_type in ("qwen2", "qwen3", "qwen3_moe"):
         hf.update(use_sliding_window=c.sliding_window is not None, sliding_window=c.sliding_window)
     if c.model_type in ("qwen3", "olmo2", "qwen3_moe"):

@@ -31,6 +31,16 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny-olmo2": ModelConfig(model_type="olmo2", qk_norm="projection", norm_placement="post",
                               pad_token_id=88, **_TINY),  # a pad row (no gradient) the test batches use
     "tiny-phi3": ModelConfig(model_type="phi3", **_TINY),
+    # RoPE tables that depend on the length, switching at 16 tokens: dynamic NTK's base grows
+    # past max_position_embeddings; Phi-3's LongRoPE takes its long factors past the original
+    "tiny-llama-dynamic-rope": ModelConfig(
+        model_type="llama", rope_scaling={"rope_type": "dynamic", "factor": 4.0},
+        **{**_TINY, "max_position_embeddings": 16}),
+    "tiny-phi3-longrope": ModelConfig(
+        model_type="phi3", rope_scaling={
+            "rope_type": "longrope", "original_max_position_embeddings": 16,
+            "short_factor": [1.0 + 0.3 * i for i in range(8)],
+            "long_factor": [1.0 + 2.0 * i for i in range(8)]}, **_TINY),
     # Gemma 3: a window shorter than test prompts on the first layer, full attention on the second
     "tiny-gemma2": ModelConfig(  # caps small enough to bite on random weights
         model_type="gemma2", mlp_kind="geglu", norm_placement="sandwich", norm_weight_offset=1.0,

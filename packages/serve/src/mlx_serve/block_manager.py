@@ -1,7 +1,8 @@
 """Fixed-size KV blocks of one preallocated cache: allocation, reference counts, prefix caching.
 
 A full block is registered under a hash chained from the previous block's hash, its token ids
-and the sequence's adapter, so a later sequence with the same prefix (same adapter) reuses it.
+and the sequence's adapter (and RoPE table, where it depends on the length: ``Sequence.prefix_key``),
+so a later sequence with the same prefix (same adapter) reuses it.
 Where the shared prefix ends inside a block (a system prompt whose last tokens share a block
 with the user's turn; a chat's previous turn, whose last block was partly filled), the matching
 leading tokens of a cached block that follows the shared blocks (a full one, or the last block of
@@ -46,9 +47,10 @@ class CachedPrefix:
 NO_PREFIX = CachedPrefix()
 
 
-def block_hash(previous: int | None, token_ids: tuple[int, ...], lora_id: int | None) -> int:
-    """Keys and values depend on the adapter too: ``lora_id`` is unique per adapter load."""
-    return hash((previous, token_ids, lora_id))
+def block_hash(previous: int | None, token_ids: tuple[int, ...], key) -> int:
+    """Keys and values depend on the adapter too (``key``: ``Sequence.prefix_key``, whose
+    ``lora_id`` is unique per adapter load), and on a length-dependent RoPE's table."""
+    return hash((previous, token_ids, key))
 
 
 class BlockManager:
@@ -99,7 +101,7 @@ class BlockManager:
         previous = None
         for start in range(0, usable - self.block_size + 1, self.block_size):
             chunk = tuple(tokens[start:start + self.block_size])
-            h = block_hash(previous, chunk, seq.lora_id)
+            h = block_hash(previous, chunk, seq.prefix_key)
             block_id = self.cached.get(h)
             if block_id is None or self.blocks[block_id].token_ids != chunk:  # hash collision
                 break
@@ -108,7 +110,7 @@ class BlockManager:
         rest = tokens[len(found) * self.block_size:usable][:self.block_size]
         best, best_len = None, 0
         if rest:
-            for block_id in self.followers.get((previous, seq.lora_id, rest[0]), ()):
+            for block_id in self.followers.get((previous, seq.prefix_key, rest[0]), ()):
                 length = _common_prefix_length(self.blocks[block_id].token_ids, rest)
                 if length > best_len:
                     best, best_len = block_id, length
@@ -156,7 +158,8 @@ class BlockManager:
             seq.block_hashes.append(block.hash)
         hit = cached_prefix.num_tokens(self.block_size)
         seq.num_computed_tokens += hit
-        if seq.num_preemptions == 0:  # count each prompt once, not its recomputations
+        # count each prompt once, not its recomputations (preemption; Phi-3's RoPE switch)
+        if seq.num_preemptions == 0 and not seq.output_token_ids:
             seq.num_cached_tokens = hit
             self.prefix_queries += seq.num_prompt_tokens
             self.prefix_hits += hit
@@ -170,13 +173,13 @@ class BlockManager:
         for i in range(len(seq.block_hashes), full):
             chunk = tuple(tokens[i * self.block_size:(i + 1) * self.block_size])
             previous = seq.block_hashes[-1] if seq.block_hashes else None
-            h = block_hash(previous, chunk, seq.lora_id)
+            h = block_hash(previous, chunk, seq.prefix_key)
             seq.block_hashes.append(h)
             block = self.blocks[seq.block_ids[i]]
             if h not in self.cached:  # else another block holds the same prefix already
                 block.hash = h
                 self.cached[h] = block.block_id
-                self._offer(block, previous, seq.lora_id, chunk)
+                self._offer(block, previous, seq.prefix_key, chunk)
 
     def free_sequence(self, seq: Sequence) -> None:
         """Drop ``seq``'s references; its blocks keep their cached prefix until evicted."""
@@ -200,13 +203,12 @@ class BlockManager:
             return
         start = index * self.block_size
         self._offer(self.blocks[seq.block_ids[index]], seq.block_hashes[-1] if index else None,
-                    seq.lora_id, tuple(seq.all_token_ids[start:start + count]))
+                    seq.prefix_key, tuple(seq.all_token_ids[start:start + count]))
 
-    def _offer(self, block: Block, previous: int | None, lora_id: int | None,
-               token_ids: tuple[int, ...]) -> None:
+    def _offer(self, block: Block, previous: int | None, key, token_ids: tuple[int, ...]) -> None:
         """Make ``block``'s leading ``token_ids`` findable after the block hashed ``previous``."""
         block.token_ids = token_ids
-        block.follows = (previous, lora_id, token_ids[0])
+        block.follows = (previous, key, token_ids[0])
         self.followers.setdefault(block.follows, {})[block.block_id] = None
 
     def reset_prefix_cache(self) -> None:

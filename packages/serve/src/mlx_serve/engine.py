@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mlx_core.rope_scaling import is_length_dependent, recompute_length, rope_type, table_key
 from mlx_core.tokenizer import IncrementalDecoder, Tokenizer
 from mlx_serve.block_manager import BlockManager
 from mlx_serve.config import EngineConfig
@@ -84,7 +85,12 @@ class LLMEngine:
         check_servable(model.config)  # before any work on the model
         self.model = model = _quantized(model.eval(), config, tokenizer)
         self.tokenizer = tokenizer
-        self.max_model_len = config.max_model_len or model.config.max_position_embeddings
+        self.max_model_len = config.max_model_len or _context_length(model.config)
+        # a RoPE whose table depends on the length (dynamic NTK, LongRoPE): per sequence
+        self.rope_length_dependent = (model.config.position_kind == "rope"
+                                      and is_length_dependent(model.config.rope_scaling))
+        self.rope_switch = recompute_length(model.config.model_type, model.config.rope_scaling,
+                                            model.config.max_position_embeddings)
         num_blocks = config.resolve_num_blocks(
             kv_bytes_per_block(model.config, config.block_size, model.dtype), self.max_model_len,
             model.device)
@@ -137,6 +143,8 @@ class LLMEngine:
             seq = Sequence(request_id, ids, params, index=index, priority=priority,
                            lora=lora, arrival_time=arrival, seed=seed)
             seq.guide = guides[index]
+            if self.rope_length_dependent:
+                self._set_rope_length(seq, len(ids))
             request.sequences.append(seq)
             request.decoders.append(IncrementalDecoder(self.tokenizer, params.skip_special_tokens)
                                     if self.tokenizer is not None else None)
@@ -262,6 +270,9 @@ class LLMEngine:
                     self._append(seq, tokens[-1])
                     if len(tokens) > 1 and not seq.is_finished:  # kept drafts may fill a block
                         self.blocks.register_full_blocks(seq)
+                if seq.rope_switch is not None and not seq.is_finished \
+                        and seq.num_tokens > seq.rope_switch:
+                    self._compute_again_past_switch(seq)
                 touched[seq.request_id] = self.requests[seq.request_id]
         for request_id, request in list(self.requests.items()):
             if request.finished:
@@ -271,6 +282,23 @@ class LLMEngine:
             if out.finished:
                 del self.requests[out.request_id]
         return outputs
+
+    def _set_rope_length(self, seq: Sequence, length: int) -> None:
+        """The length ``seq``'s RoPE table counts from (``Sequence.rope_length``), what tells
+        that table apart in the prefix cache, and whether Phi-3's switch is still ahead."""
+        config = self.model.config
+        seq.rope_length = length
+        seq.rope_key = table_key(config.rope_scaling, config.max_position_embeddings, length)
+        seq.rope_switch = (self.rope_switch if self.rope_switch is not None
+                           and length <= self.rope_switch else None)
+
+    def _compute_again_past_switch(self, seq: Sequence) -> None:
+        """Phi-3's LongRoPE: ``seq`` now passes ``original_max_position_embeddings``, so its
+        keys and values are dropped and every token is computed again, under the long factors
+        (HF's Phi-3 generation drops its cache there). Its blocks stay in the prefix cache
+        under the short factors' key; it stays running, and its next step is a prefill."""
+        self.blocks.free_sequence(seq)
+        self._set_rope_length(seq, seq.num_tokens)
 
     def _append(self, seq: Sequence, sampled: SampledToken, jump_forward: bool = True) -> None:
         token, params = sampled.token_id, seq.params
@@ -354,6 +382,14 @@ def _record_prompt_logprobs(prompt_logits) -> None:
                 entry.update(zip(top.indices[j].tolist(), top.values[j].tolist(), strict=True))
             seq.prompt_logprobs[first + 1 + j] = entry
         row += count
+
+
+def _context_length(config) -> int:
+    """The longest sequence a model takes by default: ``max_position_embeddings``; with dynamic
+    NTK RoPE, which grows its base past that (the original window), times its ``factor``."""
+    if config.position_kind == "rope" and rope_type(config.rope_scaling) == "dynamic":
+        return int(config.max_position_embeddings * config.rope_scaling["factor"])
+    return config.max_position_embeddings
 
 
 def default_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -5,6 +5,11 @@ varlen attention, which also reads each sequence's already-cached prefix from th
 Only the last position of each sequence that is due a new token goes through the LM head (and
 the positions of its speculative drafts, whose tokens follow its own in the packed row), plus
 the prompt positions whose log-probabilities a request asks for (``prompt_logprobs``).
+
+With a RoPE whose table depends on the length (dynamic NTK, LongRoPE), each token takes the
+table HF's generation of its sequence alone gives it: that of ``max(position + 1,
+Sequence.rope_length)`` (the prompt's length for prompt tokens, its own for later ones), so
+chunked prefill, preemption and drafts compute the same keys.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 from torch import nn
 
 from mlx_core.models.paged import PagedAttentionMetadata, PagedKVCache
+from mlx_core.rope_scaling import is_length_dependent
 from mlx_core.transforms import fuse_projections, prepack_linear_weights, uncopied_mlp_outputs
 from mlx_serve.sequence import Sequence
 
@@ -56,6 +62,8 @@ class ModelRunner:
                                   device=self.device)
         self.block_size = block_size
         self.sliding_window = model.config.sliding_window
+        self.rope_length_dependent = (model.config.position_kind == "rope"
+                                      and is_length_dependent(model.config.rope_scaling))
         self.loras = None  # the engine's LoraManager, if any adapter may be used
 
     @torch.inference_mode()
@@ -71,7 +79,7 @@ class ModelRunner:
                          key=lambda pair: pair[0].num_computed_tokens)
         prefills = [(s, n) for s, n in scheduled if n > 1]
         ordered = decodes + prefills
-        ids, positions, slots, last, due = [], [], [], [], []
+        ids, positions, slots, last, due, rope_lengths = [], [], [], [], [], []
         scored_rows, spans = [], []  # prompt positions whose logits give prompt logprobs
         bs = self.block_size
         for seq, n in ordered:
@@ -79,7 +87,7 @@ class ModelRunner:
             tokens = seq.all_token_ids + seq.draft_token_ids if seq.draft_token_ids \
                 else seq.all_token_ids
             first = seq.first_scored_logit
-            if first is not None:  # logits at p score prompt token p + 1
+            if first is not None and not seq.output_token_ids:  # logits at p score token p + 1
                 lo, hi = max(start, first), min(start + n, seq.num_prompt_tokens - 1)
                 if lo < hi:
                     scored_rows += range(len(ids) + lo - start, len(ids) + hi - start)
@@ -87,6 +95,8 @@ class ModelRunner:
             ids += tokens[start:start + n]
             span = range(start, start + n)
             positions += span
+            if self.rope_length_dependent:
+                rope_lengths += [max(p + 1, seq.rope_length) for p in span]
             slots += [seq.block_ids[p // bs] * bs + p % bs for p in span]
             if start + n == len(tokens):
                 # the last token, and each draft (the sampler checks it against these logits)
@@ -106,7 +116,9 @@ class ModelRunner:
             cu_seqlens_q=_cumulative([n for _, n in prefills], self.device) if prefills else None,
             cu_seqlens_k=_cumulative([s.num_computed_tokens + n for s, n in prefills],
                                      self.device) if prefills else None,
-            sliding_window=self.sliding_window)
+            sliding_window=self.sliding_window,
+            rope_lengths=torch.tensor([rope_lengths], dtype=torch.long, device=self.device)
+            if self.rope_length_dependent else None)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
         keep = torch.tensor(last + scored_rows, dtype=torch.long, device=self.device)

@@ -130,7 +130,10 @@ class Scheduler:
         none, or no free blocks for them: drafts never preempt anyone."""
         if seq.guide is not None:  # a draft would have to be checked against the grammar too
             return False
-        drafts = self.proposer.propose(seq, budget - 1)
+        limit = budget - 1
+        if seq.rope_switch is not None:  # no draft at the switch: every token is computed again
+            limit = min(limit, seq.rope_switch - seq.num_tokens)
+        drafts = self.proposer.propose(seq, limit)
         if not drafts or not self.blocks.allocate(seq, 1 + len(drafts)):
             return False
         seq.draft_token_ids = drafts

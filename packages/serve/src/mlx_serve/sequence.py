@@ -69,6 +69,14 @@ class Sequence:
         # speculative tokens computed with this step's last token, verified by the sampler
         self.draft_token_ids: list[int] = []
         self.guide = None  # structured outputs: the grammar's matcher (mlx_serve.structured)
+        # RoPE whose table depends on the length (dynamic NTK, LongRoPE; set by the engine):
+        # the length the table of every computed token counts from (the prompt's; after
+        # Phi-3's switch, the length the sequence was computed again at), what tells that
+        # table apart in the prefix cache, and the position at which every token is computed
+        # again (Phi-3's LongRoPE; None: none ahead)
+        self.rope_length = len(self.prompt_token_ids)
+        self.rope_key = None
+        self.rope_switch: int | None = None
         self.num_cached_tokens = 0  # prefix-cache hit at the first admission
         self.num_preemptions = 0
         self.seed = seed  # keys a seeded request's sampling noise (mlx_serve.sampler)
@@ -86,6 +94,13 @@ class Sequence:
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id}#{self.index}, {self.status.value}, "
                 f"{self.num_computed_tokens}/{self.num_tokens} computed)")
+
+    @property
+    def prefix_key(self):
+        """What, besides the tokens, the keys and values depend on: the adapter and the RoPE
+        table (``lora_id``, and ``rope_key`` where set), so the prefix cache shares only equal
+        ones."""
+        return self.lora_id if self.rope_key is None else (self.lora_id, self.rope_key)
 
     @property
     def num_prompt_tokens(self) -> int:

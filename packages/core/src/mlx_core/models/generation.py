@@ -13,6 +13,7 @@ from torch import nn
 
 from mlx_core.models.decode_step import compiled_cache_length, compiled_decode_step
 from mlx_core.models.sampling import filter_logits
+from mlx_core.rope_scaling import recompute_length
 from mlx_core.sampling_options import sampling_problems
 
 
@@ -53,6 +54,9 @@ def generate_steps(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
     Prompts are left-padded into one batch; positions count real tokens only. ``compile``:
     decode with the compiled fixed-shape step (``mlx_core.models.decode_step``; compiled on
     first use per model, batch size and cache length, rounded up to a multiple of 128).
+    Phi-3 with LongRoPE computes every token again, with the long factors, at the step whose
+    cache holds ``original_max_position_embeddings`` slots, as HF's Phi-3 generation does
+    (``mlx_core.rope_scaling.recompute_length``).
     """
     _check_options(max_new_tokens, temperature, top_k, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -71,10 +75,16 @@ def generate_steps(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
         mask[row, longest - len(prompt):] = 1
     stops = torch.tensor(sorted(_stop_ids(model, stop_token_ids)), dtype=torch.long, device=device)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    cache = model.new_cache(len(prompts), compiled_cache_length(total) if compile else total)
+    recompute_at = recompute_length(model.config.model_type, model.config.rope_scaling,
+                                    model.config.max_position_embeddings)
+
+    def prefill(ids, mask):
+        cache = model.new_cache(len(prompts), compiled_cache_length(total) if compile else total)
+        logits = model(ids, attention_mask=mask, kv_cache=cache, logits_to_keep=1)[:, -1]
+        return logits, cache, _compiled_decode(model, cache) if compile else None
+
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    logits = model(ids, attention_mask=mask, kv_cache=cache, logits_to_keep=1)[:, -1]
-    decode = _compiled_decode(model, cache) if compile else None
+    logits, cache, decode = prefill(ids, mask)
     for _ in range(max_new_tokens):
         token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                             generator=generator)
@@ -82,6 +92,11 @@ def generate_steps(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
         finished |= torch.isin(token, stops)
         if bool(finished.all()):
             return
+        if recompute_at is not None:
+            ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            if cache.length == recompute_at:  # every token again, under the long factors
+                logits, cache, decode = prefill(ids, mask)
+                continue
         logits = model(token[:, None], kv_cache=cache)[:, -1] if decode is None else decode(token)
 
 

@@ -58,6 +58,8 @@ class PagedAttentionMetadata:
     the same order. Decode part: ``context_lens [D]`` (one new token for each of the first ``D``
     sequences, the new token counted in). Prefill part: ``cu_seqlens_q [P+1]`` (new tokens per
     sequence) and ``cu_seqlens_k [P+1]`` (cached prefix + new tokens) for the other ``P``.
+    ``rope_lengths [1, T]``: with a length-dependent RoPE scaling (dynamic NTK, LongRoPE), the
+    sequence length each token's table is for (its own sequence's, not the packed row's).
     """
 
     cache: PagedKVCache
@@ -67,6 +69,7 @@ class PagedAttentionMetadata:
     cu_seqlens_q: torch.Tensor | None = None
     cu_seqlens_k: torch.Tensor | None = None
     sliding_window: int | None = None
+    rope_lengths: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.context_lens is None and self.cu_seqlens_q is None:

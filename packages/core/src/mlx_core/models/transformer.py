@@ -22,8 +22,13 @@ from mlx_core.models.linear import Linear
 from mlx_core.models.mla import MultiHeadLatentAttention
 from mlx_core.models.moe import SparseMoE, moe_attribute
 from mlx_core.models.recompute import run_checkpointed_layer
-from mlx_core.models.rope import rope_cos_sin, rope_inverse_frequencies
-from mlx_core.rope_scaling import rope_attention_factor
+from mlx_core.models.rope import (
+    rope_cos_sin,
+    rope_inverse_frequencies,
+    rope_inverse_frequencies_at,
+    rope_long_inverse_frequencies,
+)
+from mlx_core.rope_scaling import is_length_dependent, rope_attention_factor, rope_type
 from mlx_kernels import fused_linear_cross_entropy, geglu, gelu_tanh, rms_norm, rope, swiglu
 
 
@@ -224,15 +229,30 @@ class Backbone(nn.Module):
                                  for i in range(config.num_layers)]
         self.rope_attention_factor = rope_attention_factor(config.rope_scaling,
                                                            config.max_position_embeddings)
+        # dynamic NTK, LongRoPE: the table depends on the sequence's length (rope_tables)
+        self.rope_length_dependent = (config.position_kind == "rope"
+                                      and is_length_dependent(config.rope_scaling))
+        self.rope_long_inv_freq = (
+            rope_long_inverse_frequencies(config) if self.rope_length_dependent
+            and rope_type(config.rope_scaling) == "longrope" else None)
 
-    def rope_tables(self, position_ids: torch.Tensor, dtype: torch.dtype) -> dict:
+    def rope_tables(self, position_ids: torch.Tensor, dtype: torch.dtype,
+                    seq_lens: torch.Tensor | None = None) -> dict:
         """cos/sin for ``position_ids``: ``{False: the model's, True: the sliding layers' own}``
-        (the same tables when there is no local RoPE)."""
+        (the same tables when there is no local RoPE). A length-dependent scaling (dynamic NTK,
+        LongRoPE) takes the table of ``seq_lens`` (per token, as ``position_ids``), or, as HF
+        does, of the largest position in ``position_ids`` plus one."""
         device = position_ids.device
         if self.rope_inv_freq.device != device:  # moved once, not at every (compiled) step
             self.rope_inv_freq = self.rope_inv_freq.to(device)
-        tables = {False: rope_cos_sin(self.rope_inv_freq, position_ids, dtype,
-                                      self.rope_attention_factor)}
+        inv_freq = self.rope_inv_freq
+        if self.rope_length_dependent:
+            if self.rope_long_inv_freq is not None and self.rope_long_inv_freq.device != device:
+                self.rope_long_inv_freq = self.rope_long_inv_freq.to(device)
+            seq_lens = (position_ids.max() + 1).reshape(1) if seq_lens is None else seq_lens[..., None]
+            inv_freq = rope_inverse_frequencies_at(self.config, inv_freq, self.rope_long_inv_freq,
+                                                   seq_lens)
+        tables = {False: rope_cos_sin(inv_freq, position_ids, dtype, self.rope_attention_factor)}
         if self.rope_local_inv_freq is not None:
             if self.rope_local_inv_freq.device != device:
                 self.rope_local_inv_freq = self.rope_local_inv_freq.to(device)
@@ -268,7 +288,15 @@ class Backbone(nn.Module):
                      for w in windows}
         tables = None
         if self.rope_inv_freq is not None:
-            tables = self.rope_tables(position_ids, x.dtype)
+            seq_lens = None
+            if paged is not None and self.rope_length_dependent:
+                seq_lens = paged.rope_lengths
+                if seq_lens is None:  # the packed row's largest position is not a sequence's
+                    raise ValueError(
+                        f"a paged forward of a model with {rope_type(self.config.rope_scaling)}"
+                        " RoPE scaling needs PagedAttentionMetadata.rope_lengths (each token's "
+                        "sequence length)")
+            tables = self.rope_tables(position_ids, x.dtype, seq_lens)
         else:
             if int(position_ids.max()) >= self.config.max_position_embeddings:
                 raise ValueError(
