@@ -3,7 +3,8 @@
 import pytest
 
 TINY_PRESETS = ["tiny-llama", "tiny-llama3", "tiny-mistral", "tiny-qwen2", "tiny-qwen3",
-                "tiny-olmo2", "tiny-phi3", "tiny-gemma2", "tiny-gemma3", "tiny-mixtral",
+                "tiny-olmo2", "tiny-phi3", "tiny-llama-dynamic-rope", "tiny-phi3-longrope",
+                "tiny-gemma2", "tiny-gemma3", "tiny-mixtral",
                 "tiny-qwen3-moe", "tiny-gpt2"]
 
 

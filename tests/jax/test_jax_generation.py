@@ -21,6 +21,27 @@ def test_greedy_equals_torch_zoo(tiny_pair, tiny_preset):
     assert generate(jax_model, PROMPTS, max_new_tokens=12, stop_token_ids=[]) == ref
 
 
+@pytest.mark.parametrize("preset", ["tiny-llama-dynamic-rope", "tiny-phi3-longrope"])
+def test_length_dependent_rope_generation_equals_torch_zoo(preset, tmp_path):
+    """Across the switch at 16 tokens, on weights large enough that the tables show in greedy
+    tokens: dynamic NTK's table per step; Phi-3's LongRoPE computes every token again where
+    the torch zoo (and HF) does, in the loop and in the stream."""
+    import torch
+
+    import mlx_jax
+
+    torch.manual_seed(0)
+    torch_model = mlx_core.build_model(mlx_core.get_preset(preset)).eval()
+    torch_model.reset_parameters(std=0.2)
+    jax_model = mlx_jax.load_model(mlx_core.save_model(torch_model, tmp_path / "model"))
+    for prompts in ([[5, 6, 7, 8]], [PROMPTS[0] + [30, 31, 32, 33, 34, 35]], PROMPTS):
+        ref = mlx_core.generate(torch_model, prompts, max_new_tokens=16, stop_token_ids=[])
+        assert generate(jax_model, prompts, max_new_tokens=16, stop_token_ids=[]) == ref
+    streamed = stream_generate(jax_model, PROMPTS[1], max_new_tokens=16, stop_token_ids=[])
+    assert list(streamed) == mlx_core.generate(torch_model, PROMPTS[1], max_new_tokens=16,
+                                               stop_token_ids=[])
+
+
 def test_stop_token_ends_a_row_as_in_torch(tiny_pair):
     torch_model, _, jax_model = tiny_pair("tiny-llama")
     free = generate(jax_model, PROMPTS, max_new_tokens=12, stop_token_ids=[])

@@ -59,19 +59,24 @@ def test_logits_match_torch_zoo(tiny_pair, tiny_preset):
         assert np.abs(out - ref).max() <= 1e-4
 
 
-@pytest.mark.parametrize("scaling", [
-    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
-    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 16,
-     "mscale": 1.0, "mscale_all_dim": 0.5}], ids=["yarn", "yarn-mscale"])
-def test_yarn_rope_matches_torch_zoo(scaling, tmp_path):
+@pytest.mark.parametrize("preset,scaling", [
+    ("tiny-llama", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
+    ("tiny-llama", {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32,
+                    "beta_fast": 16, "mscale": 1.0, "mscale_all_dim": 0.5}),
+    ("tiny-llama-dynamic-rope", None), ("tiny-phi3-longrope", None),
+], ids=["yarn", "yarn-mscale", "dynamic", "longrope"])
+def test_rope_scaling_matches_torch_zoo(preset, scaling, tmp_path):
     """YaRN's ramped frequencies and its attention factor on cos/sin: one shared table, the
-    same logits."""
+    same logits. Dynamic NTK and LongRoPE (switching at 16 tokens): the table each length
+    picks inside the traced forward, shorter and longer than the switch."""
     torch.manual_seed(0)
-    torch_model = build_model(get_preset("tiny-llama").replace(rope_scaling=scaling)).eval()
+    config = get_preset(preset)
+    torch_model = build_model(config.replace(rope_scaling=scaling or config.rope_scaling)).eval()
     jax_model = mlx_jax.load_model(save_model(torch_model, tmp_path / "m"))
-    ids, mask = _batch(torch_model.config.vocab_size)
-    assert np.abs(np.asarray(_jax_logits(jax_model, ids, mask))
-                  - _torch_logits(torch_model, ids, mask)).max() <= 1e-4
+    for length in (12, 24):
+        ids, mask = _batch(torch_model.config.vocab_size, length=length)
+        assert np.abs(np.asarray(_jax_logits(jax_model, ids, mask))
+                      - _torch_logits(torch_model, ids, mask)).max() <= 1e-4
 
 
 def test_parameters_equal_the_checkpoint_tensors(tiny_pair):

@@ -5,6 +5,9 @@ bucketed likewise for the cache and output sizes, so similar requests reuse the 
 programs; the decode loop is a ``lax.while_loop`` over fixed-shape arrays, so no token triggers
 a recompilation. Greedy output
 equals the torch zoo's ``mlx_core.generate`` (the same left padding, positions and masks).
+Phi-3 with LongRoPE computes every token again at the step HF's Phi-3 generation does
+(``mlx_core.rope_scaling.recompute_length``): the loop stops there, one more prefill runs over
+the prompts and the tokens so far, and the loop goes on.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mlx_core.rope_scaling import recompute_length
 from mlx_jax.attention import KVCache
 from mlx_jax.sampling import SamplingOptions, sample_next
 
@@ -41,6 +45,14 @@ def _decode(graphdef, capacity: int, options: SamplingOptions, state, logits, ca
     """Sample, feed back, repeat; stops after ``max_new_tokens`` (traced, at most the static
     ``capacity``, so nearby lengths share one compile) or once every row met a stop token."""
     batch = logits.shape[0]
+    out = jnp.full((batch, capacity), -1, jnp.int32)
+    carry = (jnp.int32(0), logits, cache, key, jnp.zeros(batch, bool), out)
+    return _loop(graphdef, options, state, carry, stops, max_new_tokens)
+
+
+def _loop(graphdef, options: SamplingOptions, state, carry, stops, max_new_tokens):
+    """The decode loop from ``carry``: ``(step, logits, cache, key, finished, out)``, returned
+    as it ends (``out [B, capacity]``: the tokens, -1 after a row's stop)."""
 
     def keep_going(carry):
         step, _, _, _, finished, _ = carry
@@ -56,9 +68,10 @@ def _decode(graphdef, capacity: int, options: SamplingOptions, state, logits, ca
         hidden, cache = model.model(token[:, None], None, None, cache)
         return step + 1, model.logits(hidden[:, -1]), cache, key, finished, out
 
-    out = jnp.full((batch, capacity), -1, jnp.int32)
-    carry = (jnp.int32(0), logits, cache, key, jnp.zeros(batch, bool), out)
-    return jax.lax.while_loop(keep_going, step_once, carry)[-1]
+    return jax.lax.while_loop(keep_going, step_once, carry)
+
+
+_decode_from = jax.jit(_loop, static_argnums=(0, 1))  # the loop from a given carry
 
 
 @partial(jax.jit, static_argnums=(0, 1))
@@ -104,7 +117,26 @@ def _start(model, prompts, max_new_tokens, temperature, top_k, top_p, key, seed)
     cache = model.new_cache(len(prompts), width + bucket_length(max_new_tokens))
     graphdef, state = nnx.split(model)
     logits, cache = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), cache)
-    return options, graphdef, state, logits, cache, key
+    return options, graphdef, state, logits, cache, key, ids, mask
+
+
+def _recompute_step(model, prompts, max_new_tokens) -> int | None:
+    """The step whose fed token HF's Phi-3 generation computes with all the others again
+    (LongRoPE: the cache, one slot per token of the longest prompt and per step, holds
+    ``original_max_position_embeddings``); None: no such step in this generation."""
+    switch = recompute_length(model.config.model_type, model.config.rope_scaling,
+                              model.config.max_position_embeddings)
+    step = None if switch is None else switch - max(len(p) for p in prompts)
+    return step if step is not None and 0 <= step < max_new_tokens - 1 else None
+
+
+def _recompute(model, graphdef, state, ids, mask, tokens, capacity):
+    """A prefill over the padded prompts and the ``tokens [B, n]`` fed so far, into a new
+    cache of ``capacity`` slots: the logits after them and that cache."""
+    ids = np.concatenate([ids, np.maximum(np.asarray(tokens), 0)], axis=1)  # -1: a row's end
+    mask = np.concatenate([mask, np.ones(np.shape(tokens), bool)], axis=1)
+    cache = model.new_cache(ids.shape[0], capacity)
+    return _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), cache)
 
 
 def generate_tokens(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
@@ -112,12 +144,19 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
                     key: jax.Array | None = None, seed: int | None = None,
                     stop_token_ids=None) -> np.ndarray:
     """New tokens ``[B, max_new_tokens]`` (-1 after a row's stop token and past an early end)."""
-    options, graphdef, state, logits, cache, key = _start(
+    options, graphdef, state, logits, cache, key, ids, mask = _start(
         model, prompts, max_new_tokens, temperature, top_k, top_p, key, seed)
     stops = jnp.asarray(_stop_ids(model.config, stop_token_ids) or [-1], jnp.int32)
-    tokens = _decode(graphdef, bucket_length(max_new_tokens), options, state, logits, cache, key,
-                     stops, jnp.int32(max_new_tokens))
-    return np.asarray(tokens)[:, :max_new_tokens]
+    switch = _recompute_step(model, prompts, max_new_tokens)
+    carry = _decode(graphdef, bucket_length(max_new_tokens), options, state, logits, cache, key,
+                    stops, jnp.int32(max_new_tokens if switch is None else switch + 1))
+    if switch is not None and int(carry[0]) == switch + 1:  # not every row stopped before
+        step, _, cache, key, finished, out = carry
+        logits, cache = _recompute(model, graphdef, state, ids, mask, out[:, :switch + 1],
+                                   cache.max_length)
+        carry = _decode_from(graphdef, options, state, (step, logits, cache, key, finished, out),
+                             stops, jnp.int32(max_new_tokens))
+    return np.asarray(carry[-1])[:, :max_new_tokens]
 
 
 def stream_generate(model, prompt_ids: Sequence[int], *, max_new_tokens: int = 128,
@@ -126,14 +165,18 @@ def stream_generate(model, prompt_ids: Sequence[int], *, max_new_tokens: int = 1
                     stop_token_ids=None) -> Iterator[int]:
     """Yield new token ids one at a time (the stop token, if reached, is the last one); the
     same tokens as ``generate`` with the same options and key."""
-    options, graphdef, state, logits, cache, key = _start(
+    options, graphdef, state, logits, cache, key, ids, mask = _start(
         model, [list(prompt_ids)], max_new_tokens, temperature, top_k, top_p, key, seed)
     stops = set(_stop_ids(model.config, stop_token_ids))
-    for _ in range(max_new_tokens):
+    switch, tokens = _recompute_step(model, [prompt_ids], max_new_tokens), []
+    for step in range(max_new_tokens):
         token, logits, cache, key = _step(graphdef, options, state, logits, cache, key)
-        yield int(token[0])
-        if int(token[0]) in stops:
+        tokens.append(int(token[0]))
+        yield tokens[-1]
+        if tokens[-1] in stops:
             return
+        if step == switch:  # every token again (the step's own forward is dropped)
+            logits, cache = _recompute(model, graphdef, state, ids, mask, [tokens], cache.max_length)
 
 
 def generate(model, prompts: Sequence[int] | Sequence[Sequence[int]], **options):

@@ -14,12 +14,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mlx_core.config import ModelConfig
-from mlx_core.rope_scaling import rope_attention_factor
+from mlx_core.rope_scaling import is_length_dependent, rope_attention_factor
 from mlx_jax import ops
 from mlx_jax.attention import KVCache, build_mask
 from mlx_jax.modules import Embedding, Linear, StaticConfig, make_norm
 from mlx_jax.moe import SparseMoE, moe_attribute
-from mlx_jax.rope import rope_cos_sin, rope_inverse_frequencies
+from mlx_jax.rope import rope_cos_sin, rope_inverse_frequencies, rope_inverse_frequencies_at
 
 HIDDEN_AXES = ("batch", "length", "embed")  # logical axes of activations (mlx_jax.sharding)
 LOGITS_AXES = ("batch", "length", "vocab")
@@ -183,7 +183,10 @@ class Backbone(nnx.Module):
             position_ids = jax.lax.dynamic_slice_in_dim(counted, past, t, axis=1)
         tables = {False: None, True: None}  # cos/sin: the model's, the sliding layers' own
         if config.position_kind == "rope":
-            tables[False] = rope_cos_sin(rope_inverse_frequencies(config), position_ids, x.dtype,
+            inv_freq = rope_inverse_frequencies(config)
+            if is_length_dependent(config.rope_scaling):  # HF's: the largest position, plus one
+                inv_freq = rope_inverse_frequencies_at(config, (jnp.max(position_ids) + 1).reshape(1))
+            tables[False] = rope_cos_sin(inv_freq, position_ids, x.dtype,
                                          rope_attention_factor(config.rope_scaling,
                                                                config.max_position_embeddings))
             tables[True] = tables[False] if config.rope_local_theta is None else rope_cos_sin(
