@@ -5,7 +5,7 @@ import pytest
 TINY_PRESETS = ["tiny-llama", "tiny-llama3", "tiny-mistral", "tiny-qwen2", "tiny-qwen3",
                 "tiny-olmo2", "tiny-phi3", "tiny-llama-dynamic-rope", "tiny-phi3-longrope",
                 "tiny-gemma2", "tiny-gemma3", "tiny-mixtral",
-                "tiny-qwen3-moe", "tiny-gpt2"]
+                "tiny-qwen3-moe", "tiny-gpt2", "tiny-deepseek-v2", "tiny-deepseek-v3"]
 
 
 @pytest.fixture(scope="session")

@@ -88,7 +88,8 @@ def test_parameters_equal_the_checkpoint_tensors(tiny_pair):
         np.testing.assert_array_equal(ours[name], value, err_msg=name)
 
 
-@pytest.mark.parametrize("preset", ["tiny-mistral", "tiny-gpt2"])  # window; learned positions
+# window; learned positions; multi-head latent attention's cached latents
+@pytest.mark.parametrize("preset", ["tiny-mistral", "tiny-gpt2", "tiny-deepseek-v3"])
 def test_cached_decoding_matches_full_forward(tiny_pair, preset):
     _, _, model = tiny_pair(preset)
     ids, mask = _batch(model.config.vocab_size, length=14)
@@ -137,6 +138,16 @@ def test_gguf_file_loads_the_weights_of_the_registered_name(builtin_gguf_path, b
     pytest.param("tiny-qwen3-moe", {"num_experts": 6, "num_experts_per_tok": 3, "num_kv_heads": 1,
                                     "tie_word_embeddings": True, "mlp_only_layers": (0,)},
                  id="top3-mqa-tied-dense-first"),
+    # DeepSeek: group-limited softmax routing, scaled; plain queries, RoPE pairs not
+    # interleaved, YaRN's mscale in the softmax scale, every layer sparse
+    pytest.param("tiny-deepseek-v2", {"topk_method": "group_limited_greedy", "n_group": 2,
+                                      "topk_group": 1, "routed_scaling_factor": 1.5},
+                 id="deepseek-v2-group-limited"),
+    pytest.param("tiny-deepseek-v3", {
+        "q_lora_rank": None, "rope_interleave": False, "mlp_only_layers": (),
+        "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                         "mscale": 0.707, "mscale_all_dim": 0.707}},
+                 id="deepseek-v3-yarn-plain-q-all-sparse"),
 ])
 def test_config_variants_match_torch_zoo(preset, changes, tmp_path):
     torch.manual_seed(0)

@@ -31,7 +31,14 @@ class KVCache:
     def create(cls, config: ModelConfig, batch_size: int, max_length: int, dtype=jnp.float32):
         shape = (batch_size, config.kv_heads, max_length, config.dim_per_head)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-        return cls(zeros, zeros, jnp.zeros((batch_size, max_length), bool), jnp.zeros((), jnp.int32))
+        values = zeros
+        if config.is_mla:  # the latent as "keys", the shared rope key part as "values"
+            zeros = tuple(jnp.zeros((batch_size, 1, max_length, config.kv_lora_rank), dtype)
+                          for _ in range(config.num_layers))
+            values = tuple(jnp.zeros((batch_size, 1, max_length, config.qk_rope_head_dim), dtype)
+                           for _ in range(config.num_layers))
+        return cls(zeros, values, jnp.zeros((batch_size, max_length), bool),
+                   jnp.zeros((), jnp.int32))
 
     @property
     def max_length(self) -> int:

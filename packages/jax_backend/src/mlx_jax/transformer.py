@@ -1,6 +1,6 @@
 """ONE config-driven Flax NNX decoder mirroring the torch zoo's ``Transformer``: Llama 2/3,
-Mistral, Qwen2, Qwen3, OLMo 2, Phi-3, Gemma 2 and 3 (text), SmolLM2, GPT-2, Mixtral and
-Qwen3-MoE, built from the same ``ModelConfig``.
+Mistral, Qwen2, Qwen3, OLMo 2, Phi-3, Gemma 2 and 3 (text), SmolLM2, GPT-2, Mixtral,
+Qwen3-MoE and DeepSeek-V2/V3 (``mla.py``), built from the same ``ModelConfig``.
 
 Attribute names follow the torch module tree (HF's Llama layout), so the flattened NNX state
 paths ARE the zoo's parameter names (``model.layers.0.self_attn.q_proj.weight``) and loading is
@@ -17,6 +17,7 @@ from mlx_core.config import ModelConfig
 from mlx_core.rope_scaling import is_length_dependent, rope_attention_factor
 from mlx_jax import ops
 from mlx_jax.attention import KVCache, build_mask
+from mlx_jax.mla import MultiHeadLatentAttention
 from mlx_jax.modules import Embedding, Linear, StaticConfig, make_norm
 from mlx_jax.moe import SparseMoE, moe_attribute
 from mlx_jax.rope import rope_cos_sin, rope_inverse_frequencies, rope_inverse_frequencies_at
@@ -104,7 +105,8 @@ class DecoderLayer(nnx.Module):
         self.placement = config.norm_placement
         if self.placement != "post":
             self.input_layernorm = make_norm(config, dtype)
-        self.self_attn = Attention(config, dtype=dtype, rngs=rngs)
+        self.self_attn = (MultiHeadLatentAttention if config.is_mla else Attention)(
+            config, dtype=dtype, rngs=rngs)
         # pre-norm: the MLP's input norm (HF's name for it); post-norm and sandwich: the
         # attention output's
         self.post_attention_layernorm = make_norm(config, dtype)
