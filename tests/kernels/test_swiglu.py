@@ -61,7 +61,7 @@ def test_native_forward_only_for_contiguous_fp32_cpu_inference(monkeypatch):
     ran, rows = [], []
     monkeypatch.setattr(module, "_swiglu_native", lambda g, u: ran.append(1) or F.silu(g) * u)
     monkeypatch.setattr(module, "_swiglu_native_rows",
-                        lambda g, u: rows.append(1) or F.silu(g) * u)
+                        lambda g, u, ld: rows.append(ld) or F.silu(g) * u)
     g, u = torch.randn(4, 6), torch.randn(4, 6)
     with torch.no_grad():  # no graph, but maybe a recomputed activation: torch's ops, bit-exact
         swiglu(g, u)
@@ -78,7 +78,7 @@ def test_native_forward_only_for_contiguous_fp32_cpu_inference(monkeypatch):
         monkeypatch.delenv("MLX_KERNELS")
     trained = g.clone().requires_grad_()
     swiglu(trained, u).sum().backward()  # autograd: the Function
-    assert ran == [1, 1] and rows == [1] and trained.grad is not None
+    assert ran == [1, 1] and rows == [12] and trained.grad is not None
     g, u = torch.randn(8, 96), torch.randn(8, 96)
     with torch.inference_mode():
         out = module._swiglu_native(g.t(), u.t())  # the real kernel on the transposed layout

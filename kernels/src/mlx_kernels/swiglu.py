@@ -65,8 +65,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         if eager_inference() and native_cpu(gate, up):
             if _same_dense_layout(gate, up):
                 return _swiglu_native(gate, up)
-            if _row_stride(gate) is not None and _row_stride(gate) == _row_stride(up):
-                return _swiglu_native_rows(gate, up)
+            ld = _row_stride(gate)
+            if ld is not None and ld == _row_stride(up):
+                return _swiglu_native_rows(gate, up, ld)
         return F.silu(gate).mul_(up) if gate.dtype == up.dtype else swiglu_reference(gate, up)
     return SwiGLUTorchFunction.apply(gate, up)
 
@@ -106,11 +107,11 @@ def _swiglu_native(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _swiglu_native_rows(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``swiglu_f32`` over rows a fixed stride apart (``_row_stride``): the slices of one fused
+def _swiglu_native_rows(gate: torch.Tensor, up: torch.Tensor, ld: int) -> torch.Tensor:
+    """``swiglu_f32`` over rows ``ld`` values apart (``_row_stride``): the slices of one fused
     gate/up output, read where they lie; the output is contiguous."""
     out = torch.empty(gate.shape, dtype=gate.dtype)
     cols = gate.shape[-1]
     _cpu_native.library().swiglu_f32(gate.data_ptr(), up.data_ptr(), out.data_ptr(),
-                                     gate.numel() // cols if cols else 0, cols, _row_stride(gate))
+                                     gate.numel() // cols if cols else 0, cols, ld)
     return out
