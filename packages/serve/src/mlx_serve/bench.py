@@ -263,8 +263,8 @@ def run_structured(engine: LLMEngine, workload: Workload, fraction: float,
     grammar = engine.sampler.grammar_seconds - before
     step_ms, free_step_ms = 1000 * run.seconds / run.steps, 1000 * free.seconds / free.steps
     return {"fraction": round(1 / every, 3), "schema": STRUCTURED_SCHEMA,
-            "run": run.summary(), "grammar_seconds": round(grammar, 3),
-            "grammar_share_of_run": round(grammar / run.seconds, 4),
+            "run": run.summary(), "grammar_seconds": round(grammar, 6),
+            "grammar_share_of_run": round(grammar / run.seconds, 6),
             "step_ms": round(step_ms, 2), "unconstrained_step_ms": round(free_step_ms, 2),
             "step_time_ratio": round(step_ms / free_step_ms, 3)}
 

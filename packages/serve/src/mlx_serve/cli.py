@@ -315,8 +315,8 @@ def bench_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
     if result["structured"]:
         st = result["structured"]
         print(f"structured outputs ({st['fraction']:.0%} of the requests constrained to a JSON "
-              f"schema): grammar masking {st['grammar_seconds']} s = "
-              f"{st['grammar_share_of_run']:.1%} of the run; mean step {st['step_ms']} ms vs "
+              f"schema): grammar masking {1000 * st['grammar_seconds']:.2f} ms = "
+              f"{st['grammar_share_of_run']:.2%} of the run; mean step {st['step_ms']} ms vs "
               f"{st['unconstrained_step_ms']} ms unconstrained ({st['step_time_ratio']}x)")
     print(f"KV blocks still held after the runs: {result['leaked_blocks']}")
     if json_path:
