@@ -1,0 +1,45 @@
+"""Tensor parallelism (mlx_core.transforms.tensor_parallel): two gloo ranks on this CPU give the
+whole model's logits (within 1e-4) and its greedy tokens, in every family."""
+
+from __future__ import annotations
+
+import pytest
+
+from mlx_core.transforms.tensor_parallel import even_split, head_ranges
+from tests.core.tensor_parallel_ranks import run_ranks, sharded_logits_and_tokens
+
+FAMILIES = ["tiny-llama", "tiny-llama3", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-olmo2",
+            "tiny-phi3", "tiny-phi3-longrope", "tiny-llama-dynamic-rope", "tiny-gemma2",
+            "tiny-gemma3", "tiny-mixtral", "tiny-qwen3-moe", "tiny-deepseek-v2",
+            "tiny-deepseek-v3", "tiny-gpt2"]
+
+
+def test_even_split_covers_everything_once():
+    for total in (1, 5, 9, 49152):
+        for world in (1, 2, 3, 4):
+            spans = [even_split(total, world, r) for r in range(world)]
+            assert spans[0][0] == 0 and spans[-1][1] == total
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+            assert max(hi - lo for lo, hi in spans) - min(hi - lo for lo, hi in spans) <= 1
+
+
+def test_head_ranges_keep_gqa_groups_whole():
+    # SmolLM2: 9 query heads over 3 KV heads on 2 ranks -> 2 + 1 groups
+    assert [head_ranges(9, 3, 2, r) for r in range(2)] == [((0, 6), (0, 2)), ((6, 9), (2, 3))]
+    # fewer KV heads than ranks: each rank the query heads of one KV head
+    assert [head_ranges(8, 2, 4, r) for r in range(4)] == [
+        ((0, 2), (0, 1)), ((2, 4), (0, 1)), ((4, 6), (1, 2)), ((6, 8), (1, 2))]
+    with pytest.raises(ValueError, match="does not split"):
+        head_ranges(6, 2, 4, 1)
+    with pytest.raises(ValueError, match="at most 4 ranks"):
+        head_ranges(4, 1, 8, 0)
+
+
+def test_two_ranks_match_the_whole_model_in_every_family():
+    results = run_ranks(sharded_logits_and_tokens, 2, FAMILIES)
+    for rank, per_family in enumerate(results):
+        for family, (difference, same_tokens, _kv_heads) in per_family.items():
+            assert difference < 1e-4, (rank, family, difference)
+            assert same_tokens, (rank, family)
+    # the KV cache holds each rank's heads only
+    assert results[0]["tiny-llama"][2] == 1 and results[1]["tiny-llama"][2] == 1
