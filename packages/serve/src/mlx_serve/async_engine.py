@@ -118,6 +118,11 @@ class AsyncEngine:
         self._commands.put(command)
         return await self._settled(command.done)
 
+    async def call_one(self, function):
+        """``call`` where one engine will do (embeddings): here there is one; a
+        ``DataParallelEngine`` picks a replica."""
+        return await self.call(function)
+
     async def _settled(self, future: asyncio.Future):
         while not future.done():  # unless the engine thread died before reading the command
             await asyncio.wait({future}, timeout=1.0)
@@ -244,11 +249,12 @@ class AsyncEngine:
 
     def generation_throughput(self, window: float = 10.0) -> float:
         """Generated tokens per second over about the last ``window`` seconds."""
-        now = time.monotonic()
-        recent = [(t, n) for t, n in list(self._generated) if now - t <= window]
-        if len(recent) < 2 or recent[-1][0] == recent[0][0]:
-            return 0.0
-        return (recent[-1][1] - recent[0][1]) / (now - recent[0][0])
+        return tokens_per_second(self._generated, window)
+
+    def per_replica(self) -> list[tuple[EngineStats, float]]:
+        """``(stats, generated tokens/s)`` per engine: this one (a ``DataParallelEngine`` has
+        one per replica)."""
+        return [(self.stats, self.generation_throughput())]
 
     def _abort_all(self) -> None:
         """At shutdown: abort every request and report them finished, leaving no blocks held."""
@@ -271,6 +277,16 @@ class AsyncEngine:
                 command.done if isinstance(command, _Call) else None
             if future is not None:
                 _call_soon(command.loop, lambda f=future: f.done() or f.set_exception(error))
+
+
+def tokens_per_second(samples, window: float = 10.0) -> float:
+    """Tokens per second over about the last ``window`` seconds, from ``(time.monotonic(),
+    generated tokens so far)`` samples."""
+    now = time.monotonic()
+    recent = [(t, n) for t, n in list(samples) if now - t <= window]
+    if len(recent) < 2 or recent[-1][0] == recent[0][0]:
+        return 0.0
+    return (recent[-1][1] - recent[0][1]) / (now - recent[0][0])
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback, *args) -> None:

@@ -81,6 +81,11 @@ def serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m",
                                   help="The playground page at / (chat, arena, engine panel)."),
           dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
           device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+          data_parallel_size: int = typer.Option(
+              1, "--data-parallel-size", "-dp", min=1,
+              help="Engines (replicas), each with its own KV cache in a process of its own, "
+                   "behind this one server; requests go to the replica caching their prefix, "
+                   "else the one with the most free KV blocks (docs/serve.md, Scale-out)."),
           log_level: str = typer.Option("info", "--log-level")):
     """Serve MODEL over HTTP with the OpenAI API (/v1/completions, /v1/chat/completions,
     /v1/embeddings, /v1/models, /health, /metrics) and the playground page at /. Ctrl-C stops
@@ -103,7 +108,7 @@ def serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m",
     _serve_model(model, served_model_name, lora, options, host=host, port=port, api_key=api_key,
                  dtype=dtype, device=device, log_level=log_level, ui=ui,
                  max_waiting_seqs=max_waiting_seqs, allow_runtime_lora=allow_runtime_lora,
-                 tool_call_parser=tool_call_parser)
+                 tool_call_parser=tool_call_parser, data_parallel_size=data_parallel_size)
 
 
 @clean_errors
@@ -143,9 +148,11 @@ def playground(model: str = typer.Argument(BUILTIN_MODEL,
 
 def _serve_model(model: str, served_model_name: str | None, lora: list[str], options: dict, *,
                  host: str, port: int, api_key: str | None, dtype: str, device: str,
-                 log_level: str, ui: bool, on_ready=None, **app_options) -> None:
-    """Load ``model`` with its ``--lora`` adapters into an engine and serve it until Ctrl-C;
-    ``on_ready`` is called (in a thread) once the server answers."""
+                 log_level: str, ui: bool, on_ready=None, data_parallel_size: int = 1,
+                 **app_options) -> None:
+    """Load ``model`` with its ``--lora`` adapters into an engine (``data_parallel_size`` > 1:
+    that many replicas, ``mlx_serve.data_parallel``) and serve it until Ctrl-C; ``on_ready`` is
+    called (in a thread) once the server answers."""
     from mlx_serve.llm import LLM
     from mlx_serve.server import build_app, run_server
 
@@ -154,11 +161,22 @@ def _serve_model(model: str, served_model_name: str | None, lora: list[str], opt
     if name in loras:
         raise typer.BadParameter(f"--lora {name}=...: the adapter name is the model's name; "
                                  "choose another")
-    engine = LLM(model, dtype=dtype, device=device, loras=loras, **options).engine
+    if data_parallel_size > 1:
+        from mlx_serve.data_parallel import DataParallelEngine
+
+        engine = DataParallelEngine(model, data_parallel_size, dtype=dtype, device=device,
+                                    loras=loras, **options)
+    else:
+        engine = LLM(model, dtype=dtype, device=device, loras=loras, **options).engine
     app = build_app(engine, name, api_key=api_key, ui=ui, **app_options)
-    blocks = engine.blocks
+    facts = app.state.engine.engine
+    blocks = facts.blocks
     typer.echo(f"serving {name!r} on http://{host}:{port}/v1 ({blocks.num_blocks} KV blocks of "
-               f"{blocks.block_size} tokens, max_model_len {engine.max_model_len})")
+               f"{blocks.block_size} tokens, max_model_len {facts.max_model_len})")
+    if data_parallel_size > 1:
+        typer.echo(f"data-parallel replicas: {data_parallel_size} (pids "
+                   f"{', '.join(map(str, engine.pids))}), KV blocks each: "
+                   f"{', '.join(str(s.num_blocks) for s in engine.replica_stats)}")
     if loras:
         typer.echo(f"LoRA adapters: {', '.join(loras)}")
     if ui:

@@ -18,38 +18,51 @@ _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 
 
 
 class _EngineCollector:
+    """The engine's gauges and counters; with data-parallel replicas, one sample per replica
+    under a ``replica`` label (sum them for the server's totals)."""
+
     def __init__(self, async_engine):
         self.async_engine = async_engine
 
     def collect(self):
-        s = self.async_engine.stats
-        for name, doc, value in (
-                ("num_seqs_running", "Sequences in the running batch (a request with n=2 has 2).",
-                 s.num_running),
-                ("num_seqs_waiting", "Sequences waiting to be scheduled (preempted ones included).",
-                 s.num_waiting),
-                ("kv_blocks_total", "KV-cache blocks in the preallocated cache.", s.num_blocks),
-                ("kv_blocks_free", "KV-cache blocks no sequence holds (cached prefixes included).",
-                 s.num_free_blocks),
-                ("kv_blocks_used", "KV-cache blocks held by sequences.",
-                 s.num_blocks - s.num_free_blocks),
-                ("kv_cache_usage_ratio", "Fraction of the KV-cache blocks in use.",
-                 (s.num_blocks - s.num_free_blocks) / s.num_blocks),
-                ("prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / prompt tokens "
-                 "looked up, since start.", s.prefix_cache_hit_rate),
-                ("generation_tokens_per_second", "Generated tokens per second over the last ~10 s.",
-                 self.async_engine.generation_throughput())):
-            yield GaugeMetricFamily(f"mlx_serve_{name}", doc, value=value)
-        for name, doc, value in (
-                ("prompt_tokens", "Prompt tokens received (times n).", s.prompt_tokens),
-                ("generation_tokens", "Tokens generated.", s.generation_tokens),
-                ("preemptions", "Sequences preempted (recomputed later) because the KV cache "
-                 "was full.", s.num_preemptions),
-                ("spec_decode_num_draft_tokens", "Speculative draft tokens checked.",
-                 s.num_draft_tokens),
-                ("spec_decode_num_accepted_tokens", "Speculative draft tokens kept (each one a "
-                 "token generated without a step of its own).", s.num_accepted_tokens)):
-            yield CounterMetricFamily(f"mlx_serve_{name}", doc, value=value)
+        rows = self.async_engine.per_replica()
+        labels = ["replica"] if len(rows) > 1 else []
+        gauges = (
+            ("num_seqs_running", "Sequences in the running batch (a request with n=2 has 2).",
+             lambda s, rate: s.num_running),
+            ("num_seqs_waiting", "Sequences waiting to be scheduled (preempted ones included).",
+             lambda s, rate: s.num_waiting),
+            ("kv_blocks_total", "KV-cache blocks in the preallocated cache.",
+             lambda s, rate: s.num_blocks),
+            ("kv_blocks_free", "KV-cache blocks no sequence holds (cached prefixes included).",
+             lambda s, rate: s.num_free_blocks),
+            ("kv_blocks_used", "KV-cache blocks held by sequences.",
+             lambda s, rate: s.num_blocks - s.num_free_blocks),
+            ("kv_cache_usage_ratio", "Fraction of the KV-cache blocks in use.",
+             lambda s, rate: (s.num_blocks - s.num_free_blocks) / s.num_blocks),
+            ("prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / prompt tokens "
+             "looked up, since start.", lambda s, rate: s.prefix_cache_hit_rate),
+            ("generation_tokens_per_second", "Generated tokens per second over the last ~10 s.",
+             lambda s, rate: rate))
+        counters = (
+            ("prompt_tokens", "Prompt tokens received (times n).", lambda s: s.prompt_tokens),
+            ("generation_tokens", "Tokens generated.", lambda s: s.generation_tokens),
+            ("preemptions", "Sequences preempted (recomputed later) because the KV cache "
+             "was full.", lambda s: s.num_preemptions),
+            ("spec_decode_num_draft_tokens", "Speculative draft tokens checked.",
+             lambda s: s.num_draft_tokens),
+            ("spec_decode_num_accepted_tokens", "Speculative draft tokens kept (each one a "
+             "token generated without a step of its own).", lambda s: s.num_accepted_tokens))
+        for name, doc, value in gauges:
+            family = GaugeMetricFamily(f"mlx_serve_{name}", doc, labels=labels)
+            for i, (stats, rate) in enumerate(rows):
+                family.add_metric([str(i)] if labels else [], value(stats, rate))
+            yield family
+        for name, doc, value in counters:
+            family = CounterMetricFamily(f"mlx_serve_{name}", doc, labels=labels)
+            for i, (stats, _) in enumerate(rows):
+                family.add_metric([str(i)] if labels else [], value(stats))
+            yield family
 
 
 class ServerMetrics:

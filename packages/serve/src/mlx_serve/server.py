@@ -14,9 +14,11 @@ import contextlib
 import hmac
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from operator import methodcaller
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlx_serve.async_engine import AsyncEngine, EngineDead, EngineOverloaded
+from mlx_serve.data_parallel import DataParallelEngine
 from mlx_serve.engine import LLMEngine
 from mlx_serve.metrics import CONTENT_TYPE, ServerMetrics
 from mlx_serve.outputs import CompletionOutput, RequestOutput
@@ -81,7 +84,8 @@ from mlx_serve.tools import (
 logger = logging.getLogger("mlx_serve")
 
 
-def build_app(engine: LLMEngine, served_model_name: str, api_key: str | None = None, *,
+def build_app(engine: LLMEngine | DataParallelEngine, served_model_name: str,
+              api_key: str | None = None, *,
               max_waiting_seqs: int | None = None, allow_runtime_lora: bool = False,
               tool_call_parser: str = "hermes", ui: bool = True) -> FastAPI:
     """A FastAPI app serving ``engine`` as model ``served_model_name``. The engine thread starts
@@ -91,8 +95,16 @@ def build_app(engine: LLMEngine, served_model_name: str, api_key: str | None = N
     ``allow_runtime_lora`` adds ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``
     (vLLM's routes; they read adapter directories on the server, so they are off by default).
     ``tool_call_parser`` (``hermes``, ``llama3_json``): how chat outputs' tool calls are written
-    (``mlx_serve.tools``). ``ui``: the playground page at ``/`` (``mlx_serve.playground``)."""
-    async_engine = AsyncEngine(engine, max_waiting_seqs=max_waiting_seqs)
+    (``mlx_serve.tools``). ``ui``: the playground page at ``/`` (``mlx_serve.playground``).
+    ``engine`` may be a ``DataParallelEngine`` (replicas in processes of their own, already an
+    async front like ``AsyncEngine``; ``max_waiting_seqs`` is then each replica's)."""
+    if isinstance(engine, DataParallelEngine):
+        async_engine = engine
+        if max_waiting_seqs is not None:
+            async_engine.max_waiting_seqs = max_waiting_seqs
+    else:
+        async_engine = AsyncEngine(engine, max_waiting_seqs=max_waiting_seqs)
+    engine = async_engine.engine  # what the routes read: the engine, or the replicas' facts
     metrics = ServerMetrics()
     metrics.attach(async_engine)
     handler = _Handler(async_engine, served_model_name, check_parser(tool_call_parser))
@@ -153,7 +165,8 @@ def build_app(engine: LLMEngine, served_model_name: str, api_key: str | None = N
                 raise OpenAIError(400, f"'{body.lora_name}' is the base model's name; give the "
                                   "adapter another", param="lora_name")
             try:
-                await async_engine.call(lambda e: e.add_lora(body.lora_name, body.lora_path))
+                await async_engine.call(methodcaller("add_lora", body.lora_name,
+                                                     body.lora_path))
             except (ValueError, FileNotFoundError) as error:
                 raise OpenAIError(400, str(error), param="lora_path") from None
             return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
@@ -161,7 +174,7 @@ def build_app(engine: LLMEngine, served_model_name: str, api_key: str | None = N
         @app.post("/v1/unload_lora_adapter", responses=errors)
         async def unload_lora_adapter(body: UnloadLoraAdapterRequest):
             try:
-                await async_engine.call(lambda e: e.remove_lora(body.lora_name))
+                await async_engine.call(methodcaller("remove_lora", body.lora_name))
             except KeyError as error:
                 raise OpenAIError(404, error.args[0], param="lora_name",
                                   code="model_not_found") from None
@@ -294,7 +307,8 @@ def _sse(payload) -> str:
 
 # -- the two endpoints -----------------------------------------------------------------------
 class _Handler:
-    def __init__(self, async_engine: AsyncEngine, served_model_name: str, tool_call_parser: str):
+    def __init__(self, async_engine: AsyncEngine | DataParallelEngine, served_model_name: str,
+                 tool_call_parser: str):
         self.async_engine = async_engine
         self.tool_call_parser = tool_call_parser
         self.engine = async_engine.engine
@@ -413,7 +427,7 @@ class _Handler:
         inputs = body.inputs()
         try:
             vectors, token_lists = await _unless_disconnected(
-                raw, self.async_engine.call(lambda engine: engine.embed(inputs)))
+                raw, self.async_engine.call_one(methodcaller("embed", inputs)))
         except ValueError as e:
             raise OpenAIError(400, str(e), param="input") from None
         except EngineDead as e:
@@ -700,16 +714,35 @@ def _usage(finals: list[RequestOutput]) -> Usage:
 
 
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
-               log_level: str = "info") -> None:
+               log_level: str = "info", dead_engine_grace_s: float = 2.0) -> None:
     """Serve ``app`` with uvicorn until Ctrl-C (or SIGTERM), which aborts the requests in flight
-    (their streams end with finish reason "abort") so that the server stops at once, cleanly."""
+    (their streams end with finish reason "abort") so that the server stops at once, cleanly.
+    An engine that stops on its own (its thread failed; a data-parallel replica died) is
+    answered with 503 for ``dead_engine_grace_s`` seconds, then the server stops and this raises
+    ``EngineDead`` (``mlx serve`` exits non-zero) rather than serve nothing forever."""
     import uvicorn
 
+    engine = app.state.engine
+
     class Server(uvicorn.Server):
+        dead_since: float | None = None
+
         def handle_exit(self, sig, frame):
-            app.state.engine.abort_all()
+            engine.abort_all()
             super().handle_exit(sig, frame)
 
-    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                          timeout_graceful_shutdown=10)).run()
+        async def on_tick(self, counter: int) -> bool:
+            if not engine.healthy and not self.should_exit:
+                self.dead_since = self.dead_since or time.monotonic()
+                if time.monotonic() - self.dead_since >= dead_engine_grace_s:
+                    logger.error("the engine stopped; stopping the server")
+                    engine.abort_all()  # what still streams from live replicas ends now
+                    return True
+            return await super().on_tick(counter)
 
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                   timeout_graceful_shutdown=10))
+    server.run()
+    if server.dead_since is not None:
+        raise EngineDead(f"the engine stopped while serving: "
+                         f"{getattr(engine, 'error', None) or 'see the log above'}")

@@ -271,10 +271,16 @@ async function loadAdapter(event) {
 
 // -- the engine panel (Prometheus text from /metrics) -------------------------------------------
 function parseMetrics(text) {
-  const values = {};
+  // data-parallel replicas report one sample each ({replica="i"}): counts add up, rates average
+  const values = {}, samples = {};
   for (const line of text.split("\n")) {
-    const match = /^mlx_serve_(\w+) ([-+0-9.eE]+|NaN)$/.exec(line);
-    if (match) values[match[1]] = Number(match[2]);
+    const match = /^mlx_serve_(\w+)(?:\{replica="\d+"\})? ([-+0-9.eE]+|NaN)$/.exec(line);
+    if (!match) continue;
+    values[match[1]] = (values[match[1]] || 0) + Number(match[2]);
+    samples[match[1]] = (samples[match[1]] || 0) + 1;
+  }
+  for (const name of Object.keys(values)) {
+    if (/_(rate|ratio)$/.test(name)) values[name] /= samples[name];
   }
   return values;
 }

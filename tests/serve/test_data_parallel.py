@@ -1,0 +1,350 @@
+"""Data-parallel replicas (``mlx serve --data-parallel-size N``, mlx_serve.data_parallel).
+
+The router's choice on its own; then two replicas (each a whole engine in a process of its own)
+behind one server, driven with the official ``openai`` client: greedy outputs equal one engine's
+(completions and chat, streamed and not, a LoRA adapter, a JSON schema), adapters loaded at run
+time on every replica, a prompt sent where its prefix is cached, and an abort storm that leaves
+every block of every replica free. Last, ``mlx serve`` as a user starts it: a replica killed
+makes it answer 503 and exit non-zero, SIGTERM stops it, and neither leaves a process behind.
+"""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import psutil
+import pytest
+import torch
+
+from mlx_serve import LLM, SamplingParams
+from mlx_serve.data_parallel import DataParallelEngine, PrefixAwareRouter
+from mlx_serve.engine import EngineStats
+from mlx_serve.server import build_app
+from tests.serve.helpers import LiveServer, byte_level_model_dir
+
+MODEL = "tiny-dp"
+OPTIONS = dict(num_blocks=256, block_size=4, prepack_weights=False, max_loras=2, max_lora_rank=8)
+PROMPTS = ["The quick brown", '{"color": "red", "count"', "yes no maybe (555)", "[1, 2, 3]"]
+
+
+def _stats(free: int, running: int = 0, total: int = 64) -> EngineStats:
+    return EngineStats(num_running=running, num_waiting=0, num_blocks=total,
+                       num_free_blocks=free, prefix_cache_hit_rate=0.0, num_preemptions=0,
+                       prompt_tokens=0, generation_tokens=0)
+
+
+def test_router_prefers_the_replica_caching_the_prefix_else_the_most_free_blocks():
+    prefix = list(range(10, 26))  # 4 full blocks of 4 tokens
+    router = PrefixAwareRouter([64, 64], block_size=4)
+    router.report(0, _stats(40))
+    router.report(1, _stats(60))
+    assert router.route("a", prefix + [1, 2]) == 1  # nothing cached anywhere: most free blocks
+    router.admitted(1, "a")
+    router.report(1, _stats(30, running=1))  # now the busier one, but it caches the prefix
+    assert router.route("b", prefix + [3, 4, 5]) == 1
+    assert router.route("c", [7] * 18) == 0  # no cached prefix: most free blocks
+    assert router.route("d", prefix + [3], lora_name="sql") == 0  # another adapter's prefix
+
+    # a burst spreads out before any replica reports: blocks sent count against free ones
+    router = PrefixAwareRouter([64, 64], block_size=4)
+    assert [router.route(f"x{i}", [i] * 8) for i in range(4)] == [0, 1, 0, 1]
+
+    # the preference gives way to balance and to room
+    router = PrefixAwareRouter([64, 64], block_size=4, balance_threshold=2)
+    assert router.route("p", prefix) == 0
+    router.admitted(0, "p")
+    router.report(0, _stats(60, running=3))
+    router.report(1, _stats(60))
+    assert router.route("q", prefix) == 1  # 3 sequences more than replica 1 > 2
+    router.report(0, _stats(1, running=1))
+    router.report(1, _stats(64))
+    assert router.route("r", prefix + [9] * 8) == 1  # no room there for its uncached blocks
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """The byte-level tiny model and a random LoRA adapter for it."""
+    from mlx_adapters import LoraConfig, get_peft_model
+    from mlx_core import load_model
+
+    root = tmp_path_factory.mktemp("dp")
+    directory = byte_level_model_dir(root)
+    torch.manual_seed(1)
+    peft_model = get_peft_model(load_model(directory), LoraConfig(
+        r=8, lora_alpha=32, init_lora_weights=False, target_modules=["q_proj", "v_proj"]))
+    peft_model.save_pretrained(root / "adapter")
+    return directory, root / "adapter"
+
+
+@pytest.fixture(scope="module")
+def served(model_dirs):
+    directory, adapter = model_dirs
+    engine = DataParallelEngine(str(directory), 2, loras={"ad": str(adapter)}, **OPTIONS)
+    server = LiveServer(build_app(engine, MODEL, allow_runtime_lora=True))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    yield server, client, engine
+    server.stop()
+    assert all(not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+               for pid in engine.pids)
+
+
+def _metrics(server) -> dict[str, float]:
+    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def _replica(m: dict, name: str, replica: int) -> float:
+    return m[f'mlx_serve_{name}{{replica="{replica}"}}']
+
+
+def _wait_idle_and_free(server, timeout: float = 20.0) -> dict:
+    """Every replica's blocks free and nothing running or waiting (the storm's check)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = _metrics(server)
+        if all(_replica(m, "kv_blocks_free", r) == _replica(m, "kv_blocks_total", r)
+               and _replica(m, "num_seqs_running", r) == _replica(m, "num_seqs_waiting", r) == 0
+               for r in (0, 1)):
+            return m
+        assert time.monotonic() < deadline, f"blocks still held: {m}"
+        time.sleep(0.05)
+
+
+def _greedy(model=MODEL, **extra):
+    return dict(model=model, temperature=0, max_tokens=10, extra_body={"ignore_eos": True,
+                                                                       **extra})
+
+
+def test_two_replicas_serve_the_openai_client_with_one_engines_greedy_outputs(served,
+                                                                             model_dirs):
+    server, client, engine = served
+    directory, adapter = model_dirs
+    one = LLM(directory, loras={"ad": str(adapter)}, **OPTIONS)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    expected = {(p, lora): one.generate(p, params, lora=lora)[0].outputs[0].text
+                for p in PROMPTS for lora in (None, "ad")}
+    assert expected[PROMPTS[0], None] != expected[PROMPTS[0], "ad"]  # the adapter matters
+    before = _metrics(server)
+    with ThreadPoolExecutor(8) as pool:  # at once: both replicas serve
+        done = {(p, lora): pool.submit(client.completions.create, prompt=p,
+                                       **_greedy(lora or MODEL))
+                for p in PROMPTS for lora in (None, "ad")}
+        assert {key: f.result().choices[0].text for key, f in done.items()} == expected
+    after = _metrics(server)
+    assert all(_replica(after, "prompt_tokens_total", r) > _replica(before, "prompt_tokens_total", r)
+               for r in (0, 1))
+
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        prompt=PROMPTS[1], stream=True, **_greedy()) if c.choices)
+    assert streamed == expected[PROMPTS[1], None]
+    messages = [{"role": "user", "content": "The quick brown fox"}]
+    chat = one.chat(messages, params)[0].outputs[0].text
+    assert client.chat.completions.create(messages=messages, **_greedy()).choices[0] \
+        .message.content == chat
+    assert "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        messages=messages, stream=True, **_greedy()) if c.choices) == chat
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    constrained = client.chat.completions.create(
+        messages=messages, model=MODEL, temperature=0, max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+    assert set(json.loads(constrained.choices[0].message.content)) == {"ok"}
+    embedded = client.embeddings.create(model=MODEL, input=["red", "blue"])
+    expected_vectors = one.embed(["red", "blue"])
+    for got, want in zip(embedded.data, expected_vectors, strict=True):
+        assert got.embedding == pytest.approx(want.outputs.embedding, abs=1e-5)
+
+
+def _post(server, path: str, body: dict) -> tuple[int, str]:
+    request = urllib.request.Request(server.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_adapters_loaded_at_run_time_reach_every_replica(served, model_dirs):
+    server, client, engine = served
+    _, adapter = model_dirs
+    assert _post(server, "/v1/load_lora_adapter",
+                 {"lora_name": "again", "lora_path": str(adapter)})[0] == 200
+    assert {m.id for m in client.models.list().data} == {MODEL, "ad", "again"}
+    with ThreadPoolExecutor(4) as pool:
+        texts = list(pool.map(lambda p: client.completions.create(
+            prompt=p, **_greedy("again")).choices[0].text, PROMPTS))
+    assert texts == [client.completions.create(prompt=p, **_greedy("ad")).choices[0].text
+                     for p in PROMPTS]
+    assert _post(server, "/v1/unload_lora_adapter", {"lora_name": "again"})[0] == 200
+    assert engine.engine.list_loras() == ["ad"]
+    status, body = _post(server, "/v1/load_lora_adapter",
+                         {"lora_name": "bad", "lora_path": "/nonexistent"})
+    assert status == 400 and engine.engine.list_loras() == ["ad"]
+
+
+def test_a_prompt_goes_to_the_replica_that_caches_its_prefix(served):
+    """Replica 1 caches a prefix and holds a long stream; replica 0 is idle, so it has more
+    free blocks: the prompt that shares the prefix still goes to replica 1 (its cached tokens
+    say so), an unrelated one to replica 0."""
+    server, client, engine = served
+    _wait_idle_and_free(server)
+    g = torch.Generator().manual_seed(7)
+    prefix, other, long_a, long_b = (torch.randint(3, 300, (n,), generator=g).tolist()
+                                     for n in (40, 21, 6, 30))
+    hold = dict(model=MODEL, temperature=0, max_tokens=800, stream=True,
+                extra_body={"ignore_eos": True})
+    first = client.completions.create(prompt=long_a, **hold)  # to replica 0 (all idle)
+    next(iter(first))
+    seeded = client.completions.create(prompt=prefix, **_greedy())  # to replica 1: more free
+    assert seeded.usage.prompt_tokens_details.cached_tokens == 0
+    second = client.completions.create(prompt=long_b, **hold)  # to replica 1: more free
+    next(iter(second))
+    first.close()  # replica 0: every block free again, more than replica 1
+    deadline = time.monotonic() + 20
+    while engine.replica_stats[0].num_free_blocks < engine.replica_stats[0].num_blocks:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    before = _metrics(server)
+    shared = client.completions.create(prompt=prefix + [5, 6, 7], **_greedy())
+    assert shared.usage.prompt_tokens_details.cached_tokens >= len(prefix)
+    client.completions.create(prompt=other, **_greedy())
+    after = _metrics(server)
+    second.close()
+    grown = [_replica(after, "prompt_tokens_total", r) - _replica(before, "prompt_tokens_total", r)
+             for r in (0, 1)]
+    assert grown == [len(other), len(prefix) + 3]
+
+
+def test_an_abort_storm_leaves_every_block_of_every_replica_free(served):
+    server, client, engine = served
+    quick = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
+                          timeout=0.3)
+
+    def stream_then_leave(i):
+        stream = client.completions.create(prompt=PROMPTS[i % 4] + f" {i}", model=MODEL,
+                                           max_tokens=300, stream=True, temperature=0.8,
+                                           extra_body={"ignore_eos": True})
+        for _ in zip(range(1 + i % 3), stream, strict=False):
+            pass
+        stream.close()
+
+    def wait_then_leave(i):
+        with pytest.raises(openai.APITimeoutError):
+            quick.completions.create(prompt=PROMPTS[i % 4], model=MODEL, max_tokens=800,
+                                     extra_body={"ignore_eos": True})
+
+    before = _metrics(server)
+    with ThreadPoolExecutor(12) as pool:
+        list(pool.map(lambda i: (stream_then_leave if i % 3 else wait_then_leave)(i), range(36)))
+    after = _wait_idle_and_free(server)
+    assert all(_replica(after, "prompt_tokens_total", r) > _replica(before, "prompt_tokens_total", r)
+               for r in (0, 1))
+    assert after['mlx_serve_requests_finished_total{finish_reason="abort"}'] >= 36 + before.get(
+        'mlx_serve_requests_finished_total{finish_reason="abort"}', 0)
+    assert all(s.num_free_blocks == s.num_blocks for s in engine.replica_stats)
+    # and the server still serves
+    assert client.completions.create(prompt=PROMPTS[0], **_greedy()).usage.completion_tokens == 10
+
+
+# -- `mlx serve --data-parallel-size 2` as a user starts it ----------------------------------------
+def _start_mlx_serve(directory: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mlx = Path(sys.executable).parent / "mlx"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(mlx), "serve", "--model", str(directory), "--data-parallel-size", "2",
+             "--host", "127.0.0.1", "--port", str(port), "--kv-cache-memory", "1MiB",
+             "--block-size", "4", "--no-prepack-weights", "--no-ui", "--log-level", "warning"],
+            stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, log.read_text()
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5):
+                return proc, url
+        except OSError:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+
+
+def _replicas_and_helpers(proc) -> tuple[list[int], list[int]]:
+    """The replicas' pids, and every process the server started (the replicas and
+    multiprocessing's resource tracker)."""
+    children = psutil.Process(proc.pid).children(recursive=True)
+    replicas = [c.pid for c in children if "spawn_main" in " ".join(c.cmdline())]
+    return replicas, [c.pid for c in children]
+
+
+def _assert_gone(pids: list[int], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive:
+            return
+        assert time.monotonic() < deadline, f"orphans left running: {alive}"
+        time.sleep(0.1)
+
+
+def test_a_killed_replica_makes_mlx_serve_answer_503_and_exit_non_zero(model_dirs, tmp_path):
+    directory, _ = model_dirs
+    log = tmp_path / "serve.log"
+    proc, url = _start_mlx_serve(directory, log)
+    try:
+        replicas, started = _replicas_and_helpers(proc)
+        assert len(replicas) == 2, started
+        psutil.Process(replicas[0]).kill()
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=10)
+        deadline = time.monotonic() + 10
+        while True:  # 503 from the moment the server notices (at once: its pipe closes)
+            try:
+                client.completions.create(model=str(directory), prompt="hi", max_tokens=2)
+            except openai.InternalServerError as e:
+                assert e.status_code == 503 and "replica" in e.message
+                break
+            assert time.monotonic() < deadline, "no 503 after a replica died"
+            time.sleep(0.05)
+        assert proc.wait(20) == 1, log.read_text()
+        _assert_gone(started)
+        assert "replica 0" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_sigterm_stops_mlx_serve_and_every_replica(model_dirs, tmp_path):
+    directory, _ = model_dirs
+    proc, url = _start_mlx_serve(directory, tmp_path / "serve.log")
+    try:
+        replicas, started = _replicas_and_helpers(proc)
+        assert len(replicas) == 2, started
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
+        assert client.completions.create(model=str(directory), prompt="hi",
+                                         max_tokens=3).usage.completion_tokens > 0
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn stops cleanly, then ends by the signal it caught, as a shell expects
+        assert proc.wait(30) in (0, -signal.SIGTERM), (tmp_path / "serve.log").read_text()
+        _assert_gone(started)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
