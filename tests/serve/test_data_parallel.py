@@ -23,7 +23,9 @@ import openai
 import psutil
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from mlx_core.cli.app import build_app as build_cli
 from mlx_serve import LLM, SamplingParams
 from mlx_serve.data_parallel import DataParallelEngine, PrefixAwareRouter
 from mlx_serve.engine import EngineStats
@@ -256,6 +258,25 @@ def test_an_abort_storm_leaves_every_block_of_every_replica_free(served):
     assert all(s.num_free_blocks == s.num_blocks for s in engine.replica_stats)
     # and the server still serves
     assert client.completions.create(prompt=PROMPTS[0], **_greedy()).usage.completion_tokens == 10
+
+
+def test_bench_serve_reports_two_replicas_against_one_engine(model_dirs, tmp_path):
+    directory, _ = model_dirs
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(build_cli(), [
+        "bench", "serve", "--model", str(directory), "--num-requests", "6", "--prompt-len",
+        "4:12", "--output-len", "2:6", "--request-rate", "0", "--hf-batch-sizes", "4",
+        "--kv-cache-memory", "4MiB", "--no-prepack-weights", "--data-parallel-size", "2",
+        "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    dp = report["data_parallel"]
+    assert dp["size"] == 2 and dp["leaked_blocks_per_replica"] == [0, 0]
+    assert dp["replicas"]["output_tokens"] == dp["one_engine"]["output_tokens"] == report[
+        "mlx_all_at_once"]["output_tokens"]
+    measured = dp["replicas"]["output_tokens_per_s"] / dp["one_engine"]["output_tokens_per_s"]
+    assert abs(dp["ratio"] - measured) < 0.02 * measured + 0.01
+    assert "data-parallel (2 replicas" in result.output
 
 
 # -- `mlx serve --data-parallel-size 2` as a user starts it ----------------------------------------

@@ -8,15 +8,19 @@ engine runs it twice: all requests submitted at once, and arriving as a Poisson 
 (left padding, greedy, ``min_new_tokens`` forcing the length); only the tokens each request asked
 for count as useful. A third run measures prefix caching: a shared system prompt, requests one
 after another, TTFT of the later requests against the first's (in rounds, each with a new
-system prompt: medians).
+system prompt: medians). With ``data_parallel_size`` N > 1, the all-at-once workload also goes
+through the server's async front twice: to our engine alone (``AsyncEngine``, DP=1) and to N
+replicas (``DataParallelEngine``), reported as the ratio of their output tokens/s.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from operator import methodcaller
 
 import torch
 
@@ -104,7 +108,11 @@ def run_engine(engine: LLMEngine, workload: Workload, *, use_arrivals: bool,
             continue
         finished.extend(out for out in engine.step() if out.finished)
         steps += 1
-    seconds = time.monotonic() - start
+    return _result(finished, time.monotonic() - start, steps)
+
+
+def _result(finished: list, seconds: float, steps: int = 0) -> RunResult:
+    """Output tokens, TTFT and TPOT of the finished requests' outputs."""
     result = RunResult(sum(len(o.outputs[0].token_ids) for o in finished), seconds, steps=steps)
     for out in finished:
         m, n = out.metrics, len(out.outputs[0].token_ids)
@@ -112,6 +120,60 @@ def run_engine(engine: LLMEngine, workload: Workload, *, use_arrivals: bool,
         if n > 1:
             result.tpot_s.append((m.finished_time - m.first_token_time) / (n - 1))
     return result
+
+
+async def run_front(front, workload: Workload) -> RunResult:
+    """The workload, all at once, through an async front (``AsyncEngine`` or
+    ``DataParallelEngine``) as the server drives it: one ``generate`` per request."""
+    async def one(i: int):
+        params = SamplingParams(temperature=0, max_tokens=workload.output_lens[i],
+                                ignore_eos=True)
+        async for out in front.generate([(f"front-{i}", workload.prompts[i])], params):
+            last = out
+        return last
+
+    start = time.monotonic()
+    finished = await asyncio.gather(*(one(i) for i in range(len(workload.prompts))))
+    return _result(list(finished), time.monotonic() - start)
+
+
+def run_data_parallel(model: str, engine: LLMEngine, workload: Workload, size: int,
+                      engine_options: dict | None = None) -> dict:
+    """The all-at-once workload through the server's async front: to ``engine`` alone (DP=1,
+    with every thread) and to ``size`` replicas of ``model`` (each with its share of the
+    threads), each from a cold prefix cache, in this one run; output tokens/s and the ratio,
+    and the KV blocks each replica still holds after it."""
+    import torch
+
+    from mlx_serve.async_engine import AsyncEngine
+    from mlx_serve.data_parallel import DataParallelEngine
+
+    replicas = DataParallelEngine(model, size, **(engine_options or {}))
+    warm = make_workload(2 * size, (8, 16), (2, 4), engine.model.config.vocab_size, 0.0, 1)
+
+    async def both():
+        engine.reset_prefix_cache()
+        alone = AsyncEngine(engine)
+        alone.start()
+        try:
+            one = await run_front(alone, workload)
+        finally:
+            alone.shutdown()
+        replicas.start()
+        await run_front(replicas, warm)  # first-call costs out, as for the engine alone
+        await replicas.call(methodcaller("reset_prefix_cache"))
+        return one, await run_front(replicas, workload)
+
+    try:
+        one, many = asyncio.run(both())
+        held = [s.num_blocks - s.num_free_blocks for s in replicas.replica_stats]
+    finally:
+        replicas.shutdown()
+    return {"size": size, "threads_per_replica": max(1, torch.get_num_threads() // size),
+            "one_engine": one.summary(), "replicas": many.summary(),
+            "ratio": round(many.tokens_per_s / one.tokens_per_s, 3),
+            "leaked_blocks_per_replica": held}
+
 
 
 def run_hf(hf_model, workload: Workload, batch_size: int, pad_token_id: int) -> RunResult:
@@ -187,7 +249,8 @@ def flops_per_token(model) -> float:
 def run(model: str = "smollm2-135m-instruct", *, num_requests: int = 64,
         prompt_len: tuple[int, int] = (32, 256), output_len: tuple[int, int] = (16, 128),
         request_rate: float = 4.0, hf_batch_sizes: tuple[int, ...] = (8, 16), seed: int = 0,
-        engine_options: dict | None = None, structured_fraction: float = 0.0) -> dict:
+        engine_options: dict | None = None, structured_fraction: float = 0.0,
+        data_parallel_size: int = 1) -> dict:
     from transformers import AutoModelForCausalLM
 
     from mlx_serve.llm import LLM
@@ -212,6 +275,8 @@ def run(model: str = "smollm2-135m-instruct", *, num_requests: int = 64,
     fresh = LLM(zoo, tokenizer=engine.tokenizer, **(engine_options or {}))  # cold prefix cache
     prefix = run_prefix_caching(fresh.engine, vocab)
     del fresh
+    data_parallel = (run_data_parallel(model, engine, workload, data_parallel_size,
+                                       engine_options) if data_parallel_size > 1 else None)
 
     hf = AutoModelForCausalLM.from_pretrained(zoo.source_dir, dtype=torch.float32).eval()
     pad = engine.tokenizer.pad_token_id
@@ -239,6 +304,7 @@ def run(model: str = "smollm2-135m-instruct", *, num_requests: int = 64,
         "fraction_of_ceiling_output": round(all_at_once.tokens_per_s / ceiling, 3),
         "fraction_of_ceiling_all_tokens": round(processed / ceiling, 3),
         "prefix_caching": prefix, "leaked_blocks": leaked, "structured": structured,
+        "data_parallel": data_parallel,
         "speculative": {"config": asdict(engine.config.speculative_config),
                         "draft_tokens": drafted,
                         "accepted_tokens": kept,

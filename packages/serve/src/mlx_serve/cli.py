@@ -277,6 +277,10 @@ def bench_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
                     0.0, "--structured-fraction", min=0, max=1,
                     help="Also run the workload with this fraction of its requests constrained "
                          "to a JSON schema: the grammar masking's share of the run."),
+                data_parallel_size: int = typer.Option(
+                    1, "--data-parallel-size", "-dp", min=1,
+                    help="Also run the workload (all at once) through the server's front on "
+                         "this many replicas and on our engine alone: output tok/s, ratio."),
                 json_path: str = typer.Option("", "--json", help="Also write the result here.")):
     """Serving throughput, TTFT and TPOT: the engine vs HF transformers generate in static
     batches, same seeded workload, same process; prints the ratio."""
@@ -302,7 +306,8 @@ def bench_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
                        prompt_len=_int_range(prompt_len, "--prompt-len"),
                        output_len=_int_range(output_len, "--output-len"),
                        request_rate=request_rate, hf_batch_sizes=batch_sizes, seed=seed,
-                       engine_options=options, structured_fraction=structured_fraction)
+                       engine_options=options, structured_fraction=structured_fraction,
+                       data_parallel_size=data_parallel_size)
     table = Table("run", "output tok/s", "seconds", "TTFT p50/p99 (ms)", "TPOT p50/p99 (ms)",
                   title=f"mlx bench serve: {model}, {num_requests} requests, prompts "
                         f"{prompt_len}, outputs {output_len}, {result['threads']} threads")
@@ -336,6 +341,13 @@ def bench_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
               f"schema): grammar masking {1000 * st['grammar_seconds']:.2f} ms = "
               f"{st['grammar_share_of_run']:.2%} of the run; mean step {st['step_ms']} ms vs "
               f"{st['unconstrained_step_ms']} ms unconstrained ({st['step_time_ratio']}x)")
+    if result["data_parallel"]:
+        dp = result["data_parallel"]
+        print(f"data-parallel ({dp['size']} replicas, {dp['threads_per_replica']} threads each; "
+              f"all at once through the server's front): {dp['replicas']['output_tokens_per_s']}"
+              f" output tok/s against {dp['one_engine']['output_tokens_per_s']} for one engine "
+              f"with {result['threads']} threads ({dp['ratio']}x); KV blocks still held per "
+              f"replica: {dp['leaked_blocks_per_replica']}")
     print(f"KV blocks still held after the runs: {result['leaked_blocks']}")
     if json_path:
         with open(json_path, "w") as f:
