@@ -207,6 +207,20 @@ def test_prepacked_zoo_model_gives_the_same_logits_and_checkpoint():
     assert prepack_linear_weights(bf16, calibrate=False) == 0
 
 
+def test_prepacking_keeps_linear_subclasses_with_a_forward_of_their_own():
+    # a DeepSeek-V3 router carries its correction bias, a vocab-parallel head gathers its shares:
+    # swapping either for a FastLinear would drop that (found by tensor-parallel serving)
+    from mlx_core import build_model, get_preset, prepack_linear_weights
+    from mlx_core.models.moe import Router
+
+    _packed_module()
+    model = build_model(get_preset("tiny-deepseek-v3")).eval()
+    prepack_linear_weights(model, calibrate=False)
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    assert routers and all(type(m) is Router and m.e_score_correction_bias is not None
+                           for m in routers)
+
+
 def test_calibrated_prepacking_packs_the_shapes_that_measure_faster(monkeypatch):
     from mlx_core import build_model, get_preset, prepack_linear_weights
     from mlx_core.transforms import fast_linear as zoo_linear

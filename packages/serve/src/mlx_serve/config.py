@@ -74,6 +74,12 @@ class EngineConfig:
     pooling: str = "last"
     # structured outputs: append the tokens a grammar forces without a forward pass each
     jump_forward: bool = True
+    # tensor parallelism (mlx_serve.tensor_parallel): the model split over this many processes,
+    # on ``nnodes`` machines joined at master_addr:master_port (None: a free port, one node)
+    tensor_parallel_size: int = 1
+    nnodes: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -87,6 +93,14 @@ class EngineConfig:
 
             self.quantization = str(parse_scheme(self.quantization))
         check_pooling(self.pooling)
+        from mlx_serve.tensor_parallel import check_parallel_options
+
+        check_parallel_options(self.tensor_parallel_size, self.nnodes, 0)
+        if self.tensor_parallel_size > 1 and self.quantization is not None:
+            raise ValueError(f"quantization={self.quantization!r} with tensor_parallel_size="
+                             f"{self.tensor_parallel_size}: quantized weights are not split "
+                             "across ranks yet; serve in full precision under tensor parallelism, "
+                             "or quantized on one rank")
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens,

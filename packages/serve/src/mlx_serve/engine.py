@@ -17,7 +17,6 @@ from mlx_core.rope_scaling import is_length_dependent, recompute_length, rope_ty
 from mlx_core.tokenizer import IncrementalDecoder, Tokenizer
 from mlx_serve.block_manager import BlockManager
 from mlx_serve.config import EngineConfig
-from mlx_serve.embedding import embed
 from mlx_serve.lora import LoadedLora, LoraManager
 from mlx_serve.model_runner import ModelRunner, check_servable, kv_bytes_per_block
 from mlx_serve.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -27,6 +26,7 @@ from mlx_serve.scheduler import Scheduler
 from mlx_serve.sequence import Sequence, SequenceStatus
 from mlx_serve.spec_decode import NgramProposer
 from mlx_serve.structured import GrammarCompiler
+from mlx_serve.tensor_parallel import TensorParallelGroup
 
 
 @dataclass
@@ -91,6 +91,11 @@ class LLMEngine:
                                       and is_length_dependent(model.config.rope_scaling))
         self.rope_switch = recompute_length(model.config.model_type, model.config.rope_scaling,
                                             model.config.max_position_embeddings)
+        # tensor parallelism: the workers start and every rank (this one too) shards the model;
+        # its config then names this rank's KV heads, the most any rank holds (the cache size
+        # fits every rank)
+        self.parallel = (TensorParallelGroup(model, config) if config.tensor_parallel_size > 1
+                         else None)
         num_blocks = config.resolve_num_blocks(
             kv_bytes_per_block(model.config, config.block_size, model.dtype), self.max_model_len,
             model.device)
@@ -99,8 +104,10 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler_config(), self.blocks,
                                    NgramProposer(config.speculative_config, self.max_model_len)
                                    if config.speculative_config is not None else None)
+        if self.parallel is not None:
+            self.parallel.start(num_blocks)
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.prepack_weights,
-                                  config.fuse_projections)
+                                  config.fuse_projections, self.parallel)
         eos = list(tokenizer.eos_token_ids) if tokenizer is not None else []
         if not eos and model.config.eos_token_id is not None:
             configured = model.config.eos_token_id
@@ -169,8 +176,7 @@ class LLMEngine:
             if len(ids) > self.max_model_len:
                 raise ValueError(f"input {i} has {len(ids)} tokens; this model takes at most "
                                  f"{self.max_model_len}: shorten it")
-        self.loras.set_batch(None, self.model.device)  # the base model, whatever ran before
-        return embed(self.model, token_lists, self.config.pooling), token_lists
+        return self.runner.embed(token_lists, self.config.pooling), token_lists
 
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
@@ -218,6 +224,10 @@ class LLMEngine:
     # -- LoRA adapters ----------------------------------------------------------------------
     def add_lora(self, name: str, path) -> LoadedLora:
         """Load a PEFT-format LoRA adapter directory under ``name`` (what requests ask for)."""
+        if self.parallel is not None:
+            raise ValueError(f"cannot load LoRA adapter {name!r}: adapters under tensor "
+                             "parallelism are not implemented yet; serve adapters with "
+                             "tensor_parallel_size=1")
         return self.loras.load(name, path)
 
     def remove_lora(self, name: str) -> None:
@@ -248,9 +258,8 @@ class LLMEngine:
         step = self.scheduler.schedule()
         touched: dict[str, Request] = {}
         if step:
-            for source, destination, num_tokens in self.blocks.take_pending_copies():
-                self.runner.cache.copy_tokens(source, destination, num_tokens)
-            logits, due, prompt_logits = self.runner.execute(step.sequences)
+            logits, due, prompt_logits = self.runner.execute(step.sequences,
+                                                             self.blocks.take_pending_copies())
             if prompt_logits is not None:
                 _record_prompt_logprobs(prompt_logits)
             for seq, n in step.sequences:
@@ -354,6 +363,12 @@ class LLMEngine:
                              completions, request.finished, metrics,
                              list(first.prompt_logprobs) if first.prompt_logprobs is not None
                              else None)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done at interpreter exit); the engine
+        cannot run afterwards. Nothing to do for a one-process engine."""
+        if self.parallel is not None:
+            self.parallel.close()
 
     def stats(self) -> EngineStats:
         return EngineStats(

@@ -31,6 +31,8 @@ class LLM:
     ``quantization`` (``"int8"``, ``"int4"``, ``"w8a8"``, ...: the weights are quantized at start;
     ``"gguf"``: a GGUF source's tensors as shipped; LoRA adapters stay in full precision). ``loras``: ``{name: PEFT LoRA directory}`` to load at start (more with
     ``add_lora``); ``generate(..., lora=name)`` picks one per call or per prompt.
+    ``tensor_parallel_size=N`` splits the model over N processes this one starts
+    (``mlx_serve.tensor_parallel``; a zoo model passed in is split in place).
     """
 
     def __init__(self, model: str | nn.Module = "smollm2-135m-instruct", *, tokenizer=None,
@@ -57,6 +59,17 @@ class LLM:
 
     def reset_prefix_cache(self) -> None:
         self.engine.reset_prefix_cache()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (``tensor_parallel_size > 1``; otherwise nothing to
+        do); also done at interpreter exit. ``with LLM(...) as llm:`` closes at the end."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def add_lora(self, name: str, path) -> None:
         self.engine.add_lora(name, path)

@@ -46,8 +46,12 @@ def check_servable(config) -> None:
 
 
 class ModelRunner:
+    """Runs the model for the engine. Under tensor parallelism (``parallel``, rank 0's
+    ``TensorParallelGroup``) every step's inputs and cache copies go to the other ranks first,
+    which run the same forward on their shares (``mlx_serve.tensor_parallel``)."""
+
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int,
-                 prepack_weights: bool = True, fuse: bool = True):
+                 prepack_weights: bool = True, fuse: bool = True, parallel=None):
         check_servable(model.config)
         self.model = uncopied_mlp_outputs(model)
         if fuse:
@@ -65,15 +69,29 @@ class ModelRunner:
         self.rope_length_dependent = (model.config.position_kind == "rope"
                                       and is_length_dependent(model.config.rope_scaling))
         self.loras = None  # the engine's LoraManager, if any adapter may be used
+        self.parallel = parallel
 
-    @torch.inference_mode()
-    def execute(self, scheduled: list[tuple[Sequence, int]]
+    def execute(self, scheduled: list[tuple[Sequence, int]],
+                copies: list[tuple[int, int, int]] = ()
                 ) -> tuple[torch.Tensor, list[Sequence], PromptLogits | None]:
-        """Run ``(sequence, num_new_tokens)`` pairs; return logits for the sequences whose new
-        tokens reach their end (they sample next), and those sequences: one row each, or
-        ``1 + len(draft_token_ids)`` rows for a sequence with drafts (its drafts are computed
-        after its last token); and the logits of the prompt positions scored this step
-        (``PromptLogits``; None when no request asks for prompt log-probabilities)."""
+        """Copy ``copies`` (``(source block, destination block, tokens)``, shared prefixes up to
+        the middle of a block), then run ``(sequence, num_new_tokens)`` pairs; return logits
+        for the sequences whose new tokens reach their end (they sample next), and those
+        sequences: one row each, or ``1 + len(draft_token_ids)`` rows for a sequence with drafts
+        (its drafts are computed after its last token); and the logits of the prompt positions
+        scored this step (``PromptLogits``; None when no request asks for prompt
+        log-probabilities)."""
+        inputs, due, num_last, spans = self.prepare(scheduled)
+        if self.parallel is not None:
+            self.parallel.send(("step", list(copies), inputs))
+        logits = self.run(list(copies), inputs)
+        prompt = PromptLogits(spans, logits[num_last:]) if spans else None
+        return logits[:num_last], due, prompt
+
+    def prepare(self, scheduled: list[tuple[Sequence, int]]
+                ) -> tuple[StepInputs, list[Sequence], int, list]:
+        """The step's packed inputs, the sequences due a token, how many logit rows they take,
+        and the prompt-logprob spans."""
         # decodes by context length: the attention then reads less padding (decode_groups)
         decodes = sorted(((s, n) for s, n in scheduled if n == 1),
                          key=lambda pair: pair[0].num_computed_tokens)
@@ -108,27 +126,70 @@ class ModelRunner:
             tables[row, :len(seq.block_ids)] = torch.tensor(seq.block_ids, dtype=torch.int32)
 
         def as_tensor(values):
-            return torch.tensor(values, dtype=torch.int32, device=self.device)
+            return torch.tensor(values, dtype=torch.int32)
+
+        inputs = StepInputs(
+            input_ids=torch.tensor([ids], dtype=torch.long),
+            position_ids=torch.tensor([positions], dtype=torch.long),
+            slots=as_tensor(slots).long(), block_tables=tables,
+            context_lens=as_tensor([s.num_computed_tokens + 1 for s, _ in decodes])
+            if decodes else None,
+            cu_seqlens_q=_cumulative([n for _, n in prefills]) if prefills else None,
+            cu_seqlens_k=_cumulative([s.num_computed_tokens + n for s, n in prefills])
+            if prefills else None,
+            rope_lengths=torch.tensor([rope_lengths], dtype=torch.long)
+            if self.rope_length_dependent else None,
+            keep=torch.tensor(last + scored_rows, dtype=torch.long),
+            lora_slots=[s.lora_slot for s, n in ordered for _ in range(n)]
+            if any(s.lora_slot >= 0 for s, _ in ordered) else None)
+        return inputs, due, len(last), spans
+
+    @torch.inference_mode()
+    def run(self, copies: list[tuple[int, int, int]], inputs: StepInputs) -> torch.Tensor:
+        """The cache copies, then the forward over ``inputs``: the kept rows' logits."""
+        for source, destination, num_tokens in copies:
+            self.cache.copy_tokens(source, destination, num_tokens)
+
+        def moved(tensor):
+            return None if tensor is None else tensor.to(self.device)
 
         meta = PagedAttentionMetadata(
-            self.cache, as_tensor(slots).long(), tables.to(self.device),
-            context_lens=as_tensor([s.num_computed_tokens + 1 for s, _ in decodes]) if decodes else None,
-            cu_seqlens_q=_cumulative([n for _, n in prefills], self.device) if prefills else None,
-            cu_seqlens_k=_cumulative([s.num_computed_tokens + n for s, n in prefills],
-                                     self.device) if prefills else None,
-            sliding_window=self.sliding_window,
-            rope_lengths=torch.tensor([rope_lengths], dtype=torch.long, device=self.device)
-            if self.rope_length_dependent else None)
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
-        keep = torch.tensor(last + scored_rows, dtype=torch.long, device=self.device)
+            self.cache, moved(inputs.slots), moved(inputs.block_tables),
+            context_lens=moved(inputs.context_lens), cu_seqlens_q=moved(inputs.cu_seqlens_q),
+            cu_seqlens_k=moved(inputs.cu_seqlens_k), sliding_window=self.sliding_window,
+            rope_lengths=moved(inputs.rope_lengths))
         if self.loras is not None:
-            self.loras.set_batch([s.lora_slot for s, n in ordered for _ in range(n)]
-                                 if any(s.lora_slot >= 0 for s, _ in ordered) else None,
-                                 self.device)
-        logits = self.model(input_ids, position_ids=position_ids, paged=meta, logits_to_keep=keep)[0]
-        prompt = PromptLogits(spans, logits[len(last):]) if spans else None
-        return logits[:len(last)], due, prompt
+            self.loras.set_batch(inputs.lora_slots, self.device)
+        return self.model(moved(inputs.input_ids), position_ids=moved(inputs.position_ids),
+                          paged=meta, logits_to_keep=moved(inputs.keep))[0]
+
+    def embed(self, token_lists: list[list[int]], pooling: str) -> torch.Tensor:
+        """``mlx_serve.embedding.embed`` on the base model (on every rank under tensor
+        parallelism)."""
+        from mlx_serve.embedding import embed
+
+        if self.parallel is not None:
+            self.parallel.send(("embed", token_lists, pooling))
+        if self.loras is not None:
+            self.loras.set_batch(None, self.device)  # the base model, whatever ran before
+        return embed(self.model, token_lists, pooling)
+
+
+@dataclass
+class StepInputs:
+    """One step's packed row and its paged-attention metadata (host tensors: what rank 0 sends
+    the other tensor-parallel ranks)."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    slots: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor | None
+    cu_seqlens_q: torch.Tensor | None
+    cu_seqlens_k: torch.Tensor | None
+    rope_lengths: torch.Tensor | None
+    keep: torch.Tensor
+    lora_slots: list[int] | None
 
 
 @dataclass
@@ -140,7 +201,7 @@ class PromptLogits:
     logits: torch.Tensor
 
 
-def _cumulative(lengths: list[int], device) -> torch.Tensor:
+def _cumulative(lengths: list[int]) -> torch.Tensor:
     out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     out[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
-    return out.to(device)
+    return out

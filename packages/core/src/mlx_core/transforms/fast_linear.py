@@ -56,6 +56,8 @@ def prepack_linear_weights(model: nn.Module, *, calibrate: bool = True) -> int:
         nonlocal total
         if getattr(layer, "packed_weight", None) is not None:
             return None
+        if type(layer) not in (nn.Linear, Linear, FastLinear):
+            return None  # a layer with more to it (a router's bias, a vocab-parallel head's gather)
         if ".experts." in f".{name}":  # a full-precision MoE runs its stacked expert weights
             return None
         shape = tuple(layer.weight.shape)

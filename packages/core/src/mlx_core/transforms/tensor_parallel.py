@@ -20,7 +20,8 @@ runs the same forward on the same inputs and gets the same output:
 
 A row-parallel layer's bias is added once (rank 0's). The all-reduces are forward hooks on the
 attention / MLP modules, so transforms that replace their inner layers afterwards
-(``fuse_projections``, prepacking) keep them. Norms, positions and routers are replicated.
+(``fuse_projections``, ``fast_linear``'s, which apply after sharding: the split layers are plain
+zoo ``Linear`` layers) keep them. Norms, positions and routers are replicated.
 Quantized layers are refused for now (shard first, then quantize, gives each rank other scales
 than the whole model has).
 """
@@ -38,6 +39,7 @@ from mlx_core.models.linear import Linear
 from mlx_core.models.mla import MultiHeadLatentAttention
 from mlx_core.models.moe import Expert, SparseMoE
 from mlx_core.models.transformer import Attention, GatedMLP, GeluMLP, RMSNorm, ScaledEmbedding
+from mlx_core.transforms.fast_linear import FastLinear
 
 
 @dataclass(frozen=True)
@@ -146,8 +148,8 @@ def _check_shardable(model: nn.Module) -> None:
         if type(module).__name__.startswith("Fused"):
             raise ValueError(f"{name} is fused (fuse_projections): shard the model first, then "
                              "fuse its projections")
-        if isinstance(module, nn.Linear) and type(module) not in (nn.Linear, Linear) \
-                and not type(module).__name__ == "Router":
+        if isinstance(module, nn.Linear) and not isinstance(module, (Linear, FastLinear)) \
+                and type(module) is not nn.Linear:
             raise ValueError(
                 f"{name} is a {type(module).__name__}: tensor parallelism splits full-precision "
                 "linear layers only for now; shard the model in full precision (quantization "
@@ -200,9 +202,9 @@ def _shard_latent_attention(attention: MultiHeadLatentAttention, parallel: Tenso
 
 
 def _rows(layer: nn.Linear, lo: int, hi: int) -> nn.Linear:
-    """Column-parallel: the output features ``[lo, hi)``."""
-    out = type(layer)(layer.in_features, hi - lo, bias=layer.bias is not None,
-                      device="meta")
+    """Column-parallel: the output features ``[lo, hi)``, as a zoo ``Linear`` (a prepacked
+    weight or output layout, ``fast_linear``'s, is the whole layer's: apply it again after)."""
+    out = Linear(layer.in_features, hi - lo, bias=layer.bias is not None, device="meta")
     out.weight = nn.Parameter(layer.weight[lo:hi].clone(), requires_grad=False)
     if layer.bias is not None:
         out.bias = nn.Parameter(layer.bias[lo:hi].clone(), requires_grad=False)
@@ -212,7 +214,7 @@ def _rows(layer: nn.Linear, lo: int, hi: int) -> nn.Linear:
 def _columns(layer: nn.Linear, lo: int, hi: int, parallel: TensorParallel) -> nn.Linear:
     """Row-parallel: the input features ``[lo, hi)``; the bias on rank 0 only (added once when
     the partial outputs are summed)."""
-    out = type(layer)(hi - lo, layer.out_features, bias=layer.bias is not None, device="meta")
+    out = Linear(hi - lo, layer.out_features, bias=layer.bias is not None, device="meta")
     out.weight = nn.Parameter(layer.weight[:, lo:hi].clone(), requires_grad=False)
     if layer.bias is not None:
         bias = layer.bias.detach().clone() if parallel.rank == 0 else torch.zeros_like(layer.bias)

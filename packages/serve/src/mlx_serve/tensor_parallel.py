@@ -1,0 +1,219 @@
+"""Tensor-parallel serving: one engine's model split over ``tensor_parallel_size`` processes.
+
+Rank 0 is the engine's own process: it runs the scheduler, the block manager, the sampler and
+its share of the model. The other ranks are workers that only run the model: at each step rank
+0 broadcasts the step's packed inputs (``StepInputs``: token ids, positions, slots, block
+tables) and its cache copies; every rank runs the same forward on its shares
+(``mlx_core.transforms.tensor_parallel``), the all-reduces inside it keep them in step, and rank
+0 samples from the gathered logits. Block ids are rank 0's: a worker's paged cache holds its KV
+heads of the same blocks, so freeing a sequence's blocks (finish, abort, preemption) frees them
+on every rank at once.
+
+Transport is ``torch.distributed`` (gloo on CPU, NCCL on GPU), joined as torchrun joins: a TCP
+rendezvous at ``master_addr:master_port``. On one node the engine spawns its workers itself; on
+several, every other node runs ``mlx serve --nnodes N --node-rank K --master-addr ...``, which
+starts that node's ranks (``run_node``) and no server. Each rank on a node gets an equal share
+of the node's CPU threads.
+
+Faults: before each broadcast rank 0 checks that its workers live (one that died raises
+``WorkerDied``, and the engine stops); a worker whose rank 0 went away fails its next
+collective and exits. Workers ignore SIGINT (a Ctrl-C reaches the whole process group): rank 0
+stops them, or its exit does.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mlx_core.transforms.tensor_parallel import shard_model
+
+logger = logging.getLogger("mlx_serve")
+
+# a collective that waits longer than this fails (a rank that hangs, not one that died: a dead
+# peer's closed connection fails it at once)
+COLLECTIVE_TIMEOUT = timedelta(seconds=300)
+
+
+class WorkerDied(RuntimeError):
+    """A tensor-parallel worker process exited: the engine cannot run the model any more."""
+
+
+def check_parallel_options(world_size: int, nnodes: int, node_rank: int) -> None:
+    if world_size < 1:
+        raise ValueError(f"tensor_parallel_size must be at least 1 (got {world_size})")
+    if nnodes < 1 or world_size % nnodes:
+        raise ValueError(f"tensor_parallel_size={world_size} must be a multiple of nnodes={nnodes} "
+                         "(each node runs the same number of ranks)")
+    if not 0 <= node_rank < nnodes:
+        raise ValueError(f"node_rank={node_rank} must be in [0, nnodes={nnodes})")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def _threads_per_rank(ranks_on_node: int) -> int:
+    return max(1, (os.cpu_count() or 1) // ranks_on_node)
+
+
+class TensorParallelGroup:
+    """Rank 0's side: starts this node's workers, joins the group, shards the engine's model,
+    and sends the workers what to run (``send``)."""
+
+    def __init__(self, model: nn.Module, config):
+        world, nnodes = config.tensor_parallel_size, config.nnodes
+        check_parallel_options(world, nnodes, 0)
+        if dist.is_initialized():
+            raise RuntimeError(
+                "torch.distributed is initialised in this process already (another "
+                "tensor-parallel engine, or a training job): close that engine first "
+                "(LLM.close()), or serve from a process of its own")
+        self.world_size, self.device = world, model.device
+        port = config.master_port or (_free_port() if nnodes == 1 else None)
+        if port is None:
+            raise ValueError("serving over several nodes needs master_port (--master-port), the "
+                             "port the other nodes join at")
+        self.init_method = f"tcp://{config.master_addr}:{port}"
+        ranks_on_node = world // nnodes
+        if self.device.type == "cpu":
+            torch.set_num_threads(_threads_per_rank(ranks_on_node))
+        self.processes = _start_ranks(model, config, self.init_method, range(1, ranks_on_node),
+                                      ranks_on_node)
+        self._closed = False
+        atexit.register(self.close)
+        try:
+            dist.init_process_group(_backend(self.device), init_method=self.init_method, rank=0,
+                                    world_size=world, timeout=COLLECTIVE_TIMEOUT)
+        except BaseException:
+            self.close()
+            raise
+        shard_model(model, 0, world)
+        logger.info("tensor parallelism: %d ranks (%d nodes), rendezvous at %s", world, nnodes,
+                    self.init_method)
+
+    def start(self, num_blocks: int) -> None:
+        """Tell the workers the cache size rank 0 chose (they then build their runners)."""
+        self.send(num_blocks)
+
+    def send(self, message) -> None:
+        """Broadcast ``message`` to every rank (``("step", copies, inputs)``, ``("embed",
+        token_lists, pooling)``, or None: stop)."""
+        self.check_alive()
+        dist.broadcast_object_list([message], src=0)
+
+    def check_alive(self) -> None:
+        for rank, process in enumerate(self.processes, start=1):
+            if process.exitcode is not None:
+                raise WorkerDied(f"tensor-parallel worker rank {rank} (pid {process.pid}) exited "
+                                 f"with code {process.exitcode}; the engine cannot run its model")
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the workers (they finish their step and exit), then leave the group."""
+        if self._closed:
+            return
+        self._closed = True
+        if dist.is_initialized():
+            try:
+                if all(p.exitcode is None for p in self.processes):
+                    dist.broadcast_object_list([None], src=0)
+            except Exception:  # a worker gone: the others exit as their collective fails
+                pass
+        for process in self.processes:
+            process.join(timeout)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        atexit.unregister(self.close)
+
+
+def _start_ranks(model: nn.Module, config, init_method: str, ranks, ranks_on_node: int) -> list:
+    """Spawn one worker process per rank in ``ranks``; the model travels to them through shared
+    memory (``torch.multiprocessing``), each cuts its own share of it."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    processes = []
+    for rank in ranks:
+        process = context.Process(
+            target=_worker_main, name=f"mlx-serve-tp-rank{rank}", daemon=True,
+            args=(model, config, rank, rank % ranks_on_node, init_method, ranks_on_node))
+        process.start()
+        processes.append(process)
+    return processes
+
+
+def _worker_main(model: nn.Module, config, rank: int, local_rank: int, init_method: str,
+                 ranks_on_node: int) -> None:
+    from mlx_serve.model_runner import ModelRunner
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when the workers stop
+    device = model.device
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(_threads_per_rank(ranks_on_node))
+    dist.init_process_group(_backend(device), init_method=init_method, rank=rank,
+                            world_size=config.tensor_parallel_size, timeout=COLLECTIVE_TIMEOUT)
+    try:
+        shard_model(model, rank, config.tensor_parallel_size)
+        model.to(device)
+        num_blocks = _receive()
+        runner = ModelRunner(model, num_blocks, config.block_size, config.prepack_weights,
+                             config.fuse_projections)
+        while (message := _receive()) is not None:
+            kind, *payload = message
+            if kind == "step":
+                runner.run(*payload)
+            elif kind == "embed":
+                runner.embed(*payload)
+            else:
+                raise ValueError(f"unknown tensor-parallel message {kind!r}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _receive():
+    box = [None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def run_node(model: nn.Module, config, node_rank: int) -> int:
+    """Run the ranks of node ``node_rank`` (> 0) of a multi-node tensor-parallel engine until
+    rank 0 stops them; the worst exit code of those ranks."""
+    world, nnodes = config.tensor_parallel_size, config.nnodes
+    check_parallel_options(world, nnodes, node_rank)
+    if node_rank == 0:
+        raise ValueError("node 0 runs the engine and the server: start it without --node-rank")
+    if config.master_port is None:
+        raise ValueError("the other nodes join node 0 at --master-addr/--master-port: give both")
+    ranks_on_node = world // nnodes
+    first = node_rank * ranks_on_node
+    processes = _start_ranks(model, config, f"tcp://{config.master_addr}:{config.master_port}",
+                             range(first, first + ranks_on_node), ranks_on_node)
+    codes = []
+    for process in processes:
+        process.join()
+        codes.append(process.exitcode)
+    return max(abs(code or 0) for code in codes)
+
+
+__all__ = ["TensorParallelGroup", "WorkerDied", "check_parallel_options", "run_node"]

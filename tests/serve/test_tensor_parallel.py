@@ -1,0 +1,130 @@
+"""Tensor-parallel serving (mlx_serve.tensor_parallel): two processes on this CPU, joined over
+gloo, give one rank's tokens and log-probabilities, with every engine feature on; nothing
+leaks after aborts; a dead worker stops the engine with a clear error; no process outlives it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from mlx_serve import LLM, SamplingParams
+from mlx_serve.tensor_parallel import WorkerDied
+from tests.serve.helpers import byte_level_model_dir
+
+SPECULATIVE = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2}
+SCHEMA = {"type": "object", "properties": {"color": {"type": "string"}}, "required": ["color"]}
+# a cache of 14 blocks of 4 tokens for prompts of ~20 tokens and 16 new ones: sequences wait,
+# get preempted and computed again; 12 tokens a step: prompts run in chunks
+ENGINE = dict(num_blocks=14, block_size=4, max_num_batched_tokens=12, max_num_seqs=4)
+
+
+def _requests():
+    shared = '{"color": "red", "count": 3, "ok": true} The quick brown'
+    prompts = [shared, shared + " fox jumps", "yes no maybe (555) 123-4567", "[1, 2, 3]",
+               '{"a": null}']
+    greedy = SamplingParams(max_tokens=16, temperature=0, logprobs=2, ignore_eos=True)
+    params = [greedy, greedy, SamplingParams(max_tokens=12, temperature=0.8, seed=7, n=2),
+              greedy, SamplingParams(max_tokens=24, temperature=0,
+                                     guided_decoding={"json": SCHEMA})]
+    return prompts, params
+
+
+def _tokens(outputs):
+    return [[c.token_ids for c in o.outputs] for o in outputs]
+
+
+def _logprobs(outputs):
+    return [c.logprobs for o in outputs for c in o.outputs if c.logprobs is not None]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return byte_level_model_dir(tmp_path_factory.mktemp("tp-model"))
+
+
+def test_two_ranks_give_one_rank_tokens_with_every_feature(model_dir):
+    prompts, params = _requests()
+    one = LLM(str(model_dir), **ENGINE)
+    want = one.generate(prompts, params)
+    want_spec = one.generate(prompts[:2], params[0])
+    with LLM(str(model_dir), tensor_parallel_size=2, **ENGINE) as llm:
+        assert llm.engine.parallel is not None and len(llm.engine.parallel.processes) == 1
+        got = llm.generate(prompts, params)
+        assert _tokens(got) == _tokens(want)
+        for a, b in zip(_logprobs(got), _logprobs(want), strict=True):
+            for step_a, step_b in zip(a, b, strict=True):
+                assert step_a.keys() == step_b.keys()
+                assert all(abs(step_a[t] - step_b[t]) < 1e-4 for t in step_a)
+        stats = llm.engine.stats()
+        assert stats.num_preemptions > 0 and stats.prefix_cache_hit_rate > 0
+        assert stats.num_free_blocks == stats.num_blocks
+        # embeddings run on every rank too
+        (a, b) = llm.embed(prompts[:2]), one.embed(prompts[:2])
+        for x, y in zip(a, b, strict=True):
+            assert max(abs(p - q) for p, q in zip(x.outputs.embedding, y.outputs.embedding,
+                                                  strict=True)) < 1e-5
+    with LLM(str(model_dir), tensor_parallel_size=2, speculative_config=SPECULATIVE,
+             **ENGINE) as llm:
+        got = llm.generate(prompts[:2], params[0])
+        assert _tokens(got) == _tokens(want_spec)
+        assert llm.engine.num_draft_tokens > 0
+
+
+def test_aborts_free_every_block_and_a_dead_worker_stops_the_engine(model_dir):
+    llm = LLM(str(model_dir), tensor_parallel_size=2, **ENGINE)
+    engine = llm.engine
+    ids = [engine.add_request(f"[{i}, 2, 3] yes no", SamplingParams(max_tokens=30))
+           for i in range(8)]
+    for _ in range(3):
+        engine.step()
+    for request_id in ids:  # an abort storm mid-run
+        engine.abort_request(request_id)
+    engine.step()
+    assert not engine.has_unfinished_requests()
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    worker = engine.parallel.processes[0]
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join(10)
+    started = time.monotonic()
+    with pytest.raises(WorkerDied, match="rank 1 .* exited"):
+        llm.generate("[1, 2, 3]", SamplingParams(max_tokens=4))
+    assert time.monotonic() - started < 5
+    llm.close()
+    assert not worker.is_alive()
+
+
+def test_close_leaves_no_process_behind(model_dir):
+    llm = LLM(str(model_dir), tensor_parallel_size=2, **ENGINE)
+    pids = [p.pid for p in llm.engine.parallel.processes]
+    llm.generate("[1, 2, 3]", SamplingParams(max_tokens=4))
+    llm.close()
+    assert all(not os.path.exists(f"/proc/{pid}") for pid in pids)
+    llm.close()  # twice is harmless
+
+
+def test_unsupported_combinations_fail_naming_the_fix(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="quantized weights are not split"):
+        LLM(str(model_dir), tensor_parallel_size=2, quantization="int8")
+    with pytest.raises(ValueError, match="multiple of nnodes"):
+        LLM(str(model_dir), tensor_parallel_size=3, nnodes=2)
+    with LLM(str(model_dir), tensor_parallel_size=2, **ENGINE) as llm:
+        with pytest.raises(ValueError, match="adapters under tensor parallelism"):
+            llm.add_lora("a", tmp_path)
+
+
+@pytest.mark.builtin_model
+@pytest.mark.slow
+def test_builtin_model_two_ranks_same_greedy_tokens():
+    # SmolLM2: 9 query heads over 3 KV heads, split 6 + 3 (2 + 1 KV heads) on 2 ranks
+    prompts = ["The capital of France is", "Write a haiku about the sea.", "1, 2, 3, 4,",
+               "The capital of France is a city that", "def fibonacci(n):"]
+    params = SamplingParams(max_tokens=24, temperature=0)
+    options = dict(max_num_batched_tokens=24, num_blocks=24, block_size=8)
+    want = LLM(**options).generate(prompts, params)
+    with LLM(tensor_parallel_size=2, **options) as llm:
+        got = llm.generate(prompts, params)
+        assert llm.engine.model.config.kv_heads == 2  # rank 0's share of the cache
+    assert _tokens(got) == _tokens(want)
