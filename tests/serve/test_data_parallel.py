@@ -1,11 +1,13 @@
 """Data-parallel replicas (``mlx serve --data-parallel-size N``, mlx_serve.data_parallel).
 
-The router's choice on its own; then two replicas (each a whole engine in a process of its own)
-behind one server, driven with the official ``openai`` client: greedy outputs equal one engine's
-(completions and chat, streamed and not, a LoRA adapter, a JSON schema), adapters loaded at run
-time on every replica, a prompt sent where its prefix is cached, and an abort storm that leaves
-every block of every replica free. Last, ``mlx serve`` as a user starts it: a replica killed
-makes it answer 503 and exit non-zero, SIGTERM stops it, and neither leaves a process behind.
+The router's choice on its own; then two replicas (each a whole engine in a process of its own,
+on int8 weights with n-gram drafts and chunked prompts) behind one server, driven with the
+official ``openai`` client: greedy outputs equal one engine's (completions and chat, streamed
+and not, a LoRA adapter, a JSON schema, embeddings), adapters loaded at run time on every
+replica, a prompt sent where its prefix is cached, an abort storm, then a load larger than both
+caches (preemption, the same greedy text), each leaving every block of every replica free;
+``mlx bench serve --data-parallel-size 2``. Last, ``mlx serve`` as a user starts it: a replica
+killed makes it answer 503 and exit 1, SIGTERM stops it, and neither leaves a process behind.
 """
 
 import json
@@ -33,7 +35,11 @@ from mlx_serve.server import build_app
 from tests.serve.helpers import LiveServer, byte_level_model_dir
 
 MODEL = "tiny-dp"
-OPTIONS = dict(num_blocks=256, block_size=4, prepack_weights=False, max_loras=2, max_lora_rank=8)
+# engine features pass through to every replica: int8 weights, n-gram drafts, prompts chunked
+OPTIONS = dict(num_blocks=256, block_size=4, prepack_weights=False, max_loras=2, max_lora_rank=8,
+               quantization="int8", max_num_batched_tokens=32,
+               speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                   "prompt_lookup_min": 1})
 PROMPTS = ["The quick brown", '{"color": "red", "count"', "yes no maybe (555)", "[1, 2, 3]"]
 
 
@@ -122,9 +128,9 @@ def _wait_idle_and_free(server, timeout: float = 20.0) -> dict:
         time.sleep(0.05)
 
 
-def _greedy(model=MODEL, **extra):
-    return dict(model=model, temperature=0, max_tokens=10, extra_body={"ignore_eos": True,
-                                                                       **extra})
+def _greedy(model=MODEL, max_tokens=10):
+    return dict(model=model, temperature=0, max_tokens=max_tokens,
+                extra_body={"ignore_eos": True})
 
 
 def test_two_replicas_serve_the_openai_client_with_one_engines_greedy_outputs(served,
@@ -145,6 +151,7 @@ def test_two_replicas_serve_the_openai_client_with_one_engines_greedy_outputs(se
     after = _metrics(server)
     assert all(_replica(after, "prompt_tokens_total", r) > _replica(before, "prompt_tokens_total", r)
                for r in (0, 1))
+    assert sum(_replica(after, "spec_decode_num_draft_tokens_total", r) for r in (0, 1)) > 0
 
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         prompt=PROMPTS[1], stream=True, **_greedy()) if c.choices)
@@ -256,8 +263,18 @@ def test_an_abort_storm_leaves_every_block_of_every_replica_free(served):
     assert after['mlx_serve_requests_finished_total{finish_reason="abort"}'] >= 36 + before.get(
         'mlx_serve_requests_finished_total{finish_reason="abort"}', 0)
     assert all(s.num_free_blocks == s.num_blocks for s in engine.replica_stats)
-    # and the server still serves
-    assert client.completions.create(prompt=PROMPTS[0], **_greedy()).usage.completion_tokens == 10
+
+    # then more than both caches hold: sequences are preempted (recomputed later), give the
+    # greedy text they give alone, and leave every block free again
+    alone = [client.completions.create(prompt=f"{p} {i}", **_greedy(max_tokens=200))
+             .choices[0].text for i, p in enumerate(PROMPTS)]
+    with ThreadPoolExecutor(16) as pool:
+        crowded = list(pool.map(lambda i: client.completions.create(
+            prompt=f"{PROMPTS[i % 4]} {i % 4 if i < 4 else i}", **_greedy(max_tokens=200))
+            .choices[0].text, range(16)))
+    assert crowded[:4] == alone
+    after = _wait_idle_and_free(server)
+    assert sum(_replica(after, "preemptions_total", r) for r in (0, 1)) > 0
 
 
 def test_bench_serve_reports_two_replicas_against_one_engine(model_dirs, tmp_path):
