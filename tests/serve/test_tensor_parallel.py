@@ -128,3 +128,31 @@ def test_builtin_model_two_ranks_same_greedy_tokens():
         got = llm.generate(prompts, params)
         assert llm.engine.model.config.kv_heads == 2  # rank 0's share of the cache
     assert _tokens(got) == _tokens(want)
+
+
+def test_bench_serve_reports_two_ranks_against_one_process(tiny_model_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from mlx_core.cli.app import build_app
+
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(build_app(), [
+        "bench", "serve", "--model", str(tiny_model_dir), "--num-requests", "6",
+        "--prompt-len", "4:12", "--output-len", "4:8", "--request-rate", "0",
+        "--hf-batch-sizes", "4", "--kv-cache-memory", "4MiB", "--tensor-parallel-size", "2",
+        "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    tp = report["tensor_parallel"]
+    assert tp["size"] == 2 and tp["leaked_blocks"] == 0
+    assert tp["tensor_parallel"]["output_tokens"] == report["mlx_all_at_once"]["output_tokens"]
+    assert abs(tp["ratio"] - tp["tensor_parallel"]["output_tokens_per_s"]
+               / tp["one_process"]["output_tokens_per_s"]) < 0.01 * tp["ratio"] + 0.002
+    # per layer two all-reduces, plus the embedding's and the logits' gather
+    assert tp["collectives_per_step"] >= 2 * 2 + 2 and tp["collective_ms_per_step"] > 0
+    assert "tensor-parallel (2 ranks" in result.output
+    import torch
+
+    assert report["threads"] == torch.get_num_threads()  # given back when the engine closed

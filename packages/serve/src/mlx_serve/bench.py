@@ -10,7 +10,9 @@ for count as useful. A third run measures prefix caching: a shared system prompt
 after another, TTFT of the later requests against the first's (in rounds, each with a new
 system prompt: medians). With ``data_parallel_size`` N > 1, the all-at-once workload also goes
 through the server's async front twice: to our engine alone (``AsyncEngine``, DP=1) and to N
-replicas (``DataParallelEngine``), reported as the ratio of their output tokens/s.
+replicas (``DataParallelEngine``), reported as the ratio of their output tokens/s. With
+``tensor_parallel_size`` N > 1, it also runs through an N-way tensor-parallel engine: output
+tokens/s against the one-process engine's all-at-once run, and the time in collectives per step.
 """
 
 from __future__ import annotations
@@ -176,6 +178,33 @@ def run_data_parallel(model: str, engine: LLMEngine, workload: Workload, size: i
 
 
 
+def run_tensor_parallel(model: str, workload: Workload, size: int, one: RunResult,
+                        engine_options: dict | None = None) -> dict:
+    """The all-at-once workload through a ``size``-way tensor-parallel engine (its workers
+    started by this process, each rank with its share of the threads), against ``one`` (the
+    same workload through the one-process engine, in this run): output tokens/s, the ratio, and
+    rank 0's time in collectives (all-reduces, the logits' gather) per step."""
+    from mlx_serve.llm import LLM
+
+    with LLM(model, tensor_parallel_size=size, **(engine_options or {})) as llm:
+        engine = llm.engine
+        vocab = engine.model.config.vocab_size
+        run_engine(engine, make_workload(2, (8, 16), (2, 4), vocab, 0.0, 1), use_arrivals=False)
+        spent = engine.parallel.time
+        before_s, before_calls = spent.seconds, spent.calls
+        result = run_engine(engine, workload, use_arrivals=False)
+        seconds, calls = spent.seconds - before_s, spent.calls - before_calls
+        threads = torch.get_num_threads()
+        leaked = engine.blocks.num_blocks - engine.blocks.num_free_blocks
+    return {"size": size, "threads_per_rank": threads, "one_process": one.summary(),
+            "tensor_parallel": result.summary(),
+            "ratio": round(result.tokens_per_s / one.tokens_per_s, 3),
+            "collective_ms_per_step": round(1000 * seconds / result.steps, 3),
+            "collectives_per_step": round(calls / result.steps, 1),
+            "collective_share_of_run": round(seconds / result.seconds, 4),
+            "leaked_blocks": leaked}
+
+
 def run_hf(hf_model, workload: Workload, batch_size: int, pad_token_id: int) -> RunResult:
     """Static batches in arrival order, left-padded, each batch as long as its longest request."""
     useful, start = 0, time.monotonic()
@@ -250,7 +279,7 @@ def run(model: str = "smollm2-135m-instruct", *, num_requests: int = 64,
         prompt_len: tuple[int, int] = (32, 256), output_len: tuple[int, int] = (16, 128),
         request_rate: float = 4.0, hf_batch_sizes: tuple[int, ...] = (8, 16), seed: int = 0,
         engine_options: dict | None = None, structured_fraction: float = 0.0,
-        data_parallel_size: int = 1) -> dict:
+        data_parallel_size: int = 1, tensor_parallel_size: int = 1) -> dict:
     from transformers import AutoModelForCausalLM
 
     from mlx_serve.llm import LLM
@@ -277,6 +306,8 @@ def run(model: str = "smollm2-135m-instruct", *, num_requests: int = 64,
     del fresh
     data_parallel = (run_data_parallel(model, engine, workload, data_parallel_size,
                                        engine_options) if data_parallel_size > 1 else None)
+    tensor_parallel = (run_tensor_parallel(model, workload, tensor_parallel_size, all_at_once,
+                                           engine_options) if tensor_parallel_size > 1 else None)
 
     hf = AutoModelForCausalLM.from_pretrained(zoo.source_dir, dtype=torch.float32).eval()
     pad = engine.tokenizer.pad_token_id
@@ -304,7 +335,7 @@ def run(model: str = "smollm2-135m-instruct", *, num_requests: int = 64,
         "fraction_of_ceiling_output": round(all_at_once.tokens_per_s / ceiling, 3),
         "fraction_of_ceiling_all_tokens": round(processed / ceiling, 3),
         "prefix_caching": prefix, "leaked_blocks": leaked, "structured": structured,
-        "data_parallel": data_parallel,
+        "data_parallel": data_parallel, "tensor_parallel": tensor_parallel,
         "speculative": {"config": asdict(engine.config.speculative_config),
                         "draft_tokens": drafted,
                         "accepted_tokens": kept,

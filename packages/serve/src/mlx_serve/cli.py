@@ -86,6 +86,21 @@ def serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m",
               help="Engines (replicas), each with its own KV cache in a process of its own, "
                    "behind this one server; requests go to the replica caching their prefix, "
                    "else the one with the most free KV blocks (docs/serve.md, Scale-out)."),
+          tensor_parallel_size: int = typer.Option(
+              1, "--tensor-parallel-size", "-tp", min=1,
+              help="Split the model over this many processes (tensor parallelism: each holds its "
+                   "share of the weights and KV heads; gloo on CPU, NCCL on GPU)."),
+          nnodes: int = typer.Option(1, "--nnodes", min=1,
+                                     help="Machines the tensor-parallel ranks run on."),
+          node_rank: int = typer.Option(
+              0, "--node-rank", min=0,
+              help="This machine's place among --nnodes: 0 runs the engine and the server, the "
+                   "others only their share of the ranks."),
+          master_addr: str = typer.Option(
+              "127.0.0.1", "--master-addr", help="Node 0's address, where the ranks meet."),
+          master_port: int | None = typer.Option(
+              None, "--master-port", help="The port the ranks meet at (default, one node: a free "
+                                          "one)."),
           log_level: str = typer.Option("info", "--log-level")):
     """Serve MODEL over HTTP with the OpenAI API (/v1/completions, /v1/chat/completions,
     /v1/embeddings, /v1/models, /health, /metrics) and the playground page at /. Ctrl-C stops
@@ -105,6 +120,13 @@ def serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m",
     if speculative_config is not None:
         options["speculative_config"] = _json_option(speculative_config, "--speculative-config")
     check_parser(tool_call_parser)  # before the model loads
+    if tensor_parallel_size > 1 and data_parallel_size > 1:
+        raise typer.BadParameter("--data-parallel-size with --tensor-parallel-size is not "
+                                 "supported yet: choose one")
+    options.update(tensor_parallel_size=tensor_parallel_size, nnodes=nnodes,
+                   master_addr=master_addr, master_port=master_port)
+    if node_rank > 0:
+        return _serve_node(model, options, node_rank, dtype=dtype, device=device)
     _serve_model(model, served_model_name, lora, options, host=host, port=port, api_key=api_key,
                  dtype=dtype, device=device, log_level=log_level, ui=ui,
                  max_waiting_seqs=max_waiting_seqs, allow_runtime_lora=allow_runtime_lora,
@@ -173,6 +195,9 @@ def _serve_model(model: str, served_model_name: str | None, lora: list[str], opt
     blocks = facts.blocks
     typer.echo(f"serving {name!r} on http://{host}:{port}/v1 ({blocks.num_blocks} KV blocks of "
                f"{blocks.block_size} tokens, max_model_len {facts.max_model_len})")
+    if getattr(facts, "parallel", None) is not None:
+        typer.echo(f"tensor parallelism: {facts.parallel.world_size} ranks (worker pids "
+                   f"{', '.join(str(p.pid) for p in facts.parallel.processes)})")
     if data_parallel_size > 1:
         typer.echo(f"data-parallel replicas: {data_parallel_size} (pids "
                    f"{', '.join(map(str, engine.pids))}), KV blocks each: "
@@ -184,6 +209,23 @@ def _serve_model(model: str, served_model_name: str | None, lora: list[str], opt
     if on_ready is not None:
         _when_listening(host, port, on_ready)
     run_server(app, host, port, log_level.lower())
+
+
+def _serve_node(model: str, options: dict, node_rank: int, *, dtype: str, device: str) -> None:
+    """``mlx serve --node-rank K`` (K > 0): this machine's tensor-parallel ranks, no server;
+    exits when node 0's engine stops them."""
+    from mlx_core import load_model
+    from mlx_serve.config import EngineConfig
+    from mlx_serve.engine import default_dtype
+    from mlx_serve.tensor_parallel import run_node
+
+    config = EngineConfig(**options)
+    lm = load_model(model, dtype=default_dtype(dtype), device=device).eval()
+    typer.echo(f"node {node_rank} of {config.nnodes}: ranks of a {config.tensor_parallel_size}-way "
+               f"tensor-parallel engine, joining {config.master_addr}:{config.master_port}")
+    code = run_node(lm, config, node_rank)
+    if code:
+        raise typer.Exit(code)
 
 
 def _when_listening(host: str, port: int, callback, timeout_s: float = 120.0) -> None:
@@ -281,6 +323,11 @@ def bench_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
                     1, "--data-parallel-size", "-dp", min=1,
                     help="Also run the workload (all at once) through the server's front on "
                          "this many replicas and on our engine alone: output tok/s, ratio."),
+                tensor_parallel_size: int = typer.Option(
+                    1, "--tensor-parallel-size", "-tp", min=1,
+                    help="Also run the workload (all at once) through an engine split over "
+                         "this many processes: output tok/s against one process, and the "
+                         "all-reduce time per step."),
                 json_path: str = typer.Option("", "--json", help="Also write the result here.")):
     """Serving throughput, TTFT and TPOT: the engine vs HF transformers generate in static
     batches, same seeded workload, same process; prints the ratio."""
@@ -307,7 +354,8 @@ def bench_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
                        output_len=_int_range(output_len, "--output-len"),
                        request_rate=request_rate, hf_batch_sizes=batch_sizes, seed=seed,
                        engine_options=options, structured_fraction=structured_fraction,
-                       data_parallel_size=data_parallel_size)
+                       data_parallel_size=data_parallel_size,
+                       tensor_parallel_size=tensor_parallel_size)
     table = Table("run", "output tok/s", "seconds", "TTFT p50/p99 (ms)", "TPOT p50/p99 (ms)",
                   title=f"mlx bench serve: {model}, {num_requests} requests, prompts "
                         f"{prompt_len}, outputs {output_len}, {result['threads']} threads")
@@ -348,6 +396,15 @@ def bench_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
               f" output tok/s against {dp['one_engine']['output_tokens_per_s']} for one engine "
               f"with {result['threads']} threads ({dp['ratio']}x); KV blocks still held per "
               f"replica: {dp['leaked_blocks_per_replica']}")
+    if result["tensor_parallel"]:
+        tp = result["tensor_parallel"]
+        print(f"tensor-parallel ({tp['size']} ranks, {tp['threads_per_rank']} threads each; all "
+              f"at once): {tp['tensor_parallel']['output_tokens_per_s']} output tok/s against "
+              f"{tp['one_process']['output_tokens_per_s']} for one process with "
+              f"{result['threads']} threads ({tp['ratio']}x); collectives "
+              f"{tp['collective_ms_per_step']} ms per step ({tp['collectives_per_step']} calls, "
+              f"{tp['collective_share_of_run']:.1%} of the run); KV blocks still held: "
+              f"{tp['leaked_blocks']}")
     print(f"KV blocks still held after the runs: {result['leaked_blocks']}")
     if json_path:
         with open(json_path, "w") as f:

@@ -90,6 +90,7 @@ class TensorParallelGroup:
                              "port the other nodes join at")
         self.init_method = f"tcp://{config.master_addr}:{port}"
         ranks_on_node = world // nnodes
+        self._threads = torch.get_num_threads()  # this process's, given back at close
         if self.device.type == "cpu":
             torch.set_num_threads(_threads_per_rank(ranks_on_node))
         self.processes = _start_ranks(model, config, self.init_method, range(1, ranks_on_node),
@@ -102,7 +103,7 @@ class TensorParallelGroup:
         except BaseException:
             self.close()
             raise
-        shard_model(model, 0, world)
+        self.time = shard_model(model, 0, world).tensor_parallel.time  # rank 0's collectives
         logger.info("tensor parallelism: %d ranks (%d nodes), rendezvous at %s", world, nnodes,
                     self.init_method)
 
@@ -140,6 +141,7 @@ class TensorParallelGroup:
                 process.join(timeout)
         if dist.is_initialized():
             dist.destroy_process_group()
+        torch.set_num_threads(self._threads)
         atexit.unregister(self.close)
 
 

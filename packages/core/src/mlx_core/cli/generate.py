@@ -27,6 +27,10 @@ QUANTIZATION = typer.Option(
     None, "--quantization", "-q",
     help="Quantize the weights as they load: int8, int4 (groups of 32; int4-g64, int4-g128) or "
          "w8a8 (int8 weights and activations). See docs/quantization.md.")
+TENSOR_PARALLEL = typer.Option(
+    1, "--tensor-parallel-size", "--tp", min=1,
+    help="Split the model over this many processes (tensor parallelism, as mlx serve's; needs "
+         "mlx-serve). Torch backend, no --compile.")
 COMPILE = typer.Option(
     False, "--compile/--no-compile",
     help="Decode with the compiled fixed-shape step (torch.compile; up to a minute to compile on "
@@ -103,14 +107,49 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt 
                  None, "--chat/--no-chat",
                  help="Wrap the prompt in the chat template (default: when the model has one)."),
              backend: str = BACKEND, quantization: str | None = QUANTIZATION,
-             compile: bool = COMPILE):
+             compile: bool = COMPILE, tensor_parallel_size: int = TENSOR_PARALLEL):
     """Generate a continuation of PROMPT, streamed to stdout."""
     options = _options(backend, max_new_tokens, temperature, top_k, top_p, seed, compile)
+    if tensor_parallel_size > 1:
+        return _generate_tensor_parallel(prompt, model, chat, backend, quantization, options,
+                                         tensor_parallel_size)
     lm, tokenizer, stream = _load(model, backend, quantization)
     use_chat = tokenizer.has_chat_template if chat is None else chat
     ids = (tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if use_chat
            else tokenizer.encode(prompt))
     _stream(lm, tokenizer, ids, options, stream)
+
+
+def _generate_tensor_parallel(prompt: str, model: str, chat: bool | None, backend: str,
+                              quantization: str | None, options: dict, size: int) -> None:
+    """``mlx generate --tensor-parallel-size N``: the serving engine's tensor-parallel path
+    (``mlx_serve.tensor_parallel``), one request, its text streamed as the engine steps."""
+    if backend != "torch" or options.get("compile"):
+        raise ValueError("--tensor-parallel-size runs the torch backend's eager model: drop "
+                         "--backend/--compile")
+    try:
+        from mlx_serve import LLM, SamplingParams
+    except ImportError:
+        raise ImportError("--tensor-parallel-size runs on mlx-serve's engine: install it with  "
+                          "pip install mlx-serve  (from a checkout: pip install -e "
+                          "packages/serve)") from None
+    params = SamplingParams(max_tokens=options["max_new_tokens"],
+                            temperature=options["temperature"], top_k=options["top_k"],
+                            top_p=options["top_p"], seed=options["seed"])
+    with LLM(model, quantization=quantization, tensor_parallel_size=size) as llm:
+        tokenizer, engine = llm.get_tokenizer(), llm.engine
+        use_chat = tokenizer.has_chat_template if chat is None else chat
+        ids = (tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if use_chat
+               else tokenizer.encode(prompt))
+        request_id, written = engine.add_request(ids, params), 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.request_id == request_id:
+                    text = out.outputs[0].text
+                    sys.stdout.write(text[written:])
+                    sys.stdout.flush()
+                    written = len(text)
+        sys.stdout.write("\n")
 
 
 @clean_errors

@@ -29,7 +29,8 @@ than the whole model has).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -42,6 +43,15 @@ from mlx_core.models.transformer import Attention, GatedMLP, GeluMLP, RMSNorm, S
 from mlx_core.transforms.fast_linear import FastLinear
 
 
+@dataclass
+class CollectiveTime:
+    """Wall time spent in this rank's collectives, and how many ran (``mlx bench serve``
+    reports it per step). On GPU it counts the launch only, as NCCL runs asynchronously."""
+
+    seconds: float = 0.0
+    calls: int = 0
+
+
 @dataclass(frozen=True)
 class TensorParallel:
     """This rank's place in the tensor-parallel group (``model.tensor_parallel``)."""
@@ -49,11 +59,18 @@ class TensorParallel:
     rank: int
     world_size: int
     group: object = None  # a torch.distributed ProcessGroup; None: the default group
+    time: CollectiveTime = field(default_factory=CollectiveTime, compare=False)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
+        started = time.perf_counter()
         dist.all_reduce(x, group=self.group)
+        self._count(started)
         return x
+
+    def _count(self, started: float) -> None:
+        self.time.seconds += time.perf_counter() - started
+        self.time.calls += 1
 
     def gather_last_dim(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """Every rank's ``x`` (its ``sizes[rank]`` columns of the last dim) side by side; the
@@ -61,7 +78,9 @@ class TensorParallel:
         widest = max(sizes)
         padded = torch.nn.functional.pad(x.contiguous(), (0, widest - x.shape[-1]))
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        started = time.perf_counter()
         dist.all_gather(parts, padded, group=self.group)
+        self._count(started)
         return torch.cat([p[..., :n] for p, n in zip(parts, sizes, strict=True)], dim=-1)
 
 
@@ -289,5 +308,5 @@ def _shard_vocabulary(model: nn.Module, parallel: TensorParallel) -> None:
     model.lm_head = head
 
 
-__all__ = ["TensorParallel", "VocabParallelEmbedding", "VocabParallelHead", "even_split",
+__all__ = ["CollectiveTime", "TensorParallel", "VocabParallelEmbedding", "VocabParallelHead", "even_split",
            "head_ranges", "shard_model"]
