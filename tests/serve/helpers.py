@@ -59,3 +59,59 @@ def byte_level_model_dir(directory):
     config = dataclasses.replace(get_preset("tiny-llama"), vocab_size=len(tokenizer),
                                  max_position_embeddings=2048)  # room for tool descriptions
     return save_model(build_model(config), directory / "m", tokenizer=tokenizer)
+
+
+def start_mlx_serve(args: list[str], log, timeout: float = 120.0):
+    """``mlx serve ARGS --host 127.0.0.1 --port <free>`` as a user starts it, output in ``log``;
+    ``(process, url)`` once /health answers."""
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mlx = Path(sys.executable).parent / "mlx"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(mlx), "serve", *args, "--host", "127.0.0.1", "--port",
+                                 str(port)], stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, Path(log).read_text()
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5):
+                return proc, url
+        except OSError:
+            assert time.monotonic() < deadline, Path(log).read_text()
+            time.sleep(0.2)
+
+
+def spawned_children(pid: int) -> tuple[list[int], list[int]]:
+    """The pids of the processes ``pid`` spawned through multiprocessing (replicas, workers),
+    and of every process it started (those and multiprocessing's resource tracker)."""
+    import psutil
+
+    children = psutil.Process(pid).children(recursive=True)
+    return ([c.pid for c in children if "spawn_main" in " ".join(c.cmdline())],
+            [c.pid for c in children])
+
+
+def assert_gone(pids: list[int], timeout: float = 10.0) -> None:
+    """Every process in ``pids`` exits (or is a zombie) within ``timeout`` seconds."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive:
+            return
+        assert time.monotonic() < deadline, f"orphans left running: {alive}"
+        time.sleep(0.1)

@@ -82,13 +82,17 @@ class AsyncEngine:
         self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Abort what is left, stop the thread and wait for it."""
+        """Abort what is left, stop the thread and wait for it, then close the engine (its
+        tensor-parallel workers stop; nothing to do for a one-process engine): the server's
+        shutdown must stop them before ``mlx serve`` ends by the signal it caught, which skips
+        exit handlers."""
         if self._thread is None:
             return
         self._stopping.set()
         self._commands.put(None)  # wake the thread if it is waiting for work
         self._thread.join(timeout)
         self._thread = None
+        self.engine.close()
 
     @property
     def healthy(self) -> bool:
@@ -169,6 +173,7 @@ class AsyncEngine:
                 self._apply_commands(block=not busy)
                 if self._stopping.is_set():
                     break
+                self.engine.check_workers()  # a dead tensor-parallel worker stops us, idle or not
                 if self.engine.has_unfinished_requests() or self.engine.requests:
                     outputs = self.engine.step()
                     self._publish(outputs)

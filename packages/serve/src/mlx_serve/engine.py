@@ -364,6 +364,12 @@ class LLMEngine:
                              list(first.prompt_logprobs) if first.prompt_logprobs is not None
                              else None)
 
+    def check_workers(self) -> None:
+        """Raise ``WorkerDied`` if a tensor-parallel worker exited (nothing to check otherwise);
+        the async front calls it between steps, so it notices while idle too."""
+        if self.parallel is not None:
+            self.parallel.check_alive()
+
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any (also done at interpreter exit); the engine
         cannot run afterwards. Nothing to do for a one-process engine."""

@@ -82,9 +82,14 @@ class ModelRunner:
         scored this step (``PromptLogits``; None when no request asks for prompt
         log-probabilities)."""
         inputs, due, num_last, spans = self.prepare(scheduled)
-        if self.parallel is not None:
-            self.parallel.send(("step", list(copies), inputs))
-        logits = self.run(list(copies), inputs)
+        if self.parallel is None:
+            logits = self.run(list(copies), inputs)
+        else:
+            try:
+                self.parallel.send(("step", list(copies), inputs))
+                logits = self.run(list(copies), inputs)
+            except RuntimeError as e:  # a collective failed: a worker that died says so
+                raise self.parallel.explained(e) from e
         prompt = PromptLogits(spans, logits[num_last:]) if spans else None
         return logits[:num_last], due, prompt
 

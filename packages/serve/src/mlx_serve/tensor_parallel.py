@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from datetime import timedelta
 
 import torch
@@ -116,6 +117,18 @@ class TensorParallelGroup:
         token_lists, pooling)``, or None: stop)."""
         self.check_alive()
         dist.broadcast_object_list([message], src=0)
+
+    def explained(self, error: BaseException, wait_s: float = 2.0) -> BaseException:
+        """``error`` raised by a collective, as ``WorkerDied`` when a worker exited (a peer that
+        died resets its connections before its exit is seen: wait for that a moment)."""
+        deadline = time.monotonic() + wait_s
+        for process in self.processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        try:
+            self.check_alive()
+        except WorkerDied as died:
+            return died
+        return error
 
     def check_alive(self) -> None:
         for rank, process in enumerate(self.processes, start=1):
