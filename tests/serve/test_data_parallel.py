@@ -77,6 +77,22 @@ def test_router_prefers_the_replica_caching_the_prefix_else_the_most_free_blocks
     assert router.route("r", prefix + [9] * 8) == 1  # no room there for its uncached blocks
 
 
+def test_what_crosses_the_pipe_pickles():
+    import pickle
+
+    from mlx_serve.async_engine import EngineOverloaded
+    from mlx_serve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+    params = SamplingParams(n=2, temperature=0.7, seed=3, stop=["\n"], logprobs=2,
+                            guided_decoding={"json": {"type": "object"}})
+    out = RequestOutput("r-0", "hi", [1, 2], [CompletionOutput(0, "a", [5], -0.5, [{5: -0.5}],
+                                                               "stop", "\n")],
+                        True, RequestMetrics(1.0, 2.0, 3.0, 16), [None, {2: -1.0}])
+    for value in (params, out, _stats(3), EngineOverloaded("9 sequences are already waiting")):
+        again = pickle.loads(pickle.dumps(value))
+        assert repr(again) == repr(value)
+
+
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     """The byte-level tiny model and a random LoRA adapter for it."""

@@ -195,6 +195,7 @@ class DataParallelEngine:
         self.router = PrefixAwareRouter([r["num_blocks"] for r in ready],
                                         ready[0]["block_size"], balance_threshold)
         self.replica_stats: list[EngineStats] = [r["stats"] for r in ready]
+        self._adapters = [r["adapters"] for r in ready]
         self._generated = [collections.deque(maxlen=64) for _ in ready]
         self._send_locks = [threading.Lock() for _ in ready]
         self._streams: dict[str, _Stream] = {}
@@ -391,7 +392,9 @@ class DataParallelEngine:
                     stream.accepted.set_exception(error)
         elif kind == "result":
             _, call_id, value, error, adapters = message
-            self.engine.loras.adapters = dict(adapters)
+            self._adapters[index] = adapters  # served: the adapters every replica holds
+            self.engine.loras.adapters = {name: a for name, a in adapters.items()
+                                          if all(name in held for held in self._adapters)}
             _, future = self._calls.pop(call_id, (None, None))
             if future is not None and not future.done():
                 if error is None:
