@@ -19,6 +19,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import os
 import pickle
 import threading
 import time
@@ -152,8 +153,8 @@ class DataParallelEngine:
     neither ``num_blocks`` nor ``kv_cache_memory`` is given); ``device="cuda"`` puts replica i on
     GPU i. ``max_waiting_seqs`` is each replica's. Blocks until every replica is ready."""
 
-    def __init__(self, model: str, data_parallel_size: int, *, dtype: str = "float32",
-                 device: str = "cpu", loras: dict[str, str] | None = None,
+    def __init__(self, model: str | os.PathLike, data_parallel_size: int, *,
+                 dtype: str = "float32", device: str = "cpu", loras: dict[str, str] | None = None,
                  max_waiting_seqs: int | None = None, start_timeout: float = 900.0,
                  balance_threshold: int = 8, **engine_options):
         import torch
@@ -164,6 +165,8 @@ class DataParallelEngine:
 
         if data_parallel_size < 1:
             raise ValueError(f"data_parallel_size must be >= 1 (got {data_parallel_size})")
+        if isinstance(model, os.PathLike):
+            model = os.fspath(model)
         if not isinstance(model, str):
             raise ValueError("data-parallel replicas load the model themselves: give its name, "
                              "HF directory or .gguf file, not a built model")
