@@ -78,3 +78,42 @@ def sharded_logits_and_tokens(rank: int, world_size: int, families: list[str]) -
         out[family] = (float((whole - sharded).abs().max()), tokens == whole_tokens,
                        model.config.kv_heads)
     return out
+
+
+def sharded_quantized_logits(rank: int, world_size: int, cases: list[tuple[str, str]]) -> dict:
+    """Per ``(family, scheme)``: the largest |logit| difference of the sharded quantized model
+    against the whole quantized model, the largest |logit|, and the first layer's q_proj and
+    o_proj de-quantized, whole and this rank's share."""
+    import dataclasses
+
+    from mlx_core import build_model, generate, get_preset
+    from mlx_core.transforms import quantize
+    from mlx_core.transforms.tensor_parallel import shard_model
+
+    out = {}
+    for family, scheme in cases:
+        torch.manual_seed(0)
+        # 128 intermediate features: two ranks' halves are whole int4 groups of 32
+        model = build_model(dataclasses.replace(get_preset(family), intermediate_size=128)).eval()
+        for p in model.parameters():
+            p.data.normal_(0, 0.2 if p.dim() > 1 else 0.5)
+        model.tie_weights()
+        quantize(model, scheme)
+        prompts = [[5, 9, 17, 33, 2, 64, 100], [7, 1, 90]]
+        ids = torch.tensor([prompts[0]])
+        attention = model.model.layers[0].self_attn
+
+        def weights(attention=attention):
+            # numpy arrays: they travel back by value (a tensor would by shared memory, gone
+            # with the rank's process)
+            return [attention.q_proj.dequantized_weight().numpy(),
+                    attention.o_proj.dequantized_weight().numpy()]
+
+        with torch.inference_mode():
+            whole, whole_weights = model(ids), weights()
+            shard_model(model, rank, world_size)
+            sharded = model(ids)
+            generate(model, prompts, max_new_tokens=6)  # the cached decode runs
+        out[f"{family}/{scheme}"] = (float((whole - sharded).abs().max()),
+                                     float(whole.abs().max()), whole_weights, weights())
+    return out

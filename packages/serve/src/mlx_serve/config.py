@@ -96,11 +96,6 @@ class EngineConfig:
         from mlx_serve.tensor_parallel import check_parallel_options
 
         check_parallel_options(self.tensor_parallel_size, self.nnodes, 0)
-        if self.tensor_parallel_size > 1 and self.quantization is not None:
-            raise ValueError(f"quantization={self.quantization!r} with tensor_parallel_size="
-                             f"{self.tensor_parallel_size}: quantized weights are not split "
-                             "across ranks yet; serve in full precision under tensor parallelism, "
-                             "or quantized on one rank")
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens,

@@ -22,8 +22,13 @@ A row-parallel layer's bias is added once (rank 0's). The all-reduces are forwar
 attention / MLP modules, so transforms that replace their inner layers afterwards
 (``fuse_projections``, ``fast_linear``'s, which apply after sharding: the split layers are plain
 zoo ``Linear`` layers) keep them. Norms, positions and routers are replicated.
-Quantized layers are refused for now (shard first, then quantize, gives each rank other scales
-than the whole model has).
+
+Quantized models (int8, int4, W8A8, and the int8/int4 group layouts a GGUF file loads as) are
+split after quantization, by slicing codes and scales: every rank holds exactly the whole
+model's numbers, so int8 and int4 give the logits of the unsplit quantized model (to fp32
+rounding). Row-parallel int4 (and group-scaled int8) layers are cut at group boundaries. W8A8
+quantizes each rank's slice of a row-parallel layer's input with that slice's own scale (as
+vLLM does), so its logits differ from one rank's by about its own quantization error.
 """
 
 from __future__ import annotations
@@ -39,8 +44,17 @@ from torch import nn
 from mlx_core.models.linear import Linear
 from mlx_core.models.mla import MultiHeadLatentAttention
 from mlx_core.models.moe import Expert, SparseMoE
-from mlx_core.models.transformer import Attention, GatedMLP, GeluMLP, RMSNorm, ScaledEmbedding
-from mlx_core.transforms.fast_linear import FastLinear
+from mlx_core.models.transformer import Attention, GatedMLP, GeluMLP, RMSNorm
+from mlx_core.transforms.quantize import (
+    Int4Linear,
+    Int8Linear,
+    QuantizedEmbedding,
+    QuantizedLinear,
+)
+
+# the layers shard_model cuts (W8A8Linear is an Int8Linear; Router, a MoE's, and FastLinear
+# are the zoo's Linear)
+_SPLITTABLE = (nn.Linear, Int8Linear, Int4Linear)
 
 
 @dataclass
@@ -167,16 +181,12 @@ def _check_shardable(model: nn.Module) -> None:
         if type(module).__name__.startswith("Fused"):
             raise ValueError(f"{name} is fused (fuse_projections): shard the model first, then "
                              "fuse its projections")
-        if isinstance(module, nn.Linear) and not isinstance(module, (Linear, FastLinear)) \
-                and type(module) is not nn.Linear:
+        if isinstance(module, (nn.Linear, QuantizedLinear)) and not isinstance(module, _SPLITTABLE):
             raise ValueError(
-                f"{name} is a {type(module).__name__}: tensor parallelism splits full-precision "
-                "linear layers only for now; shard the model in full precision (quantization "
-                "under tensor parallelism is not implemented yet)")
-        if type(module).__name__ in ("QuantizedEmbedding",) or (
-                hasattr(module, "qweight") and not isinstance(module, nn.Linear)):
-            raise ValueError(f"{name} is quantized: tensor parallelism takes the model in full "
-                             "precision for now")
+                f"{name} is a {type(module).__name__}: tensor parallelism splits full-precision, "
+                "int8, W8A8 and int4 linear layers (a GGUF file's block formats are not split "
+                "yet): load the model in full precision, or quantize it with "
+                "mlx_core.transforms.quantize")
 
 
 def _gated_layers(mlp: GatedMLP) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
@@ -220,23 +230,47 @@ def _shard_latent_attention(attention: MultiHeadLatentAttention, parallel: Tenso
     return attention.num_heads, attention.num_heads
 
 
-def _rows(layer: nn.Linear, lo: int, hi: int) -> nn.Linear:
-    """Column-parallel: the output features ``[lo, hi)``, as a zoo ``Linear`` (a prepacked
-    weight or output layout, ``fast_linear``'s, is the whole layer's: apply it again after)."""
-    out = Linear(layer.in_features, hi - lo, bias=layer.bias is not None, device="meta")
+def _rows(layer: nn.Module, lo: int, hi: int) -> nn.Module:
+    """Column-parallel: the output features ``[lo, hi)``. A full-precision layer becomes a zoo
+    ``Linear`` (a prepacked weight or output layout, ``fast_linear``'s, is the whole layer's:
+    apply it again after); a quantized one keeps its codes and scales of those rows."""
+    bias = None if layer.bias is None else layer.bias[lo:hi].clone()
+    if isinstance(layer, QuantizedLinear):
+        names = ("qweight", "scales", "mins") if isinstance(layer, Int4Linear) else ("qweight", "scale")
+        tensors = [getattr(layer, n)[lo:hi].clone() for n in names]
+        return type(layer)(*tensors, bias).computing_in(layer.compute_dtype)
+    out = Linear(layer.in_features, hi - lo, bias=bias is not None, device="meta")
     out.weight = nn.Parameter(layer.weight[lo:hi].clone(), requires_grad=False)
-    if layer.bias is not None:
-        out.bias = nn.Parameter(layer.bias[lo:hi].clone(), requires_grad=False)
+    if bias is not None:
+        out.bias = nn.Parameter(bias, requires_grad=False)
     return out
 
 
-def _columns(layer: nn.Linear, lo: int, hi: int, parallel: TensorParallel) -> nn.Linear:
+def _columns(layer: nn.Module, lo: int, hi: int, parallel: TensorParallel) -> nn.Module:
     """Row-parallel: the input features ``[lo, hi)``; the bias on rank 0 only (added once when
-    the partial outputs are summed)."""
-    out = Linear(hi - lo, layer.out_features, bias=layer.bias is not None, device="meta")
+    the partial outputs are summed). Per-row scales stay whole (each rank's partial sum is
+    scaled as the whole row is); groups of scales (int4, GGUF int8) must not straddle the cut."""
+    bias = None if layer.bias is None else (
+        layer.bias.detach().clone() if parallel.rank == 0 else torch.zeros_like(layer.bias))
+    if isinstance(layer, QuantizedLinear):
+        int4 = isinstance(layer, Int4Linear)
+        grouped = layer.scales if int4 else layer.scale if layer.scale.dim() == 2 else None
+        q = layer.qweight[:, lo // 2:hi // 2] if int4 else layer.qweight[:, lo:hi]
+        if grouped is None:  # one scale per row
+            return type(layer)(q.contiguous(), layer.scale.clone(), bias).computing_in(
+                layer.compute_dtype)
+        group = layer.in_features // grouped.shape[1]
+        if lo % group or hi % group:
+            raise ValueError(
+                f"a {type(layer).__name__} with groups of {group} inputs cannot be cut at input "
+                f"features {lo}:{hi} for rank {parallel.rank}: use a tensor_parallel_size that "
+                f"splits its {layer.in_features} inputs into whole groups, or a smaller group")
+        scales = [t[:, lo // group:hi // group].contiguous()
+                  for t in ((layer.scales, layer.mins) if int4 else (layer.scale,))]
+        return type(layer)(q.contiguous(), *scales, bias).computing_in(layer.compute_dtype)
+    out = Linear(hi - lo, layer.out_features, bias=bias is not None, device="meta")
     out.weight = nn.Parameter(layer.weight[:, lo:hi].clone(), requires_grad=False)
-    if layer.bias is not None:
-        bias = layer.bias.detach().clone() if parallel.rank == 0 else torch.zeros_like(layer.bias)
+    if bias is not None:
         out.bias = nn.Parameter(bias, requires_grad=False)
     return out
 
@@ -265,47 +299,65 @@ class _ShardedRMSNorm(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """This rank's rows ``[lo, hi)`` of the embedding table: ids outside them look up zeros,
-    and the ranks' lookups summed give every id its row (times Gemma's multiplier)."""
+    """This rank's rows ``[lo, hi)`` of the embedding table (``rows``: an ``nn.Embedding``, or
+    a ``QuantizedEmbedding``): ids outside them look up zeros, and the ranks' lookups summed
+    give every id its row (times Gemma's multiplier)."""
 
-    def __init__(self, embedding: nn.Embedding, lo: int, hi: int, parallel: TensorParallel):
+    def __init__(self, rows: nn.Module, lo: int, hi: int, vocab_size: int,
+                 multiplier: float | None, parallel: TensorParallel):
         super().__init__()
-        self.weight = nn.Parameter(embedding.weight[lo:hi].clone(), requires_grad=False)
-        self.lo, self.hi, self.parallel = lo, hi, parallel
-        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
-        self.multiplier = getattr(embedding, "multiplier", None) \
-            if isinstance(embedding, ScaledEmbedding) else None
+        self.rows, self.lo, self.hi, self.parallel = rows, lo, hi, parallel
+        self.num_embeddings, self.embedding_dim = vocab_size, rows.embedding_dim
+        self.multiplier = multiplier
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         mine = (input_ids >= self.lo) & (input_ids < self.hi)
-        local = torch.where(mine, input_ids - self.lo, 0)
-        out = torch.nn.functional.embedding(local, self.weight) * mine[..., None]
-        out = self.parallel.all_reduce(out.to(self.weight.dtype))
+        out = self.rows(torch.where(mine, input_ids - self.lo, 0))
+        out = self.parallel.all_reduce(out * mine[..., None].to(out.dtype))
         if self.multiplier is not None:
             out = out * torch.tensor(self.multiplier, dtype=out.dtype)
         return out
 
 
-class VocabParallelHead(Linear):
-    """The LM head's rows ``[lo, hi)`` of the vocabulary: each rank scores its share, and the
-    shares are gathered so every rank returns the whole vocabulary's logits."""
+class VocabParallelHead(nn.Module):
+    """The LM head's rows of this rank's share of the vocabulary (``layer``: any linear
+    layer); each rank scores its share, and the shares are gathered so that every rank
+    returns the whole vocabulary's logits."""
+
+    def __init__(self, layer: nn.Module, shares: list[int], parallel: TensorParallel):
+        super().__init__()
+        self.layer, self.shares, self.parallel = layer, shares, parallel
+        self.in_features, self.out_features = layer.in_features, sum(shares)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.parallel.gather_last_dim(super().forward(x), self.shares)
+        return self.parallel.gather_last_dim(self.layer(x), self.shares)
 
 
 def _shard_vocabulary(model: nn.Module, parallel: TensorParallel) -> None:
-    embedding = model.model.embed_tokens
+    embedding, head = model.model.embed_tokens, model.lm_head
+    if not isinstance(embedding, (nn.Embedding, QuantizedEmbedding)):
+        raise ValueError(f"the embedding is a {type(embedding).__name__}: tensor parallelism "
+                         "splits full-precision and int8/int4 tables only")
     vocab = embedding.num_embeddings
-    shares = [even_split(vocab, parallel.world_size, r) for r in range(parallel.world_size)]
-    lo, hi = shares[parallel.rank]
-    tied = model.lm_head.weight is embedding.weight
-    model.model.embed_tokens = VocabParallelEmbedding(embedding, lo, hi, parallel)
-    head = VocabParallelHead(model.lm_head.in_features, hi - lo, bias=False, device="meta")
-    head.weight = (model.model.embed_tokens.weight if tied
-                   else nn.Parameter(model.lm_head.weight[lo:hi].clone(), requires_grad=False))
-    head.parallel, head.shares = parallel, [b - a for a, b in shares]
-    model.lm_head = head
+    spans = [even_split(vocab, parallel.world_size, r) for r in range(parallel.world_size)]
+    lo, hi = spans[parallel.rank]
+    multiplier = getattr(embedding, "multiplier", None)
+    if isinstance(embedding, QuantizedEmbedding):
+        tied = getattr(head, "qweight", None) is embedding.qweight
+        names = ("qweight", "scales", "mins") if embedding.int4 else ("qweight", "scale")
+        sliced = {n: getattr(embedding, n)[lo:hi].clone() for n in names}
+        rows = QuantizedEmbedding(sliced.pop("qweight"), **sliced, dtype=embedding.dtype)
+        own_head = rows.as_linear(head.scheme, head.bias).computing_in(head.compute_dtype) \
+            if tied else _rows(head, lo, hi)
+    else:
+        tied = head.weight is embedding.weight
+        rows = nn.Embedding(hi - lo, embedding.embedding_dim, device="meta")
+        rows.weight = nn.Parameter(embedding.weight[lo:hi].clone(), requires_grad=False)
+        own_head = _rows(head, lo, hi)
+        if tied:
+            own_head.weight = rows.weight
+    model.model.embed_tokens = VocabParallelEmbedding(rows, lo, hi, vocab, multiplier, parallel)
+    model.lm_head = VocabParallelHead(own_head, [b - a for a, b in spans], parallel)
 
 
 __all__ = ["CollectiveTime", "TensorParallel", "VocabParallelEmbedding", "VocabParallelHead", "even_split",
