@@ -12,9 +12,6 @@ killed makes it answer 503 and exit 1, SIGTERM stops it, and neither leaves a pr
 
 import json
 import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -32,7 +29,13 @@ from mlx_serve import LLM, SamplingParams
 from mlx_serve.data_parallel import DataParallelEngine, PrefixAwareRouter
 from mlx_serve.engine import EngineStats
 from mlx_serve.server import build_app
-from tests.serve.helpers import LiveServer, byte_level_model_dir
+from tests.serve.helpers import (
+    LiveServer,
+    assert_gone,
+    byte_level_model_dir,
+    spawned_children,
+    start_mlx_serve,
+)
 
 MODEL = "tiny-dp"
 # engine features pass through to every replica: int8 weights, n-gram drafts, prompts chunked
@@ -313,51 +316,10 @@ def test_bench_serve_reports_two_replicas_against_one_engine(model_dirs, tmp_pat
 
 
 # -- `mlx serve --data-parallel-size 2` as a user starts it ----------------------------------------
-def _start_mlx_serve(directory: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mlx = Path(sys.executable).parent / "mlx"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [str(mlx), "serve", "--model", str(directory), "--data-parallel-size", "2",
-             "--host", "127.0.0.1", "--port", str(port), "--kv-cache-memory", "1MiB",
-             "--block-size", "4", "--no-prepack-weights", "--no-ui", "--log-level", "warning"],
-            stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, log.read_text()
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5):
-                return proc, url
-        except OSError:
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-
-
-def _replicas_and_helpers(proc) -> tuple[list[int], list[int]]:
-    """The replicas' pids, and every process the server started (the replicas and
-    multiprocessing's resource tracker)."""
-    children = psutil.Process(proc.pid).children(recursive=True)
-    replicas = [c.pid for c in children if "spawn_main" in " ".join(c.cmdline())]
-    return replicas, [c.pid for c in children]
-
-
-def _assert_gone(pids: list[int], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = []
-        for pid in pids:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-            except psutil.NoSuchProcess:
-                pass
-        if not alive:
-            return
-        assert time.monotonic() < deadline, f"orphans left running: {alive}"
-        time.sleep(0.1)
+def _start_mlx_serve(directory: Path, log: Path):
+    return start_mlx_serve(["--model", str(directory), "--data-parallel-size", "2",
+                            "--kv-cache-memory", "1MiB", "--block-size", "4",
+                            "--no-prepack-weights", "--no-ui", "--log-level", "warning"], log)
 
 
 def test_a_killed_replica_makes_mlx_serve_answer_503_and_exit_non_zero(model_dirs, tmp_path):
@@ -365,7 +327,7 @@ def test_a_killed_replica_makes_mlx_serve_answer_503_and_exit_non_zero(model_dir
     log = tmp_path / "serve.log"
     proc, url = _start_mlx_serve(directory, log)
     try:
-        replicas, started = _replicas_and_helpers(proc)
+        replicas, started = spawned_children(proc.pid)
         assert len(replicas) == 2, started
         psutil.Process(replicas[0]).kill()
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=10)
@@ -379,7 +341,7 @@ def test_a_killed_replica_makes_mlx_serve_answer_503_and_exit_non_zero(model_dir
             assert time.monotonic() < deadline, "no 503 after a replica died"
             time.sleep(0.05)
         assert proc.wait(20) == 1, log.read_text()
-        _assert_gone(started)
+        assert_gone(started)
         assert "replica 0" in log.read_text()
     finally:
         if proc.poll() is None:
@@ -390,7 +352,7 @@ def test_sigterm_stops_mlx_serve_and_every_replica(model_dirs, tmp_path):
     directory, _ = model_dirs
     proc, url = _start_mlx_serve(directory, tmp_path / "serve.log")
     try:
-        replicas, started = _replicas_and_helpers(proc)
+        replicas, started = spawned_children(proc.pid)
         assert len(replicas) == 2, started
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
         assert client.completions.create(model=str(directory), prompt="hi",
@@ -398,7 +360,7 @@ def test_sigterm_stops_mlx_serve_and_every_replica(model_dirs, tmp_path):
         proc.send_signal(signal.SIGTERM)
         # uvicorn stops cleanly, then ends by the signal it caught, as a shell expects
         assert proc.wait(30) in (0, -signal.SIGTERM), (tmp_path / "serve.log").read_text()
-        _assert_gone(started)
+        assert_gone(started)
     finally:
         if proc.poll() is None:
             proc.kill()

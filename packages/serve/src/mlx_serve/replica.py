@@ -51,13 +51,7 @@ def main(index: int, conn, model: str, llm_options: dict, threads: int) -> None:
     except Exception as e:  # the server shows it and stops: a replica that cannot start
         send(conn, lock, ("failed", f"{type(e).__name__}: {e}"))
         sys.exit(1)
-    try:
-        code = asyncio.run(_Replica(index, conn, lock, engine).serve())
-    finally:
-        close = getattr(engine, "close", None)  # an engine with workers of its own stops them
-        if close is not None:
-            close()
-    sys.exit(code)
+    sys.exit(asyncio.run(_Replica(index, conn, lock, engine).serve()))
 
 
 class _Outbox:
