@@ -73,6 +73,38 @@ def test_two_ranks_give_one_rank_tokens_with_every_feature(model_dir):
         assert llm.engine.num_draft_tokens > 0
 
 
+def test_lora_adapters_split_with_the_layers_they_adapt(model_dir, tmp_path):
+    import torch
+
+    from mlx_adapters import LoraConfig, get_peft_model
+    from mlx_core import load_model
+
+    torch.manual_seed(1)  # column-parallel (q, v, gate) and row-parallel (o, down) layers
+    peft_model = get_peft_model(load_model(model_dir), LoraConfig(
+        r=8, lora_alpha=32, init_lora_weights=False,
+        target_modules=["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]))
+    for p in peft_model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.3)  # an adapter that changes the tokens
+    peft_model.save_pretrained(tmp_path / "adapter")
+    prompts = ['{"color": "red"', "[1, 2, 3]", "yes no maybe"]
+    params = SamplingParams(max_tokens=10, temperature=0, logprobs=1)
+    lora = ["a", None, "a"]  # adapted and base rows in one batch
+    one = LLM(str(model_dir), loras={"a": str(tmp_path / "adapter")}, **ENGINE)
+    want = one.generate(prompts, params, lora=lora)
+    assert _tokens(want) != _tokens(one.generate(prompts, params))  # the adapter matters
+    with LLM(str(model_dir), tensor_parallel_size=2, loras={"a": str(tmp_path / "adapter")},
+             **ENGINE) as llm:
+        assert _tokens(llm.generate(prompts, params, lora=lora)) == _tokens(want)
+        llm.remove_lora("a")  # on every rank; loaded again into the same slot
+        llm.add_lora("b", tmp_path / "adapter")
+        got = llm.generate(prompts, params, lora=["b", None, "b"])
+        assert _tokens(got) == _tokens(want)
+        for a, b in zip(_logprobs(got), _logprobs(want), strict=True):
+            for step_a, step_b in zip(a, b, strict=True):
+                assert all(abs(step_a[t] - step_b[t]) < 1e-4 for t in step_a)
+
+
 def test_aborts_free_every_block_and_a_dead_worker_stops_the_engine(model_dir):
     llm = LLM(str(model_dir), tensor_parallel_size=2, **ENGINE)
     engine = llm.engine
@@ -109,8 +141,10 @@ def test_unsupported_combinations_fail_naming_the_fix(model_dir, tmp_path):
     with pytest.raises(ValueError, match="multiple of nnodes"):
         LLM(str(model_dir), tensor_parallel_size=3, nnodes=2)
     with LLM(str(model_dir), tensor_parallel_size=2, **ENGINE) as llm:
-        with pytest.raises(ValueError, match="adapters under tensor parallelism"):
-            llm.add_lora("a", tmp_path)
+        # a bad adapter fails on rank 0, before any worker reads it: the engine goes on
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            llm.add_lora("a", tmp_path / "missing")
+        assert llm.generate("[1, 2, 3]", SamplingParams(max_tokens=2))[0].outputs[0].token_ids
 
 
 @pytest.mark.builtin_model

@@ -224,11 +224,10 @@ class LLMEngine:
     # -- LoRA adapters ----------------------------------------------------------------------
     def add_lora(self, name: str, path) -> LoadedLora:
         """Load a PEFT-format LoRA adapter directory under ``name`` (what requests ask for)."""
-        if self.parallel is not None:
-            raise ValueError(f"cannot load LoRA adapter {name!r}: adapters under tensor "
-                             "parallelism are not implemented yet; serve adapters with "
-                             "tensor_parallel_size=1")
-        return self.loras.load(name, path)
+        loaded = self.loras.load(name, path)  # a bad adapter fails here, before any worker
+        if self.parallel is not None:  # every rank its share; the path must be on every node
+            self.parallel.send(("lora_load", name, str(path)))
+        return loaded
 
     def remove_lora(self, name: str) -> None:
         """Unload an adapter; refused while a request still uses it."""
@@ -239,6 +238,8 @@ class LLMEngine:
             raise ValueError(f"adapter {name!r} is in use by {len(users)} unfinished request(s) "
                              f"({', '.join(users[:3])}); abort them or wait, then unload")
         self.loras.unload(name)
+        if self.parallel is not None:
+            self.parallel.send(("lora_unload", name))
 
     def list_loras(self) -> list[str]:
         return self.loras.names()

@@ -125,9 +125,16 @@ class LoraManager:
         # an adapter's layers are the zoo's separate projections: split the fused ones it reads
         unfuse_projections(self.model, {m.rpartition(".")[0] for m in pairs})
         modules = dict(self.model.named_modules())
+        # tensor parallelism: this rank's share of each cut layer takes that share of the
+        # adapter (lora_B's rows of a column-parallel layer, lora_A's columns of a row-parallel
+        # one; the row-parallel outputs, adapter included, are summed across ranks)
+        shares = getattr(getattr(self.model, "tensor_parallel", None), "shares", {})
         rank = 0
         plan = []
         for module_name, (a, b) in sorted(pairs.items()):
+            if module_name in shares:
+                side, lo, hi = shares[module_name]
+                a, b = (a, b[lo:hi]) if side == "out" else (a[:, lo:hi], b)
             layer = modules.get(module_name)
             if not isinstance(layer, (nn.Linear, QuantizedLinear, MultiLoraLinear)):
                 kind = "no such module" if layer is None else type(layer).__name__

@@ -114,7 +114,8 @@ class TensorParallelGroup:
 
     def send(self, message) -> None:
         """Broadcast ``message`` to every rank (``("step", copies, inputs)``, ``("embed",
-        token_lists, pooling)``, or None: stop)."""
+        token_lists, pooling)``, ``("lora_load", name, path)``, ``("lora_unload", name)``, or
+        None: stop)."""
         self.check_alive()
         dist.broadcast_object_list([message], src=0)
 
@@ -176,6 +177,7 @@ def _start_ranks(model: nn.Module, config, init_method: str, ranks, ranks_on_nod
 
 def _worker_main(model: nn.Module, config, rank: int, local_rank: int, init_method: str,
                  ranks_on_node: int) -> None:
+    from mlx_serve.lora import LoraManager
     from mlx_serve.model_runner import ModelRunner
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when the workers stop
@@ -193,12 +195,18 @@ def _worker_main(model: nn.Module, config, rank: int, local_rank: int, init_meth
         num_blocks = _receive()
         runner = ModelRunner(model, num_blocks, config.block_size, config.prepack_weights,
                              config.fuse_projections)
+        # the same loads and unloads as rank 0's, in its order: the same slots
+        runner.loras = LoraManager(model, config.max_loras, config.max_lora_rank)
         while (message := _receive()) is not None:
             kind, *payload = message
             if kind == "step":
                 runner.run(*payload)
             elif kind == "embed":
                 runner.embed(*payload)
+            elif kind == "lora_load":
+                runner.loras.load(*payload)
+            elif kind == "lora_unload":
+                runner.loras.unload(*payload)
             else:
                 raise ValueError(f"unknown tensor-parallel message {kind!r}")
     finally:

@@ -74,6 +74,10 @@ class TensorParallel:
     world_size: int
     group: object = None  # a torch.distributed ProcessGroup; None: the default group
     time: CollectiveTime = field(default_factory=CollectiveTime, compare=False)
+    # each cut layer's share, by its zoo name: ("out" or "in", lo, hi), the output rows
+    # (column-parallel) or input columns (row-parallel) it holds; what a LoRA adapter's
+    # matrices are cut by (mlx_serve.lora)
+    shares: dict = field(default_factory=dict, compare=False)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
@@ -167,6 +171,9 @@ def shard_model(model: nn.Module, rank: int, world_size: int, group=None) -> nn.
             if isinstance(module, SparseMoE):
                 module.register_forward_hook(_summed_over_ranks(parallel))
         _shard_vocabulary(model, parallel)
+    parallel.shares.update({name: module.tensor_parallel_share
+                            for name, module in model.named_modules()
+                            if hasattr(module, "tensor_parallel_share")})
     if local_heads is not None:
         heads, kv_heads = local_heads
         local = dataclasses.replace(config, num_heads=heads, num_kv_heads=kv_heads,
@@ -231,6 +238,18 @@ def _shard_latent_attention(attention: MultiHeadLatentAttention, parallel: Tenso
 
 
 def _rows(layer: nn.Module, lo: int, hi: int) -> nn.Module:
+    out = _cut_rows(layer, lo, hi)
+    out.tensor_parallel_share = ("out", lo, hi)
+    return out
+
+
+def _columns(layer: nn.Module, lo: int, hi: int, parallel: TensorParallel) -> nn.Module:
+    out = _cut_columns(layer, lo, hi, parallel)
+    out.tensor_parallel_share = ("in", lo, hi)
+    return out
+
+
+def _cut_rows(layer: nn.Module, lo: int, hi: int) -> nn.Module:
     """Column-parallel: the output features ``[lo, hi)``. A full-precision layer becomes a zoo
     ``Linear`` (a prepacked weight or output layout, ``fast_linear``'s, is the whole layer's:
     apply it again after); a quantized one keeps its codes and scales of those rows."""
@@ -246,7 +265,7 @@ def _rows(layer: nn.Module, lo: int, hi: int) -> nn.Module:
     return out
 
 
-def _columns(layer: nn.Module, lo: int, hi: int, parallel: TensorParallel) -> nn.Module:
+def _cut_columns(layer: nn.Module, lo: int, hi: int, parallel: TensorParallel) -> nn.Module:
     """Row-parallel: the input features ``[lo, hi)``; the bias on rank 0 only (added once when
     the partial outputs are summed). Per-row scales stay whole (each rank's partial sum is
     scaled as the whole row is); groups of scales (int4, GGUF int8) must not straddle the cut."""
