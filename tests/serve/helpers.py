@@ -115,3 +115,21 @@ def assert_gone(pids: list[int], timeout: float = 10.0) -> None:
             return
         assert time.monotonic() < deadline, f"orphans left running: {alive}"
         time.sleep(0.1)
+
+
+def wait_for_503(client, model: str, timeout: float = 10.0):
+    """Send small completions until the server answers 503 (returned), or has stopped already
+    (None); fails after ``timeout`` seconds of other answers."""
+    import openai
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.completions.create(model=model, prompt="hi", max_tokens=2)
+        except openai.InternalServerError as e:
+            assert e.status_code == 503, e
+            return e
+        except openai.APIConnectionError:
+            return None
+        assert time.monotonic() < deadline, f"no 503 within {timeout} s"
+        time.sleep(0.05)

@@ -211,11 +211,22 @@ def test_bench_serve_reports_two_ranks_against_one_process(tiny_model_dir, tmp_p
 SERVE = ["--kv-cache-memory", "1MiB", "--block-size", "4", "--no-ui", "--log-level", "warning"]
 
 
-def test_mlx_serve_two_ranks_then_a_killed_worker_gives_503_and_exit_1(model_dir, tmp_path):
+def _answers_as_one_process(url: str, model_dir):
+    """The official client's greedy completion equals one process's; the client."""
     import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
+    got = client.completions.create(model=str(model_dir), prompt="[1, 2, 3]", max_tokens=8,
+                                    temperature=0)
+    want = LLM(str(model_dir)).generate("[1, 2, 3]", SamplingParams(max_tokens=8, temperature=0))
+    assert got.choices[0].text == want[0].outputs[0].text
+    return client
+
+
+def test_mlx_serve_two_ranks_then_a_killed_worker_gives_503_and_exit_1(model_dir, tmp_path):
     import psutil
 
-    from tests.serve.helpers import assert_gone, spawned_children, start_mlx_serve
+    from tests.serve.helpers import assert_gone, spawned_children, start_mlx_serve, wait_for_503
 
     log = tmp_path / "serve.log"
     proc, url = start_mlx_serve(["--model", str(model_dir), "--tensor-parallel-size", "2", *SERVE],
@@ -223,24 +234,9 @@ def test_mlx_serve_two_ranks_then_a_killed_worker_gives_503_and_exit_1(model_dir
     try:
         workers, started = spawned_children(proc.pid)
         assert len(workers) == 1, started
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
-        got = client.completions.create(model=str(model_dir), prompt="[1, 2, 3]", max_tokens=8,
-                                        temperature=0)
-        want = LLM(str(model_dir)).generate("[1, 2, 3]", SamplingParams(max_tokens=8,
-                                                                        temperature=0))
-        assert got.choices[0].text == want[0].outputs[0].text
+        client = _answers_as_one_process(url, model_dir)
         psutil.Process(workers[0]).kill()
-        deadline = time.monotonic() + 10
-        while True:  # 503 as soon as the engine notices (between steps, idle or not)
-            try:
-                client.completions.create(model=str(model_dir), prompt="hi", max_tokens=2)
-            except openai.InternalServerError as e:
-                assert e.status_code == 503
-                break
-            except openai.APIConnectionError:  # the server stopped already: also in time
-                break
-            assert time.monotonic() < deadline, "no 503 after a worker died"
-            time.sleep(0.05)
+        wait_for_503(client, str(model_dir))  # as soon as the engine notices, idle or not
         assert proc.wait(20) == 1, log.read_text()
         assert_gone(started)
         assert "rank 1" in log.read_text()
@@ -254,8 +250,6 @@ def test_two_nodes_join_over_master_addr_and_port(model_dir, tmp_path):
     import subprocess
     import sys
     from pathlib import Path
-
-    import openai
 
     from tests.serve.helpers import assert_gone, spawned_children, start_mlx_serve
 
@@ -272,12 +266,7 @@ def test_two_nodes_join_over_master_addr_and_port(model_dir, tmp_path):
     try:
         node0, url = start_mlx_serve([*joint, *SERVE], tmp_path / "node0.log")
         assert spawned_children(node0.pid)[0] == []  # node 0 runs rank 0 alone, in itself
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
-        got = client.completions.create(model=str(model_dir), prompt="[1, 2, 3]", max_tokens=8,
-                                        temperature=0)
-        want = LLM(str(model_dir)).generate("[1, 2, 3]", SamplingParams(max_tokens=8,
-                                                                        temperature=0))
-        assert got.choices[0].text == want[0].outputs[0].text
+        _answers_as_one_process(url, model_dir)
         node1_ranks = spawned_children(node1.pid)[1]
         node0.send_signal(signal.SIGTERM)
         assert node0.wait(30) in (0, -signal.SIGTERM), (tmp_path / "node0.log").read_text()

@@ -5,7 +5,9 @@ its own (``swap_linears``, the seam): prepacked weights and uncopied output layo
 (``fast_linear``) change how it runs and not what it computes; quantization (``quantize``:
 int8/int4 weight-only, W8A8) changes what it computes, within a stated quality budget;
 ``fuse_projections`` runs the projections that read one input as one GEMM;
-``selective_recompute`` (training) rebuilds cheap activations in backward instead of keeping them. Whoever
+``selective_recompute`` (training) rebuilds cheap activations in backward instead of keeping them;
+``tensor_parallel.shard_model`` cuts a model to one rank's share of a torch.distributed group
+(the serving engine's tensor parallelism). Whoever
 wants a transform applies it (``load_model(..., quantization=...)``, the serving engine, a script).
 """
 
