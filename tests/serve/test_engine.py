@@ -7,6 +7,7 @@ import torch
 import transformers
 
 from mlx_core import load_model
+from mlx_core.models.moe import Router
 from mlx_serve import LLM, LLMEngine, SamplingParams
 from mlx_serve.config import EngineConfig, parse_memory
 
@@ -14,6 +15,10 @@ SPECULATIVE = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_ma
                "prompt_lookup_min": 1}
 _TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+_TINY_DEEPSEEK = dict(_TINY, num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=16,
+                      qk_rope_head_dim=8, v_head_dim=12, moe_intermediate_size=32,
+                      n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
+                      initializer_range=0.1)
 FAMILIES = {
     "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**_TINY)),
     "llama-yarn": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -56,6 +61,12 @@ FAMILIES = {
     "qwen3-moe": lambda: transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
         mlp_only_layers=[1], head_dim=32, **_TINY)),
+    # multi-head latent attention (keys 24 wide, values 12), a dense layer then DeepSeekMoE
+    "deepseek-v2": lambda: transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(
+        q_lora_rank=None, topk_method="group_limited_greedy", n_group=2, topk_group=1,
+        **_TINY_DEEPSEEK)),
+    "deepseek-v3": lambda: transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
+        q_lora_rank=24, n_group=2, topk_group=1, **_TINY_DEEPSEEK)),
 }
 MODES = {
     "default": {},
@@ -115,8 +126,10 @@ def test_greedy_batch_on_prepacked_weights_equals_hf_generate(family):
     model, refs = family
     model = copy.deepcopy(model)  # a copy's packed weights (if any) repack on first use
     prepack_linear_weights(model, calibrate=False)
+    # experts run stacked; a router keeps its own class (DeepSeek-V3's bias) and is not packed
     assert all(m.packed_weight is not None for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and ".experts." not in name)  # experts: stacked
+               if isinstance(m, torch.nn.Linear) and ".experts." not in name
+               and type(m) is not Router)
     llm = LLM(model, num_blocks=64, block_size=4)
     outs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], _greedy())
     assert [o.outputs[0].token_ids for o in outs] == refs
@@ -330,19 +343,6 @@ def test_bad_requests_and_options_fail_clearly(tiny):
         parse_memory("two gigs")
     assert parse_memory("1.5GiB") == int(1.5 * 2**30) and parse_memory("512MB") == 512 * 10**6
     _assert_no_leaks(llm.engine)
-
-
-@pytest.mark.parametrize("preset", ["tiny-deepseek-v2", "tiny-deepseek-v3"])
-def test_multi_head_latent_attention_is_refused_at_load_naming_why(preset, tiny):
-    """The paged cache holds per-head keys and values; MLA's latent does not fit it yet."""
-    from mlx_core import build_model, get_preset
-
-    model = build_model(get_preset(preset))
-    _, tokenizer = tiny
-    with pytest.raises(ValueError, match="multi-head latent attention.*paged"):
-        LLM(model, tokenizer=tokenizer)
-    with pytest.raises(ValueError, match="multi-head latent attention"):
-        LLMEngine(model, tokenizer)
 
 
 def test_linear_weights_are_prepacked_for_cpu_fp32_only(tiny):

@@ -29,7 +29,7 @@ from mlx_serve.sequence import Sequence
 def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
     """Keys and values of every layer for one block."""
     item = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_layers * block_size * config.kv_heads * config.dim_per_head * item
+    return 2 * config.num_layers * block_size * config.kv_heads * config.qk_head_dim * item
 
 
 logger = logging.getLogger("mlx_serve")
@@ -37,12 +37,11 @@ logger = logging.getLogger("mlx_serve")
 
 def check_servable(config) -> None:
     """Refuse, naming the reason, a model the paged engine cannot run correctly."""
-    if getattr(config, "is_mla", False):
+    if getattr(config, "is_mla", False) and config.v_head_dim > config.qk_head_dim:
         raise ValueError(
-            f"mlx serve cannot run {config.model_type} yet: its multi-head latent attention "
-            "(attention_kind='mla') caches one latent per token, and the paged KV cache stores "
-            "per-head keys and values of one head size; storing the MLA latent in paged blocks is "
-            "not implemented. Generate with mlx_core.generate (or `mlx generate`) instead")
+            f"mlx serve cannot run this {config.model_type}: its values ({config.v_head_dim} "
+            f"wide) are wider than its keys ({config.qk_head_dim}), and the paged cache keeps "
+            "values padded to the key width. Generate with mlx_core.generate instead")
 
 
 class ModelRunner:

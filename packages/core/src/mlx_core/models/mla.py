@@ -15,8 +15,11 @@ scale is ``qk_head_dim ** -0.5`` times YaRN's mscale squared (``ModelConfig.atte
 The contiguous ``KVCache`` holds what HF's cache holds: per layer the normed latent (as "keys",
 ``[B, 1, S, kv_lora_rank]``) and the rotated shared rope key (as "values", ``[B, 1, S,
 qk_rope_head_dim]``), expanded through ``kv_b_proj`` at every step (through the module, so
-adapters and quantized layers on it apply). The paged serving cache does not hold MLA latents
-yet: a paged forward refuses.
+adapters and quantized layers on it apply). The paged serving cache holds what it holds for any
+attention, per-head keys and values: each token's latent is expanded once, as it is written
+(``ModelConfig.qk_head_dim`` wide, values zero-padded to it), which costs the cache
+``num_heads x 2 x qk_head_dim`` numbers per token where the latent is ``kv_lora_rank +
+qk_rope_head_dim``; keeping the latent in the blocks is not done yet.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch import nn
 from mlx_core.config import ModelConfig
 from mlx_core.models.attention import AttentionMetadata, FixedShapeDecode, attend
 from mlx_core.models.linear import Linear
+from mlx_core.models.paged import PagedAttentionMetadata
 from mlx_kernels import rope
 
 # HF's DeepSeek norms inside the attention keep their own default eps, not rms_norm_eps
@@ -71,6 +75,8 @@ class MultiHeadLatentAttention(nn.Module):
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)[:, None]  # [B, 1, T, rank]: one "head"
         q_rope, k_rope = self._rotated(q_rope, cos_sin), self._rotated(k_rope[:, None], cos_sin)
+        if isinstance(meta, PagedAttentionMetadata):
+            return self._paged(q_nope, q_rope, latent, k_rope, meta)
         latent, k_rope, meta = _cached(latent, k_rope, meta, self.layer)
         s = latent.shape[2]
         kv = self.kv_b_proj(latent[:, 0]).view(b, s, self.num_heads, -1).transpose(1, 2)
@@ -81,6 +87,21 @@ class MultiHeadLatentAttention(nn.Module):
             q = q * self.query_scale
         out = attend(q, k, v, meta, self.layer)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.v_dim))
+
+    def _paged(self, q_nope, q_rope, latent, k_rope, meta) -> torch.Tensor:
+        """The serving layout: this step's latents expanded through ``kv_b_proj`` into per-head
+        keys and values, which the paged cache keeps as it keeps any attention's (values
+        zero-padded to the key width, one cache shape for both, and cut back after)."""
+        b, heads, t, _ = q_nope.shape
+        kv = self.kv_b_proj(latent[:, 0]).view(b, t, heads, -1).transpose(1, 2)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(b, heads, t, self.rope_dim)], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        if self.query_scale != 1.0:
+            q = q * self.query_scale
+        v = torch.nn.functional.pad(v, (0, k.shape[-1] - self.v_dim))
+        out = attend(q, k, v, meta, self.layer)[..., :self.v_dim]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, heads * self.v_dim))
 
     def _rotated(self, x: torch.Tensor, cos_sin) -> torch.Tensor:
         if self.interleaved:  # pairs (x0, x1), (x2, x3), ... -> evens then odds
@@ -94,10 +115,6 @@ def _cached(latent, k_rope, meta, layer: int):
     if isinstance(meta, FixedShapeDecode):
         latent, k_rope = meta.cache.write_at(layer, latent, k_rope, meta.slot)
         return latent, k_rope, AttentionMetadata(meta.mask)
-    if not isinstance(meta, AttentionMetadata):
-        raise ValueError("multi-head latent attention (DeepSeek-V2/V3) does not run over the "
-                         "paged serving cache yet: it stores per-head keys and values, where MLA "
-                         "caches a latent; use mlx_core.generate")
     if meta.cache is not None:
         latent, k_rope = meta.cache.update(layer, latent, k_rope)
         meta = AttentionMetadata(meta.mask)

@@ -25,7 +25,8 @@ class PagedKVCache:
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         if block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {block_size}")
-        shape = (config.num_layers, num_blocks, block_size, config.kv_heads, config.dim_per_head)
+        # MLA: its expanded per-head keys, and values zero-padded to their width (mla.py)
+        shape = (config.num_layers, num_blocks, block_size, config.kv_heads, config.qk_head_dim)
         self.keys = _zeroed(shape, dtype, torch.device(device))
         self.values = _zeroed(shape, dtype, torch.device(device))
         self.block_size = block_size
