@@ -345,6 +345,33 @@ def test_bad_requests_and_options_fail_clearly(tiny):
     _assert_no_leaks(llm.engine)
 
 
+def test_multi_head_latent_attention_caches_its_latent(tiny, tmp_path):
+    """DeepSeek's paged cache holds one latent + rope entry per token and layer, keys and
+    values at once (the absorbed form; its greedy parity with HF is in the family tests)."""
+    from mlx_adapters import LoraConfig, get_peft_model
+    from mlx_core import build_model, get_preset
+    from mlx_serve.model_runner import kv_bytes_per_block
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny-deepseek-v3")).eval()
+    config = model.config
+    llm = LLM(model, tokenizer=tiny[1], num_blocks=16, block_size=4)
+    cache = llm.engine.runner.cache
+    width = config.kv_lora_rank + config.qk_rope_head_dim  # 16 + 8
+    assert cache.keys.shape == (config.num_layers, 16, 4, 1, width) and cache.values is cache.keys
+    assert kv_bytes_per_block(config, 4, torch.float32) == config.num_layers * 4 * width * 4
+    # against per-head keys and values: 4 heads x (24 + 12) numbers per token, 6x the latent's
+    assert config.num_heads * (config.qk_head_dim + config.v_head_dim) == 6 * width
+    outs = llm.generate([[5, 6, 7, 8, 9], [5, 6, 7, 1]], _greedy())
+    assert all(len(o.outputs[0].token_ids) == NEW_TOKENS for o in outs)
+    peft_model = get_peft_model(build_model(get_preset("tiny-deepseek-v3")), LoraConfig(
+        r=4, target_modules=["kv_b_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="kv_b_proj.*merge it"):
+        llm.engine.add_lora("a", tmp_path / "adapter")
+    _assert_no_leaks(llm.engine)
+
+
 def test_linear_weights_are_prepacked_for_cpu_fp32_only(tiny):
     """On CPU in fp32 the engine runs every linear on a prepacked weight (the greedy HF parity
     tests above run through it); elsewhere, or with prepack_weights=False, nothing is packed."""

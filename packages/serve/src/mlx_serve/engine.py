@@ -18,7 +18,7 @@ from mlx_core.tokenizer import IncrementalDecoder, Tokenizer
 from mlx_serve.block_manager import BlockManager
 from mlx_serve.config import EngineConfig
 from mlx_serve.lora import LoadedLora, LoraManager
-from mlx_serve.model_runner import ModelRunner, check_servable, kv_bytes_per_block
+from mlx_serve.model_runner import ModelRunner, kv_bytes_per_block
 from mlx_serve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from mlx_serve.sampler import SampledToken, Sampler
 from mlx_serve.sampling_params import SamplingParams
@@ -82,7 +82,6 @@ def _quantized(model: nn.Module, config: EngineConfig, tokenizer) -> nn.Module:
 class LLMEngine:
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
-        check_servable(model.config)  # before any work on the model
         self.model = model = _quantized(model.eval(), config, tokenizer)
         self.tokenizer = tokenizer
         self.max_model_len = config.max_model_len or _context_length(model.config)

@@ -141,6 +141,11 @@ class LoraManager:
                 raise ValueError(f"adapter {name!r} targets {module_name} ({kind}); serving "
                                  "applies LoRA to the model's linear layers only")
             base = layer.base if isinstance(layer, MultiLoraLinear) else layer
+            if module_name.split(".")[-1] == "kv_b_proj":
+                raise ValueError(f"adapter {name!r} targets {module_name}, which serving folds "
+                                 "into multi-head latent attention's queries and outputs (the "
+                                 f"paged cache holds the latent): merge it into the model with "
+                                 f"{MERGE}")
             if module_name.split(".")[-1] == "lm_head":
                 raise ValueError(f"adapter {name!r} targets lm_head, which serving does not "
                                  f"support: merge it into the model with {MERGE}")

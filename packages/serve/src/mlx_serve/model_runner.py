@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mlx_core.models.paged import PagedAttentionMetadata, PagedKVCache
+from mlx_core.models.paged import PagedAttentionMetadata, PagedKVCache, cache_layout
 from mlx_core.rope_scaling import is_length_dependent
 from mlx_core.transforms import fuse_projections, prepack_linear_weights, uncopied_mlp_outputs
 from mlx_serve.sequence import Sequence
@@ -29,19 +29,11 @@ from mlx_serve.sequence import Sequence
 def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
     """Keys and values of every layer for one block."""
     item = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_layers * block_size * config.kv_heads * config.qk_head_dim * item
+    heads, dim, shared_values = cache_layout(config)
+    return (1 if shared_values else 2) * config.num_layers * block_size * heads * dim * item
 
 
 logger = logging.getLogger("mlx_serve")
-
-
-def check_servable(config) -> None:
-    """Refuse, naming the reason, a model the paged engine cannot run correctly."""
-    if getattr(config, "is_mla", False) and config.v_head_dim > config.qk_head_dim:
-        raise ValueError(
-            f"mlx serve cannot run this {config.model_type}: its values ({config.v_head_dim} "
-            f"wide) are wider than its keys ({config.qk_head_dim}), and the paged cache keeps "
-            "values padded to the key width. Generate with mlx_core.generate instead")
 
 
 class ModelRunner:
@@ -51,7 +43,6 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int,
                  prepack_weights: bool = True, fuse: bool = True, parallel=None):
-        check_servable(model.config)
         self.model = uncopied_mlp_outputs(model)
         if fuse:
             fuse_projections(model)

@@ -15,11 +15,8 @@ scale is ``qk_head_dim ** -0.5`` times YaRN's mscale squared (``ModelConfig.atte
 The contiguous ``KVCache`` holds what HF's cache holds: per layer the normed latent (as "keys",
 ``[B, 1, S, kv_lora_rank]``) and the rotated shared rope key (as "values", ``[B, 1, S,
 qk_rope_head_dim]``), expanded through ``kv_b_proj`` at every step (through the module, so
-adapters and quantized layers on it apply). The paged serving cache holds what it holds for any
-attention, per-head keys and values: each token's latent is expanded once, as it is written
-(``ModelConfig.qk_head_dim`` wide, values zero-padded to it), which costs the cache
-``num_heads x 2 x qk_head_dim`` numbers per token where the latent is ``kv_lora_rank +
-qk_rope_head_dim``; keeping the latent in the blocks is not done yet.
+adapters and quantized layers on it apply). The paged serving cache holds the latent too, in
+the absorbed form (``_paged``): ``kv_lora_rank + qk_rope_head_dim`` numbers per token and layer.
 """
 
 from __future__ import annotations
@@ -89,19 +86,40 @@ class MultiHeadLatentAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.v_dim))
 
     def _paged(self, q_nope, q_rope, latent, k_rope, meta) -> torch.Tensor:
-        """The serving layout: this step's latents expanded through ``kv_b_proj`` into per-head
-        keys and values, which the paged cache keeps as it keeps any attention's (values
-        zero-padded to the key width, one cache shape for both, and cut back after)."""
+        """The serving layout, absorbed (DeepSeek-V2's paper, as vLLM's MLA backends): the
+        paged cache keeps each token's latent and rotated rope key as one shared "head"
+        (``paged.cache_layout``), the key and the value at once. Each head's query is taken into
+        the latent space through its slice of ``kv_b_proj`` (``q_nope @ W_UK``), attends to
+        that one head as multi-query attention, and the attended latent comes out through the
+        head's value slice (``@ W_UV.T``): the scores and outputs of the expanded form, with no
+        per-head key or value ever built."""
         b, heads, t, _ = q_nope.shape
-        kv = self.kv_b_proj(latent[:, 0]).view(b, t, heads, -1).transpose(1, 2)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        k = torch.cat([k_nope, k_rope.expand(b, heads, t, self.rope_dim)], dim=-1)
-        q = torch.cat([q_nope, q_rope], dim=-1)
-        if self.query_scale != 1.0:
-            q = q * self.query_scale
-        v = torch.nn.functional.pad(v, (0, k.shape[-1] - self.v_dim))
-        out = attend(q, k, v, meta, self.layer)[..., :self.v_dim]
+        w_uk, w_uv = self._absorbed_weights(heads)
+        q = torch.cat([torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk), q_rope], dim=-1)
+        # the kernels scale by 1/sqrt(the entry's width): rescale to the model's own scale
+        width = q.shape[-1]
+        q = q * (self.query_scale * (width / (self.nope_dim + self.rope_dim)) ** 0.5)
+        entry = torch.cat([latent, k_rope], dim=-1)  # [B, 1, T, rank + rope]
+        out = attend(q, entry, entry, meta, self.layer)[..., :self.rank]
+        out = torch.einsum("bhtr,hvr->bhtv", out, w_uv)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, heads * self.v_dim))
+
+    def _absorbed_weights(self, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``kv_b_proj``'s weight per head: ``W_UK [heads, nope, rank]``, ``W_UV [heads, v,
+        rank]`` (de-quantized if it is quantized)."""
+        layer = self.kv_b_proj
+        if isinstance(layer, nn.Linear):
+            weight = layer.weight
+        elif hasattr(layer, "dequantized_weight"):
+            weight = layer.dequantized_weight().to(self.kv_a_layernorm.weight.dtype)
+        else:
+            raise ValueError(
+                f"the paged (serving) form of multi-head latent attention folds kv_b_proj's "
+                f"weight into the queries and outputs, and kv_b_proj here is a "
+                f"{type(layer).__name__} (an adapter on it?): merge the adapter into the model, "
+                "or leave kv_b_proj out of its target modules")
+        w = weight.view(heads, self.nope_dim + self.v_dim, self.rank)
+        return w[:, :self.nope_dim], w[:, self.nope_dim:]
 
     def _rotated(self, x: torch.Tensor, cos_sin) -> torch.Tensor:
         if self.interleaved:  # pairs (x0, x1), (x2, x3), ... -> evens then odds

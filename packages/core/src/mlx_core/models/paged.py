@@ -25,18 +25,30 @@ class PagedKVCache:
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         if block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {block_size}")
-        # MLA: its expanded per-head keys, and values zero-padded to their width (mla.py)
-        shape = (config.num_layers, num_blocks, block_size, config.kv_heads, config.qk_head_dim)
+        heads, dim, self.shared_values = cache_layout(config)
+        shape = (config.num_layers, num_blocks, block_size, heads, dim)
         self.keys = _zeroed(shape, dtype, torch.device(device))
-        self.values = _zeroed(shape, dtype, torch.device(device))
+        self.values = self.keys if self.shared_values else _zeroed(shape, dtype,
+                                                                   torch.device(device))
         self.block_size = block_size
         self.num_blocks = num_blocks
 
     def copy_tokens(self, source: int, destination: int, num_tokens: int) -> None:
         """Keys and values of the first ``num_tokens`` slots of block ``source``, every layer,
         into block ``destination`` (a prefix shared up to the middle of a block)."""
-        for cache in (self.keys, self.values):
+        for cache in (self.keys,) if self.shared_values else (self.keys, self.values):
             cache[:, destination, :num_tokens] = cache[:, source, :num_tokens]
+
+
+def cache_layout(config: ModelConfig) -> tuple[int, int, bool]:
+    """``(heads, width, values are the keys)`` of one token's entry per layer. Multi-head latent
+    attention (mla.py) caches its latent and its rotated shared rope key as one "head" that
+    serves as key and value (the absorbed form), ``kv_lora_rank + qk_rope_head_dim`` numbers
+    per token, where the expanded keys and values would take ``num_heads x (qk_head_dim +
+    v_head_dim)``."""
+    if config.is_mla:
+        return 1, config.kv_lora_rank + config.qk_rope_head_dim, True
+    return config.kv_heads, config.dim_per_head, False
 
 
 def _zeroed(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
