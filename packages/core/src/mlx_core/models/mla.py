@@ -14,9 +14,13 @@ scale is ``qk_head_dim ** -0.5`` times YaRN's mscale squared (``ModelConfig.atte
 
 The contiguous ``KVCache`` holds what HF's cache holds: per layer the normed latent (as "keys",
 ``[B, 1, S, kv_lora_rank]``) and the rotated shared rope key (as "values", ``[B, 1, S,
-qk_rope_head_dim]``), expanded through ``kv_b_proj`` at every step (through the module, so
-adapters and quantized layers on it apply). The paged serving cache holds the latent too, in
-the absorbed form (``_paged``): ``kv_lora_rank + qk_rope_head_dim`` numbers per token and layer.
+qk_rope_head_dim]``). A prompt with no cached prefix runs the expanded form (each latent
+through ``kv_b_proj`` into per-head keys and values, through the module, so adapters and
+quantized layers on it apply); steps over a cached prefix (decoding) run the absorbed form
+(``_absorbed``), reading the cached latents as they are. The paged serving cache holds the
+latent too (``paged.cache_layout``), always absorbed: ``kv_lora_rank + qk_rope_head_dim``
+numbers per token and layer. An adapter on ``kv_b_proj`` keeps the expanded form (refused in
+serving).
 """
 
 from __future__ import annotations
@@ -72,10 +76,21 @@ class MultiHeadLatentAttention(nn.Module):
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)[:, None]  # [B, 1, T, rank]: one "head"
         q_rope, k_rope = self._rotated(q_rope, cos_sin), self._rotated(k_rope[:, None], cos_sin)
+        weights = self._absorbed_weights()
         if isinstance(meta, PagedAttentionMetadata):
-            return self._paged(q_nope, q_rope, latent, k_rope, meta)
+            if weights is None:
+                raise ValueError(
+                    "the paged (serving) form of multi-head latent attention folds kv_b_proj's "
+                    f"weight into the queries and outputs, and kv_b_proj here is a "
+                    f"{type(self.kv_b_proj).__name__} (an adapter on it?): merge the adapter "
+                    "into the model, or leave kv_b_proj out of its target modules")
+            return self._absorbed(q_nope, q_rope, torch.cat([latent, k_rope], dim=-1), weights,
+                                  meta)
         latent, k_rope, meta = _cached(latent, k_rope, meta, self.layer)
         s = latent.shape[2]
+        if t < s and weights is not None:  # a cached prefix: decode steps, continued prompts
+            return self._absorbed(q_nope, q_rope, torch.cat([latent, k_rope], dim=-1), weights,
+                                  meta)
         kv = self.kv_b_proj(latent[:, 0]).view(b, s, self.num_heads, -1).transpose(1, 2)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(b, self.num_heads, s, self.rope_dim)], dim=-1)
@@ -85,40 +100,36 @@ class MultiHeadLatentAttention(nn.Module):
         out = attend(q, k, v, meta, self.layer)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.v_dim))
 
-    def _paged(self, q_nope, q_rope, latent, k_rope, meta) -> torch.Tensor:
-        """The serving layout, absorbed (DeepSeek-V2's paper, as vLLM's MLA backends): the
-        paged cache keeps each token's latent and rotated rope key as one shared "head"
-        (``paged.cache_layout``), the key and the value at once. Each head's query is taken into
-        the latent space through its slice of ``kv_b_proj`` (``q_nope @ W_UK``), attends to
-        that one head as multi-query attention, and the attended latent comes out through the
-        head's value slice (``@ W_UV.T``): the scores and outputs of the expanded form, with no
-        per-head key or value ever built."""
+    def _absorbed(self, q_nope, q_rope, entries, weights, meta) -> torch.Tensor:
+        """Attention in the latent space (DeepSeek-V2's paper; vLLM's MLA backends): each head's
+        query taken into it through its slice of ``kv_b_proj`` (``q_nope @ W_UK``), multi-query
+        attention over ``entries [B, 1, S, rank + rope]`` (the normed latents and rotated rope
+        keys, keys and values at once), the attended latent out through the head's value slice
+        (``@ W_UV.T``): the expanded form's scores and outputs, with no per-head key or value
+        built. Per step it reads ``rank + rope`` numbers per cached token where the expanded form
+        computes ``heads x (qk_head_dim + v_head_dim)``."""
         b, heads, t, _ = q_nope.shape
-        w_uk, w_uv = self._absorbed_weights(heads)
+        w_uk, w_uv = weights
         q = torch.cat([torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk), q_rope], dim=-1)
-        # the kernels scale by 1/sqrt(the entry's width): rescale to the model's own scale
+        # attention scales by 1/sqrt(the entry's width): rescale to the model's own scale
         width = q.shape[-1]
         q = q * (self.query_scale * (width / (self.nope_dim + self.rope_dim)) ** 0.5)
-        entry = torch.cat([latent, k_rope], dim=-1)  # [B, 1, T, rank + rope]
-        out = attend(q, entry, entry, meta, self.layer)[..., :self.rank]
+        out = attend(q, entries, entries, meta, self.layer)[..., :self.rank]
         out = torch.einsum("bhtr,hvr->bhtv", out, w_uv)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, heads * self.v_dim))
 
-    def _absorbed_weights(self, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``kv_b_proj``'s weight per head: ``W_UK [heads, nope, rank]``, ``W_UV [heads, v,
-        rank]`` (de-quantized if it is quantized)."""
+        rank]`` (de-quantized if it is quantized); None when it is another module (an adapter's
+        wrapper), whose output only the module itself computes."""
         layer = self.kv_b_proj
         if isinstance(layer, nn.Linear):
             weight = layer.weight
-        elif hasattr(layer, "dequantized_weight"):
+        elif hasattr(layer, "dequantized_weight") and hasattr(layer, "qweight"):
             weight = layer.dequantized_weight().to(self.kv_a_layernorm.weight.dtype)
         else:
-            raise ValueError(
-                f"the paged (serving) form of multi-head latent attention folds kv_b_proj's "
-                f"weight into the queries and outputs, and kv_b_proj here is a "
-                f"{type(layer).__name__} (an adapter on it?): merge the adapter into the model, "
-                "or leave kv_b_proj out of its target modules")
-        w = weight.view(heads, self.nope_dim + self.v_dim, self.rank)
+            return None
+        w = weight.view(self.num_heads, self.nope_dim + self.v_dim, self.rank)
         return w[:, :self.nope_dim], w[:, self.nope_dim:]
 
     def _rotated(self, x: torch.Tensor, cos_sin) -> torch.Tensor:
