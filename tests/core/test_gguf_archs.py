@@ -20,7 +20,13 @@ CORPUS = ["The quick brown fox jumps over the lazy dog 12345.", "Qwen writes dig
 CONFIGS = {  # transformers config class, HF model class, GGUF architecture, extra options
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(tie_word_embeddings=False)),
+    # post-norms and whole-projection q/k norms
+    "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM, dict(tie_word_embeddings=False)),
+    # fused qkv and gate_up tensors (attn_qkv, ffn_up)
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
+             dict(tie_word_embeddings=False, pad_token_id=0, bos_token_id=0, eos_token_id=2)),
 }
+TRANSFORMERS_READS = ("qwen2", "qwen3", "phi3")  # transformers' GGUF loader has no olmo2
 
 
 def _tokenizer():
@@ -35,7 +41,8 @@ def _tokenizer():
     return tok
 
 
-def _write_gguf(path, hf, tok, arch: str):
+def _write_gguf(path, hf, tok, arch: str, quantized=None):
+    """``quantized``: a gguf.GGMLQuantizationType for the 2-D tensors (else all F32)."""
     import gguf
 
     c = hf.config
@@ -62,12 +69,18 @@ def _write_gguf(path, hf, tok, arch: str):
     writer.add_token_merges(merges)
     writer.add_bos_token_id(0)
     writer.add_eos_token_id(2)
+    writer.add_pad_token_id(0)  # transformers' Phi-3 otherwise takes 32000, past this vocabulary
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
     for name, tensor in hf.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
-        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")),
-                          tensor.float().numpy())
+        array = tensor.float().numpy()
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if quantized is not None and array.ndim == 2:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(array, quantized),
+                              raw_dtype=quantized)
+        else:
+            writer.add_tensor(gguf_name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -75,10 +88,8 @@ def _write_gguf(path, hf, tok, arch: str):
     return path
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
-def written(request, tmp_path_factory):
-    config_class, model_class, extra = CONFIGS[request.param]
-    tok = _tokenizer()
+def _source_model(arch: str, tok):
+    config_class, model_class, extra = CONFIGS[arch]
     torch.manual_seed(0)
     hf = model_class(config_class(
         vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -88,6 +99,13 @@ def written(request, tmp_path_factory):
         for name, p in hf.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(0.2 * torch.randn_like(p))
+    return hf
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def written(request, tmp_path_factory):
+    tok = _tokenizer()
+    hf = _source_model(request.param, tok)
     directory = tmp_path_factory.mktemp(request.param)
     path = _write_gguf(directory / f"tiny-{request.param}.gguf", hf, tok, request.param)
     return request.param, hf, tok, path
@@ -98,24 +116,47 @@ def test_logits_equal_transformers_gguf_loading_and_the_source_model(written):
     arch, hf, _, path = written
     ours = load_model(path)
     assert ours.config.model_type == arch
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
     ids = torch.randint(0, hf.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
     logits = ours(ids)
-    assert (logits - theirs(ids).logits).abs().max() < 1e-4
     assert (logits - hf(ids).logits).abs().max() < 1e-4
+    if arch in TRANSFORMERS_READS:
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name).eval()
+        assert (logits - theirs(ids).logits).abs().max() < 1e-4
 
 
 def test_tokenizer_equals_transformers_gguf_tokenizer(written):
     """Ids equal transformers' tokenizer from the same file ("qwen2": digits one by one), and,
     where no digit tells the pre-tokenizers apart, the tokenizer the file was written from."""
-    _, _, tok, path = written
+    arch, _, tok, path = written
     ours = load_tokenizer(path)
-    theirs = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    theirs = (transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+              if arch in TRANSFORMERS_READS else None)
     for text in ("The quick brown fox 2024!", "hello GGUF, digits 12345 one by one", " spaced  out ",
                  "line one\n\nline two's"):
-        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), text
+        if theirs is not None:
+            assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), text
         assert ours.decode(ours.encode(text)) == text
     assert ours.encode("hello world, the lazy dog") == tok.encode("hello world, the lazy dog").ids
+
+
+@torch.no_grad()
+def test_fused_phi3_tensors_split_as_shipped_quantized(tmp_path):
+    """Phi-3's Q8_0 attn_qkv and ffn_up rows split into the zoo's projections without being
+    de-quantized (quantization="gguf"): the logits of the same file de-quantized to fp32."""
+    import gguf
+
+    from mlx_core.transforms import Int8Linear
+
+    tok = _tokenizer()
+    hf = _source_model("phi3", tok)
+    path = _write_gguf(tmp_path / "phi3-q8.gguf", hf, tok, "phi3", gguf.GGMLQuantizationType.Q8_0)
+    shipped, dequantized = load_model(path, quantization="gguf"), load_model(path)
+    attention = shipped.model.layers[0].self_attn
+    assert isinstance(attention.q_proj, Int8Linear) and isinstance(attention.v_proj, Int8Linear)
+    assert isinstance(shipped.model.layers[0].mlp.up_proj, Int8Linear)
+    ids = torch.randint(0, hf.config.vocab_size, (1, 11), generator=torch.Generator().manual_seed(2))
+    assert (shipped(ids) - dequantized(ids)).abs().max() < 1e-3
 
 
 def test_an_unsupported_architecture_is_named(tmp_path):
@@ -129,5 +170,5 @@ def test_an_unsupported_architecture_is_named(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     with pytest.raises(ValueError, match="GGUF architecture 'deepseek2' is not supported yet; "
-                                         "supported: llama, qwen2, qwen3"):
+                                         "supported: llama, qwen2, qwen3, olmo2, phi3"):
         load_model(tmp_path / "m.gguf")

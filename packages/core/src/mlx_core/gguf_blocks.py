@@ -24,7 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_core.gguf_convert import GGUFModel, hf_config, named_tensors, unpermute_rows
+from mlx_core.gguf_convert import (
+    GGUFModel,
+    hf_config,
+    named_tensors,
+    split_fused,
+    unpermute_rows,
+)
 
 BLOCK = 32
 SUPER_BLOCK = 256  # the K-quants'
@@ -138,4 +144,6 @@ def read_gguf_blocks(path: str | Path) -> GGUFModel:
     vocab = next(v.shape[0] for k, v in tensors.items()
                  if k in (f"{embedding}.weight", f"{embedding}.qweight"))
     tied = not any(k.startswith("lm_head.") for k in tensors)
-    return GGUFModel(hf_config(meta, vocab, tied), tensors, meta)
+    config = hf_config(meta, vocab, tied)
+    split_fused(config, tensors)  # quantized rows split as fp32 ones do
+    return GGUFModel(config, tensors, meta)

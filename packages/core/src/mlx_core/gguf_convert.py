@@ -17,7 +17,8 @@ import numpy as np
 from mlx_core.config import ModelConfig
 
 # llama.cpp's "llama" covers Llama 2/3, Mistral and SmolLM2; its model_type here for each
-_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "olmo2": "olmo2",
+                "phi3": "phi3"}
 SUPPORTED_ARCHS = tuple(_MODEL_TYPES)
 
 # GGUF name (``{}`` = layer) -> HF Llama name: every architecture's, then each one's own.
@@ -40,7 +41,19 @@ _ARCH_NAMES = {
               for p in "qkv"},
     "qwen3": {f"blk.{{}}.attn_{p}_norm.weight": f"model.layers.{{}}.self_attn.{p}_norm.weight"
               for p in "qk"},
+    # OLMo 2: norms after attention and MLP (no input norms), q/k norms over whole projections
+    "olmo2": {"blk.{}.post_attention_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+              "blk.{}.post_ffw_norm.weight": "model.layers.{}.post_feedforward_layernorm.weight",
+              **{f"blk.{{}}.attn_{p}_norm.weight": f"model.layers.{{}}.self_attn.{p}_norm.weight"
+                 for p in "qk"}},
+    # Phi-3: q/k/v in one tensor, gate/up in another (split_fused), as its HF checkpoints
+    "phi3": {"blk.{}.attn_qkv.weight": "model.layers.{}.self_attn.qkv_proj.weight",
+             "blk.{}.ffn_up.weight": "model.layers.{}.mlp.gate_up_proj.weight"},
 }
+# tensors an architecture does not have (OLMo 2 normalises after each block, not before)
+_ARCH_ABSENT = {"olmo2": ("blk.{}.attn_norm.weight", "blk.{}.ffn_norm.weight"),
+                "phi3": ("blk.{}.attn_q.weight", "blk.{}.attn_k.weight", "blk.{}.attn_v.weight",
+                         "blk.{}.ffn_gate.weight")}
 _IGNORED = ("rope_freqs.weight",)  # llama.cpp's precomputed RoPE factors; we derive them
 # llama.cpp permutes Q/K rows for its "llama" RoPE layout only; qwen2/qwen3 keep HF's (NeoX) one
 _PERMUTED_ARCHS = ("llama",)
@@ -136,12 +149,17 @@ def named_tensors(path: str | Path, description: str):
     arch = meta.get("general.architecture")
     _check_arch(arch, f"{path.name}: ")
     names = {**_NAMES, **_ARCH_NAMES.get(arch, {})}
+    for absent in _ARCH_ABSENT.get(arch, ()):
+        del names[absent]
     heads = meta[f"{arch}.attention.head_count"]
     kv_heads = meta.get(f"{arch}.attention.head_count_kv", heads)
     named = []
     for t in reader.tensors:
         if t.name in _IGNORED:
             continue
+        if t.name.startswith("rope_factors_"):
+            raise ValueError(f"{path.name}: {t.name} holds LongRoPE factors, which GGUF loading "
+                             "does not read yet: load the model from its HF directory instead")
         m = re.fullmatch(r"blk\.(\d+)\.(.+)", t.name)
         template, layer = (f"blk.{{}}.{m.group(2)}", m.group(1)) if m else (t.name, None)
         if template not in names:
@@ -152,6 +170,26 @@ def named_tensors(path: str | Path, description: str):
                         else kv_heads if template.endswith("attn_k.weight") else None)
         named.append((names[template].format(layer), t, permuted))
     return meta, _progress(named, description)
+
+
+def split_fused(config: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+    """Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` tensors (fp32 ``.weight``, or a quantized
+    layout's per-row ``.qweight`` / ``.scale(s)`` / ``.mins``) split by rows, in place, into the
+    zoo's separate projections."""
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    q, kv = heads * head_dim, kv_heads * head_dim
+    parts = {"self_attn.qkv_proj": (("self_attn.q_proj", q), ("self_attn.k_proj", kv),
+                                    ("self_attn.v_proj", kv)),
+             "mlp.gate_up_proj": (("mlp.gate_proj", config["intermediate_size"]),
+                                  ("mlp.up_proj", config["intermediate_size"]))}
+    for name in [n for n in tensors if any(f".{fused}." in n for fused in parts)]:
+        fused = next(f for f in parts if f".{f}." in name)
+        whole = tensors.pop(name)
+        start = 0
+        for part, rows in parts[fused]:
+            tensors[name.replace(fused, part)] = np.ascontiguousarray(whole[start:start + rows])
+            start += rows
 
 
 def unpermute_rows(w: np.ndarray, heads: int | None) -> np.ndarray:
@@ -170,6 +208,7 @@ def read_gguf(path: str | Path) -> GGUFModel:
         tensors[name] = unpermute_rows(w, heads)
     vocab_size = tensors["model.embed_tokens.weight"].shape[0]
     config = hf_config(meta, vocab_size, tied="lm_head.weight" not in tensors)
+    split_fused(config, tensors)
     return GGUFModel(config, tensors, meta)
 
 
