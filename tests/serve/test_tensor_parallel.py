@@ -276,3 +276,21 @@ def test_two_nodes_join_over_master_addr_and_port(model_dir, tmp_path):
         for proc in (node0, node1):
             if proc is not None and proc.poll() is None:
                 proc.kill()
+
+
+def test_mlx_generate_two_ranks_prints_what_one_process_does(tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from mlx_core.cli.app import build_app
+
+    def generate(*extra):
+        done = CliRunner().invoke(build_app(), ["generate", "-m", str(tiny_model_dir), "-p",
+                                                "hello there", "-n", "6", "--no-chat", *extra])
+        assert done.exit_code == 0, done.output
+        return done.output
+
+    one = generate()
+    assert generate("--tensor-parallel-size", "2") == one and one.strip()
+    refused = CliRunner().invoke(build_app(), ["generate", "-m", str(tiny_model_dir), "-p", "hi",
+                                               "--tp", "2", "--compile"])
+    assert refused.exit_code != 0 and "drop --backend/--compile" in refused.output
