@@ -54,7 +54,8 @@ def _rank_main(function, rank, world_size, port, results, args):
             dist.destroy_process_group()
 
 
-def sharded_logits_and_tokens(rank: int, world_size: int, families: list[str]) -> dict:
+def sharded_logits_and_tokens(rank: int, world_size: int, families: list[str],
+                              shm=None) -> dict:
     """Per family: the largest |logit| difference of the sharded model against the whole one
     (a prompt batch, then two cached decode steps), and whether greedy generation matched."""
     from mlx_core import build_model, generate, get_preset
@@ -72,7 +73,7 @@ def sharded_logits_and_tokens(rank: int, world_size: int, families: list[str]) -
         with torch.inference_mode():
             whole = model(ids)
             whole_tokens = generate(model, prompts, max_new_tokens=6)
-            shard_model(model, rank, world_size)
+            shard_model(model, rank, world_size, shm=shm)
             sharded = model(ids)
             tokens = generate(model, prompts, max_new_tokens=6)
         out[family] = (float((whole - sharded).abs().max()), tokens == whole_tokens,

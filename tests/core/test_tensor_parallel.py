@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy
 import pytest
+import torch
 
 from mlx_core.transforms.tensor_parallel import even_split, head_ranges
 from tests.core.tensor_parallel_ranks import (
@@ -67,3 +68,36 @@ def test_quantized_models_split_into_the_same_numbers():
             # row-parallel input on its own
             assert difference < (0.05 if case.endswith("w8a8") else 0.03) * largest, (
                 case, difference, largest)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_shared_memory_collectives_give_the_same_model(world_size):
+    from mlx_core.transforms.shm_collectives import ShmExchange
+
+    # room for the hidden states of the prompt; the logits' gather falls back to gloo or not
+    shm = ShmExchange(world_size, capacity=7 * 64)
+    families = ["tiny-llama", "tiny-gpt2", "tiny-mixtral", "tiny-deepseek-v3"]
+    for per_family in run_ranks(sharded_logits_and_tokens, world_size, families, shm):
+        for family, (difference, same_tokens, _kv_heads) in per_family.items():
+            assert difference < 1e-4 and same_tokens, (family, difference)
+    assert int(shm.published.min()) > 0  # they did go through shared memory
+
+
+def test_a_rank_that_never_arrives_fails_the_wait_in_time():
+    import time
+
+    from mlx_core.transforms.shm_collectives import ShmExchange
+
+    shm = ShmExchange(2, capacity=4, timeout_s=0.5).bind(0)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="did not reach collective 1 within"):
+        shm.all_reduce(torch.ones(4))
+    assert time.monotonic() - started < 5
+    shm = ShmExchange(2, capacity=4).bind(0)
+
+    def gone():
+        raise RuntimeError("rank 1 exited")
+
+    shm.alive = gone  # a peer known dead ends the wait at once
+    with pytest.raises(RuntimeError, match="rank 1 exited"):
+        shm.all_reduce(torch.ones(4))

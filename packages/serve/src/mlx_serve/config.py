@@ -80,6 +80,8 @@ class EngineConfig:
     nnodes: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
+    # ranks on this machine's CPU exchange through shared memory (False: gloo's loopback TCP)
+    shm_collectives: bool = True
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

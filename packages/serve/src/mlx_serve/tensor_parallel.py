@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mlx_core.transforms.shm_collectives import ShmExchange, parent_alive
 from mlx_core.transforms.tensor_parallel import shard_model
 
 logger = logging.getLogger("mlx_serve")
@@ -94,8 +95,14 @@ class TensorParallelGroup:
         self._threads = torch.get_num_threads()  # this process's, given back at close
         if self.device.type == "cpu":
             torch.set_num_threads(_threads_per_rank(ranks_on_node))
+        # one machine, CPU: collectives through shared memory (gloo's loopback TCP costs about
+        # a millisecond per all-reduce on a small box); several machines, or GPUs: gloo / NCCL
+        self.shm = (_shm_exchange(model.config, config) if nnodes == 1
+                    and self.device.type == "cpu" and config.shm_collectives else None)
         self.processes = _start_ranks(model, config, self.init_method, range(1, ranks_on_node),
-                                      ranks_on_node)
+                                      ranks_on_node, self.shm)
+        if self.shm is not None:
+            self.shm.alive = self.check_alive
         self._closed = False
         atexit.register(self.close)
         try:
@@ -104,7 +111,7 @@ class TensorParallelGroup:
         except BaseException:
             self.close()
             raise
-        self.time = shard_model(model, 0, world).tensor_parallel.time  # rank 0's collectives
+        self.time = shard_model(model, 0, world, shm=self.shm).tensor_parallel.time  # rank 0's
         logger.info("tensor parallelism: %d ranks (%d nodes), rendezvous at %s", world, nnodes,
                     self.init_method)
 
@@ -159,7 +166,17 @@ class TensorParallelGroup:
         atexit.unregister(self.close)
 
 
-def _start_ranks(model: nn.Module, config, init_method: str, ranks, ranks_on_node: int) -> list:
+def _shm_exchange(model_config, config) -> ShmExchange:
+    """Room for the widest collective a step makes: the hidden states of a full batch of
+    tokens, or the logits of a decode step's sequences (a wider one goes through gloo)."""
+    vocab_share = -(-model_config.vocab_size // config.tensor_parallel_size)
+    capacity = max(config.max_num_batched_tokens * model_config.hidden_size,
+                   config.max_num_seqs * vocab_share)
+    return ShmExchange(config.tensor_parallel_size, capacity, COLLECTIVE_TIMEOUT.total_seconds())
+
+
+def _start_ranks(model: nn.Module, config, init_method: str, ranks, ranks_on_node: int,
+                 shm: ShmExchange | None = None) -> list:
     """Spawn one worker process per rank in ``ranks``; the model travels to them through shared
     memory (``torch.multiprocessing``), each cuts its own share of it."""
     import torch.multiprocessing as mp
@@ -169,14 +186,15 @@ def _start_ranks(model: nn.Module, config, init_method: str, ranks, ranks_on_nod
     for rank in ranks:
         process = context.Process(
             target=_worker_main, name=f"mlx-serve-tp-rank{rank}", daemon=True,
-            args=(model, config, rank, rank % ranks_on_node, init_method, ranks_on_node))
+            args=(model, config, rank, rank % ranks_on_node, init_method, ranks_on_node, shm,
+                  os.getpid()))
         process.start()
         processes.append(process)
     return processes
 
 
 def _worker_main(model: nn.Module, config, rank: int, local_rank: int, init_method: str,
-                 ranks_on_node: int) -> None:
+                 ranks_on_node: int, shm: ShmExchange | None, parent_pid: int) -> None:
     from mlx_serve.lora import LoraManager
     from mlx_serve.model_runner import ModelRunner
 
@@ -190,7 +208,9 @@ def _worker_main(model: nn.Module, config, rank: int, local_rank: int, init_meth
     dist.init_process_group(_backend(device), init_method=init_method, rank=rank,
                             world_size=config.tensor_parallel_size, timeout=COLLECTIVE_TIMEOUT)
     try:
-        shard_model(model, rank, config.tensor_parallel_size)
+        if shm is not None:
+            shm.alive = parent_alive(parent_pid)  # not wait forever for a rank 0 that is gone
+        shard_model(model, rank, config.tensor_parallel_size, shm=shm)
         model.to(device)
         num_blocks = _receive()
         runner = ModelRunner(model, num_blocks, config.block_size, config.prepack_weights,

@@ -51,6 +51,7 @@ from mlx_core.transforms.quantize import (
     QuantizedEmbedding,
     QuantizedLinear,
 )
+from mlx_core.transforms.shm_collectives import ShmExchange
 
 # the layers shard_model cuts (W8A8Linear is an Int8Linear; Router, a MoE's, and FastLinear
 # are the zoo's Linear)
@@ -78,11 +79,17 @@ class TensorParallel:
     # (column-parallel) or input columns (row-parallel) it holds; what a LoRA adapter's
     # matrices are cut by (mlx_serve.lora)
     shares: dict = field(default_factory=dict, compare=False)
+    # ranks that are processes of one CPU machine: collectives through shared memory
+    # (shm_collectives), torch.distributed for what does not fit its buffer
+    shm: ShmExchange | None = field(default=None, compare=False)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         started = time.perf_counter()
-        dist.all_reduce(x, group=self.group)
+        if self.shm is not None and self.shm.fits(x):
+            x = self.shm.all_reduce(x)
+        else:
+            dist.all_reduce(x, group=self.group)
         self._count(started)
         return x
 
@@ -95,9 +102,12 @@ class TensorParallel:
         shares may differ in size (gloo gathers equal shapes: padded, then cut)."""
         widest = max(sizes)
         padded = torch.nn.functional.pad(x.contiguous(), (0, widest - x.shape[-1]))
-        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         started = time.perf_counter()
-        dist.all_gather(parts, padded, group=self.group)
+        if self.shm is not None and self.shm.fits(padded):
+            parts = self.shm.exchange(padded).to(padded.dtype).unbind(0)
+        else:
+            parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+            dist.all_gather(parts, padded, group=self.group)
         self._count(started)
         return torch.cat([p[..., :n] for p, n in zip(parts, sizes, strict=True)], dim=-1)
 
@@ -131,16 +141,19 @@ def head_ranges(num_heads: int, num_kv_heads: int, world_size: int, rank: int
     return (q_lo, q_hi), (kv_lo, kv_hi)
 
 
-def shard_model(model: nn.Module, rank: int, world_size: int, group=None) -> nn.Module:
-    """Cut ``model`` (a zoo ``Transformer``, full precision, unfused) to ``rank``'s share of a
+def shard_model(model: nn.Module, rank: int, world_size: int, group=None,
+                shm: ShmExchange | None = None) -> nn.Module:
+    """Cut ``model`` (a zoo ``Transformer``, unfused) to ``rank``'s share of a
     ``world_size``-way tensor-parallel group, in place (see the module docstring). Every rank
-    calls it on the same model; ``torch.distributed`` must be initialised before it runs."""
+    calls it on the same model; ``torch.distributed`` must be initialised before it runs.
+    ``shm``: the ranks' shared-memory exchange when they all run on this machine's CPU."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} of tensor_parallel_size={world_size} is out of range")
     if getattr(model, "tensor_parallel", None) is not None:
         raise ValueError("this model is sharded already (model.tensor_parallel is set)")
     _check_shardable(model)
-    parallel = TensorParallel(rank, world_size, group)
+    parallel = TensorParallel(rank, world_size, group,
+                              shm=None if shm is None else shm.bind(rank))
     config = model.config
     local_heads = None
     with torch.no_grad():
