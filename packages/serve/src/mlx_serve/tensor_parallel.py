@@ -13,7 +13,7 @@ Transport is ``torch.distributed`` (gloo on CPU, NCCL on GPU), joined as torchru
 rendezvous at ``master_addr:master_port``. On one node the engine spawns its workers itself; on
 several, every other node runs ``mlx serve --nnodes N --node-rank K --master-addr ...``, which
 starts that node's ranks (``run_node``) and no server. Each rank on a node gets an equal share
-of the node's CPU threads.
+of the threads of the process that starts them (the machine's, or a data-parallel replica's).
 
 Faults: before each broadcast rank 0 checks that its workers live (one that died raises
 ``WorkerDied``, and the engine stops); a worker whose rank 0 went away fails its next
@@ -70,7 +70,9 @@ def _backend(device: torch.device) -> str:
 
 
 def _threads_per_rank(ranks_on_node: int) -> int:
-    return max(1, (os.cpu_count() or 1) // ranks_on_node)
+    """This process's thread budget shared by the ranks it starts (a data-parallel replica's
+    share of the machine, or the whole machine)."""
+    return max(1, torch.get_num_threads() // ranks_on_node)
 
 
 class TensorParallelGroup:
@@ -93,14 +95,15 @@ class TensorParallelGroup:
         self.init_method = f"tcp://{config.master_addr}:{port}"
         ranks_on_node = world // nnodes
         self._threads = torch.get_num_threads()  # this process's, given back at close
+        self._threads_each = _threads_per_rank(ranks_on_node)
         if self.device.type == "cpu":
-            torch.set_num_threads(_threads_per_rank(ranks_on_node))
+            torch.set_num_threads(self._threads_each)
         # one machine, CPU: collectives through shared memory (gloo's loopback TCP costs about
         # a millisecond per all-reduce on a small box); several machines, or GPUs: gloo / NCCL
         self.shm = (_shm_exchange(model.config, config) if nnodes == 1
                     and self.device.type == "cpu" and config.shm_collectives else None)
         self.processes = _start_ranks(model, config, self.init_method, range(1, ranks_on_node),
-                                      ranks_on_node, self.shm)
+                                      ranks_on_node, self._threads_each, self.shm)
         if self.shm is not None:
             self.shm.alive = self.check_alive
         self._closed = False
@@ -176,7 +179,7 @@ def _shm_exchange(model_config, config) -> ShmExchange:
 
 
 def _start_ranks(model: nn.Module, config, init_method: str, ranks, ranks_on_node: int,
-                 shm: ShmExchange | None = None) -> list:
+                 threads: int, shm: ShmExchange | None = None) -> list:
     """Spawn one worker process per rank in ``ranks``; the model travels to them through shared
     memory (``torch.multiprocessing``), each cuts its own share of it."""
     import torch.multiprocessing as mp
@@ -186,7 +189,7 @@ def _start_ranks(model: nn.Module, config, init_method: str, ranks, ranks_on_nod
     for rank in ranks:
         process = context.Process(
             target=_worker_main, name=f"mlx-serve-tp-rank{rank}", daemon=True,
-            args=(model, config, rank, rank % ranks_on_node, init_method, ranks_on_node, shm,
+            args=(model, config, rank, rank % ranks_on_node, init_method, threads, shm,
                   os.getpid()))
         process.start()
         processes.append(process)
@@ -194,7 +197,7 @@ def _start_ranks(model: nn.Module, config, init_method: str, ranks, ranks_on_nod
 
 
 def _worker_main(model: nn.Module, config, rank: int, local_rank: int, init_method: str,
-                 ranks_on_node: int, shm: ShmExchange | None, parent_pid: int) -> None:
+                 threads: int, shm: ShmExchange | None, parent_pid: int) -> None:
     from mlx_serve.lora import LoraManager
     from mlx_serve.model_runner import ModelRunner
 
@@ -204,7 +207,7 @@ def _worker_main(model: nn.Module, config, rank: int, local_rank: int, init_meth
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
-        torch.set_num_threads(_threads_per_rank(ranks_on_node))
+        torch.set_num_threads(threads)
     dist.init_process_group(_backend(device), init_method=init_method, rank=rank,
                             world_size=config.tensor_parallel_size, timeout=COLLECTIVE_TIMEOUT)
     try:
@@ -251,7 +254,8 @@ def run_node(model: nn.Module, config, node_rank: int) -> int:
     ranks_on_node = world // nnodes
     first = node_rank * ranks_on_node
     processes = _start_ranks(model, config, f"tcp://{config.master_addr}:{config.master_port}",
-                             range(first, first + ranks_on_node), ranks_on_node)
+                             range(first, first + ranks_on_node), ranks_on_node,
+                             _threads_per_rank(ranks_on_node))
     codes = []
     for process in processes:
         process.join()
