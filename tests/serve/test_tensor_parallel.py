@@ -294,3 +294,26 @@ def test_mlx_generate_two_ranks_prints_what_one_process_does(tiny_model_dir):
     refused = CliRunner().invoke(build_app(), ["generate", "-m", str(tiny_model_dir), "-p", "hi",
                                                "--tp", "2", "--compile"])
     assert refused.exit_code != 0 and "drop --backend/--compile" in refused.output
+
+
+def test_replicas_of_tensor_parallel_engines(model_dir, tmp_path):
+    """mlx serve -dp 2 -tp 2: two replicas, each an engine split over two processes (the
+    replica's threads shared by its ranks); one process's answers; SIGTERM leaves none."""
+    import psutil
+
+    from tests.serve.helpers import assert_gone, start_mlx_serve
+
+    proc, url = start_mlx_serve(["--model", str(model_dir), "-dp", "2", "-tp", "2", *SERVE],
+                                tmp_path / "serve.log")
+    try:
+        _answers_as_one_process(url, model_dir)
+        started = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        ranks = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                 if "spawn_main" in " ".join(c.cmdline())]
+        assert len(ranks) == 4  # 2 replicas (rank 0 of each) + their workers
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) in (0, -signal.SIGTERM), (tmp_path / "serve.log").read_text()
+        assert_gone(started)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -120,9 +120,10 @@ def serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m",
     if speculative_config is not None:
         options["speculative_config"] = _json_option(speculative_config, "--speculative-config")
     check_parser(tool_call_parser)  # before the model loads
-    if tensor_parallel_size > 1 and data_parallel_size > 1:
-        raise typer.BadParameter("--data-parallel-size with --tensor-parallel-size is not "
-                                 "supported yet: choose one")
+    if tensor_parallel_size > 1 and data_parallel_size > 1 and device != "cpu":
+        # replica i takes GPU i; its ranks would need GPUs of their own: no plan for that yet
+        raise typer.BadParameter("--data-parallel-size with --tensor-parallel-size runs on the "
+                                 "CPU only for now; on GPUs choose one of them")
     options.update(tensor_parallel_size=tensor_parallel_size, nnodes=nnodes,
                    master_addr=master_addr, master_port=master_port)
     if node_rank > 0:
