@@ -5,6 +5,7 @@ bytes, as real models' are)."""
 import socket
 import threading
 import time
+from pathlib import Path
 
 import uvicorn
 
@@ -133,3 +134,28 @@ def wait_for_503(client, model: str, timeout: float = 10.0):
             return None
         assert time.monotonic() < deadline, f"no 503 within {timeout} s"
         time.sleep(0.05)
+
+
+def assert_a_killed_child_stops_the_server(proc, child: int, started: list[int], client,
+                                            model: str, log, names: str) -> None:
+    """Kill ``child`` (a replica or a worker) of ``mlx serve`` process ``proc``: new requests get
+    503 at once (returned), the server exits 1 within 20 s naming ``names`` in its ``log``, and
+    every process it ``started`` is gone."""
+    import psutil
+
+    psutil.Process(child).kill()
+    error = wait_for_503(client, model)
+    assert proc.wait(20) == 1, Path(log).read_text()
+    assert_gone(started)
+    assert names in Path(log).read_text()
+    return error
+
+
+def assert_sigterm_stops_everything(proc, started: list[int], log) -> None:
+    """SIGTERM to ``mlx serve``: uvicorn stops cleanly, then ends by the signal it caught (as a
+    shell expects), and every process it ``started`` is gone."""
+    import signal
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) in (0, -signal.SIGTERM), Path(log).read_text()
+    assert_gone(started)
