@@ -22,7 +22,9 @@ BACKEND = typer.Option("torch", "--backend",
 # backends other packages register (registry.generation_backends), named with their install
 # command where the package is absent
 BACKEND_PACKAGES = {"jax": "mlx-jax with jax and flax: install it with  pip install mlx-jax  "
-                           "(from a checkout: pip install -e packages/jax_backend)"}
+                           "(from a checkout: pip install -e packages/jax_backend)",
+                    "serve": "mlx-serve (its engine): install it with  pip install mlx-serve  "
+                             "(from a checkout: pip install -e packages/serve)"}
 QUANTIZATION = typer.Option(
     None, "--quantization", "-q",
     help="Quantize the weights as they load: int8, int4 (groups of 32; int4-g64, int4-g128) or "
@@ -123,33 +125,26 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt 
 def _generate_tensor_parallel(prompt: str, model: str, chat: bool | None, backend: str,
                               quantization: str | None, options: dict, size: int) -> None:
     """``mlx generate --tensor-parallel-size N``: the serving engine's tensor-parallel path
-    (``mlx_serve.tensor_parallel``), one request, its text streamed as the engine steps."""
-    if backend != "torch" or options.get("compile"):
+    (mlx-serve's ``serve`` generation backend), streamed as the engine steps."""
+    from mlx_core import load_tokenizer, registry
+    from mlx_core.plugins import load_plugins
+
+    if backend not in ("torch", "serve") or options.get("compile"):
         raise ValueError("--tensor-parallel-size runs the torch backend's eager model: drop "
                          "--backend/--compile")
+    load_plugins()
+    if "serve" not in registry.generation_backends:
+        raise ImportError(f"--tensor-parallel-size needs {BACKEND_PACKAGES['serve']}")
+    lm, stream = registry.generation_backends.get("serve")(
+        model, tensor_parallel_size=size, quantization=quantization)
     try:
-        from mlx_serve import LLM, SamplingParams
-    except ImportError:
-        raise ImportError("--tensor-parallel-size runs on mlx-serve's engine: install it with  "
-                          "pip install mlx-serve  (from a checkout: pip install -e "
-                          "packages/serve)") from None
-    params = SamplingParams(max_tokens=options["max_new_tokens"],
-                            temperature=options["temperature"], top_k=options["top_k"],
-                            top_p=options["top_p"], seed=options["seed"])
-    with LLM(model, quantization=quantization, tensor_parallel_size=size) as llm:
-        tokenizer, engine = llm.get_tokenizer(), llm.engine
+        tokenizer = load_tokenizer(model)
         use_chat = tokenizer.has_chat_template if chat is None else chat
         ids = (tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if use_chat
                else tokenizer.encode(prompt))
-        request_id, written = engine.add_request(ids, params), 0
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.request_id == request_id:
-                    text = out.outputs[0].text
-                    sys.stdout.write(text[written:])
-                    sys.stdout.flush()
-                    written = len(text)
-        sys.stdout.write("\n")
+        _stream(lm, tokenizer, ids, options, stream)
+    finally:
+        lm.close()
 
 
 @clean_errors
