@@ -173,7 +173,8 @@ class AsyncEngine:
                 self._apply_commands(block=not busy)
                 if self._stopping.is_set():
                     break
-                self.engine.check_workers()  # a dead tensor-parallel worker stops us, idle or not
+                if not busy:  # a step checks its workers itself; idle, a dead one is seen here
+                    self.engine.check_workers()
                 if self.engine.has_unfinished_requests() or self.engine.requests:
                     outputs = self.engine.step()
                     self._publish(outputs)

@@ -72,12 +72,13 @@ class ModelRunner:
         scored this step (``PromptLogits``; None when no request asks for prompt
         log-probabilities)."""
         inputs, due, num_last, spans = self.prepare(scheduled)
+        copies = list(copies)
         if self.parallel is None:
-            logits = self.run(list(copies), inputs)
+            logits = self.run(copies, inputs)
         else:
             try:
-                self.parallel.send(("step", list(copies), inputs))
-                logits = self.run(list(copies), inputs)
+                self.parallel.send(("step", copies, inputs))
+                logits = self.run(copies, inputs)
             except RuntimeError as e:  # a collective failed: a worker that died says so
                 raise self.parallel.explained(e) from e
         prompt = PromptLogits(spans, logits[num_last:]) if spans else None

@@ -76,8 +76,8 @@ class MultiHeadLatentAttention(nn.Module):
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)[:, None]  # [B, 1, T, rank]: one "head"
         q_rope, k_rope = self._rotated(q_rope, cos_sin), self._rotated(k_rope[:, None], cos_sin)
-        weights = self._absorbed_weights()
         if isinstance(meta, PagedAttentionMetadata):
+            weights = self._absorbed_weights()
             if weights is None:
                 raise ValueError(
                     "the paged (serving) form of multi-head latent attention folds kv_b_proj's "
@@ -88,7 +88,9 @@ class MultiHeadLatentAttention(nn.Module):
                                   meta)
         latent, k_rope, meta = _cached(latent, k_rope, meta, self.layer)
         s = latent.shape[2]
-        if t < s and weights is not None:  # a cached prefix: decode steps, continued prompts
+        # a cached prefix (decode steps, continued prompts): the absorbed form, whose weights
+        # (de-quantized, for a quantized kv_b_proj) a fresh prompt does not need
+        if t < s and (weights := self._absorbed_weights()) is not None:
             return self._absorbed(q_nope, q_rope, torch.cat([latent, k_rope], dim=-1), weights,
                                   meta)
         kv = self.kv_b_proj(latent[:, 0]).view(b, s, self.num_heads, -1).transpose(1, 2)

@@ -163,14 +163,12 @@ def shard_model(model: nn.Module, rank: int, world_size: int, group=None,
             elif isinstance(module, MultiHeadLatentAttention):
                 local_heads = _shard_latent_attention(module, parallel)
             elif isinstance(module, (GatedMLP, Expert)):
-                gate, up, down = (_gated_layers(module) if isinstance(module, GatedMLP)
-                                  else module.projections())
-                lo, hi = even_split(gate.out_features, world_size, rank)
-                names = (("gate_proj", "up_proj", "down_proj") if isinstance(module, GatedMLP)
-                         else module.names)
-                for name, layer in zip(names[:2], (gate, up), strict=True):
-                    setattr(module, name, _rows(layer, lo, hi))
-                setattr(module, names[2], _columns(down, lo, hi, parallel))
+                gate, up, down = (("gate_proj", "up_proj", "down_proj")
+                                  if isinstance(module, GatedMLP) else module.names)
+                lo, hi = even_split(getattr(module, gate).out_features, world_size, rank)
+                for name in (gate, up):
+                    setattr(module, name, _rows(getattr(module, name), lo, hi))
+                setattr(module, down, _columns(getattr(module, down), lo, hi, parallel))
             elif isinstance(module, GeluMLP):
                 lo, hi = even_split(module.up_proj.out_features, world_size, rank)
                 module.up_proj = _rows(module.up_proj, lo, hi)
@@ -204,13 +202,8 @@ def _check_shardable(model: nn.Module) -> None:
         if isinstance(module, (nn.Linear, QuantizedLinear)) and not isinstance(module, _SPLITTABLE):
             raise ValueError(
                 f"{name} is a {type(module).__name__}: tensor parallelism splits full-precision, "
-                "int8, W8A8 and int4 linear layers (a GGUF file's block formats are not split "
-                "yet): load the model in full precision, or quantize it with "
-                "mlx_core.transforms.quantize")
-
-
-def _gated_layers(mlp: GatedMLP) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
-    return mlp.gate_proj, mlp.up_proj, mlp.down_proj
+                "int8, W8A8 and int4 linear layers only: load the model in full precision, or "
+                "quantize it with mlx_core.transforms.quantize")
 
 
 def _shard_attention(attention: Attention, config, parallel: TensorParallel) -> tuple[int, int]:
