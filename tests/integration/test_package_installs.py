@@ -221,14 +221,17 @@ def test_adapters_install_and_wrap_a_tiny_model_in_lora(tmp_path):
 
 @pytest.mark.slow
 def test_train_installs_and_runs_a_recipe(tmp_path, tiny_model_dir):
-    """mlx-train with its dependencies: its commands are listed and `mlx train lora_finetune`
-    (the recipe's YAML from the installed package) fine-tunes a tiny model and saves an
-    adapter."""
+    """mlx-train with its dependencies: its commands are listed, its lm_eval start-up hook runs,
+    and `mlx train lora_finetune` (the recipe's YAML from the installed package) fine-tunes a
+    tiny model and saves an adapter."""
     python = fresh_venv(tmp_path / "venv", package("mlx_core", "[torch]"),
                         package("mlx_kernels", "[torch]"), package("mlx_adapters"),
                         package("mlx_train"), torch=True)
     assert installed(python) == {"mlx_core", "mlx_kernels", "mlx_adapters", "mlx_train"}
     assert "mlx recipes list" in mlx_help(python, "train")
+    # the wheel's mlx_train_lm_eval.pth (the `lm_eval --model mlx` hook) runs at start-up
+    started = run(python, "-c", "import sys; print('_mlx_train_lm_eval' in sys.modules)")
+    assert started.stdout.strip() == "True", started.stderr
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"w{a} w{a + 1}", "output": f"w{a + 1} w{a}"})
                             + "\n" for a in range(20, 52)))

@@ -4,6 +4,11 @@ identical accuracies and generations), with and without a LoRA adapter; the serv
 JAX backends equal the torch one; ``mlx eval`` end to end; a user's task by --include-path."""
 
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,6 +184,28 @@ def test_bad_tasks_and_adapters_fail_clearly(tiny_dir, tmp_path):
     assert result.exit_code == 1 and "is not a directory" in result.output
     result = runner.invoke(app, ["eval", str(tiny_dir), "--backend", "tpu"])
     assert result.exit_code == 1 and "unknown backend 'tpu'" in result.output
+
+
+def _lm_eval_console(*args, register="1"):
+    """lm-eval's own console script in this environment, as a user runs it."""
+    env = {**os.environ, "MLX_LM_EVAL_REGISTER": register}
+    return subprocess.run([str(Path(sys.executable).parent / "lm_eval"), *map(str, args)],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_plain_lm_eval_runs_model_mlx(tiny_dir):
+    """mlx-train's start-up hook registers ``mlx`` when lm_eval loads its models: the harness's
+    own ``lm_eval --model mlx`` scores a shipped task; with the hook off, lm_eval lists its own
+    models only (so it is the hook, not lm_eval, that finds ours)."""
+    from mlx_train.lm_eval.task_data import TASKS_DIR
+
+    args = ["--model", "mlx", "--model_args", f"pretrained={tiny_dir}", "--tasks",
+            "mlx_arithmetic", "--include_path", TASKS_DIR, "--limit", "3"]
+    done = _lm_eval_console(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"\|mlx_arithmetic\|.*\|acc\s+\|", done.stdout), done.stdout
+    off = _lm_eval_console(*args, register="0")
+    assert off.returncode != 0 and "no model for this name found" in off.stderr
 
 
 def test_the_shipped_code_book_is_the_quickstarts_held_out_set():

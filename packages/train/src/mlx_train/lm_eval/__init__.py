@@ -8,9 +8,11 @@
   flat scores a training run records; ``cli``: ``mlx eval``.
 
 lm_eval 0.4 finds models only in its own list (it reads no entry points), so ``register()``
-adds ours to its registry in this process: ``mlx eval`` and ``python -m mlx_train.lm_eval``
-(lm_eval's own command line, with ``--model mlx`` / ``--model mlx-serve`` and the shipped tasks
-available) call it; in Python, call it before ``lm_eval.simple_evaluate(model="mlx", ...)``.
+adds ours to its registry in this process. The start-up hook that the wheel installs
+(``_mlx_train_lm_eval``, run by ``mlx_train_lm_eval.pth``) calls it when lm_eval loads its models,
+so a plain ``lm_eval --model mlx`` and ``lm_eval.simple_evaluate(model="mlx", ...)`` find ours;
+``mlx eval`` and ``python -m mlx_train.lm_eval`` call it themselves (they work with the hook off,
+``MLX_LM_EVAL_REGISTER=0``).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ the ``mlx`` and ``mlx-serve`` models registered and the shipped tasks' directory
     python -m mlx_train.lm_eval --model mlx --model_args pretrained=smollm2-135m-instruct \\
         --tasks mlx_arithmetic --limit 8
 
-lm_eval reads no plugin entry points, so a plain ``lm_eval --model mlx`` cannot find the class.
+A plain ``lm_eval --model mlx`` works too, through the start-up hook that mlx-train installs
+(``_mlx_train_lm_eval``); this entry point needs no hook and includes the shipped tasks.
 """
 
 from __future__ import annotations
