@@ -26,7 +26,15 @@ CONFIGS = {  # transformers config class, HF model class, GGUF architecture, ext
     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
              dict(tie_word_embeddings=False, pad_token_id=0, bos_token_id=0, eos_token_id=2)),
 }
-TRANSFORMERS_READS = ("qwen2", "qwen3", "phi3")  # transformers' GGUF loader has no olmo2
+# Gemma: sandwich norms (stored as 1 + weight), soft-caps (2), q/k norms and a second RoPE base
+# (3), sliding windows shorter than the test's sequences. head_dim 256: transformers' GGUF loader
+# leaves query_pre_attn_scalar at its default of 256, and llama.cpp scales by head_dim
+_GEMMA = dict(head_dim=256, sliding_window=8, pad_token_id=0, bos_token_id=0, eos_token_id=2)
+CONFIGS["gemma2"] = (transformers.Gemma2Config, transformers.Gemma2ForCausalLM, _GEMMA)
+# six layers: llama.cpp's (and HF's default) five sliding layers to one full one
+CONFIGS["gemma3"] = (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
+                     dict(_GEMMA, num_hidden_layers=6))
+TRANSFORMERS_READS = ("qwen2", "qwen3", "phi3", "gemma2", "gemma3")  # it has no olmo2 loader
 
 
 def _tokenizer():
@@ -57,8 +65,13 @@ def _write_gguf(path, hf, tok, arch: str, quantized=None):
     writer.add_key_length(head_dim)  # Qwen3's 128 is not hidden / heads here
     writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    writer.add_rope_freq_base(c.rope_parameters["rope_theta"] if getattr(c, "rope_parameters", None)
-                              else c.rope_theta)
+    rope = getattr(c, "rope_parameters", None) or {"rope_theta": c.rope_theta}
+    writer.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
+    if arch.startswith("gemma"):  # what llama.cpp's converter writes for Gemma
+        writer.add_sliding_window(c.sliding_window)
+        if arch == "gemma2":
+            writer.add_attn_logit_softcapping(c.attn_logit_softcapping)
+            writer.add_final_logit_softcapping(c.final_logit_softcapping)
     model = json.loads(tok.to_str())["model"]
     tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
@@ -75,6 +88,8 @@ def _write_gguf(path, hf, tok, arch: str, quantized=None):
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
         array = tensor.float().numpy()
+        if arch.startswith("gemma") and name.endswith("norm.weight"):
+            array = array + 1  # llama.cpp stores Gemma's (1 + weight)
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if quantized is not None and array.ndim == 2:
             writer.add_tensor(gguf_name, gguf.quants.quantize(array, quantized),
@@ -91,10 +106,10 @@ def _write_gguf(path, hf, tok, arch: str, quantized=None):
 def _source_model(arch: str, tok):
     config_class, model_class, extra = CONFIGS[arch]
     torch.manual_seed(0)
-    hf = model_class(config_class(
-        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        **extra)).eval()
+    hf = model_class(config_class(**{
+        "vocab_size": tok.get_vocab_size(), "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 128, **extra})).eval()
     with torch.no_grad():  # biases and norms away from their zero / one init
         for name, p in hf.named_parameters():
             if name.endswith("bias") or "norm" in name:
@@ -115,7 +130,7 @@ def written(request, tmp_path_factory):
 def test_logits_equal_transformers_gguf_loading_and_the_source_model(written):
     arch, hf, _, path = written
     ours = load_model(path)
-    assert ours.config.model_type == arch
+    assert ours.config.model_type == {"gemma3": "gemma3_text"}.get(arch, arch)
     ids = torch.randint(0, hf.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
     logits = ours(ids)
     assert (logits - hf(ids).logits).abs().max() < 1e-4
@@ -141,16 +156,18 @@ def test_tokenizer_equals_transformers_gguf_tokenizer(written):
 
 
 @torch.no_grad()
-def test_fused_phi3_tensors_split_as_shipped_quantized(tmp_path):
-    """Phi-3's Q8_0 attn_qkv and ffn_up rows split into the zoo's projections without being
-    de-quantized (quantization="gguf"): the logits of the same file de-quantized to fp32."""
+@pytest.mark.parametrize("arch", ["phi3", "gemma3"])
+def test_shipped_quantized_equals_dequantized(tmp_path, arch):
+    """Q8_0 files loaded as shipped (quantization="gguf": Phi-3's attn_qkv and ffn_up rows split
+    into the zoo's projections without being de-quantized; Gemma's F32 norms offset as when
+    de-quantizing): the logits of the same file de-quantized to fp32."""
     import gguf
 
     from mlx_core.transforms import Int8Linear
 
     tok = _tokenizer()
-    hf = _source_model("phi3", tok)
-    path = _write_gguf(tmp_path / "phi3-q8.gguf", hf, tok, "phi3", gguf.GGMLQuantizationType.Q8_0)
+    hf = _source_model(arch, tok)
+    path = _write_gguf(tmp_path / f"{arch}-q8.gguf", hf, tok, arch, gguf.GGMLQuantizationType.Q8_0)
     shipped, dequantized = load_model(path, quantization="gguf"), load_model(path)
     attention = shipped.model.layers[0].self_attn
     assert isinstance(attention.q_proj, Int8Linear) and isinstance(attention.v_proj, Int8Linear)

@@ -26,6 +26,7 @@ import numpy as np
 
 from mlx_core.gguf_convert import (
     GGUFModel,
+    as_hf_values,
     hf_config,
     named_tensors,
     split_fused,
@@ -123,13 +124,17 @@ def read_gguf_blocks(path: str | Path) -> GGUFModel:
     path = Path(path)
     meta, named = named_tensors(path, f"reading {path.name}")
     tensors: dict[str, np.ndarray] = {}
-    for name, t, heads in named:
+    for entry in named:
+        name, t, heads = entry.name, entry.tensor, entry.heads
         kind = t.tensor_type.name
         rows, cols = (int(t.shape[1]), int(t.shape[0])) if len(t.shape) == 2 else (None, None)
         prefix = name.removesuffix(".weight")
         if kind in ("F32", "F16"):
             w = np.array(t.data, dtype=np.float32).reshape(tuple(reversed([int(s) for s in t.shape])))
-            tensors[name] = unpermute_rows(np.ascontiguousarray(w), heads)
+            tensors[name] = as_hf_values(np.ascontiguousarray(w), entry)
+        elif entry.offset:  # llama.cpp keeps norms in float; an offset on codes would be wrong
+            raise ValueError(f"{path.name}: tensor {t.name} is {kind}; mlx reads this one "
+                             "(a norm) as F32 or F16 only")
         elif kind in _READERS:
             parts = _READERS[kind](np.asarray(t.data), rows, cols)
             suffixes = ("qweight", "scales", "mins") if kind in INT4_TYPES else ("qweight", "scale")

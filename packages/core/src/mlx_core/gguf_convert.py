@@ -18,7 +18,7 @@ from mlx_core.config import ModelConfig
 
 # llama.cpp's "llama" covers Llama 2/3, Mistral and SmolLM2; its model_type here for each
 _MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "olmo2": "olmo2",
-                "phi3": "phi3"}
+                "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3_text"}
 SUPPORTED_ARCHS = tuple(_MODEL_TYPES)
 
 # GGUF name (``{}`` = layer) -> HF Llama name: every architecture's, then each one's own.
@@ -36,6 +36,11 @@ _NAMES = {
     "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
     "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
 }
+_GEMMA_NORMS = {
+    "blk.{}.post_attention_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "blk.{}.ffn_norm.weight": "model.layers.{}.pre_feedforward_layernorm.weight",
+    "blk.{}.post_ffw_norm.weight": "model.layers.{}.post_feedforward_layernorm.weight",
+}
 _ARCH_NAMES = {
     "qwen2": {f"blk.{{}}.attn_{p}.bias": f"model.layers.{{}}.self_attn.{p}_proj.bias"
               for p in "qkv"},
@@ -49,6 +54,11 @@ _ARCH_NAMES = {
     # Phi-3: q/k/v in one tensor, gate/up in another (split_fused), as its HF checkpoints
     "phi3": {"blk.{}.attn_qkv.weight": "model.layers.{}.self_attn.qkv_proj.weight",
              "blk.{}.ffn_up.weight": "model.layers.{}.mlp.gate_up_proj.weight"},
+    # Gemma 2: a norm before and after attention and MLP (llama.cpp's ffn_norm is the one before)
+    "gemma2": _GEMMA_NORMS,
+    # Gemma 3: those, and per-head q/k norms
+    "gemma3": {**_GEMMA_NORMS, **{f"blk.{{}}.attn_{p}_norm.weight":
+                                  f"model.layers.{{}}.self_attn.{p}_norm.weight" for p in "qk"}},
 }
 # tensors an architecture does not have (OLMo 2 normalises after each block, not before)
 _ARCH_ABSENT = {"olmo2": ("blk.{}.attn_norm.weight", "blk.{}.ffn_norm.weight"),
@@ -57,6 +67,8 @@ _ARCH_ABSENT = {"olmo2": ("blk.{}.attn_norm.weight", "blk.{}.ffn_norm.weight"),
 _IGNORED = ("rope_freqs.weight",)  # llama.cpp's precomputed RoPE factors; we derive them
 # llama.cpp permutes Q/K rows for its "llama" RoPE layout only; qwen2/qwen3 keep HF's (NeoX) one
 _PERMUTED_ARCHS = ("llama",)
+# Gemma's RMSNorms scale by (1 + weight); llama.cpp stores 1 + weight, HF the weight: -1 on load
+_NORM_OFFSET_ARCHS = ("gemma2", "gemma3")
 
 
 def _check_arch(arch, where: str) -> None:
@@ -124,6 +136,8 @@ def hf_config(meta: dict[str, Any], vocab_size: int, tied: bool) -> dict[str, An
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
     }
+    if arch in ("gemma2", "gemma3"):
+        hf.update(_gemma_fields(meta, arch))
     scaling_type = get("rope.scaling.type")
     if scaling_type == "linear":
         hf["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
@@ -133,16 +147,62 @@ def hf_config(meta: dict[str, Any], vocab_size: int, tied: bool) -> dict[str, An
     return ModelConfig.from_hf_config(hf).to_hf_config()
 
 
+# llama.cpp scales Gemma's queries by model size: its 27B models by hidden_size / heads (what
+# their HF configs' query_pre_attn_scalar says, 144 and 168), every other size by head_dim
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def _gemma_fields(meta: dict[str, Any], arch: str) -> dict[str, Any]:
+    """What a Gemma 2/3 config.json holds beyond Llama's, from llama.cpp's keys (and the values
+    llama.cpp fixes for these families where the file has no key)."""
+    def get(key, default=None):
+        return meta.get(f"{arch}.{key}", default)
+
+    hidden, heads = get("embedding_length"), get("attention.head_count")
+    head_dim = get("attention.key_length", hidden // heads)
+    scale = get("attention.scale")
+    fields = {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": (1.0 / float(scale) ** 2 if scale
+                                  else hidden // heads if get("block_count") == _GEMMA_27B_LAYERS[arch]
+                                  else head_dim),
+        "sliding_window": get("attention.sliding_window", 4096),
+    }
+    if arch == "gemma2":
+        fields["attn_logit_softcapping"] = get("attn_logit_softcapping", 50.0)
+        fields["final_logit_softcapping"] = get("final_logit_softcapping", 30.0)
+        return fields
+    # Gemma 3: five sliding layers to one full one, and a RoPE base of 10,000 on the sliding
+    # ones, unless the file says otherwise (a pattern: its period, or a flag per layer)
+    pattern = get("attention.sliding_window_pattern", 6)
+    if isinstance(pattern, (list, tuple)):
+        fields["layer_types"] = ["sliding_attention" if s else "full_attention" for s in pattern]
+    else:
+        fields["sliding_window_pattern"] = int(pattern)
+    fields["rope_local_base_freq"] = float(get("rope.freq_base_swa", 10_000.0))
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if get(key) is not None:
+            fields[key] = float(get(key))
+    return fields
+
+
 class GGUFModel(NamedTuple):
     hf_config: dict[str, Any]  # what config.json holds
     tensors: dict[str, np.ndarray]  # fp32, under HF Llama names
     metadata: dict[str, Any]  # the GGUF key/value metadata (tokenizer included)
 
 
+class NamedTensor(NamedTuple):
+    """One GGUF tensor under its HF name, with what turns llama.cpp's values into HF's."""
+    name: str
+    tensor: Any  # the gguf reader's tensor
+    heads: int | None  # undo llama.cpp's Q/K row permutation over this many heads (None: none)
+    offset: float  # added to the values read (Gemma's norms: -1; else 0)
+
+
 def named_tensors(path: str | Path, description: str):
-    """``(metadata, [(HF name, reader tensor, heads or None)])`` of a GGUF file: each tensor under
-    its HF Llama name, with the head count to undo llama.cpp's Q/K row permutation by (None for
-    other tensors). Raises on an unsupported architecture or an unexpected tensor."""
+    """``(metadata, [NamedTensor])`` of a GGUF file. Raises on an unsupported architecture or
+    an unexpected tensor."""
     path = Path(path)
     reader = _open(path)
     meta = _metadata(reader)
@@ -168,7 +228,8 @@ def named_tensors(path: str | Path, description: str):
         if arch in _PERMUTED_ARCHS:
             permuted = (heads if template.endswith("attn_q.weight")
                         else kv_heads if template.endswith("attn_k.weight") else None)
-        named.append((names[template].format(layer), t, permuted))
+        offset = -1.0 if arch in _NORM_OFFSET_ARCHS and template.endswith("norm.weight") else 0.0
+        named.append(NamedTensor(names[template].format(layer), t, permuted, offset))
     return meta, _progress(named, description)
 
 
@@ -196,6 +257,12 @@ def unpermute_rows(w: np.ndarray, heads: int | None) -> np.ndarray:
     return w if heads is None else _unpermute(w, heads)
 
 
+def as_hf_values(w: np.ndarray, entry: NamedTensor) -> np.ndarray:
+    """A float tensor's values as HF has them: rows un-permuted, offset added."""
+    w = unpermute_rows(w, entry.heads)
+    return w + np.float32(entry.offset) if entry.offset else w
+
+
 def read_gguf(path: str | Path) -> GGUFModel:
     """Read, de-quantize and rename every tensor of a GGUF file."""
     import gguf
@@ -203,9 +270,10 @@ def read_gguf(path: str | Path) -> GGUFModel:
     path = Path(path)
     meta, named = named_tensors(path, f"de-quantizing {path.name}")
     tensors: dict[str, np.ndarray] = {}
-    for name, t, heads in named:
+    for entry in named:
+        t = entry.tensor
         w = np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-        tensors[name] = unpermute_rows(w, heads)
+        tensors[entry.name] = as_hf_values(w, entry)
     vocab_size = tensors["model.embed_tokens.weight"].shape[0]
     config = hf_config(meta, vocab_size, tied="lm_head.weight" not in tensors)
     split_fused(config, tensors)
