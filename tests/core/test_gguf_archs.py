@@ -49,6 +49,22 @@ def _tokenizer():
     return tok
 
 
+def add_tokenizer(writer, tok):
+    """``tok`` (byte-level BPE) as llama.cpp writes one: the "qwen2" pre-tokenizer, control
+    tokens <|...|>, ids 0 / 2 / 0 for BOS / EOS / padding."""
+    model = json.loads(tok.to_str())["model"]
+    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(0)  # transformers' Phi-3 otherwise takes 32000, past this vocabulary
+
+
 def _write_gguf(path, hf, tok, arch: str, quantized=None):
     """``quantized``: a gguf.GGMLQuantizationType for the 2-D tensors (else all F32)."""
     import gguf
@@ -72,35 +88,35 @@ def _write_gguf(path, hf, tok, arch: str, quantized=None):
         if arch == "gemma2":
             writer.add_attn_logit_softcapping(c.attn_logit_softcapping)
             writer.add_final_logit_softcapping(c.final_logit_softcapping)
-    model = json.loads(tok.to_str())["model"]
-    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(0)
-    writer.add_eos_token_id(2)
-    writer.add_pad_token_id(0)  # transformers' Phi-3 otherwise takes 32000, past this vocabulary
+    add_tokenizer(writer, tok)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
+    tensors = {}
     for name, tensor in hf.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
         array = tensor.float().numpy()
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             array = array + 1  # llama.cpp stores Gemma's (1 + weight)
-        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
-        if quantized is not None and array.ndim == 2:
-            writer.add_tensor(gguf_name, gguf.quants.quantize(array, quantized),
-                              raw_dtype=quantized)
+        tensors[names.get_name(name, try_suffixes=(".weight", ".bias"))] = array
+    write_tensors(writer, tensors, quantized)
+    return path
+
+
+def write_tensors(writer, tensors, quantized=None):
+    """Finish a GGUF file with ``tensors`` (GGUF name -> fp32 array); ``quantized``: the type
+    its matrices (rows a multiple of 32 long) are written in, else all F32."""
+    import gguf
+
+    for name, array in tensors.items():
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if quantized is not None and array.ndim >= 2 and array.shape[-1] % 32 == 0:
+            writer.add_tensor(name, gguf.quants.quantize(array, quantized), raw_dtype=quantized)
         else:
-            writer.add_tensor(gguf_name, array)
+            writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path
 
 
 def _source_model(arch: str, tok):
@@ -179,13 +195,14 @@ def test_shipped_quantized_equals_dequantized(tmp_path, arch):
 def test_an_unsupported_architecture_is_named(tmp_path):
     import gguf
 
-    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "deepseek2")
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "mamba")
     writer.add_block_count(1)
     writer.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ValueError, match="GGUF architecture 'deepseek2' is not supported yet; "
-                                         "supported: llama, qwen2, qwen3, olmo2, phi3"):
+    with pytest.raises(ValueError, match="GGUF architecture 'mamba' is not supported yet; "
+                                         "supported: llama, qwen2, qwen3, olmo2, phi3, gemma2, "
+                                         "gemma3, deepseek2$"):
         load_model(tmp_path / "m.gguf")

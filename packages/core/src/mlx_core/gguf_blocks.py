@@ -1,6 +1,9 @@
 """GGUF quantized tensors read as they are shipped, into mlx's quantized layouts (numpy, no
-torch). No fp32 copy of a quantized weight is ever made; F32/F16 tensors load as fp32. Layouts:
-mlx_kernels.quantized_linear.
+torch). No fp32 copy of a quantized weight is ever made, except DeepSeek's few that the zoo
+keeps in full precision (MoE routers; ``kv_b_proj`` where a file splits it into ``attn_k_b``,
+quantized along the other axis, and ``attn_v_b``: ``gguf_deepseek``); F32/F16 tensors load as
+fp32. A 3-D tensor (stacked experts) is read as its rows, each part ``[experts, rows, ...]``.
+Layouts: mlx_kernels.quantized_linear.
 
 - int4 (``qweight`` [N, K/2], ``scales`` and ``mins`` [N, K/32], ``w = q * scale + min``):
   Q4_0 = fp16 d + 16 bytes (element j in byte j's low nibble, j + 16 in its high one),
@@ -27,11 +30,13 @@ import numpy as np
 from mlx_core.gguf_convert import (
     GGUFModel,
     as_hf_values,
+    dequantized,
     hf_config,
     named_tensors,
     split_fused,
     unpermute_rows,
 )
+from mlx_core.gguf_deepseek import READ_DEQUANTIZED
 
 BLOCK = 32
 SUPER_BLOCK = 256  # the K-quants'
@@ -127,11 +132,12 @@ def read_gguf_blocks(path: str | Path) -> GGUFModel:
     for entry in named:
         name, t, heads = entry.name, entry.tensor, entry.heads
         kind = t.tensor_type.name
-        rows, cols = (int(t.shape[1]), int(t.shape[0])) if len(t.shape) == 2 else (None, None)
+        shape = tuple(reversed([int(s) for s in t.shape]))  # numpy's order: [..., rows, cols]
+        rows, cols = int(np.prod(shape[:-1])), shape[-1]
         prefix = name.removesuffix(".weight")
-        if kind in ("F32", "F16"):
-            w = np.array(t.data, dtype=np.float32).reshape(tuple(reversed([int(s) for s in t.shape])))
-            tensors[name] = as_hf_values(np.ascontiguousarray(w), entry)
+        if kind in ("F32", "F16") or name.endswith(READ_DEQUANTIZED):
+            w = np.array(dequantized(t).reshape(shape))  # a copy: torch takes writable arrays
+            tensors[name] = as_hf_values(w, entry)
         elif entry.offset:  # llama.cpp keeps norms in float; an offset on codes would be wrong
             raise ValueError(f"{path.name}: tensor {t.name} is {kind}; mlx reads this one "
                              "(a norm) as F32 or F16 only")
@@ -139,6 +145,7 @@ def read_gguf_blocks(path: str | Path) -> GGUFModel:
             parts = _READERS[kind](np.asarray(t.data), rows, cols)
             suffixes = ("qweight", "scales", "mins") if kind in INT4_TYPES else ("qweight", "scale")
             for suffix, part in zip(suffixes, parts, strict=True):
+                part = part.reshape(*shape[:-1], part.shape[-1])  # stacked: [experts, rows, ...]
                 tensors[f"{prefix}.{suffix}"] = np.ascontiguousarray(unpermute_rows(part, heads))
         else:
             raise ValueError(f"{path.name}: tensor {t.name} is {kind}, which mlx does not read as "
@@ -150,5 +157,5 @@ def read_gguf_blocks(path: str | Path) -> GGUFModel:
                  if k in (f"{embedding}.weight", f"{embedding}.qweight"))
     tied = not any(k.startswith("lm_head.") for k in tensors)
     config = hf_config(meta, vocab, tied)
-    split_fused(config, tensors)  # quantized rows split as fp32 ones do
+    split_fused(config, tensors)  # quantized rows split (experts unstacked) as fp32 ones are
     return GGUFModel(config, tensors, meta)

@@ -14,11 +14,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from mlx_core import gguf_deepseek
 from mlx_core.config import ModelConfig
 
 # llama.cpp's "llama" covers Llama 2/3, Mistral and SmolLM2; its model_type here for each
+# ("deepseek2": DeepSeek-V2, or V3 where its experts are gated by sigmoid; gguf_deepseek)
 _MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "olmo2": "olmo2",
-                "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3_text"}
+                "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3_text",
+                "deepseek2": "deepseek_v2"}
 SUPPORTED_ARCHS = tuple(_MODEL_TYPES)
 
 # GGUF name (``{}`` = layer) -> HF Llama name: every architecture's, then each one's own.
@@ -59,11 +62,14 @@ _ARCH_NAMES = {
     # Gemma 3: those, and per-head q/k norms
     "gemma3": {**_GEMMA_NORMS, **{f"blk.{{}}.attn_{p}_norm.weight":
                                   f"model.layers.{{}}.self_attn.{p}_norm.weight" for p in "qk"}},
+    # DeepSeek-V2/V3: multi-head latent attention, routed (stacked) and shared experts
+    "deepseek2": gguf_deepseek.NAMES,
 }
 # tensors an architecture does not have (OLMo 2 normalises after each block, not before)
 _ARCH_ABSENT = {"olmo2": ("blk.{}.attn_norm.weight", "blk.{}.ffn_norm.weight"),
                 "phi3": ("blk.{}.attn_q.weight", "blk.{}.attn_k.weight", "blk.{}.attn_v.weight",
-                         "blk.{}.ffn_gate.weight")}
+                         "blk.{}.ffn_gate.weight"),
+                "deepseek2": gguf_deepseek.ABSENT}
 _IGNORED = ("rope_freqs.weight",)  # llama.cpp's precomputed RoPE factors; we derive them
 # llama.cpp permutes Q/K rows for its "llama" RoPE layout only; qwen2/qwen3 keep HF's (NeoX) one
 _PERMUTED_ARCHS = ("llama",)
@@ -120,14 +126,11 @@ def hf_config(meta: dict[str, Any], vocab_size: int, tied: bool) -> dict[str, An
     heads = get("attention.head_count")
     hidden = get("embedding_length")
     hf = {
-        "model_type": _MODEL_TYPES[arch],
         "vocab_size": vocab_size,
         "hidden_size": hidden,
         "intermediate_size": get("feed_forward_length"),
         "num_hidden_layers": get("block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": get("attention.head_count_kv", heads),
-        "head_dim": get("attention.key_length", hidden // heads),
         "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": float(get("rope.freq_base", 10000.0)),
         "max_position_embeddings": get("context_length", 4096),
@@ -136,6 +139,12 @@ def hf_config(meta: dict[str, Any], vocab_size: int, tied: bool) -> dict[str, An
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
     }
+    if arch == "deepseek2":  # its key/value lengths and rope scaling are its own (gguf_deepseek)
+        hf.update(gguf_deepseek.hf_fields(get))
+        return ModelConfig.from_hf_config(hf).to_hf_config()
+    hf.update(model_type=_MODEL_TYPES[arch],
+              num_key_value_heads=get("attention.head_count_kv", heads),
+              head_dim=get("attention.key_length", hidden // heads))
     if arch in ("gemma2", "gemma3"):
         hf.update(_gemma_fields(meta, arch))
     scaling_type = get("rope.scaling.type")
@@ -236,7 +245,11 @@ def named_tensors(path: str | Path, description: str):
 def split_fused(config: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
     """Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` tensors (fp32 ``.weight``, or a quantized
     layout's per-row ``.qweight`` / ``.scale(s)`` / ``.mins``) split by rows, in place, into the
-    zoo's separate projections."""
+    zoo's separate projections; DeepSeek's stacked experts split and ``kv_b_proj`` rebuilt
+    (``gguf_deepseek.assemble``)."""
+    if config["model_type"] in gguf_deepseek.MODEL_TYPES:
+        gguf_deepseek.assemble(config, tensors)
+        return
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     q, kv = heads * head_dim, kv_heads * head_dim
@@ -263,17 +276,21 @@ def as_hf_values(w: np.ndarray, entry: NamedTensor) -> np.ndarray:
     return w + np.float32(entry.offset) if entry.offset else w
 
 
-def read_gguf(path: str | Path) -> GGUFModel:
-    """Read, de-quantize and rename every tensor of a GGUF file."""
+def dequantized(tensor) -> np.ndarray:
+    """A gguf reader's tensor as fp32 values, in numpy's order (``[..., rows, cols]``)."""
     import gguf
 
+    return np.ascontiguousarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type),
+                                dtype=np.float32)
+
+
+def read_gguf(path: str | Path) -> GGUFModel:
+    """Read, de-quantize and rename every tensor of a GGUF file."""
     path = Path(path)
     meta, named = named_tensors(path, f"de-quantizing {path.name}")
     tensors: dict[str, np.ndarray] = {}
     for entry in named:
-        t = entry.tensor
-        w = np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-        tensors[entry.name] = as_hf_values(w, entry)
+        tensors[entry.name] = as_hf_values(dequantized(entry.tensor), entry)
     vocab_size = tensors["model.embed_tokens.weight"].shape[0]
     config = hf_config(meta, vocab_size, tied="lm_head.weight" not in tensors)
     split_fused(config, tensors)
