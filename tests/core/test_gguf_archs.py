@@ -5,6 +5,7 @@ the zoo with the logits of transformers' own GGUF loader (1e-4) and of the model
 and with the tokenizer they were written with."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -83,6 +84,14 @@ def _write_gguf(path, hf, tok, arch: str, quantized=None):
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     rope = getattr(c, "rope_parameters", None) or {"rope_theta": c.rope_theta}
     writer.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
+    tensors = {}
+    if rope.get("rope_type") == "longrope":  # llama.cpp's Phi-3: factors as tensors, two keys
+        original = rope["original_max_position_embeddings"]
+        scale = c.max_position_embeddings / original
+        writer.add_rope_scaling_orig_ctx_len(original)
+        writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)))
+        for which in ("long", "short"):
+            tensors[f"rope_factors_{which}.weight"] = np.array(rope[f"{which}_factor"], np.float32)
     if arch.startswith("gemma"):  # what llama.cpp's converter writes for Gemma
         writer.add_sliding_window(c.sliding_window)
         if arch == "gemma2":
@@ -90,7 +99,6 @@ def _write_gguf(path, hf, tok, arch: str, quantized=None):
             writer.add_final_logit_softcapping(c.final_logit_softcapping)
     add_tokenizer(writer, tok)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
-    tensors = {}
     for name, tensor in hf.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
@@ -190,6 +198,28 @@ def test_shipped_quantized_equals_dequantized(tmp_path, arch):
     assert isinstance(shipped.model.layers[0].mlp.up_proj, Int8Linear)
     ids = torch.randint(0, hf.config.vocab_size, (1, 11), generator=torch.Generator().manual_seed(2))
     assert (shipped(ids) - dequantized(ids)).abs().max() < 1e-3
+
+
+@torch.no_grad()
+def test_phi3_longrope_factors_load_from_their_tensors(tmp_path):
+    """Phi-3's LongRoPE as llama.cpp writes it (rope_factors_long / _short tensors, the trained
+    context and attention factor as keys): logits equal the source model's on both sides of the
+    switch from short to long factors (original context 8)."""
+    tok = _tokenizer()
+    config_class, model_class, extra = CONFIGS["phi3"]
+    torch.manual_seed(0)
+    hf = model_class(config_class(
+        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        original_max_position_embeddings=8, initializer_range=0.2,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0 + 0.3 * i for i in range(8)],
+                      "long_factor": [1.0 + 2.0 * i for i in range(8)]}, **extra)).eval()
+    ours = load_model(_write_gguf(tmp_path / "phi3-longrope.gguf", hf, tok, "phi3"))
+    assert ours.config.rope_scaling["long_factor"] == [1.0 + 2.0 * i for i in range(8)]
+    for length in (6, 17):  # short factors, then long ones
+        ids = torch.randint(0, hf.config.vocab_size, (1, length),
+                            generator=torch.Generator().manual_seed(length))
+        assert (ours(ids) - hf(ids).logits).abs().max() < 1e-4, length
 
 
 def test_an_unsupported_architecture_is_named(tmp_path):

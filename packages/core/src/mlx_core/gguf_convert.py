@@ -71,6 +71,10 @@ _ARCH_ABSENT = {"olmo2": ("blk.{}.attn_norm.weight", "blk.{}.ffn_norm.weight"),
                          "blk.{}.ffn_gate.weight"),
                 "deepseek2": gguf_deepseek.ABSENT}
 _IGNORED = ("rope_freqs.weight",)  # llama.cpp's precomputed RoPE factors; we derive them
+# Phi-3's LongRoPE factors, which llama.cpp writes as tensors: HF's rope_scaling lists
+_LONGROPE_FACTORS = {"rope_factors_long.weight": "long_factor",
+                     "rope_factors_short.weight": "short_factor"}
+_LONGROPE_ARCHS = ("phi3",)
 # llama.cpp permutes Q/K rows for its "llama" RoPE layout only; qwen2/qwen3 keep HF's (NeoX) one
 _PERMUTED_ARCHS = ("llama",)
 # Gemma's RMSNorms scale by (1 + weight); llama.cpp stores 1 + weight, HF the weight: -1 on load
@@ -148,12 +152,32 @@ def hf_config(meta: dict[str, Any], vocab_size: int, tied: bool) -> dict[str, An
     if arch in ("gemma2", "gemma3"):
         hf.update(_gemma_fields(meta, arch))
     scaling_type = get("rope.scaling.type")
-    if scaling_type == "linear":
+    if "long_factor" in meta:  # Phi-3's LongRoPE (named_tensors put its factors in meta)
+        hf["rope_scaling"] = _longrope_scaling(meta, get)
+        # Phi-3's config also says it at the top level, where HF reads it first
+        hf["original_max_position_embeddings"] = hf["rope_scaling"]["original_max_position_embeddings"]
+    elif scaling_type == "linear":
         hf["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
     elif scaling_type not in (None, "none"):
         raise ValueError(f"GGUF rope scaling {scaling_type!r} is not supported yet")
     # Validate and normalise through our config, so the file says what our config writes.
     return ModelConfig.from_hf_config(hf).to_hf_config()
+
+
+def _longrope_scaling(meta: dict[str, Any], get) -> dict[str, Any]:
+    """HF's LongRoPE ``rope_scaling`` from llama.cpp's factor tensors and its keys: the context
+    the model was trained at, and the attention factor where the file has one (else HF derives
+    the same value from the two lengths)."""
+    if "short_factor" not in meta:
+        raise ValueError("GGUF LongRoPE needs both rope_factors_long and rope_factors_short")
+    original = get("rope.scaling.original_context_length")
+    if original is None:
+        raise ValueError("GGUF LongRoPE needs rope.scaling.original_context_length")
+    scaling = {"rope_type": "longrope", "long_factor": meta["long_factor"],
+               "short_factor": meta["short_factor"], "original_max_position_embeddings": original}
+    if get("rope.scaling.attn_factor") is not None:
+        scaling["attention_factor"] = float(get("rope.scaling.attn_factor"))
+    return scaling
 
 
 # llama.cpp scales Gemma's queries by model size: its 27B models by hidden_size / heads (what
@@ -226,9 +250,12 @@ def named_tensors(path: str | Path, description: str):
     for t in reader.tensors:
         if t.name in _IGNORED:
             continue
-        if t.name.startswith("rope_factors_"):
-            raise ValueError(f"{path.name}: {t.name} holds LongRoPE factors, which GGUF loading "
-                             "does not read yet: load the model from its HF directory instead")
+        if t.name in _LONGROPE_FACTORS:  # config, not weights: hf_config reads them from meta
+            if arch not in _LONGROPE_ARCHS:
+                raise ValueError(f"{path.name}: {t.name} (LongRoPE factors) in a {arch!r} file; "
+                                 f"mlx reads them in {', '.join(_LONGROPE_ARCHS)} files only")
+            meta[_LONGROPE_FACTORS[t.name]] = [float(v) for v in np.asarray(t.data, np.float32)]
+            continue
         m = re.fullmatch(r"blk\.(\d+)\.(.+)", t.name)
         template, layer = (f"blk.{{}}.{m.group(2)}", m.group(1)) if m else (t.name, None)
         if template not in names:
