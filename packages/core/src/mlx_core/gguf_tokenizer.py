@@ -34,28 +34,103 @@ SUPPORTED_MODELS = ("gpt2", "llama")  # tokenizer.ggml.model: byte-level BPE, Se
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 _SPACE = "\u2581"  # how SentencePiece spells a space
 _GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
+# llama.cpp's pre-tokenizers (src/llama-vocab.cpp: llm_tokenizer_bpe's regex_exprs for each
+# LLAMA_VOCAB_PRE_TYPE_*, and llama_vocab::impl::load for the tokenizer.ggml.pre names of each).
+# A list of regexes applied in order, each splitting the pieces the one before left and keeping
+# both its matches and the text between them ("isolated"). Where llama.cpp quotes the model's own
+# tokenizer.json regex and runs a rewrite its std::regex can take, the tokenizer.json one is used
+# (transformers' GGUF loader uses it too): the rewrites of llama3/qwen2/qwen35 spell
+# (?i:'s|...) as '[sS]|..., and those of tekken/gpt-4o split off combining marks ("हिन्दी") and a
+# non-ASCII capital after a small letter, which the model's own tokenizer does not.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2/3: digits one by one
+_QWEN35_SPLIT = (  # Qwen3.5: combining marks stay with their letters
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TEKKEN_SPLIT = (  # Mistral Nemo and later: CamelCase parts apart, digits one by one
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O_SPLIT = (  # o200k (Llama 4, MiniMax-M2): tekken's words with contractions, digits in 3s
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# DeepSeek's, as llama.cpp's C++ spells them (the same escapes in Python); DeepSeek-V3's equal
+# the Split pre-tokenizers of DeepSeek-V3's own tokenizer.json.
+_CJK_HANGUL = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
+_DEEPSEEK_LLM_LETTERS = (  # cased letters: Latin, Greek, Cyrillic, Armenian, Georgian, ...
+    "\\s?[A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293"
+    "\u0295-\u02af\u0370-\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c"
+    "\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f\u0531-\u0556\u10a0-\u10c5"
+    "\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77"
+    "\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59"
+    "\u1f5b\u1f5d\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc"
+    "\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc\u2102\u2107"
+    "\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134\u2139"
+    "\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee"
+    "\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e"
+    "\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f"
+    "\U000104b0-\U000104d3\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2"
+    "\U000118a0-\U000118df\U0001e900-\U0001e943]+"
+)
+_DEEPSEEK_LLM = (  # DeepSeek-V2 and DeepSeek LLM
+    "[\r\n]",
+    _DEEPSEEK_LLM_LETTERS,
+    "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
+    "\\s+$",
+    _CJK_HANGUL,
+    "\\p{N}+",
+)
+_DEEPSEEK_CODER = ("[\r\n]", "\\s?\\p{L}+", "\\s?\\p{P}+", _CJK_HANGUL, "\\p{N}")
+_DEEPSEEK_V3 = (  # DeepSeek-V3 and R1
+    "\\p{N}{1,3}",
+    "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+    "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+"
+    "| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+",
+)
+# tokenizer.ggml.pre -> its regexes, grouped as llama.cpp groups the names: those of generative
+# byte-level BPE models (not embedding models', nor kimi-k2's or afmoe's, which llama.cpp splits
+# with code of its own, nor the rarer ones: chameleon, bloom, poro-chat, viking, superbpe, ...)
+PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {name: splits for splits, names in (
+    ((_GPT2_SPLIT,), ("gpt-2", "phi-2", "mpt", "olmo", "jais", "trillion", "granite-docling",
+                      "exaone4", "gigachat", "a.x-4.0", "mellum")),
+    (("\\p{N}", _GPT2_SPLIT), ("starcoder", "refact", "command-r", "smollm", "codeshell",
+                               "exaone", "minerva-7b", "mellum2")),
+    (("[\\p{P}\\$\\+<=>\\^~\\|`]+", _GPT2_SPLIT, "[0-9][0-9][0-9]"), ("falcon",)),
+    ((_LLAMA3_SPLIT,), ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral",
+                        "midm-2.0", "lfm2", "dbrx", "smaug-bpe", "chatglm-bpe", "glm4", "glm5")),
+    ((_QWEN2_SPLIT,), ("qwen2", "deepseek-r1-qwen", "stablelm2", "hunyuan", "solar-open",
+                       "megrez", "kormo", "f2llmv2", "grok-2")),
+    ((_QWEN35_SPLIT,), ("qwen35",)),
+    ((_TEKKEN_SPLIT,), ("tekken",)),
+    ((_GPT4O_SPLIT,), ("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2")),
+    (_DEEPSEEK_LLM, ("deepseek-llm",)),
+    (_DEEPSEEK_CODER, ("deepseek-coder",)),
+    (_DEEPSEEK_V3, ("deepseek-v3", "hunyuan-dense", "joyai-llm", "hy_v4")),
+) for name in names}
+_GPT2_DEFAULTS = (None, "default", "gpt2")  # no name, or not llama.cpp's: GPT-2's split
 
 
 def _pre_tokenizer(pre: str | None):
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in (None, "default", "gpt-2", "gpt2"):
-        return byte_level
-    if pre == "smollm":  # SmolLM: digits one by one, then GPT-2's split
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    split = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
-             "smaug-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}.get(pre)
-    if split is not None:
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(split), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
-    raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported yet; "
-                     "supported: gpt2/default, smollm, llama3, qwen2")
+    if pre in _GPT2_DEFAULTS:
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    splits = PRE_TOKENIZER_SPLITS.get(pre)
+    if splits is None:
+        raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported yet; supported: "
+                         f"gpt2/default, {', '.join(sorted(PRE_TOKENIZER_SPLITS))}")
+    return pre_tokenizers.Sequence([
+        *(pre_tokenizers.Split(Regex(split), behavior="isolated") for split in splits),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
 
 
 def _token(meta: dict[str, Any], key: str) -> str | None:
