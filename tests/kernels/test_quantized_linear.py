@@ -1,7 +1,8 @@
 """Quantized linear ops against their torch references (dequantize + ``F.linear``), odd shapes.
 
-Tolerances: the references are exact (dequantized weights, fp32 GEMM). The CPU int8/int4 fast
-paths run torch's kernels on bf16 activations (8 mantissa bits): each input rounds by up to 2^-9
+Tolerances: the references are exact (dequantized weights, fp32 GEMM). Per-channel int8 at one
+row runs the native loop on fp32 activations: the reference to fp32 rounding. The other CPU
+int8/int4 fast paths run torch's kernels on bf16 activations (8 mantissa bits): each input rounds by up to 2^-9
 relative and the output is returned from bf16, so they agree with the reference to ~1e-2 of the
 output's scale, which is what the tests allow. W8A8's native quantize/epilogue agree with its
 reference to fp32 rounding (an FMA in the epilogue), 1e-6 relative.
@@ -83,7 +84,8 @@ def test_bad_int4_group_sizes_name_the_choices():
 @pytest.mark.parametrize("rows", [1, 5, 64, 65])
 @pytest.mark.parametrize("bias", [False, True])
 def test_int8_linear_matches_its_reference(shape, rows, bias):
-    """2 x rows: up to INT8_FAST_ROWS torch's kernel (bf16 activations), beyond the reference."""
+    """2 x rows: up to NATIVE_INT8_ROWS the native loop, up to INT8_FAST_ROWS torch's kernel
+    (bf16 activations), beyond the reference."""
     torch.manual_seed(rows)
     w, x = torch.randn(shape), torch.randn(2, rows, shape[1])
     b = torch.randn(shape[0]) if bias else None
@@ -96,6 +98,22 @@ def test_int8_linear_matches_its_reference(shape, rows, bias):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     else:
         _close_to_scale(got, want, 1e-2)
+
+
+@pytest.mark.parametrize("shape", [*SHAPES, (33, 100)])  # 100 inputs: the loop without AVX-512
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_runs_the_native_loop_at_one_row(shape, bias):
+    """A decode step's one row: the native loop on fp32 activations, the reference to fp32
+    rounding (a sum of K products in another order)."""
+    torch.manual_seed(shape[0])
+    w, x = torch.randn(shape), torch.randn(1, 1, shape[1])
+    b = torch.randn(shape[0]) if bias else None
+    q, scale = ql.quantize_int8(w)
+    want = F.linear(x, ql.dequantize_int8(q, scale), b)
+    with torch.inference_mode():
+        got = ql.int8_linear(x, q, scale, b, cpu_layout=ql.CpuLayout())
+    assert ql.NATIVE_INT8_ROWS >= 1 and got.shape == want.shape
+    _close_to_scale(got, want, 1e-5)
 
 
 @pytest.mark.parametrize("shape,group_size", [(s, 32) for s in SHAPES] + [((64, 64), 64),
@@ -276,8 +294,10 @@ def test_each_op_compiles_whole_and_equals_its_eager_call(kind):
 
 
 def test_compiling_before_any_eager_call_names_the_fix():
-    q, s = ql.quantize_int8(torch.randn(32, 64))
+    """torch's int4 kernel takes a layout made on the first eager call (per-channel int8 at one
+    row runs the native loop, which needs none)."""
+    tensors = ql.quantize_int4(torch.randn(32, 64), 32)
     layout = ql.CpuLayout()
-    step = torch.compile(lambda x: ql.int8_linear(x, q, s, cpu_layout=layout), fullgraph=True)
+    step = torch.compile(lambda x: ql.int4_linear(x, *tensors, cpu_layout=layout), fullgraph=True)
     with torch.inference_mode(), pytest.raises(Exception, match="run the model once before compiling"):
         step(torch.randn(1, 64))
