@@ -129,6 +129,28 @@ def _deepseek(version, **changes):
     return model
 
 
+@torch.no_grad()
+def test_deepseek_v3_multi_token_prediction_layers_are_left_out(tmp_path):
+    """A V3 checkpoint with its MTP module saved as the layer past num_hidden_layers (as the
+    released ones: layer 61 of 0-60) loads without it, as HF's does: the same logits."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    hf = _deepseek("V3", q_lora_rank=24, n_group=2, topk_group=1, num_nextn_predict_layers=1).eval()
+    hf.save_pretrained(tmp_path)
+    (path,) = tmp_path.glob("*.safetensors")
+    tensors = load_file(path)
+    mtp = hf.config.num_hidden_layers
+    extra = {f"model.layers.{mtp}.{k.split('.', 3)[3]}": v.clone()
+             for k, v in tensors.items() if k.startswith("model.layers.1.")}
+    extra.update({f"model.layers.{mtp}.eh_proj.weight": torch.randn(32, 64),
+                  f"model.layers.{mtp}.enorm.weight": torch.ones(32)})
+    save_file({**tensors, **extra}, str(path), metadata={"format": "pt"})
+    ours = load_model(tmp_path)
+    ids, _ = _inputs()
+    assert (ours(ids) - hf(ids).logits).abs().max() < 1e-4
+
+
 def _qwen3_moe(**changes):
     config = {**_TINY, "moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2,
               **changes}

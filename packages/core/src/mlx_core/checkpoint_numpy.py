@@ -159,6 +159,21 @@ def _phi3_to_hf(tensors: dict, ops: ArrayOps) -> dict:
     return out
 
 
+_LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def _without_mtp_layers(config, tensors: dict) -> dict:
+    """DeepSeek-V3 checkpoints append their multi-token-prediction module as layers past
+    ``num_hidden_layers`` (V3's layer 61); decoding does not run it, and HF transformers drops it
+    on load too: left out. (Drafting tokens with it, as speculative decoding would, is not
+    built.)"""
+    def in_model(name: str) -> bool:
+        m = _LAYER_INDEX.match(name)
+        return m is None or int(m.group(1)) < config.num_layers
+
+    return {k: v for k, v in tensors.items() if in_model(k)}
+
+
 def map_hf_to_ours(config, tensors: dict, ops: ArrayOps) -> dict:
     """HF checkpoint names -> the zoo's names, for a model of ``config`` (a ``ModelConfig``):
     GPT-2's Conv1D weights transposed and its packed q/k/v split, Phi-3's packed q/k/v and
@@ -166,6 +181,8 @@ def map_hf_to_ours(config, tensors: dict, ops: ArrayOps) -> dict:
     loader to report as unexpected."""
     model_type = config.model_type
     tensors = {k: v for k, v in tensors.items() if not IGNORED.search(k)}
+    if model_type == "deepseek_v3":
+        tensors = _without_mtp_layers(config, tensors)
     if model_type == "phi3":
         return _phi3_to_ours(config, tensors)
     if model_type != "gpt2":
