@@ -77,6 +77,43 @@ def test_triton_decode_matches_reference(window, dtype_tol, triton_backend):
     assert_close(got, want, atol, rtol)
 
 
+# --- Gemma 2's soft-cap: every path against the reference (which test_softcap_attention checks
+# against the formula in float64) ------------------------------------------------------------
+
+CAP = 5.0  # queries scaled up so that scores of 5-15 are common: the cap changes the output a lot
+
+
+def _capped_case(dtype, heads=HQ):
+    kc, vc, tables, k, v, slots = _filled_cache(dtype)
+    write_kv_cache_reference(k, v, kc, vc, slots)
+    q = (torch.randn(len(LENGTHS), heads, D) * 4).to(dtype)
+    return q, kc, vc, tables, torch.tensor(LENGTHS, dtype=torch.int32)
+
+
+def _assert_capped(got, args, window, atol, rtol, scale=None):
+    """``got`` equals the capped reference and is far from the uncapped one (a kernel that
+    ignored the cap fails)."""
+    want = paged_attention_decode_reference(*args, scale=scale, sliding_window=window, softcap=CAP)
+    assert_close(got, want, atol, rtol)
+    uncapped = paged_attention_decode_reference(*args, scale=scale, sliding_window=window)
+    assert (got.float() - uncapped.float()).abs().max() > max(0.1, 10 * atol)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("dtype_tol", DTYPES)
+def test_triton_decode_with_softcap_matches_reference(window, dtype_tol, triton_backend):
+    dtype, atol, rtol = dtype_tol
+    args = _capped_case(dtype)  # GQA 6/2, head_dim 24, lengths 5, 11, 1, 16 over 4-token blocks
+    got = paged_attention_decode(*args, sliding_window=window, softcap=CAP)
+    _assert_capped(got, args, window, atol, rtol)
+
+
+def test_softcap_must_be_positive():
+    with pytest.raises(ValueError, match="softcap must be > 0"):
+        paged_attention_decode(*_capped_case(torch.float32), softcap=0.0)
+
+
 def test_bad_layouts_are_named():
     kc = torch.zeros(4, 3, HKV, D)
     with pytest.raises(ValueError, match="power of two"):
@@ -109,6 +146,21 @@ def test_native_decode_equals_reference(native, window, heads):
     want = paged_attention_decode_reference(q, kc, vc, tables, lens, scale=D**-0.5,
                                             sliding_window=window)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)  # fp32, another summation order
+
+
+@pytest.mark.parametrize("window", [None, 2, 7])
+@pytest.mark.parametrize("heads", [HQ, HKV], ids=["gqa", "mha"])
+def test_native_decode_with_softcap_equals_reference(native, monkeypatch, window, heads):
+    from mlx_kernels import paged_attention
+
+    calls = []
+    real = paged_attention._decode_native
+    monkeypatch.setattr(paged_attention, "_decode_native", lambda *a: calls.append(1) or real(*a))
+    q, *rest = _capped_case(torch.float32, heads)
+    args = (q.transpose(0, 1).contiguous().transpose(0, 1), *rest)  # strided, as paged_attend passes
+    got = paged_attention_decode(*args, sliding_window=window, softcap=CAP, scale=0.3)
+    assert calls == [1]  # the C kernel answered, not the reference
+    _assert_capped(got, args, window, 1e-5, 1e-5, scale=0.3)  # fp32; its tanh within 2e-7 * cap
 
 
 def test_native_decode_runs_by_default_on_cpu_and_not_under_torch_setting(native, monkeypatch):

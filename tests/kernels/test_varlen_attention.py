@@ -71,6 +71,48 @@ def test_triton_reads_cached_prefix_from_paged_blocks(window, triton_backend):
     torch.testing.assert_close(got[last], decode, atol=1e-5, rtol=1e-5)
 
 
+# --- Gemma 2's soft-cap (scores -> cap * tanh(scores / cap) before mask and softmax) --------
+
+CAP = 5.0  # queries scaled up so that scores of 5-15 are common: the cap changes the output a lot
+
+
+def _assert_capped(got, args, atol, rtol, **kwargs):
+    """``got`` equals the capped reference and is far from the uncapped one (a kernel that
+    ignored the cap fails)."""
+    assert_close(got, varlen_attention_reference(*args, softcap=CAP, **kwargs), atol, rtol)
+    uncapped = varlen_attention_reference(*args, **kwargs)
+    assert (got.float() - uncapped.float()).abs().max() > max(0.1, 10 * atol)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype_tol", DTYPES)
+def test_triton_packed_with_softcap_matches_reference(window, causal, dtype_tol, triton_backend):
+    dtype, atol, rtol = dtype_tol
+    torch.manual_seed(0)
+    lengths = [5, 33, 1, 17]
+    cu, total = _cu(lengths), sum(lengths)
+    q = (torch.randn(total, HQ, D) * 4).to(dtype)
+    k, v = torch.randn(total, HKV, D, dtype=dtype), torch.randn(total, HKV, D, dtype=dtype)
+    got = varlen_attention(q, k, v, cu, cu, causal=causal, sliding_window=window, softcap=CAP)
+    _assert_capped(got, (q, k, v, cu, cu), atol, rtol, causal=causal, sliding_window=window)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("window", [None, 5])
+def test_triton_paged_prefix_with_softcap_matches_reference(window, triton_backend):
+    torch.manual_seed(0)
+    block, num_blocks = 4, 40
+    kc, vc = torch.randn(num_blocks, block, HKV, D), torch.randn(num_blocks, block, HKV, D)
+    keys_len, queries_len = [9, 20, 3], [4, 20, 1]
+    tables = torch.randperm(num_blocks)[:18].view(3, 6).int()
+    q = torch.randn(sum(queries_len), HQ, D) * 4
+    args = (q, kc, vc, _cu(queries_len), _cu(keys_len))
+    got = varlen_attention(*args, block_tables=tables, sliding_window=window, softcap=CAP)
+    _assert_capped(got, args, 1e-5, 1e-5, block_tables=tables, sliding_window=window)
+
+
 # --- the native CPU kernel (C, built at first use) for a few queries per sequence after a cached
 # prefix: chunked prefill, prefix-cache continuation, speculative verification ------------------
 
@@ -130,6 +172,18 @@ def test_native_paged_chunks_honour_scale_and_strided_q(native):
                                       sliding_window=9)
     assert native == [True]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("shape", [(9, 3, 64), (HQ, HQ, D)], ids=["gqa-smollm2", "mha"])
+def test_native_paged_chunks_with_softcap_equal_reference(native, window, shape):
+    q, kc, vc, cu_q, cu_k, tables = _paged_chunks(CHUNKS, *shape)
+    q = q * 4  # scores ~ N(0, 16) at any head_dim: the default scale undoes its sqrt
+    got = varlen_attention(q, kc, vc, cu_q, cu_k, block_tables=tables, sliding_window=window,
+                           softcap=CAP)
+    assert native == [True]  # the native kernel answered, not the reference
+    _assert_capped(got, (q, kc, vc, cu_q, cu_k), 1e-5, 1e-5, block_tables=tables,
+                   sliding_window=window, scale=shape[2] ** -0.5)
 
 
 def test_native_one_query_per_sequence_equals_decode(native):

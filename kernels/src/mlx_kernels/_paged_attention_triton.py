@@ -8,10 +8,21 @@ from mlx_kernels._grid import next_power_of_2
 
 
 @triton.jit
-def _paged_decode(Q, K_CACHE, V_CACHE, BLOCK_TABLES, CONTEXT_LENS, OUT, scale,
+def softcap_scores(s, cap):
+    """Gemma 2's ``cap * tanh(s / cap)`` in fp32. tanh from ``e = exp(-2|x|)`` in (0, 1], which
+    never overflows: ``sign(x) (1 - e) / (1 + e)``. libdevice's tanh is an extern call, which the
+    interpreter (how these kernels are tested without a GPU) cannot run, and ``tl`` has no tanh."""
+    t = s / cap
+    e = tl.exp(-2.0 * tl.abs(t))
+    return tl.where(t >= 0, cap, -cap) * (1.0 - e) / (1.0 + e)
+
+
+@triton.jit
+def _paged_decode(Q, K_CACHE, V_CACHE, BLOCK_TABLES, CONTEXT_LENS, OUT, scale, softcap,
                   stride_qb, stride_qh, stride_bt, stride_cb, stride_cs, stride_ch,
                   HEADS_PER_KV, HEAD_DIM, WINDOW,
-                  BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr):
+                  BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     kv_head = h // HEADS_PER_KV
@@ -34,7 +45,10 @@ def _paged_decode(Q, K_CACHE, V_CACHE, BLOCK_TABLES, CONTEXT_LENS, OUT, scale,
         tile_mask = valid[:, None] & d_mask[None, :]
         k = tl.load(K_CACHE + rows, mask=tile_mask, other=0.0).to(tl.float32)
         v = tl.load(V_CACHE + rows, mask=tile_mask, other=0.0).to(tl.float32)
-        s = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
+        s = tl.sum(k * q[None, :], axis=1)  # q carries the scale
+        if HAS_SOFTCAP:
+            s = softcap_scores(s, softcap)
+        s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         p = tl.exp(s - m_new)
         alpha = tl.exp(m_i - m_new)
@@ -45,16 +59,17 @@ def _paged_decode(Q, K_CACHE, V_CACHE, BLOCK_TABLES, CONTEXT_LENS, OUT, scale,
     tl.store(OUT + b * stride_qb + h * stride_qh + d, out.to(OUT.dtype.element_ty), mask=d_mask)
 
 
-def decode(query, key_cache, value_cache, block_tables, context_lens, scale, sliding_window):
+def decode(query, key_cache, value_cache, block_tables, context_lens, scale, sliding_window,
+           softcap=None):
     b, heads, dim = query.shape
     query = query.contiguous()
     out = torch.empty_like(query)
     _paged_decode[(b, heads)](
         query, key_cache, value_cache, block_tables.contiguous(), context_lens.contiguous(), out,
-        scale, query.stride(0), query.stride(1), block_tables.stride(0),
+        scale, softcap or 0.0, query.stride(0), query.stride(1), block_tables.stride(0),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         heads // key_cache.shape[2], dim, sliding_window or 0,
         BLOCK_SIZE=key_cache.shape[1], BLOCK_D=next_power_of_2(dim),
-        HAS_WINDOW=sliding_window is not None,
+        HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
     )
     return out

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from mlx_kernels._grid import next_power_of_2
+from mlx_kernels._paged_attention_triton import softcap_scores
 from mlx_kernels.dispatch import interpreter_on
 
 BLOCK_M = 16
@@ -16,11 +17,11 @@ BLOCK_N = 16
 
 
 @triton.jit
-def _varlen_fwd(Q, K, V, OUT, CU_Q, CU_K, BLOCK_TABLES, scale,
+def _varlen_fwd(Q, K, V, OUT, CU_Q, CU_K, BLOCK_TABLES, scale, softcap,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_kblock, stride_bt,
                 HEADS_PER_KV, HEAD_DIM, WINDOW,
                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PAGED: tl.constexpr,
-                PAGE: tl.constexpr, IEEE: tl.constexpr,
+                PAGE: tl.constexpr, IEEE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     seq = tl.program_id(0)
     m_block = tl.program_id(1)
@@ -67,6 +68,8 @@ def _varlen_fwd(Q, K, V, OUT, CU_Q, CU_K, BLOCK_TABLES, scale,
                 s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
             else:
                 s = tl.dot(q, tl.trans(k)) * scale
+            if HAS_SOFTCAP:
+                s = softcap_scores(s, softcap)
             mask = row_mask[:, None] & col_mask[None, :]
             if CAUSAL:
                 mask = mask & (cols[None, :] <= q_pos[:, None])
@@ -90,7 +93,7 @@ def _varlen_fwd(Q, K, V, OUT, CU_Q, CU_K, BLOCK_TABLES, scale,
 
 
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, sliding_window, scale,
-            block_tables):
+            block_tables, softcap=None):
     q = q.contiguous()
     k, v = k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
@@ -101,10 +104,12 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, sliding_w
     grid = (num_seqs, triton.cdiv(max_seqlen_q, BLOCK_M), heads)
     _varlen_fwd[grid](
         q, k, v, out, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), tables, scale,
+        softcap or 0.0,
         q.stride(0), q.stride(1), k.stride(-3), k.stride(-2), k.stride(0) if paged else 0,
         tables.stride(0) if paged else 0, heads // k.shape[-2], dim, sliding_window or 0,
         CAUSAL=causal, HAS_WINDOW=sliding_window is not None, PAGED=paged,
         PAGE=k.shape[1] if paged else 1, IEEE=q.dtype == torch.float32 or interpreter_on(),
+        HAS_SOFTCAP=softcap is not None,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(next_power_of_2(dim), 16),
     )
     return out

@@ -67,30 +67,30 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_c
     """``query [B, heads, head_dim]`` attends to its sequence's ``context_lens[b]`` cached tokens.
 
     GQA when ``heads`` is a multiple of the caches' ``kv_heads``; ``sliding_window`` keeps only
-    the last that many keys. ``scale`` defaults to ``1/sqrt(head_dim)``; ``softcap`` (Gemma 2)
-    caps the scores, on the torch reference only (no kernel has it yet). fp32/bf16/fp16; returns
-    ``[B, heads, head_dim]`` in the query's dtype. Inference only (no gradient).
+    the last that many keys. ``scale`` defaults to ``1/sqrt(head_dim)``; ``softcap`` (Gemma 2,
+    > 0) makes the scaled scores ``softcap * tanh(score / softcap)`` before the mask and softmax.
+    fp32/bf16/fp16; returns ``[B, heads, head_dim]`` in the query's dtype. Inference only (no
+    gradient).
     """
     _check(query, key_cache, value_cache, block_tables, context_lens)
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 (or None), got {softcap}")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    if softcap is not None:
-        return paged_attention_decode_reference(query, key_cache, value_cache, block_tables,
-                                                context_lens, scale=scale,
-                                                sliding_window=sliding_window, softcap=softcap)
     if backend_for(query.device) == "triton":
         from mlx_kernels import _paged_attention_triton
 
         return _paged_attention_triton.decode(query, key_cache, value_cache, block_tables,
-                                              context_lens, scale, sliding_window)
+                                              context_lens, scale, sliding_window, softcap)
     if native_cpu(query, key_cache, value_cache):
         return _decode_native(query, key_cache, value_cache, block_tables, context_lens, scale,
-                              sliding_window)
+                              sliding_window, softcap)
     return paged_attention_decode_reference(query, key_cache, value_cache, block_tables,
-                                            context_lens, scale=scale, sliding_window=sliding_window)
+                                            context_lens, scale=scale, sliding_window=sliding_window,
+                                            softcap=softcap)
 
 
 def _decode_native(query, key_cache, value_cache, block_tables, context_lens, scale,
-                   sliding_window):
+                   sliding_window, softcap):
     """The C loop of ``_cpu_kernels.c``: each cached key and value read once, in place in its
     block (the reference first copies every sequence's blocks out, padded to the longest)."""
     lens = context_lens.to(torch.int32).contiguous()
@@ -100,16 +100,16 @@ def _decode_native(query, key_cache, value_cache, block_tables, context_lens, sc
         raise ValueError(f"context_lens must be in [1, max_blocks * block_size = "
                          f"{tables.shape[1] * key_cache.shape[1]}]; got {lens.tolist()}")
     return native_paged_attention(query, key_cache, value_cache, tables, lens, None, scale,
-                                  sliding_window)
+                                  sliding_window, softcap)
 
 
 def native_paged_attention(query, key_cache, value_cache, tables, lens, cu_q, scale,
-                           sliding_window):
+                           sliding_window, softcap=None):
     """Run ``paged_attention_f32`` of ``_cpu_kernels.c`` (fp32 CPU; lengths already checked).
 
     ``tables [B, max_blocks]``, ``lens [B]`` and ``cu_q [B + 1]`` (or None: one query per
-    sequence) int32 contiguous; ``query [total_q, heads, head_dim]``. Returns ``out`` like
-    ``query``; a table entry in use outside the cache raises ValueError."""
+    sequence) int32 contiguous; ``query [total_q, heads, head_dim]``; ``softcap`` > 0 or None.
+    Returns ``out`` like ``query``; a table entry in use outside the cache raises ValueError."""
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1 (or None), got {sliding_window}")
     num_blocks, block_size, kv_heads, dim = key_cache.shape
@@ -119,7 +119,7 @@ def native_paged_attention(query, key_cache, value_cache, tables, lens, cu_q, sc
         query.data_ptr(), keys.data_ptr(), values.data_ptr(), tables.data_ptr(), lens.data_ptr(),
         None if cu_q is None else cu_q.data_ptr(), out.data_ptr(), lens.shape[0], kv_heads,
         query.shape[1] // kv_heads, dim, block_size, tables.shape[1], num_blocks,
-        sliding_window or 0, scale)
+        sliding_window or 0, scale, softcap or 0.0)  # the C side reads a cap of 0 as none
     if status == -2:
         raise ValueError(f"a block table entry in use is outside [0, {num_blocks}): "
                          "block_tables must name blocks of this cache")

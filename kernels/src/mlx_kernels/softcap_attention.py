@@ -1,8 +1,8 @@
 """Scaled dot-product attention with optional logit soft-capping (Gemma 2): the scores become
 ``softcap * tanh(scores / softcap)`` before the mask and the softmax, as HF's eager attention
 computes them. Without a cap it is ``F.scaled_dot_product_attention`` itself; with one it is
-written out in fp32 (SDPA takes no score transform), the torch reference every attention path
-(the zoo's, paged decode's, varlen prefill's) falls back to when a cap is set.
+written out in fp32 (SDPA takes no score transform): the zoo's attention with a cap, and the
+reference of paged decode's and varlen prefill's kernels, which cap their scores themselves.
 """
 
 from __future__ import annotations

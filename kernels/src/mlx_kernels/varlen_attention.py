@@ -81,8 +81,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      softcap: float | None = None) -> torch.Tensor:
     """Packed attention; see the module docstring for the layouts. Returns ``[total_q, heads,
     head_dim]`` in q's dtype. GQA when ``heads`` is a multiple of ``kv_heads``; ``scale``
-    defaults to ``1/sqrt(head_dim)``; ``softcap`` (Gemma 2) caps the scores, on the torch
-    reference only (no kernel has it yet). Inference only (no gradient)."""
+    defaults to ``1/sqrt(head_dim)``; ``softcap`` (Gemma 2, > 0) makes the scaled scores
+    ``softcap * tanh(score / softcap)`` before the mask and softmax. Inference only (no
+    gradient)."""
     if q.dim() != 3 or k.shape != v.shape or q.shape[1] % k.shape[-2] or q.shape[2] != k.shape[-1]:
         raise ValueError(f"varlen_attention: q [total_q, heads, D] and k/v [..., kv_heads, D] with "
                          f"heads a multiple of kv_heads; got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -92,30 +93,29 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if block_tables is not None and (k.dim() != 4 or k.shape[1] & (k.shape[1] - 1)):
         raise ValueError("with block_tables, k and v are paged caches [num_blocks, block_size, "
                          "kv_heads, head_dim] with a power-of-two block_size")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 (or None), got {softcap}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if softcap is not None:
-        return varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal,
-                                          sliding_window=sliding_window, scale=scale,
-                                          block_tables=block_tables, softcap=softcap)
     if backend_for(q.device) == "triton":
         from mlx_kernels import _varlen_attention_triton
 
         if max_seqlen_q is None:
             max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
         return _varlen_attention_triton.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                causal, sliding_window, scale, block_tables)
+                                                causal, sliding_window, scale, block_tables,
+                                                softcap)
     if block_tables is not None and causal and native_cpu(q, k, v):
         lq = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
         if len(lq) > 1 and int(lq.max()) <= NATIVE_MAX_QUERIES:
             return _paged_native(q, k, v, cu_seqlens_q, cu_seqlens_k, lq, sliding_window, scale,
-                                 block_tables)
+                                 block_tables, softcap)
     return varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal,
                                       sliding_window=sliding_window, scale=scale,
-                                      block_tables=block_tables)
+                                      block_tables=block_tables, softcap=softcap)
 
 
 def _paged_native(q, key_cache, value_cache, cu_seqlens_q, cu_seqlens_k, lq, sliding_window, scale,
-                  block_tables):
+                  block_tables, softcap):
     """A few queries per sequence over its paged keys/values: the native loop reads each cached
     row once for all heads and queries (the reference copies the sequence's blocks out and runs
     SDPA on it, one sequence at a time)."""
@@ -131,4 +131,4 @@ def _paged_native(q, key_cache, value_cache, cu_seqlens_q, cu_seqlens_k, lq, sli
                          f"{tuple(block_tables.shape)}")
     as_int32 = [t.to(torch.int32).contiguous() for t in (block_tables, lk, cu_seqlens_q)]
     return paged_attention.native_paged_attention(q, key_cache, value_cache, *as_int32, scale,
-                                                  sliding_window)
+                                                  sliding_window, softcap)
