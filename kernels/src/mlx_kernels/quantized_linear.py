@@ -16,17 +16,20 @@ The torch references dequantize and call ``F.linear`` (autograd flows to the inp
 needs). On GPUs (and under ``MLX_KERNELS=triton``) int8 and int4 run a Triton dequant-matmul
 (``_quantized_linear_triton``) in inference; W8A8 runs its reference there.
 
-On CPU, in fp32 inference under ``MLX_KERNELS=auto``: int8 up to ``NATIVE_INT8_ROWS`` rows
-(decode) runs the native loop ``int8_group_linear_f32`` on fp32 activations (one group of all K
-inputs: 6.1 ms over the built-in model's fused weights at one row against 11.4 ms for torch's
-kernel, 2 threads, AVX-512 VNNI; it asks for weight bytes 8 KiB ahead of its reads, which the
-hardware prefetcher does not do for rows this short). Beyond that int8 / int4 run torch's own
-kernels ``torch._weight_int8pack_mm`` / ``torch._weight_int4pack_mm_for_cpu`` up to
-``INT8_FAST_ROWS`` / ``INT4_FAST_ROWS`` rows. Their fast kernels take bf16 activations (the input is rounded to bf16
-and the output comes back from bf16, as torchao's CPU layouts run them). Measured on the
-built-in model's 211 weights (2 threads, Sapphire Rapids), one row: fp32 19.5 ms, int8 10.7,
-int4 (G=32) 5.0. Beyond those row counts a dequantized fp32 GEMM wins. int8 with a scale per
-group (GGUF's Q8_0) has no torch CPU kernel: a native C loop runs it (fp32 activations). W8A8
+On CPU, in fp32 inference under ``MLX_KERNELS=auto``, up to ``INT8_FAST_ROWS`` rows, int8
+runs the native loop ``int8_group_linear_f32`` on fp32 activations (per channel: one group of
+all K inputs; GGUF's Q8_0: groups of 32). It asks for weight bytes 8 KiB ahead of its reads,
+which the hardware prefetcher does not do for rows this short: over the built-in model's fused
+weights, 2 threads, AVX-512 VNNI, 6.1 ms at one row against 11.4 ms for torch's
+``_weight_int8pack_mm``; even at 16 rows, 10-20% slower at 32-128. It computes every row
+alike, whatever else is in the batch, so a sequence's tokens do not depend on what it is
+batched with (torch's kernel at a few rows and the fp32 GEMM beyond would differ by bf16
+rounding). int4 runs torch's ``torch._weight_int4pack_mm_for_cpu`` up to ``INT4_FAST_ROWS``
+rows; it takes bf16 activations (the input is rounded to bf16 and the output comes back from
+bf16, as torchao's CPU layouts run it), as does ``_weight_int8pack_mm``, int8's kernel where the
+native loop is not built. Measured on the built-in model's 211 weights (2 threads, Sapphire
+Rapids), one row: fp32 19.5 ms, torch's int8 10.7, int4 (G=32) 5.0. Beyond those row counts a
+dequantized fp32 GEMM wins. W8A8
 quantizes each activation row in a native C loop and runs oneDNN's int8 GEMM on a prepacked
 weight (``torch._int_mm`` for a single row), scaling back in a second C loop.
 """
@@ -45,10 +48,6 @@ from mlx_kernels.linear import PACKED_ROWS_HINT, _identity
 # (28 of the built-in model's weights, 2 threads, Sapphire Rapids: int8 12.7 vs 22.4 ms at 64
 # rows, even at 128, 44 vs 38 at 256; int4 42 vs 66 ms at 256, 63 vs 72 at 384, 86 vs 78 at 512)
 INT8_FAST_ROWS = 128
-# up to this many rows per-channel int8 runs the native loop instead (fp32 activations; over
-# the built-in model's fused weights, 2 threads: 6.4 vs 11.3 ms at 1 row, 13.2 vs 14.2 at 4,
-# 22.7 vs 27.7 at 8, even at 16)
-NATIVE_INT8_ROWS = 8
 INT4_FAST_ROWS = 384
 INT4_GROUP_SIZES = (32, 64, 128)
 
@@ -240,8 +239,10 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
         return _triton_matmul(x, flat, qweight, scale, None, bias)
     if scale.dim() == 2:
         return _int8_group_linear(x, flat, rows, qweight, scale, bias, path == "cpu")
-    if path == "cpu" and rows <= NATIVE_INT8_ROWS and _native_built():
-        # one scale per output channel: one group of all K inputs, fp32 activations
+    if path == "cpu" and _native_built():
+        # one scale per output channel: one group of all K inputs, fp32 activations (over the
+        # built-in model's fused weights, 2 threads, against torch's kernel: 6.4 vs 11.3 ms at
+        # 1 row, 13.2 vs 14.2 at 4, even at 16, 84.9 vs 77.4 at 32, 324 vs 270 at 128)
         return _int8_group_linear(x, flat, rows, qweight, scale.view(-1, 1), bias, True)
     if cpu_layout is not None and path == "cpu":
         q, scale16 = cpu_layout.get(_int8_cpu_layout, qweight, scale)
