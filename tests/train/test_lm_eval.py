@@ -77,8 +77,9 @@ def _run(model, backend="torch", adapter=None, tasks=TASKS, limit=LIMIT, **optio
 
 
 def _assert_same(ours, reference, tol=1e-4):
-    """Log-likelihoods within ``tol`` (plus float32's rounding of a passage's total, for the
-    rolling ones: thousands of nats), greedy flags and generated texts identical."""
+    """Log-likelihoods within ``tol`` (plus a few float32 steps of a passage's total, for the
+    rolling ones: thousands of nats, where one step is 2.4e-4 and one side may be summed in
+    float32, the other in float64), greedy flags and generated texts identical."""
     ours_resps, ours_scores = ours
     ref_resps, ref_scores = reference
     worst = 0.0
@@ -93,7 +94,7 @@ def _assert_same(ours, reference, tol=1e-4):
                     assert abs(a[0] - b[0]) <= tol and a[1] == b[1], (task, a, b)
                     worst = max(worst, abs(a[0] - b[0]))
                 else:  # a rolling log-likelihood: a float32 sum of a whole passage's tokens
-                    assert abs(a - b) <= tol + 1e-7 * abs(b), (task, a, b)
+                    assert abs(a - b) <= tol + 5e-7 * abs(b), (task, a, b)
                     worst = max(worst, abs(a - b))
     for key in ("mlx_arithmetic/acc", "mlx_arithmetic/acc_norm", "mlx_code_book/exact_match"):
         if key in ref_scores:
