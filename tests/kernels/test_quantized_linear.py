@@ -1,11 +1,13 @@
 """Quantized linear ops against their torch references (dequantize + ``F.linear``), odd shapes.
 
 Tolerances: the references are exact (dequantized weights, fp32 GEMM). int8 up to
-INT8_FAST_ROWS runs the native loop on fp32 activations: the reference to fp32 rounding. The
-other CPU fast paths (int4; int8 where the native loop is not built) run torch's kernels on
-bf16 activations (8 mantissa bits): each input rounds by up to 2^-9 relative and the output is
-returned from bf16, so they agree with the reference to ~1e-2 of the output's scale, which is
-what the tests allow. W8A8's native quantize/epilogue agree with its
+INT8_FAST_ROWS runs the native loop on fp32 activations: the reference to fp32 rounding. int4
+with inputs in multiples of 64 runs its native loop on activations rounded to bf16, with fp32
+sums: the reference on the rounded inputs to fp32 rounding. The other CPU fast paths (int4 on
+other shapes; int8 where the native loop is not built) run torch's kernels on bf16 activations
+(8 mantissa bits): each input rounds by up to 2^-9 relative and the output is returned from
+bf16, so they agree with the reference to ~1e-2 of the output's scale, which is what the tests
+allow. W8A8's native quantize/epilogue agree with its
 reference to fp32 rounding (an FMA in the epilogue), 1e-6 relative.
 """
 
@@ -157,6 +159,69 @@ def test_int4_linear_matches_its_reference(shape, rows, group_size):
     _close_to_scale(got, want, 1e-2)
 
 
+INT4_NATIVE_CASES = [((35, 64), 32), ((130, 192), 64), ((48, 256), 128), ((96, 576), 32),
+                     ((17, 1536), 32)]
+
+
+def _int4_native():
+    _native()
+    if not ql._int4_native_built():
+        pytest.fail("the native int4 loop needs AVX-512 BF16, which this CPU lacks: run these "
+                    "tests where it has it")
+
+
+@pytest.mark.parametrize("shape,group_size", INT4_NATIVE_CASES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_int4_linear_runs_the_native_loop_at_one_row(shape, group_size, bias):
+    """A decode step's one row with inputs in multiples of 64: the native loop, on x rounded to
+    bf16 (as torch's kernel takes it) with fp32 sums: the reference on those rounded inputs to
+    fp32 rounding (1e-5 of the output's scale; the fp16 scales are used as they are, where
+    torch's kernel rounds them to bf16)."""
+    _int4_native()
+    torch.manual_seed(shape[0])
+    w, x = torch.randn(shape), torch.randn(1, 1, shape[1])
+    b = torch.randn(shape[0]) if bias else None
+    packed = ql.quantize_int4(w, group_size)
+    want = F.linear(x.bfloat16().float(), ql.dequantize_int4(*packed), b)
+    with torch.inference_mode():
+        got = ql.int4_linear(x, *packed, b, cpu_layout=ql.CpuLayout())
+    assert got.shape == want.shape
+    _close_to_scale(got, want, 1e-5)
+    _close_to_scale(got, F.linear(x, ql.dequantize_int4(*packed), b), 1e-2)
+
+
+@pytest.mark.parametrize("shape,group_size", INT4_NATIVE_CASES)
+@pytest.mark.parametrize("rows", [2, 5, 40])
+def test_int4_native_loop_rows_do_not_depend_on_their_batch(shape, group_size, rows):
+    """Several rows (the weight unpacked once, read by two rows at a time, an odd last one
+    alone): each row as the reference, and bit for bit as that row alone, so greedy serving
+    does not change with what a sequence is batched with."""
+    _int4_native()
+    torch.manual_seed(rows)
+    packed = ql.quantize_int4(torch.randn(shape), group_size)
+    x = torch.randn(rows, shape[1])
+    with torch.inference_mode():
+        got = ql.int4_linear(x, *packed, cpu_layout=ql.CpuLayout())
+        alone = [ql.int4_linear(x[i:i + 1], *packed, cpu_layout=ql.CpuLayout()) for i in range(rows)]
+    _close_to_scale(got, F.linear(x.bfloat16().float(), ql.dequantize_int4(*packed)), 1e-5)
+    assert torch.equal(torch.cat(alone), got)
+
+
+def test_int4_native_loop_takes_fp32_scales():
+    """GGUF's Q4_K brings fp32 scales and mins (products of its super-block scales), which the
+    loop reads as they are."""
+    _int4_native()
+    torch.manual_seed(0)
+    q, scales, mins = ql.quantize_int4(torch.randn(40, 320), 32)
+    scales = scales.float() * (1 + torch.rand(scales.shape) * 1e-3)  # off the fp16 grid
+    mins = mins.float()
+    x = torch.randn(1, 320)
+    want = F.linear(x.bfloat16().float(), ql.dequantize_int4(q, scales, mins))
+    with torch.inference_mode():
+        got = ql.int4_linear(x, q, scales, mins, cpu_layout=ql.CpuLayout())
+    _close_to_scale(got, want, 1e-5)
+
+
 def test_reference_paths_under_autograd_and_mlx_kernels_torch(monkeypatch):
     """Under autograd (QLoRA-style training) and with MLX_KERNELS=torch the ops are the exact
     references, and gradients reach the input."""
@@ -296,16 +361,16 @@ def test_triton_dequant_matmul_matches_the_reference(kind, shape, rows, bias, tr
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["int8", "int8-groups", "int4", "w8a8"])
+@pytest.mark.parametrize("kind", ["int8", "int8-groups", "int4", "int4-native", "w8a8"])
 def test_each_op_compiles_whole_and_equals_its_eager_call(kind):
     """Under torch.compile(fullgraph=True) (the compiled decode step): torch's int8 and int4
-    kernels, the per-group int8 loop as an opaque op (inductor cannot trace the native loop),
-    W8A8 with torch._int_mm; the eager call's result to the bf16 activations' rounding (W8A8:
-    fp32 rounding, ~1e-6 relative)."""
+    kernels, the native int8 and int4 loops as opaque ops (inductor cannot trace them),
+    W8A8 with torch._int_mm; the eager call's result to the bf16 activations' rounding (W8A8
+    and the native loops: fp32 rounding, ~1e-6 relative)."""
     torch.manual_seed(0)
-    n, k = 64, 96
+    n, k = 64, 128 if kind == "int4-native" else 96
     w, x, b = torch.randn(n, k) * 0.05, torch.randn(1, k), torch.randn(n)
-    if kind == "int4":
+    if kind.startswith("int4"):
         tensors, op = ql.quantize_int4(w, 32), ql.int4_linear
     elif kind == "int8-groups":
         q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
@@ -316,14 +381,14 @@ def test_each_op_compiles_whole_and_equals_its_eager_call(kind):
     with torch.inference_mode():
         eager = op(x, *tensors, b, cpu_layout=layout)  # makes the CPU layout a compiled call reads
         compiled = torch.compile(lambda x: op(x, *tensors, b, cpu_layout=layout), fullgraph=True)(x)
-    _close_to_scale(compiled, eager, 1e-5 if kind in ("w8a8", "int8-groups") else 1e-2)
+    _close_to_scale(compiled, eager, 1e-5 if kind in ("w8a8", "int8-groups", "int4-native") else 1e-2)
 
 
 def test_compiling_before_any_eager_call_names_the_fix():
-    """torch's int4 kernel takes a layout made on the first eager call (per-channel int8 at one
-    row runs the native loop, which needs none)."""
-    tensors = ql.quantize_int4(torch.randn(32, 64), 32)
+    """torch's int4 kernel (96 inputs: not the native loop's multiple of 64) takes a layout made
+    on the first eager call (the native loops need none)."""
+    tensors = ql.quantize_int4(torch.randn(32, 96), 32)
     layout = ql.CpuLayout()
     step = torch.compile(lambda x: ql.int4_linear(x, *tensors, cpu_layout=layout), fullgraph=True)
     with torch.inference_mode(), pytest.raises(Exception, match="run the model once before compiling"):
-        step(torch.randn(1, 64))
+        step(torch.randn(1, 96))

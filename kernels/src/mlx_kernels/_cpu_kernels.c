@@ -410,6 +410,31 @@ static void int8_group_linear_avx512(const float *restrict x, const int8_t *rest
 }
 #endif
 
+/* A row of four outputs from their accumulators: the offsets times the input's group sums added
+ * in, the four sums reduced at once (pairs of lanes added across the accumulators), + bias. */
+static inline void int4_finish(__m512 *acc, const float *const *offset, const float *sm,
+                               int64_t groups, const float *bias, float *ym, int64_t width) {
+    for (int j = 0; j < 4; ++j)
+        for (int64_t g = 0; g < groups; g += 16) {
+            const __mmask16 live = groups - g >= 16 ? 0xffff : (1u << (groups - g)) - 1;
+            acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, offset[j] + g),
+                                     _mm512_maskz_loadu_ps(live, sm + g), acc[j]);
+        }
+    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(acc[0], acc[1]),
+                                    _mm512_unpackhi_ps(acc[0], acc[1]));
+    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(acc[2], acc[3]),
+                                    _mm512_unpackhi_ps(acc[2], acc[3]));
+    const __m512 abcd = _mm512_add_ps(
+        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
+        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
+    const __m256 halves = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+    /* lanes a, b, c, d: each 128-bit lane held a0+a2, b0+b2, a1+a3, .. before the last unpacks */
+    __m128 total = _mm_add_ps(_mm256_castps256_ps128(halves), _mm256_extractf128_ps(halves, 1));
+    const __mmask8 live = (__mmask8)((1u << width) - 1);
+    if (bias) total = _mm_add_ps(total, _mm_maskz_loadu_ps(live, bias));
+    _mm_mask_storeu_ps(ym, live, total);
+}
+
 /* y[m, n] = sum over groups g of scale[n, g] * (x[m, g*G:(g+1)*G] . q[n, g*G:(g+1)*G]) (+ bias[n]):
  * int8 weights with a scale per group of G inputs (GGUF's Q8_0: G = 32; G = k: one scale per
  * output channel). Four weight rows at a time: four independent FMA chains over each input row,
@@ -457,6 +482,324 @@ void int8_group_linear_f32(const float *restrict x, const int8_t *restrict q,
             for (int64_t j = 0; j < width; ++j) ym[j] = t[j] + (bias ? bias[n0 + j] : 0.0f);
         }
     }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define INT4_NATIVE 1
+#else
+#define INT4_NATIVE 0
+#endif
+
+/* 1 where int4_group_linear_f32 runs here (AVX-512 with BF16), else 0 and callers use torch's. */
+int int4_native_available(void) { return INT4_NATIVE; }
+
+#if INT4_NATIVE
+/* A thread's scratch buffer of at least ``bytes`` (64-byte aligned), kept for its next call:
+ * a decode step makes ~120 calls of some 10 us each, where malloc and free would show. NULL
+ * where no memory is left. */
+static void *int4_scratch(int slot, size_t bytes) {
+    static _Thread_local void *buffer[3];
+    static _Thread_local size_t capacity[3];
+    if (capacity[slot] < bytes) {
+        free(buffer[slot]);
+        bytes = (bytes + 4095) & ~(size_t)4095;
+        buffer[slot] = aligned_alloc(64, bytes);
+        capacity[slot] = buffer[slot] ? bytes : 0;
+    }
+    return buffer[slot];
+}
+
+/* x's 16 values rounded to bf16 (to nearest even, as torch's .to(bfloat16)), and back in fp32 */
+static inline __m256i bf16_round(__m512 x, __m512 *back) {
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
+    *back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return h;
+}
+
+/* The inputs rounded to bf16, in the order the int4 loop multiplies them: per block of 128
+ * inputs (the last may be 64), four vectors; vector v holds the pairs (x[8p + v], x[8p + 4 + v])
+ * for p = 0.. (the nibbles of the weight's 16-bit words, below, meet them in that order).
+ * ``sums``: each group's sum of its rounded inputs. (Multiplying x as bf16 hi + lo, ~16 of its
+ * 24 bits, doubles the dot-products: 11 instead of 24 GB/s here.) */
+static void int4_pack_inputs(const float *restrict x, uint16_t *restrict packed,
+                             float *restrict sums, int64_t rows, int64_t k, int64_t group) {
+    /* word j of vector v is input 8 (j / 2) + 4 (j % 2) + v: of the 32 words a block's inputs
+     * 32 i..32 i + 31 round to, words 0-7 come from i = 0 (and 2), 8-15 from i = 1 (and 3) */
+    __m512i index[4];
+    for (int v = 0; v < 4; ++v) {
+        uint16_t at[32];
+        for (int j = 0; j < 32; ++j) at[j] = (uint16_t)((8 * (j / 2) + 4 * (j % 2) + v) % 32 + 32 * ((j / 8) % 2));
+        index[v] = _mm512_loadu_si512(at);
+    }
+    const int64_t chunks_per_group = group / 16;
+    for (int64_t m = 0; m < rows; ++m) {
+        const float *xm = x + m * k;
+        float *sm = sums + m * (k / group);
+        __m512 group_sum = _mm512_setzero_ps();
+        for (int64_t base = 0; base < k; base += 128) {
+            const int64_t width = k - base < 128 ? k - base : 128, chunks = width / 16;
+            __m512i h[4];
+            for (int64_t c = 0; c < chunks; c += 2) { /* 32 inputs: one 32-word vector each */
+                __m512 back[2];
+                const __m256i h0 = bf16_round(_mm512_loadu_ps(xm + base + 16 * c), &back[0]);
+                const __m256i h1 = bf16_round(_mm512_loadu_ps(xm + base + 16 * c + 16), &back[1]);
+                h[c / 2] = _mm512_inserti64x4(_mm512_castsi256_si512(h0), h1, 1);
+                for (int64_t t = 0; t < 2; ++t) { /* the chunks' values into their group sums */
+                    group_sum = _mm512_add_ps(group_sum, back[t]);
+                    const int64_t chunk = (base / 16) + c + t;
+                    if ((chunk + 1) % chunks_per_group == 0) {
+                        sm[chunk / chunks_per_group] = _mm512_reduce_add_ps(group_sum);
+                        group_sum = _mm512_setzero_ps();
+                    }
+                }
+            }
+            const int64_t quarter = width / 4;
+            for (int v = 0; v < 4; ++v) {
+                uint16_t *out = packed + m * k + base + v * quarter;
+                if (width == 128)
+                    _mm512_storeu_si512(out, _mm512_mask_blend_epi16(
+                        0xffff0000u, _mm512_permutex2var_epi16(h[0], index[v], h[1]),
+                        _mm512_permutex2var_epi16(h[2], index[v], h[3])));
+                else
+                    _mm256_storeu_si256((__m256i *)out, _mm512_castsi512_si256(
+                        _mm512_permutex2var_epi16(h[0], index[v], h[1])));
+            }
+        }
+    }
+}
+
+#define INT4_PREFETCH_BYTES 8192
+
+/* Four bf16 vectors from 64 bytes of int4 weights: word w (bytes 2w, 2w+1 = weights 4w..4w+3)
+ * gives its four nibbles as 128 + q (bf16 0x4300 | q, exact), one vector each. */
+static inline void int4_nibbles(__m512i w, __m512i *v) {
+    const __m512i low = _mm512_set1_epi16(0x000f), exponent = _mm512_set1_epi16(0x4300);
+    v[0] = _mm512_ternarylogic_epi32(w, low, exponent, 0xea); /* (a & b) | c */
+    v[1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 4), low, exponent, 0xea);
+    v[2] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 8), low, exponent, 0xea);
+    v[3] = _mm512_or_si512(_mm512_srli_epi16(w, 12), exponent);
+}
+
+static inline void int4_nibbles_256(__m256i w, __m256i *v) { /* the same on 32 bytes */
+    const __m256i low = _mm256_set1_epi16(0x000f), exponent = _mm256_set1_epi16(0x4300);
+    v[0] = _mm256_ternarylogic_epi32(w, low, exponent, 0xea);
+    v[1] = _mm256_ternarylogic_epi32(_mm256_srli_epi16(w, 4), low, exponent, 0xea);
+    v[2] = _mm256_ternarylogic_epi32(_mm256_srli_epi16(w, 8), low, exponent, 0xea);
+    v[3] = _mm256_or_si256(_mm256_srli_epi16(w, 12), exponent);
+}
+
+static inline __m512 int4_dot(const __m512i *v, const uint16_t *x) {
+    /* two chains of dependent dot-products, not one of four */
+    __m512 part[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int i = 0; i < 4; ++i)
+        part[i & 1] = _mm512_dpbf16_ps(part[i & 1], (__m512bh)v[i],
+                                       (__m512bh)_mm512_loadu_si512(x + 32 * i));
+    return _mm512_add_ps(part[0], part[1]);
+}
+
+/* y[m, n] = sum over groups g of (scale[n, g] * q + min[n, g]) . x[m, group g] (+ bias[n]):
+ * int4 codes (two per byte, as ``quantized_linear`` lays them out), fp16 scales and mins per
+ * group. Each word's nibbles become bf16 128 + q and meet the inputs in AVX-512 BF16's
+ * dot-product (32 products an instruction, fp32 sums); a group's sum is scaled once, and the
+ * 128 offset and the mins come back per group from the inputs' group sums. Four weight rows at a
+ * time, as the int8 loop, asking for weight bytes 8 KiB ahead. At one row over the built-in
+ * model's fused weights (2 threads) 19-22 GB/s of weights against 14-17 for torch's
+ * _weight_int4pack_mm_for_cpu. With several input rows the four weight rows are unpacked once,
+ * and two input rows at a time read them; there torch's kernel is 15-25% faster, but each row's
+ * sums here are those of the row alone, whatever the batch. */
+static int int4_rows(const uint16_t *restrict x, const float *restrict sums,
+                      const uint8_t *restrict q, const void *restrict scales,
+                      const void *restrict mins, int wide, const float *restrict bias,
+                      float *restrict y, int64_t rows, int64_t n, int64_t k, int64_t group) {
+    const int64_t groups = k / group, shift = group == 32 ? 2 : group == 64 ? 3 : 4;
+    /* lane p of a 128-input block sums inputs 8p..8p+7: group 8p / G of the block's first */
+    const __m512i lane_group = _mm512_srli_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), shift);
+    int failed = 0;
+#pragma omp parallel
+    {
+        /* the four rows' scales and offsets in fp32 (+16: the block loop reads 16 at a time), in
+         * each thread's scratch slot 1 (slot 0 holds the calling thread's inputs) */
+        float *scale32 = int4_scratch(1, sizeof(float) * 2 * (4 * groups + 16));
+        float *offset32 = scale32 + 4 * groups + 16;
+        /* with several input rows, the four weight rows' bf16 words and lane scales, made once
+         * and read per input row (slot 2): at one row the unpacking is half the loop's work */
+        const int64_t blocks = (k + 127) / 128;
+        const int expanded = rows > 1;
+        uint16_t *words = expanded ? int4_scratch(2, (size_t)4 * blocks * 5 * 64) : NULL;
+        float *lane_scales = expanded ? (float *)(words + (size_t)4 * blocks * 4 * 32) : NULL;
+        const int ready = scale32 != NULL && (words != NULL || !expanded);
+        if (!ready) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t n0 = 0; n0 < n; n0 += 4) {
+            if (!ready) continue;
+            const int64_t width = n - n0 < 4 ? n - n0 : 4;
+            /* the rows' scales lie one after another: converted in one sweep */
+            for (int64_t i = 0; i < width * groups; i += 16) {
+                const __mmask16 live = width * groups - i >= 16 ? 0xffff
+                                                                : (1u << (width * groups - i)) - 1;
+                const int64_t at = n0 * groups + i;
+                const __m512 sv = wide ? _mm512_maskz_loadu_ps(live, (const float *)scales + at)
+                                       : _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                                             live, (const uint16_t *)scales + at));
+                const __m512 mv = wide ? _mm512_maskz_loadu_ps(live, (const float *)mins + at)
+                                       : _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                                             live, (const uint16_t *)mins + at));
+                _mm512_storeu_ps(scale32 + i, sv);
+                /* min - 128 * scale: the weight is scale * (128 + q) + that */
+                _mm512_storeu_ps(offset32 + i, _mm512_fnmadd_ps(sv, _mm512_set1_ps(128.0f), mv));
+            }
+            const uint8_t *w[4];
+            const float *s[4], *offset[4];
+            for (int j = 0; j < 4; ++j) { /* rows past the end repeat the last one (not stored) */
+                const int64_t local = j < width ? j : width - 1;
+                w[j] = q + (n0 + local) * (k / 2);
+                s[j] = scale32 + local * groups;
+                offset[j] = offset32 + local * groups;
+            }
+            for (int j = 0; expanded && j < 4; ++j)
+                for (int64_t b = 0; b < blocks; ++b) {
+                    uint16_t *out = words + ((j * blocks + b) * 4) * 32;
+                    const int64_t base = 128 * b;
+                    if (base + 128 <= k) {
+                        __m512i v[4];
+                        int4_nibbles(_mm512_loadu_si512(w[j] + base / 2), v);
+                        for (int i = 0; i < 4; ++i) _mm512_store_si512(out + 32 * i, v[i]);
+                    } else {
+                        __m256i v[4];
+                        int4_nibbles_256(_mm256_loadu_si256((const __m256i *)(w[j] + base / 2)), v);
+                        for (int i = 0; i < 4; ++i) _mm256_store_si256((__m256i *)(out + 32 * i), v[i]);
+                    }
+                    _mm512_store_ps(lane_scales + (j * blocks + b) * 16, _mm512_permutexvar_ps(
+                        lane_group, _mm512_loadu_ps(s[j] + (base >> (shift + 3)))));
+                }
+            int64_t m = 0;
+            for (; expanded && m + 1 < rows; m += 2) { /* two input rows per read of the words */
+                const uint16_t *xm[2] = {x + m * k, x + (m + 1) * k};
+                __m512 acc[2][4];
+                for (int j = 0; j < 4; ++j) acc[0][j] = acc[1][j] = _mm512_setzero_ps();
+                int64_t base = 0;
+                /* each row's arithmetic in the order of the one-row loop below: bit for bit its
+                 * result, whatever the batch */
+                for (int64_t b = 0; base + 128 <= k; base += 128, ++b) {
+                    __m512i xv[2][4];
+                    for (int r = 0; r < 2; ++r)
+                        for (int i = 0; i < 4; ++i) xv[r][i] = _mm512_loadu_si512(xm[r] + base + 32 * i);
+                    for (int j = 0; j < 4; ++j) {
+                        const uint16_t *from = words + ((j * blocks + b) * 4) * 32;
+                        __m512 part[2][2];
+                        for (int r = 0; r < 2; ++r) part[r][0] = part[r][1] = _mm512_setzero_ps();
+                        for (int i = 0; i < 4; ++i) {
+                            const __m512bh v = (__m512bh)_mm512_load_si512(from + 32 * i);
+                            for (int r = 0; r < 2; ++r)
+                                part[r][i & 1] = _mm512_dpbf16_ps(part[r][i & 1], v, (__m512bh)xv[r][i]);
+                        }
+                        const __m512 sv = _mm512_load_ps(lane_scales + (j * blocks + b) * 16);
+                        for (int r = 0; r < 2; ++r)
+                            acc[r][j] = _mm512_fmadd_ps(_mm512_add_ps(part[r][0], part[r][1]), sv, acc[r][j]);
+                    }
+                }
+                if (base < k) {
+                    const int64_t b = blocks - 1;
+                    for (int j = 0; j < 4; ++j) {
+                        const uint16_t *from = words + ((j * blocks + b) * 4) * 32;
+                        const __m256 sv = _mm256_load_ps(lane_scales + (j * blocks + b) * 16);
+                        for (int r = 0; r < 2; ++r) {
+                            __m256 part = _mm256_setzero_ps();
+                            for (int i = 0; i < 4; ++i)
+                                part = _mm256_dpbf16_ps(
+                                    part, (__m256bh)_mm256_load_si256((const __m256i *)(from + 32 * i)),
+                                    (__m256bh)_mm256_loadu_si256((const __m256i *)(xm[r] + base + 16 * i)));
+                            acc[r][j] = _mm512_add_ps(acc[r][j], _mm512_zextps256_ps512(_mm256_mul_ps(part, sv)));
+                        }
+                    }
+                }
+                for (int r = 0; r < 2; ++r)
+                    int4_finish(acc[r], offset, sums + (m + r) * groups, groups,
+                                bias ? bias + n0 : NULL, y + (m + r) * n + n0, width);
+            }
+            for (; m < rows; ++m) { /* one input row (a last odd one: from the words made above) */
+                const uint16_t *xm = x + m * k;
+                __m512 acc[4];
+                for (int j = 0; j < 4; ++j) acc[j] = _mm512_setzero_ps();
+                int64_t base = 0;
+                for (int64_t b = 0; base + 128 <= k; base += 128, ++b) {
+                    if (!expanded)
+                        for (int j = 0; j < 4; ++j)
+                            _mm_prefetch((const char *)(w[j] + base / 2 + INT4_PREFETCH_BYTES),
+                                         _MM_HINT_T0);
+                    for (int j = 0; j < 4; ++j) {
+                        __m512i v[4];
+                        __m512 sv;
+                        if (expanded) {
+                            const uint16_t *from = words + ((j * blocks + b) * 4) * 32;
+                            for (int i = 0; i < 4; ++i) v[i] = _mm512_load_si512(from + 32 * i);
+                            sv = _mm512_load_ps(lane_scales + (j * blocks + b) * 16);
+                        } else {
+                            int4_nibbles(_mm512_loadu_si512(w[j] + base / 2), v);
+                            sv = _mm512_permutexvar_ps(
+                                lane_group, _mm512_loadu_ps(s[j] + (base >> (shift + 3))));
+                        }
+                        acc[j] = _mm512_fmadd_ps(int4_dot(v, xm + base), sv, acc[j]);
+                    }
+                }
+                if (base < k) { /* a last block of 64 inputs: the same on 256-bit vectors */
+                    const int64_t b = blocks - 1;
+                    for (int j = 0; j < 4; ++j) {
+                        __m256i v[4];
+                        __m256 sv;
+                        if (expanded) {
+                            const uint16_t *from = words + ((j * blocks + b) * 4) * 32;
+                            for (int i = 0; i < 4; ++i)
+                                v[i] = _mm256_load_si256((const __m256i *)(from + 32 * i));
+                            sv = _mm256_load_ps(lane_scales + (j * blocks + b) * 16);
+                        } else {
+                            int4_nibbles_256(_mm256_loadu_si256((const __m256i *)(w[j] + base / 2)), v);
+                            sv = _mm256_permutexvar_ps(_mm512_castsi512_si256(lane_group),
+                                                       _mm256_loadu_ps(s[j] + (base >> (shift + 3))));
+                        }
+                        __m256 part = _mm256_setzero_ps();
+                        for (int i = 0; i < 4; ++i)
+                            part = _mm256_dpbf16_ps(part, (__m256bh)v[i], (__m256bh)_mm256_loadu_si256(
+                                (const __m256i *)(xm + base + 16 * i)));
+                        acc[j] = _mm512_add_ps(acc[j], _mm512_zextps256_ps512(_mm256_mul_ps(part, sv)));
+                    }
+                }
+                int4_finish(acc, offset, sums + m * groups, groups, bias ? bias + n0 : NULL,
+                            y + m * n + n0, width);
+            }
+        }
+    }
+    return failed ? -1 : 0;
+}
+#endif
+
+/* y = x @ dequantize_int4(q, scales, mins)^T (+ bias) for fp32 x [rows, k], x rounded to bf16
+ * (as torch's int4 kernel takes it) and the sums in fp32: see int4_rows. k a multiple of 64,
+ * group 32, 64 or 128 dividing k; scales and mins fp16, or fp32 with ``wide`` (GGUF's Q4_K).
+ * Returns 0, or -1 where it cannot run: no AVX-512 BF16 here or a shape it does not take (y
+ * then untouched), or no memory for its scratch (y then incomplete). */
+int int4_group_linear_f32(const float *restrict x, const uint8_t *restrict q,
+                          const void *restrict scales, const void *restrict mins, int64_t wide,
+                          const float *restrict bias, float *restrict y, int64_t rows, int64_t n,
+                          int64_t k, int64_t group) {
+#if INT4_NATIVE
+    if (k % 64 != 0 || (group != 32 && group != 64 && group != 128) || k % group != 0)
+        return -1;
+    const size_t packed_bytes = ((sizeof(uint16_t) * rows * k + 63) & ~(size_t)63);
+    uint16_t *packed = int4_scratch(0, packed_bytes + sizeof(float) * rows * (k / group));
+    if (!packed) return -1;
+    float *sums = (float *)((char *)packed + packed_bytes);
+    int4_pack_inputs(x, packed, sums, rows, k, group);
+    return int4_rows(packed, sums, q, scales, mins, wide != 0, bias, y, rows, n, k, group);
+#else
+    (void)x, (void)q, (void)scales, (void)mins, (void)wide, (void)bias, (void)y, (void)rows,
+        (void)n, (void)k, (void)group;
+    return -1;
+#endif
 }
 
 /* W8A8's epilogue after oneDNN's int8 GEMM (which applies the weight scales): y[r, n] *=

@@ -112,4 +112,10 @@ def library() -> ctypes.CDLL | None:
     lib.int8_group_linear_f32.restype = None
     # x, q, scale, bias (NULL: none), y; rows, n, k, group
     lib.int8_group_linear_f32.argtypes = [ptr] * 5 + [i64] * 4
+    lib.int4_native_available.restype = ctypes.c_int
+    lib.int4_native_available.argtypes = []
+    lib.int4_group_linear_f32.restype = ctypes.c_int  # 0, or -1: cannot run here (y untouched)
+    # x, q, scales, mins; wide (fp32 scales and mins, else fp16); bias (NULL: none), y; rows, n,
+    # k, group
+    lib.int4_group_linear_f32.argtypes = [ptr] * 4 + [i64] + [ptr] * 2 + [i64] * 4
     return lib

@@ -24,10 +24,15 @@ weights, 2 threads, AVX-512 VNNI, 6.1 ms at one row against 11.4 ms for torch's
 ``_weight_int8pack_mm``; even at 16 rows, 10-20% slower at 32-128. It computes every row
 alike, whatever else is in the batch, so a sequence's tokens do not depend on what it is
 batched with (torch's kernel at a few rows and the fp32 GEMM beyond would differ by bf16
-rounding). int4 runs torch's ``torch._weight_int4pack_mm_for_cpu`` up to ``INT4_FAST_ROWS``
-rows; it takes bf16 activations (the input is rounded to bf16 and the output comes back from
-bf16, as torchao's CPU layouts run it), as does ``_weight_int8pack_mm``, int8's kernel where the
-native loop is not built. Measured on the built-in model's 211 weights (2 threads, Sapphire
+rounding). int4 with inputs in multiples of 64, up to ``INT4_NATIVE_ROWS`` rows, runs the native loop
+``int4_group_linear_f32`` where the CPU has AVX-512 BF16: the input rounded to bf16, each
+weight nibble made bf16 ``128 + q`` in registers, BF16 dot-products with fp32 sums, the scales
+and mins as stored (fp16, or GGUF Q4_K's fp32); at one row 19-22 GB/s of weights against 14-17
+for torch's kernel over the built-in model's fused weights, 15-25% slower than it from two
+rows on, but batch-invariant as the int8 loop. Otherwise, up to ``INT4_FAST_ROWS`` rows, int4
+runs torch's ``torch._weight_int4pack_mm_for_cpu``; it takes bf16 activations and bf16 scales (the input is rounded to bf16 and the output comes back
+from bf16, as torchao's CPU layouts run it), as does ``_weight_int8pack_mm``, int8's kernel
+where the native loop is not built. Measured on the built-in model's 211 weights (2 threads, Sapphire
 Rapids), one row: fp32 19.5 ms, torch's int8 10.7, int4 (G=32) 5.0. Beyond those row counts a
 dequantized fp32 GEMM wins. W8A8
 quantizes each activation row in a native C loop and runs oneDNN's int8 GEMM on a prepacked
@@ -49,6 +54,12 @@ from mlx_kernels.linear import PACKED_ROWS_HINT, _identity
 # rows, even at 128, 44 vs 38 at 256; int4 42 vs 66 ms at 256, 63 vs 72 at 384, 86 vs 78 at 512)
 INT8_FAST_ROWS = 128
 INT4_FAST_ROWS = 384
+# up to this many rows the native int4 loop (inputs in multiples of 64, AVX-512 BF16) runs, past
+# them torch's int4 kernel (the built-in model's fused weights, 2 threads, per call with its
+# dispatch: 5.3 vs 6.3 ms for all 120 at 1 row; 8.2 vs 7.1 at 2, 16.8 vs 14.2 at 8, 201 vs 166 at
+# 128, 401 vs 331 at 256): slower from 2 rows on, but a row's result does not depend on its batch
+# (a sequence served beside others decodes as it does alone)
+INT4_NATIVE_ROWS = 256
 INT4_GROUP_SIZES = (32, 64, 128)
 
 
@@ -261,22 +272,28 @@ def _native_built() -> bool:
 
 
 def _int8_group_linear(x, flat, rows, qweight, scale, bias, fast_cpu):
-    from mlx_kernels import _cpu_native
-
     if fast_cpu and torch.compiler.is_compiling():
-        y = int8_group_linear_opaque(flat, qweight, scale, bias)
+        y = torch.ops.mlx_kernels.int8_group_linear(flat, qweight, scale, bias)
         return y.view(*x.shape[:-1], qweight.shape[0])
     if not (fast_cpu and native_cpu(x, scale)
             and (bias is None or native_cpu(bias))):
         return F.linear(x, dequantize_int8(qweight, scale, x.dtype), bias)
-    flat, qweight, scale = flat.contiguous(), qweight.contiguous(), scale.contiguous()
+    y = _int8_native(flat, qweight, scale, bias)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], qweight.shape[0])
+
+
+def _int8_native(x, qweight, scale, bias):
+    """The native int8 loop on fp32 ``x [rows, k]`` (the op ``mlx_kernels::int8_group_linear``)."""
+    from mlx_kernels import _cpu_native
+
+    x, qweight, scale = x.contiguous(), qweight.contiguous(), scale.contiguous()
     bias = None if bias is None else bias.contiguous()  # held: the kernel reads its memory
-    n, k = qweight.shape
+    (rows, k), n = x.shape, qweight.shape[0]
     y = torch.empty(rows, n, dtype=torch.float32)
     _cpu_native.library().int8_group_linear_f32(
-        flat.data_ptr(), qweight.data_ptr(), scale.data_ptr(),
+        x.data_ptr(), qweight.data_ptr(), scale.data_ptr(),
         None if bias is None else bias.data_ptr(), y.data_ptr(), rows, n, k, k // scale.shape[1])
-    return y.view(*x.shape[:-1], n)
+    return y
 
 
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
@@ -286,6 +303,9 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mi
     path = _path(x, rows, INT4_FAST_ROWS)
     if path == "triton":
         return _triton_matmul(x, flat, qweight, scales, mins, bias)
+    if (path == "cpu" and rows <= INT4_NATIVE_ROWS and x.shape[-1] % 64 == 0
+            and _int4_native_built()):
+        return _int4_group_linear(x, flat, rows, qweight, scales, mins, bias)
     # torch's int4 CPU layout packs outputs in blocks of 16
     if cpu_layout is not None and path == "cpu" and qweight.shape[0] % 16 == 0:
         packed, scales_and_zeros = cpu_layout.get(_int4_cpu_layout, qweight, scales, mins)
@@ -298,16 +318,64 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mi
     return F.linear(x, dequantize_int4(qweight, scales, mins, x.dtype), bias)
 
 
-@torch.library.custom_op("mlx_kernels::int8_group_linear", mutates_args=())
-def int8_group_linear_opaque(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                             bias: torch.Tensor | None) -> torch.Tensor:
-    """The native per-group int8 linear as one op a compiled graph calls (inductor cannot trace
-    its raw pointers, and without it would de-quantize the whole weight at every step)."""
-    return _int8_group_linear(x, x, x.shape[0], qweight, scale, bias, True)
+@torch.compiler.assume_constant_result  # built once per process: a constant to a compiled graph
+def _int4_native_built() -> bool:
+    from mlx_kernels import _cpu_native
+
+    lib = _cpu_native.library()
+    return lib is not None and bool(lib.int4_native_available())
 
 
-@int8_group_linear_opaque.register_fake
+def _int4_group_linear(x, flat, rows, qweight, scales, mins, bias):
+    """The native int4 loop, where ``int4_linear`` chose it (fp32 CPU inference, MLX_KERNELS=auto,
+    the loop built)."""
+    if torch.compiler.is_compiling():
+        y = torch.ops.mlx_kernels.int4_group_linear(flat, qweight, scales, mins, bias)
+        return y.view(*x.shape[:-1], qweight.shape[0])
+    if not (scales.dtype == mins.dtype and scales.dtype in (torch.float16, torch.float32)
+            and (bias is None or bias.dtype == torch.float32)):
+        return F.linear(x, dequantize_int4(qweight, scales, mins, x.dtype), bias)
+    y = _int4_native(flat, qweight, scales, mins, bias)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], qweight.shape[0])
+
+
+def _int4_native(x, qweight, scales, mins, bias):
+    """The native int4 loop on fp32 ``x [rows, k]`` (the op ``mlx_kernels::int4_group_linear``)."""
+    from mlx_kernels import _cpu_native
+
+    x, qweight = x.contiguous(), qweight.contiguous()
+    scales, mins = scales.contiguous(), mins.contiguous()
+    bias = None if bias is None else bias.contiguous()  # held: the kernel reads its memory
+    (rows, k), n = x.shape, qweight.shape[0]
+    y = torch.empty(rows, n, dtype=torch.float32)
+    done = _cpu_native.library().int4_group_linear_f32(
+        x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), mins.data_ptr(),
+        scales.dtype == torch.float32, None if bias is None else bias.data_ptr(), y.data_ptr(),
+        rows, n, k, k // scales.shape[1])
+    if done != 0:
+        raise MemoryError(f"the native int4 linear found no memory for {rows} x {k} inputs")
+    return y
+
+
+# The native loops as ops a compiled graph calls: inductor cannot trace their raw pointers (and
+# would otherwise dequantize the whole weight at every step). A plain library op, not
+# torch.library.custom_op, whose wrapper costs ~6 us a call: as much as the int4 loop itself at
+# one row of a small weight, and a decode step makes ~120 such calls.
+_OPS = torch.library.Library("mlx_kernels", "FRAGMENT")
+_OPS.define("int8_group_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor")
+_OPS.define("int4_group_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins, Tensor? bias) "
+            "-> Tensor")
+_OPS.impl("int8_group_linear", _int8_native, "CPU")
+_OPS.impl("int4_group_linear", _int4_native, "CPU")
+
+
+@torch.library.register_fake("mlx_kernels::int8_group_linear")
 def _(x, qweight, scale, bias):
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+@torch.library.register_fake("mlx_kernels::int4_group_linear")
+def _(x, qweight, scales, mins, bias):
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 
