@@ -46,6 +46,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from mlx_kernels import _cpu_native
 from mlx_kernels.dispatch import backend_for, native_cpu, setting
 from mlx_kernels.linear import PACKED_ROWS_HINT, _identity
 
@@ -159,8 +160,6 @@ def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from mlx_kernels import _cpu_native
-
     if not native_cpu(x):
         return quantize_rows_reference(x)
     x = x.contiguous()
@@ -266,8 +265,6 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 
 @torch.compiler.assume_constant_result  # built once per process: a constant to a compiled graph
 def _native_built() -> bool:
-    from mlx_kernels import _cpu_native
-
     return _cpu_native.library() is not None
 
 
@@ -284,8 +281,6 @@ def _int8_group_linear(x, flat, rows, qweight, scale, bias, fast_cpu):
 
 def _int8_native(x, qweight, scale, bias):
     """The native int8 loop on fp32 ``x [rows, k]`` (the op ``mlx_kernels::int8_group_linear``)."""
-    from mlx_kernels import _cpu_native
-
     x, qweight, scale = x.contiguous(), qweight.contiguous(), scale.contiguous()
     bias = None if bias is None else bias.contiguous()  # held: the kernel reads its memory
     (rows, k), n = x.shape, qweight.shape[0]
@@ -320,8 +315,6 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mi
 
 @torch.compiler.assume_constant_result  # built once per process: a constant to a compiled graph
 def _int4_native_built() -> bool:
-    from mlx_kernels import _cpu_native
-
     lib = _cpu_native.library()
     return lib is not None and bool(lib.int4_native_available())
 
@@ -341,16 +334,14 @@ def _int4_group_linear(x, flat, rows, qweight, scales, mins, bias):
 
 def _int4_native(x, qweight, scales, mins, bias):
     """The native int4 loop on fp32 ``x [rows, k]`` (the op ``mlx_kernels::int4_group_linear``)."""
-    from mlx_kernels import _cpu_native
-
     x, qweight = x.contiguous(), qweight.contiguous()
     scales, mins = scales.contiguous(), mins.contiguous()
     bias = None if bias is None else bias.contiguous()  # held: the kernel reads its memory
     (rows, k), n = x.shape, qweight.shape[0]
-    y = torch.empty(rows, n, dtype=torch.float32)
+    y = x.new_empty(rows, n)
     done = _cpu_native.library().int4_group_linear_f32(
         x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), mins.data_ptr(),
-        scales.dtype == torch.float32, None if bias is None else bias.data_ptr(), y.data_ptr(),
+        scales.dtype is torch.float32, None if bias is None else bias.data_ptr(), y.data_ptr(),
         rows, n, k, k // scales.shape[1])
     if done != 0:
         raise MemoryError(f"the native int4 linear found no memory for {rows} x {k} inputs")
@@ -444,8 +435,6 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     (``onednn.qlinear_pointwise``, which also applies the weight scales: up to 2x
     ``torch._int_mm`` at 256-2048 rows here, the same int32 sums), else (and for a single row)
     ``torch._int_mm``. On a GPU, ``torch._int_mm`` (cuBLAS's int8 GEMM)."""
-    from mlx_kernels import _cpu_native
-
     rows, flat = _rows(x)
     if rows and not torch.is_grad_enabled() and (
             torch.compiler.is_compiling() or _int_mm_on_gpu(x, qweight)):
