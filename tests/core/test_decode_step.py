@@ -78,6 +78,23 @@ def test_compiled_generation_equals_eager(scheme):
 
 
 @pytest.mark.slow
+def test_compiled_step_sees_new_weight_values_and_recompiles_for_new_modules():
+    """The compiled step does not re-check the model's weights each step (a guard filter), yet
+    reads them afresh: new values in place are used; quantizing the model in place (new
+    modules) compiles anew rather than running the old graph."""
+    model = _model("tiny-llama")
+    prompts = _prompts()
+    generate(model, prompts, max_new_tokens=4, stop_token_ids=[], compile=True)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(-3.0)
+    assert (generate(model, prompts, max_new_tokens=8, stop_token_ids=[], compile=True)
+            == generate(model, prompts, max_new_tokens=8, stop_token_ids=[]))
+    quantize(model, "int8")
+    assert (generate(model, prompts, max_new_tokens=8, stop_token_ids=[], compile=True)
+            == generate(model, prompts, max_new_tokens=8, stop_token_ids=[]))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("preset,scheme", [("tiny-mixtral", None), ("tiny-qwen3-moe", None),
                                            ("tiny-deepseek-v3", None),
                                            ("tiny-mixtral", "int8")])
