@@ -215,6 +215,21 @@ def test_int4_native_loop_rows_do_not_depend_on_their_batch(shape, group_size, r
     assert torch.equal(torch.cat(alone), got)
 
 
+def test_int4_scales_the_loop_cannot_read_take_the_reference_compiled_too():
+    """bf16 scales (a model cast to bf16 whole, then run in fp32) are not what the loop reads:
+    the reference runs, eager and compiled, rather than the loop misreading them."""
+    torch.manual_seed(0)
+    q, scales, mins = ql.quantize_int4(torch.randn(32, 128), 32)
+    scales, mins = scales.bfloat16(), mins.bfloat16()
+    x = torch.randn(1, 128)
+    want = F.linear(x, ql.dequantize_int4(q, scales, mins))
+    with torch.inference_mode():
+        eager = ql.int4_linear(x, q, scales, mins, cpu_layout=ql.CpuLayout())
+        compiled = torch.compile(lambda x: ql.int4_linear(x, q, scales, mins), fullgraph=True)(x)
+    _close_to_scale(eager, want, 1e-6)
+    _close_to_scale(compiled, want, 1e-5)
+
+
 def test_int4_native_loop_takes_fp32_scales():
     """GGUF's Q4_K brings fp32 scales and mins (products of its super-block scales), which the
     loop reads as they are."""

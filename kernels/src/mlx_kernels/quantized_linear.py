@@ -322,12 +322,12 @@ def _int4_native_built() -> bool:
 def _int4_group_linear(x, flat, rows, qweight, scales, mins, bias):
     """The native int4 loop, where ``int4_linear`` chose it (fp32 CPU inference, MLX_KERNELS=auto,
     the loop built)."""
+    if not (scales.dtype == mins.dtype and scales.dtype in (torch.float16, torch.float32)
+            and (bias is None or bias.dtype == torch.float32)):  # what the loop reads
+        return F.linear(x, dequantize_int4(qweight, scales, mins, x.dtype), bias)
     if torch.compiler.is_compiling():
         y = torch.ops.mlx_kernels.int4_group_linear(flat, qweight, scales, mins, bias)
         return y.view(*x.shape[:-1], qweight.shape[0])
-    if not (scales.dtype == mins.dtype and scales.dtype in (torch.float16, torch.float32)
-            and (bias is None or bias.dtype == torch.float32)):
-        return F.linear(x, dequantize_int4(qweight, scales, mins, x.dtype), bias)
     y = _int4_native(flat, qweight, scales, mins, bias)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], qweight.shape[0])
 
