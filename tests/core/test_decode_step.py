@@ -5,6 +5,8 @@ compiled whole (``fullgraph=True``), ``generate(compile=True)`` gives the tokens
 generation, on fp32 and quantized models (mixtures of experts included), and one compiled graph
 serves every prompt of a cache length."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -79,9 +81,8 @@ def test_compiled_generation_equals_eager(scheme):
 
 @pytest.mark.slow
 def test_compiled_step_sees_new_weight_values_and_recompiles_for_new_modules():
-    """The compiled step does not re-check the model's weights each step (a guard filter), yet
-    reads them afresh: new values in place are used; quantizing the model in place (new
-    modules) compiles anew rather than running the old graph."""
+    """The compiled step reads the weights afresh: new values in place are used; quantizing the
+    model in place (new modules) compiles anew rather than running the old graph."""
     model = _model("tiny-llama")
     prompts = _prompts()
     generate(model, prompts, max_new_tokens=4, stop_token_ids=[], compile=True)
@@ -92,6 +93,22 @@ def test_compiled_step_sees_new_weight_values_and_recompiles_for_new_modules():
     quantize(model, "int8")
     assert (generate(model, prompts, max_new_tokens=8, stop_token_ids=[], compile=True)
             == generate(model, prompts, max_new_tokens=8, stop_token_ids=[]))
+
+
+@pytest.mark.slow
+def test_models_of_one_structure_but_other_shapes_each_get_their_graph():
+    """All models share DecodeStep's code, so dynamo tells their graphs apart by its guards on
+    the weights' shapes: two models alike but for a weight's shape (here the MLP's width; in
+    practice a per-channel against a per-group int8 head) each decode as they do eagerly.
+    Dropping those guards (a guard_filter_fn) ran one model's graph on the other's weights."""
+    first = _model("tiny-llama")
+    config = get_preset("tiny-llama")
+    torch.manual_seed(1)
+    second = build_model(dataclasses.replace(config, intermediate_size=config.intermediate_size * 2)).eval()
+    prompts = _prompts()
+    for model in (first, second):
+        assert (generate(model, prompts, max_new_tokens=6, stop_token_ids=[], compile=True)
+                == generate(model, prompts, max_new_tokens=6, stop_token_ids=[]))
 
 
 @pytest.mark.slow

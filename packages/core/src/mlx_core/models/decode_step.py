@@ -81,22 +81,6 @@ def compiled_cache_length(tokens: int) -> int:
     return -(-tokens // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP
 
 
-def _unchecked_weights(model: nn.Module):
-    """A guard filter that drops the checks of the model's own parameters and buffers (dtype,
-    shape, strides, each step): some 1,200 tensors whose checks took ~1 ms of a ~11 ms int4
-    step. The step reads them afresh each call, so new values are seen; what is still checked
-    is the rest (the modules' types and attributes: a module replaced, e.g. by quantizing the
-    model in place, compiles anew; the cache's tensors; the inputs). Replacing a weight by one of
-    another shape or dtype without replacing its module is not noticed: build a new model."""
-    weights = {id(t) for t in (*model.parameters(), *model.buffers())}
-
-    def keep(entries):
-        return [not (entry.guard_type == "TENSOR_MATCH" and id(entry.value) in weights)
-                for entry in entries]
-
-    return keep
-
-
 def compiled_decode_step(model: nn.Module, cache: KVCache) -> DecodeStep:
     """The compiled ``DecodeStep`` of ``model`` for caches shaped as ``cache``, set to decode over
     ``cache``. Compiled whole (``fullgraph=True``: a graph break is an error, not a silent
@@ -113,8 +97,7 @@ def compiled_decode_step(model: nn.Module, cache: KVCache) -> DecodeStep:
         limit = torch._dynamo.config
         limit.recompile_limit = max(limit.recompile_limit, 64)
         limit.accumulated_recompile_limit = max(limit.accumulated_recompile_limit, 1024)
-        steps[batch, length] = torch.compile(DecodeStep(model), fullgraph=True, dynamic=False,
-                                             options={"guard_filter_fn": _unchecked_weights(model)})
+        steps[batch, length] = torch.compile(DecodeStep(model), fullgraph=True, dynamic=False)
     step = steps[batch, length]
     step.cache = cache  # the compiled module forwards attribute writes to the DecodeStep
     return step
