@@ -410,31 +410,6 @@ static void int8_group_linear_avx512(const float *restrict x, const int8_t *rest
 }
 #endif
 
-/* A row of four outputs from their accumulators: the offsets times the input's group sums added
- * in, the four sums reduced at once (pairs of lanes added across the accumulators), + bias. */
-static inline void int4_finish(__m512 *acc, const float *const *offset, const float *sm,
-                               int64_t groups, const float *bias, float *ym, int64_t width) {
-    for (int j = 0; j < 4; ++j)
-        for (int64_t g = 0; g < groups; g += 16) {
-            const __mmask16 live = groups - g >= 16 ? 0xffff : (1u << (groups - g)) - 1;
-            acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, offset[j] + g),
-                                     _mm512_maskz_loadu_ps(live, sm + g), acc[j]);
-        }
-    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(acc[0], acc[1]),
-                                    _mm512_unpackhi_ps(acc[0], acc[1]));
-    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(acc[2], acc[3]),
-                                    _mm512_unpackhi_ps(acc[2], acc[3]));
-    const __m512 abcd = _mm512_add_ps(
-        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
-        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
-    const __m256 halves = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
-    /* lanes a, b, c, d: each 128-bit lane held a0+a2, b0+b2, a1+a3, .. before the last unpacks */
-    __m128 total = _mm_add_ps(_mm256_castps256_ps128(halves), _mm256_extractf128_ps(halves, 1));
-    const __mmask8 live = (__mmask8)((1u << width) - 1);
-    if (bias) total = _mm_add_ps(total, _mm_maskz_loadu_ps(live, bias));
-    _mm_mask_storeu_ps(ym, live, total);
-}
-
 /* y[m, n] = sum over groups g of scale[n, g] * (x[m, g*G:(g+1)*G] . q[n, g*G:(g+1)*G]) (+ bias[n]):
  * int8 weights with a scale per group of G inputs (GGUF's Q8_0: G = 32; G = k: one scale per
  * output channel). Four weight rows at a time: four independent FMA chains over each input row,
@@ -484,7 +459,8 @@ void int8_group_linear_f32(const float *restrict x, const int8_t *restrict q,
     }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && \
+    defined(__AVX512VL__) && defined(__AVX512DQ__)
 #define INT4_NATIVE 1
 #else
 #define INT4_NATIVE 0
@@ -570,6 +546,31 @@ static void int4_pack_inputs(const float *restrict x, uint16_t *restrict packed,
 
 #define INT4_PREFETCH_BYTES 8192
 
+/* A row of four outputs from their accumulators: the offsets times the input's group sums added
+ * in, the four sums reduced at once (pairs of lanes added across the accumulators), + bias. */
+static inline void int4_finish(__m512 *acc, const float *const *offset, const float *sm,
+                               int64_t groups, const float *bias, float *ym, int64_t width) {
+    for (int j = 0; j < 4; ++j)
+        for (int64_t g = 0; g < groups; g += 16) {
+            const __mmask16 live = groups - g >= 16 ? 0xffff : (1u << (groups - g)) - 1;
+            acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, offset[j] + g),
+                                     _mm512_maskz_loadu_ps(live, sm + g), acc[j]);
+        }
+    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(acc[0], acc[1]),
+                                    _mm512_unpackhi_ps(acc[0], acc[1]));
+    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(acc[2], acc[3]),
+                                    _mm512_unpackhi_ps(acc[2], acc[3]));
+    const __m512 abcd = _mm512_add_ps(
+        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
+        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
+    const __m256 halves = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+    /* lanes a, b, c, d: each 128-bit lane held a0+a2, b0+b2, a1+a3, .. before the last unpacks */
+    __m128 total = _mm_add_ps(_mm256_castps256_ps128(halves), _mm256_extractf128_ps(halves, 1));
+    const __mmask8 live = (__mmask8)((1u << width) - 1);
+    if (bias) total = _mm_add_ps(total, _mm_maskz_loadu_ps(live, bias));
+    _mm_mask_storeu_ps(ym, live, total);
+}
+
 /* Four bf16 vectors from 64 bytes of int4 weights: word w (bytes 2w, 2w+1 = weights 4w..4w+3)
  * gives its four nibbles as 128 + q (bf16 0x4300 | q, exact), one vector each. */
 static inline void int4_nibbles(__m512i w, __m512i *v) {
@@ -605,8 +606,9 @@ static inline __m512 int4_dot(const __m512i *v, const uint16_t *x) {
  * time, as the int8 loop, asking for weight bytes 8 KiB ahead. At one row over the built-in
  * model's fused weights (2 threads) 19-22 GB/s of weights against 14-17 for torch's
  * _weight_int4pack_mm_for_cpu. With several input rows the four weight rows are unpacked once,
- * and two input rows at a time read them; there torch's kernel is 15-25% faster, but each row's
- * sums here are those of the row alone, whatever the batch. */
+ * and two input rows at a time read them, each in the one-row loop's order of operations; there
+ * torch's kernel is 15-25% faster, but each row's sums here are those of the row alone,
+ * whatever the batch. */
 static int int4_rows(const uint16_t *restrict x, const float *restrict sums,
                       const uint8_t *restrict q, const void *restrict scales,
                       const void *restrict mins, int wide, const float *restrict bias,
@@ -676,9 +678,11 @@ static int int4_rows(const uint16_t *restrict x, const float *restrict sums,
                     _mm512_store_ps(lane_scales + (j * blocks + b) * 16, _mm512_permutexvar_ps(
                         lane_group, _mm512_loadu_ps(s[j] + (base >> (shift + 3)))));
                 }
-            int64_t m = 0;
-            for (; expanded && m + 1 < rows; m += 2) { /* two input rows per read of the words */
-                const uint16_t *xm[2] = {x + m * k, x + (m + 1) * k};
+            /* several rows: two input rows per read of the words (an odd last one computed
+             * twice, stored once) */
+            for (int64_t m = 0; expanded && m < rows; m += 2) {
+                const int pair = m + 1 < rows;
+                const uint16_t *xm[2] = {x + m * k, x + (m + pair) * k};
                 __m512 acc[2][4];
                 for (int j = 0; j < 4; ++j) acc[0][j] = acc[1][j] = _mm512_setzero_ps();
                 int64_t base = 0;
@@ -717,50 +721,34 @@ static int int4_rows(const uint16_t *restrict x, const float *restrict sums,
                         }
                     }
                 }
-                for (int r = 0; r < 2; ++r)
+                for (int r = 0; r <= pair; ++r)
                     int4_finish(acc[r], offset, sums + (m + r) * groups, groups,
                                 bias ? bias + n0 : NULL, y + (m + r) * n + n0, width);
             }
-            for (; m < rows; ++m) { /* one input row (a last odd one: from the words made above) */
-                const uint16_t *xm = x + m * k;
+            if (!expanded) { /* one input row: the words unpacked as they are read */
+                const uint16_t *xm = x;
                 __m512 acc[4];
                 for (int j = 0; j < 4; ++j) acc[j] = _mm512_setzero_ps();
                 int64_t base = 0;
-                for (int64_t b = 0; base + 128 <= k; base += 128, ++b) {
-                    if (!expanded)
-                        for (int j = 0; j < 4; ++j)
-                            _mm_prefetch((const char *)(w[j] + base / 2 + INT4_PREFETCH_BYTES),
-                                         _MM_HINT_T0);
+                for (; base + 128 <= k; base += 128) {
+                    for (int j = 0; j < 4; ++j)
+                        _mm_prefetch((const char *)(w[j] + base / 2 + INT4_PREFETCH_BYTES),
+                                     _MM_HINT_T0);
                     for (int j = 0; j < 4; ++j) {
                         __m512i v[4];
-                        __m512 sv;
-                        if (expanded) {
-                            const uint16_t *from = words + ((j * blocks + b) * 4) * 32;
-                            for (int i = 0; i < 4; ++i) v[i] = _mm512_load_si512(from + 32 * i);
-                            sv = _mm512_load_ps(lane_scales + (j * blocks + b) * 16);
-                        } else {
-                            int4_nibbles(_mm512_loadu_si512(w[j] + base / 2), v);
-                            sv = _mm512_permutexvar_ps(
-                                lane_group, _mm512_loadu_ps(s[j] + (base >> (shift + 3))));
-                        }
+                        int4_nibbles(_mm512_loadu_si512(w[j] + base / 2), v);
+                        const __m512 sv = _mm512_permutexvar_ps(
+                            lane_group, _mm512_loadu_ps(s[j] + (base >> (shift + 3))));
                         acc[j] = _mm512_fmadd_ps(int4_dot(v, xm + base), sv, acc[j]);
                     }
                 }
                 if (base < k) { /* a last block of 64 inputs: the same on 256-bit vectors */
-                    const int64_t b = blocks - 1;
                     for (int j = 0; j < 4; ++j) {
                         __m256i v[4];
-                        __m256 sv;
-                        if (expanded) {
-                            const uint16_t *from = words + ((j * blocks + b) * 4) * 32;
-                            for (int i = 0; i < 4; ++i)
-                                v[i] = _mm256_load_si256((const __m256i *)(from + 32 * i));
-                            sv = _mm256_load_ps(lane_scales + (j * blocks + b) * 16);
-                        } else {
-                            int4_nibbles_256(_mm256_loadu_si256((const __m256i *)(w[j] + base / 2)), v);
-                            sv = _mm256_permutexvar_ps(_mm512_castsi512_si256(lane_group),
-                                                       _mm256_loadu_ps(s[j] + (base >> (shift + 3))));
-                        }
+                        int4_nibbles_256(_mm256_loadu_si256((const __m256i *)(w[j] + base / 2)), v);
+                        const __m256 sv = _mm256_permutexvar_ps(
+                            _mm512_castsi512_si256(lane_group),
+                            _mm256_loadu_ps(s[j] + (base >> (shift + 3))));
                         __m256 part = _mm256_setzero_ps();
                         for (int i = 0; i < 4; ++i)
                             part = _mm256_dpbf16_ps(part, (__m256bh)v[i], (__m256bh)_mm256_loadu_si256(
@@ -768,8 +756,7 @@ static int int4_rows(const uint16_t *restrict x, const float *restrict sums,
                         acc[j] = _mm512_add_ps(acc[j], _mm512_zextps256_ps512(_mm256_mul_ps(part, sv)));
                     }
                 }
-                int4_finish(acc, offset, sums + m * groups, groups, bias ? bias + n0 : NULL,
-                            y + m * n + n0, width);
+                int4_finish(acc, offset, sums, groups, bias ? bias + n0 : NULL, y + n0, width);
             }
         }
     }
