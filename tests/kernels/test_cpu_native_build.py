@@ -44,9 +44,10 @@ def _loaded_build(arch, tmp_path):
 @pytest.mark.parametrize("rows", [1, 3])
 def test_the_loops_of_cpus_without_avx512_equal_their_references(arch, rows, tmp_path):
     """What a CPU without AVX-512 runs, on any CPU that can: the x86-64-v3 build's AVX2 int8 and
-    int4 loops, the x86-64-v2 build's generic int8 loop (which has no int4 loop: -1, torch's
-    kernel then). To fp32 rounding (1e-5 of the output's scale) against the references, int4 on
-    inputs rounded to bf16 as its AVX-512 loop takes them; each row bit for bit as alone."""
+    int4 loops and W8A8 GEMM, the x86-64-v2 build's generic int8 loop (it has no int4 loop nor
+    W8A8 GEMM: -1, torch's kernels then). To fp32 rounding (1e-5 of the output's scale) against
+    the references, int4 on inputs rounded to bf16 as its AVX-512 loop takes them; each row bit
+    for bit as alone; the W8A8 GEMM bit for bit as torch._int_mm's int32 sums, scaled."""
     lib = _loaded_build(arch, tmp_path)
     torch.manual_seed(rows)
     n, k = 37, 192
@@ -70,6 +71,16 @@ def test_the_loops_of_cpus_without_avx512_equal_their_references(arch, rows, tmp
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
     q8, channel_scale = ql.quantize_int8(w)
+    xq, xscale = ql.quantize_rows_reference(x)  # W8A8: the native GEMM (AVX2), or -1
+    acc = torch._int_mm(xq, q8.t()).contiguous()
+    want = torch.empty(rows, n)
+    lib.dequantize_s32_f32(acc.data_ptr(), xscale.data_ptr(), channel_scale.data_ptr(),
+                           bias.data_ptr(), want.data_ptr(), rows, n)
+    got = torch.empty(rows, n)
+    done = lib.w8a8_gemm_f32(xq.data_ptr(), xscale.data_ptr(), q8.data_ptr(),
+                             channel_scale.data_ptr(), bias.data_ptr(), got.data_ptr(), rows, n, k)
+    assert done == (-1 if arch == "x86-64-v2" else 0)
+    assert arch == "x86-64-v2" or torch.equal(got, want)
     for scale in (channel_scale.view(-1, 1).contiguous(), torch.rand(n, k // 32) / 100):  # Q8_0
         got = int8(q8, scale, x)
         close(got, F.linear(x, ql.dequantize_int8(q8, scale), bias))

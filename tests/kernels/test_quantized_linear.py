@@ -164,16 +164,17 @@ INT4_NATIVE_CASES = [((35, 64), 32), ((130, 192), 64), ((48, 256), 128), ((96, 5
 
 
 def _int4_native():
-    """The native int4 loop must run where the CPU has AVX-512 BF16; elsewhere these tests do
-    not apply (torch's kernel runs there, tested above)."""
+    """The native int4 loop must run where the CPU has AVX-512 BF16 or AVX2 + FMA + F16C;
+    elsewhere these tests do not apply (torch's kernel runs there, tested above)."""
     from mlx_kernels import _cpu_native
 
     _native()
-    if "avx512_bf16" not in _cpu_native._cpu_signature():  # the flags the kernels build for
-        pytest.skip("this CPU lacks AVX-512 BF16, which the native int4 loop needs; int4 runs "
-                    "torch's kernel here, which the tests above cover")
+    flags = set(_cpu_native._cpu_signature().split())  # the flags the kernels build for
+    if "avx512_bf16" not in flags and not {"avx2", "fma", "f16c"} <= flags:
+        pytest.skip("this CPU has neither AVX-512 BF16 nor AVX2 + FMA + F16C, which the native "
+                    "int4 loop needs; int4 runs torch's kernel here, which the tests above cover")
     if not ql._int4_native_built():
-        pytest.fail("the CPU has AVX-512 BF16 but the native int4 loop was not built for it")
+        pytest.fail("the CPU has AVX-512 BF16 or AVX2 but the native int4 loop was not built for it")
 
 
 @pytest.mark.parametrize("shape,group_size", INT4_NATIVE_CASES)
@@ -199,8 +200,8 @@ def test_int4_linear_runs_the_native_loop_at_one_row(shape, group_size, bias):
 @pytest.mark.parametrize("shape,group_size", INT4_NATIVE_CASES)
 @pytest.mark.parametrize("rows", [2, 5, 40])
 def test_int4_native_loop_rows_do_not_depend_on_their_batch(shape, group_size, rows):
-    """Several rows (the weight unpacked once, read by two rows at a time, an odd last one
-    alone): each row as the reference, and bit for bit as that row alone, so greedy serving
+    """Several rows (AVX-512: the weight unpacked once, read by two rows at a time, an odd last
+    one alone): each row as the reference, and bit for bit as that row alone, so greedy serving
     does not change with what a sequence is batched with."""
     _int4_native()
     torch.manual_seed(rows)
@@ -298,24 +299,58 @@ def test_native_row_quantization_equals_the_reference_bit_for_bit(rows, k):
 @pytest.mark.parametrize("rows", [1, 2, 17, 200])
 @pytest.mark.parametrize("bias", [False, True])
 def test_w8a8_linear_matches_its_reference_and_fp32(shape, rows, bias, monkeypatch):
+    from mlx_kernels import _cpu_native
+
     _native()
-    # the oneDNN path is taken only with AMX (without it oneDNN runs its reference loop); its
-    # arithmetic is checked on any CPU
-    monkeypatch.setattr(ql, "_cpu_has_amx", lambda: True)
+    # the oneDNN path is taken only with AMX (with VNNI alone oneDNN runs its reference loop);
+    # its arithmetic is checked on any CPU with VNNI. Without VNNI (AVX2 alone) oneDNN's int8
+    # GEMM multiplies in saturating 16-bit pairs and is off by whole units: not taken there.
+    vnni = bool(set(_cpu_native._cpu_signature().split()) & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    if vnni:
+        monkeypatch.setattr(ql, "_cpu_has_amx", lambda: True)
     torch.manual_seed(rows)
     w, x = torch.randn(shape), torch.randn(rows, shape[1])
     b = torch.randn(shape[0]) if bias else None
     q, scale = ql.quantize_int8(w)
     want = ql.w8a8_linear_reference(x, q, scale, b)
     with torch.inference_mode():
-        got = ql.w8a8_linear(x, q, scale, b)  # torch._int_mm
+        got = ql.w8a8_linear(x, q, scale, b)  # torch._int_mm (no VNNI: the native GEMM)
         layout = ql.CpuLayout()
-        packed = ql.w8a8_linear(x, q, scale, b, cpu_layout=layout)  # oneDNN's packed
-    assert rows == 1 or layout.data is not None
+        packed = ql.w8a8_linear(x, q, scale, b, cpu_layout=layout)  # oneDNN's packed (AMX)
+    assert rows == 1 or (layout.data is not None) == vnni
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(packed, want, atol=1e-5, rtol=1e-5)
     # int8 weights and activations: within a few percent of the fp32 product's scale
     _close_to_scale(want, F.linear(x, w, b), 3e-2)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 17])
+@pytest.mark.parametrize("bias", [False, True])
+def test_w8a8_native_gemm_equals_int_mm_bit_for_bit(rows, bias, monkeypatch):
+    """The native W8A8 GEMM (taken where the CPU has no VNNI, as torch._int_mm runs a reference
+    loop there), on any CPU with AVX2, eager and compiled: torch._int_mm's int32 sums scaled as
+    dequantize_s32_f32 scales them, bit for bit."""
+    from mlx_kernels import _cpu_native
+
+    _native()
+    if "avx2" not in _cpu_native._cpu_signature().split():
+        pytest.skip("the native W8A8 GEMM needs AVX2, which this CPU lacks; torch._int_mm runs here")
+    monkeypatch.setattr(ql, "_w8a8_gemm_native_here", lambda: True)
+    torch.manual_seed(rows)
+    n, k = 70, 96
+    q, scale = ql.quantize_int8(torch.randn(n, k))
+    x, b = torch.randn(rows, k), (torch.randn(n) if bias else None)
+    xq, xscale = ql.quantize_rows(x)
+    acc = torch._int_mm(xq, q.t()).contiguous()
+    want = torch.empty(rows, n)
+    _cpu_native.library().dequantize_s32_f32(acc.data_ptr(), xscale.data_ptr(), scale.data_ptr(),
+                                             None if b is None else b.data_ptr(), want.data_ptr(),
+                                             rows, n)
+    with torch.inference_mode():
+        eager = ql.w8a8_linear(x, q, scale, b, cpu_layout=ql.CpuLayout())
+        compiled = torch.compile(lambda x: ql.w8a8_linear(x, q, scale, b), fullgraph=True)(x)
+    assert torch.equal(eager, want)
+    assert torch.equal(compiled, want)
 
 
 @pytest.mark.parametrize("shape,group_size", [((35, 96), 32), ((64, 64), 64), ((130, 192), 32),

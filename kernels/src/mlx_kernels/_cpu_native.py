@@ -88,11 +88,15 @@ def library() -> ctypes.CDLL | None:
     try:
         import torch  # noqa: F401  (loads the libgomp the kernels then share)
 
-        lib = ctypes.CDLL(str(_build(found)))
+        return declare(ctypes.CDLL(str(_build(found))))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         logger.warning("building mlx_kernels' native CPU kernels failed, using the torch references "
                        "instead: %s", e)
         return None
+
+
+def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """``lib`` (a build of ``SOURCE``) with its functions' argument and result types set."""
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     # query, keys, values, tables, lens, cu_q (NULL: one query per sequence), out; batch, kv_heads,
     # group, head_dim, block_size, table_width, num_blocks, window; scale, softcap (0: none)
@@ -112,6 +116,9 @@ def library() -> ctypes.CDLL | None:
     lib.int8_group_linear_f32.restype = None
     # x, q, scale, bias (NULL: none), y; rows, n, k, group
     lib.int8_group_linear_f32.argtypes = [ptr] * 5 + [i64] * 4
+    lib.w8a8_gemm_f32.restype = ctypes.c_int  # 0, or -1: cannot run here (y untouched)
+    # xq, xscale, q, scale, bias (NULL: none), y; rows, n, k
+    lib.w8a8_gemm_f32.argtypes = [ptr] * 6 + [i64] * 3
     lib.int4_native_available.restype = ctypes.c_int
     lib.int4_native_available.argtypes = []
     lib.int4_group_linear_f32.restype = ctypes.c_int  # 0, or -1: cannot run here (y untouched)

@@ -25,7 +25,8 @@ weights, 2 threads, AVX-512 VNNI, 6.1 ms at one row against 11.4 ms for torch's
 alike, whatever else is in the batch, so a sequence's tokens do not depend on what it is
 batched with (torch's kernel at a few rows and the fp32 GEMM beyond would differ by bf16
 rounding). int4 with inputs in multiples of 64, up to ``INT4_NATIVE_ROWS`` rows, runs the native loop
-``int4_group_linear_f32`` where the CPU has AVX-512 BF16: the input rounded to bf16, each
+``int4_group_linear_f32`` where the CPU has AVX-512 BF16 (or AVX2 + FMA + F16C: there the
+nibbles are converted to fp32 and multiplied in FMAs, the same product): the input rounded to bf16, each
 weight nibble made bf16 ``128 + q`` in registers, BF16 dot-products with fp32 sums, the scales
 and mins as stored (fp16, or GGUF Q4_K's fp32); at one row 19-22 GB/s of weights against 14-17
 for torch's kernel over the built-in model's fused weights, 15-25% slower than it from two
@@ -55,7 +56,7 @@ from mlx_kernels.linear import PACKED_ROWS_HINT, _identity
 # rows, even at 128, 44 vs 38 at 256; int4 42 vs 66 ms at 256, 63 vs 72 at 384, 86 vs 78 at 512)
 INT8_FAST_ROWS = 128
 INT4_FAST_ROWS = 384
-# up to this many rows the native int4 loop (inputs in multiples of 64, AVX-512 BF16) runs, past
+# up to this many rows the native int4 loop (inputs in multiples of 64, AVX-512 BF16 or AVX2) runs, past
 # them torch's int4 kernel (the built-in model's fused weights, 2 threads, per call with its
 # dispatch: 5.3 vs 6.3 ms for all 120 at 1 row; 8.2 vs 7.1 at 2, 16.8 vs 14.2 at 8, 201 vs 166 at
 # 128, 401 vs 331 at 256): slower from 2 rows on, but a row's result does not depend on its batch
@@ -356,8 +357,10 @@ _OPS = torch.library.Library("mlx_kernels", "FRAGMENT")
 _OPS.define("int8_group_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor")
 _OPS.define("int4_group_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins, Tensor? bias) "
             "-> Tensor")
+_OPS.define("w8a8_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor")
 _OPS.impl("int8_group_linear", _int8_native, "CPU")
 _OPS.impl("int4_group_linear", _int4_native, "CPU")
+_OPS.impl("w8a8_linear", lambda *args: _w8a8_native(*args), "CPU")  # defined further down
 
 
 @torch.library.register_fake("mlx_kernels::int8_group_linear")
@@ -367,6 +370,11 @@ def _(x, qweight, scale, bias):
 
 @torch.library.register_fake("mlx_kernels::int4_group_linear")
 def _(x, qweight, scales, mins, bias):
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+@torch.library.register_fake("mlx_kernels::w8a8_linear")
+def _(x, qweight, scale, bias):
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 
@@ -412,6 +420,40 @@ def _w8a8_cpu_layout(qweight, scale):
     return packed, scale.float().contiguous(), zeros
 
 
+@torch.compiler.assume_constant_result  # one answer per process: a constant to a compiled graph
+def _w8a8_gemm_native() -> bool:
+    """Whether W8A8's GEMM runs the native ``w8a8_gemm_f32`` (AVX2, exact int32 sums, fused
+    scaling) instead of ``torch._int_mm``: on an x86 CPU without int8 dot-product instructions
+    (AVX-512 VNNI, AVX-VNNI or AMX), where ``torch._int_mm`` runs a reference loop (2 GOPS on an
+    AVX2 AMD EPYC, 25x slower than its fp32 GEMM; the native GEMM runs 35-50 GOPS there)."""
+    return _w8a8_gemm_native_here()
+
+
+@functools.cache
+def _w8a8_gemm_native_here() -> bool:
+    flags = set(_cpu_native._cpu_signature().split())
+    return ("avx2" in flags and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
+            and _cpu_native.library() is not None)
+
+
+def _w8a8_native(x, qweight, scale, bias):
+    """W8A8 on fp32 ``x [rows, k]`` by the native GEMM (the op ``mlx_kernels::w8a8_linear``):
+    the rows quantized as ``quantize_rows``, the int32 sums and the scaling as ``torch._int_mm``
+    and ``dequantize_s32_f32`` give them, bit for bit."""
+    x, qweight, scale = x.contiguous(), qweight.contiguous(), scale.float().contiguous()
+    bias = None if bias is None else bias.contiguous()  # held: the kernel reads its memory
+    xq, xscale = quantize_rows(x)
+    y = x.new_empty(x.shape[0], qweight.shape[0])
+    done = _cpu_native.library().w8a8_gemm_f32(
+        xq.data_ptr(), xscale.data_ptr(), qweight.data_ptr(), scale.data_ptr(),
+        None if bias is None else bias.data_ptr(), y.data_ptr(), x.shape[0], qweight.shape[0],
+        x.shape[1])
+    if done != 0:
+        raise RuntimeError(f"the native W8A8 GEMM cannot run {tuple(x.shape)} x "
+                           f"{tuple(qweight.shape)} here (it needs AVX2 and inputs in multiples of 16)")
+    return y
+
+
 def _int_mm_on_gpu(x: torch.Tensor, qweight: torch.Tensor) -> bool:
     # torch._int_mm on CUDA takes K and N in multiples of 8
     return x.device.type == "cuda" and qweight.shape[0] % 8 == 0 and qweight.shape[1] % 8 == 0
@@ -438,10 +480,16 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     rows, flat = _rows(x)
     if rows and not torch.is_grad_enabled() and (
             torch.compiler.is_compiling() or _int_mm_on_gpu(x, qweight)):
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and setting() == "auto"
+                and _w8a8_gemm_native() and qweight.shape[1] % 16 == 0):
+            y = torch.ops.mlx_kernels.w8a8_linear(flat, qweight, scale, bias)
+            return y.view(*x.shape[:-1], qweight.shape[0])
         return _w8a8_int_mm(x, flat, rows, qweight, scale, bias)
     if not (rows and not torch.is_grad_enabled() and native_cpu(x, scale)
             and (bias is None or native_cpu(bias))):
         return w8a8_linear_reference(x, qweight, scale, bias)
+    if _w8a8_gemm_native() and qweight.shape[1] % 16 == 0:
+        return _w8a8_native(flat, qweight, scale, bias).view(*x.shape[:-1], qweight.shape[0])
     lib = _cpu_native.library()
     xq, xscale = quantize_rows(flat)
     bias = None if bias is None else bias.contiguous()  # held: the kernels read its memory
