@@ -217,6 +217,7 @@ def test_int4_native_loop_rows_do_not_depend_on_their_batch(shape, group_size, r
 def test_int4_scales_the_loop_cannot_read_take_the_reference_compiled_too():
     """bf16 scales (a model cast to bf16 whole, then run in fp32) are not what the loop reads:
     the reference runs, eager and compiled, rather than the loop misreading them."""
+    _int4_native()
     torch.manual_seed(0)
     q, scales, mins = ql.quantize_int4(torch.randn(32, 128), 32)
     scales, mins = scales.bfloat16(), mins.bfloat16()

@@ -369,13 +369,20 @@ def run_structured(engine: LLMEngine, workload: Workload, fraction: float,
 
 
 def int8_matmul_tops(size: int = 1024, repeats: int = 10) -> float:
-    """This machine's int8 x int8 -> int32 matmul rate (``torch._int_mm``), W8A8's ceiling."""
-    a = torch.randint(-127, 128, (size, size), dtype=torch.int8)
-    b = torch.randint(-127, 128, (size, size), dtype=torch.int8)
-    torch._int_mm(a, b)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        torch._int_mm(a, b)
+    """This machine's rate for W8A8's own int8 x int8 -> int32 product, its ceiling: the
+    ``w8a8_linear`` that a W8A8 layer runs on ``size`` rows (``torch._int_mm``, oneDNN's packed
+    weight with AMX, or the native GEMM on a CPU without VNNI, whose ``torch._int_mm`` runs a
+    reference loop), the rows' quantization and scaling included."""
+    from mlx_kernels.quantized_linear import CpuLayout, quantize_int8, w8a8_linear
+
+    x = torch.randn(size, size)
+    qweight, scale = quantize_int8(torch.randn(size, size))
+    layout = CpuLayout()
+    with torch.inference_mode():
+        w8a8_linear(x, qweight, scale, cpu_layout=layout)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            w8a8_linear(x, qweight, scale, cpu_layout=layout)
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
