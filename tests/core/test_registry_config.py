@@ -26,6 +26,24 @@ def test_registry_register_get_and_close_matches():
     assert r.get("alpha") == 3
 
 
+def test_deferred_entries_import_their_target_when_first_asked_for():
+    r = Registry("widget")
+    r.register_deferred("ordered", "collections:OrderedDict")
+    r.register("plain", 1)
+    assert "ordered" in r and r.names() == ["ordered", "plain"]
+    import collections
+
+    assert r.get("ordered") is collections.OrderedDict
+    assert r.items() == [("ordered", collections.OrderedDict), ("plain", 1)]
+    with pytest.raises(ValueError, match="already registered"):
+        r.register_deferred("plain", "collections:Counter")
+    with pytest.raises(ValueError, match="'module:attribute'"):
+        r.register_deferred("broken", "collections.Counter")
+    r.register_deferred("missing", "collections:NoSuchThing")
+    with pytest.raises(AttributeError, match="NoSuchThing"):
+        r.get("missing")
+
+
 def test_unknown_model_lists_close_matches():
     load_plugins()
     with pytest.raises(UnknownNameError) as err:

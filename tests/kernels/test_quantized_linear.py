@@ -25,6 +25,22 @@ def _close_to_scale(got, want, fraction):
     assert (got - want).abs().max().item() <= fraction * scale, (got - want).abs().max()
 
 
+def test_the_constant_mark_is_the_one_torch_compiler_sets():
+    """The native kernels' availability checks are marked constant for compiled graphs without
+    importing torch._dynamo at import (2.5 s): the mark must stay the one torch's decorator sets."""
+    def ours():
+        return True
+
+    def torchs():
+        return True
+
+    ql._constant_in_compiled_graphs(ours)
+    torch.compiler.assume_constant_result(torchs)
+    assert vars(ours) == vars(torchs) and vars(torchs)
+    for marked in (ql._native_built, ql._int4_native_built, ql._w8a8_gemm_native):
+        assert vars(marked).items() >= vars(torchs).items()
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_int8_quantization_error(shape):
     """Without clipping every value is within half a step; the clipping search never does worse

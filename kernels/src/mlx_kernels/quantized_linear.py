@@ -37,12 +37,16 @@ where the native loop is not built. Measured on the built-in model's 211 weights
 Rapids), one row: fp32 19.5 ms, torch's int8 10.7, int4 (G=32) 5.0. Beyond those row counts a
 dequantized fp32 GEMM wins. W8A8
 quantizes each activation row in a native C loop and runs oneDNN's int8 GEMM on a prepacked
-weight (``torch._int_mm`` for a single row), scaling back in a second C loop.
+weight where the CPU has AMX (``torch._int_mm`` for a single row and without AMX), scaling back
+in a second C loop; on an x86 CPU with AVX2 but neither VNNI nor AMX (AMD before Zen 4, Intel
+before Ice Lake), where ``torch._int_mm`` runs a reference loop, the native GEMM
+``w8a8_gemm_f32`` (``vpmaddwd``, exact int32 sums, the scaling fused) gives the same numbers.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +67,17 @@ INT4_FAST_ROWS = 384
 # (a sequence served beside others decodes as it does alone)
 INT4_NATIVE_ROWS = 256
 INT4_GROUP_SIZES = (32, 64, 128)
+
+
+def _constant_in_compiled_graphs(fn):
+    """``torch.compiler.assume_constant_result``, without importing ``torch._dynamo`` when this
+    module is imported (2.5 s here, which every ``mlx`` command paid, ``--help`` included). That
+    decorator only marks the function, which dynamo reads when it traces a call to it;
+    ``test_quantized_linear.py`` checks that the mark set here is still the one it sets."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
 
 
 # ---- quantization (weights) -------------------------------------------------------------------
@@ -264,7 +279,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     return F.linear(x, dequantize_int8(qweight, scale, x.dtype), bias)
 
 
-@torch.compiler.assume_constant_result  # built once per process: a constant to a compiled graph
+@_constant_in_compiled_graphs  # built once per process: a constant to a compiled graph
 def _native_built() -> bool:
     return _cpu_native.library() is not None
 
@@ -314,7 +329,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mi
     return F.linear(x, dequantize_int4(qweight, scales, mins, x.dtype), bias)
 
 
-@torch.compiler.assume_constant_result  # built once per process: a constant to a compiled graph
+@_constant_in_compiled_graphs  # built once per process: a constant to a compiled graph
 def _int4_native_built() -> bool:
     lib = _cpu_native.library()
     return lib is not None and bool(lib.int4_native_available())
@@ -420,12 +435,13 @@ def _w8a8_cpu_layout(qweight, scale):
     return packed, scale.float().contiguous(), zeros
 
 
-@torch.compiler.assume_constant_result  # one answer per process: a constant to a compiled graph
+@_constant_in_compiled_graphs  # one answer per process: a constant to a compiled graph
 def _w8a8_gemm_native() -> bool:
     """Whether W8A8's GEMM runs the native ``w8a8_gemm_f32`` (AVX2, exact int32 sums, fused
     scaling) instead of ``torch._int_mm``: on an x86 CPU without int8 dot-product instructions
     (AVX-512 VNNI, AVX-VNNI or AMX), where ``torch._int_mm`` runs a reference loop (2 GOPS on an
-    AVX2 AMD EPYC, 25x slower than its fp32 GEMM; the native GEMM runs 35-50 GOPS there)."""
+    AVX2 AMD EPYC, 25x slower than its fp32 GEMM; the native GEMM runs 130-175 GOPS there at
+    64-1024 rows, against fp32's 85-120 GFLOP/s)."""
     return _w8a8_gemm_native_here()
 
 
@@ -476,7 +492,10 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     On CPU with a ``cpu_layout`` the GEMM runs on oneDNN's prepacked int8 weight
     (``onednn.qlinear_pointwise``, which also applies the weight scales: up to 2x
     ``torch._int_mm`` at 256-2048 rows here, the same int32 sums), else (and for a single row)
-    ``torch._int_mm``. On a GPU, ``torch._int_mm`` (cuBLAS's int8 GEMM)."""
+    ``torch._int_mm``. On an x86 CPU with AVX2 but no int8 dot-product instructions (no VNNI or
+    AMX, where ``torch._int_mm`` runs a reference loop) the native GEMM ``w8a8_gemm_f32`` (the
+    op ``mlx_kernels::w8a8_linear`` under ``torch.compile``), bit for bit the same numbers. On a
+    GPU, ``torch._int_mm`` (cuBLAS's int8 GEMM)."""
     rows, flat = _rows(x)
     if rows and not torch.is_grad_enabled() and (
             torch.compiler.is_compiling() or _int_mm_on_gpu(x, qweight)):

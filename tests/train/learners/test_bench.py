@@ -7,6 +7,7 @@ import statistics
 import pytest
 
 from mlx_train import bench
+from mlx_train.cli import bench_learner
 
 
 def test_quick_bench_ratio_comes_from_its_own_timings():
@@ -30,7 +31,7 @@ def test_bench_command_writes_json(tmp_path):
     from typer.testing import CliRunner
 
     app = typer.Typer()
-    app.command("learner")(bench.bench_learner)
+    app.command("learner")(bench_learner)
     app.command("other")(lambda: None)  # two commands: typer keeps "learner" as a subcommand
     out = tmp_path / "bench.json"
     res = CliRunner().invoke(app, ["learner", "--quick", "--batches", "5", "--repeats", "1",
@@ -47,7 +48,7 @@ def test_registered_as_mlx_bench_learner():
     from mlx_core.plugins import load_plugins
 
     load_plugins()
-    assert registry.benchmarks.get("learner") is bench.bench_learner
+    assert registry.benchmarks.get("learner") is bench_learner
 
 
 def test_event_dispatch_cache_follows_the_callback_list():

@@ -5,15 +5,29 @@ adapters, merge and unmerge), QLoRA (LoRA over NF4 base layers, ``quantize_nf4``
 (IA)³, prompt tuning and prefix tuning.
 """
 
-from mlx_adapters.adalora import AdaLoraConfig
-from mlx_adapters.ia3 import IA3Config, IA3Linear
-from mlx_adapters.lora import LoraLinear
-from mlx_adapters.nf4_linear import NF4Linear, quantize_nf4
-from mlx_adapters.peft_model import PeftModel, get_peft_model
-from mlx_adapters.prefix_tuning import PrefixTuningConfig
-from mlx_adapters.prompt_tuning import PromptTuningConfig
-from mlx_core.peft_config import LoraConfig, PeftConfig
+from importlib import import_module
+
+# name -> the module that defines it, imported at first access (PEP 562): the plugin entry point
+# imports this package at every `mlx` command's start, and these modules import torch (~2 s)
+_EXPORTS = {"AdaLoraConfig": "mlx_adapters.adalora", "IA3Config": "mlx_adapters.ia3",
+            "IA3Linear": "mlx_adapters.ia3", "LoraLinear": "mlx_adapters.lora",
+            "NF4Linear": "mlx_adapters.nf4_linear", "quantize_nf4": "mlx_adapters.nf4_linear",
+            "PeftModel": "mlx_adapters.peft_model", "get_peft_model": "mlx_adapters.peft_model",
+            "PrefixTuningConfig": "mlx_adapters.prefix_tuning",
+            "PromptTuningConfig": "mlx_adapters.prompt_tuning",
+            "LoraConfig": "mlx_core.peft_config", "PeftConfig": "mlx_core.peft_config"}
 
 __version__ = "0.1.0"
-__all__ = ["AdaLoraConfig", "IA3Config", "IA3Linear", "LoraConfig", "LoraLinear", "NF4Linear", "PeftConfig",
-           "PeftModel", "PrefixTuningConfig", "PromptTuningConfig", "get_peft_model", "quantize_nf4"]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mlx_adapters' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,18 +1,20 @@
 """mlx-adapters' registrations (through the ``mlx.plugins`` entry point)."""
 
 
+# the tuners, imported when first asked for: they import torch (~2 s), which `mlx --help` and
+# every command that does not use an adapter method would otherwise pay at start
+TUNERS = {"lora": "mlx_adapters.lora:LoraTuner", "adalora": "mlx_adapters.adalora:AdaLoraTuner",
+          "ia3": "mlx_adapters.ia3:IA3Tuner",
+          "prompt_tuning": "mlx_adapters.prompt_tuning:PromptTuningTuner",
+          "prefix_tuning": "mlx_adapters.prefix_tuning:PrefixTuningTuner"}
+
+
 def register() -> None:
-    from mlx_adapters.adalora import AdaLoraTuner
-    from mlx_adapters.ia3 import IA3Tuner
-    from mlx_adapters.lora import LoraTuner
-    from mlx_adapters.prefix_tuning import PrefixTuningTuner
-    from mlx_adapters.prompt_tuning import PromptTuningTuner
     from mlx_core import registry
 
-    for name, tuner in (("lora", LoraTuner), ("adalora", AdaLoraTuner), ("ia3", IA3Tuner),
-                        ("prompt_tuning", PromptTuningTuner), ("prefix_tuning", PrefixTuningTuner)):
+    for name, target in TUNERS.items():
         if name not in registry.adapter_methods:
-            registry.adapter_methods.register(name, tuner)
+            registry.adapter_methods.register_deferred(name, target)
     if "lora" not in registry.benchmarks:
         registry.benchmarks.register("lora", _make_bench_command())
     if "adapters" not in registry.cli_commands:

@@ -7,6 +7,7 @@ no package imports a sibling just to register itself.
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -33,12 +34,25 @@ def close_matches(name: str, candidates: list[str], n: int = 3) -> list[str]:
     return [lowered[f] for f in found]
 
 
+class _Deferred:
+    """An entry registered as ``"module:attribute"``, imported when it is first asked for."""
+
+    def __init__(self, target: str):
+        module, _, attribute = target.partition(":")
+        if not module or not attribute:
+            raise ValueError(f"a deferred entry is 'module:attribute', got {target!r}")
+        self.module, self.attribute = module, attribute
+
+    def load(self):
+        return getattr(importlib.import_module(self.module), self.attribute)
+
+
 class Registry(Generic[T]):
     """Name -> object, with helpful errors. ``kind`` names what is stored, for messages."""
 
     def __init__(self, kind: str):
         self.kind = kind
-        self._items: dict[str, T] = {}
+        self._items: dict[str, T | _Deferred] = {}
 
     def register(self, name: str, item: T | None = None, *, overwrite: bool = False):
         """``registry.register("x", obj)``, or ``@registry.register("x")`` as a decorator."""
@@ -56,11 +70,24 @@ class Registry(Generic[T]):
         self._items[name] = item
         return item
 
+    def register_deferred(self, name: str, target: str, *, overwrite: bool = False) -> None:
+        """Register ``target`` (``"module:attribute"``) under ``name`` without importing it: it
+        is imported when first asked for (``get``, ``items``). For plugins whose entries import
+        torch: every ``mlx`` command loads every plugin, ``--help`` included."""
+        if name in self._items and not overwrite:
+            raise ValueError(
+                f"{self.kind} {name!r} is already registered; pass overwrite=True to replace it"
+            )
+        self._items[name] = _Deferred(target)
+
     def get(self, name: str) -> T:
         try:
-            return self._items[name]
+            item = self._items[name]
         except KeyError:
             raise UnknownNameError(self.unknown_message(name)) from None
+        if isinstance(item, _Deferred):
+            item = self._items[name] = item.load()
+        return item
 
     def unknown_message(self, name: str) -> str:
         names = sorted(self._items)
@@ -73,7 +100,7 @@ class Registry(Generic[T]):
         return sorted(self._items)
 
     def items(self) -> list[tuple[str, T]]:
-        return sorted(self._items.items())
+        return [(name, self.get(name)) for name in self.names()]
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

@@ -215,4 +215,40 @@ def quickstart(steps: int = typer.Option(None, "--steps", help="Training steps (
     run(steps=steps, output=output, quick=quick, model=model)
 
 
-__all__ = ["quickstart", "recipes_app", "train", "tune_app"]
+# `mlx bench learner` (registered by the plugin; here, not in bench.py, which imports torch)
+def bench_learner(quick: bool = typer.Option(False, "--quick", help="A few batches and repeats "
+                                                                    "(a smoke test; noisy)."),
+                  batches: int = typer.Option(0, "--batches", help="Training batches per epoch "
+                                              "(default 200, 20 with --quick)."),
+                  repeats: int = typer.Option(0, "--repeats", help="Timed epochs per side "
+                                              "(default 11, 3 with --quick)."),
+                  bs: int = typer.Option(64, "--bs"), width: int = typer.Option(256, "--width"),
+                  threads: int = typer.Option(1, "--threads", help="torch CPU threads."),
+                  json_path: str = typer.Option("", "--json", help="Also write the result here.")):
+    """The Learner's per-batch overhead vs a hand-written PyTorch loop (ratio; goal <= 1.05)."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from mlx_train.bench import run  # torch: imported when the command runs
+
+    result = run(quick, batches or None, repeats or None, bs, width, threads=threads)
+    table = Table("side", "fastest epoch (s)", "per batch (ms)",
+                  title=f"mlx bench learner: MLP width {width}, {result['n_batches']} batches "
+                        f"of {bs}, {result['repeats']} repeats, {threads} thread(s)")
+    for name in ("learner", "hand"):
+        s = result[f"{name}_s"]
+        table.add_row("Learner.fit" if name == "learner" else "hand-written loop", f"{s:.4f}",
+                      f"{s / (result['n_batches'] + 1) * 1e3:.3f}")
+    Console().print(table)
+    print(f"ratio (learner / hand): {result['ratio']:.3f} (medians: {result['median_ratio']:.3f})"
+          f"  overhead per batch: "
+          f"{result['overhead_per_batch_us']:.1f} us  max weight difference: "
+          f"{result['max_weight_difference']:.1e}")
+    if json_path:
+        with open(json_path, "w") as f:
+            f.write(json.dumps(result, indent=2))
+
+
+__all__ = ["bench_learner", "quickstart", "recipes_app", "train", "tune_app"]

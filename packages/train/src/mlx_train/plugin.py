@@ -15,9 +15,7 @@ def register() -> None:
         if name not in registry.cli_commands:
             registry.cli_commands.register(name, command)
     if "learner" not in registry.benchmarks:
-        from mlx_train.bench import bench_learner
-
-        registry.benchmarks.register("learner", bench_learner)
+        registry.benchmarks.register("learner", cli.bench_learner)
     if "sweep" not in registry.benchmarks:
         from mlx_train.bench_sweep import bench_sweep
 

@@ -21,8 +21,14 @@ from importlib import resources
 from pathlib import Path
 
 from mlx_train.recipes.base import Recipe
-from mlx_train.recipes.classify import INJECTED as CLASSIFY_INJECTED
 from mlx_train.runner.config import RecipeConfigError, compose_config
+
+# What the classify recipe passes its config nodes itself (here, not in classify.py, which
+# imports torch: the plugin imports this module at every `mlx` command's start).
+CLASSIFY_INJECTED = {"data": ("tokenizer",), "optimizer": ("params",),
+                     "learner.tabular": ("dls", "learner_kwargs"),
+                     "learner.vision": ("dls", "learner_kwargs"),
+                     "learner.text": ("dls", "tokenizer", "learner_kwargs")}
 
 RECIPES = [
     Recipe("full_finetune", "Fine-tune every weight; save an HF-format model (run_dir/model).",

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.markup import escape
@@ -70,6 +69,8 @@ def say(text: str) -> None:
 
 
 def seed_everything(seed: int) -> None:
+    import torch  # here, not at import: the plugin imports this module at every `mlx` start
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

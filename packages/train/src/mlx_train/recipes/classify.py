@@ -17,6 +17,7 @@ import time
 from omegaconf import DictConfig
 
 from mlx_train.distributed import is_main_process
+from mlx_train.recipes import CLASSIFY_INJECTED
 from mlx_train.recipes.base import (
     CHECKPOINT_DIR,
     RunDir,
@@ -34,10 +35,7 @@ from mlx_train.recipes.classify_data import ClassifyData, save_table_procs
 EXPORT = "export.safetensors"
 TABLE_PROCS = "table_procs.json"
 # What the recipe passes the learner nodes itself (so config validation does not ask for it).
-INJECTED = {"data": ("tokenizer",), "optimizer": ("params",),
-            "learner.tabular": ("dls", "learner_kwargs"),
-            "learner.vision": ("dls", "learner_kwargs"),
-            "learner.text": ("dls", "tokenizer", "learner_kwargs")}
+INJECTED = CLASSIFY_INJECTED
 
 
 # -- the learners (config nodes learner.tabular / .vision / .text) ---------------------------
