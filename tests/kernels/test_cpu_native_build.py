@@ -41,7 +41,7 @@ def _loaded_build(arch, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["x86-64-v2", "x86-64-v3"])
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 13])  # 13: past the AVX2 loops' weight-panel thresholds
 def test_the_loops_of_cpus_without_avx512_equal_their_references(arch, rows, tmp_path):
     """What a CPU without AVX-512 runs, on any CPU that can: the x86-64-v3 build's AVX2 int8 and
     int4 loops and W8A8 GEMM, the x86-64-v2 build's generic int8 loop (it has no int4 loop nor

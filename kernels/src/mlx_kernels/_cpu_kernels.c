@@ -333,6 +333,24 @@ void dequantize_s32_f32(const int32_t *restrict acc, const float *restrict row_s
 /* How far ahead of its reads the int8 loop asks for weight bytes. Each thread reads one
  * contiguous stretch of the weight, a few rows at a time; the rows are short (576 bytes in the
  * built-in model), too short for the hardware prefetcher to run ahead of them. */
+#if defined(__AVX2__) || defined(__AVX512F__)
+/* A thread's scratch buffer of at least ``bytes`` (64-byte aligned), kept for its next call:
+ * a decode step makes ~120 calls of some 10 us each, where malloc and free would show. NULL
+ * where no memory is left. Slots: 0 the int4 loops' packed inputs, 1 their fp32 scales and
+ * mins, 2 the AVX-512 int4 loop's expanded words, 3 the AVX2 loops' fp32 weight panels. */
+static __attribute__((unused)) void *thread_scratch(int slot, size_t bytes) {
+    static _Thread_local void *buffer[4];
+    static _Thread_local size_t capacity[4];
+    if (capacity[slot] < bytes) {
+        free(buffer[slot]);
+        bytes = (bytes + 4095) & ~(size_t)4095;
+        buffer[slot] = aligned_alloc(64, bytes);
+        capacity[slot] = buffer[slot] ? bytes : 0;
+    }
+    return buffer[slot];
+}
+#endif
+
 #ifndef INT8_PREFETCH_BYTES
 #define INT8_PREFETCH_BYTES 8192
 #endif
@@ -498,59 +516,94 @@ static inline __m128 sum4_avx2(const __m256 *acc) {
     return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
+/* One input row against four int8 weight rows: each 8 weights sign-extended and converted to
+ * fp32 in registers, or, with a ``panel``, read as fp32 from the four rows the caller converted
+ * once (4 x k floats). Conversion is exact, so both give the same products and sums. */
+static inline __attribute__((always_inline)) __m128 int8_row_avx2(
+    const float *restrict xm, const int8_t *const *w, const float *restrict panel,
+    const float *const *s, int64_t k, int64_t group, int prefetch) {
+    const int64_t groups = k / group;
+    __m256 acc[4];
+    for (int j = 0; j < 4; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+        /* two chains per weight row (16 inputs a step): eight FMAs in flight */
+        __m256 part[4], odd[4];
+        for (int j = 0; j < 4; ++j) part[j] = odd[j] = _mm256_setzero_ps();
+        for (int64_t i = g * group; i < (g + 1) * group; i += 16) {
+            if (prefetch && (i & 63) == 0)
+                for (int j = 0; j < 4; ++j)
+                    _mm_prefetch((const char *)(w[j] + i + INT8_PREFETCH_BYTES), _MM_HINT_T0);
+            const __m256 x0 = _mm256_loadu_ps(xm + i), x1 = _mm256_loadu_ps(xm + i + 8);
+            for (int j = 0; j < 4; ++j) {
+                __m256 f0, f1;
+                if (panel) {
+                    f0 = _mm256_load_ps(panel + j * k + i);
+                    f1 = _mm256_load_ps(panel + j * k + i + 8);
+                } else {
+                    f0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w[j] + i))));
+                    f1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w[j] + i + 8))));
+                }
+                part[j] = _mm256_fmadd_ps(x0, f0, part[j]);
+                odd[j] = _mm256_fmadd_ps(x1, f1, odd[j]);
+            }
+        }
+        for (int j = 0; j < 4; ++j) part[j] = _mm256_add_ps(part[j], odd[j]);
+        if (groups == 1) {
+            for (int j = 0; j < 4; ++j) acc[j] = part[j];
+        } else {
+            for (int j = 0; j < 4; ++j)
+                acc[j] = _mm256_fmadd_ps(part[j], _mm256_broadcast_ss(s[j] + g), acc[j]);
+        }
+    }
+    return sum4_avx2(acc);
+}
+
 /* int8_group_linear_f32 on AVX2 + FMA (x86-64-v3: AMD Zen, Intel Haswell on), for groups of a
- * multiple of 16 inputs: the AVX-512 loop above on 8-lane vectors, each 8 int8 weights
- * sign-extended and converted to fp32 in registers, with the same 8 KiB prefetch. On an AMD
- * EPYC (Zen 3, 2 threads) 9-11 ms over the built-in model's fused weights at one row, against
- * 17.8 for the generic loop below (docs/quantization.md). */
+ * multiple of 16 inputs: the AVX-512 loop above on 8-lane vectors, with the same 8 KiB prefetch.
+ * On an AMD EPYC (Zen 3, 2 threads) 9-11 ms over the built-in model's fused weights at one row,
+ * against 17.8 for the generic loop below (docs/quantization.md). From INT8_PANEL_ROWS input
+ * rows on, the four weight rows are converted to fp32 once (a panel in the thread's scratch) and
+ * each input row reads them from L1/L2 instead of converting them again: over those weights at
+ * 16 / 64 / 128 rows 57 / 184 / 320 ms against 66 / 256 / 481 (fp32 GEMM 92 / 187 / 321); below
+ * ~12 rows writing the panel costs more than it saves. Every row computes the same sums. */
+#ifndef INT8_PANEL_ROWS
+#define INT8_PANEL_ROWS 12
+#endif
 static void int8_group_linear_avx2(const float *restrict x, const int8_t *restrict q,
                                    const float *restrict scale, const float *restrict bias,
                                    float *restrict y, int64_t rows, int64_t n, int64_t k,
                                    int64_t group) {
     const int64_t groups = k / group;
-#pragma omp parallel for schedule(static)
-    for (int64_t n0 = 0; n0 < n; n0 += 4) {
-        const int64_t width = n - n0 < 4 ? n - n0 : 4;
-        const int8_t *w[4];
-        const float *s[4];
-        for (int j = 0; j < 4; ++j) { /* rows past the end repeat the last one (not stored) */
-            const int64_t row = n0 + (j < width ? j : width - 1);
-            w[j] = q + row * k;
-            s[j] = scale + row * groups;
-        }
-        for (int64_t m = 0; m < rows; ++m) {
-            const float *xm = x + m * k;
-            __m256 acc[4];
-            for (int j = 0; j < 4; ++j) acc[j] = _mm256_setzero_ps();
-            for (int64_t g = 0; g < groups; ++g) {
-                /* two chains per weight row (16 inputs a step): eight FMAs in flight */
-                __m256 part[4], odd[4];
-                for (int j = 0; j < 4; ++j) part[j] = odd[j] = _mm256_setzero_ps();
-                for (int64_t i = g * group; i < (g + 1) * group; i += 16) {
-                    if (m == 0 && (i & 63) == 0)
-                        for (int j = 0; j < 4; ++j)
-                            _mm_prefetch((const char *)(w[j] + i + INT8_PREFETCH_BYTES), _MM_HINT_T0);
-                    const __m256 x0 = _mm256_loadu_ps(xm + i), x1 = _mm256_loadu_ps(xm + i + 8);
-                    for (int j = 0; j < 4; ++j) {
-                        const __m256i b0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w[j] + i)));
-                        const __m256i b1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w[j] + i + 8)));
-                        part[j] = _mm256_fmadd_ps(x0, _mm256_cvtepi32_ps(b0), part[j]);
-                        odd[j] = _mm256_fmadd_ps(x1, _mm256_cvtepi32_ps(b1), odd[j]);
-                    }
-                }
-                for (int j = 0; j < 4; ++j) part[j] = _mm256_add_ps(part[j], odd[j]);
-                if (groups == 1) {
-                    for (int j = 0; j < 4; ++j) acc[j] = part[j];
-                } else {
-                    for (int j = 0; j < 4; ++j)
-                        acc[j] = _mm256_fmadd_ps(part[j], _mm256_broadcast_ss(s[j] + g), acc[j]);
-                }
+#pragma omp parallel
+    {
+        float *panel = rows >= INT8_PANEL_ROWS ? thread_scratch(3, sizeof(float) * 4 * k) : NULL;
+#pragma omp for schedule(static)
+        for (int64_t n0 = 0; n0 < n; n0 += 4) {
+            const int64_t width = n - n0 < 4 ? n - n0 : 4;
+            const int8_t *w[4];
+            const float *s[4];
+            for (int j = 0; j < 4; ++j) { /* rows past the end repeat the last one (not stored) */
+                const int64_t row = n0 + (j < width ? j : width - 1);
+                w[j] = q + row * k;
+                s[j] = scale + row * groups;
             }
-            float t[4];
-            _mm_storeu_ps(t, sum4_avx2(acc));
-            float *ym = y + m * n + n0;
-            for (int64_t j = 0; j < width; ++j)
-                ym[j] = t[j] * (groups == 1 ? s[j][0] : 1.0f) + (bias ? bias[n0 + j] : 0.0f);
+            if (panel) /* (NULL where no memory was left: the rows convert in registers) */
+                for (int j = 0; j < 4; ++j)
+                    for (int64_t i = 0; i < k; i += 8) {
+                        if ((i & 63) == 0)
+                            _mm_prefetch((const char *)(w[j] + i + INT8_PREFETCH_BYTES), _MM_HINT_T0);
+                        _mm256_store_ps(panel + j * k + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                                              _mm_loadl_epi64((const __m128i *)(w[j] + i)))));
+                    }
+            for (int64_t m = 0; m < rows; ++m) {
+                const __m128 total = panel ? int8_row_avx2(x + m * k, w, panel, s, k, group, 0)
+                                           : int8_row_avx2(x + m * k, w, NULL, s, k, group, m == 0);
+                float t[4];
+                _mm_storeu_ps(t, total);
+                float *ym = y + m * n + n0;
+                for (int64_t j = 0; j < width; ++j)
+                    ym[j] = t[j] * (groups == 1 ? s[j][0] : 1.0f) + (bias ? bias[n0 + j] : 0.0f);
+            }
         }
     }
 }
@@ -628,23 +681,6 @@ void int8_group_linear_f32(const float *restrict x, const int8_t *restrict q,
 int int4_native_available(void) { return INT4_NATIVE || INT4_AVX2; }
 
 #define INT4_PREFETCH_BYTES 8192
-
-#if INT4_NATIVE || INT4_AVX2
-/* A thread's scratch buffer of at least ``bytes`` (64-byte aligned), kept for its next call:
- * a decode step makes ~120 calls of some 10 us each, where malloc and free would show. NULL
- * where no memory is left. */
-static void *int4_scratch(int slot, size_t bytes) {
-    static _Thread_local void *buffer[3];
-    static _Thread_local size_t capacity[3];
-    if (capacity[slot] < bytes) {
-        free(buffer[slot]);
-        bytes = (bytes + 4095) & ~(size_t)4095;
-        buffer[slot] = aligned_alloc(64, bytes);
-        capacity[slot] = buffer[slot] ? bytes : 0;
-    }
-    return buffer[slot];
-}
-#endif
 
 #if INT4_NATIVE
 /* x's 16 values rounded to bf16 (to nearest even, as torch's .to(bfloat16)), and back in fp32 */
@@ -782,13 +818,13 @@ static int int4_rows(const uint16_t *restrict x, const float *restrict sums,
     {
         /* the four rows' scales and offsets in fp32 (+16: the block loop reads 16 at a time), in
          * each thread's scratch slot 1 (slot 0 holds the calling thread's inputs) */
-        float *scale32 = int4_scratch(1, sizeof(float) * 2 * (4 * groups + 16));
+        float *scale32 = thread_scratch(1, sizeof(float) * 2 * (4 * groups + 16));
         float *offset32 = scale32 + 4 * groups + 16;
         /* with several input rows, the four weight rows' bf16 words and lane scales, made once
          * and read per input row (slot 2): at one row the unpacking is half the loop's work */
         const int64_t blocks = (k + 127) / 128;
         const int expanded = rows > 1;
-        uint16_t *words = expanded ? int4_scratch(2, (size_t)4 * blocks * 5 * 64) : NULL;
+        uint16_t *words = expanded ? thread_scratch(2, (size_t)4 * blocks * 5 * 64) : NULL;
         float *lane_scales = expanded ? (float *)(words + (size_t)4 * blocks * 4 * 32) : NULL;
         const int ready = scale32 != NULL && (words != NULL || !expanded);
         if (!ready) {
@@ -925,6 +961,10 @@ static int int4_rows(const uint16_t *restrict x, const float *restrict sums,
 #endif
 
 #if INT4_AVX2
+#ifndef INT4_PANEL_ROWS
+#define INT4_PANEL_ROWS 6 /* fewer rows: as fast converting in registers (AMD EPYC, Zen 3) */
+#endif
+
 /* x rounded to bf16 (to nearest even, as torch's .to(bfloat16); NaN kept) and back in fp32: the
  * AVX-512 loop's inputs, so both loops compute the same product */
 static inline float bf16_rounded(float x) {
@@ -956,10 +996,13 @@ static void int4_pack_inputs_avx2(const float *restrict x, float *restrict packe
 }
 
 /* One input row against four weight rows (int4_rows_avx2), the group size a constant where
- * it is inlined: each group's 16-input steps unrolled, no loop to leave per group. */
+ * it is inlined: each group's 16-input steps unrolled, no loop to leave per group. The nibbles
+ * are converted in registers or, with a ``panel``, read as fp32 from the four rows the caller
+ * converted once (each 16 inputs: the 8 low nibbles, then the 8 high): the same products. */
 static inline __attribute__((always_inline)) __m128 int4_row_avx2(
     const float *restrict xm, const float *restrict sm, const uint8_t *const *w,
-    const float *const *s, const float *const *mn, int64_t k, const int64_t group, int prefetch) {
+    const float *restrict panel, const float *const *s, const float *const *mn, int64_t k,
+    const int64_t group, int prefetch) {
     const __m256i low = _mm256_set1_epi32(15);
     const int64_t groups = k / group;
     __m256 acc[4];
@@ -980,9 +1023,15 @@ static inline __attribute__((always_inline)) __m128 int4_row_avx2(
                     _mm_prefetch((const char *)(w[j] + i / 2 + INT4_PREFETCH_BYTES), _MM_HINT_T0);
             const __m256 x0 = _mm256_load_ps(xm + i), x1 = _mm256_load_ps(xm + i + 8);
             for (int j = 0; j < 4; ++j) {
-                const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w[j] + i / 2)));
-                const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, low));
-                const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+                __m256 lo, hi;
+                if (panel) {
+                    lo = _mm256_load_ps(panel + j * k + i);
+                    hi = _mm256_load_ps(panel + j * k + i + 8);
+                } else {
+                    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w[j] + i / 2)));
+                    lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, low));
+                    hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+                }
                 even[j] = i == base ? _mm256_mul_ps(x0, lo) : _mm256_fmadd_ps(x0, lo, even[j]);
                 odd[j] = i == base ? _mm256_mul_ps(x1, hi) : _mm256_fmadd_ps(x1, hi, odd[j]);
             }
@@ -1009,9 +1058,14 @@ static int int4_rows_avx2(const float *restrict x, const float *restrict sums,
     {
         /* fp16 scales and mins of the four rows in fp32, in each thread's scratch slot 1 (slot
          * 0 holds the calling thread's inputs); fp32 ones are read where they lie */
-        float *scale32 = wide ? NULL : int4_scratch(1, sizeof(float) * 8 * groups + 64);
+        float *scale32 = wide ? NULL : thread_scratch(1, sizeof(float) * 8 * groups + 64);
         float *min32 = wide ? NULL : scale32 + 4 * groups;
         const int ready = wide || scale32 != NULL;
+        /* the four weight rows' nibbles in fp32 (slot 3), from INT4_PANEL_ROWS input rows on,
+         * read by each input row instead of converting them again (the built-in model's fused
+         * weights at 8 / 64 / 128 rows: 36 / 215 / 353 ms against 48 / 367 / 540; fp32 GEMM 90 /
+         * 187 / 321); where no memory is left they convert in registers, the same sums */
+        float *panel = rows >= INT4_PANEL_ROWS ? thread_scratch(3, sizeof(float) * 4 * k) : NULL;
         if (!ready) {
 #pragma omp atomic write
             failed = 1;
@@ -1042,11 +1096,26 @@ static int int4_rows_avx2(const float *restrict x, const float *restrict sums,
                 s[j] = block_scales + local * groups;
                 mn[j] = block_mins + local * groups;
             }
+            if (panel) {
+                const __m256i low = _mm256_set1_epi32(15);
+                for (int j = 0; j < 4; ++j)
+                    for (int64_t i = 0; i < k; i += 16) {
+                        if ((i & 127) == 0)
+                            _mm_prefetch((const char *)(w[j] + i / 2 + INT4_PREFETCH_BYTES), _MM_HINT_T0);
+                        const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w[j] + i / 2)));
+                        _mm256_store_ps(panel + j * k + i, _mm256_cvtepi32_ps(_mm256_and_si256(b, low)));
+                        _mm256_store_ps(panel + j * k + i + 8, _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)));
+                    }
+            }
             for (int64_t m = 0; m < rows; ++m) {
                 const float *xm = x + m * k, *sm = sums + m * groups;
-                const __m128 total = group == 32 ? int4_row_avx2(xm, sm, w, s, mn, k, 32, m == 0)
-                                   : group == 64 ? int4_row_avx2(xm, sm, w, s, mn, k, 64, m == 0)
-                                                 : int4_row_avx2(xm, sm, w, s, mn, k, 128, m == 0);
+                const __m128 total =
+                    panel ? (group == 32 ? int4_row_avx2(xm, sm, w, panel, s, mn, k, 32, 0)
+                             : group == 64 ? int4_row_avx2(xm, sm, w, panel, s, mn, k, 64, 0)
+                                           : int4_row_avx2(xm, sm, w, panel, s, mn, k, 128, 0))
+                          : (group == 32 ? int4_row_avx2(xm, sm, w, NULL, s, mn, k, 32, m == 0)
+                             : group == 64 ? int4_row_avx2(xm, sm, w, NULL, s, mn, k, 64, m == 0)
+                                           : int4_row_avx2(xm, sm, w, NULL, s, mn, k, 128, m == 0));
                 float t[4];
                 _mm_storeu_ps(t, total);
                 float *ym = y + m * n + n0;
@@ -1071,7 +1140,7 @@ int int4_group_linear_f32(const float *restrict x, const uint8_t *restrict q,
     if (k % 64 != 0 || (group != 32 && group != 64 && group != 128) || k % group != 0)
         return -1;
     const size_t packed_bytes = ((sizeof(uint16_t) * rows * k + 63) & ~(size_t)63);
-    uint16_t *packed = int4_scratch(0, packed_bytes + sizeof(float) * rows * (k / group));
+    uint16_t *packed = thread_scratch(0, packed_bytes + sizeof(float) * rows * (k / group));
     if (!packed) return -1;
     float *sums = (float *)((char *)packed + packed_bytes);
     int4_pack_inputs(x, packed, sums, rows, k, group);
@@ -1079,7 +1148,7 @@ int int4_group_linear_f32(const float *restrict x, const uint8_t *restrict q,
 #elif INT4_AVX2
     if (k % 64 != 0 || (group != 32 && group != 64 && group != 128) || k % group != 0)
         return -1;
-    float *packed = int4_scratch(0, sizeof(float) * rows * (k + k / group));
+    float *packed = thread_scratch(0, sizeof(float) * rows * (k + k / group));
     if (!packed) return -1;
     float *sums = packed + rows * k;
     int4_pack_inputs_avx2(x, packed, sums, rows, k, group);
