@@ -5,10 +5,10 @@ adapters, merge and unmerge), QLoRA (LoRA over NF4 base layers, ``quantize_nf4``
 (IA)³, prompt tuning and prefix tuning.
 """
 
-from importlib import import_module
+from mlx_core.lazy import lazy_exports
 
-# name -> the module that defines it, imported at first access (PEP 562): the plugin entry point
-# imports this package at every `mlx` command's start, and these modules import torch (~2 s)
+# name -> the module that defines it, imported at first access: the plugin entry point imports
+# this package at every `mlx` command's start, and these modules import torch (~2 s)
 _EXPORTS = {"AdaLoraConfig": "mlx_adapters.adalora", "IA3Config": "mlx_adapters.ia3",
             "IA3Linear": "mlx_adapters.ia3", "LoraLinear": "mlx_adapters.lora",
             "NF4Linear": "mlx_adapters.nf4_linear", "quantize_nf4": "mlx_adapters.nf4_linear",
@@ -21,13 +21,4 @@ __version__ = "0.1.0"
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mlx_adapters' has no attribute {name!r}")
-    value = getattr(import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

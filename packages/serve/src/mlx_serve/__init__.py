@@ -3,10 +3,10 @@
 ``from mlx_serve import LLM, SamplingParams``; ``LLMEngine`` for step-by-step control.
 """
 
-from importlib import import_module
+from mlx_core.lazy import lazy_exports
 
-# name -> the module that defines it, imported at first access (PEP 562): the plugin entry point
-# imports this package at every `mlx` command's start, and these modules import torch (~2 s)
+# name -> the module that defines it, imported at first access: the plugin entry point imports
+# this package at every `mlx` command's start, and these modules import torch (~2 s)
 _EXPORTS = {"LLM": "mlx_serve.llm", "LLMEngine": "mlx_serve.engine",
             "EngineConfig": "mlx_serve.config", "SamplingParams": "mlx_serve.sampling_params",
             "RequestOutput": "mlx_serve.outputs", "CompletionOutput": "mlx_serve.outputs",
@@ -16,13 +16,4 @@ __version__ = "0.1.0"
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mlx_serve' has no attribute {name!r}")
-    value = getattr(import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -4,10 +4,10 @@ rates, freezing), metrics, data loaders, resumable training state and inference 
 Plain PyTorch, no global state. See README.md and docs/train.md.
 """
 
-from importlib import import_module
+from mlx_core.lazy import lazy_exports
 
-# name -> the module that defines it, imported at first access (PEP 562): the plugin entry point
-# imports this package at every `mlx` command's start, and these modules import torch (~2 s)
+# name -> the module that defines it, imported at first access: the plugin entry point imports
+# this package at every `mlx` command's start, and these modules import torch (~2 s)
 _EXPORTS = {
     **dict.fromkeys(
         ["Augment", "ColourJitter", "Flip", "RandomResizedCrop", "Rotate", "aug_transforms"],
@@ -183,13 +183,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mlx_train' has no attribute {name!r}")
-    value = getattr(import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
