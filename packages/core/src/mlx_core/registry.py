@@ -74,11 +74,7 @@ class Registry(Generic[T]):
         """Register ``target`` (``"module:attribute"``) under ``name`` without importing it: it
         is imported when first asked for (``get``, ``items``). For plugins whose entries import
         torch: every ``mlx`` command loads every plugin, ``--help`` included."""
-        if name in self._items and not overwrite:
-            raise ValueError(
-                f"{self.kind} {name!r} is already registered; pass overwrite=True to replace it"
-            )
-        self._items[name] = _Deferred(target)
+        self.register(name, _Deferred(target), overwrite=overwrite)
 
     def get(self, name: str) -> T:
         try:
