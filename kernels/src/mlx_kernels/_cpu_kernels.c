@@ -382,9 +382,11 @@ static inline __m256i w8a8_load16(const int8_t *p) {
  * reference loop there, ~2 GOPS): y[m, n] = (xq[m] . q[n]) * (xscale[m] * scale[n]) (+ bias[n]),
  * the dot products exact in int32 (as torch._int_mm's), the scaling as dequantize_s32_f32's.
  * On AVX2 both operands are sign-extended to int16 and multiplied in vpmaddwd (16 products an
- * instruction, pairs summed exactly in int32; not vpmaddubsw, whose 16-bit sums saturate), two
- * input rows against four weight rows at a time, k in steps of 16, the weight in its own
- * [n, k] layout. Returns 0, or -1 where it cannot run (no AVX2, or k not a multiple of 16). */
+ * instruction, pairs summed exactly in int32, two issued a cycle on Zen 3), two input rows
+ * against four weight rows at a time, k in steps of 16, the weight in its own [n, k] layout.
+ * Each vpmaddwd needs a vpaddd (no VNNI), so the loop is bound by instruction issue, not the
+ * multiplier; docs/quantization.md has the variants measured (int16 operands widened once per
+ * call, a BLIS-style loop, vpmaddubsw with vpsignb) and why they were not taken. Returns 0, or -1 where it cannot run (no AVX2, or k not a multiple of 16). */
 int w8a8_gemm_f32(const int8_t *restrict xq, const float *restrict xscale,
                   const int8_t *restrict q, const float *restrict scale,
                   const float *restrict bias, float *restrict y, int64_t rows, int64_t n,
