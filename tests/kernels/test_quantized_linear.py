@@ -341,7 +341,8 @@ def test_w8a8_linear_matches_its_reference_and_fp32(shape, rows, bias, monkeypat
     _close_to_scale(want, F.linear(x, w, b), 3e-2)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 17])
+# 3001: two blocks of input rows (W8A8_BLOCK_BYTES at k = 96: 2730 rows), an odd row last
+@pytest.mark.parametrize("rows", [1, 2, 17, 3001])
 @pytest.mark.parametrize("bias", [False, True])
 def test_w8a8_native_gemm_equals_int_mm_bit_for_bit(rows, bias, monkeypatch):
     """The native W8A8 GEMM (taken where the CPU has no VNNI, as torch._int_mm runs a reference

@@ -364,6 +364,14 @@ static inline __m128i sum4_epi32(const __m256i *acc) {
 }
 #endif
 
+/* The W8A8 GEMM takes its input rows in blocks of about this many bytes, which stay in L2 while
+ * every weight row passes over them: at 2048 rows (a prefill chunk) the rows otherwise came from
+ * L3 for each block of four weight rows (2 threads, AMD EPYC, fastest of 40 calls: 28-35 ->
+ * 37-39 multiply-adds a cycle; 128 KiB blocks were slower). */
+#ifndef W8A8_BLOCK_BYTES
+#define W8A8_BLOCK_BYTES (256 * 1024)
+#endif
+
 #if defined(__AVX2__)
 /* 16 int8 values sign-extended to int16 */
 static inline __m256i w8a8_load16(const int8_t *p) {
@@ -378,6 +386,48 @@ static inline __m256i w8a8_load16(const int8_t *p) {
     }
 #endif
 
+#if defined(__AVX2__)
+/* The W8A8 GEMM's output rows m0..m1 for weight rows n0..n0+3 (those below n), see below */
+static inline void w8a8_block(const int8_t *restrict xq, const float *restrict xscale,
+                              const int8_t *restrict q, const float *restrict scale,
+                              const float *restrict bias, float *restrict y, int64_t m0,
+                              int64_t m1, int64_t n0, int64_t n, int64_t k) {
+    const int64_t width = n - n0 < 4 ? n - n0 : 4;
+    const int8_t *w[4];
+    for (int j = 0; j < 4; ++j) /* rows past the end repeat the last one (not stored) */
+        w[j] = q + (n0 + (j < width ? j : width - 1)) * k;
+    for (int64_t m = m0; m < m1; m += 2) {
+        const int pair = m + 1 < m1; /* an odd last row computed twice, stored once */
+        const int8_t *a0 = xq + m * k, *a1 = xq + (m + pair) * k;
+        /* eight named sums, not an array: gcc then keeps them in registers (with an array it
+         * copied them between registers each step and spilled one: 1.4-1.6x slower) */
+        __m256i c00 = _mm256_setzero_si256(), c01 = c00, c02 = c00, c03 = c00, c10 = c00,
+                c11 = c00, c12 = c00, c13 = c00;
+        for (int64_t i = 0; i < k; i += 16) {
+            if (m == m0 && (i & 63) == 0)
+                for (int j = 0; j < 4; ++j)
+                    _mm_prefetch((const char *)(w[j] + i + INT8_PREFETCH_BYTES), _MM_HINT_T0);
+            const __m256i x0 = w8a8_load16(a0 + i), x1 = w8a8_load16(a1 + i);
+            W8A8_STEP(w[0], c00, c10)
+            W8A8_STEP(w[1], c01, c11)
+            W8A8_STEP(w[2], c02, c12)
+            W8A8_STEP(w[3], c03, c13)
+        }
+        const __m256i acc[2][4] = {{c00, c01, c02, c03}, {c10, c11, c12, c13}};
+        for (int r = 0; r <= pair; ++r) {
+            int32_t total[4];
+            _mm_storeu_si128((__m128i *)total, sum4_epi32(acc[r]));
+            const float rs = xscale[m + r];
+            float *ym = y + (m + r) * n + n0;
+            for (int64_t j = 0; j < width; ++j) {
+                const float cs = rs * scale[n0 + j];
+                ym[j] = bias ? (float)total[j] * cs + bias[n0 + j] : (float)total[j] * cs;
+            }
+        }
+    }
+}
+#endif
+
 /* W8A8's GEMM where the CPU has no int8 dot-product instructions (no VNNI: torch._int_mm runs a
  * reference loop there, ~2 GOPS): y[m, n] = (xq[m] . q[n]) * (xscale[m] * scale[n]) (+ bias[n]),
  * the dot products exact in int32 (as torch._int_mm's), the scaling as dequantize_s32_f32's.
@@ -386,48 +436,23 @@ static inline __m256i w8a8_load16(const int8_t *p) {
  * against four weight rows at a time, k in steps of 16, the weight in its own [n, k] layout.
  * Each vpmaddwd needs a vpaddd (no VNNI), so the loop is bound by instruction issue, not the
  * multiplier; docs/quantization.md has the variants measured (int16 operands widened once per
- * call, a BLIS-style loop, vpmaddubsw with vpsignb) and why they were not taken. Returns 0, or -1 where it cannot run (no AVX2, or k not a multiple of 16). */
+ * call, a BLIS-style loop, vpmaddubsw with vpsignb) and why they were not taken. Input rows in
+ * blocks of W8A8_BLOCK_BYTES. Returns 0, or -1 where it cannot run (no AVX2, or k not a
+ * multiple of 16). */
 int w8a8_gemm_f32(const int8_t *restrict xq, const float *restrict xscale,
                   const int8_t *restrict q, const float *restrict scale,
                   const float *restrict bias, float *restrict y, int64_t rows, int64_t n,
                   int64_t k) {
 #if defined(__AVX2__)
     if (k % 16 != 0) return -1;
-#pragma omp parallel for schedule(static)
-    for (int64_t n0 = 0; n0 < n; n0 += 4) {
-        const int64_t width = n - n0 < 4 ? n - n0 : 4;
-        const int8_t *w[4];
-        for (int j = 0; j < 4; ++j) /* rows past the end repeat the last one (not stored) */
-            w[j] = q + (n0 + (j < width ? j : width - 1)) * k;
-        for (int64_t m = 0; m < rows; m += 2) {
-            const int pair = m + 1 < rows; /* an odd last row computed twice, stored once */
-            const int8_t *a0 = xq + m * k, *a1 = xq + (m + pair) * k;
-            /* eight named sums, not an array: gcc then keeps them in registers (with an array it
-             * copied them between registers each step and spilled one: 1.4-1.6x slower) */
-            __m256i c00 = _mm256_setzero_si256(), c01 = c00, c02 = c00, c03 = c00, c10 = c00,
-                    c11 = c00, c12 = c00, c13 = c00;
-            for (int64_t i = 0; i < k; i += 16) {
-                if (m == 0 && (i & 63) == 0)
-                    for (int j = 0; j < 4; ++j)
-                        _mm_prefetch((const char *)(w[j] + i + INT8_PREFETCH_BYTES), _MM_HINT_T0);
-                const __m256i x0 = w8a8_load16(a0 + i), x1 = w8a8_load16(a1 + i);
-                W8A8_STEP(w[0], c00, c10)
-                W8A8_STEP(w[1], c01, c11)
-                W8A8_STEP(w[2], c02, c12)
-                W8A8_STEP(w[3], c03, c13)
-            }
-            const __m256i acc[2][4] = {{c00, c01, c02, c03}, {c10, c11, c12, c13}};
-            for (int r = 0; r <= pair; ++r) {
-                int32_t total[4];
-                _mm_storeu_si128((__m128i *)total, sum4_epi32(acc[r]));
-                const float rs = xscale[m + r];
-                float *ym = y + (m + r) * n + n0;
-                for (int64_t j = 0; j < width; ++j) {
-                    const float cs = rs * scale[n0 + j];
-                    ym[j] = bias ? (float)total[j] * cs + bias[n0 + j] : (float)total[j] * cs;
-                }
-            }
-        }
+    int64_t block = (W8A8_BLOCK_BYTES / k) & ~(int64_t)1; /* input rows a block, even */
+    if (block < 2) block = 2;
+#pragma omp parallel
+    for (int64_t m0 = 0; m0 < rows; m0 += block) {
+        const int64_t m1 = m0 + block < rows ? m0 + block : rows;
+#pragma omp for schedule(static)
+        for (int64_t n0 = 0; n0 < n; n0 += 4)
+            w8a8_block(xq, xscale, q, scale, bias, y, m0, m1, n0, n, k);
     }
     return 0;
 #else
