@@ -366,8 +366,8 @@ static inline __m128i sum4_epi32(const __m256i *acc) {
 
 /* The W8A8 GEMM takes its input rows in blocks of about this many bytes, which stay in L2 while
  * every weight row passes over them: at 2048 rows (a prefill chunk) the rows otherwise came from
- * L3 for each block of four weight rows (2 threads, AMD EPYC, fastest of 40 calls: 28-35 ->
- * 37-39 multiply-adds a cycle; 128 KiB blocks were slower). */
+ * L3 for each block of four weight rows (2 threads, AMD EPYC, fastest of 40 calls, two runs:
+ * 26-35 -> 33-39 multiply-adds a cycle; 128 KiB blocks were slower). */
 #ifndef W8A8_BLOCK_BYTES
 #define W8A8_BLOCK_BYTES (256 * 1024)
 #endif
