@@ -52,22 +52,26 @@ def test_concurrent_pulls_fetch_and_convert_once(tmp_path, monkeypatch):
 
 def test_cache_lock_serialises_holders_of_one_entry_only(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_HOME", str(tmp_path))
-    events = []
+    events, a_holds, c_held = [], threading.Event(), threading.Event()
 
-    def holder(name, target):
+    def holder(name, target, entered, wait_for=None):
         with cache_lock(tmp_path / target):
             events.append(f"{name} in")
-            time.sleep(0.3)
+            if entered is not None:
+                entered.set()
+            if wait_for is not None:  # times out (and fails below) if the other one is blocked
+                wait_for.wait(timeout=30)
             events.append(f"{name} out")
 
-    first = threading.Thread(target=holder, args=("a", "entry"))
+    # a holds "entry" until c has held "other-entry", and b asks for "entry" while a holds it
+    first = threading.Thread(target=holder, args=("a", "entry", a_holds, c_held))
     first.start()
-    time.sleep(0.1)
-    other = threading.Thread(target=holder, args=("c", "other-entry"))  # not blocked by a
-    second = threading.Thread(target=holder, args=("b", "entry"))  # waits for a
-    other.start()
+    assert a_holds.wait(timeout=30)
+    second = threading.Thread(target=holder, args=("b", "entry", None))
+    other = threading.Thread(target=holder, args=("c", "other-entry", c_held))
     second.start()
+    other.start()
     for t in (first, other, second):
-        t.join(timeout=30)
+        t.join(timeout=60)
+    assert c_held.is_set() and events.index("c in") < events.index("a out")
     assert events.index("a out") < events.index("b in")
-    assert events.index("c in") < events.index("a out")

