@@ -148,6 +148,28 @@ def test_native_decode_equals_reference(native, window, heads):
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)  # fp32, another summation order
 
 
+@pytest.mark.parametrize("kv_heads,group,dim", [
+    (1, 1, 8), (2, 2, 40), (3, 3, 64), (1, 4, 72), (2, 5, 16), (1, 7, 32), (2, 8, 24),
+    (2, 3, 12)])  # head_dim 12: not a multiple of 8, the general loop
+@pytest.mark.parametrize("batch", [1, 5], ids=["split-by-kv-head", "by-sequence"])
+def test_native_decode_tiles_equal_reference_for_every_group_and_head_dim(
+        native, kv_heads, group, dim, batch):
+    """The register tiles take up to 3 heads by 4 keys and 32 dimensions by runs of 32 tokens:
+    groups and head dims that leave partial tiles, lengths that end inside a tile and a run."""
+    torch.manual_seed(kv_heads * 100 + group * 10 + dim)
+    block, blocks = 8, 64
+    lens = torch.tensor([70, 1, 33, 4, 37][:batch], dtype=torch.int32)
+    kc, vc = torch.randn(2, blocks, block, kv_heads, dim).unbind(0)
+    tables = torch.randperm(blocks)[:batch * 9].view(batch, 9).to(torch.int32)
+    q = torch.randn(batch, kv_heads * group, dim)
+    for window, softcap in [(None, None), (5, None), (None, 2.0)]:
+        got = paged_attention_decode(q, kc, vc, tables, lens, sliding_window=window,
+                                     softcap=softcap)
+        want = paged_attention_decode_reference(q, kc, vc, tables, lens, scale=dim**-0.5,
+                                                sliding_window=window, softcap=softcap)
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)  # fp32, another order
+
+
 @pytest.mark.parametrize("window", [None, 2, 7])
 @pytest.mark.parametrize("heads", [HQ, HKV], ids=["gqa", "mha"])
 def test_native_decode_with_softcap_equals_reference(native, monkeypatch, window, heads):

@@ -128,6 +128,154 @@ static inline const float *token_row(const float *cache, const int32_t *table, i
     return cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * row_size;
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+/* Decode (one query per sequence) in register tiles, the common case of paged_attention_f32 on
+ * AVX2. The general loop above spends most of its time in horizontal sums and in loads of its
+ * accumulators: in decode it ran at ~2 multiply-adds a cycle with its data in L2. Here each
+ * score tile holds up to three query heads of one kv head against four keys in twelve
+ * accumulators (seven loads a twelve multiply-adds), summed across lanes four at a time; each
+ * value tile holds up to three heads' outputs, 32 dimensions, in registers over a run of tokens.
+ * 1.4-1.7x the general loop with the cache in L2 (64 sequences, GQA 9/3, head_dim 64, 216-512
+ * tokens, 2 threads); 10-20% from DRAM, where reading the cache bounds both. */
+
+/* the four sums of a0..a3's lanes, in order */
+static inline __m128 sum4_ps(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+/* s[h * s_stride + j] = scale * (q_h . k[j]) for nh (1-3) query heads, rows q_stride apart, and
+ * four keys of `dim` (a multiple of 8) values. Called with constant nh, so the tile unrolls. */
+static inline __attribute__((always_inline)) void decode_score_tile(
+    const int nh, const float *restrict q, int64_t q_stride, const float *const *k, int64_t dim,
+    __m128 scale, float *restrict s, int64_t s_stride) {
+    __m256 acc[3][4];
+    for (int h = 0; h < nh; ++h)
+        for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < dim; d += 8) {
+        const __m256 k0 = _mm256_loadu_ps(k[0] + d), k1 = _mm256_loadu_ps(k[1] + d),
+                     k2 = _mm256_loadu_ps(k[2] + d), k3 = _mm256_loadu_ps(k[3] + d);
+        for (int h = 0; h < nh; ++h) {
+            const __m256 qh = _mm256_loadu_ps(q + h * q_stride + d);
+            acc[h][0] = _mm256_fmadd_ps(qh, k0, acc[h][0]);
+            acc[h][1] = _mm256_fmadd_ps(qh, k1, acc[h][1]);
+            acc[h][2] = _mm256_fmadd_ps(qh, k2, acc[h][2]);
+            acc[h][3] = _mm256_fmadd_ps(qh, k3, acc[h][3]);
+        }
+    }
+    for (int h = 0; h < nh; ++h)
+        _mm_storeu_ps(s + h * s_stride,
+                      _mm_mul_ps(scale, sum4_ps(acc[h][0], acc[h][1], acc[h][2], acc[h][3])));
+}
+
+/* o[h * o_stride + (0, 8 nv)] += sum over t < n of p[h * p_stride + t] * v[t][(0, 8 nv)], for nh
+ * (1-3) heads and nv (1-4) vectors; constant nh and nv at each call. */
+static inline __attribute__((always_inline)) void decode_value_tile(
+    const int nh, const int nv, const float *const *v, int64_t n, const float *restrict p,
+    int64_t p_stride, float *restrict o, int64_t o_stride) {
+    __m256 acc[3][4];
+    for (int h = 0; h < nh; ++h)
+        for (int j = 0; j < nv; ++j) acc[h][j] = _mm256_loadu_ps(o + h * o_stride + 8 * j);
+    for (int64_t t = 0; t < n; ++t) {
+        __m256 vt[4];
+        for (int j = 0; j < nv; ++j) vt[j] = _mm256_loadu_ps(v[t] + 8 * j);
+        for (int h = 0; h < nh; ++h) {
+            const __m256 w = _mm256_broadcast_ss(p + h * p_stride + t);
+            for (int j = 0; j < nv; ++j) acc[h][j] = _mm256_fmadd_ps(w, vt[j], acc[h][j]);
+        }
+    }
+    for (int h = 0; h < nh; ++h)
+        for (int j = 0; j < nv; ++j) _mm256_storeu_ps(o + h * o_stride + 8 * j, acc[h][j]);
+}
+
+static void decode_value_tiles(int nh, int nv, const float *const *v, int64_t n,
+                               const float *p, int64_t p_stride, float *o, int64_t o_stride) {
+#define DECODE_VALUE_TILE(NH)                                                                    \
+    switch (nv) {                                                                                \
+    case 4: decode_value_tile(NH, 4, v, n, p, p_stride, o, o_stride); break;                     \
+    case 3: decode_value_tile(NH, 3, v, n, p, p_stride, o, o_stride); break;                     \
+    case 2: decode_value_tile(NH, 2, v, n, p, p_stride, o, o_stride); break;                     \
+    default: decode_value_tile(NH, 1, v, n, p, p_stride, o, o_stride);                           \
+    }
+    if (nh == 3) {
+        DECODE_VALUE_TILE(3)
+    } else if (nh == 2) {
+        DECODE_VALUE_TILE(2)
+    } else {
+        DECODE_VALUE_TILE(1)
+    }
+#undef DECODE_VALUE_TILE
+}
+
+/* Ask for the rows of tokens [t, t + n) (up to len) ahead of their use: the blocks are scattered,
+ * so the hardware's prefetchers lose the stream at each block. */
+static inline void prefetch_rows(const float *cache, const int32_t *table, int64_t t, int64_t n,
+                                 int64_t len, int64_t block_size, int64_t row_size) {
+    for (int64_t j = 0; j < n && t + j < len; ++j) {
+        const char *row = (const char *)token_row(cache, table, t + j, block_size, row_size);
+        for (int64_t c = 0; c < row_size * (int64_t)sizeof(float); c += 64)
+            __builtin_prefetch(row + c, 0, 3);
+    }
+}
+
+enum { DECODE_RUN = 32 }; /* tokens whose value rows one pass of value tiles reads */
+
+/* One decode task: sequence b's query heads of kv heads [kv0, kv0 + nkv), keys [start, len);
+ * scores: nkv * group rows of ld >= len - start + 3 floats (the four-key tiles overrun). */
+static void decode_task(const float *q, const float *keys, const float *values,
+                        const int32_t *table, float *o, float *scores, int64_t ld, int64_t start,
+                        int64_t len, int64_t kv0, int64_t nkv, int64_t group, int64_t head_dim,
+                        int64_t block_size, int64_t row_size, float scale, float softcap) {
+    const int64_t n = len - start;
+    const __m128 scale4 = _mm_set1_ps(scale);
+    for (int64_t t = start; t < len; t += 4) {
+        prefetch_rows(keys, table, t + 8, 4, len, block_size, row_size);
+        const float *k[4];
+        for (int j = 0; j < 4; ++j) /* past the end: the last row again, its scores unused */
+            k[j] = token_row(keys, table, t + j < len ? t + j : len - 1, block_size, row_size);
+        for (int64_t kv = kv0; kv < kv0 + nkv; ++kv) {
+            const float *kh[4] = {k[0] + kv * head_dim, k[1] + kv * head_dim,
+                                  k[2] + kv * head_dim, k[3] + kv * head_dim};
+            for (int64_t g = 0; g < group; g += 3) {
+                const int64_t h = (kv - kv0) * group + g; /* the task's head, a score row */
+                const float *qh = q + h * head_dim;
+                float *s = scores + h * ld + (t - start);
+                switch (group - g < 3 ? group - g : 3) {
+                case 1: decode_score_tile(1, qh, head_dim, kh, head_dim, scale4, s, ld); break;
+                case 2: decode_score_tile(2, qh, head_dim, kh, head_dim, scale4, s, ld); break;
+                default: decode_score_tile(3, qh, head_dim, kh, head_dim, scale4, s, ld);
+                }
+            }
+        }
+    }
+    for (int64_t h = 0; h < nkv * group; ++h) {
+        if (softcap > 0.0f) softcap_scores(scores + h * ld, n, softcap);
+        softmax(scores + h * ld, n);
+    }
+    for (int64_t x = 0; x < nkv * group * head_dim; ++x) o[x] = 0.0f;
+    for (int64_t t = start; t < len; t += DECODE_RUN) {
+        const int64_t m = len - t < DECODE_RUN ? len - t : DECODE_RUN;
+        prefetch_rows(values, table, t + DECODE_RUN, DECODE_RUN, len, block_size, row_size);
+        const float *v[DECODE_RUN], *vd[DECODE_RUN];
+        for (int64_t j = 0; j < m; ++j) v[j] = token_row(values, table, t + j, block_size, row_size);
+        for (int64_t kv = kv0; kv < kv0 + nkv; ++kv)
+            for (int64_t g = 0; g < group; g += 3) {
+                const int64_t h = (kv - kv0) * group + g;
+                const int nh = group - g < 3 ? (int)(group - g) : 3;
+                for (int64_t d = 0; d < head_dim; d += 32) {
+                    for (int64_t j = 0; j < m; ++j) vd[j] = v[j] + kv * head_dim + d;
+                    const int nv = head_dim - d < 32 ? (int)(head_dim - d) / 8 : 4;
+                    decode_value_tiles(nh, nv, vd, m, scores + h * ld + (t - start), ld,
+                                       o + h * head_dim + d, head_dim);
+                }
+            }
+    }
+}
+#define DECODE_TILES 1
+#else
+#define DECODE_TILES 0
+#endif
+
 /* Paged attention of a few query tokens per sequence over its keys/values in paged blocks:
  * decode (one query each) and short prefill chunks after a cached prefix (chunked prefill,
  * prefix-cache continuation, speculative verification).
@@ -152,11 +300,13 @@ static inline const float *token_row(const float *cache, const int32_t *table, i
  * fewer sequences than threads, one task per (sequence, kv head) instead, so no thread idles: a
  * lone sequence's decode at 2000 cached tokens 0.50 -> 0.40 ms, at 300 0.057 -> 0.048 ms (2
  * threads; batches of 24-64 unchanged). Scores go to a scratch row per (head, query) over the
- * keys any query sees, [start, len): heads * Lq * (len - start) floats per thread at most. The keys one query may not see are scored with the rest but
+ * keys any query sees, [start, len): heads * Lq * (len - start + 3) floats per thread at most.
+ * The keys one query may not see are scored with the rest but
  * left out of its softmax (fp32, max subtracted) and given probability 0, so they contribute
  * nothing. Then one pass over the values, eight tokens at a time, each row read once for all
  * heads and queries. No gathered copy, no padding to the longest sequence. Returns 0, -1 when
  * out of memory, -2 when a table entry in use is outside [0, num_blocks) (nothing is read there).
+ * Decode (cu_q NULL) with head_dim a multiple of 8 runs decode_task's register tiles on AVX2.
  */
 int paged_attention_f32(const float *query, const float *keys, const float *values,
                         const int32_t *tables, const int32_t *lens, const int32_t *cu_q, float *out,
@@ -170,11 +320,12 @@ int paged_attention_f32(const float *query, const float *keys, const float *valu
      * which reads each key/value row once for all heads (more loads in flight: faster there) */
     const int64_t splits = batch < omp_get_max_threads() ? kv_heads : 1;
     const int64_t task_heads = heads / splits;
+    const int tiles = DECODE_TILES && !cu_q && head_dim % 8 == 0; /* decode_task's case */
     int64_t scratch = 1;
     for (int64_t b = 0; b < batch; ++b) {
         const int64_t lq = cu_q ? cu_q[b + 1] - cu_q[b] : 1, first = lens[b] - lq;
         const int64_t start = (window > 0 && first + 1 > window) ? first + 1 - window : 0;
-        const int64_t need = task_heads * lq * (lens[b] - start);
+        const int64_t need = task_heads * lq * (lens[b] - start + 3); /* + 3: decode_task's */
         scratch = need > scratch ? need : scratch;
     }
     int failed = 0;
@@ -206,6 +357,12 @@ int paged_attention_f32(const float *query, const float *keys, const float *valu
             }
             const float *q = query + q0 * stride;
             float *o = out + q0 * stride;
+            if (tiles) {
+                decode_task(q + h0 * head_dim, keys, values, table, o + h0 * head_dim, scores,
+                            n + 3, start, len, h0 / group, task_heads / group, group, head_dim,
+                            block_size, row_size, scale, softcap);
+                continue;
+            }
             /* row (hq - h0) * lq + i of scores: head hq of query i, over keys [start, len) */
             int64_t t = start;
             for (; t + 4 <= len; t += 4) {
