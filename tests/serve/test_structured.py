@@ -84,6 +84,11 @@ def test_bad_constraints_fail_before_any_work(llm):
         llm.generate(["x"], SamplingParams(guided_decoding={"regex": "(unclosed"}))
     with pytest.raises(ValueError, match="invalid structured-output constraint"):
         llm.generate(["x"], SamplingParams(guided_decoding={"grammar": "start: undefined_rule"}))
+    # GBNF that llguidance's reader rejects with plain Exceptions (the server fuzzing found the
+    # first: it stopped the engine thread)
+    for grammar, message in [('greeting ::= "hi"', "No 'root' rule"), ("a ::= b ::=", "Expected")]:
+        with pytest.raises(ValueError, match=f"invalid structured-output constraint.*{message}"):
+            llm.generate(["x"], SamplingParams(guided_decoding={"grammar": grammar}))
     assert not llm.engine.has_unfinished_requests()
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
 
@@ -123,6 +128,10 @@ def test_bad_constraints_are_400s(client):
     with pytest.raises(openai.BadRequestError, match="unclosed group"):
         client.chat.completions.create(model=MODEL, messages=messages,
                                        extra_body={"guided_regex": "(unclosed"})
+    with pytest.raises(openai.BadRequestError, match="No 'root' rule"):
+        client.chat.completions.create(model=MODEL, messages=messages,
+                                       extra_body={"guided_grammar": 'greeting ::= "hi"'})
+    assert client.with_options(max_retries=0).models.list().data  # the engine still serves
     with pytest.raises(openai.BadRequestError, match="give one output constraint"):
         client.chat.completions.create(model=MODEL, messages=messages,
                                        response_format={"type": "json_object"},

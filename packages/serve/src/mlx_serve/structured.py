@@ -84,7 +84,11 @@ class GuidedDecodingParams:
             return LLMatcher.grammar_from_regex(self.regex)
         if self.choice is not None:
             return LLMatcher.grammar_from_regex("|".join(re.escape(c) for c in self.choice))
-        return LLMatcher.grammar_from_lark(any_to_lark(self.grammar))
+        try:
+            lark = any_to_lark(self.grammar)
+        except Exception as e:  # its GBNF reader raises plain Exceptions (no root rule, syntax)
+            raise ValueError(f"the grammar does not read as GBNF or Lark: {e}") from None
+        return LLMatcher.grammar_from_lark(lark)
 
 
 class GrammarCompiler:
