@@ -170,6 +170,37 @@ def test_native_decode_tiles_equal_reference_for_every_group_and_head_dim(
         torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)  # fp32, another order
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kv_heads,group,dim", [(3, 3, 64), (2, 3, 12), (1, 4, 72), (1, 2, 12)])
+def test_native_decode_reads_a_half_precision_cache(native, monkeypatch, cache_dtype, kv_heads,
+                                                    group, dim):
+    """An fp32 query over an fp16/bf16 cache (EngineConfig.kv_cache_dtype): the C kernel converts
+    each row as it reads it (exactly), so it equals the fp32 reference on the same numbers; the
+    torch reference attends in fp32 too. Rows of 12 numbers end in 4 converted one at a time,
+    here fp16 subnormals."""
+    from mlx_kernels import paged_attention
+
+    calls = []
+    real = paged_attention._decode_native
+    monkeypatch.setattr(paged_attention, "_decode_native", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(dim)
+    lens = torch.tensor([70, 1, 33, 4, 37], dtype=torch.int32)
+    kc, vc = torch.randn(2, 64, 8, kv_heads, dim).unbind(0)
+    vc[..., 8:] *= 1e-5  # below fp16's normal range (6.1e-5)
+    kc, vc = kc.to(cache_dtype), vc.to(cache_dtype)
+    tables = torch.randperm(64)[:45].view(5, 9).to(torch.int32)
+    q = torch.randn(5, kv_heads * group, dim)
+    for window in (None, 5):
+        got = paged_attention_decode(q, kc, vc, tables, lens, sliding_window=window)
+        want = paged_attention_decode_reference(q, kc.float(), vc.float(), tables, lens,
+                                                sliding_window=window)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(paged_attention_decode_reference(
+            q, kc, vc, tables, lens, sliding_window=window), want, atol=2e-6, rtol=1e-5)
+    assert calls == [1, 1]
+
+
 @pytest.mark.parametrize("window", [None, 2, 7])
 @pytest.mark.parametrize("heads", [HQ, HKV], ids=["gqa", "mha"])
 def test_native_decode_with_softcap_equals_reference(native, monkeypatch, window, heads):

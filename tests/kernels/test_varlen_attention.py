@@ -164,6 +164,23 @@ def test_native_paged_chunks_equal_reference(native, window, shape):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # fp32, another summation order
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(9, 3, 64), (HQ, HQ, D)], ids=["gqa-smollm2", "mha"])
+def test_native_paged_chunks_read_a_half_precision_cache(native, cache_dtype, shape):
+    """An fp32 q over an fp16/bf16 cache: the native loop converts each row as it reads it, so
+    it equals the reference on the same numbers in fp32."""
+    q, kc, vc, cu_q, cu_k, tables = _paged_chunks(CHUNKS, *shape)
+    kc, vc = kc.to(cache_dtype), vc.to(cache_dtype)
+    got = varlen_attention(q, kc, vc, cu_q, cu_k, block_tables=tables, sliding_window=5)
+    assert native == [True] and got.dtype == torch.float32
+    want = varlen_attention_reference(q, kc.float(), vc.float(), cu_q, cu_k, block_tables=tables,
+                                      sliding_window=5, scale=shape[2] ** -0.5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # fp32, another summation order
+    torch.testing.assert_close(  # the reference itself reads the half cache in fp32
+        varlen_attention_reference(q, kc, vc, cu_q, cu_k, block_tables=tables, sliding_window=5),
+        want, atol=1e-5, rtol=1e-5)
+
+
 def test_native_paged_chunks_honour_scale_and_strided_q(native):
     q, kc, vc, cu_q, cu_k, tables = _paged_chunks(CHUNKS, 9, 3, 64, block=16, seed=1)
     q = q.transpose(0, 1).contiguous().transpose(0, 1)  # [T, heads, D] view, as paged_attend passes

@@ -80,6 +80,22 @@ def test_bench_quant_serve_reports_ratios_to_the_fp32_engine(tiny_model_dir, tmp
     assert bad.exit_code != 0 and "--fusion takes on, off, both" in bad.output
 
 
+def test_bench_quant_serve_adds_each_engine_over_a_half_precision_kv_cache(tiny_model_dir,
+                                                                           tmp_path):
+    out = tmp_path / "kv.json"
+    result = CliRunner().invoke(build_app(), [
+        "bench", "quant-serve", "--model", str(tiny_model_dir), "--schemes", "w8a8",
+        "--num-requests", "4", "--prompt-len", "4:12", "--output-len", "2:6",
+        "--kv-cache-dtypes", "bf16", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["schemes"]
+    assert list(rows) == ["fp32", "fp32 kv bfloat16", "w8a8", "w8a8 kv bfloat16"]
+    assert len({row["output_tokens"] for row in rows.values()}) == 1
+    assert all(row["leaked_blocks"] == 0 for row in rows.values())
+    bad = CliRunner().invoke(build_app(), ["bench", "quant-serve", "--kv-cache-dtypes", "fp8"])
+    assert bad.exit_code == 1 and "unknown kv_cache_dtype 'fp8'" in bad.output
+
+
 def test_bench_serve_reports_the_grammar_share_of_a_structured_run(tmp_path):
     from tests.serve.helpers import byte_level_model_dir
 

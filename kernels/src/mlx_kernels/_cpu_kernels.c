@@ -122,10 +122,67 @@ void swiglu_f32(const float *restrict gate, const float *restrict up, float *res
     }
 }
 
-/* The address of token `t`'s row (all kv heads) in a paged cache. */
-static inline const float *token_row(const float *cache, const int32_t *table, int64_t t,
-                                     int64_t block_size, int64_t row_size) {
-    return cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * row_size;
+/* The element types a paged cache may hold (paged_attention_f32's kv_type). */
+enum { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2 };
+
+static inline int64_t kv_item_bytes(int kv_type) { return kv_type == KV_F32 ? 4 : 2; }
+
+/* tokens whose value rows one pass of decode_task's value tiles reads: at most this many rows
+ * of a half-precision cache are converted at once (the general loop takes 8) */
+enum { DECODE_RUN = 32 };
+
+/* The address of token `t`'s row (all kv heads: row_size numbers) in a paged cache. */
+static inline const char *token_bytes(const void *cache, int kv_type, const int32_t *table,
+                                      int64_t t, int64_t block_size, int64_t row_size) {
+    return (const char *)cache + ((int64_t)table[t / block_size] * block_size + t % block_size) *
+                                     row_size * kv_item_bytes(kv_type);
+}
+
+/* IEEE half to float, exactly (subnormals, infinities and nans too): for machines without F16C */
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f,
+                   mantissa = h & 0x3ff;
+    union { uint32_t i; float f; } out;
+    if (exponent == 0x1f) {
+        out.i = sign | 0x7f800000u | (mantissa << 13);
+    } else if (exponent) {
+        out.i = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    } else { /* zero or subnormal: mantissa * 2^-24 */
+        out.f = (float)mantissa * 5.9604644775390625e-8f;
+        out.i |= sign;
+    }
+    return out.f;
+}
+
+/* Token `t`'s row as fp32: in place in an fp32 cache; converted into `buf` (row_size floats)
+ * from an fp16 or bf16 one (both convert exactly, so the kernels compute as on an fp32 cache
+ * that holds the same numbers, and read half the bytes). */
+static inline const float *token_row(const void *cache, int kv_type, const int32_t *table,
+                                     int64_t t, int64_t block_size, int64_t row_size,
+                                     float *restrict buf) {
+    const char *row = token_bytes(cache, kv_type, table, t, block_size, row_size);
+    if (kv_type == KV_F32) return (const float *)row;
+    const uint16_t *half = (const uint16_t *)row;
+    int64_t d = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+    if (kv_type == KV_F16)
+        for (; d + 8 <= row_size; d += 8)
+            _mm256_storeu_ps(buf + d, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(half + d))));
+    else
+        for (; d + 8 <= row_size; d += 8) {
+            const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(half + d)));
+            _mm256_storeu_ps(buf + d, _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
+        }
+#endif
+    for (; d < row_size; ++d) {
+        if (kv_type == KV_F16) {
+            buf[d] = half_to_float(half[d]);
+        } else {
+            union { uint32_t i; float f; } value = {.i = (uint32_t)half[d] << 16};
+            buf[d] = value.f;
+        }
+    }
+    return buf;
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -209,30 +266,32 @@ static void decode_value_tiles(int nh, int nv, const float *const *v, int64_t n,
 
 /* Ask for the rows of tokens [t, t + n) (up to len) ahead of their use: the blocks are scattered,
  * so the hardware's prefetchers lose the stream at each block. */
-static inline void prefetch_rows(const float *cache, const int32_t *table, int64_t t, int64_t n,
-                                 int64_t len, int64_t block_size, int64_t row_size) {
+static inline void prefetch_rows(const void *cache, int kv_type, const int32_t *table, int64_t t,
+                                 int64_t n, int64_t len, int64_t block_size, int64_t row_size) {
     for (int64_t j = 0; j < n && t + j < len; ++j) {
-        const char *row = (const char *)token_row(cache, table, t + j, block_size, row_size);
-        for (int64_t c = 0; c < row_size * (int64_t)sizeof(float); c += 64)
+        const char *row = token_bytes(cache, kv_type, table, t + j, block_size, row_size);
+        for (int64_t c = 0; c < row_size * kv_item_bytes(kv_type); c += 64)
             __builtin_prefetch(row + c, 0, 3);
     }
 }
 
-enum { DECODE_RUN = 32 }; /* tokens whose value rows one pass of value tiles reads */
 
 /* One decode task: sequence b's query heads of kv heads [kv0, kv0 + nkv), keys [start, len);
- * scores: nkv * group rows of ld >= len - start + 3 floats (the four-key tiles overrun). */
-static void decode_task(const float *q, const float *keys, const float *values,
-                        const int32_t *table, float *o, float *scores, int64_t ld, int64_t start,
+ * scores: nkv * group rows of ld >= len - start + 3 floats (the four-key tiles overrun); rows:
+ * DECODE_RUN * row_size floats for the rows of a half-precision cache (token_row). */
+static void decode_task(const float *q, const void *keys, const void *values, int kv_type,
+                        const int32_t *table, float *o, float *scores, float *rows, int64_t ld,
+                        int64_t start,
                         int64_t len, int64_t kv0, int64_t nkv, int64_t group, int64_t head_dim,
                         int64_t block_size, int64_t row_size, float scale, float softcap) {
     const int64_t n = len - start;
     const __m128 scale4 = _mm_set1_ps(scale);
     for (int64_t t = start; t < len; t += 4) {
-        prefetch_rows(keys, table, t + 8, 4, len, block_size, row_size);
+        prefetch_rows(keys, kv_type, table, t + 8, 4, len, block_size, row_size);
         const float *k[4];
         for (int j = 0; j < 4; ++j) /* past the end: the last row again, its scores unused */
-            k[j] = token_row(keys, table, t + j < len ? t + j : len - 1, block_size, row_size);
+            k[j] = token_row(keys, kv_type, table, t + j < len ? t + j : len - 1, block_size,
+                             row_size, rows + j * row_size);
         for (int64_t kv = kv0; kv < kv0 + nkv; ++kv) {
             const float *kh[4] = {k[0] + kv * head_dim, k[1] + kv * head_dim,
                                   k[2] + kv * head_dim, k[3] + kv * head_dim};
@@ -255,9 +314,12 @@ static void decode_task(const float *q, const float *keys, const float *values,
     for (int64_t x = 0; x < nkv * group * head_dim; ++x) o[x] = 0.0f;
     for (int64_t t = start; t < len; t += DECODE_RUN) {
         const int64_t m = len - t < DECODE_RUN ? len - t : DECODE_RUN;
-        prefetch_rows(values, table, t + DECODE_RUN, DECODE_RUN, len, block_size, row_size);
+        prefetch_rows(values, kv_type, table, t + DECODE_RUN, DECODE_RUN, len, block_size,
+                      row_size);
         const float *v[DECODE_RUN], *vd[DECODE_RUN];
-        for (int64_t j = 0; j < m; ++j) v[j] = token_row(values, table, t + j, block_size, row_size);
+        for (int64_t j = 0; j < m; ++j)
+            v[j] = token_row(values, kv_type, table, t + j, block_size, row_size,
+                             rows + j * row_size);
         for (int64_t kv = kv0; kv < kv0 + nkv; ++kv)
             for (int64_t g = 0; g < group; g += 3) {
                 const int64_t h = (kv - kv0) * group + g;
@@ -281,7 +343,8 @@ static void decode_task(const float *q, const float *keys, const float *values,
  * prefix-cache continuation, speculative verification).
  *
  * query  [total_q, heads, head_dim] (contiguous; heads = kv_heads * group, GQA)
- * keys, values [num_blocks, block_size, kv_heads, head_dim] (contiguous)
+ * keys, values [num_blocks, block_size, kv_heads, head_dim] (contiguous), fp32, fp16 or bf16
+ *        as kv_type says (KV_F32, KV_F16, KV_BF16; a half-precision row is converted as read)
  * tables [batch, table_width] int32; lens [batch] int32: each sequence's total key length
  *        (cached prefix + its new tokens, all already in the cache)
  * cu_q   [batch + 1] int32: sequence b's queries are rows [cu_q[b], cu_q[b + 1]) of query and
@@ -308,11 +371,11 @@ static void decode_task(const float *q, const float *keys, const float *values,
  * out of memory, -2 when a table entry in use is outside [0, num_blocks) (nothing is read there).
  * Decode (cu_q NULL) with head_dim a multiple of 8 runs decode_task's register tiles on AVX2.
  */
-int paged_attention_f32(const float *query, const float *keys, const float *values,
+int paged_attention_f32(const float *query, const void *keys, const void *values,
                         const int32_t *tables, const int32_t *lens, const int32_t *cu_q, float *out,
                         int64_t batch, int64_t kv_heads, int64_t group, int64_t head_dim,
                         int64_t block_size, int64_t table_width, int64_t num_blocks, int64_t window,
-                        float scale, float softcap) {
+                        float scale, float softcap, int64_t kv_type) {
     const int64_t heads = kv_heads * group, row_size = kv_heads * head_dim;
     const int64_t stride = heads * head_dim; /* between query (and out) rows */
     /* fewer sequences than threads: one task per (sequence, kv head) keeps every thread busy (a
@@ -320,7 +383,9 @@ int paged_attention_f32(const float *query, const float *keys, const float *valu
      * which reads each key/value row once for all heads (more loads in flight: faster there) */
     const int64_t splits = batch < omp_get_max_threads() ? kv_heads : 1;
     const int64_t task_heads = heads / splits;
-    const int tiles = DECODE_TILES && !cu_q && head_dim % 8 == 0; /* decode_task's case */
+#if DECODE_TILES
+    const int tiles = !cu_q && head_dim % 8 == 0; /* decode_task's case */
+#endif
     int64_t scratch = 1;
     for (int64_t b = 0; b < batch; ++b) {
         const int64_t lq = cu_q ? cu_q[b + 1] - cu_q[b] : 1, first = lens[b] - lq;
@@ -332,7 +397,9 @@ int paged_attention_f32(const float *query, const float *keys, const float *valu
 #pragma omp parallel
     {
         float *scores = malloc(sizeof(float) * (size_t)scratch);
-        if (!scores) {
+        /* a half-precision cache's rows, converted (token_row) */
+        float *rows = kv_type == KV_F32 ? NULL : malloc(sizeof(float) * DECODE_RUN * row_size);
+        if (!scores || (kv_type != KV_F32 && !rows)) {
 #pragma omp atomic write
             failed = -1;
         }
@@ -341,7 +408,7 @@ int paged_attention_f32(const float *query, const float *keys, const float *valu
             /* sequence b's queries, heads [h0, h0 + task_heads) */
             const int64_t b = task / splits, h0 = (task % splits) * task_heads;
             const int64_t q0 = cu_q ? cu_q[b] : b, lq = cu_q ? cu_q[b + 1] - q0 : 1;
-            if (!scores || lq <= 0) continue;
+            if (!scores || (kv_type != KV_F32 && !rows) || lq <= 0) continue;
             /* `first`: the first query's position; its window starts the earliest */
             const int64_t len = lens[b], first = len - lq;
             const int64_t start = (window > 0 && first + 1 > window) ? first + 1 - window : 0;
@@ -357,17 +424,21 @@ int paged_attention_f32(const float *query, const float *keys, const float *valu
             }
             const float *q = query + q0 * stride;
             float *o = out + q0 * stride;
+#if DECODE_TILES
             if (tiles) {
-                decode_task(q + h0 * head_dim, keys, values, table, o + h0 * head_dim, scores,
-                            n + 3, start, len, h0 / group, task_heads / group, group, head_dim,
+                decode_task(q + h0 * head_dim, keys, values, (int)kv_type, table,
+                            o + h0 * head_dim, scores, rows, n + 3, start, len, h0 / group, task_heads / group, group, head_dim,
                             block_size, row_size, scale, softcap);
                 continue;
             }
+#endif
             /* row (hq - h0) * lq + i of scores: head hq of query i, over keys [start, len) */
             int64_t t = start;
             for (; t + 4 <= len; t += 4) {
                 const float *k[4];
-                for (int j = 0; j < 4; ++j) k[j] = token_row(keys, table, t + j, block_size, row_size);
+                for (int j = 0; j < 4; ++j)
+                    k[j] = token_row(keys, kv_type, table, t + j, block_size, row_size,
+                                     rows + j * row_size);
                 for (int64_t hq = h0; hq < h0 + task_heads; ++hq) {
                     const int64_t off = (hq / group) * head_dim;
                     for (int64_t i = 0; i < lq; ++i) {
@@ -379,7 +450,7 @@ int paged_attention_f32(const float *query, const float *keys, const float *valu
                 }
             }
             for (; t < len; ++t) {
-                const float *k = token_row(keys, table, t, block_size, row_size);
+                const float *k = token_row(keys, kv_type, table, t, block_size, row_size, rows);
                 for (int64_t hq = h0; hq < h0 + task_heads; ++hq)
                     for (int64_t i = 0; i < lq; ++i)
                         scores[((hq - h0) * lq + i) * n + (t - start)] =
@@ -404,7 +475,8 @@ int paged_attention_f32(const float *query, const float *keys, const float *valu
             for (t = start; t + 8 <= len; t += 8) {
                 const float *v[8];
                 for (int j = 0; j < 8; ++j)
-                    v[j] = token_row(values, table, t + j, block_size, row_size);
+                    v[j] = token_row(values, kv_type, table, t + j, block_size, row_size,
+                                     rows + j * row_size);
                 for (int64_t hq = h0; hq < h0 + task_heads; ++hq) {
                     const int64_t off = (hq / group) * head_dim;
                     const float *restrict v0 = v[0] + off, *restrict v1 = v[1] + off,
@@ -422,7 +494,7 @@ int paged_attention_f32(const float *query, const float *keys, const float *valu
                 }
             }
             for (; t < len; ++t) {
-                const float *v = token_row(values, table, t, block_size, row_size);
+                const float *v = token_row(values, kv_type, table, t, block_size, row_size, rows);
                 for (int64_t hq = h0; hq < h0 + task_heads; ++hq) {
                     const float *restrict vh = v + (hq / group) * head_dim;
                     for (int64_t i = 0; i < lq; ++i) {
@@ -435,6 +507,7 @@ int paged_attention_f32(const float *query, const float *keys, const float *valu
             }
         }
         free(scores);
+        free(rows);
     }
     return failed;
 }

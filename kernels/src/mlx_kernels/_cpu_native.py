@@ -99,9 +99,10 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     """``lib`` (a build of ``SOURCE``) with its functions' argument and result types set."""
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     # query, keys, values, tables, lens, cu_q (NULL: one query per sequence), out; batch, kv_heads,
-    # group, head_dim, block_size, table_width, num_blocks, window; scale, softcap (0: none)
+    # group, head_dim, block_size, table_width, num_blocks, window; scale, softcap (0: none);
+    # the caches' element type (KV_TYPES)
     lib.paged_attention_f32.restype = ctypes.c_int
-    lib.paged_attention_f32.argtypes = [ptr] * 7 + [i64] * 8 + [f32] * 2
+    lib.paged_attention_f32.argtypes = [ptr] * 7 + [i64] * 8 + [f32] * 2 + [i64]
     lib.swiglu_f32.restype = None
     lib.swiglu_f32.argtypes = [ptr] * 3 + [i64] * 3  # gate, up, out; rows, cols, row stride
     lib.quantize_rows_s8.restype = None

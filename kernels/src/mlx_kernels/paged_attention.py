@@ -29,8 +29,11 @@ def paged_attention_decode_reference(query, key_cache, value_cache, block_tables
     # index_select copies whole blocks about twice as fast as advanced indexing on CPU, and
     # this gather is most of a decode step's attention time there
     tables = block_tables.clamp(min=0).long().flatten()  # unused entries may hold -1
+    # a half-precision cache under an fp32 query: attend in fp32, as the native kernel does
+    dtype = torch.promote_types(query.dtype, key_cache.dtype)
     keys = key_cache.index_select(0, tables).view(b, max_len, *key_cache.shape[2:]).transpose(1, 2)
     values = value_cache.index_select(0, tables).view(b, max_len, *value_cache.shape[2:]).transpose(1, 2)
+    keys, values = keys.to(dtype), values.to(dtype)
     pos = torch.arange(max_len, device=query.device)[None, :]
     lens = context_lens.to(query.device).long()[:, None]
     mask = pos < lens
@@ -81,12 +84,25 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_c
 
         return _paged_attention_triton.decode(query, key_cache, value_cache, block_tables,
                                               context_lens, scale, sliding_window, softcap)
-    if native_cpu(query, key_cache, value_cache):
+    if native_cpu_over_cache(query, key_cache, value_cache):
         return _decode_native(query, key_cache, value_cache, block_tables, context_lens, scale,
                               sliding_window, softcap)
     return paged_attention_decode_reference(query, key_cache, value_cache, block_tables,
                                             context_lens, scale=scale, sliding_window=sliding_window,
                                             softcap=softcap)
+
+
+# the element types of a paged cache that the native kernel reads (its kv_type codes): an fp32
+# query over an fp16 or bf16 cache reads half the bytes and computes in fp32
+KV_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def native_cpu_over_cache(query, key_cache, value_cache) -> bool:
+    """Whether the native kernel runs: an fp32 CPU query (``native_cpu``) over CPU caches of one
+    of ``KV_TYPES``."""
+    return (native_cpu(query) and key_cache.dtype == value_cache.dtype
+            and key_cache.dtype in KV_TYPES
+            and key_cache.device.type == value_cache.device.type == "cpu")
 
 
 def _decode_native(query, key_cache, value_cache, block_tables, context_lens, scale,
@@ -105,7 +121,8 @@ def _decode_native(query, key_cache, value_cache, block_tables, context_lens, sc
 
 def native_paged_attention(query, key_cache, value_cache, tables, lens, cu_q, scale,
                            sliding_window, softcap=None):
-    """Run ``paged_attention_f32`` of ``_cpu_kernels.c`` (fp32 CPU; lengths already checked).
+    """Run ``paged_attention_f32`` of ``_cpu_kernels.c`` (an fp32 CPU query over caches of
+    ``KV_TYPES``; lengths already checked).
 
     ``tables [B, max_blocks]``, ``lens [B]`` and ``cu_q [B + 1]`` (or None: one query per
     sequence) int32 contiguous; ``query [total_q, heads, head_dim]``; ``softcap`` > 0 or None.
@@ -119,7 +136,8 @@ def native_paged_attention(query, key_cache, value_cache, tables, lens, cu_q, sc
         query.data_ptr(), keys.data_ptr(), values.data_ptr(), tables.data_ptr(), lens.data_ptr(),
         None if cu_q is None else cu_q.data_ptr(), out.data_ptr(), lens.shape[0], kv_heads,
         query.shape[1] // kv_heads, dim, block_size, tables.shape[1], num_blocks,
-        sliding_window or 0, scale, softcap or 0.0)  # the C side reads a cap of 0 as none
+        sliding_window or 0, scale, softcap or 0.0,  # the C side reads a cap of 0 as none
+        KV_TYPES[keys.dtype])
     if status == -2:
         raise ValueError(f"a block table entry in use is outside [0, {num_blocks}): "
                          "block_tables must name blocks of this cache")

@@ -21,7 +21,7 @@ import math
 import torch
 
 from mlx_kernels import paged_attention
-from mlx_kernels.dispatch import backend_for, native_cpu
+from mlx_kernels.dispatch import backend_for
 from mlx_kernels.paged_attention import gather_paged
 from mlx_kernels.softcap_attention import softcap_attention
 
@@ -65,9 +65,12 @@ def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=Tr
         mask = None  # plain causal over the whole sequence: SDPA's own mask skips masked tiles
         if (causal and lq != lk) or sliding_window is not None:
             mask = _bottom_right_mask(lq, lk, causal, sliding_window, q.device)
+        # a half-precision cache under an fp32 q: attend in fp32, as the native kernel does
+        dtype = torch.promote_types(q.dtype, keys.dtype)
         o = softcap_attention(
-            q[cu_q[i]:cu_q[i + 1]].transpose(0, 1)[None].to(keys.dtype), keys.transpose(0, 1)[None],
-            values.transpose(0, 1)[None], attn_mask=mask, scale=scale, softcap=softcap,
+            q[cu_q[i]:cu_q[i + 1]].transpose(0, 1)[None].to(dtype),
+            keys.transpose(0, 1)[None].to(dtype), values.transpose(0, 1)[None].to(dtype),
+            attn_mask=mask, scale=scale, softcap=softcap,
             is_causal=causal and mask is None, enable_gqa=q.shape[1] != keys.shape[1])
         out[cu_q[i]:cu_q[i + 1]] = o[0].transpose(0, 1).to(q.dtype)
     return out
@@ -104,7 +107,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         return _varlen_attention_triton.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                 causal, sliding_window, scale, block_tables,
                                                 softcap)
-    if block_tables is not None and causal and native_cpu(q, k, v):
+    if block_tables is not None and causal and paged_attention.native_cpu_over_cache(q, k, v):
         lq = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
         if len(lq) > 1 and int(lq.max()) <= NATIVE_MAX_QUERIES:
             return _paged_native(q, k, v, cu_seqlens_q, cu_seqlens_k, lq, sliding_window, scale,

@@ -392,14 +392,17 @@ FUSION_CHOICES = ("on", "off", "both")
 def run_quantized(model: str = "smollm2-135m-instruct", *, schemes: tuple[str, ...] = ("w8a8",),
                   num_requests: int = 64, prompt_len: tuple[int, int] = (32, 256),
                   output_len: tuple[int, int] = (16, 128), rounds: int = 1, seed: int = 0,
-                  engine_options: dict | None = None, fusion: str = "on") -> dict:
+                  engine_options: dict | None = None, fusion: str = "on",
+                  kv_cache_dtypes: tuple[str, ...] = ()) -> dict:
     """The serving workload of ``run`` (all requests at once) on our engine in fp32 and on each
     quantization scheme, in one process (rounds interleaved, each from a cold prefix cache, the
     best kept), reported as ratios to fp32, with the fraction of the machine's fp32 GEMM ceiling
     (fp32 and weight-only schemes, whose large GEMMs run in fp32) or int8 GEMM ceiling (W8A8)
     reached, counting prompt and output tokens. ``fusion``: the engines with fused q/k/v and
     gate/up (``on``, as ``mlx serve`` runs), without (``off``), or ``both``: each scheme also
-    unfused (``"<scheme> unfused"``), the ratio still to fused fp32."""
+    unfused (``"<scheme> unfused"``), the ratio still to fused fp32. ``kv_cache_dtypes``: each
+    engine also over a KV cache of each of these types (``"<scheme> kv float16"``; the others
+    keep the model's fp32 cache), the ratio still to fp32 with its fp32 cache."""
     from mlx_serve.llm import LLM
 
     if fusion not in FUSION_CHOICES:
@@ -410,8 +413,10 @@ def run_quantized(model: str = "smollm2-135m-instruct", *, schemes: tuple[str, .
         quantization = None if scheme == "fp32" else scheme
         for fused in {"on": (True,), "off": (False,), "both": (True, False)}[fusion]:
             name = scheme if fused or fusion == "off" else f"{scheme} unfused"
-            engines[name] = LLM(model, quantization=quantization, fuse_projections=fused,
-                                **options).engine
+            for kv_dtype in ("auto", *kv_cache_dtypes):
+                label = name if kv_dtype == "auto" else f"{name} kv {kv_dtype}"
+                engines[label] = LLM(model, quantization=quantization, fuse_projections=fused,
+                                     kv_cache_dtype=kv_dtype, **options).engine
     vocab = engines["fp32"].model.config.vocab_size
     workload = make_workload(num_requests, prompt_len, output_len, vocab, 0.0, seed)
     warm = make_workload(2, (8, 16), (2, 4), vocab, 0.0, seed + 1)

@@ -69,6 +69,11 @@ def serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m",
               None, "--quantization", "-q",
               help="Quantize the weights at start: int8, int4 (int4-g64, int4-g128) or w8a8; "
                    "LoRA adapters stay in full precision (docs/quantization.md)."),
+          kv_cache_dtype: str = typer.Option(
+              "auto", "--kv-cache-dtype",
+              help="The KV cache's type: auto (the model's), or float16 / bfloat16 under an fp32 "
+                   "model on CPU: twice the blocks in the same memory, half the bytes read "
+                   "(docs/serve.md)."),
           tool_call_parser: str = typer.Option(
               "hermes", "--tool-call-parser",
               help="How the model writes tool calls: hermes (<tool_call> JSON blocks) or "
@@ -114,7 +119,8 @@ def serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m",
                    enable_chunked_prefill=enable_chunked_prefill,
                    scheduling_policy=scheduling_policy, max_loras=max_loras,
                    max_lora_rank=max_lora_rank, prepack_weights=prepack_weights,
-                   fuse_projections=fuse_projections, quantization=quantization, pooling=pooling)
+                   fuse_projections=fuse_projections, quantization=quantization, pooling=pooling,
+                   kv_cache_dtype=kv_cache_dtype)
     if kv_cache_memory is not None:
         options["kv_cache_memory"] = kv_cache_memory
     if speculative_config is not None:
@@ -316,6 +322,9 @@ def bench_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
                 quantization: str | None = typer.Option(
                     None, "--quantization", "-q",
                     help="Our engine on quantized weights (int8, int4, w8a8), as mlx serve's."),
+                kv_cache_dtype: str = typer.Option(
+                    "auto", "--kv-cache-dtype",
+                    help="Our engine's KV-cache type (auto, float16, bfloat16), as mlx serve's."),
                 structured_fraction: float = typer.Option(
                     0.0, "--structured-fraction", min=0, max=1,
                     help="Also run the workload with this fraction of its requests constrained "
@@ -345,7 +354,8 @@ def bench_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
         raise typer.BadParameter(f"--hf-batch-sizes takes e.g. 8,16; got {hf_batch_sizes!r}") \
             from None
     options = {"max_num_seqs": max_num_seqs, "prepack_weights": prepack_weights,
-               "fuse_projections": fuse_projections, "quantization": quantization}
+               "fuse_projections": fuse_projections, "quantization": quantization,
+               "kv_cache_dtype": kv_cache_dtype}
     if kv_cache_memory is not None:
         options["kv_cache_memory"] = kv_cache_memory
     if speculative_config is not None:
@@ -425,6 +435,10 @@ def bench_quant_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
                           "on", "--fusion",
                           help="Fused q/k/v and gate/up in every engine (on, as mlx serve), "
                                "not (off), or both: each scheme also unfused."),
+                      kv_cache_dtypes: str = typer.Option(
+                          "", "--kv-cache-dtypes",
+                          help="Comma-separated KV-cache types (float16, bfloat16): each engine "
+                               "also over such a cache."),
                       json_path: str = typer.Option("", "--json", help="Also write the result here.")):
     """The serving workload (all requests at once) on our engine in fp32 and quantized, same
     process: output tok/s ratios and the fraction of the fp32 / int8 GEMM ceiling reached."""
@@ -435,16 +449,20 @@ def bench_quant_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
 
     from mlx_core.transforms import parse_scheme
     from mlx_serve import bench
+    from mlx_serve.config import canonical_kv_cache_dtype
 
     names = tuple(s.strip() for s in schemes.split(",") if s.strip())
     for name in names:
         parse_scheme(name)
+    kv_names = tuple(canonical_kv_cache_dtype(s.strip()) for s in kv_cache_dtypes.split(",")
+                     if s.strip())
     if fusion not in bench.FUSION_CHOICES:
         raise typer.BadParameter(f"--fusion takes {', '.join(bench.FUSION_CHOICES)}; got {fusion!r}")
     result = bench.run_quantized(model, schemes=names, num_requests=num_requests,
                                  prompt_len=_int_range(prompt_len, "--prompt-len"),
                                  output_len=_int_range(output_len, "--output-len"), rounds=rounds,
-                                 engine_options={"max_num_seqs": max_num_seqs}, fusion=fusion)
+                                 engine_options={"max_num_seqs": max_num_seqs}, fusion=fusion,
+                                 kv_cache_dtypes=kv_names)
     table = Table("engine", "output tok/s", "vs fp32", "seconds", "ceiling", "of ceiling",
                   title=f"mlx bench quant-serve: {model}, {num_requests} requests at once, "
                         f"{result['threads']} threads (fp32 GEMM {result['matmul_gflops']} "

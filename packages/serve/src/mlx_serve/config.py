@@ -40,6 +40,20 @@ def available_memory(device: torch.device) -> int:
     return 4 * 2**30  # no way to ask: assume a modest machine
 
 
+def canonical_kv_cache_dtype(name: str) -> str:
+    """``"auto"`` or the torch name of the type ``name`` names (``mlx_serve.engine.default_dtype``'s
+    names: float16/fp16, bfloat16/bf16, float32/fp32); a ValueError listing the choices."""
+    from mlx_serve.engine import default_dtype
+
+    if name == "auto":
+        return name
+    try:
+        return str(default_dtype(name)).removeprefix("torch.")
+    except ValueError:
+        raise ValueError(f"unknown kv_cache_dtype {name!r}: choose auto (the model's), float16 "
+                         "(fp16), bfloat16 (bf16) or float32 (fp32)") from None
+
+
 @dataclass
 class EngineConfig:
     """``num_blocks`` fixes the cache size outright; otherwise ``kv_cache_memory`` (bytes or
@@ -70,6 +84,10 @@ class EngineConfig:
     # quantize the model's weights at start: "int8", "int4", "int4-g64", "w8a8", ...
     # (mlx_core.transforms.quantize); None serves them as they are
     quantization: str | None = None
+    # the KV cache's element type: "auto" (the model's), or "float16"/"bfloat16" under an fp32
+    # model on CPU (half the cache's memory, so twice the blocks for the same budget, and half the
+    # bytes decode attention reads; attention still computes in fp32); vLLM's kv_cache_dtype
+    kv_cache_dtype: str = "auto"
     # embeddings (LLM.embed, /v1/embeddings): the last token's final hidden state, or the mean
     pooling: str = "last"
     # structured outputs: append the tokens a grammar forces without a forward pass each
@@ -95,9 +113,21 @@ class EngineConfig:
 
             self.quantization = str(parse_scheme(self.quantization))
         check_pooling(self.pooling)
+        self.kv_cache_dtype = canonical_kv_cache_dtype(self.kv_cache_dtype)
         from mlx_serve.tensor_parallel import check_parallel_options
 
         check_parallel_options(self.tensor_parallel_size, self.nnodes, 0)
+
+    def cache_dtype(self, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        """The KV cache's element type for a model of ``model_dtype`` on ``device``."""
+        if self.kv_cache_dtype == "auto":
+            return model_dtype
+        dtype = getattr(torch, self.kv_cache_dtype)
+        if dtype != model_dtype and (device.type != "cpu" or model_dtype != torch.float32):
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype} under a {model_dtype} model "
+                             f"on {device.type}: a cache of another type than the model's runs "
+                             "under an fp32 model on CPU only; use kv_cache_dtype auto here")
+        return dtype
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens,

@@ -95,8 +95,9 @@ class LLMEngine:
         # fits every rank)
         self.parallel = (TensorParallelGroup(model, config) if config.tensor_parallel_size > 1
                          else None)
+        cache_dtype = config.cache_dtype(model.dtype, model.device)
         num_blocks = config.resolve_num_blocks(
-            kv_bytes_per_block(model.config, config.block_size, model.dtype), self.max_model_len,
+            kv_bytes_per_block(model.config, config.block_size, cache_dtype), self.max_model_len,
             model.device)
         self.blocks = BlockManager(num_blocks, config.block_size,
                                    enable_prefix_caching=config.enable_prefix_caching)
@@ -106,7 +107,7 @@ class LLMEngine:
         if self.parallel is not None:
             self.parallel.start(num_blocks)
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.prepack_weights,
-                                  config.fuse_projections, self.parallel)
+                                  config.fuse_projections, self.parallel, cache_dtype=cache_dtype)
         eos = list(tokenizer.eos_token_ids) if tokenizer is not None else []
         if not eos and model.config.eos_token_id is not None:
             configured = model.config.eos_token_id

@@ -42,7 +42,8 @@ class ModelRunner:
     which run the same forward on their shares (``mlx_serve.tensor_parallel``)."""
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int,
-                 prepack_weights: bool = True, fuse: bool = True, parallel=None):
+                 prepack_weights: bool = True, fuse: bool = True, parallel=None, *,
+                 cache_dtype: torch.dtype | None = None):
         self.model = uncopied_mlp_outputs(model)
         if fuse:
             fuse_projections(model)
@@ -52,8 +53,8 @@ class ModelRunner:
             logger.info("prepacked the linear weights for CPU inference (%.0f MiB more memory; "
                         "prepack_weights=False to save it)", self.packed_bytes / 2**20)
         self.device, self.dtype = model.device, model.dtype
-        self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype=self.dtype,
-                                  device=self.device)
+        self.cache = PagedKVCache(model.config, num_blocks, block_size,
+                                  dtype=cache_dtype or self.dtype, device=self.device)
         self.block_size = block_size
         self.sliding_window = model.config.sliding_window
         self.rope_length_dependent = (model.config.position_kind == "rope"

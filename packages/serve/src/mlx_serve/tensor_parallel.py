@@ -217,7 +217,8 @@ def _worker_main(model: nn.Module, config, rank: int, local_rank: int, init_meth
         model.to(device)
         num_blocks = _receive()
         runner = ModelRunner(model, num_blocks, config.block_size, config.prepack_weights,
-                             config.fuse_projections)
+                             config.fuse_projections,
+                             cache_dtype=config.cache_dtype(model.dtype, model.device))
         # the same loads and unloads as rank 0's, in its order: the same slots
         runner.loras = LoraManager(model, config.max_loras, config.max_lora_rank)
         while (message := _receive()) is not None:
