@@ -82,6 +82,7 @@ def _quantized(model: nn.Module, config: EngineConfig, tokenizer) -> nn.Module:
 class LLMEngine:
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
+        cache_dtype = config.cache_dtype(model.dtype, model.device)  # refused before any work
         self.model = model = _quantized(model.eval(), config, tokenizer)
         self.tokenizer = tokenizer
         self.max_model_len = config.max_model_len or _context_length(model.config)
@@ -95,7 +96,6 @@ class LLMEngine:
         # fits every rank)
         self.parallel = (TensorParallelGroup(model, config) if config.tensor_parallel_size > 1
                          else None)
-        cache_dtype = config.cache_dtype(model.dtype, model.device)
         num_blocks = config.resolve_num_blocks(
             kv_bytes_per_block(model.config, config.block_size, cache_dtype), self.max_model_len,
             model.device)
