@@ -62,12 +62,27 @@ def left_padded_batch():
     return ids, mask
 
 
+def peft_reads_transformers_cache() -> bool:
+    """Whether the installed PEFT (0.22 on) finds generate's cache under transformers' own name
+    (``cache`` in transformers 5), so that its prompt-learning ``generate`` is right on its own."""
+    try:
+        from peft.import_utils import get_transformers_cache_name  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def hf_peft_generate(hf_peft_model, **options):
-    """HF PEFT's own ``generate``, with one rename: PEFT 0.21's ``prepare_inputs_for_generation``
-    looks for generate's cache under ``past_key_values``, which transformers 5 calls ``cache``,
-    so on its own it adds a prompt's virtual tokens again at every step and loses a prefix (its
-    tokens differ from its own forward's). Here each step's inputs reach PEFT's logic with the
-    cache under the old name; everything else (mask, positions, injection) is PEFT's."""
+    """HF PEFT's own ``generate``. Before PEFT 0.22, with one rename: its
+    ``prepare_inputs_for_generation`` looks for generate's cache under ``past_key_values``, which
+    transformers 5 calls ``cache``, so on its own it adds a prompt's virtual tokens again at every
+    step and loses a prefix (its tokens differ from its own forward's). There each step's inputs
+    reach PEFT's logic with the cache under the old name; everything else (mask, positions,
+    injection) is PEFT's. PEFT 0.22 reads the cache under transformers' own name
+    (``peft.import_utils.get_transformers_cache_name``), and the rename would hide it."""
+    if peft_reads_transformers_cache():
+        with torch.no_grad():
+            return hf_peft_model.generate(**options)
     base = hf_peft_model.base_model
     original = hf_peft_model.base_model_prepare_inputs_for_generation
 
