@@ -80,9 +80,7 @@ def hf_peft_generate(hf_peft_model, **options):
     reach PEFT's logic with the cache under the old name; everything else (mask, positions,
     injection) is PEFT's. PEFT 0.22 reads the cache under transformers' own name
     (``peft.import_utils.get_transformers_cache_name``), and the rename would hide it."""
-    if peft_reads_transformers_cache():
-        with torch.no_grad():
-            return hf_peft_model.generate(**options)
+    rename = not peft_reads_transformers_cache()
     base = hf_peft_model.base_model
     original = hf_peft_model.base_model_prepare_inputs_for_generation
 
@@ -92,15 +90,17 @@ def hf_peft_generate(hf_peft_model, **options):
             inputs["past_key_values"] = inputs.pop("cache")
         return inputs
 
-    hf_peft_model.base_model_prepare_inputs_for_generation = cache_as_past_key_values
+    if rename:
+        hf_peft_model.base_model_prepare_inputs_for_generation = cache_as_past_key_values
     try:
         with torch.no_grad(), warnings.catch_warnings():  # PEFT's notes on the renamed arguments
             warnings.filterwarnings("ignore", "Position ids are not supported")
             warnings.filterwarnings("ignore", "`past_key_values` is deprecated")
             return hf_peft_model.generate(**options)
     finally:
-        hf_peft_model.base_model_prepare_inputs_for_generation = original
-        base.prepare_inputs_for_generation = original
+        if rename:
+            hf_peft_model.base_model_prepare_inputs_for_generation = original
+            base.prepare_inputs_for_generation = original
 
 
 def assert_prompt_generate_refusals(ours, zoo, zoo_fix: str) -> None:

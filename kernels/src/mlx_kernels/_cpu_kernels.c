@@ -192,8 +192,8 @@ static inline const float *token_row(const void *cache, int kv_type, const int32
  * score tile holds up to three query heads of one kv head against four keys in twelve
  * accumulators (seven loads a twelve multiply-adds), summed across lanes four at a time; each
  * value tile holds up to three heads' outputs, 32 dimensions, in registers over a run of tokens.
- * 1.4-1.7x the general loop with the cache in L2 (64 sequences, GQA 9/3, head_dim 64, 216-512
- * tokens, 2 threads); 10-20% from DRAM, where reading the cache bounds both. */
+ * 1.5-1.65x the general loop with the cache in L2 (64 sequences, GQA 9/3, head_dim 64, 216-512
+ * tokens, 2 threads); 7-12% from DRAM, where reading the cache bounds both. */
 
 /* the four sums of a0..a3's lanes, in order */
 static inline __m128 sum4_ps(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
@@ -275,14 +275,12 @@ static inline void prefetch_rows(const void *cache, int kv_type, const int32_t *
     }
 }
 
-
 /* One decode task: sequence b's query heads of kv heads [kv0, kv0 + nkv), keys [start, len);
  * scores: nkv * group rows of ld >= len - start + 3 floats (the four-key tiles overrun); rows:
  * DECODE_RUN * row_size floats for the rows of a half-precision cache (token_row). */
 static void decode_task(const float *q, const void *keys, const void *values, int kv_type,
                         const int32_t *table, float *o, float *scores, float *rows, int64_t ld,
-                        int64_t start,
-                        int64_t len, int64_t kv0, int64_t nkv, int64_t group, int64_t head_dim,
+                        int64_t start, int64_t len, int64_t kv0, int64_t nkv, int64_t group, int64_t head_dim,
                         int64_t block_size, int64_t row_size, float scale, float softcap) {
     const int64_t n = len - start;
     const __m128 scale4 = _mm_set1_ps(scale);
@@ -399,7 +397,8 @@ int paged_attention_f32(const float *query, const void *keys, const void *values
         float *scores = malloc(sizeof(float) * (size_t)scratch);
         /* a half-precision cache's rows, converted (token_row) */
         float *rows = kv_type == KV_F32 ? NULL : malloc(sizeof(float) * DECODE_RUN * row_size);
-        if (!scores || (kv_type != KV_F32 && !rows)) {
+        const int ready = scores && (kv_type == KV_F32 || rows);
+        if (!ready) {
 #pragma omp atomic write
             failed = -1;
         }
@@ -408,7 +407,7 @@ int paged_attention_f32(const float *query, const void *keys, const void *values
             /* sequence b's queries, heads [h0, h0 + task_heads) */
             const int64_t b = task / splits, h0 = (task % splits) * task_heads;
             const int64_t q0 = cu_q ? cu_q[b] : b, lq = cu_q ? cu_q[b + 1] - q0 : 1;
-            if (!scores || (kv_type != KV_F32 && !rows) || lq <= 0) continue;
+            if (!ready || lq <= 0) continue;
             /* `first`: the first query's position; its window starts the earliest */
             const int64_t len = lens[b], first = len - lq;
             const int64_t start = (window > 0 && first + 1 > window) ? first + 1 - window : 0;
@@ -427,8 +426,9 @@ int paged_attention_f32(const float *query, const void *keys, const void *values
 #if DECODE_TILES
             if (tiles) {
                 decode_task(q + h0 * head_dim, keys, values, (int)kv_type, table,
-                            o + h0 * head_dim, scores, rows, n + 3, start, len, h0 / group, task_heads / group, group, head_dim,
-                            block_size, row_size, scale, softcap);
+                            o + h0 * head_dim, scores, rows, n + 3, start, len, h0 / group,
+                            task_heads / group, group, head_dim, block_size, row_size, scale,
+                            softcap);
                 continue;
             }
 #endif
