@@ -154,7 +154,8 @@ def _paged_chunks(chunks, heads, kv_heads, dim, block=BLOCK, seed=0):
 
 
 @pytest.mark.parametrize("window", [None, 1, 5, 100])
-@pytest.mark.parametrize("shape", [(9, 3, 64), (HQ, HQ, D)], ids=["gqa-smollm2", "mha"])
+@pytest.mark.parametrize("shape", [(9, 3, 64), (HQ, HQ, D), (HQ, HKV, 20)],
+                         ids=["gqa-smollm2", "mha", "general-loop"])  # head_dim 20: no tiles
 def test_native_paged_chunks_equal_reference(native, window, shape):
     q, kc, vc, cu_q, cu_k, tables = _paged_chunks(CHUNKS, *shape)
     got = varlen_attention(q, kc, vc, cu_q, cu_k, block_tables=tables, sliding_window=window)
@@ -215,25 +216,56 @@ def test_native_one_query_per_sequence_equals_decode(native):
     torch.testing.assert_close(got, decode, atol=1e-6, rtol=1e-5)
 
 
+# long prefills, whole or after a cached prefix: tasks of up to 8 queries (QUERY_CHUNK in the C
+# source) split each sequence, the last one partial; keys up to 341, under NATIVE_MAX_KEYS
+LONG_CHUNKS = [(0, 37), (0, 200), (64, 100), (5, 0), (300, 17), (3, 9)]
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("window", [None, 1, 7, 100])
+def test_native_tiles_take_long_prefills_and_equal_reference(native, window, cache_dtype):
+    q, kc, vc, cu_q, cu_k, tables = _paged_chunks(LONG_CHUNKS, 9, 3, 64)
+    kc, vc = kc.to(cache_dtype), vc.to(cache_dtype)
+    got = varlen_attention(q, kc, vc, cu_q, cu_k, block_tables=tables, sliding_window=window)
+    want = varlen_attention_reference(q, kc, vc, cu_q, cu_k, block_tables=tables,
+                                      sliding_window=window, scale=64 ** -0.5)
+    assert native == [True]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # fp32 sums, another order
+
+
 def test_native_paged_path_only_where_it_applies(native, monkeypatch):
     # by import path: the package's attribute `varlen_attention` is the function, not the module
     module = importlib.import_module("mlx_kernels.varlen_attention")
     q, kc, vc, cu_q, cu_k, tables = _paged_chunks(CHUNKS, HQ, HKV, D)
     varlen_attention(q, kc, vc, cu_q, cu_k, block_tables=tables, causal=False)
     varlen_attention(q.bfloat16(), kc.bfloat16(), vc.bfloat16(), cu_q, cu_k, block_tables=tables)
-    assert native == []  # not causal, or not fp32: the reference
+    assert native == []  # not causal, or not an fp32 query: the reference
     one = _cu([CHUNKS[0][1]]), _cu([sum(CHUNKS[0])])
     varlen_attention(q[:1], kc, vc, *one, block_tables=tables)
-    assert native == []  # a lone sequence: SDPA spreads it over the threads
+    assert native == [True]  # the tiles split a lone sequence's queries between the threads
+    # without the tiles (head_dim not a multiple of 8), a lone sequence stays with SDPA, which
+    # spreads it over the threads where the general loop takes a sequence per thread
+    odd = _paged_chunks(CHUNKS, HQ, HKV, 20)
+    varlen_attention(odd[0][:1], *odd[1:3], *one, block_tables=odd[5])
+    assert native == [True]
+    varlen_attention(*odd[:5], block_tables=odd[5])
+    assert native == [True, True]
+    native.clear()
+    # the tiles: sequences of at most NATIVE_MAX_QUERIES queries or NATIVE_MAX_KEYS keys
     monkeypatch.setattr(module, "NATIVE_MAX_QUERIES", 7)  # CHUNKS has a chunk of 8 queries
+    monkeypatch.setattr(module, "NATIVE_MAX_KEYS", 46)  # ... and one of 47 keys
     varlen_attention(q, kc, vc, cu_q, cu_k, block_tables=tables)
     assert native == []
+    monkeypatch.setattr(module, "NATIVE_MAX_KEYS", 47)
+    varlen_attention(q, kc, vc, cu_q, cu_k, block_tables=tables)
+    assert native == [True]
+    monkeypatch.setattr(module, "NATIVE_MAX_KEYS", 46)
     monkeypatch.setattr(module, "NATIVE_MAX_QUERIES", 8)
     varlen_attention(q, kc, vc, cu_q, cu_k, block_tables=tables)
-    assert native == [True]
+    assert native == [True, True]
     monkeypatch.setenv("MLX_KERNELS", "torch")
     varlen_attention(q, kc, vc, cu_q, cu_k, block_tables=tables)
-    assert native == [True]
+    assert native == [True, True]
 
 
 def test_native_paged_refuses_tables_and_lengths_outside_the_cache(native):

@@ -336,6 +336,101 @@ static void decode_task(const float *q, const void *keys, const void *values, in
 #define DECODE_TILES 0
 #endif
 
+/* A thread's score rows (`scratch` floats) and, for a half-precision cache, the rows token_row
+ * converts into (DECODE_RUN rows); both freed by the caller. Whether both were allocated. */
+static int thread_rows(int64_t scratch, int64_t kv_type, int64_t row_size, float **scores,
+                       float **rows) {
+    *scores = malloc(sizeof(float) * (size_t)scratch);
+    *rows = kv_type == KV_F32 ? NULL : malloc(sizeof(float) * DECODE_RUN * row_size);
+    return *scores && (kv_type == KV_F32 || *rows);
+}
+
+/* Whether a table's blocks for tokens [start, len) are all inside the cache. */
+static inline int table_in_cache(const int32_t *table, int64_t start, int64_t len,
+                                 int64_t block_size, int64_t num_blocks) {
+    int bad = 0;
+    for (int64_t i = start / block_size; i <= (len - 1) / block_size; ++i)
+        bad |= table[i] < 0 || table[i] >= num_blocks;
+    return !bad;
+}
+
+#if DECODE_TILES
+/* Several queries per sequence (prefill, chunked prefill, speculative verification) in decode
+ * tiles: each query is decode_task's problem over the keys it sees, [its window's start, its
+ * own position], so nothing outside its causal window is scored. Tasks are runs of
+ * QUERY_CHUNK queries of one sequence, all heads, handed out dynamically: a lone long prompt
+ * keeps every thread busy. A sequence's keys and values are re-read for each query, from L2
+ * while they fit (a 256-token sequence of 3 kv heads, head_dim 64: 384 KiB); the general loop
+ * reads them once but runs its multiply-adds at a fraction of the tiles' rate. Arguments as
+ * paged_attention_f32's (cu_q not NULL, head_dim a multiple of 8). */
+enum { QUERY_CHUNK = 8 };
+
+static int query_tiles(const float *query, const void *keys, const void *values,
+                       const int32_t *tables, const int32_t *lens, const int32_t *cu_q, float *out,
+                       int64_t batch, int64_t kv_heads, int64_t group, int64_t head_dim,
+                       int64_t block_size, int64_t table_width, int64_t num_blocks,
+                       int64_t window, float scale, float softcap, int64_t kv_type) {
+    const int64_t heads = kv_heads * group, row_size = kv_heads * head_dim;
+    const int64_t stride = heads * head_dim;
+    /* first_task[b]: sequence b's first task; its scores need heads * (keys seen + 3) floats */
+    int64_t *first_task = malloc(sizeof(int64_t) * (size_t)(batch + 1));
+    if (!first_task) return -1;
+    int64_t scratch = 1;
+    first_task[0] = 0;
+    for (int64_t b = 0; b < batch; ++b) {
+        const int64_t lq = cu_q[b + 1] - cu_q[b];
+        first_task[b + 1] = first_task[b] + (lq > 0 ? (lq + QUERY_CHUNK - 1) / QUERY_CHUNK : 0);
+        const int64_t seen = window > 0 && lens[b] > window ? window : lens[b];
+        scratch = heads * (seen + 3) > scratch ? heads * (seen + 3) : scratch;
+    }
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *scores, *rows;
+        const int ready = thread_rows(scratch, kv_type, row_size, &scores, &rows);
+        if (!ready) {
+#pragma omp atomic write
+            failed = -1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < first_task[batch]; ++task) {
+            int64_t lo = 0, hi = batch; /* b: the last sequence whose first task <= task */
+            while (hi - lo > 1) {
+                const int64_t mid = (lo + hi) / 2;
+                if (first_task[mid] <= task) lo = mid; else hi = mid;
+            }
+            const int64_t b = lo, lq = cu_q[b + 1] - cu_q[b], first = lens[b] - lq;
+            const int64_t i0 = (task - first_task[b]) * QUERY_CHUNK;
+            const int64_t i1 = i0 + QUERY_CHUNK < lq ? i0 + QUERY_CHUNK : lq;
+            const int32_t *table = tables + b * table_width;
+            if (!ready) continue;
+            const int64_t seen0 = first + i0 + 1; /* the chunk's first query sees the least */
+            if (!table_in_cache(table, window > 0 && seen0 > window ? seen0 - window : 0,
+                                first + i1, block_size, num_blocks)) {
+#pragma omp atomic write
+                failed = -2;
+                continue;
+            }
+            for (int64_t i = i0; i < i1; ++i) {
+                const int64_t len = first + i + 1; /* query i sees keys [start, len) */
+                const int64_t start = window > 0 && len > window ? len - window : 0;
+                const int64_t row = cu_q[b] + i;
+                decode_task(query + row * stride, keys, values, (int)kv_type, table,
+                            out + row * stride, scores, rows, len - start + 3, start, len, 0,
+                            kv_heads, group, head_dim, block_size, row_size, scale, softcap);
+            }
+        }
+        free(scores);
+        free(rows);
+    }
+    free(first_task);
+    return failed;
+}
+#endif
+
+/* Whether paged_attention_f32 runs register tiles (AVX2 + FMA) for head_dim multiples of 8. */
+int paged_attention_tiles(void) { return DECODE_TILES; }
+
 /* Paged attention of a few query tokens per sequence over its keys/values in paged blocks:
  * decode (one query each) and short prefill chunks after a cached prefix (chunked prefill,
  * prefix-cache continuation, speculative verification).
@@ -382,6 +477,10 @@ int paged_attention_f32(const float *query, const void *keys, const void *values
     const int64_t splits = batch < omp_get_max_threads() ? kv_heads : 1;
     const int64_t task_heads = heads / splits;
 #if DECODE_TILES
+    if (cu_q && head_dim % 8 == 0)
+        return query_tiles(query, keys, values, tables, lens, cu_q, out, batch, kv_heads, group,
+                           head_dim, block_size, table_width, num_blocks, window, scale, softcap,
+                           kv_type);
     const int tiles = !cu_q && head_dim % 8 == 0; /* decode_task's case */
 #endif
     int64_t scratch = 1;
@@ -394,10 +493,8 @@ int paged_attention_f32(const float *query, const void *keys, const void *values
     int failed = 0;
 #pragma omp parallel
     {
-        float *scores = malloc(sizeof(float) * (size_t)scratch);
-        /* a half-precision cache's rows, converted (token_row) */
-        float *rows = kv_type == KV_F32 ? NULL : malloc(sizeof(float) * DECODE_RUN * row_size);
-        const int ready = scores && (kv_type == KV_F32 || rows);
+        float *scores, *rows;
+        const int ready = thread_rows(scratch, kv_type, row_size, &scores, &rows);
         if (!ready) {
 #pragma omp atomic write
             failed = -1;
@@ -413,10 +510,7 @@ int paged_attention_f32(const float *query, const void *keys, const void *values
             const int64_t start = (window > 0 && first + 1 > window) ? first + 1 - window : 0;
             const int64_t n = len - start;
             const int32_t *table = tables + b * table_width;
-            int bad = 0;
-            for (int64_t i = start / block_size; i <= (len - 1) / block_size; ++i)
-                bad |= table[i] < 0 || table[i] >= num_blocks;
-            if (bad) {
+            if (!table_in_cache(table, start, len, block_size, num_blocks)) {
 #pragma omp atomic write
                 failed = -2;
                 continue;

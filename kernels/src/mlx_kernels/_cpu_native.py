@@ -103,6 +103,8 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     # the caches' element type (KV_TYPES)
     lib.paged_attention_f32.restype = ctypes.c_int
     lib.paged_attention_f32.argtypes = [ptr] * 7 + [i64] * 8 + [f32] * 2 + [i64]
+    lib.paged_attention_tiles.restype = ctypes.c_int
+    lib.paged_attention_tiles.argtypes = []
     lib.swiglu_f32.restype = None
     lib.swiglu_f32.argtypes = [ptr] * 3 + [i64] * 3  # gate, up, out; rows, cols, row stride
     lib.quantize_rows_s8.restype = None

@@ -7,6 +7,7 @@ Cache layout ``[num_blocks, block_size, kv_heads, head_dim]`` (as ``write_kv_cac
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -103,6 +104,18 @@ def native_cpu_over_cache(query, key_cache, value_cache) -> bool:
     return (native_cpu(query) and key_cache.dtype == value_cache.dtype
             and key_cache.dtype in KV_TYPES
             and key_cache.device.type == value_cache.device.type == "cpu")
+
+
+def native_tiles(head_dim: int) -> bool:
+    """Whether the native kernel computes in AVX2 register tiles at this ``head_dim`` (a
+    multiple of 8, on a CPU with AVX2 and FMA); elsewhere it runs its general loop."""
+    return head_dim % 8 == 0 and _tiles_built()
+
+
+@functools.cache
+def _tiles_built() -> bool:
+    lib = _cpu_native.library()
+    return lib is not None and bool(lib.paged_attention_tiles())
 
 
 def _decode_native(query, key_cache, value_cache, block_tables, context_lens, scale,

@@ -8,10 +8,12 @@ sequence's total length (cached prefix + new tokens: prefix caching and chunked 
 A sequence with more keys than queries has its queries at the END (bottom-right causal
 alignment): query ``i`` of ``Lq`` sits at key position ``Lk - Lq + i``.
 
-On CPU in fp32, causal paged calls of two or more sequences with a few queries each (at most
-``NATIVE_MAX_QUERIES``: chunked prefill, a prompt continued after a cached prefix, speculative
-verification) run the native paged attention loop of ``_cpu_kernels.c``, which reads each cached
-row in place once for all heads and queries; other calls run the reference (or Triton on CUDA).
+On CPU with an fp32 query, causal paged calls run the native paged attention of
+``_cpu_kernels.c`` where it is the faster (``runs_native``): with its AVX2 register tiles, calls
+whose sequences have at most ``NATIVE_MAX_QUERIES`` queries or ``NATIVE_MAX_KEYS`` keys each
+(prefills of up to 512 tokens, chunked prefill, a prompt continued after a cached prefix,
+speculative verification); without them, two or more sequences of at most
+``NATIVE_MAX_QUERIES`` queries. Other calls run the reference (or Triton on CUDA).
 """
 
 from __future__ import annotations
@@ -25,9 +27,18 @@ from mlx_kernels.dispatch import backend_for
 from mlx_kernels.paged_attention import gather_paged
 from mlx_kernels.softcap_attention import softcap_attention
 
-# fp32 CPU calls with block_tables, causal, at least two sequences and at most this many queries
-# in each take the native loop of ``_cpu_kernels.c`` (paged decode's, with a few queries per
-# sequence) instead of the reference's gather + SDPA per sequence. Measured on the 2-core CI
+# Where the native kernel runs (``runs_native``). Its register tiles (AVX2, head_dim a multiple of
+# 8) score each query over the keys it sees, so their time grows with queries x keys; SDPA's
+# blocked loop is faster for long prefills with long keys. Measured on the 2-core CI machine (AMD
+# EPYC, AVX2; 9 heads, 3 kv heads, head_dim 64, block 16; ms, tiles / reference): whole prefills
+# of 13 prompts of 32-256 tokens 8.4 / 11.7, 4 x 512 21.0 / 28.4, 1 x 256 1.2 / 1.5, 1 x 2048
+# 87 / 64; 16 sequences of 256 cached + 64 queries 14.8 / 16.1, of 1024 cached + 64 53.9 / 47.5;
+# 1-16 sequences of 2048 cached + 4 or 16 queries 0.8-34 / 1.2-42; 1 sequence of 1792 cached +
+# 256 20.1 / 13.4. So the tiles run calls whose sequences all have at most NATIVE_MAX_QUERIES
+# queries or at most NATIVE_MAX_KEYS keys.
+NATIVE_MAX_KEYS = 512
+# Without the tiles, the general loop (reading each cached row once for all heads and queries)
+# runs calls of at least two sequences of at most NATIVE_MAX_QUERIES queries. Measured on the 2-core CI
 # machine (9 heads, 3 kv heads, head_dim 64, block 16; median ms, reference -> native): 48
 # sequences with 32-300 cached tokens and 1/2/4/8/16/32/48 queries each: 10.8 -> 2.3, 11.1 -> 2.5,
 # 13.5 -> 3.4, 14.1 -> 5.1, 16.0 -> 8.3, 20.9 -> 16.3, 26.3 -> 26.2; 4 sequences (100-1000
@@ -107,14 +118,28 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         return _varlen_attention_triton.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                 causal, sliding_window, scale, block_tables,
                                                 softcap)
-    if block_tables is not None and causal and paged_attention.native_cpu_over_cache(q, k, v):
+    if block_tables is not None and causal and len(cu_seqlens_q) > 1:
         lq = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
-        if len(lq) > 1 and int(lq.max()) <= NATIVE_MAX_QUERIES:
+        lk = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+        if runs_native(q, k, v, len(lq), int(lq.max()), int(lk.max())):
             return _paged_native(q, k, v, cu_seqlens_q, cu_seqlens_k, lq, sliding_window, scale,
                                  block_tables, softcap)
     return varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal,
                                       sliding_window=sliding_window, scale=scale,
                                       block_tables=block_tables, softcap=softcap)
+
+
+def runs_native(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                num_seqs: int, max_queries: int, max_keys: int) -> bool:
+    """Whether a causal call with ``block_tables`` over these caches runs the native kernel:
+    ``num_seqs`` sequences of at most ``max_queries`` queries and ``max_keys`` keys each. A
+    caller holding prefills' keys both packed and in the cache (``mlx_core``'s paged attention)
+    asks first, so that it hands the cache to the native kernel and the packed keys to SDPA."""
+    if not paged_attention.native_cpu_over_cache(q, key_cache, value_cache):
+        return False
+    if paged_attention.native_tiles(q.shape[-1]):
+        return max_queries <= NATIVE_MAX_QUERIES or max_keys <= NATIVE_MAX_KEYS
+    return num_seqs > 1 and max_queries <= NATIVE_MAX_QUERIES
 
 
 def _paged_native(q, key_cache, value_cache, cu_seqlens_q, cu_seqlens_k, lq, sliding_window, scale,

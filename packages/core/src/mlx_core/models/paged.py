@@ -16,6 +16,8 @@ import torch
 
 from mlx_core.config import ModelConfig
 from mlx_kernels import paged_attention_decode, varlen_attention, write_kv_cache
+from mlx_kernels.paged_attention import native_cpu_over_cache
+from mlx_kernels.varlen_attention import runs_native
 
 
 class PagedKVCache:
@@ -96,6 +98,13 @@ class PagedAttentionMetadata:
         """Every prefill chunk is its sequence's start (no cached prefix to read back)."""
         return self.cu_seqlens_q is not None and torch.equal(self.cu_seqlens_q, self.cu_seqlens_k)
 
+    @functools.cached_property
+    def prefill_extent(self) -> tuple[int, int, int]:
+        """``(sequences, most new tokens, most keys)`` of the prefill part."""
+        lq = (self.cu_seqlens_q[1:] - self.cu_seqlens_q[:-1]).tolist()
+        lk = (self.cu_seqlens_k[1:] - self.cu_seqlens_k[:-1]).tolist()
+        return len(lq), max(lq, default=0), max(lk, default=0)
+
     @property
     def num_decodes(self) -> int:
         return 0 if self.context_lens is None else len(self.context_lens)
@@ -106,7 +115,8 @@ class PagedAttentionMetadata:
         columns they use. The torch reference of decode attention (bf16 on CPU, or no C
         compiler) copies keys/values out of the blocks, padded to the longest context; a caller
         that orders decodes by context length (as mlx_serve's runner does) saves most of the
-        padding. The native fp32 CPU kernel and the Triton kernel read no padding either way."""
+        padding. The native CPU kernel and the Triton kernel read no padding either way; the
+        native one runs all decodes in one call (``paged_attend``)."""
         lens = self.context_lens.tolist()
         size, columns = self.cache.block_size, self.block_tables.shape[1]
         bounds = [round(i * len(lens) / _DECODE_GROUPS) for i in range(_DECODE_GROUPS + 1)]
@@ -136,12 +146,18 @@ def paged_attend(q, k, v, meta: PagedAttentionMetadata, layer: int,
     write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
     d = meta.num_decodes
     parts = []
-    for start, end, columns in meta.decode_groups if d else ():
+    # the native CPU kernel reads no padding, so it takes all decodes at once: four calls instead
+    # cost ~2 s of mlx bench serve's ~17 s outside the GEMMs (2 threads, one call per layer/step)
+    groups = ((meta.decode_groups if not native_cpu_over_cache(q, key_cache, value_cache)
+               else [(0, d, meta.block_tables.shape[1])]) if d else ())
+    for start, end, columns in groups:
         parts.append(paged_attention_decode(
             q[start:end], key_cache, value_cache, meta.block_tables[start:end, :columns],
             meta.context_lens[start:end], sliding_window=meta.sliding_window, softcap=softcap))
-    if meta.cu_seqlens_q is not None and meta.prefills_are_whole:
-        # no cached prefix: attend over the packed new keys/values, no read-back from the cache
+    if meta.cu_seqlens_q is not None and meta.prefills_are_whole and not runs_native(
+            q, key_cache, value_cache, *meta.prefill_extent):
+        # no cached prefix: SDPA over the packed new keys/values, no read-back from the cache (the
+        # native kernel reads them where they now are, in the cache: below)
         parts.append(varlen_attention(q[d:], k[d:], v[d:], meta.cu_seqlens_q, meta.cu_seqlens_q,
                                       sliding_window=meta.sliding_window, softcap=softcap))
     elif meta.cu_seqlens_q is not None:
