@@ -31,15 +31,36 @@ def _filled_cache(dtype):
     return kc, vc, tables, torch.cat(keys), torch.cat(values), torch.tensor(slots)
 
 
-@pytest.mark.triton
-def test_triton_kv_write_matches_reference(triton_backend):
-    kc, vc, _, k, v, slots = _filled_cache(torch.float32)
+def _assert_write_equals_reference(k, v, kc, vc, slots):
+    """write_kv_cache as it dispatches equals the reference scatter (slot 3 is padding)."""
     slots[3] = -1  # padding: not written
     ref_k, ref_v = kc.clone(), vc.clone()
     write_kv_cache_reference(k, v, ref_k, ref_v, slots)
     write_kv_cache(k, v, kc, vc, slots)
     assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v)
     assert kc.view(-1, HKV, D)[slots[2]].equal(k[2])
+
+
+@pytest.mark.triton
+def test_triton_kv_write_matches_reference(triton_backend):
+    kc, vc, _, k, v, slots = _filled_cache(torch.float32)
+    _assert_write_equals_reference(k, v, kc, vc, slots)
+
+
+def test_native_kv_write_equals_reference_and_checks_slots_first(native):
+    """The C loop writes fp32 rows where they lie (here: key and value views of a fused
+    projection's output, rows a stride apart, and values with heads apart too), skips slot -1,
+    and refuses a slot outside the cache before it writes anything."""
+    kc, vc, _, k, v, slots = _filled_cache(torch.float32)
+    k = torch.cat([k.flatten(1), torch.randn(len(k), 5)], dim=1)[:, :HKV * D].view(-1, HKV, D)
+    v = torch.cat([v, torch.randn(len(v), HKV, 3)], dim=2)[..., :D]  # rows and heads apart
+    _assert_write_equals_reference(k, v, kc, vc, slots)
+    before_k, before_v = kc.clone(), vc.clone()
+    bad = slots.flip(0).clone()
+    bad[-1] = kc.shape[0] * kc.shape[1]  # the last row's slot is one past the cache
+    with pytest.raises(IndexError, match="outside"):
+        write_kv_cache(k * 2, v * 2, kc, vc, bad)
+    assert torch.equal(kc, before_k) and torch.equal(vc, before_v)  # nothing written
 
 
 def _plain_attention(q, keys, values):

@@ -11,6 +11,7 @@
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
     float total = 0.0f;
@@ -1545,4 +1546,62 @@ void rms_norm_f32(const float *restrict x, const float *restrict w, float *restr
 #pragma omp simd
         for (int64_t i = 0; i < h; ++i) o[i] = (xr[i] * rstd) * w[i];
     }
+}
+
+/* RoPE in HF's convention, out = x * cos + rotate_half(x) * sin, for x and out [B, H, T, D]
+ * with any strides (unit stride along D; strides in floats: x's xb, xh, xt, out's ob, oh, ot) and cos, sin
+ * [B, T, D] contiguous, D even. Each product is rounded, then one subtract (first half) or add
+ * (second half), as mlx_kernels.rope's torch path computes it: no FMA contraction here, so the
+ * two give the same bits. One call replaces that path's five small ops, whose dispatch cost
+ * more than their arithmetic in a decode step. */
+__attribute__((optimize("fp-contract=off")))
+void rope_f32(const float *x, const float *cos, const float *sin, float *out, int64_t batch,
+              int64_t heads, int64_t tokens, int64_t dim, int64_t xb, int64_t xh, int64_t xt,
+              int64_t ob, int64_t oh, int64_t ot) {
+    const int64_t half = dim / 2;
+#pragma omp parallel for collapse(2) schedule(static) if (batch * heads * tokens * dim >= 65536)
+    for (int64_t b = 0; b < batch; ++b)
+        for (int64_t t = 0; t < tokens; ++t) {
+            const float *c = cos + (b * tokens + t) * dim, *s = sin + (b * tokens + t) * dim;
+            for (int64_t h = 0; h < heads; ++h) {
+                const float *xr = x + b * xb + h * xh + t * xt;
+                float *o = out + b * ob + h * oh + t * ot;
+#pragma omp simd
+                for (int64_t i = 0; i < half; ++i) {
+                    const float lo = xr[i] * c[i], rot = xr[i + half] * s[i];
+                    o[i] = lo - rot;
+                }
+#pragma omp simd
+                for (int64_t i = 0; i < half; ++i) {
+                    const float hi = xr[i + half] * c[i + half], rot = xr[i] * s[i + half];
+                    o[i + half] = hi + rot;
+                }
+            }
+        }
+}
+
+/* New keys and values into an fp32 paged cache: row n of key and value [N, kv_heads, head_dim]
+ * (strides in floats: key's kn, kh, value's vn, vh; unit stride along head_dim) into slot slots[n]
+ * (block * block_size + offset) of key_cache and value_cache [slots_total, kv_heads, head_dim]
+ * (contiguous); slot -1 is skipped. Every slot is checked before anything is written: returns 0,
+ * or -1 (nothing written) when one is outside [-1, slots_total). One call replaces two
+ * index_copy_ (and their index conversion) per layer. */
+int write_kv_cache_f32(const float *key, const float *value, float *key_cache,
+                       float *value_cache, const int64_t *slots, int64_t n, int64_t kv_heads,
+                       int64_t head_dim, int64_t slots_total, int64_t kn, int64_t kh,
+                       int64_t vn, int64_t vh) {
+    for (int64_t i = 0; i < n; ++i)
+        if (slots[i] < -1 || slots[i] >= slots_total) return -1;
+    const int64_t row = kv_heads * head_dim;
+#pragma omp parallel for schedule(static) if (n * row >= 65536)
+    for (int64_t i = 0; i < n; ++i) {
+        if (slots[i] < 0) continue;
+        for (int64_t h = 0; h < kv_heads; ++h) {
+            memcpy(key_cache + slots[i] * row + h * head_dim, key + i * kn + h * kh,
+                   sizeof(float) * (size_t)head_dim);
+            memcpy(value_cache + slots[i] * row + h * head_dim, value + i * vn + h * vh,
+                   sizeof(float) * (size_t)head_dim);
+        }
+    }
+    return 0;
 }

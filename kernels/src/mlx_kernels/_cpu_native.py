@@ -112,6 +112,13 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dequantize_s32_f32.restype = None
     # acc, row_scale, col_scale, bias (NULL: none), out; rows, n
     lib.dequantize_s32_f32.argtypes = [ptr] * 5 + [i64] * 2
+    lib.rope_f32.restype = None
+    # x, cos, sin, out; batch, heads, tokens, dim; x's and out's strides along b, h, t
+    lib.rope_f32.argtypes = [ptr] * 4 + [i64] * 10
+    lib.write_kv_cache_f32.restype = ctypes.c_int  # 0, or -1: a slot outside the cache
+    # key, value, key_cache, value_cache, slots (int64); n, kv_heads, head_dim, slots in the
+    # cache; key's and value's strides along n and head
+    lib.write_kv_cache_f32.argtypes = [ptr] * 5 + [i64] * 8
     lib.rms_norm_f32.restype = None
     lib.rms_norm_f32.argtypes = [ptr] * 3 + [i64] * 2 + [f32]  # x, w, out; rows, h; eps
     lib.scale_rows_f32.restype = None

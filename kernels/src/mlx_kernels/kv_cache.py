@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from mlx_kernels.dispatch import backend_for
+from mlx_kernels import _cpu_native
+from mlx_kernels.dispatch import backend_for, native_cpu
 
 
 def _check(key, value, key_cache, value_cache, slot_mapping):
@@ -44,5 +45,22 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
         from mlx_kernels import _kv_cache_triton
 
         _kv_cache_triton.write(key, value, key_cache, value_cache, slot_mapping)
+    elif (key.stride(-1) == value.stride(-1) == 1 and key.numel()
+          and native_cpu(key, value, key_cache, value_cache)):
+        _write_native(key, value, key_cache, value_cache, slot_mapping)
     else:
         write_kv_cache_reference(key, value, key_cache, value_cache, slot_mapping)
+
+
+def _write_native(key, value, key_cache, value_cache, slot_mapping) -> None:
+    """fp32 rows into an fp32 cache by the C loop ``write_kv_cache_f32``: one call for keys
+    and values, read where they lie (rows of a fused projection's output, a stride apart)."""
+    slots = slot_mapping.to(torch.int64).contiguous()
+    total = key_cache.shape[0] * key_cache.shape[1]
+    status = _cpu_native.library().write_kv_cache_f32(
+        key.data_ptr(), value.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
+        slots.data_ptr(), key.shape[0], key.shape[1], key.shape[2], total, *key.stride()[:2],
+        *value.stride()[:2])
+    if status != 0:
+        raise IndexError(f"write_kv_cache: slot_mapping holds a slot outside [-1, {total}) "
+                         f"(num_blocks * block_size): {slots.tolist()}")

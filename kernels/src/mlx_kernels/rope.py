@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from mlx_kernels.dispatch import backend_for, records_autograd
+from mlx_kernels import _cpu_native
+from mlx_kernels.dispatch import backend_for, native_cpu, records_autograd
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +90,25 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     if backend_for(x.device) == "triton":
         return RoPEFunction.apply(x, cos, sin)
     if not records_autograd(x, cos, sin):  # the Function's forward, without its bookkeeping
+        if x.numel() and x.stride(-1) == 1 and native_cpu(x, cos, sin):
+            return _rope_native(x, cos, sin)
         if x.dtype == cos.dtype == sin.dtype:
             return _rotate(x, cos.unsqueeze(1), sin.unsqueeze(1), transpose=False)
         return rope_reference(x, cos, sin)
     return RoPETorchFunction.apply(x, cos, sin)
+
+
+def _rope_native(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``_rotate``'s arithmetic, bit for bit, in one C call (``rope_f32``): fp32 on CPU, ``x``
+    with unit stride along D. The output is laid out as ``x * cos`` lays it out: heads inside
+    tokens when ``x`` is a view of a projection's ``[B, T, H * D]`` output (so the attention
+    that reads it token by token needs no copy), else ``[B, H, T, D]`` contiguous."""
+    b, h, t, d = x.shape
+    cos, sin = cos.contiguous(), sin.contiguous()
+    if x.stride(1) < x.stride(2):
+        out = x.new_empty(b, t, h, d).transpose(1, 2)
+    else:
+        out = x.new_empty(b, h, t, d)
+    _cpu_native.library().rope_f32(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
+                                   b, h, t, d, *x.stride()[:3], *out.stride()[:3])
+    return out
