@@ -281,8 +281,9 @@ static inline void prefetch_rows(const void *cache, int kv_type, const int32_t *
  * DECODE_RUN * row_size floats for the rows of a half-precision cache (token_row). */
 static void decode_task(const float *q, const void *keys, const void *values, int kv_type,
                         const int32_t *table, float *o, float *scores, float *rows, int64_t ld,
-                        int64_t start, int64_t len, int64_t kv0, int64_t nkv, int64_t group, int64_t head_dim,
-                        int64_t block_size, int64_t row_size, float scale, float softcap) {
+                        int64_t start, int64_t len, int64_t kv0, int64_t nkv, int64_t group,
+                        int64_t head_dim, int64_t block_size, int64_t row_size, float scale,
+                        float softcap) {
     const int64_t n = len - start;
     const __m128 scale4 = _mm_set1_ps(scale);
     for (int64_t t = start; t < len; t += 4) {
@@ -395,6 +396,7 @@ static int query_tiles(const float *query, const void *keys, const void *values,
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < first_task[batch]; ++task) {
+            if (!ready) continue;
             int64_t lo = 0, hi = batch; /* b: the last sequence whose first task <= task */
             while (hi - lo > 1) {
                 const int64_t mid = (lo + hi) / 2;
@@ -404,7 +406,6 @@ static int query_tiles(const float *query, const void *keys, const void *values,
             const int64_t i0 = (task - first_task[b]) * QUERY_CHUNK;
             const int64_t i1 = i0 + QUERY_CHUNK < lq ? i0 + QUERY_CHUNK : lq;
             const int32_t *table = tables + b * table_width;
-            if (!ready) continue;
             const int64_t seen0 = first + i0 + 1; /* the chunk's first query sees the least */
             if (!table_in_cache(table, window > 0 && seen0 > window ? seen0 - window : 0,
                                 first + i1, block_size, num_blocks)) {
@@ -432,9 +433,9 @@ static int query_tiles(const float *query, const void *keys, const void *values,
 /* Whether paged_attention_f32 runs register tiles (AVX2 + FMA) for head_dim multiples of 8. */
 int paged_attention_tiles(void) { return DECODE_TILES; }
 
-/* Paged attention of a few query tokens per sequence over its keys/values in paged blocks:
- * decode (one query each) and short prefill chunks after a cached prefix (chunked prefill,
- * prefix-cache continuation, speculative verification).
+/* Paged attention of query tokens per sequence over its keys/values in paged blocks: decode (one
+ * query each), prefill and prefill chunks after a cached prefix (chunked prefill, prefix-cache
+ * continuation, speculative verification).
  *
  * query  [total_q, heads, head_dim] (contiguous; heads = kv_heads * group, GQA)
  * keys, values [num_blocks, block_size, kv_heads, head_dim] (contiguous), fp32, fp16 or bf16
@@ -463,7 +464,8 @@ int paged_attention_tiles(void) { return DECODE_TILES; }
  * nothing. Then one pass over the values, eight tokens at a time, each row read once for all
  * heads and queries. No gathered copy, no padding to the longest sequence. Returns 0, -1 when
  * out of memory, -2 when a table entry in use is outside [0, num_blocks) (nothing is read there).
- * Decode (cu_q NULL) with head_dim a multiple of 8 runs decode_task's register tiles on AVX2.
+ * On AVX2 with head_dim a multiple of 8, decode (cu_q NULL) runs decode_task's register tiles
+ * and calls with cu_q run query_tiles; the general loop described here runs the rest.
  */
 int paged_attention_f32(const float *query, const void *keys, const void *values,
                         const int32_t *tables, const int32_t *lens, const int32_t *cu_q, float *out,
@@ -472,16 +474,18 @@ int paged_attention_f32(const float *query, const void *keys, const void *values
                         float scale, float softcap, int64_t kv_type) {
     const int64_t heads = kv_heads * group, row_size = kv_heads * head_dim;
     const int64_t stride = heads * head_dim; /* between query (and out) rows */
+#if DECODE_TILES
+    if (cu_q && head_dim % 8 == 0)
+        return query_tiles(query, keys, values, tables, lens, cu_q, out, batch, kv_heads, group,
+                           head_dim, block_size, table_width, num_blocks, window, scale, softcap,
+                           kv_type);
+#endif
     /* fewer sequences than threads: one task per (sequence, kv head) keeps every thread busy (a
      * lone sequence: a chat's next turn after its cached history); otherwise one per sequence,
      * which reads each key/value row once for all heads (more loads in flight: faster there) */
     const int64_t splits = batch < omp_get_max_threads() ? kv_heads : 1;
     const int64_t task_heads = heads / splits;
 #if DECODE_TILES
-    if (cu_q && head_dim % 8 == 0)
-        return query_tiles(query, keys, values, tables, lens, cu_q, out, batch, kv_heads, group,
-                           head_dim, block_size, table_width, num_blocks, window, scale, softcap,
-                           kv_type);
     const int tiles = !cu_q && head_dim % 8 == 0; /* decode_task's case */
 #endif
     int64_t scratch = 1;
@@ -1549,11 +1553,11 @@ void rms_norm_f32(const float *restrict x, const float *restrict w, float *restr
 }
 
 /* RoPE in HF's convention, out = x * cos + rotate_half(x) * sin, for x and out [B, H, T, D]
- * with any strides (unit stride along D; strides in floats: x's xb, xh, xt, out's ob, oh, ot) and cos, sin
- * [B, T, D] contiguous, D even. Each product is rounded, then one subtract (first half) or add
- * (second half), as mlx_kernels.rope's torch path computes it: no FMA contraction here, so the
- * two give the same bits. One call replaces that path's five small ops, whose dispatch cost
- * more than their arithmetic in a decode step. */
+ * with any strides (unit stride along D; strides in floats: x's xb, xh, xt, out's ob, oh, ot)
+ * and cos, sin [B, T, D] contiguous, D even. Each product is rounded, then one subtract (first
+ * half) or add (second half), as mlx_kernels.rope's torch path computes it: no FMA contraction
+ * here, so the two give the same bits. One call replaces that path's five small ops, whose
+ * dispatch cost more than their arithmetic in a decode step. */
 __attribute__((optimize("fp-contract=off")))
 void rope_f32(const float *x, const float *cos, const float *sin, float *out, int64_t batch,
               int64_t heads, int64_t tokens, int64_t dim, int64_t xb, int64_t xh, int64_t xt,
@@ -1581,11 +1585,11 @@ void rope_f32(const float *x, const float *cos, const float *sin, float *out, in
 }
 
 /* New keys and values into an fp32 paged cache: row n of key and value [N, kv_heads, head_dim]
- * (strides in floats: key's kn, kh, value's vn, vh; unit stride along head_dim) into slot slots[n]
- * (block * block_size + offset) of key_cache and value_cache [slots_total, kv_heads, head_dim]
- * (contiguous); slot -1 is skipped. Every slot is checked before anything is written: returns 0,
- * or -1 (nothing written) when one is outside [-1, slots_total). One call replaces two
- * index_copy_ (and their index conversion) per layer. */
+ * (strides in floats: key's kn, kh, value's vn, vh; unit stride along head_dim) into slot
+ * slots[n] (block * block_size + offset) of key_cache and value_cache [slots_total, kv_heads,
+ * head_dim] (contiguous); slot -1 is skipped. Every slot is checked before anything is written:
+ * returns 0, or -1 (nothing written) when one is outside [-1, slots_total). One call replaces
+ * two index_copy_ (and their index conversion) per layer. */
 int write_kv_cache_f32(const float *key, const float *value, float *key_cache,
                        float *value_cache, const int64_t *slots, int64_t n, int64_t kv_heads,
                        int64_t head_dim, int64_t slots_total, int64_t kn, int64_t kh,
