@@ -23,6 +23,7 @@ from mlx_core.transforms import (
     parse_scheme,
     quantize,
 )
+from mlx_kernels import quantized_linear as ql
 
 FAMILIES = ["tiny-llama", "tiny-gpt2", "tiny-mixtral", "tiny-qwen3-moe", "tiny-qwen2", "tiny-qwen3", "tiny-olmo2", "tiny-mistral", "tiny-gemma3", "tiny-gemma2"]
 KINDS = {"int8": Int8Linear, "int4": Int4Linear, "w8a8": W8A8Linear}
@@ -73,6 +74,37 @@ def test_quantized_logits_equal_the_dequantized_reference(family, scheme, monkey
         full = fp32(ids)
     budget = {"int8": 0.03, "w8a8": 0.05, "int4": 0.25}[scheme]
     assert (fast - full).abs().max() <= budget * full.abs().max()
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-mixtral"])
+def test_w7a8_narrows_every_weight_but_the_mlp_outputs_and_the_head(family, monkeypatch):
+    """W7A8: W8A8 layers whose weights lie within +-64 (each layer's own scale), but the MLP's
+    output projections (down_proj; Mixtral's experts' w2) and the head keep the full range. On
+    a CPU without VNNI the narrow weights run the narrow GEMM: the same logits, bit for bit, as
+    with every layer on the full-range one."""
+    fp32 = _model(family)
+    model = quantize(copy.deepcopy(fp32), "w7a8")
+    assert model.quantization == "w7a8"
+    ranges = {name: int(m.qweight.abs().max()) for name, m in model.named_modules()
+              if isinstance(m, W8A8Linear)}
+    wide = {name for name in ranges if name.endswith(("down_proj", "w2")) or name == "lm_head"}
+    assert wide and len(ranges) > len(wide)
+    assert all(ranges[name] <= ql.NARROW_QMAX for name in set(ranges) - wide)
+    assert all(ranges[name] > ql.NARROW_QMAX for name in wide)  # random weights use the range
+    ids = torch.randint(0, fp32.config.vocab_size, (2, 11))
+    narrow_calls = []
+    offsets = ql.narrow_offsets
+    monkeypatch.setattr(ql, "narrow_offsets",
+                        lambda q: narrow_calls.append(offsets(q)) or narrow_calls[-1])
+    with torch.inference_mode():
+        got = copy.deepcopy(model)(ids)
+        monkeypatch.setattr(ql, "narrow_offsets", lambda q: None)
+        wide_only = copy.deepcopy(model)(ids)
+        full = fp32(ids)
+    if ql._w8a8_gemm_native():  # AVX2 without VNNI: the narrow GEMM ran
+        assert any(o is not None for o in narrow_calls)
+    assert torch.equal(got, wide_only)
+    assert (got - full).abs().max() <= 0.08 * full.abs().max()
 
 
 def test_moe_routers_stay_full_precision():
@@ -132,6 +164,10 @@ def test_load_model_quantizes_and_bad_schemes_fail_before_loading(tiny_model_dir
 
 
 def test_scheme_spellings_and_errors():
+    assert str(parse_scheme(" W7A8")) == "w7a8" and parse_scheme("w7a8").name == "w8a8"
+    assert parse_scheme("w7a8").narrow and not parse_scheme("w8a8").narrow
+    with pytest.raises(ValueError, match=r"group_size applies to int4 only \(w7a8"):
+        parse_scheme("w7a8", group_size=64)
     assert str(parse_scheme("INT4")) == "int4" and parse_scheme("int4").group_size == 32
     assert parse_scheme("int4", group_size=128).group_size == 128
     assert str(parse_scheme("int4-g128")) == "int4-g128"
@@ -205,7 +241,7 @@ def test_bench_quant_reports_ratios_against_fp32(tiny_model_dir, tmp_path):
     assert done.exit_code == 0, done.output
     result = json.loads(out.read_text())
     rows = result["schemes"]
-    assert set(rows) == {"fp32", "int8", "int4", "w8a8"} and rows["fp32"]["decode_ratio"] == 1.0
+    assert set(rows) == {"fp32", "int8", "int4", "w8a8", "w7a8"} and rows["fp32"]["decode_ratio"] == 1.0
     assert all(row["decode_tokens_per_s"] > 0 for row in rows.values())
     fp32 = load_model(tiny_model_dir)
     assert rows["fp32"]["weight_mib"] == round(bench.weight_bytes(fp32) / 2**20, 1)
@@ -224,7 +260,7 @@ def test_bench_quant_reports_ratios_against_fp32(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize(("family", "scheme"), [
     *[(family, "int4") for family in ("tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-mixtral")],
-    ("tiny-gpt2", "int8"), ("tiny-gpt2", "w8a8")])
+    ("tiny-gpt2", "int8"), ("tiny-gpt2", "w8a8"), ("tiny-llama", "w7a8")])
 def test_save_and_load_a_quantized_checkpoint_round_trip(tmp_path, family, scheme):
     """In mlx's own form (int4; GPT-2, whose HF linears compressed-tensors cannot quantize;
     the other int8 / W8A8 models: tests/core/test_compressed_tensors.py): the saved tensors are

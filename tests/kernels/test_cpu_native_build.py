@@ -45,7 +45,7 @@ def _loaded_build(arch, tmp_path):
 def test_the_loops_of_cpus_without_avx512_equal_their_references(arch, rows, tmp_path):
     """What a CPU without AVX-512 runs, on any CPU that can: the x86-64-v3 build's AVX2 int8 and
     int4 loops and W8A8 GEMM, the x86-64-v2 build's generic int8 loop (it has no int4 loop nor
-    W8A8 GEMM: -1, torch's kernels then). To fp32 rounding (1e-5 of the output's scale) against
+    W8A8 GEMMs: -1, torch's kernels then). To fp32 rounding (1e-5 of the output's scale) against
     the references, int4 on inputs rounded to bf16 as its AVX-512 loop takes them; each row bit
     for bit as alone; the W8A8 GEMM bit for bit as torch._int_mm's int32 sums, scaled."""
     lib = _loaded_build(arch, tmp_path)
@@ -79,6 +79,17 @@ def test_the_loops_of_cpus_without_avx512_equal_their_references(arch, rows, tmp
     got = torch.empty(rows, n)
     done = lib.w8a8_gemm_f32(xq.data_ptr(), xscale.data_ptr(), q8.data_ptr(),
                              channel_scale.data_ptr(), bias.data_ptr(), got.data_ptr(), rows, n, k)
+    assert done == (-1 if arch == "x86-64-v2" else 0)
+    assert arch == "x86-64-v2" or torch.equal(got, want)
+    q7, narrow_scale = ql.quantize_int8(w, qmax=ql.NARROW_QMAX)  # W7A8: the narrow GEMM, or -1
+    acc = torch._int_mm(xq, q7.t()).contiguous()
+    lib.dequantize_s32_f32(acc.data_ptr(), xscale.data_ptr(), narrow_scale.data_ptr(),
+                           bias.data_ptr(), want.data_ptr(), rows, n)
+    xu = (xq.to(torch.int16) + 128).to(torch.uint8)
+    offsets = ql.narrow_offsets(q7)
+    done = lib.w8a8_gemm_narrow_f32(xu.data_ptr(), xscale.data_ptr(), q7.data_ptr(),
+                                    offsets.data_ptr(), narrow_scale.data_ptr(), bias.data_ptr(),
+                                    got.data_ptr(), rows, n, k)
     assert done == (-1 if arch == "x86-64-v2" else 0)
     assert arch == "x86-64-v2" or torch.equal(got, want)
     for scale in (channel_scale.view(-1, 1).contiguous(), torch.rand(n, k // 32) / 100):  # Q8_0

@@ -344,10 +344,13 @@ def test_w8a8_linear_matches_its_reference_and_fp32(shape, rows, bias, monkeypat
 # 3001: two blocks of input rows (W8A8_BLOCK_BYTES at k = 96: 2730 rows), an odd row last
 @pytest.mark.parametrize("rows", [1, 2, 17, 3001])
 @pytest.mark.parametrize("bias", [False, True])
-def test_w8a8_native_gemm_equals_int_mm_bit_for_bit(rows, bias, monkeypatch):
+@pytest.mark.parametrize("narrow", [False, True])
+def test_w8a8_native_gemm_equals_int_mm_bit_for_bit(rows, bias, narrow, monkeypatch):
     """The native W8A8 GEMM (taken where the CPU has no VNNI, as torch._int_mm runs a reference
     loop there), on any CPU with AVX2, eager and compiled: torch._int_mm's int32 sums scaled as
-    dequantize_s32_f32 scales them, bit for bit."""
+    dequantize_s32_f32 scales them, bit for bit. ``narrow``: weights within +-64 (W7A8), which
+    run the narrow GEMM (vpmaddubsw on inputs offset by 128) eagerly, at the ends of both
+    ranges too: its int16 pair sums reach 2 * 255 * 64 there, not past int16."""
     from mlx_kernels import _cpu_native
 
     _native()
@@ -356,19 +359,51 @@ def test_w8a8_native_gemm_equals_int_mm_bit_for_bit(rows, bias, monkeypatch):
     monkeypatch.setattr(ql, "_w8a8_gemm_native_here", lambda: True)
     torch.manual_seed(rows)
     n, k = 70, 96
-    q, scale = ql.quantize_int8(torch.randn(n, k))
+    q, scale = ql.quantize_int8(torch.randn(n, k), qmax=ql.NARROW_QMAX if narrow else 127)
     x, b = torch.randn(rows, k), (torch.randn(n) if bias else None)
+    x[0, :4] = torch.tensor([3.0, 3.0, -3.0, -3.0]) * x[0].abs().max()  # rows' ends: +-127
+    q[0, :4] = torch.tensor([1, 1, -1, -1], dtype=torch.int8) * int(q.abs().max())
     xq, xscale = ql.quantize_rows(x)
     acc = torch._int_mm(xq, q.t()).contiguous()
     want = torch.empty(rows, n)
     _cpu_native.library().dequantize_s32_f32(acc.data_ptr(), xscale.data_ptr(), scale.data_ptr(),
                                              None if b is None else b.data_ptr(), want.data_ptr(),
                                              rows, n)
+    layout = ql.CpuLayout()
     with torch.inference_mode():
-        eager = ql.w8a8_linear(x, q, scale, b, cpu_layout=ql.CpuLayout())
+        eager = ql.w8a8_linear(x, q, scale, b, cpu_layout=layout)
         compiled = torch.compile(lambda x: ql.w8a8_linear(x, q, scale, b), fullgraph=True)(x)
+    assert (layout.data is not None) == narrow  # the narrow GEMM's offsets, made once
     assert torch.equal(eager, want)
     assert torch.equal(compiled, want)
+
+
+def test_narrow_offsets_only_for_weights_within_the_narrow_range():
+    """The narrow GEMM's int16 pair sums hold only for weights within +-64, in rows of whole
+    steps of 32: any other weight runs the full-range GEMM."""
+    q = torch.randint(-ql.NARROW_QMAX, ql.NARROW_QMAX + 1, (6, 64), dtype=torch.int8)
+    offsets = ql.narrow_offsets(q)
+    assert offsets.dtype == torch.int32 and torch.equal(offsets, q.sum(dim=1, dtype=torch.int32) * 128)
+    for value in (ql.NARROW_QMAX + 1, -ql.NARROW_QMAX - 1, -128):
+        wide = q.clone()
+        wide[3, 5] = value
+        assert ql.narrow_offsets(wide) is None
+    assert ql.narrow_offsets(q[:, :48].contiguous()) is None  # 48 inputs: not whole steps of 32
+
+
+@pytest.mark.parametrize("rows,k", [(1, 64), (7, 130), (300, 576)])
+def test_native_row_quantization_offset_for_the_narrow_gemm(rows, k):
+    """quantize_rows_u8: quantize_rows' values plus 128, as uint8, and the same scales."""
+    from mlx_kernels import _cpu_native
+
+    _native()
+    torch.manual_seed(k)
+    x = torch.randn(rows, k) * torch.logspace(-3, 3, rows)[:, None]
+    xu, scale = torch.empty(rows, k, dtype=torch.uint8), torch.empty(rows)
+    _cpu_native.library().quantize_rows_u8(x.data_ptr(), xu.data_ptr(), scale.data_ptr(), rows, k)
+    q, want_scale = ql.quantize_rows_reference(x)
+    assert torch.equal(xu.to(torch.int16) - 128, q.to(torch.int16))
+    assert torch.equal(scale, want_scale)
 
 
 @pytest.mark.parametrize("shape,group_size", [((35, 96), 32), ((64, 64), 64), ((130, 192), 32),

@@ -84,12 +84,16 @@ def test_bench_quant_serve_adds_each_engine_over_a_half_precision_kv_cache(tiny_
                                                                            tmp_path):
     out = tmp_path / "kv.json"
     result = CliRunner().invoke(build_app(), [
-        "bench", "quant-serve", "--model", str(tiny_model_dir), "--schemes", "w8a8",
+        "bench", "quant-serve", "--model", str(tiny_model_dir), "--schemes", "w8a8,w7a8",
         "--num-requests", "4", "--prompt-len", "4:12", "--output-len", "2:6",
         "--kv-cache-dtypes", "bf16", "--json", str(out)])
     assert result.exit_code == 0, result.output
-    rows = json.loads(out.read_text())["schemes"]
-    assert list(rows) == ["fp32", "fp32 kv bfloat16", "w8a8", "w8a8 kv bfloat16"]
+    report = json.loads(out.read_text())
+    rows = report["schemes"]
+    assert list(rows) == ["fp32", "fp32 kv bfloat16", "w8a8", "w8a8 kv bfloat16", "w7a8",
+                          "w7a8 kv bfloat16"]
+    # W7A8's ceiling: the int8 GEMM on narrow weights (the vpmaddubsw form without VNNI)
+    assert rows["w7a8"]["ceiling"] == "int8 narrow" and report["int8_narrow_matmul_tops"] > 0
     assert len({row["output_tokens"] for row in rows.values()}) == 1
     assert all(row["leaked_blocks"] == 0 for row in rows.values())
     bad = CliRunner().invoke(build_app(), ["bench", "quant-serve", "--kv-cache-dtypes", "fp8"])

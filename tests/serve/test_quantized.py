@@ -42,7 +42,7 @@ def family_dir(request, tmp_path_factory):
     return directory
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4", "w8a8"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "w8a8", "w7a8"])
 def test_engine_on_a_quantized_base_equals_generate_on_it(family_dir, scheme):
     model = load_model(family_dir, quantization=scheme)
     refs = [generate(model, p, max_new_tokens=NEW_TOKENS, stop_token_ids=[]) for p in _prompts()]

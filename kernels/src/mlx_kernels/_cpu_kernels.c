@@ -613,9 +613,11 @@ int paged_attention_f32(const float *query, const void *keys, const void *values
 
 /* W8A8's dynamic activation quantization: each row of x [rows, k] to int8 with its own scale,
  * q = rint(x * (127 / max|x|)), scale = max|x| / 127 (a zero row: q = 0, scale = 0). The same
- * float operations as the torch reference, so the two agree bit for bit (finite rows). */
-void quantize_rows_s8(const float *restrict x, int8_t *restrict q, float *restrict scale,
-                      int64_t rows, int64_t k) {
+ * float operations as the torch reference, so the two agree bit for bit (finite rows). Stored
+ * as q + offset: 0 (int8, quantize_rows_s8) or 128 (uint8, quantize_rows_u8, the narrow GEMM's
+ * inputs). */
+static void quantize_rows_offset(const float *restrict x, uint8_t *restrict q,
+                                 float *restrict scale, int64_t rows, int64_t k, int offset) {
 #pragma omp parallel for schedule(static) if (rows * k >= 65536)
     for (int64_t r = 0; r < rows; ++r) {
         const float *xr = x + r * k;
@@ -632,11 +634,21 @@ void quantize_rows_s8(const float *restrict x, int8_t *restrict q, float *restri
         union { int32_t i; float f; } amax_value = {.i = amax_bits};
         const float amax = amax_value.f;
         const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int8_t *qr = q + r * k;
+        uint8_t *qr = q + r * k;
 #pragma omp simd
-        for (int64_t i = 0; i < k; ++i) qr[i] = (int8_t)rintf(xr[i] * inv);
+        for (int64_t i = 0; i < k; ++i) qr[i] = (uint8_t)((int32_t)rintf(xr[i] * inv) + offset);
         scale[r] = amax / 127.0f;
     }
+}
+
+void quantize_rows_s8(const float *restrict x, int8_t *restrict q, float *restrict scale,
+                      int64_t rows, int64_t k) {
+    quantize_rows_offset(x, (uint8_t *)q, scale, rows, k, 0);
+}
+
+void quantize_rows_u8(const float *restrict x, uint8_t *restrict q, float *restrict scale,
+                      int64_t rows, int64_t k) {
+    quantize_rows_offset(x, q, scale, rows, k, 128);
 }
 
 /* W8A8's epilogue: out[r, n] = acc[r, n] * (row_scale[r] * col_scale[n]) (+ bias[n]), from the
@@ -713,14 +725,25 @@ static inline __m256i w8a8_load16(const int8_t *p) {
         sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(x0, b));                         \
         sum1 = _mm256_add_epi32(sum1, _mm256_madd_epi16(x1, b));                         \
     }
+/* 32 weights of a row (within +-64) times the two offset input rows' 32 (0..255): vpmaddubsw
+ * sums each pair in int16, exactly (|pair| <= 2 * 255 * 64 < 2^15), vpmaddwd by ones widens */
+#define W8A8_NARROW_STEP(row, sum0, sum1)                                               \
+    {                                                                                   \
+        const __m256i b = _mm256_loadu_si256((const __m256i *)((row) + i));             \
+        sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(_mm256_maddubs_epi16(x0, b), ones)); \
+        sum1 = _mm256_add_epi32(sum1, _mm256_madd_epi16(_mm256_maddubs_epi16(x1, b), ones)); \
+    }
 #endif
 
 #if defined(__AVX2__)
-/* The W8A8 GEMM's output rows m0..m1 for weight rows n0..n0+3 (those below n), see below */
+/* The W8A8 GEMM's output rows m0..m1 for weight rows n0..n0+3 (those below n), see below.
+ * With offsets (w8a8_gemm_narrow_f32) the input rows hold x + 128 and the weights lie within
+ * +-64; offsets[j] = 128 * sum(q[j]) takes the offset back out of each sum. */
 static inline void w8a8_block(const int8_t *restrict xq, const float *restrict xscale,
-                              const int8_t *restrict q, const float *restrict scale,
-                              const float *restrict bias, float *restrict y, int64_t m0,
-                              int64_t m1, int64_t n0, int64_t n, int64_t k) {
+                              const int8_t *restrict q, const int32_t *restrict offsets,
+                              const float *restrict scale, const float *restrict bias,
+                              float *restrict y, int64_t m0, int64_t m1, int64_t n0, int64_t n,
+                              int64_t k) {
     const int64_t width = n - n0 < 4 ? n - n0 : 4;
     const int8_t *w[4];
     for (int j = 0; j < 4; ++j) /* rows past the end repeat the last one (not stored) */
@@ -732,15 +755,30 @@ static inline void w8a8_block(const int8_t *restrict xq, const float *restrict x
          * copied them between registers each step and spilled one: 1.4-1.6x slower) */
         __m256i c00 = _mm256_setzero_si256(), c01 = c00, c02 = c00, c03 = c00, c10 = c00,
                 c11 = c00, c12 = c00, c13 = c00;
-        for (int64_t i = 0; i < k; i += 16) {
-            if (m == m0 && (i & 63) == 0)
-                for (int j = 0; j < 4; ++j)
-                    _mm_prefetch((const char *)(w[j] + i + INT8_PREFETCH_BYTES), _MM_HINT_T0);
-            const __m256i x0 = w8a8_load16(a0 + i), x1 = w8a8_load16(a1 + i);
-            W8A8_STEP(w[0], c00, c10)
-            W8A8_STEP(w[1], c01, c11)
-            W8A8_STEP(w[2], c02, c12)
-            W8A8_STEP(w[3], c03, c13)
+        if (offsets) {
+            const __m256i ones = _mm256_set1_epi16(1);
+            for (int64_t i = 0; i < k; i += 32) {
+                if (m == m0 && (i & 63) == 0)
+                    for (int j = 0; j < 4; ++j)
+                        _mm_prefetch((const char *)(w[j] + i + INT8_PREFETCH_BYTES), _MM_HINT_T0);
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *)(a0 + i)),
+                              x1 = _mm256_loadu_si256((const __m256i *)(a1 + i));
+                W8A8_NARROW_STEP(w[0], c00, c10)
+                W8A8_NARROW_STEP(w[1], c01, c11)
+                W8A8_NARROW_STEP(w[2], c02, c12)
+                W8A8_NARROW_STEP(w[3], c03, c13)
+            }
+        } else {
+            for (int64_t i = 0; i < k; i += 16) {
+                if (m == m0 && (i & 63) == 0)
+                    for (int j = 0; j < 4; ++j)
+                        _mm_prefetch((const char *)(w[j] + i + INT8_PREFETCH_BYTES), _MM_HINT_T0);
+                const __m256i x0 = w8a8_load16(a0 + i), x1 = w8a8_load16(a1 + i);
+                W8A8_STEP(w[0], c00, c10)
+                W8A8_STEP(w[1], c01, c11)
+                W8A8_STEP(w[2], c02, c12)
+                W8A8_STEP(w[3], c03, c13)
+            }
         }
         const __m256i acc[2][4] = {{c00, c01, c02, c03}, {c10, c11, c12, c13}};
         for (int r = 0; r <= pair; ++r) {
@@ -749,10 +787,30 @@ static inline void w8a8_block(const int8_t *restrict xq, const float *restrict x
             const float rs = xscale[m + r];
             float *ym = y + (m + r) * n + n0;
             for (int64_t j = 0; j < width; ++j) {
+                const int32_t dot = offsets ? total[j] - offsets[n0 + j] : total[j];
                 const float cs = rs * scale[n0 + j];
-                ym[j] = bias ? (float)total[j] * cs + bias[n0 + j] : (float)total[j] * cs;
+                ym[j] = bias ? (float)dot * cs + bias[n0 + j] : (float)dot * cs;
             }
         }
+    }
+}
+#endif
+
+#if defined(__AVX2__)
+/* Both W8A8 GEMMs below: input rows in blocks of W8A8_BLOCK_BYTES, weight rows four at a time
+ * split over the threads (offsets: NULL, or the narrow form's, see w8a8_block) */
+static void w8a8_gemm_run(const int8_t *restrict xq, const float *restrict xscale,
+                          const int8_t *restrict q, const int32_t *restrict offsets,
+                          const float *restrict scale, const float *restrict bias,
+                          float *restrict y, int64_t rows, int64_t n, int64_t k) {
+    int64_t block = (W8A8_BLOCK_BYTES / k) & ~(int64_t)1; /* input rows a block, even */
+    if (block < 2) block = 2;
+#pragma omp parallel
+    for (int64_t m0 = 0; m0 < rows; m0 += block) {
+        const int64_t m1 = m0 + block < rows ? m0 + block : rows;
+#pragma omp for schedule(static)
+        for (int64_t n0 = 0; n0 < n; n0 += 4)
+            w8a8_block(xq, xscale, q, offsets, scale, bias, y, m0, m1, n0, n, k);
     }
 }
 #endif
@@ -765,28 +823,42 @@ static inline void w8a8_block(const int8_t *restrict xq, const float *restrict x
  * against four weight rows at a time, k in steps of 16, the weight in its own [n, k] layout.
  * Each vpmaddwd needs a vpaddd (no VNNI), so the loop is bound by instruction issue, not the
  * multiplier; docs/quantization.md has the variants measured (int16 operands widened once per
- * call, a BLIS-style loop, vpmaddubsw with vpsignb) and why they were not taken. Input rows in
- * blocks of W8A8_BLOCK_BYTES. Returns 0, or -1 where it cannot run (no AVX2, or k not a
- * multiple of 16). */
+ * call, a BLIS-style loop, vpmaddubsw with vpsignb) and why they were not taken. Returns 0, or
+ * -1 where it cannot run (no AVX2, or k not a multiple of 16). */
 int w8a8_gemm_f32(const int8_t *restrict xq, const float *restrict xscale,
                   const int8_t *restrict q, const float *restrict scale,
                   const float *restrict bias, float *restrict y, int64_t rows, int64_t n,
                   int64_t k) {
 #if defined(__AVX2__)
     if (k % 16 != 0) return -1;
-    int64_t block = (W8A8_BLOCK_BYTES / k) & ~(int64_t)1; /* input rows a block, even */
-    if (block < 2) block = 2;
-#pragma omp parallel
-    for (int64_t m0 = 0; m0 < rows; m0 += block) {
-        const int64_t m1 = m0 + block < rows ? m0 + block : rows;
-#pragma omp for schedule(static)
-        for (int64_t n0 = 0; n0 < n; n0 += 4)
-            w8a8_block(xq, xscale, q, scale, bias, y, m0, m1, n0, n, k);
-    }
+    w8a8_gemm_run(xq, xscale, q, NULL, scale, bias, y, rows, n, k);
     return 0;
 #else
     (void)xq, (void)xscale, (void)q, (void)scale, (void)bias, (void)y, (void)rows, (void)n,
         (void)k;
+    return -1;
+#endif
+}
+
+/* w8a8_gemm_f32's numbers for weights within +-64 (W8A8 quantized with a narrow weight range),
+ * from input rows quantized with an offset: xu[m] = xq[m] + 128 (quantize_rows_u8). Unsigned
+ * inputs times signed weights are vpmaddubsw's form: 32 products an instruction, each pair
+ * summed in int16, exactly while |w| <= 64 (2 * 255 * 64 < 2^15); a vpmaddwd by ones widens the
+ * pairs, so 32 multiply-adds take three instructions against four on the int16 path, and no
+ * sign extension. offsets[j] = 128 * sum(q[j]) takes the offset back out: the same int32 sums,
+ * the same scaling. Returns 0, or -1 where it cannot run (no AVX2, or k not a multiple of 32);
+ * weights outside +-64 give wrong sums: the caller checks them once per weight. */
+int w8a8_gemm_narrow_f32(const uint8_t *restrict xu, const float *restrict xscale,
+                         const int8_t *restrict q, const int32_t *restrict offsets,
+                         const float *restrict scale, const float *restrict bias,
+                         float *restrict y, int64_t rows, int64_t n, int64_t k) {
+#if defined(__AVX2__)
+    if (k % 32 != 0) return -1;
+    w8a8_gemm_run((const int8_t *)xu, xscale, q, offsets, scale, bias, y, rows, n, k);
+    return 0;
+#else
+    (void)xu, (void)xscale, (void)q, (void)offsets, (void)scale, (void)bias, (void)y,
+        (void)rows, (void)n, (void)k;
     return -1;
 #endif
 }

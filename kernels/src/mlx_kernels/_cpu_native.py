@@ -109,6 +109,8 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.swiglu_f32.argtypes = [ptr] * 3 + [i64] * 3  # gate, up, out; rows, cols, row stride
     lib.quantize_rows_s8.restype = None
     lib.quantize_rows_s8.argtypes = [ptr] * 3 + [i64] * 2  # x, q, scale; rows, k
+    lib.quantize_rows_u8.restype = None
+    lib.quantize_rows_u8.argtypes = [ptr] * 3 + [i64] * 2  # x, q (+ 128), scale; rows, k
     lib.dequantize_s32_f32.restype = None
     # acc, row_scale, col_scale, bias (NULL: none), out; rows, n
     lib.dequantize_s32_f32.argtypes = [ptr] * 5 + [i64] * 2
@@ -129,6 +131,9 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.w8a8_gemm_f32.restype = ctypes.c_int  # 0, or -1: cannot run here (y untouched)
     # xq, xscale, q, scale, bias (NULL: none), y; rows, n, k
     lib.w8a8_gemm_f32.argtypes = [ptr] * 6 + [i64] * 3
+    lib.w8a8_gemm_narrow_f32.restype = ctypes.c_int
+    # xu, xscale, q, offsets, scale, bias (NULL: none), y; rows, n, k
+    lib.w8a8_gemm_narrow_f32.argtypes = [ptr] * 7 + [i64] * 3
     lib.int4_native_available.restype = ctypes.c_int
     lib.int4_native_available.argtypes = []
     lib.int4_group_linear_f32.restype = ctypes.c_int  # 0, or -1: cannot run here (y untouched)

@@ -82,23 +82,27 @@ def _constant_in_compiled_graphs(fn):
 
 # ---- quantization (weights) -------------------------------------------------------------------
 
+# int8 weights within +-NARROW_QMAX run W8A8's GEMM in vpmaddubsw's form where the CPU has no
+# VNNI (w8a8_gemm_narrow_f32: its pair sums, 2 * 255 * 64, stay within int16)
+NARROW_QMAX = 64
 # the fractions of a row's max |w| tried as its int8 range (quantize_int8's clipping search)
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
-def quantize_int8(weight: torch.Tensor, clip_ratios: tuple[float, ...] = CLIP_RATIOS
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(qweight int8 [N, K], scale fp32 [N])``, symmetric per output channel. Each row's range
-    is the fraction of its max |w| (of ``clip_ratios``) with the least squared error: clipping a
-    few large values buys a finer step for the rest (on the built-in model perplexity +0.64%
-    over fp32 instead of +1.05% with the plain max)."""
+def quantize_int8(weight: torch.Tensor, clip_ratios: tuple[float, ...] = CLIP_RATIOS,
+                  qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(qweight int8 [N, K], scale fp32 [N])``, symmetric per output channel in -qmax..qmax
+    (``NARROW_QMAX``: the narrow range W7A8 stores). Each row's range is the fraction of its max
+    |w| (of ``clip_ratios``) with the least squared error: clipping a few large values buys a
+    finer step for the rest (on the built-in model perplexity +0.64% over fp32 instead of +1.05%
+    with the plain max)."""
     w = weight.detach().float()
     amax = w.abs().amax(dim=1)
     best_q = best_scale = best_err = None
     for ratio in clip_ratios:
-        scale = ratio * amax / 127.0
+        scale = ratio * amax / qmax
         inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-        q = torch.round(w * inv[:, None]).clamp_(-127, 127)
+        q = torch.round(w * inv[:, None]).clamp_(-qmax, qmax)
         err = (q * scale[:, None] - w).square_().sum(dim=1)
         if best_q is None:
             best_q, best_scale, best_err = q, scale, err
@@ -452,18 +456,39 @@ def _w8a8_gemm_native_here() -> bool:
             and _cpu_native.library() is not None)
 
 
-def _w8a8_native(x, qweight, scale, bias):
+def narrow_offsets(qweight: torch.Tensor) -> torch.Tensor | None:
+    """For an int8 weight within +-64 (``quantize_int8(..., qmax=NARROW_QMAX)``) whose rows are
+    whole steps of 32: ``128 * sum(q[j])`` per row (int32), what ``w8a8_gemm_narrow_f32`` takes
+    out of its sums; else None (the weight runs on ``w8a8_gemm_f32``)."""
+    if qweight.shape[1] % 32 or not qweight.numel():
+        return None
+    if qweight.min() < -NARROW_QMAX or qweight.max() > NARROW_QMAX:
+        return None
+    return (qweight.sum(dim=1, dtype=torch.int32) * 128).contiguous()
+
+
+def _w8a8_native(x, qweight, scale, bias, offsets=None):
     """W8A8 on fp32 ``x [rows, k]`` by the native GEMM (the op ``mlx_kernels::w8a8_linear``):
     the rows quantized as ``quantize_rows``, the int32 sums and the scaling as ``torch._int_mm``
-    and ``dequantize_s32_f32`` give them, bit for bit."""
+    and ``dequantize_s32_f32`` give them, bit for bit. With ``offsets`` (``narrow_offsets`` of a
+    weight within +-64) the narrow GEMM gives the same numbers, faster."""
     x, qweight, scale = x.contiguous(), qweight.contiguous(), scale.float().contiguous()
     bias = None if bias is None else bias.contiguous()  # held: the kernel reads its memory
-    xq, xscale = quantize_rows(x)
+    lib = _cpu_native.library()
     y = x.new_empty(x.shape[0], qweight.shape[0])
-    done = _cpu_native.library().w8a8_gemm_f32(
-        xq.data_ptr(), xscale.data_ptr(), qweight.data_ptr(), scale.data_ptr(),
-        None if bias is None else bias.data_ptr(), y.data_ptr(), x.shape[0], qweight.shape[0],
-        x.shape[1])
+    bias_ptr = None if bias is None else bias.data_ptr()
+    if offsets is None:
+        xq, xscale = quantize_rows(x)
+        done = lib.w8a8_gemm_f32(xq.data_ptr(), xscale.data_ptr(), qweight.data_ptr(),
+                                 scale.data_ptr(), bias_ptr, y.data_ptr(), x.shape[0],
+                                 qweight.shape[0], x.shape[1])
+    else:
+        xu = torch.empty(x.shape, dtype=torch.uint8)
+        xscale = torch.empty(x.shape[0], dtype=torch.float32)
+        lib.quantize_rows_u8(x.data_ptr(), xu.data_ptr(), xscale.data_ptr(), *x.shape)
+        done = lib.w8a8_gemm_narrow_f32(xu.data_ptr(), xscale.data_ptr(), qweight.data_ptr(),
+                                        offsets.data_ptr(), scale.data_ptr(), bias_ptr,
+                                        y.data_ptr(), x.shape[0], qweight.shape[0], x.shape[1])
     if done != 0:
         raise RuntimeError(f"the native W8A8 GEMM cannot run {tuple(x.shape)} x "
                            f"{tuple(qweight.shape)} here (it needs AVX2 and inputs in multiples of 16)")
@@ -508,7 +533,9 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
             and (bias is None or native_cpu(bias))):
         return w8a8_linear_reference(x, qweight, scale, bias)
     if _w8a8_gemm_native() and qweight.shape[1] % 16 == 0:
-        return _w8a8_native(flat, qweight, scale, bias).view(*x.shape[:-1], qweight.shape[0])
+        offsets = None if cpu_layout is None else cpu_layout.get(narrow_offsets, qweight)
+        return _w8a8_native(flat, qweight, scale, bias, offsets).view(*x.shape[:-1],
+                                                                      qweight.shape[0])
     lib = _cpu_native.library()
     xq, xscale = quantize_rows(flat)
     bias = None if bias is None else bias.contiguous()  # held: the kernels read its memory

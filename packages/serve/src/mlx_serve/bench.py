@@ -368,15 +368,16 @@ def run_structured(engine: LLMEngine, workload: Workload, fraction: float,
             "step_time_ratio": round(step_ms / free_step_ms, 3)}
 
 
-def int8_matmul_tops(size: int = 1024, repeats: int = 10) -> float:
+def int8_matmul_tops(size: int = 1024, repeats: int = 10, qmax: int = 127) -> float:
     """This machine's rate for W8A8's own int8 x int8 -> int32 product, its ceiling: the
     ``w8a8_linear`` that a W8A8 layer runs on ``size`` rows (``torch._int_mm``, oneDNN's packed
     weight with AMX, or the native GEMM on a CPU without VNNI, whose ``torch._int_mm`` runs a
-    reference loop), the rows' quantization and scaling included."""
+    reference loop), the rows' quantization and scaling included. ``qmax``: the weights' range
+    (W7A8's narrow one takes the narrow GEMM where the CPU has no VNNI)."""
     from mlx_kernels.quantized_linear import CpuLayout, quantize_int8, w8a8_linear
 
     x = torch.randn(size, size)
-    qweight, scale = quantize_int8(torch.randn(size, size))
+    qweight, scale = quantize_int8(torch.randn(size, size), qmax=qmax)
     layout = CpuLayout()
     with torch.inference_mode():
         w8a8_linear(x, qweight, scale, cpu_layout=layout)
@@ -429,21 +430,27 @@ def run_quantized(model: str = "smollm2-135m-instruct", *, schemes: tuple[str, .
             result = run_engine(engine, workload, use_arrivals=False)
             if name not in best or result.tokens_per_s > best[name].tokens_per_s:
                 best[name] = result
+    from mlx_kernels.quantized_linear import NARROW_QMAX
+
     gflops, tops = matmul_gflops(), int8_matmul_tops()
+    narrow = any(name.split()[0] == "w7a8" for name in best)
+    narrow_tops = int8_matmul_tops(qmax=NARROW_QMAX) if narrow else None
     per_token = flops_per_token(engines["fp32"].model)
     prompt_tokens = sum(map(len, workload.prompts))
     out = {"model": model, "num_requests": num_requests, "prompt_tokens": prompt_tokens,
            "threads": torch.get_num_threads(), "rounds": rounds,
            "matmul_gflops": round(gflops, 1), "int8_matmul_tops": round(tops, 2),
+           **({"int8_narrow_matmul_tops": round(narrow_tops, 2)} if narrow else {}),
            "gflop_per_token": round(per_token / 1e9, 3), "fusion": fusion, "schemes": {}}
     for name, result in best.items():
-        int8 = name.split()[0] == "w8a8"
-        ceiling = (tops * 1e12 if int8 else gflops * 1e9) / per_token
+        kind = name.split()[0]
+        int8 = kind in ("w8a8", "w7a8")  # both run int8 GEMMs, W7A8's on narrow weights
+        ceiling = ((narrow_tops if kind == "w7a8" else tops) * 1e12 if int8 else gflops * 1e9) / per_token
         processed = (prompt_tokens + result.output_tokens) / result.seconds
         out["schemes"][name] = {
             **result.summary(),
             "ratio_to_fp32": round(result.tokens_per_s / best["fp32"].tokens_per_s, 3),
-            "ceiling": "int8" if int8 else "fp32",
+            "ceiling": ("int8 narrow" if kind == "w7a8" else "int8") if int8 else "fp32",
             "fraction_of_ceiling_all_tokens": round(processed / ceiling, 3),
             "leaked_blocks": engines[name].blocks.num_blocks - engines[name].blocks.num_free_blocks}
     return out

@@ -466,7 +466,9 @@ def bench_quant_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
     table = Table("engine", "output tok/s", "vs fp32", "seconds", "ceiling", "of ceiling",
                   title=f"mlx bench quant-serve: {model}, {num_requests} requests at once, "
                         f"{result['threads']} threads (fp32 GEMM {result['matmul_gflops']} "
-                        f"GFLOP/s, int8 GEMM {result['int8_matmul_tops']} TOPS)")
+                        f"GFLOP/s, int8 GEMM {result['int8_matmul_tops']} TOPS"
+                        + (f", on narrow weights {result['int8_narrow_matmul_tops']} TOPS"
+                           if "int8_narrow_matmul_tops" in result else "") + ")")
     for name, row in result["schemes"].items():
         table.add_row(name, f"{row['output_tokens_per_s']:.1f}", f"{row['ratio_to_fp32']:.2f}x",
                       f"{row['seconds']:.1f}", row["ceiling"],

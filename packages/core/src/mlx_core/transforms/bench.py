@@ -25,7 +25,7 @@ from torch import nn
 
 from mlx_core.transforms.quantize import QuantizedLinear
 
-SCHEMES = ("int8", "int4", "w8a8", "gguf")
+SCHEMES = ("int8", "int4", "w8a8", "w7a8", "gguf")
 
 
 def weight_bytes(model: nn.Module) -> int:
