@@ -4,15 +4,16 @@ Schemes (``parse_scheme``): ``int8`` (weight-only, per output channel), ``int4``
 groups of 32 inputs; ``int4-g64``, ``int4-g128`` for larger groups), ``w8a8`` (int8 weights,
 activations quantized per token on the fly) and ``w7a8``: W8A8 whose weights lie within +-64
 (7 bits' range, stored as int8), so a CPU without int8 dot-product instructions (AVX2, no VNNI)
-multiplies them in vpmaddubsw's form, exactly and ~1.3-1.6x faster; the MLP's output projections
+multiplies them in vpmaddubsw's form, exactly and ~1.35x faster; the MLP's output projections
 keep the full range, as llama.cpp's mixes keep ``ffn_down`` at more bits (on the built-in model
-perplexity +2.2% over fp32 against +4.6% with them narrow too, and W8A8's +1.35%). The token embedding becomes an int8 lookup table in
-every scheme (a lookup dequantizes only the rows it reads). The LM head is int8 under int4 too,
-as llama.cpp's 4-bit mixes keep their output matrix at 6-8 bits: on the built-in model a 4-bit
-head alone costs more perplexity than every other layer's 4 bits together. With tied embeddings
-the head and the table share one int8 copy. MoE routers stay in full precision (a router's few
-weights decide which experts run). The quantized weights are buffers, not
-parameters: nothing trains them, and they travel with ``.to(device)`` and the state dict.
+perplexity +2.2% over fp32 against +4.6% with them narrow too, and W8A8's +1.35%). The token
+embedding becomes an int8 lookup table in every scheme (a lookup dequantizes only the rows it
+reads). The LM head is int8 under int4 too, as llama.cpp's 4-bit mixes keep their output matrix
+at 6-8 bits: on the built-in model a 4-bit head alone costs more perplexity than every other
+layer's 4 bits together. With tied embeddings the head and the table share one int8 copy. MoE
+routers stay in full precision (a router's few weights decide which experts run). The quantized
+weights are buffers, not parameters: nothing trains them, and they travel with ``.to(device)``
+and the state dict.
 """
 
 from __future__ import annotations
