@@ -442,15 +442,16 @@ def run_quantized(model: str = "smollm2-135m-instruct", *, schemes: tuple[str, .
            "matmul_gflops": round(gflops, 1), "int8_matmul_tops": round(tops, 2),
            **({"int8_narrow_matmul_tops": round(narrow_tops, 2)} if narrow else {}),
            "gflop_per_token": round(per_token / 1e9, 3), "fusion": fusion, "schemes": {}}
+    # each engine's GEMM ceiling (ops/s): W8A8's and W7A8's int8 GEMMs, the rest's fp32 one
+    ceilings = {"w8a8": ("int8", tops * 1e12), "w7a8": ("int8 narrow", (narrow_tops or 0) * 1e12)}
     for name, result in best.items():
-        kind = name.split()[0]
-        int8 = kind in ("w8a8", "w7a8")  # both run int8 GEMMs, W7A8's on narrow weights
-        ceiling = ((narrow_tops if kind == "w7a8" else tops) * 1e12 if int8 else gflops * 1e9) / per_token
+        kind, rate = ceilings.get(name.split()[0], ("fp32", gflops * 1e9))
+        ceiling = rate / per_token
         processed = (prompt_tokens + result.output_tokens) / result.seconds
         out["schemes"][name] = {
             **result.summary(),
             "ratio_to_fp32": round(result.tokens_per_s / best["fp32"].tokens_per_s, 3),
-            "ceiling": ("int8 narrow" if kind == "w7a8" else "int8") if int8 else "fp32",
+            "ceiling": kind,
             "fraction_of_ceiling_all_tokens": round(processed / ceiling, 3),
             "leaked_blocks": engines[name].blocks.num_blocks - engines[name].blocks.num_free_blocks}
     return out

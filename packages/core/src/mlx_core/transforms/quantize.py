@@ -275,9 +275,8 @@ def quantize(model: nn.Module, scheme: str | QuantizationScheme = "int8", *,
             return table.as_linear(scheme.name, layer.bias)
         if scheme.name == "int4" and layer is not head:
             return Int4Linear.from_linear(layer, scheme.group_size)
-        if scheme.narrow and layer is not head and not _MLP_OUTPUT.search(name):
-            return W8A8Linear.from_linear(layer, qmax=ql.NARROW_QMAX)
-        return _int8_layer(scheme.name).from_linear(layer)
+        narrow = scheme.narrow and layer is not head and not _MLP_OUTPUT.search(name)
+        return _int8_layer(scheme.name).from_linear(layer, qmax=ql.NARROW_QMAX if narrow else 127)
 
     with torch.no_grad():
         swap_linears(model, build)
