@@ -254,6 +254,10 @@ def test_bench_quant_reports_ratios_against_fp32(tiny_model_dir, tmp_path):
     peers = result["peers"]
     assert all(peers[f"ctranslate2 {c}"]["decode_tokens_per_s"] > 0 for c in ("float32", "int8"))
     assert peers["llama.cpp"] == {"skipped": f"{tiny_model_dir} has no GGUF file to run"}
+    from mlx_kernels.quantized_linear import cpu_kernels, cpu_kernels_line
+
+    assert result["cpu"] == cpu_kernels()  # the CPU and kernels the figures were measured on
+    assert f"kernels here: {cpu_kernels_line(result['cpu'])}" in done.output.replace("\n", "")
     bad = CliRunner().invoke(build_app(), ["bench", "quant", "--schemes", "int8,fp8"])
     assert bad.exit_code == 1 and "unknown quantization scheme 'fp8'" in bad.output
 

@@ -96,6 +96,7 @@ def test_the_loops_of_cpus_without_avx512_equal_their_references(arch, rows, tmp
         got = int8(q8, scale, x)
         close(got, F.linear(x, ql.dequantize_int8(q8, scale), bias))
         assert torch.equal(torch.cat([int8(q8, scale, x[i:i + 1]) for i in range(rows)]), got)
+    assert lib.int4_native_available() == (0 if arch == "x86-64-v2" else 1)  # its AVX2 loop
     for group in (32, 64):
         q4, scales, mins = ql.quantize_int4(w, group)
         for wide in (False, True):  # fp16 scales, or fp32 ones (Q4_K) off the fp16 grid

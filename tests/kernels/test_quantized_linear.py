@@ -501,3 +501,30 @@ def test_compiling_before_any_eager_call_names_the_fix():
     step = torch.compile(lambda x: ql.int4_linear(x, *tensors, cpu_layout=layout), fullgraph=True)
     with torch.inference_mode(), pytest.raises(Exception, match="run the model once before compiling"):
         step(torch.randn(1, 96))
+
+
+def test_cpu_kernels_names_what_the_dispatch_runs_here(monkeypatch):
+    """The benchmarks' record of this CPU: its features among CPU_FEATURES, and each op's kernel
+    as the dispatch's own predicates choose it (W8A8's three ways forced one by one)."""
+    from mlx_kernels import _cpu_native
+
+    info = ql.cpu_kernels()
+    flags = set(_cpu_native._cpu_signature().split())
+    assert info["features"] == [f for f in ql.CPU_FEATURES if f in flags] and info["cpu"]
+    built = _cpu_native.library()
+    if built is not None and "avx512_bf16" in flags and "avx512f" in flags:
+        assert info["int4"] == "native loop: AVX-512 BF16 dot products"
+    elif built is not None and {"avx2", "fma", "f16c"} <= flags:
+        assert info["int4"] == "native loop: AVX2 fp32 FMAs"
+    assert info["int8"].startswith("native loop" if built is not None else "torch")
+    for native, amx, want in ((True, False, "native GEMM"), (False, True, "oneDNN"),
+                              (False, False, "torch._int_mm")):
+        monkeypatch.setattr(ql, "_w8a8_gemm_native", lambda native=native: native)
+        monkeypatch.setattr(ql, "_cpu_has_amx", lambda amx=amx: amx)
+        assert ql.cpu_kernels()["w8a8"].startswith(want)
+    monkeypatch.setenv("MLX_KERNELS", "torch")  # the native kernels off: torch's kernels
+    off = ql.cpu_kernels()
+    assert off["int8"] == "torch _weight_int8pack_mm"
+    assert off["int4"] == "torch _weight_int4pack_mm_for_cpu"
+    line = ql.cpu_kernels_line(off)
+    assert line.startswith(off["cpu"]) and "int4 torch _weight_int4pack_mm_for_cpu" in line

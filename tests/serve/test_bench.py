@@ -74,6 +74,10 @@ def test_bench_quant_serve_reports_ratios_to_the_fp32_engine(tiny_model_dir, tmp
     # a tiny model's ceiling is far off (rounded, the fraction may read 0.0), but never negative
     assert all(row["fraction_of_ceiling_all_tokens"] >= 0 for row in rows.values())
     assert report["int8_matmul_tops"] > 0
+    from mlx_kernels.quantized_linear import cpu_kernels, cpu_kernels_line
+
+    assert report["cpu"] == cpu_kernels()
+    assert f"kernels here: {cpu_kernels_line(report['cpu'])}" in result.output.replace("\n", "")
     bad = CliRunner().invoke(build_app(), ["bench", "quant-serve", "--schemes", "int3"])
     assert bad.exit_code == 1 and "unknown quantization scheme" in bad.output
     bad = CliRunner().invoke(build_app(), ["bench", "quant-serve", "--fusion", "maybe"])

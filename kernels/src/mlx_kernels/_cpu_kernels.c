@@ -1104,9 +1104,9 @@ void int8_group_linear_f32(const float *restrict x, const int8_t *restrict q,
 #define INT4_AVX2 0
 #endif
 
-/* 1 where int4_group_linear_f32 runs here (AVX-512 with BF16, or AVX2), else 0 and callers use
- * torch's. */
-int int4_native_available(void) { return INT4_NATIVE || INT4_AVX2; }
+/* Which loop int4_group_linear_f32 runs here: 2 the AVX-512 BF16 one, 1 the AVX2 one, 0 none
+ * (callers then use torch's). */
+int int4_native_available(void) { return INT4_NATIVE ? 2 : INT4_AVX2; }
 
 #define INT4_PREFETCH_BYTES 8192
 

@@ -430,7 +430,7 @@ def run_quantized(model: str = "smollm2-135m-instruct", *, schemes: tuple[str, .
             result = run_engine(engine, workload, use_arrivals=False)
             if name not in best or result.tokens_per_s > best[name].tokens_per_s:
                 best[name] = result
-    from mlx_kernels.quantized_linear import NARROW_QMAX
+    from mlx_kernels.quantized_linear import NARROW_QMAX, cpu_kernels
 
     gflops, tops = matmul_gflops(), int8_matmul_tops()
     narrow = any(name.split()[0] == "w7a8" for name in best)
@@ -438,7 +438,7 @@ def run_quantized(model: str = "smollm2-135m-instruct", *, schemes: tuple[str, .
     per_token = flops_per_token(engines["fp32"].model)
     prompt_tokens = sum(map(len, workload.prompts))
     out = {"model": model, "num_requests": num_requests, "prompt_tokens": prompt_tokens,
-           "threads": torch.get_num_threads(), "rounds": rounds,
+           "threads": torch.get_num_threads(), "cpu": cpu_kernels(), "rounds": rounds,
            "matmul_gflops": round(gflops, 1), "int8_matmul_tops": round(tops, 2),
            **({"int8_narrow_matmul_tops": round(narrow_tops, 2)} if narrow else {}),
            "gflop_per_token": round(per_token / 1e9, 3), "fusion": fusion, "schemes": {}}

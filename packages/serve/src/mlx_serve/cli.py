@@ -474,6 +474,9 @@ def bench_quant_serve(model: str = typer.Option(BUILTIN_MODEL, "--model", "-m"),
                       f"{row['seconds']:.1f}", row["ceiling"],
                       f"{row['fraction_of_ceiling_all_tokens']:.0%}")
     Console().print(table)
+    from mlx_kernels.quantized_linear import cpu_kernels_line
+
+    print(f"kernels here: {cpu_kernels_line(result['cpu'])}")
     if json_path:
         with open(json_path, "w") as f:
             f.write(json.dumps(result, indent=2))

@@ -237,6 +237,9 @@ def bench_quant(model: str = MODEL,
         table.add_row(name, f"{row['decode_tokens_per_s']:.1f}", f"{row['decode_ratio']:.2f}x",
                       *speeds, f"{row['weight_mib']:.0f}", f"{row['weight_ratio']:.2f}x", *quality)
     Console().print(table)
+    from mlx_kernels.quantized_linear import cpu_kernels_line
+
+    print(f"kernels here: {cpu_kernels_line(result['cpu'])}")
     if result["peers"]:
         others = Table("engine", "decode tok/s", "vs our fp32", title="peers, same prompt")
         for name, row in result["peers"].items():

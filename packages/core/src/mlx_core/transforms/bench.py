@@ -153,8 +153,11 @@ def run(model: str = "smollm2-135m-instruct", *, schemes: tuple[str, ...] | None
     if measure_quality:
         text_ids = tokenizer.encode(TEXT.read_text())
         scores = quality(models, text_ids)
+    from mlx_kernels.quantized_linear import cpu_kernels
+
     return {
-        "model": model, "threads": torch.get_num_threads(), "prompt_len": prompt_len,
+        "model": model, "threads": torch.get_num_threads(), "cpu": cpu_kernels(),
+        "prompt_len": prompt_len,
         "new_tokens": new_tokens, "rounds": rounds,
         "schemes": {name: {"decode_tokens_per_s": round(best[name, False], 2),
                            "decode_ratio": round(best[name, False] / best["fp32", False], 3),
