@@ -6,7 +6,8 @@ activations quantized per token on the fly) and ``w7a8``: W8A8 whose weights lie
 (7 bits' range, stored as int8), so a CPU without int8 dot-product instructions (AVX2, no VNNI)
 multiplies them in vpmaddubsw's form, exactly and ~1.35x faster; the MLP's output projections
 keep the full range, as llama.cpp's mixes keep ``ffn_down`` at more bits (on the built-in model
-perplexity +2.2% over fp32 against +4.6% with them narrow too, and W8A8's +1.35%). The token
+on an AMD EPYC perplexity +2.2% over fp32 against +4.6% with them narrow too, and W8A8's +1.35%;
+on an Ice Lake Xeon +2.6% against +2.7%: docs/quantization.md). The token
 embedding becomes an int8 lookup table in every scheme (a lookup dequantizes only the rows it
 reads). The LM head is int8 under int4 too, as llama.cpp's 4-bit mixes keep their output matrix
 at 6-8 bits: on the built-in model a 4-bit head alone costs more perplexity than every other
