@@ -522,9 +522,16 @@ def test_cpu_kernels_names_what_the_dispatch_runs_here(monkeypatch):
         monkeypatch.setattr(ql, "_w8a8_gemm_native", lambda native=native: native)
         monkeypatch.setattr(ql, "_cpu_has_amx", lambda amx=amx: amx)
         assert ql.cpu_kernels()["w8a8"].startswith(want)
-    monkeypatch.setenv("MLX_KERNELS", "torch")  # the native kernels off: torch's kernels
+    monkeypatch.setattr(_cpu_native, "library", lambda: None)  # no compiler: torch's kernels
+    unbuilt = ql.cpu_kernels()
+    assert unbuilt["int8"] == "torch _weight_int8pack_mm"
+    assert unbuilt["int4"] == "torch _weight_int4pack_mm_for_cpu"
+    assert unbuilt["w8a8"] == ql.REFERENCE_KERNEL  # native_cpu is False: W8A8's reference
+    monkeypatch.setenv("MLX_KERNELS", "torch")  # every op on its reference, as _path sends it
     off = ql.cpu_kernels()
-    assert off["int8"] == "torch _weight_int8pack_mm"
-    assert off["int4"] == "torch _weight_int4pack_mm_for_cpu"
+    assert off["int8"] == off["int4"] == off["w8a8"] == ql.REFERENCE_KERNEL
+    with torch.inference_mode():  # and that is what runs: the reference's numbers exactly
+        x, (q, scale) = torch.randn(3, 64), ql.quantize_int8(torch.randn(5, 64))
+        assert torch.equal(ql.int8_linear(x, q, scale), F.linear(x, ql.dequantize_int8(q, scale)))
     line = ql.cpu_kernels_line(off)
-    assert line.startswith(off["cpu"]) and "int4 torch _weight_int4pack_mm_for_cpu" in line
+    assert line.startswith(off["cpu"]) and f"int4 {ql.REFERENCE_KERNEL}" in line

@@ -565,34 +565,42 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 CPU_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
                 "avx512_bf16", "amx_int8", "amx_bf16")
 _INT4_LOOPS = {2: "native loop: AVX-512 BF16 dot products", 1: "native loop: AVX2 fp32 FMAs"}
+REFERENCE_KERNEL = "torch reference (dequantized weights)"
 
 
 def cpu_kernels() -> dict:
     """This CPU (its model name and the ``CPU_FEATURES`` it has) and the kernel each quantized
-    linear op runs on it in fp32 inference under ``MLX_KERNELS=auto``: the dispatch's own
-    predicates, asked. Quantized speed ratios move with these (``mlx bench quant`` and
-    ``quant-serve`` record them beside their figures)."""
+    linear op runs on it in fp32 inference (under ``MLX_KERNELS=torch``, every op's reference):
+    the dispatch's own predicates, asked. Quantized speed ratios move with these (``mlx bench
+    quant`` and ``quant-serve`` record them beside their figures)."""
     signature = _cpu_native._cpu_signature()
     model = next((line.split(":", 1)[1].strip() for line in signature.splitlines()
                   if line.startswith("model name")), None)
     flags = set(signature.split())
-    lib = _cpu_native.library() if setting() == "auto" else None
-    if lib is None:  # no compiler, a failed build, or MLX_KERNELS=torch
-        int8 = "torch _weight_int8pack_mm"
-    else:
-        int8 = "native loop: " + ("AVX-512" if "avx512f" in flags else
-                                  "AVX2" if "avx2" in flags else "portable C")
-    int4 = _INT4_LOOPS.get(lib.int4_native_available() if lib is not None else 0,
-                           "torch _weight_int4pack_mm_for_cpu")
-    if lib is not None and _w8a8_gemm_native():
+    kernels = _kernels_here(flags) if setting() == "auto" else dict.fromkeys(
+        ("int8", "int4", "w8a8"), REFERENCE_KERNEL)  # MLX_KERNELS=torch: every op's reference
+    return {"cpu": model or platform.processor() or platform.machine(),
+            "features": [f for f in CPU_FEATURES if f in flags], **kernels}
+
+
+def _kernels_here(flags: set[str]) -> dict:
+    """Each op's kernel under MLX_KERNELS=auto: where the native library is not built, int8 and
+    int4 take torch's packed kernels and W8A8 its reference (``native_cpu`` is False)."""
+    lib = _cpu_native.library()
+    if lib is None:
+        return {"int8": "torch _weight_int8pack_mm", "int4": "torch _weight_int4pack_mm_for_cpu",
+                "w8a8": REFERENCE_KERNEL}
+    # the C int8 loop's own choice: AVX-512F, else AVX2 with FMA, else portable C
+    int8 = "native loop: " + ("AVX-512" if "avx512f" in flags else
+                              "AVX2" if {"avx2", "fma"} <= flags else "portable C")
+    int4 = _INT4_LOOPS.get(lib.int4_native_available(), "torch _weight_int4pack_mm_for_cpu")
+    if _w8a8_gemm_native():
         w8a8 = "native GEMM: AVX2 vpmaddwd (W7A8's narrow weights: vpmaddubsw)"
     elif _cpu_has_amx():
         w8a8 = "oneDNN's packed int8 weight (AMX); torch._int_mm at one row"
     else:
         w8a8 = "torch._int_mm"
-    return {"cpu": model or platform.processor() or platform.machine(),
-            "features": [f for f in CPU_FEATURES if f in flags],
-            "int8": int8, "int4": int4, "w8a8": w8a8}
+    return {"int8": int8, "int4": int4, "w8a8": w8a8}
 
 
 def cpu_kernels_line(info: dict) -> str:
